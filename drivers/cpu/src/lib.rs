@@ -1,0 +1,14 @@
+//! edgehal-cpu: the CPU device.
+//!
+//! - [`ops`] holds one function per ONNX op (the reference semantics every other device is
+//!   checked against), registered by op type in a [`ops::Registry`].
+//! - [`exec`] runs a whole graph: values live in slots planned once per session; a value's slot
+//!   is released after its last use.
+
+#![forbid(unsafe_code)]
+
+pub mod exec;
+pub mod ops;
+
+pub use exec::Executor;
+pub use ops::{OpCtx, OpFn, Registry};

@@ -1,0 +1,2 @@
+//! edgehal: importers, passes, sessions.
+#![forbid(unsafe_code)]
