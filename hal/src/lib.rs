@@ -1,2 +1,75 @@
-//! edgehal: importers, passes, sessions.
+//! edgehal: load a model, prepare it, run it.
+//!
+//! - Importers ([`onnx`], [`tflite`]) decode a memory-mapped file into the format-neutral
+//!   [`edgehal_core::Graph`]; weights stay in the mapping.
+//! - [`Model::load`] picks the importer from the file's magic bytes, not its extension.
+//! - [`session::Session`] prepares a graph for a device once and runs it many times.
+
 #![forbid(unsafe_code)]
+
+pub mod onnx;
+pub mod session;
+pub mod tflite;
+
+use std::path::Path;
+
+use bytes::Bytes;
+pub use edgehal_core::{DType, Error, Graph, Result, Tensor};
+pub use session::{Session, SessionOptions};
+
+/// Which file format a model came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Onnx,
+    TfLite,
+}
+
+/// A loaded model: the graph plus where it came from.
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub graph: Graph,
+    pub format: Format,
+    /// Display name for messages (file name or `<memory>`).
+    pub name: String,
+}
+
+impl Model {
+    /// Load a model file (ONNX or TFLite), mapping it rather than reading it.
+    pub fn load(path: impl AsRef<Path>) -> Result<Model> {
+        let path = path.as_ref();
+        let bytes = edgehal_core::sys::map_file(path)?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Self::from_bytes_in(bytes, &name, path.parent())
+    }
+
+    /// Load a model held in memory. External data files (ONNX) are not available this way.
+    pub fn from_bytes(bytes: Bytes) -> Result<Model> {
+        Self::from_bytes_in(bytes, "<memory>", None)
+    }
+
+    fn from_bytes_in(bytes: Bytes, name: &str, dir: Option<&Path>) -> Result<Model> {
+        let wrap = |e: Error| match e {
+            Error::Parse(m) => Error::Parse(format!("{name}: {m}")),
+            Error::InvalidGraph(m) => Error::InvalidGraph(format!("{name}: {m}")),
+            other => other,
+        };
+        if tflite::is_tflite(&bytes) {
+            let graph = tflite::import(bytes).map_err(wrap)?;
+            Ok(Model {
+                graph,
+                format: Format::TfLite,
+                name: name.to_string(),
+            })
+        } else {
+            let graph = onnx::import(bytes, dir).map_err(wrap)?;
+            Ok(Model {
+                graph,
+                format: Format::Onnx,
+                name: name.to_string(),
+            })
+        }
+    }
+}
