@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use edgehal::onnx::read_tensor_pb;
 use edgehal::Model;
-use edgehal_core::{DType, Tensor};
+use edgehal_core::Tensor;
 use edgehal_cpu::{Executor, Registry};
 
 /// The pass count this suite must not fall below (raise it as ops land; never lower it).
