@@ -202,12 +202,19 @@ fn onnx_node_conformance() {
     std::panic::set_hook(prev);
     let out = edgehal_tests::repo_root().join("target/conformance.txt");
     let _ = std::fs::write(&out, &log);
-    println!("{:<32} {:>6} {:>6}", "op", "pass", "total");
+    let mut table = format!("{:<32} {:>6} {:>6}\n", "op", "pass", "total");
     for (op, (p, t)) in &by_op {
-        println!("{op:<32} {p:>6} {t:>6}");
+        table.push_str(&format!("{op:<32} {p:>6} {t:>6}\n"));
     }
-    println!("per-case results: {}", out.display());
-    println!("conformance: {pass} passed, {fail} failed");
+    table.push_str(&format!("per-case results: {}\n", out.display()));
+    table.push_str(&format!("conformance: {pass} passed, {fail} failed\n"));
+    print!("{table}");
+    if filter.is_empty() {
+        let _ = std::fs::write(
+            edgehal_tests::repo_root().join("target/conformance-summary.txt"),
+            &table,
+        );
+    }
     let panics = log.lines().filter(|l| l.contains("PANIC")).count();
     assert_eq!(panics, 0, "{panics} cases panicked (see {})", out.display());
     if filter.is_empty() {
