@@ -1,0 +1,520 @@
+//! Ops beyond the classic edge-model set that ONNX's function expansions and newer models use:
+//! losses, RMS/Lp normalisation, window functions, NonMaxSuppression, CumProd, EyeLike, ...
+//! Floats are computed in f64 and stored back in the input's dtype.
+
+use edgehal_core::{DType, Error, Result, Tensor};
+
+use super::{input, norm_axis, opt_input, OpCtx, Registry};
+
+/// Register this module's ops.
+pub fn register(r: &mut Registry) {
+    r.add("RMSNormalization", rms_norm);
+    r.add("LpNormalization", lp_norm);
+    r.add("NegativeLogLikelihoodLoss", nll_loss);
+    r.add("SoftmaxCrossEntropyLoss", softmax_ce_loss);
+    r.add("Swish", swish);
+    r.add("Shrink", shrink);
+    r.add("EyeLike", eye_like);
+    r.add("HannWindow", hann);
+    r.add("HammingWindow", hamming);
+    r.add("BlackmanWindow", blackman);
+    r.add("CumProd", cumprod);
+    r.add("NonMaxSuppression", nms);
+    r.add("CenterCropPad", center_crop_pad);
+    r.add("Det", det);
+}
+
+fn f64_tensor(dtype: DType, shape: Vec<usize>, v: Vec<f64>) -> Result<Tensor> {
+    Tensor::from_vec(shape, v)?.cast(dtype)
+}
+
+fn float_in<'a>(ins: &[Option<&'a Tensor>], i: usize) -> Result<&'a Tensor> {
+    let t = input(ins, i)?;
+    if !t.dtype().is_float() {
+        return Err(Error::arg(format!(
+            "input {i} must be a float tensor, got {}",
+            t.dtype()
+        )));
+    }
+    Ok(t)
+}
+
+/// Split a shape at `axis` into (outer, inner) element counts.
+fn split_at(shape: &[usize], axis: usize) -> (usize, usize) {
+    (
+        shape[..axis].iter().product(),
+        shape[axis..].iter().product(),
+    )
+}
+
+fn rms_norm(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = float_in(ins, 0)?;
+    let scale = input(ins, 1)?;
+    let axis = norm_axis(ctx.i("axis", -1), x.rank())?;
+    let eps = ctx.f("epsilon", 1e-5) as f64;
+    let (outer, inner) = split_at(x.shape(), axis);
+    let xv = x.to_f64_vec();
+    // Scale broadcasts against the normalised (trailing) shape.
+    let sv = {
+        let s = scale.to_f64_vec();
+        let tail = &x.shape()[axis..];
+        let st = edgehal_core::tensor::View::contiguous(
+            std::borrow::Cow::Owned(s),
+            scale.shape().to_vec(),
+        )
+        .broadcast_to(tail)?;
+        st.to_vec()
+    };
+    let mut out = vec![0f64; xv.len()];
+    for o in 0..outer {
+        let row = &xv[o * inner..(o + 1) * inner];
+        let ms = row.iter().map(|v| v * v).sum::<f64>() / inner.max(1) as f64;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for (k, v) in row.iter().enumerate() {
+            out[o * inner + k] = v * inv * sv[k];
+        }
+    }
+    Ok(vec![f64_tensor(x.dtype(), x.shape().to_vec(), out)?])
+}
+
+fn lp_norm(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = float_in(ins, 0)?;
+    let axis = norm_axis(ctx.i("axis", -1), x.rank())?;
+    let p = ctx.i("p", 2);
+    if p != 1 && p != 2 {
+        return Err(Error::arg(format!(
+            "LpNormalization: p must be 1 or 2, got {p}"
+        )));
+    }
+    let shape = x.shape();
+    let outer: usize = shape[..axis].iter().product();
+    let n = shape[axis];
+    let inner: usize = shape[axis + 1..].iter().product();
+    let xv = x.to_f64_vec();
+    let mut out = xv.clone();
+    for o in 0..outer {
+        for i in 0..inner {
+            let idx = |k: usize| (o * n + k) * inner + i;
+            let norm = if p == 1 {
+                (0..n).map(|k| xv[idx(k)].abs()).sum::<f64>()
+            } else {
+                (0..n).map(|k| xv[idx(k)] * xv[idx(k)]).sum::<f64>().sqrt()
+            };
+            for k in 0..n {
+                out[idx(k)] = xv[idx(k)] / norm;
+            }
+        }
+    }
+    Ok(vec![f64_tensor(x.dtype(), shape.to_vec(), out)?])
+}
+
+/// Shared NLL: `logp` is [N, C, d...] in f64; returns the loss tensor in `dtype`.
+fn nll(
+    ctx: &OpCtx<'_>,
+    logp: &[f64],
+    shape: &[usize],
+    target: &Tensor,
+    weight: Option<&Tensor>,
+    dtype: DType,
+) -> Result<Tensor> {
+    if shape.len() < 2 {
+        return Err(Error::arg("input must have shape [N, C, ...]"));
+    }
+    let (n, c) = (shape[0], shape[1]);
+    let d: usize = shape[2..].iter().product();
+    let t = target.to_i64_vec();
+    if t.len() != n * d {
+        return Err(Error::arg(format!(
+            "target has {} elements, expected {}",
+            t.len(),
+            n * d
+        )));
+    }
+    let w = weight.map(|w| w.to_f64_vec());
+    if let Some(w) = &w {
+        if w.len() != c {
+            return Err(Error::arg(format!(
+                "weight has {} elements, expected {c}",
+                w.len()
+            )));
+        }
+    }
+    let ignore = ctx.node.attr_i("ignore_index");
+    let mut loss = vec![0f64; n * d];
+    let mut wsum = 0f64;
+    for i in 0..n {
+        for j in 0..d {
+            let cls = t[i * d + j];
+            if Some(cls) == ignore {
+                continue;
+            }
+            if cls < 0 || cls as usize >= c {
+                return Err(Error::arg(format!(
+                    "target class {cls} out of range [0, {c})"
+                )));
+            }
+            let cls = cls as usize;
+            let wt = w.as_ref().map(|w| w[cls]).unwrap_or(1.0);
+            loss[i * d + j] = -logp[(i * c + cls) * d + j] * wt;
+            wsum += wt;
+        }
+    }
+    let reduction = ctx.s("reduction", "mean");
+    match reduction.as_str() {
+        "none" => {
+            let mut s = vec![n];
+            s.extend_from_slice(&shape[2..]);
+            f64_tensor(dtype, s, loss)
+        }
+        "sum" => f64_tensor(dtype, vec![], vec![loss.iter().sum()]),
+        "mean" => {
+            let total: f64 = loss.iter().sum();
+            f64_tensor(
+                dtype,
+                vec![],
+                vec![if wsum == 0.0 { 0.0 } else { total / wsum }],
+            )
+        }
+        other => Err(Error::arg(format!("unknown reduction '{other}'"))),
+    }
+}
+
+fn nll_loss(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = float_in(ins, 0)?;
+    let l = nll(
+        ctx,
+        &x.to_f64_vec(),
+        x.shape(),
+        input(ins, 1)?,
+        opt_input(ins, 2),
+        x.dtype(),
+    )?;
+    Ok(vec![l])
+}
+
+fn softmax_ce_loss(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = float_in(ins, 0)?;
+    let shape = x.shape();
+    if shape.len() < 2 {
+        return Err(Error::arg("scores must have shape [N, C, ...]"));
+    }
+    let (n, c) = (shape[0], shape[1]);
+    let d: usize = shape[2..].iter().product();
+    let xv = x.to_f64_vec();
+    let mut logp = vec![0f64; xv.len()];
+    for i in 0..n {
+        for j in 0..d {
+            let at = |k: usize| (i * c + k) * d + j;
+            let m = (0..c).map(|k| xv[at(k)]).fold(f64::NEG_INFINITY, f64::max);
+            let lse = (0..c).map(|k| (xv[at(k)] - m).exp()).sum::<f64>().ln() + m;
+            for k in 0..c {
+                logp[at(k)] = xv[at(k)] - lse;
+            }
+        }
+    }
+    let loss = nll(
+        ctx,
+        &logp,
+        shape,
+        input(ins, 1)?,
+        opt_input(ins, 2),
+        x.dtype(),
+    )?;
+    Ok(vec![loss, f64_tensor(x.dtype(), shape.to_vec(), logp)?])
+}
+
+fn swish(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let alpha = ctx.f("alpha", 1.0) as f64;
+    let x = float_in(ins, 0)?;
+    let v = x
+        .to_f64_vec()
+        .into_iter()
+        .map(|v| v / (1.0 + (-alpha * v).exp()))
+        .collect();
+    Ok(vec![f64_tensor(x.dtype(), x.shape().to_vec(), v)?])
+}
+
+fn shrink(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let (bias, lambd) = (ctx.f("bias", 0.0) as f64, ctx.f("lambd", 0.5) as f64);
+    let x = input(ins, 0)?;
+    let v = x
+        .to_f64_vec()
+        .into_iter()
+        .map(|v| {
+            if v < -lambd {
+                v + bias
+            } else if v > lambd {
+                v - bias
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Ok(vec![f64_tensor(x.dtype(), x.shape().to_vec(), v)?])
+}
+
+fn eye_like(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = input(ins, 0)?;
+    if x.rank() != 2 {
+        return Err(Error::arg(format!(
+            "EyeLike needs a 2-D input, got shape {:?}",
+            x.shape()
+        )));
+    }
+    let dtype = match ctx.node.attr_i("dtype") {
+        Some(c) => DType::from_onnx_code(c as i32)
+            .ok_or_else(|| Error::unsupported(format!("dtype {c}")))?,
+        None => x.dtype(),
+    };
+    let (r, c) = (x.shape()[0], x.shape()[1]);
+    let k = ctx.i("k", 0);
+    let mut v = vec![0f64; r * c];
+    for i in 0..r {
+        let j = i as i64 + k;
+        if j >= 0 && (j as usize) < c {
+            v[i * c + j as usize] = 1.0;
+        }
+    }
+    Ok(vec![f64_tensor(dtype, vec![r, c], v)?])
+}
+
+fn window(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>], f: impl Fn(f64) -> f64) -> Result<Vec<Tensor>> {
+    let n = input(ins, 0)?.to_i64_vec().first().copied().unwrap_or(0);
+    if !(0..=1 << 28).contains(&n) {
+        return Err(Error::arg(format!("window size {n} out of range")));
+    }
+    let n = n as usize;
+    let dtype = DType::from_onnx_code(ctx.i("output_datatype", 1) as i32)
+        .ok_or_else(|| Error::unsupported("output_datatype"))?;
+    let denom = if ctx.i("periodic", 1) != 0 {
+        n as f64
+    } else {
+        (n as f64 - 1.0).max(1.0)
+    };
+    let v = (0..n)
+        .map(|i| f(2.0 * std::f64::consts::PI * i as f64 / denom))
+        .collect();
+    Ok(vec![f64_tensor(dtype, vec![n], v)?])
+}
+
+fn hann(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    window(ctx, ins, |t| 0.5 - 0.5 * t.cos())
+}
+
+fn hamming(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let a = 25.0 / 46.0;
+    window(ctx, ins, |t| a - (1.0 - a) * t.cos())
+}
+
+fn blackman(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    window(ctx, ins, |t| 0.42 - 0.5 * t.cos() + 0.08 * (2.0 * t).cos())
+}
+
+fn cumprod(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = input(ins, 0)?;
+    let axis = norm_axis(
+        input(ins, 1)?.to_i64_vec().first().copied().unwrap_or(0),
+        x.rank(),
+    )?;
+    let (exclusive, reverse) = (ctx.i("exclusive", 0) != 0, ctx.i("reverse", 0) != 0);
+    let shape = x.shape();
+    let outer: usize = shape[..axis].iter().product();
+    let n = shape[axis];
+    let inner: usize = shape[axis + 1..].iter().product();
+    let xv = x.to_f64_vec();
+    let mut out = vec![0f64; xv.len()];
+    for o in 0..outer {
+        for i in 0..inner {
+            let mut acc = 1f64;
+            for s in 0..n {
+                let k = if reverse { n - 1 - s } else { s };
+                let idx = (o * n + k) * inner + i;
+                if exclusive {
+                    out[idx] = acc;
+                    acc *= xv[idx];
+                } else {
+                    acc *= xv[idx];
+                    out[idx] = acc;
+                }
+            }
+        }
+    }
+    Ok(vec![f64_tensor(x.dtype(), shape.to_vec(), out)?])
+}
+
+fn nms(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let boxes = input(ins, 0)?;
+    let scores = input(ins, 1)?;
+    let max_out = opt_input(ins, 2)
+        .and_then(|t| t.to_i64_vec().first().copied())
+        .unwrap_or(0)
+        .max(0) as usize;
+    let iou_th = opt_input(ins, 3)
+        .and_then(|t| t.to_f64_vec().first().copied())
+        .unwrap_or(0.0);
+    let score_th = opt_input(ins, 4).and_then(|t| t.to_f64_vec().first().copied());
+    let center = ctx.i("center_point_box", 0) != 0;
+    let (bs, ss) = (boxes.shape(), scores.shape());
+    if bs.len() != 3 || bs[2] != 4 || ss.len() != 3 || ss[0] != bs[0] || ss[2] != bs[1] {
+        return Err(Error::arg(format!(
+            "boxes {bs:?} and scores {ss:?} do not fit [B,N,4] / [B,C,N]"
+        )));
+    }
+    let (nb, nc, n) = (bs[0], ss[1], bs[1]);
+    let bv = boxes.to_f64_vec();
+    let sv = scores.to_f64_vec();
+    let corners = |b: usize, i: usize| -> [f64; 4] {
+        let p = &bv[(b * n + i) * 4..(b * n + i) * 4 + 4];
+        if center {
+            let (xc, yc, w, h) = (p[0], p[1], p[2], p[3]);
+            [yc - h / 2.0, xc - w / 2.0, yc + h / 2.0, xc + w / 2.0]
+        } else {
+            [
+                p[0].min(p[2]),
+                p[1].min(p[3]),
+                p[0].max(p[2]),
+                p[1].max(p[3]),
+            ]
+        }
+    };
+    let iou = |a: [f64; 4], b: [f64; 4]| -> f64 {
+        let ih = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+        let iw = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+        let inter = ih * iw;
+        let union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter;
+        if union <= 0.0 {
+            0.0
+        } else {
+            inter / union
+        }
+    };
+    let mut sel: Vec<i64> = Vec::new();
+    for b in 0..nb {
+        for c in 0..nc {
+            let sc = &sv[(b * nc + c) * n..(b * nc + c + 1) * n];
+            let mut cand: Vec<usize> = (0..n)
+                .filter(|&i| score_th.is_none_or(|t| sc[i] > t))
+                .collect();
+            cand.sort_by(|&i, &j| sc[j].total_cmp(&sc[i]).then(i.cmp(&j)));
+            let mut kept: Vec<usize> = Vec::new();
+            for i in cand {
+                if kept.len() >= max_out {
+                    break;
+                }
+                if kept
+                    .iter()
+                    .all(|&k| iou(corners(b, k), corners(b, i)) <= iou_th)
+                {
+                    kept.push(i);
+                }
+            }
+            for k in kept {
+                sel.extend_from_slice(&[b as i64, c as i64, k as i64]);
+            }
+        }
+    }
+    let rows = sel.len() / 3;
+    Ok(vec![Tensor::from_vec(vec![rows, 3], sel)?])
+}
+
+fn center_crop_pad(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = input(ins, 0)?;
+    let target = input(ins, 1)?.to_i64_vec();
+    let r = x.rank();
+    let axes: Vec<usize> = match ctx.ints("axes") {
+        Some(a) => a.iter().map(|&a| norm_axis(a, r)).collect::<Result<_>>()?,
+        None => (0..r).collect(),
+    };
+    if axes.len() != target.len() {
+        return Err(Error::arg("shape input must have one entry per axis"));
+    }
+    let mut out_shape = x.shape().to_vec();
+    for (&a, &t) in axes.iter().zip(&target) {
+        if t < 0 {
+            return Err(Error::arg(format!("negative target size {t}")));
+        }
+        out_shape[a] = t as usize;
+    }
+    edgehal_core::tensor::checked_numel(&out_shape, x.dtype())?;
+    let xs = x.shape().to_vec();
+    // For each axis: source offset (crop) or destination offset (pad).
+    let offs: Vec<(usize, usize)> = (0..r)
+        .map(|a| {
+            let (i, o) = (xs[a], out_shape[a]);
+            if i >= o {
+                ((i - o) / 2, 0)
+            } else {
+                (0, (o - i) / 2)
+            }
+        })
+        .collect();
+    let esz = x.dtype().size();
+    let src = x.bytes();
+    let n_out: usize = out_shape.iter().product();
+    let mut dst = vec![0u8; n_out * esz];
+    let mut idx = vec![0usize; r];
+    'outer: for k in 0..n_out {
+        let mut s = 0usize;
+        let mut ok = true;
+        for a in 0..r {
+            let (so, dof) = offs[a];
+            let d = idx[a];
+            if d < dof || d - dof + so >= xs[a] {
+                ok = false;
+                break;
+            }
+            s = s * xs[a] + (d - dof + so);
+        }
+        if ok {
+            dst[k * esz..(k + 1) * esz].copy_from_slice(&src[s * esz..(s + 1) * esz]);
+        }
+        for a in (0..r).rev() {
+            idx[a] += 1;
+            if idx[a] < out_shape[a] {
+                continue 'outer;
+            }
+            idx[a] = 0;
+        }
+    }
+    Ok(vec![Tensor::from_bytes(x.dtype(), out_shape, dst.into())?])
+}
+
+fn det(_ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = float_in(ins, 0)?;
+    let s = x.shape();
+    if s.len() < 2 || s[s.len() - 1] != s[s.len() - 2] {
+        return Err(Error::arg(format!("Det needs [..., M, M], got {s:?}")));
+    }
+    let m = s[s.len() - 1];
+    let batch: usize = s[..s.len() - 2].iter().product();
+    let v = x.to_f64_vec();
+    let mut out = Vec::with_capacity(batch);
+    for b in 0..batch {
+        let mut a = v[b * m * m..(b + 1) * m * m].to_vec();
+        let mut d = 1f64;
+        for col in 0..m {
+            let piv = (col..m)
+                .max_by(|&i, &j| a[i * m + col].abs().total_cmp(&a[j * m + col].abs()))
+                .unwrap_or(col);
+            if a[piv * m + col] == 0.0 {
+                d = 0.0;
+                break;
+            }
+            if piv != col {
+                for k in 0..m {
+                    a.swap(piv * m + k, col * m + k);
+                }
+                d = -d;
+            }
+            d *= a[col * m + col];
+            for r in col + 1..m {
+                let f = a[r * m + col] / a[col * m + col];
+                for k in col..m {
+                    a[r * m + k] -= f * a[col * m + k];
+                }
+            }
+        }
+        out.push(d);
+    }
+    Ok(vec![f64_tensor(x.dtype(), s[..s.len() - 2].to_vec(), out)?])
+}
