@@ -90,10 +90,7 @@ fn take(t: &Tensor, axis: usize, i: usize) -> Result<Tensor> {
 
 fn loop_op(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let g = body(ctx, "body")?;
-    let max_trip = match opt_input(ins, 0) {
-        Some(t) => Some(t.to_i64_vec().first().copied().unwrap_or(0)),
-        None => None,
-    };
+    let max_trip = opt_input(ins, 0).map(|t| t.to_i64_vec().first().copied().unwrap_or(0));
     let mut cond = match opt_input(ins, 1) {
         Some(t) => truthy(t)?,
         None => true,
