@@ -22,6 +22,8 @@ pub fn register(r: &mut Registry) {
     r.add("NonMaxSuppression", nms);
     r.add("CenterCropPad", center_crop_pad);
     r.add("Det", det);
+    r.add("BitCast", bitcast);
+    r.add("GridSample", grid_sample);
 }
 
 fn f64_tensor(dtype: DType, shape: Vec<usize>, v: Vec<f64>) -> Result<Tensor> {
@@ -517,4 +519,201 @@ fn det(_ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         out.push(d);
     }
     Ok(vec![f64_tensor(x.dtype(), s[..s.len() - 2].to_vec(), out)?])
+}
+
+fn bitcast(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = input(ins, 0)?;
+    let to = ctx.i("to", 0) as i32;
+    let dt = DType::from_onnx_code(to)
+        .ok_or_else(|| Error::unsupported(format!("BitCast to type {to}")))?;
+    if dt.size() != x.dtype().size() {
+        return Err(Error::arg(format!(
+            "BitCast from {} to {dt} changes the element size",
+            x.dtype()
+        )));
+    }
+    if dt == DType::Bool && x.bytes().iter().any(|&b| b > 1) {
+        return Err(Error::arg("BitCast to bool of bytes other than 0 and 1"));
+    }
+    // Same bytes, new element type: no copy.
+    Ok(vec![Tensor::from_bytes(
+        dt,
+        x.shape().to_vec(),
+        x.bytes().clone(),
+    )?])
+}
+
+/// Keys cubic convolution weights (alpha = -0.75) for the 4 taps around a fraction `t`.
+fn cubic_weights(t: f64) -> [f64; 4] {
+    let a = -0.75;
+    let w = |x: f64| {
+        let x = x.abs();
+        if x <= 1.0 {
+            ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+        } else if x < 2.0 {
+            ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a
+        } else {
+            0.0
+        }
+    };
+    [w(t + 1.0), w(t), w(1.0 - t), w(2.0 - t)]
+}
+
+/// Reflect `x` into [lo, hi] by folding at the borders.
+fn reflect(x: f64, lo: f64, hi: f64) -> f64 {
+    let rng = hi - lo;
+    if rng <= 0.0 {
+        return lo;
+    }
+    if x < lo {
+        let dx = lo - x;
+        let n = (dx / rng) as i64;
+        let r = dx - n as f64 * rng;
+        if n % 2 == 0 {
+            lo + r
+        } else {
+            hi - r
+        }
+    } else if x > hi {
+        let dx = x - hi;
+        let n = (dx / rng) as i64;
+        let r = dx - n as f64 * rng;
+        if n % 2 == 0 {
+            hi - r
+        } else {
+            lo + r
+        }
+    } else {
+        x
+    }
+}
+
+fn grid_sample(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = float_in(ins, 0)?;
+    let grid = float_in(ins, 1)?;
+    let mode = match ctx.s("mode", "linear").as_str() {
+        "bilinear" | "linear" => 1,
+        "nearest" => 0,
+        "bicubic" | "cubic" => 3,
+        m => return Err(Error::arg(format!("unknown GridSample mode '{m}'"))),
+    };
+    let pad = ctx.s("padding_mode", "zeros");
+    let align = ctx.i("align_corners", 0) != 0;
+    let xs = x.shape().to_vec();
+    let gs = grid.shape().to_vec();
+    let nd = xs
+        .len()
+        .checked_sub(2)
+        .ok_or_else(|| Error::arg("X must be [N, C, ...]"))?;
+    if gs.len() != nd + 2 || gs[0] != xs[0] || gs[nd + 1] != nd {
+        return Err(Error::arg(format!(
+            "grid shape {gs:?} does not fit X {xs:?}"
+        )));
+    }
+    let dims = &xs[2..];
+    let out_sp: Vec<usize> = gs[1..nd + 1].to_vec();
+    let n_out: usize = out_sp.iter().product();
+    let (n, c) = (xs[0], xs[1]);
+    let plane: usize = dims.iter().product();
+    let xv = x.to_f64_vec();
+    let gv = grid.to_f64_vec();
+    let (lo, hi): (Vec<f64>, Vec<f64>) = dims
+        .iter()
+        .map(|&d| {
+            if align {
+                (0.0, d as f64 - 1.0)
+            } else {
+                (-0.5, d as f64 - 0.5)
+            }
+        })
+        .unzip();
+    // Index fix-up per padding mode; None = zero padding outside.
+    let fix = |i: i64, d: usize, k: usize| -> Option<usize> {
+        match pad.as_str() {
+            "border" => Some(i.clamp(0, d as i64 - 1) as usize),
+            "reflection" => {
+                Some((reflect(i as f64, lo[k], hi[k]) as i64).clamp(0, d as i64 - 1) as usize)
+            }
+            _ => (i >= 0 && (i as usize) < d).then_some(i as usize),
+        }
+    };
+    let mut out = vec![0f64; n * c * n_out];
+    for b in 0..n {
+        for o in 0..n_out {
+            let g = &gv[(b * n_out + o) * nd..(b * n_out + o + 1) * nd];
+            // Taps per spatial dim (dims in X order; grid lists them reversed).
+            let mut taps: Vec<Vec<(Option<usize>, f64)>> = Vec::with_capacity(nd);
+            for k in 0..nd {
+                let gn = g[nd - 1 - k];
+                let d = dims[k];
+                let mut v = if align {
+                    (gn + 1.0) / 2.0 * (d as f64 - 1.0)
+                } else {
+                    ((gn + 1.0) * d as f64 - 1.0) / 2.0
+                };
+                if mode == 0 {
+                    v = v.round_ties_even();
+                }
+                if v < lo[k] || v > hi[k] {
+                    if pad == "border" {
+                        v = v.clamp(0.0, d as f64 - 1.0);
+                    } else if pad == "reflection" {
+                        v = reflect(v, lo[k], hi[k]);
+                    }
+                }
+                let t = match mode {
+                    0 => vec![(fix(v as i64, d, k), 1.0)],
+                    1 => {
+                        let f = v.floor();
+                        let fr = v - f;
+                        vec![
+                            (fix(f as i64, d, k), 1.0 - fr),
+                            (fix(f as i64 + 1, d, k), fr),
+                        ]
+                    }
+                    _ => {
+                        let f = v.floor();
+                        let w = cubic_weights(v - f);
+                        (0..4)
+                            .map(|j| (fix(f as i64 - 1 + j as i64, d, k), w[j]))
+                            .collect()
+                    }
+                };
+                taps.push(t);
+            }
+            for ch in 0..c {
+                let base = (b * c + ch) * plane;
+                let mut acc = 0f64;
+                let mut idx = vec![0usize; nd];
+                'combo: loop {
+                    let mut w = 1f64;
+                    let mut off = 0usize;
+                    let mut zero = false;
+                    for k in 0..nd {
+                        let (i, wk) = taps[k][idx[k]];
+                        w *= wk;
+                        match i {
+                            Some(i) => off = off * dims[k] + i,
+                            None => zero = true,
+                        }
+                    }
+                    if !zero {
+                        acc += w * xv[base + off];
+                    }
+                    for k in (0..nd).rev() {
+                        idx[k] += 1;
+                        if idx[k] < taps[k].len() {
+                            continue 'combo;
+                        }
+                        idx[k] = 0;
+                    }
+                    break;
+                }
+                out[(b * c + ch) * n_out + o] = acc;
+            }
+        }
+    }
+    let mut shape = vec![n, c];
+    shape.extend(out_sp);
+    Ok(vec![f64_tensor(x.dtype(), shape, out)?])
 }
