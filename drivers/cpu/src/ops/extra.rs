@@ -24,6 +24,9 @@ pub fn register(r: &mut Registry) {
     r.add("Det", det);
     r.add("BitCast", bitcast);
     r.add("GridSample", grid_sample);
+    r.add("DFT", dft);
+    r.add("STFT", stft);
+    r.add("RotaryEmbedding", rotary_embedding);
 }
 
 fn f64_tensor(dtype: DType, shape: Vec<usize>, v: Vec<f64>) -> Result<Tensor> {
@@ -715,5 +718,264 @@ fn grid_sample(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> 
     }
     let mut shape = vec![n, c];
     shape.extend(out_sp);
+    Ok(vec![f64_tensor(x.dtype(), shape, out)?])
+}
+
+/// Naive DFT of one line (complex in, complex out, `n` bins; input truncated or zero-padded).
+fn dft_line(x: &[(f64, f64)], n: usize, inverse: bool) -> Vec<(f64, f64)> {
+    let sign = if inverse { 1.0 } else { -1.0 };
+    let m = x.len().min(n);
+    (0..n)
+        .map(|k| {
+            let (mut re, mut im) = (0f64, 0f64);
+            for (j, &(a, b)) in x[..m].iter().enumerate() {
+                let ang =
+                    sign * 2.0 * std::f64::consts::PI * ((k * j) % n.max(1)) as f64 / n as f64;
+                let (s, c) = ang.sin_cos();
+                re += a * c - b * s;
+                im += a * s + b * c;
+            }
+            if inverse {
+                (re / n as f64, im / n as f64)
+            } else {
+                (re, im)
+            }
+        })
+        .collect()
+}
+
+fn scalar_i64(t: Option<&Tensor>) -> Option<i64> {
+    t.and_then(|t| t.to_i64_vec().first().copied())
+}
+
+fn dft(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = float_in(ins, 0)?;
+    let shape = x.shape().to_vec();
+    let r = shape.len();
+    let last = *shape
+        .last()
+        .ok_or_else(|| Error::arg("DFT input must have a trailing [1|2] axis"))?;
+    if r < 2 || !(last == 1 || last == 2) {
+        return Err(Error::arg(format!(
+            "DFT input shape {shape:?} must end in 1 (real) or 2 (complex)"
+        )));
+    }
+    let axis_raw = if ctx.opset >= 20 {
+        scalar_i64(opt_input(ins, 2)).unwrap_or(-2)
+    } else {
+        ctx.i("axis", 1)
+    };
+    let axis = norm_axis(axis_raw, r)?;
+    if axis == r - 1 {
+        return Err(Error::arg(
+            "DFT axis cannot be the trailing real/imaginary axis",
+        ));
+    }
+    let inverse = ctx.i("inverse", 0) != 0;
+    let onesided = ctx.i("onesided", 0) != 0;
+    let len = shape[axis];
+    let n = match scalar_i64(opt_input(ins, 1)) {
+        Some(v) if v > 0 && v < 1 << 24 => v as usize,
+        Some(v) => return Err(Error::arg(format!("dft_length {v} out of range"))),
+        None if inverse && onesided => 2 * len.saturating_sub(1),
+        None => len,
+    };
+    let xv = x.to_f64_vec();
+    let outer: usize = shape[..axis].iter().product();
+    let inner: usize = shape[axis + 1..r - 1].iter().product();
+    let out_len = if inverse && onesided {
+        n
+    } else if onesided {
+        n / 2 + 1
+    } else {
+        n
+    };
+    let out_last = if inverse && onesided { 1 } else { 2 };
+    let mut out = vec![0f64; outer * out_len * inner * out_last];
+    for o in 0..outer {
+        for i in 0..inner {
+            let line: Vec<(f64, f64)> = (0..len)
+                .map(|k| {
+                    let base = ((o * len + k) * inner + i) * last;
+                    (xv[base], if last == 2 { xv[base + 1] } else { 0.0 })
+                })
+                .collect();
+            let res: Vec<(f64, f64)> = if inverse && onesided {
+                // Complete the Hermitian spectrum, then take the real part.
+                let full: Vec<(f64, f64)> = (0..n)
+                    .map(|m| {
+                        if m <= n / 2 {
+                            line.get(m).copied().unwrap_or((0.0, 0.0))
+                        } else {
+                            let (a, b) = line.get(n - m).copied().unwrap_or((0.0, 0.0));
+                            (a, -b)
+                        }
+                    })
+                    .collect();
+                dft_line(&full, n, true)
+            } else {
+                dft_line(&line, n, inverse)
+            };
+            for (k, &(re, im)) in res.iter().take(out_len).enumerate() {
+                let base = ((o * out_len + k) * inner + i) * out_last;
+                out[base] = re;
+                if out_last == 2 {
+                    out[base + 1] = im;
+                }
+            }
+        }
+    }
+    let mut oshape = shape.clone();
+    oshape[axis] = out_len;
+    oshape[r - 1] = out_last;
+    Ok(vec![f64_tensor(x.dtype(), oshape, out)?])
+}
+
+fn stft(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = float_in(ins, 0)?;
+    let s = x.shape().to_vec();
+    if s.len() != 3 || !(s[2] == 1 || s[2] == 2) {
+        return Err(Error::arg(format!(
+            "STFT signal must be [batch, length, 1|2], got {s:?}"
+        )));
+    }
+    let hop = scalar_i64(opt_input(ins, 1))
+        .filter(|&h| h > 0)
+        .ok_or_else(|| Error::arg("frame_step must be positive"))? as usize;
+    let window = opt_input(ins, 2).map(|w| w.to_f64_vec());
+    let flen = match (scalar_i64(opt_input(ins, 3)), &window) {
+        (Some(f), _) if f > 0 => f as usize,
+        (_, Some(w)) => w.len(),
+        _ => return Err(Error::arg("STFT needs a window or a frame_length")),
+    };
+    let window = window.unwrap_or_else(|| vec![1.0; flen]);
+    if window.len() != flen || flen > s[1] {
+        return Err(Error::arg(
+            "window length must equal frame_length and fit the signal",
+        ));
+    }
+    let onesided = ctx.i("onesided", 1) != 0;
+    let frames = 1 + (s[1] - flen) / hop;
+    let bins = if onesided { flen / 2 + 1 } else { flen };
+    let xv = x.to_f64_vec();
+    let mut out = Vec::with_capacity(s[0] * frames * bins * 2);
+    for b in 0..s[0] {
+        for f in 0..frames {
+            let line: Vec<(f64, f64)> = (0..flen)
+                .map(|k| {
+                    let base = (b * s[1] + f * hop + k) * s[2];
+                    let w = window[k];
+                    (xv[base] * w, if s[2] == 2 { xv[base + 1] * w } else { 0.0 })
+                })
+                .collect();
+            for (re, im) in dft_line(&line, flen, false).into_iter().take(bins) {
+                out.push(re);
+                out.push(im);
+            }
+        }
+    }
+    Ok(vec![f64_tensor(
+        x.dtype(),
+        vec![s[0], frames, bins, 2],
+        out,
+    )?])
+}
+
+fn rotary_embedding(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = float_in(ins, 0)?;
+    let cos = input(ins, 1)?;
+    let sin = input(ins, 2)?;
+    let pos = opt_input(ins, 3);
+    let interleaved = ctx.i("interleaved", 0) != 0;
+    let shape = x.shape().to_vec();
+    // Work in [batch, seq, heads, head] order.
+    let (b, seq, heads, hs, four_d) = match shape.len() {
+        4 => (shape[0], shape[2], shape[1], shape[3], true),
+        3 => {
+            let nh = ctx.i("num_heads", 0);
+            if nh <= 0 || shape[2] % nh as usize != 0 {
+                return Err(Error::arg(
+                    "3-D RotaryEmbedding input needs num_heads dividing the hidden size",
+                ));
+            }
+            (
+                shape[0],
+                shape[1],
+                nh as usize,
+                shape[2] / nh as usize,
+                false,
+            )
+        }
+        _ => {
+            return Err(Error::arg(format!(
+                "RotaryEmbedding input must be 3-D or 4-D, got {shape:?}"
+            )))
+        }
+    };
+    let rd = match ctx.i("rotary_embedding_dim", 0) {
+        0 => hs,
+        d if d > 0 && (d as usize) <= hs && d % 2 == 0 => d as usize,
+        d => {
+            return Err(Error::arg(format!(
+                "rotary_embedding_dim {d} invalid for head size {hs}"
+            )))
+        }
+    };
+    let half = rd / 2;
+    let (cv, sv) = (cos.to_f64_vec(), sin.to_f64_vec());
+    if cos.shape().last() != Some(&half) || sin.shape().last() != Some(&half) {
+        return Err(Error::arg(format!(
+            "cos/sin caches must end in rotary_dim/2 = {half}"
+        )));
+    }
+    let pv = pos.map(|p| p.to_i64_vec());
+    let cache_row = |bi: usize, si: usize| -> Result<usize> {
+        match &pv {
+            Some(p) => {
+                let id = *p
+                    .get(bi * seq + si)
+                    .ok_or_else(|| Error::arg("position_ids shape mismatch"))?;
+                if id < 0 || (id as usize + 1) * half > cv.len() {
+                    return Err(Error::arg(format!("position id {id} outside the cache")));
+                }
+                Ok(id as usize)
+            }
+            None => {
+                let row = bi * seq + si;
+                if cos.rank() == 2 {
+                    Ok(si)
+                } else if (row + 1) * half <= cv.len() {
+                    Ok(row)
+                } else {
+                    Err(Error::arg("cos/sin cache too small"))
+                }
+            }
+        }
+    };
+    let xv = x.to_f64_vec();
+    let mut out = xv.clone();
+    for bi in 0..b {
+        for si in 0..seq {
+            let row = cache_row(bi, si)?;
+            for h in 0..heads {
+                let base = if four_d {
+                    ((bi * heads + h) * seq + si) * hs
+                } else {
+                    ((bi * seq + si) * heads + h) * hs
+                };
+                for k in 0..half {
+                    let (c, s_) = (cv[row * half + k], sv[row * half + k]);
+                    let (i1, i2) = if interleaved {
+                        (base + 2 * k, base + 2 * k + 1)
+                    } else {
+                        (base + k, base + half + k)
+                    };
+                    let (x1, x2) = (xv[i1], xv[i2]);
+                    out[i1] = c * x1 - s_ * x2;
+                    out[i2] = s_ * x1 + c * x2;
+                }
+            }
+        }
+    }
     Ok(vec![f64_tensor(x.dtype(), shape, out)?])
 }
