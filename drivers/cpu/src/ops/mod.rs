@@ -18,6 +18,9 @@ pub mod resize;
 pub mod rnn;
 pub mod shape;
 
+/// Runs a subgraph with the given inputs in the scope of the calling node.
+pub type SubgraphFn<'a> = dyn Fn(&Graph, &[Tensor]) -> Result<Vec<Tensor>> + 'a;
+
 /// What an op sees besides its inputs.
 pub struct OpCtx<'a> {
     /// The node being executed (attributes, op type).
@@ -26,7 +29,7 @@ pub struct OpCtx<'a> {
     pub opset: i64,
     /// Runs a subgraph attribute (If/Loop/Scan bodies) with the given inputs; names the body
     /// does not define are looked up in the scope of the calling node.
-    pub subgraph: Option<&'a dyn Fn(&Graph, &[Tensor]) -> Result<Vec<Tensor>>>,
+    pub subgraph: Option<&'a SubgraphFn<'a>>,
 }
 
 impl OpCtx<'_> {
