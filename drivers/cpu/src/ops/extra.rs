@@ -27,6 +27,12 @@ pub fn register(r: &mut Registry) {
     r.add("DFT", dft);
     r.add("STFT", stft);
     r.add("RotaryEmbedding", rotary_embedding);
+    r.add("SwiGLU", swiglu);
+    r.add("TensorScatter", tensor_scatter);
+    r.add("Unique", unique);
+    r.add("Col2Im", col2im);
+    r.add("AffineGrid", affine_grid);
+    r.add("MaxUnpool", max_unpool);
 }
 
 fn f64_tensor(dtype: DType, shape: Vec<usize>, v: Vec<f64>) -> Result<Tensor> {
@@ -978,4 +984,390 @@ fn rotary_embedding(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tens
         }
     }
     Ok(vec![f64_tensor(x.dtype(), shape, out)?])
+}
+
+fn swiglu(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let (a, b) = (float_in(ins, 0)?, float_in(ins, 1)?);
+    if a.shape() != b.shape() || a.dtype() != b.dtype() {
+        return Err(Error::arg(
+            "SwiGLU inputs must have the same shape and dtype",
+        ));
+    }
+    let alpha = ctx.f("alpha", 1.0) as f64;
+    let v = a
+        .to_f64_vec()
+        .iter()
+        .zip(b.to_f64_vec())
+        .map(|(&x, y)| x / (1.0 + (-alpha * x).exp()) * y)
+        .collect();
+    Ok(vec![f64_tensor(a.dtype(), a.shape().to_vec(), v)?])
+}
+
+fn tensor_scatter(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let past = input(ins, 0)?;
+    let upd = input(ins, 1)?;
+    let ps = past.shape().to_vec();
+    let us = upd.shape().to_vec();
+    if ps.len() != us.len() || past.dtype() != upd.dtype() || ps.is_empty() {
+        return Err(Error::arg(
+            "TensorScatter: cache and update must have the same rank and dtype",
+        ));
+    }
+    let axis = norm_axis(ctx.i("axis", -2), ps.len())?;
+    if axis == 0 {
+        return Err(Error::arg("TensorScatter: axis cannot be the batch axis"));
+    }
+    for i in 0..ps.len() {
+        if (i != axis && ps[i] != us[i]) || (i == axis && us[i] > ps[i]) {
+            return Err(Error::arg(format!(
+                "TensorScatter: update {us:?} does not fit cache {ps:?}"
+            )));
+        }
+    }
+    let circular = match ctx.s("mode", "linear").as_str() {
+        "linear" => false,
+        "circular" => true,
+        m => return Err(Error::arg(format!("unknown TensorScatter mode '{m}'"))),
+    };
+    let widx = opt_input(ins, 2)
+        .map(|t| t.to_i64_vec())
+        .unwrap_or_else(|| vec![0; ps[0]]);
+    if widx.len() != ps[0] {
+        return Err(Error::arg("write_indices must have one entry per batch"));
+    }
+    let esz = past.dtype().size();
+    let inner: usize = ps[axis + 1..].iter().product::<usize>() * esz;
+    let outer: usize = ps[1..axis].iter().product();
+    let (maxs, seq) = (ps[axis], us[axis]);
+    let mut out = past.bytes().to_vec();
+    let ub = upd.bytes();
+    for (b, &start) in widx.iter().enumerate() {
+        for o in 0..outer {
+            for k in 0..seq {
+                let mut dst = start + k as i64;
+                if circular {
+                    dst = dst.rem_euclid(maxs as i64);
+                }
+                if dst < 0 || dst as usize >= maxs {
+                    return Err(Error::arg(format!(
+                        "write index {dst} outside the cache of {maxs}"
+                    )));
+                }
+                let so = ((b * outer + o) * seq + k) * inner;
+                let d = ((b * outer + o) * maxs + dst as usize) * inner;
+                out[d..d + inner].copy_from_slice(&ub[so..so + inner]);
+            }
+        }
+    }
+    Ok(vec![Tensor::from_bytes(past.dtype(), ps, out.into())?])
+}
+
+fn unique(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = input(ins, 0)?;
+    let sorted = ctx.i("sorted", 1) != 0;
+    let xv = x.to_f64_vec();
+    // Slices along `axis` (or single elements when flattened) compared as f64 rows.
+    let (axis, rows, outer, inner) = match ctx.node.attr_i("axis") {
+        Some(a) => {
+            let a = norm_axis(a, x.rank())?;
+            let s = x.shape();
+            let outer: usize = s[..a].iter().product();
+            let inner: usize = s[a + 1..].iter().product();
+            (Some(a), s[a], outer, inner)
+        }
+        None => (None, xv.len(), 1, 1),
+    };
+    let row = |r: usize| -> Vec<f64> {
+        match axis {
+            Some(_) => (0..outer)
+                .flat_map(|o| (0..inner).map(move |i| (o, i)))
+                .map(|(o, i)| xv[(o * rows + r) * inner + i])
+                .collect(),
+            None => vec![xv[r]],
+        }
+    };
+    let all: Vec<Vec<f64>> = (0..rows).map(row).collect();
+    let mut firsts: Vec<usize> = Vec::new();
+    let mut inverse = vec![0usize; rows];
+    for r in 0..rows {
+        match firsts.iter().position(|&f| all[f] == all[r]) {
+            Some(p) => inverse[r] = p,
+            None => {
+                inverse[r] = firsts.len();
+                firsts.push(r);
+            }
+        }
+    }
+    let mut order: Vec<usize> = (0..firsts.len()).collect();
+    if sorted {
+        order.sort_by(|&a, &b| {
+            all[firsts[a]]
+                .iter()
+                .zip(&all[firsts[b]])
+                .map(|(p, q)| p.total_cmp(q))
+                .find(|o| o.is_ne())
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
+    }
+    let mut rank = vec![0usize; order.len()];
+    for (new, &old) in order.iter().enumerate() {
+        rank[old] = new;
+    }
+    let counts: Vec<i64> = order
+        .iter()
+        .map(|&u| inverse.iter().filter(|&&v| v == u).count() as i64)
+        .collect();
+    let indices: Vec<i64> = order.iter().map(|&u| firsts[u] as i64).collect();
+    let inv: Vec<i64> = inverse.iter().map(|&u| rank[u] as i64).collect();
+    let nu = order.len();
+    let (yshape, yv): (Vec<usize>, Vec<f64>) = match axis {
+        Some(a) => {
+            let mut s = x.shape().to_vec();
+            s[a] = nu;
+            let mut v = vec![0f64; outer * nu * inner];
+            for (k, &u) in order.iter().enumerate() {
+                let r = &all[firsts[u]];
+                for o in 0..outer {
+                    for i in 0..inner {
+                        v[(o * nu + k) * inner + i] = r[o * inner + i];
+                    }
+                }
+            }
+            (s, v)
+        }
+        None => (vec![nu], order.iter().map(|&u| all[firsts[u]][0]).collect()),
+    };
+    Ok(vec![
+        f64_tensor(x.dtype(), yshape, yv)?,
+        Tensor::from_vec(vec![nu], indices)?,
+        Tensor::from_vec(vec![rows], inv)?,
+        Tensor::from_vec(vec![nu], counts)?,
+    ])
+}
+
+fn col2im(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = float_in(ins, 0)?;
+    let image: Vec<usize> = input(ins, 1)?
+        .to_i64_vec()
+        .iter()
+        .map(|&v| v.max(0) as usize)
+        .collect();
+    let block: Vec<usize> = input(ins, 2)?
+        .to_i64_vec()
+        .iter()
+        .map(|&v| v.max(1) as usize)
+        .collect();
+    let nd = image.len();
+    if block.len() != nd || x.rank() != 3 {
+        return Err(Error::arg(
+            "Col2Im: input must be [N, C*prod(block), L] with matching image/block ranks",
+        ));
+    }
+    let dil: Vec<usize> = ctx
+        .ints("dilations")
+        .unwrap_or_else(|| vec![1; nd])
+        .iter()
+        .map(|&v| v.max(1) as usize)
+        .collect();
+    let strides: Vec<usize> = ctx
+        .ints("strides")
+        .unwrap_or_else(|| vec![1; nd])
+        .iter()
+        .map(|&v| v.max(1) as usize)
+        .collect();
+    let pads: Vec<usize> = ctx
+        .ints("pads")
+        .unwrap_or_else(|| vec![0; 2 * nd])
+        .iter()
+        .map(|&v| v.max(0) as usize)
+        .collect();
+    if dil.len() != nd || strides.len() != nd || pads.len() != 2 * nd {
+        return Err(Error::arg(
+            "Col2Im: attribute lengths do not match the image rank",
+        ));
+    }
+    let bprod: usize = block.iter().product();
+    let (n, cb, l) = (x.shape()[0], x.shape()[1], x.shape()[2]);
+    if cb % bprod != 0 {
+        return Err(Error::arg(
+            "Col2Im: channel dim is not a multiple of the block size",
+        ));
+    }
+    let c = cb / bprod;
+    let nblocks: Vec<usize> = (0..nd)
+        .map(|d| {
+            (image[d] + pads[d] + pads[d + nd]).saturating_sub(dil[d] * (block[d] - 1) + 1)
+                / strides[d]
+                + 1
+        })
+        .collect();
+    if nblocks.iter().product::<usize>() != l {
+        return Err(Error::arg(format!(
+            "Col2Im: L = {l} does not match {nblocks:?} sliding blocks"
+        )));
+    }
+    let plane: usize = image.iter().product();
+    let xv = x.to_f64_vec();
+    let mut out = vec![0f64; n * c * plane];
+    for b in 0..n {
+        for ch in 0..c {
+            for kb in 0..bprod {
+                // Offset of this kernel element per dim.
+                let mut ko = vec![0usize; nd];
+                let mut rem = kb;
+                for d in (0..nd).rev() {
+                    ko[d] = rem % block[d];
+                    rem /= block[d];
+                }
+                for li in 0..l {
+                    let mut lo = vec![0usize; nd];
+                    let mut rem = li;
+                    for d in (0..nd).rev() {
+                        lo[d] = rem % nblocks[d];
+                        rem /= nblocks[d];
+                    }
+                    let mut off = 0usize;
+                    let mut inside = true;
+                    for d in 0..nd {
+                        let p = (lo[d] * strides[d] + ko[d] * dil[d]) as i64 - pads[d] as i64;
+                        if p < 0 || p as usize >= image[d] {
+                            inside = false;
+                            break;
+                        }
+                        off = off * image[d] + p as usize;
+                    }
+                    if inside {
+                        out[(b * c + ch) * plane + off] += xv[(b * cb + ch * bprod + kb) * l + li];
+                    }
+                }
+            }
+        }
+    }
+    let mut shape = vec![n, c];
+    shape.extend(image);
+    Ok(vec![f64_tensor(x.dtype(), shape, out)?])
+}
+
+fn affine_grid(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let theta = float_in(ins, 0)?;
+    let size: Vec<usize> = input(ins, 1)?
+        .to_i64_vec()
+        .iter()
+        .map(|&v| v.max(0) as usize)
+        .collect();
+    let align = ctx.i("align_corners", 0) != 0;
+    let nd = size
+        .len()
+        .checked_sub(2)
+        .filter(|&d| d == 2 || d == 3)
+        .ok_or_else(|| Error::arg("size must be [N,C,H,W] or [N,C,D,H,W]"))?;
+    let n = size[0];
+    if theta.shape() != [n, nd, nd + 1] {
+        return Err(Error::arg(format!(
+            "theta must be [{n}, {nd}, {}], got {:?}",
+            nd + 1,
+            theta.shape()
+        )));
+    }
+    let sp = &size[2..];
+    let coord = |i: usize, len: usize| -> f64 {
+        if align {
+            if len <= 1 {
+                0.0
+            } else {
+                -1.0 + 2.0 * i as f64 / (len - 1) as f64
+            }
+        } else {
+            (2.0 * i as f64 + 1.0) / len as f64 - 1.0
+        }
+    };
+    let tv = theta.to_f64_vec();
+    let pts: usize = sp.iter().product();
+    let mut out = Vec::with_capacity(n * pts * nd);
+    for b in 0..n {
+        let t = &tv[b * nd * (nd + 1)..(b + 1) * nd * (nd + 1)];
+        for p in 0..pts {
+            // Spatial index in [D,]H,W order; the base point is (x, y[, z]) = reversed.
+            let mut idx = vec![0usize; nd];
+            let mut rem = p;
+            for d in (0..nd).rev() {
+                idx[d] = rem % sp[d];
+                rem /= sp[d];
+            }
+            let base: Vec<f64> = (0..nd).rev().map(|d| coord(idx[d], sp[d])).collect();
+            for r in 0..nd {
+                let mut v = t[r * (nd + 1) + nd];
+                for (k, bv) in base.iter().enumerate() {
+                    v += t[r * (nd + 1) + k] * bv;
+                }
+                out.push(v);
+            }
+        }
+    }
+    let mut shape = vec![n];
+    shape.extend_from_slice(sp);
+    shape.push(nd);
+    Ok(vec![f64_tensor(theta.dtype(), shape, out)?])
+}
+
+fn max_unpool(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = float_in(ins, 0)?;
+    let idx = input(ins, 1)?.to_i64_vec();
+    let xs = x.shape().to_vec();
+    let nd = xs
+        .len()
+        .checked_sub(2)
+        .ok_or_else(|| Error::arg("X must be [N, C, ...]"))?;
+    let k = ctx
+        .ints("kernel_shape")
+        .ok_or_else(|| Error::arg("kernel_shape is required"))?;
+    let st = ctx.ints("strides").unwrap_or_else(|| vec![1; nd]);
+    let pads = ctx.ints("pads").unwrap_or_else(|| vec![0; 2 * nd]);
+    if k.len() != nd || st.len() != nd || pads.len() != 2 * nd {
+        return Err(Error::arg("MaxUnpool: attribute lengths do not match"));
+    }
+    // Indices address the shape MaxPool came from; an explicit output_shape pads around it.
+    let mut inferred = xs[..2].to_vec();
+    for d in 0..nd {
+        let v = (xs[d + 2] as i64 - 1) * st[d] + k[d] - pads[d] - pads[d + nd];
+        inferred.push(v.max(0) as usize);
+    }
+    let out_shape: Vec<usize> = match opt_input(ins, 2) {
+        Some(t) => t.to_i64_vec().iter().map(|&v| v.max(0) as usize).collect(),
+        None => inferred.clone(),
+    };
+    if idx.len() != x.len()
+        || out_shape.len() != xs.len()
+        || out_shape.iter().zip(&inferred).any(|(o, i)| o < i)
+    {
+        return Err(Error::arg(
+            "MaxUnpool: indices or output_shape do not match X",
+        ));
+    }
+    let total = edgehal_core::tensor::checked_numel(&inferred, x.dtype())?;
+    edgehal_core::tensor::checked_numel(&out_shape, x.dtype())?;
+    let xv = x.to_f64_vec();
+    let mut y = vec![0f64; total];
+    for (v, &i) in xv.iter().zip(&idx) {
+        if i < 0 || i as usize >= total {
+            return Err(Error::arg(format!(
+                "MaxUnpool index {i} outside the output"
+            )));
+        }
+        y[i as usize] = *v;
+    }
+    let n_out: usize = out_shape.iter().product();
+    let mut out = vec![0f64; n_out];
+    for (flat, v) in y.into_iter().enumerate() {
+        let mut rem = flat;
+        let mut o = 0usize;
+        let mut mul = 1usize;
+        for d in (0..inferred.len()).rev() {
+            o += (rem % inferred[d]) * mul;
+            rem /= inferred[d];
+            mul *= out_shape[d];
+        }
+        out[o] = v;
+    }
+    Ok(vec![f64_tensor(x.dtype(), out_shape, out)?])
 }
