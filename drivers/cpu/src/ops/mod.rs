@@ -19,6 +19,7 @@ pub mod reduce;
 pub mod resize;
 pub mod rnn;
 pub mod shape;
+pub mod training;
 
 /// Runs a subgraph with the given inputs in the scope of the calling node.
 pub type SubgraphFn<'a> = dyn Fn(&Graph, &[Tensor]) -> Result<Vec<Tensor>> + 'a;
@@ -89,6 +90,7 @@ impl Registry {
         resize::register(&mut r);
         rnn::register(&mut r);
         shape::register(&mut r);
+        training::register(&mut r);
         r
     }
     /// Register an op of the default domain.
