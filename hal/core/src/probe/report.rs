@@ -188,9 +188,10 @@ impl ProbeReport {
                 let _ = writeln!(s, "  (none found)");
                 continue;
             }
+            let w = devs.iter().map(|d| d.name.len()).max().unwrap_or(4).max(4);
             let _ = writeln!(
                 s,
-                "  {:<36} {:<8} {:<11} {:<34} STATUS",
+                "  {:<w$} {:<8} {:<11} {:<34} STATUS",
                 "NAME", "BACKEND", "KERNEL", "MEMORY"
             );
             for d in devs {
@@ -202,7 +203,7 @@ impl ProbeReport {
                 };
                 let _ = writeln!(
                     s,
-                    "  {:<36} {:<8} {:<11} {:<34} {}",
+                    "  {:<w$} {:<8} {:<11} {:<34} {}",
                     d.name,
                     d.backend.as_str(),
                     d.kernel_driver.as_deref().unwrap_or("-"),
