@@ -146,7 +146,7 @@ pub fn request_amx_permission() -> AmxPermission {
 }
 
 /// `(AT_HWCAP, AT_HWCAP2)` of this process from the ELF auxiliary vector.
-#[cfg(all(target_os = "linux", any(target_arch = "aarch64", target_arch = "arm")))]
+#[cfg(all(target_os = "linux", target_arch = "aarch64"))]
 pub fn hwcaps() -> (u64, u64) {
     // SAFETY: getauxval only reads the auxiliary vector the kernel placed in this process;
     // unknown types return 0. It has no preconditions.
