@@ -13,6 +13,7 @@ pub mod dtype;
 pub mod error;
 pub mod graph;
 pub mod infer;
+pub mod probe;
 pub mod sys;
 pub mod tensor;
 
