@@ -2,6 +2,7 @@
 //! honour its documented contracts; files and callers are not, so every length and offset that
 //! comes from them is checked before it is used.
 
+pub mod dl;
 pub mod mem;
 
 use bytes::Bytes;
