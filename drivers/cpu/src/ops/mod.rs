@@ -10,7 +10,9 @@ use edgehal_core::dtype::Elem;
 use edgehal_core::tensor::broadcast_shapes;
 use edgehal_core::{Error, Graph, Node, Result, Tensor};
 
+pub mod control;
 pub mod elementwise;
+pub mod extra;
 pub mod nn;
 pub mod quant;
 pub mod reduce;
@@ -78,7 +80,9 @@ impl Registry {
         let mut r = Registry {
             ops: HashMap::new(),
         };
+        control::register(&mut r);
         elementwise::register(&mut r);
+        extra::register(&mut r);
         nn::register(&mut r);
         quant::register(&mut r);
         reduce::register(&mut r);
