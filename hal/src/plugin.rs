@@ -30,7 +30,10 @@ use edgehal_core::{Error, Result};
 pub const DRIVER_PATH_ENV: &str = "EDGEHAL_DRIVER_PATH";
 
 fn is_shared_object(p: &Path) -> bool {
-    let name = p.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
     name.ends_with(".so") || name.contains(".so.")
 }
 
@@ -131,11 +134,7 @@ impl Driver for PluginDriver {
                     self.plugin.name(),
                     domains(self.plugin.memory_domains()),
                 );
-                d.description = format!(
-                    "plugin {} {}",
-                    self.plugin.name(),
-                    self.plugin.version()
-                );
+                d.description = format!("plugin {} {}", self.plugin.name(), self.plugin.version());
                 d.properties.insert("index".into(), i.to_string());
                 d.properties
                     .insert("path".into(), self.plugin.path().display().to_string());

@@ -64,9 +64,14 @@ fn dma_heap_and_udmabuf_report_unavailable_here() {
         let e = Buffer::alloc_dma_heap("system", 4096, &c)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("unavailable: /dev/dma_heap/system not present"), "{e}");
+        assert!(
+            e.contains("unavailable: /dev/dma_heap/system not present"),
+            "{e}"
+        );
     }
-    let e = Buffer::alloc_dma_heap("../x", 4096, &c).unwrap_err().to_string();
+    let e = Buffer::alloc_dma_heap("../x", 4096, &c)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("not a dma-heap name"), "{e}");
 }
 
@@ -87,7 +92,12 @@ fn udmabuf_and_dma_heap_ioctls_reach_the_device_node() {
     assert!(e.contains("DMA_HEAP_IOCTL_ALLOC"), "{e}");
     // A view that does not start on a page cannot become a udmabuf.
     let big = Buffer::alloc(3 * 4096, &c).unwrap();
-    let e = big.view(100..4196).unwrap().to_udmabuf().unwrap_err().to_string();
+    let e = big
+        .view(100..4196)
+        .unwrap()
+        .to_udmabuf()
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("page-aligned"), "{e}");
 }
 
@@ -106,7 +116,11 @@ fn aligned_caller_memory_imports_without_copying() {
     assert_eq!(b.to_vec().unwrap()[..4], [1, 2, 3, 4]);
     b.write_from(4, &[9, 9]).unwrap();
     drop(b);
-    assert_eq!(v[off + 4..off + 6], [9, 9], "writes landed in the caller's memory");
+    assert_eq!(
+        v[off + 4..off + 6],
+        [9, 9],
+        "writes landed in the caller's memory"
+    );
 }
 
 #[test]
@@ -133,11 +147,17 @@ fn read_only_caller_memory_refuses_writes() {
     let c = CopyCounter::new();
     let (v, off) = aligned_vec(4096);
     // SAFETY: `v` outlives `b` and is not written meanwhile.
-    let b =
-        Buffer::import_host_ptr(unsafe { HostPtr::new_read_only(v[off..].as_ptr(), 4096) }, &c)
-            .unwrap();
+    let b = Buffer::import_host_ptr(
+        unsafe { HostPtr::new_read_only(v[off..].as_ptr(), 4096) },
+        &c,
+    )
+    .unwrap();
     assert!(!b.is_writable());
-    assert!(b.write_from(0, &[1]).unwrap_err().to_string().contains("read-only"));
+    assert!(b
+        .write_from(0, &[1])
+        .unwrap_err()
+        .to_string()
+        .contains("read-only"));
 }
 
 #[test]
@@ -185,7 +205,11 @@ fn views_cpu_access_and_tensors() {
         w.write_from(0, &data).unwrap();
         assert!(w.write_from(30, &[0; 4]).is_err(), "past the view's end");
         // Exclusive while writing.
-        assert!(b.read_into(0, &mut [0u8; 4]).unwrap_err().to_string().contains("busy"));
+        assert!(b
+            .read_into(0, &mut [0u8; 4])
+            .unwrap_err()
+            .to_string()
+            .contains("busy"));
     }
     let r = v.cpu_access(Access::Read).unwrap();
     assert!(r.write_from(0, &[1]).is_err());
@@ -193,9 +217,16 @@ fn views_cpu_access_and_tensors() {
     let t = v.to_tensor(DType::F32, vec![2, 4]).unwrap();
     assert_eq!(c.copies(), 0, "private memfd: zero-copy tensor");
     assert_eq!(t.bytes().as_ptr() as usize, b.addr() + 16);
-    assert_eq!(t.to_vec::<f32>().unwrap(), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]);
+    assert_eq!(
+        t.to_vec::<f32>().unwrap(),
+        vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+    );
     // While the tensor lives, the memory cannot be written under it.
-    assert!(b.write_from(16, &[0]).unwrap_err().to_string().contains("busy"));
+    assert!(b
+        .write_from(16, &[0])
+        .unwrap_err()
+        .to_string()
+        .contains("busy"));
     drop(t);
     b.write_from(16, &[0]).unwrap();
     // Too large a tensor is refused, not read out of bounds.
@@ -206,7 +237,10 @@ fn views_cpu_access_and_tensors() {
     assert_eq!(tb.addr(), t.bytes().as_ptr() as usize);
     assert!(!tb.is_writable());
     assert_eq!(
-        tb.to_tensor(DType::I32, vec![3]).unwrap().to_vec::<i32>().unwrap(),
+        tb.to_tensor(DType::I32, vec![3])
+            .unwrap()
+            .to_vec::<i32>()
+            .unwrap(),
         vec![1, 2, 3]
     );
     assert_eq!(c.copies(), 0);

@@ -76,7 +76,10 @@ fn read_f32(tb: &TensorBuffer) -> Vec<f32> {
 }
 
 fn close(a: &[f32], b: &[f32]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + y.abs()))
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + y.abs()))
 }
 
 #[test]
@@ -85,7 +88,9 @@ fn cpu_driver_probes_one_device_and_answers_support() {
     let infos = d.probe(&SysRoot::live());
     assert_eq!(infos.len(), 1);
     assert_eq!(infos[0].kind, DeviceKind::Cpu);
-    assert!(infos[0].memory_domains.contains(&MemoryDomain::HostImported));
+    assert!(infos[0]
+        .memory_domains
+        .contains(&MemoryDomain::HostImported));
     let dev = d.open(&infos[0]).unwrap();
     let g = graph();
     assert_eq!(dev.supports(&g.nodes[0], &g), Support::Yes);
@@ -123,7 +128,11 @@ fn cpu_binding_caller_memory_costs_zero_copies() {
     fence.wait(Some(Duration::from_secs(1))).unwrap();
     let out = b.output(0).unwrap();
     assert!(close(&read_f32(&out), &expected()));
-    assert_eq!((c.copies(), c.bytes()), (0, 0), "bound input + device output: no copies");
+    assert_eq!(
+        (c.copies(), c.bytes()),
+        (0, 0),
+        "bound input + device output: no copies"
+    );
 
     // Output bound to a caller buffer: the computed tensor is written into it, one copy.
     let ob = Buffer::alloc(24, &c).unwrap();
@@ -198,7 +207,8 @@ fn null_device_supports_everything_and_outputs_zeros_of_the_right_shape() {
 fn null_device_passthrough_and_latency() {
     let mut cfg = NullConfig::default();
     cfg.passthrough = HashSet::from(["Abs".to_string()]);
-    cfg.op_latency.insert("Abs".into(), Duration::from_millis(60));
+    cfg.op_latency
+        .insert("Abs".into(), Duration::from_millis(60));
     let dev = null_device(cfg);
     let g = graph();
     let exe = dev.compile(&Subgraph::extract(&g, &[0]).unwrap()).unwrap();
@@ -211,7 +221,11 @@ fn null_device_passthrough_and_latency() {
     fence.wait(Some(Duration::from_secs(5))).unwrap();
     assert!(t0.elapsed() >= Duration::from_millis(60));
     assert!(edgehal_core::sys::mem::poll_readable(std::os::fd::AsFd::as_fd(&efd), 0).unwrap());
-    assert_eq!(read_f32(&b.output(0).unwrap()), X.to_vec(), "passed through");
+    assert_eq!(
+        read_f32(&b.output(0).unwrap()),
+        X.to_vec(),
+        "passed through"
+    );
 }
 
 #[test]

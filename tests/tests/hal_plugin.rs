@@ -51,7 +51,11 @@ fn built() -> &'static Built {
         let good = build("good", "libedgehal_example.so", &[]);
         Built {
             good_dir: good.parent().unwrap().to_path_buf(),
-            bad_abi: build("bad-abi", "libedgehal_abi99.so", &["EXAMPLE_ABI_VERSION=99"]),
+            bad_abi: build(
+                "bad-abi",
+                "libedgehal_abi99.so",
+                &["EXAMPLE_ABI_VERSION=99"],
+            ),
             no_entry: build("no-entry", "libedgehal_noentry.so", &["EXAMPLE_OMIT_ENTRY"]),
         }
     })
@@ -96,7 +100,10 @@ fn discovered_through_edgehal_driver_path() {
 
 #[test]
 fn wrong_abi_version_is_refused() {
-    let e = PluginDriver::load(&built().bad_abi).err().unwrap().to_string();
+    let e = PluginDriver::load(&built().bad_abi)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(
         e.contains("speaks plugin ABI version 99, this edgehal speaks version 1"),
         "{e}"
@@ -106,7 +113,10 @@ fn wrong_abi_version_is_refused() {
 
 #[test]
 fn missing_entry_symbol_is_refused() {
-    let e = PluginDriver::load(&built().no_entry).err().unwrap().to_string();
+    let e = PluginDriver::load(&built().no_entry)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("missing symbol edgehal_plugin_entry"), "{e}");
     // A file that is not a shared object at all.
     let junk = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("not-a-plugin.so");
@@ -280,7 +290,9 @@ fn plugin_refuses_what_it_cannot_run() {
     // Attributes cannot cross ABI v1.
     let mut n = g.nodes[3].clone();
     n.attrs.insert("alpha".into(), Attr::Float(0.1));
-    assert!(matches!(plugin.supports(&n, &g), Support::No { reason } if reason.contains("attributes")));
+    assert!(
+        matches!(plugin.supports(&n, &g), Support::No { reason } if reason.contains("attributes"))
+    );
     // Non-float inputs.
     let mut g2 = g.clone();
     g2.values[0].dtype = Some(DType::I64);

@@ -13,8 +13,7 @@ use std::sync::Arc;
 
 use edgehal_core::buffer::MemoryDomain;
 use edgehal_core::driver::{
-    Bindings, Device, DeviceInfo, DeviceKind, Driver, Executable, Fence, Subgraph, Support,
-    SysRoot,
+    Bindings, Device, DeviceInfo, DeviceKind, Driver, Executable, Fence, Subgraph, Support, SysRoot,
 };
 use edgehal_core::graph::{Graph, Node, ValueId};
 use edgehal_core::{Error, Result, Tensor};
@@ -56,7 +55,10 @@ impl Driver for CpuDriver {
                 info.name, info.driver
             )));
         }
-        Ok(Arc::new(CpuDevice::with_info(info.clone(), Registry::new())))
+        Ok(Arc::new(CpuDevice::with_info(
+            info.clone(),
+            Registry::new(),
+        )))
     }
 }
 
@@ -138,13 +140,16 @@ impl Device for CpuDevice {
     }
 
     fn submit(&self, exe: &dyn Executable, bindings: &Bindings) -> Result<Fence> {
-        let exe = exe.as_any().downcast_ref::<CpuExecutable>().ok_or_else(|| {
-            Error::arg(format!(
-                "executable was compiled by device '{}', not by {}",
-                exe.device(),
-                self.info.name
-            ))
-        })?;
+        let exe = exe
+            .as_any()
+            .downcast_ref::<CpuExecutable>()
+            .ok_or_else(|| {
+                Error::arg(format!(
+                    "executable was compiled by device '{}', not by {}",
+                    exe.device(),
+                    self.info.name
+                ))
+            })?;
         bindings.check(&exe.sub)?;
         let r = run(exe, bindings);
         Fence::done(&self.info.name, r)

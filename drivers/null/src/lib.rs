@@ -23,8 +23,7 @@ use std::time::Duration;
 
 use edgehal_core::buffer::MemoryDomain;
 use edgehal_core::driver::{
-    Bindings, Device, DeviceInfo, DeviceKind, Driver, Executable, Fence, Subgraph, Support,
-    SysRoot,
+    Bindings, Device, DeviceInfo, DeviceKind, Driver, Executable, Fence, Subgraph, Support, SysRoot,
 };
 use edgehal_core::graph::{Dim, Graph, Node, ValueId};
 use edgehal_core::infer::infer_shapes;
@@ -163,13 +162,16 @@ impl Device for NullDevice {
     }
 
     fn submit(&self, exe: &dyn Executable, bindings: &Bindings) -> Result<Fence> {
-        let exe = exe.as_any().downcast_ref::<NullExecutable>().ok_or_else(|| {
-            Error::arg(format!(
-                "executable was compiled by device '{}', not by {}",
-                exe.device(),
-                self.info.name
-            ))
-        })?;
+        let exe = exe
+            .as_any()
+            .downcast_ref::<NullExecutable>()
+            .ok_or_else(|| {
+                Error::arg(format!(
+                    "executable was compiled by device '{}', not by {}",
+                    exe.device(),
+                    self.info.name
+                ))
+            })?;
         bindings.check(&exe.sub)?;
         let n = self.submits.fetch_add(1, Ordering::SeqCst) + 1;
         if self.config.lose_device_on_submit == Some(n) {
@@ -266,9 +268,9 @@ fn run(sub: &Subgraph, config: &NullConfig, bindings: &Bindings) -> Result<()> {
         }
     }
     for (i, &o) in g.outputs.iter().enumerate() {
-        let t = values.get(&o).ok_or_else(|| {
-            Error::arg(format!("output '{}' was not produced", g.value_name(o)))
-        })?;
+        let t = values
+            .get(&o)
+            .ok_or_else(|| Error::arg(format!("output '{}' was not produced", g.value_name(o))))?;
         bindings.deliver(i, t)?;
     }
     Ok(())

@@ -261,7 +261,12 @@ impl Buffer {
             .map_err(|e| Error::io(format!("{}: mapping the dma-buf", dev.display()), e))?;
         // The memfd's pages are now reachable through another fd.
         let _ = self.mem.export_fd();
-        Ok(Self::whole(m, self.len, MemoryDomain::DmaBuf, &self.counter))
+        Ok(Self::whole(
+            m,
+            self.len,
+            MemoryDomain::DmaBuf,
+            &self.counter,
+        ))
     }
 
     /// Import caller memory. Zero-copy when it is page-aligned; otherwise one copy into a new

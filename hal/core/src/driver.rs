@@ -258,13 +258,19 @@ impl Subgraph {
     /// Names of the boundary inputs, in binding order.
     pub fn input_names(&self) -> Vec<String> {
         let g = &self.graph;
-        g.inputs.iter().map(|&v| g.value_name(v).to_string()).collect()
+        g.inputs
+            .iter()
+            .map(|&v| g.value_name(v).to_string())
+            .collect()
     }
 
     /// Names of the boundary outputs, in binding order.
     pub fn output_names(&self) -> Vec<String> {
         let g = &self.graph;
-        g.outputs.iter().map(|&v| g.value_name(v).to_string()).collect()
+        g.outputs
+            .iter()
+            .map(|&v| g.value_name(v).to_string())
+            .collect()
     }
 }
 
@@ -479,7 +485,8 @@ impl Fence {
                     left.as_millis().clamp(1, i32::MAX as u128) as i32
                 }
             };
-            mem::poll_readable(self.0.efd.as_fd(), ms).map_err(|e| Error::io("poll(eventfd)", e))?;
+            mem::poll_readable(self.0.efd.as_fd(), ms)
+                .map_err(|e| Error::io("poll(eventfd)", e))?;
         }
     }
 
@@ -502,7 +509,6 @@ impl FenceSignal {
         let _ = mem::eventfd_signal(self.0.efd.as_fd());
     }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -536,7 +536,11 @@ impl PluginDevice {
     }
 
     /// Ask whether an op with these inputs is supported: `Ok(())` or `Err(reason)`.
-    pub fn supports(&self, op_type: &str, inputs: &[TensorDesc]) -> std::result::Result<(), String> {
+    pub fn supports(
+        &self,
+        op_type: &str,
+        inputs: &[TensorDesc],
+    ) -> std::result::Result<(), String> {
         let op = CString::new(op_type).map_err(|_| "op type contains NUL".to_string())?;
         let n = u32::try_from(inputs.len()).map_err(|_| "too many inputs".to_string())?;
         let mut reason = [0u8; ERR_LEN];
@@ -689,7 +693,8 @@ impl PluginDevice {
         }
         let mut err = [0u8; ERR_LEN];
         // SAFETY: `fence` came from submit; wait forever (-1) so the leases outlive the work.
-        let s = unsafe { (self.plugin.fns.fence_wait)(fence, -1, err.as_mut_ptr().cast(), ERR_LEN) };
+        let s =
+            unsafe { (self.plugin.fns.fence_wait)(fence, -1, err.as_mut_ptr().cast(), ERR_LEN) };
         // SAFETY: the fence is released exactly once, after its last use.
         unsafe { (self.plugin.fns.release_fence)(fence) };
         if s != status::OK {
@@ -744,7 +749,11 @@ impl PluginDevice {
         if s != status::OK || b.is_null() {
             return Err(Error::Device {
                 device: self.label.clone(),
-                msg: format!("buffer import failed ({}): {}", status_name(s), err_text(&err)),
+                msg: format!(
+                    "buffer import failed ({}): {}",
+                    status_name(s),
+                    err_text(&err)
+                ),
             });
         }
         Ok(PluginBuffer {

@@ -262,8 +262,8 @@ pub fn dma_heap_alloc(heap: BorrowedFd<'_>, len: u64) -> std::io::Result<OwnedFd
         DMA_HEAP_IOCTL_ALLOC,
         (&mut arg as *mut DmaHeapAllocationData).cast(),
     )?;
-    let fd = i32::try_from(arg.fd)
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?;
+    let fd =
+        i32::try_from(arg.fd).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?;
     // SAFETY: the kernel installed a fresh descriptor for the new dma-buf and returned it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -914,13 +914,7 @@ impl WriteLease<'_> {
 
 /// Copy `len` bytes from `src` at `src_off` to `dst` at `dst_off` (memory to memory, no
 /// intermediate). Fails when the ranges are out of bounds or the same memory is busy.
-pub fn copy(
-    src: &Memory,
-    src_off: usize,
-    dst: &Memory,
-    dst_off: usize,
-    len: usize,
-) -> Result<()> {
+pub fn copy(src: &Memory, src_off: usize, dst: &Memory, dst_off: usize, len: usize) -> Result<()> {
     let r = src.read_lease(src_off, len)?;
     let w = dst.write_lease(dst_off, len)?;
     // SAFETY: both ranges checked by the leases; the write lease is exclusive, so if `src`
@@ -1024,8 +1018,7 @@ mod tests {
     #[test]
     fn dma_buf_sync_on_a_non_dmabuf_fails_with_enotty() {
         let m = Memory::memfd("t", 4096, false).unwrap();
-        let e = dma_buf_sync(m.fd().unwrap(), DMA_BUF_SYNC_START | DMA_BUF_SYNC_READ)
-            .unwrap_err();
+        let e = dma_buf_sync(m.fd().unwrap(), DMA_BUF_SYNC_START | DMA_BUF_SYNC_READ).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ENOTTY));
     }
 
