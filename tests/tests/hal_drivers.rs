@@ -205,10 +205,11 @@ fn null_device_supports_everything_and_outputs_zeros_of_the_right_shape() {
 
 #[test]
 fn null_device_passthrough_and_latency() {
-    let mut cfg = NullConfig::default();
-    cfg.passthrough = HashSet::from(["Abs".to_string()]);
-    cfg.op_latency
-        .insert("Abs".into(), Duration::from_millis(60));
+    let cfg = NullConfig {
+        passthrough: HashSet::from(["Abs".to_string()]),
+        op_latency: [("Abs".to_string(), Duration::from_millis(60))].into(),
+        ..NullConfig::default()
+    };
     let dev = null_device(cfg);
     let g = graph();
     let exe = dev.compile(&Subgraph::extract(&g, &[0]).unwrap()).unwrap();
