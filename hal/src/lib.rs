@@ -10,6 +10,7 @@
 pub mod npy;
 pub mod onnx;
 pub mod passes;
+pub mod plugin;
 pub mod session;
 pub mod tflite;
 

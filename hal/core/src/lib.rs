@@ -9,6 +9,8 @@
 
 pub use half;
 
+pub mod buffer;
+pub mod driver;
 pub mod dtype;
 pub mod error;
 pub mod graph;

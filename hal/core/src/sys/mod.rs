@@ -3,6 +3,8 @@
 //! comes from them is checked before it is used.
 
 pub mod cpu;
+pub mod dl;
+pub mod mem;
 
 use bytes::Bytes;
 
