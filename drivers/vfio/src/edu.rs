@@ -8,6 +8,7 @@
 //! fails fast with [`Error::DeviceLost`] so a scheduler can re-plan.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -98,6 +99,7 @@ pub struct Edu {
     bar: MmapRegion,
     lost: Mutex<Option<String>>,
     timeout: Mutex<Duration>,
+    irqs: AtomicU64,
     pci: VfioPci,
 }
 
@@ -126,6 +128,7 @@ impl Edu {
             bar,
             lost: Mutex::new(None),
             timeout: Mutex::new(opts.dma_timeout),
+            irqs: AtomicU64::new(0),
             pci,
         })
     }
@@ -154,6 +157,11 @@ impl Edu {
     pub fn liveness(&self, v: u32) -> Result<u32> {
         self.bar.write_u32(reg::LIVENESS, v)?;
         self.bar.read_u32(reg::LIVENESS)
+    }
+
+    /// How many DMA-completion interrupts the driver has received.
+    pub fn interrupts(&self) -> u64 {
+        self.irqs.load(Ordering::Relaxed)
     }
 
     /// Change the per-DMA deadline.
@@ -211,8 +219,19 @@ impl Edu {
                 map.len()
             )));
         }
-        let host = map.iova() + off as u64;
-        if host + len as u64 > IOVA_LIMIT {
+        self.dma_iova(dir, map.iova() + off as u64, dev_off, len)
+    }
+
+    /// One DMA at a raw IOVA (which need not be mapped: behind an IOMMU an unmapped IOVA faults
+    /// and host memory stays untouched, which is what the VM test checks).
+    pub fn dma_iova(&self, dir: Dir, host: u64, dev_off: usize, len: usize) -> Result<()> {
+        self.check_alive()?;
+        if len == 0 || len > MAX_DMA || dev_off.checked_add(len).exceeds(MAX_DMA) {
+            return Err(Error::arg(format!(
+                "edu DMA [{dev_off:#x}+{len}] exceeds the device buffer ({MAX_DMA} usable bytes)"
+            )));
+        }
+        if host.checked_add(len as u64).exceeds(IOVA_LIMIT) {
             return Err(Error::arg(format!(
                 "IOVA {host:#x}+{len} is above edu's 28-bit DMA limit"
             )));
@@ -244,6 +263,9 @@ impl Edu {
                 ms: timeout.as_millis(),
             });
         }
+        if let Some(n) = fired {
+            self.irqs.fetch_add(n, Ordering::Relaxed);
+        }
         let status = self.bar.read_u32(reg::IRQ_STATUS)?;
         self.bar.write_u32(reg::IRQ_ACK, status)?;
         if self.irq.kind() == IrqKind::Intx {
@@ -259,11 +281,12 @@ impl Edu {
     }
 }
 
-trait NoneOrGt {
-    fn exceeds(self, limit: usize) -> bool;
+/// `None` (overflow) or a value above the limit.
+trait Exceeds<T> {
+    fn exceeds(self, limit: T) -> bool;
 }
-impl NoneOrGt for Option<usize> {
-    fn exceeds(self, limit: usize) -> bool {
+impl<T: PartialOrd> Exceeds<T> for Option<T> {
+    fn exceeds(self, limit: T) -> bool {
         !matches!(self, Some(v) if v <= limit)
     }
 }
@@ -305,6 +328,11 @@ impl EduPlan {
     /// The destination mapping (for tests).
     pub fn dst(&self) -> &DmaMapping {
         &self.dst
+    }
+
+    /// Copy bytes out of the destination buffer (volatile reads).
+    pub fn read_dst(&self, off: usize, out: &mut [u8]) -> Result<()> {
+        self.dst_mem.read_bytes(off, out)
     }
 
     /// Move `t`'s bytes into the device and back into fresh host memory; returns the copy.

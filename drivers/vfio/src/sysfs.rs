@@ -55,8 +55,9 @@ fn class_of(dev: &Path) -> Option<u32> {
     u32::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok()
 }
 
-/// Find the device under `root`, check it is bound to vfio-pci, has a viable IOMMU group and a
-/// group node that this process may open.
+/// Find the device under `root`, check it has an IOMMU group (checked first: without one,
+/// vfio-pci refuses the device anyway), is bound to vfio-pci, that its group is viable, and that
+/// this process may open the group node.
 pub fn locate(root: &Path, bdf: &str) -> Result<VfioTarget> {
     check_bdf(bdf)?;
     let dev = root.join("sys/bus/pci/devices").join(bdf);
@@ -66,6 +67,13 @@ pub fn locate(root: &Path, bdf: &str) -> Result<VfioTarget> {
             path: dev,
         });
     }
+    let group_link = dev.join("iommu_group");
+    let group: u32 = link_name(&group_link)
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| Error::NoIommuGroup {
+            bdf: bdf.into(),
+            path: group_link.clone(),
+        })?;
     match link_name(&dev.join("driver")) {
         Some(d) if d == "vfio-pci" => {}
         other => {
@@ -75,13 +83,6 @@ pub fn locate(root: &Path, bdf: &str) -> Result<VfioTarget> {
             })
         }
     }
-    let group_link = dev.join("iommu_group");
-    let group: u32 = link_name(&group_link)
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(|| Error::NoIommuGroup {
-            bdf: bdf.into(),
-            path: group_link.clone(),
-        })?;
     // Viability: every other device of the group is bound to vfio-pci, unbound, or a bridge.
     if let Ok(rd) = std::fs::read_dir(group_link.join("devices")) {
         let mut others: Vec<_> = rd.flatten().map(|e| e.file_name()).collect();
