@@ -132,7 +132,9 @@ fn main() {
     unmapped_not_written(&edu);
     udmabuf_dma(&edu);
     dma_heap();
+    dmabuf_mmap_dma(&edu);
     io_uring();
+    irq_io_uring(&edu, &plan, &t);
     hang_deadline(&edu);
 }
 
@@ -223,6 +225,36 @@ fn dma_heap() {
     }
 }
 
+/// A dma-buf's own CPU mapping is PFN-mapped RAM, which VFIO type1 cannot pin: mapping it for DMA
+/// must fail with an error that says what to do instead (the udmabuf check shows the way that
+/// works: DMA-map the memfd and read through the dma-buf).
+fn dmabuf_mmap_dma(edu: &Arc<Edu>) {
+    let r = (|| -> edgehal_vfio::Result<String> {
+        let heap = dmabuf::heap_alloc(Path::new("/dev/dma_heap/system"), 8192)?;
+        let u = dmabuf::Udmabuf::new(8192)?;
+        let mut notes = Vec::new();
+        for (name, b) in [("dma-heap", &heap), ("udmabuf", u.dmabuf())] {
+            match edu.pci().dma().map(b.region().clone()) {
+                Ok(m) => notes.push(format!("{name}: mapped at {:#x} (unexpected)", m.iova())),
+                Err(e) if e.to_string().contains("udmabuf memfd") => {
+                    notes.push(format!("{name}: refused as expected"))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let all = notes.iter().all(|n| n.ends_with("as expected"));
+        if all {
+            Ok(notes.join("; "))
+        } else {
+            Err(edgehal_vfio::Error::arg(notes.join("; ")))
+        }
+    })();
+    match r {
+        Ok(d) => check("dmabuf_mmap_dma_refused", true, d),
+        Err(e) => check("dmabuf_mmap_dma_refused", false, e),
+    }
+}
+
 fn io_uring() {
     let r = (|| -> edgehal_vfio::Result<String> {
         let path = "/tmp/edgehal-uring.bin";
@@ -243,6 +275,31 @@ fn io_uring() {
     match r {
         Ok(d) => check("io_uring", true, d),
         Err(e) => check("io_uring", false, e),
+    }
+}
+
+fn irq_io_uring(edu: &Arc<Edu>, plan: &EduPlan, t: &Tensor) {
+    let r = (|| -> edgehal_vfio::Result<String> {
+        edu.use_io_uring(true)?;
+        let before = edu.io_uring_interrupts();
+        let out = plan.run(t);
+        edu.use_io_uring(false)?;
+        let out = out?;
+        let n = edu.io_uring_interrupts() - before;
+        if out.bytes() == t.bytes() && n >= 4 {
+            Ok(format!(
+                "tensor round trip again with {n} completions reaped through io_uring (poll + linked timeout)"
+            ))
+        } else {
+            Err(edgehal_vfio::Error::arg(format!(
+                "equal={} io_uring completions={n}",
+                out.bytes() == t.bytes()
+            )))
+        }
+    })();
+    match r {
+        Ok(d) => check("irq_io_uring", true, d),
+        Err(e) => check("irq_io_uring", false, e),
     }
 }
 

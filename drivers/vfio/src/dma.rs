@@ -78,10 +78,20 @@ impl DmaSpace {
         let iova = self.lock()?.alloc(len as u64, page as u64)?;
         if let Err(source) = raw::vfio_dma_map(&self.container, iova, buf.as_ref()) {
             let _ = self.lock()?.free(iova);
-            return Err(Error::Vfio {
-                op: "IOMMU_MAP_DMA",
-                bdf: self.bdf.clone(),
-                source,
+            let efault = matches!(&source, vfio_ioctls::VfioError::IommuDmaMap(e) if e.errno() == libc::EFAULT);
+            return Err(if efault {
+                Error::Unsupported(format!(
+                    "VFIO IOMMU_MAP_DMA on {}: the kernel cannot pin this memory (EFAULT): VFIO \
+                     type1 refuses PFN-mapped RAM such as a dma-buf's own mmap; DMA-map the \
+                     memory the dma-buf was made from (the udmabuf memfd) or plain host memory",
+                    self.bdf
+                ))
+            } else {
+                Error::Vfio {
+                    op: "IOMMU_MAP_DMA",
+                    bdf: self.bdf.clone(),
+                    source,
+                }
             });
         }
         Ok(DmaMapping {

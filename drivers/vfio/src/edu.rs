@@ -17,7 +17,7 @@ use edgehal_core::Tensor;
 use crate::device::{Irq, IrqKind, VfioPci};
 use crate::dma::{DmaMapping, HostBuffer};
 use crate::error::{Error, Result};
-use crate::raw::MmapRegion;
+use crate::raw::{self, MmapRegion, Uring};
 
 /// PCI vendor id of edu.
 pub const VENDOR: u16 = 0x1234;
@@ -100,6 +100,8 @@ pub struct Edu {
     lost: Mutex<Option<String>>,
     timeout: Mutex<Duration>,
     irqs: AtomicU64,
+    uring_irqs: AtomicU64,
+    ring: Mutex<Option<Uring>>,
     pci: VfioPci,
 }
 
@@ -129,6 +131,8 @@ impl Edu {
             lost: Mutex::new(None),
             timeout: Mutex::new(opts.dma_timeout),
             irqs: AtomicU64::new(0),
+            uring_irqs: AtomicU64::new(0),
+            ring: Mutex::new(None),
             pci,
         })
     }
@@ -162,6 +166,45 @@ impl Edu {
     /// How many DMA-completion interrupts the driver has received.
     pub fn interrupts(&self) -> u64 {
         self.irqs.load(Ordering::Relaxed)
+    }
+
+    /// How many of those were waited for through io_uring.
+    pub fn io_uring_interrupts(&self) -> u64 {
+        self.uring_irqs.load(Ordering::Relaxed)
+    }
+
+    /// Wait for completions through an io_uring (poll on the interrupt eventfd with a linked
+    /// timeout), as edgehal's scheduler reactor does, instead of epoll.
+    pub fn use_io_uring(&self, on: bool) -> Result<()> {
+        let ring = if on { Some(Uring::new()?) } else { None };
+        let mut g = self
+            .ring
+            .lock()
+            .map_err(|_| Error::arg("edu ring lock poisoned"))?;
+        *g = ring;
+        Ok(())
+    }
+
+    fn wait_irq(&self, deadline: Instant) -> Result<Option<u64>> {
+        let mut g = self
+            .ring
+            .lock()
+            .map_err(|_| Error::arg("edu ring lock poisoned"))?;
+        let Some(ring) = g.as_mut() else {
+            return self.irq.wait_until(deadline);
+        };
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(self.irq.try_take());
+            }
+            if ring.poll_in(raw::borrow_fd(self.irq.eventfd()), deadline - now)? {
+                if let Some(n) = self.irq.try_take() {
+                    self.uring_irqs.fetch_add(n, Ordering::Relaxed);
+                    return Ok(Some(n));
+                }
+            }
+        }
     }
 
     /// Change the per-DMA deadline.
@@ -252,7 +295,7 @@ impl Edu {
             .lock()
             .map(|g| *g)
             .unwrap_or(Duration::from_secs(5));
-        let fired = self.irq.wait_until(Instant::now() + timeout)?;
+        let fired = self.wait_irq(Instant::now() + timeout)?;
         let busy = self.bar.read_u64(reg::DMA_CMD)? & CMD_START != 0;
         if fired.is_none() || busy {
             let what = format!("DMA {dir:?} of {len} bytes at IOVA {host:#x}");

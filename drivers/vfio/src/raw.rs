@@ -474,32 +474,101 @@ pub fn vfio_dma_map(
     unsafe { container.vfio_dma_map(iova, buf.len(), buf.as_ptr()) }
 }
 
-/// Read `buf.len()` bytes from `fd` at `off` through io_uring (one submission, waited for).
-pub fn uring_read(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> Result<usize> {
-    use io_uring::{opcode, types, IoUring};
-    let mut ring = IoUring::new(4).map_err(|e| Error::os("io_uring_setup", e))?;
-    let len = u32::try_from(buf.len()).map_err(|_| Error::arg("io_uring read too large"))?;
-    let sqe = opcode::Read::new(types::Fd(fd.as_raw_fd()), buf.as_mut_ptr(), len)
-        .offset(off)
-        .build()
-        .user_data(1);
-    // SAFETY: buf and fd stay valid until the completion is reaped below (we wait for it
-    // before returning, and the ring is dropped only after that).
-    unsafe { ring.submission().push(&sqe) }
-        .map_err(|_| Error::arg("io_uring submission queue full"))?;
-    ring.submit_and_wait(1)
-        .map_err(|e| Error::os("io_uring_enter", e))?;
-    let cqe = ring
-        .completion()
-        .next()
-        .ok_or_else(|| Error::arg("io_uring: no completion after wait"))?;
-    if cqe.result() < 0 {
-        return Err(Error::os(
-            "io_uring read",
-            std::io::Error::from_raw_os_error(-cqe.result()),
-        ));
+/// A small io_uring instance: the reactor side of edgehal's completion model (reads, and
+/// waiting for interrupt eventfds with a deadline). Every submission is reaped before the call
+/// that made it returns, so no buffer or timespec outlives its operation.
+pub struct Uring {
+    ring: io_uring::IoUring,
+}
+
+impl Uring {
+    /// A ring with 8 entries.
+    pub fn new() -> Result<Self> {
+        let ring = io_uring::IoUring::new(8).map_err(|e| Error::os("io_uring_setup", e))?;
+        Ok(Uring { ring })
     }
-    Ok(cqe.result() as usize)
+
+    /// Push `entries`, submit, and reap exactly `entries.len()` completions (by user_data order).
+    ///
+    /// # Safety
+    ///
+    /// Every pointer inside `entries` (buffers, timespecs) must stay valid until this returns.
+    unsafe fn run(&mut self, entries: &[io_uring::squeue::Entry]) -> Result<Vec<i32>> {
+        // drain anything stale (none expected: every call reaps its own completions)
+        while self.ring.completion().next().is_some() {}
+        // SAFETY: the caller guarantees the entries' pointers outlive this call, and we wait for
+        // all their completions below before returning.
+        unsafe { self.ring.submission().push_multiple(entries) }
+            .map_err(|_| Error::arg("io_uring submission queue full"))?;
+        let mut res = vec![None; entries.len()];
+        let mut got = 0;
+        while got < entries.len() {
+            match self.ring.submit_and_wait(entries.len() - got) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::os("io_uring_enter", e)),
+            }
+            for cqe in self.ring.completion() {
+                let i = cqe.user_data() as usize;
+                if let Some(slot) = res.get_mut(i) {
+                    if slot.is_none() {
+                        got += 1;
+                    }
+                    *slot = Some(cqe.result());
+                }
+            }
+        }
+        Ok(res.into_iter().map(|r| r.unwrap_or(-libc::EIO)).collect())
+    }
+
+    /// Read into `buf` from `fd` at `off`; returns the byte count.
+    pub fn read(&mut self, fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> Result<usize> {
+        use io_uring::{opcode, types};
+        let len = u32::try_from(buf.len()).map_err(|_| Error::arg("io_uring read too large"))?;
+        let sqe = opcode::Read::new(types::Fd(fd.as_raw_fd()), buf.as_mut_ptr(), len)
+            .offset(off)
+            .build()
+            .user_data(0);
+        // SAFETY: buf and fd are borrowed for the whole call, which reaps the completion.
+        let r = unsafe { self.run(&[sqe]) }?;
+        let n = r.first().copied().unwrap_or(-libc::EIO);
+        if n < 0 {
+            return Err(Error::os(
+                "io_uring read",
+                std::io::Error::from_raw_os_error(-n),
+            ));
+        }
+        Ok(n as usize)
+    }
+
+    /// Wait until `fd` is readable (POLLIN) or `timeout` passes (a linked timeout): true if it
+    /// became readable.
+    pub fn poll_in(&mut self, fd: BorrowedFd<'_>, timeout: std::time::Duration) -> Result<bool> {
+        use io_uring::{opcode, squeue::Flags, types};
+        let ts = types::Timespec::from(timeout);
+        let poll = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), libc::POLLIN as u32)
+            .build()
+            .flags(Flags::IO_LINK)
+            .user_data(0);
+        let to = opcode::LinkTimeout::new(&ts).build().user_data(1);
+        // SAFETY: `ts` lives on this stack frame and fd is borrowed until both completions are
+        // reaped inside `run`.
+        let r = unsafe { self.run(&[poll, to]) }?;
+        match r.first().copied() {
+            Some(m) if m > 0 => Ok(true),
+            Some(m) if m == -libc::ECANCELED || m == -libc::ETIME || m == 0 => Ok(false),
+            Some(m) => Err(Error::os(
+                "io_uring poll",
+                std::io::Error::from_raw_os_error(-m),
+            )),
+            None => Err(Error::arg("io_uring: missing poll completion")),
+        }
+    }
+}
+
+/// Read `buf.len()` bytes from `fd` at `off` through a one-off io_uring.
+pub fn uring_read(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> Result<usize> {
+    Uring::new()?.read(fd, buf, off)
 }
 
 #[cfg(test)]
@@ -559,7 +628,22 @@ mod tests {
         match uring_read(f.as_fd(), &mut buf, 0) {
             Ok(n) => assert!(n > 0 && buf[..n].contains(&b'(')),
             // containers often forbid io_uring; the VM test covers it for real
-            Err(e) => eprintln!("io_uring unavailable here: {e}"),
+            Err(e) => {
+                eprintln!("io_uring unavailable here: {e}");
+                return;
+            }
         }
+        let mut ring = Uring::new().unwrap();
+        let efd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let t = std::time::Instant::now();
+        let timeout = std::time::Duration::from_millis(30);
+        assert!(!ring.poll_in(borrow_fd(&efd), timeout).unwrap());
+        assert!(t.elapsed() >= timeout);
+        efd.write(1).unwrap();
+        assert!(ring
+            .poll_in(borrow_fd(&efd), std::time::Duration::from_secs(5))
+            .unwrap());
+        // the ring is reusable after both outcomes
+        assert!(ring.read(f.as_fd(), &mut buf, 0).unwrap() > 0);
     }
 }
