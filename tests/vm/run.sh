@@ -91,20 +91,30 @@ chmod +x "$ir/init"
 # kernel init); results are printed in the order asked.
 accel="-accel tcg,thread=multi"   # never KVM here: /dev/kvm on these hosts is a software model
 boot() {
-    local sc=$1 append="console=ttyS0 panic=-1 loglevel=4" rc=0 t0 t1
+    local sc=$1 rc=0 t0 t1 try
+    # no_timer_check: under TCG on a loaded host the early IO-APIC timer probe can miss its
+    # window, and with interrupt remapping on the kernel then panics instead of falling back.
+    local append="console=ttyS0 panic=-1 loglevel=4 no_timer_check"
     case "$sc" in
         normal) append="$append intel_iommu=on" ;;
         no_busmaster) append="$append intel_iommu=on EDGEHAL_NO_BUSMASTER=1" ;;
         no_iommu) append="$append intel_iommu=off" ;;
     esac
     t0=$(date +%s.%N)
-    timeout "${EDGEHAL_VM_TIMEOUT:-90}" qemu-system-x86_64 $accel -cpu max -smp 2 -m 512M \
-        -machine q35 -device intel-iommu,intremap=on,caching-mode=on -device edu \
-        -display none -monitor none -serial "file:$work/$sc.log" -no-reboot \
-        -kernel "$vmlinuz" -initrd "$work/initrd.gz" -append "$append" </dev/null \
-        >"$work/$sc.qemu" 2>&1 || rc=$?
+    # A guest that never reached /init (an emulator hiccup in early boot) is booted once more;
+    # anything that happens after /init starts counts as it is.
+    for try in 1 2; do
+        rc=0
+        timeout "${EDGEHAL_VM_TIMEOUT:-90}" qemu-system-x86_64 $accel -cpu max -smp 2 -m 512M \
+            -machine q35 -device intel-iommu,intremap=on,caching-mode=on -device edu \
+            -display none -monitor none -serial "file:$work/$sc.log" -no-reboot \
+            -kernel "$vmlinuz" -initrd "$work/initrd.gz" -append "$append" </dev/null \
+            >"$work/$sc.qemu" 2>&1 || rc=$?
+        grep -q '^CHECK kernel' "$work/$sc.log" && break
+        [ "$try" = 2 ] || cp "$work/$sc.log" "$work/$sc.log.try1"
+    done
     t1=$(date +%s.%N)
-    echo "qemu_rc=$rc seconds=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}')" > "$work/$sc.status"
+    echo "qemu_rc=$rc boots=$try seconds=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}')" > "$work/$sc.status"
 }
 for sc in "${scenarios[@]}"; do
     case "$sc" in
@@ -121,6 +131,7 @@ for p in "${pids[@]}"; do wait "$p"; done
 for sc in "${scenarios[@]}"; do
     echo "SCENARIO $sc $(cat "$work/$sc.status")"
     sed 's/^/  qemu| /' "$work/$sc.qemu" >&2
+    [ ! -f "$work/$sc.log.try1" ] || tr -d '\r' < "$work/$sc.log.try1" | sed "s/^/  $sc(boot 1)| /" >&2
     tr -d '\r' < "$work/$sc.log" | sed "s/^/  $sc| /" >&2
     tr -d '\r' < "$work/$sc.log" | grep -E '^(CHECK|GUEST_EXIT|EDGEHAL_VM_DONE)' || true
 done

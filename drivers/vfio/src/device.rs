@@ -360,6 +360,9 @@ mod tests {
         let root = std::env::temp_dir().join(format!("edgehal-vfio-open-{}", std::process::id()));
         let dev = root.join("sys/bus/pci/devices/0000:00:03.0");
         std::fs::create_dir_all(&dev).unwrap();
+        let group = root.join("sys/kernel/iommu_groups/3");
+        std::fs::create_dir_all(&group).unwrap();
+        std::os::unix::fs::symlink(&group, dev.join("iommu_group")).unwrap();
         let e = VfioPci::open(&root, "0000:00:03.0", (0x10_0000, 0x1000_0000))
             .err()
             .unwrap();
