@@ -78,6 +78,12 @@ impl VfioPci {
                     path: "/dev/vfio/vfio".into(),
                 }
             }
+            VfioError::OpenContainer(io) if io.kind() == std::io::ErrorKind::NotFound => {
+                Error::Unsupported(format!(
+                    "/dev/vfio/vfio does not exist: load VFIO (modprobe vfio-pci \
+                     vfio_iommu_type1) before opening {bdf}"
+                ))
+            }
             other => vfio_err("open container /dev/vfio/vfio")(other),
         })?);
         let dev =

@@ -269,16 +269,7 @@ impl Edu {
     /// and host memory stays untouched, which is what the VM test checks).
     pub fn dma_iova(&self, dir: Dir, host: u64, dev_off: usize, len: usize) -> Result<()> {
         self.check_alive()?;
-        if len == 0 || len > MAX_DMA || dev_off.checked_add(len).exceeds(MAX_DMA) {
-            return Err(Error::arg(format!(
-                "edu DMA [{dev_off:#x}+{len}] exceeds the device buffer ({MAX_DMA} usable bytes)"
-            )));
-        }
-        if host.checked_add(len as u64).exceeds(IOVA_LIMIT) {
-            return Err(Error::arg(format!(
-                "IOVA {host:#x}+{len} is above edu's 28-bit DMA limit"
-            )));
-        }
+        check_dma(host, dev_off, len)?;
         let dev = DEV_BUF + dev_off as u64;
         let (src, dst, cmd) = match dir {
             Dir::ToDevice => (host, dev, CMD_START | CMD_IRQ),
@@ -322,6 +313,22 @@ impl Edu {
         }
         Ok(())
     }
+}
+
+/// Validate one transfer against edu's limits before anything reaches the device (QEMU 7.2 aborts
+/// the whole VM on an out-of-range DMA).
+pub fn check_dma(host: u64, dev_off: usize, len: usize) -> Result<()> {
+    if len == 0 || len > MAX_DMA || dev_off.checked_add(len).exceeds(MAX_DMA) {
+        return Err(Error::arg(format!(
+            "edu DMA [{dev_off:#x}+{len}] exceeds the device buffer ({MAX_DMA} usable bytes)"
+        )));
+    }
+    if host.checked_add(len as u64).exceeds(IOVA_LIMIT) {
+        return Err(Error::arg(format!(
+            "IOVA {host:#x}+{len} is above edu's 28-bit DMA limit"
+        )));
+    }
+    Ok(())
 }
 
 /// `None` (overflow) or a value above the limit.
@@ -402,5 +409,27 @@ impl EduPlan {
         dst.read_bytes(0, &mut out)?;
         Tensor::from_bytes(t.dtype(), t.shape().to_vec(), out.into())
             .map_err(|e| Error::arg(format!("rebuilding tensor: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dma_limits() {
+        check_dma(0x10_0000, 0, MAX_DMA).unwrap();
+        check_dma(0x10_0000, 4000, 95).unwrap();
+        assert!(
+            check_dma(0x10_0000, 0, 4096).is_err(),
+            "4096 bytes aborts QEMU 7.2"
+        );
+        assert!(check_dma(0x10_0000, 4000, 96).is_err());
+        assert!(check_dma(0x10_0000, 0, 0).is_err());
+        assert!(check_dma(0x10_0000, usize::MAX, 1).is_err());
+        check_dma(IOVA_LIMIT - 16, 0, 16).unwrap();
+        let e = check_dma(IOVA_LIMIT - 16, 0, 17).unwrap_err();
+        assert!(e.to_string().contains("28-bit"), "{e}");
+        assert!(check_dma(u64::MAX, 0, 1).is_err());
     }
 }
