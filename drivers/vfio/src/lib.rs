@@ -11,12 +11,15 @@
 //!   (epoll here; the eventfd can equally be handed to an io_uring reactor); a missed deadline
 //!   marks the device lost.
 
+#![deny(unsafe_code)]
+
 pub mod device;
 pub mod dma;
 pub mod dmabuf;
 pub mod edu;
 pub mod error;
 pub mod iova;
+#[allow(unsafe_code)]
 pub mod raw;
 pub mod sysfs;
 

@@ -137,7 +137,14 @@ pub fn open_error(bdf: &str, group: u32, path: &Path, e: std::io::Error) -> Erro
             group,
             path: path.into(),
         },
-        // EBUSY: another process (or container) holds the group
+        _ if e.raw_os_error() == Some(libc::EBUSY) => Error::os(
+            format!(
+                "open {} (IOMMU group {group} of {bdf} is already open in another process or \
+                 VM; close that first)",
+                path.display()
+            ),
+            e,
+        ),
         _ => Error::os(format!("open {}", path.display()), e),
     }
 }
@@ -288,5 +295,15 @@ mod tests {
         let msg = e.to_string();
         assert!(msg.contains("no permission to open /dev/vfio/7"), "{msg}");
         assert!(msg.contains("chown"), "{msg}");
+        let busy = open_error(
+            "0000:03:00.0",
+            7,
+            Path::new("/dev/vfio/7"),
+            std::io::Error::from_raw_os_error(libc::EBUSY),
+        );
+        assert!(
+            busy.to_string().contains("already open in another process"),
+            "{busy}"
+        );
     }
 }
