@@ -54,6 +54,10 @@ pub enum IrqKind {
 }
 
 /// An opened VFIO PCI device with its own container (IOMMU domain).
+///
+/// Drop DMA mappings before the device: when the device's group leaves the container the kernel
+/// tears the whole IOMMU domain down (unpinning everything), after which a late unmap fails and
+/// the mapping conservatively leaks its buffer rather than free memory a device might reach.
 pub struct VfioPci {
     bdf: String,
     // `dev` must drop before `space`'s container: VfioDevice returns its group on drop.
