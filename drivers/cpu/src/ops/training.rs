@@ -1,6 +1,9 @@
 //! The optimizer ops of the `ai.onnx.preview.training` domain (Adagrad, Momentum, Adam): a
 //! runtime on an edge box can fine-tune the last layers of a model with them.
 
+// The updates walk several same-length arrays in lockstep; index loops read clearest.
+#![allow(clippy::needless_range_loop)]
+
 use edgehal_core::{Error, Result, Tensor};
 
 use super::{input, OpCtx, Registry};
