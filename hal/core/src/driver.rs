@@ -20,52 +20,7 @@ use crate::graph::{Graph, Node, NodeId, ValueId};
 use crate::sys::mem;
 use crate::{DType, Error, Result, Tensor};
 
-/// The directory that plays `/` for a probe (a fixture tree in tests).
-#[derive(Clone, Debug)]
-pub struct SysRoot {
-    root: PathBuf,
-}
-
-impl SysRoot {
-    /// The running machine.
-    pub fn live() -> Self {
-        SysRoot {
-            root: PathBuf::from("/"),
-        }
-    }
-    /// A fixture tree.
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
-        SysRoot { root: dir.into() }
-    }
-    /// The directory standing in for `/`.
-    pub fn path(&self) -> &Path {
-        &self.root
-    }
-}
-
-/// What kind of compute a device is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum DeviceKind {
-    Cpu,
-    Gpu,
-    Npu,
-    Tpu,
-    /// Test and template devices (`null`), plugins of unknown kind.
-    Other,
-}
-
-impl DeviceKind {
-    /// Lower-case name.
-    pub fn name(self) -> &'static str {
-        match self {
-            DeviceKind::Cpu => "cpu",
-            DeviceKind::Gpu => "gpu",
-            DeviceKind::Npu => "npu",
-            DeviceKind::Tpu => "tpu",
-            DeviceKind::Other => "other",
-        }
-    }
-}
+pub use crate::probe::{DeviceKind, SysRoot};
 
 /// What a probe found.
 #[derive(Clone, Debug, PartialEq)]

@@ -1,5 +1,5 @@
 //! Ops beyond the classic edge-model set that ONNX's function expansions and newer models use:
-//! losses, RMS/Lp normalisation, window functions, NonMaxSuppression, CumProd, EyeLike, ...
+//! losses, RMS/Lp normalisation, window functions, NonMaxSuppression, EyeLike, ...
 //! Floats are computed in f64 and stored back in the input's dtype.
 
 use edgehal_core::{DType, Error, Result, Tensor};
@@ -18,7 +18,6 @@ pub fn register(r: &mut Registry) {
     r.add("HannWindow", hann);
     r.add("HammingWindow", hamming);
     r.add("BlackmanWindow", blackman);
-    r.add("CumProd", cumprod);
     r.add("NonMaxSuppression", nms);
     r.add("CenterCropPad", center_crop_pad);
     r.add("Det", det);
@@ -319,38 +318,6 @@ fn hamming(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
 
 fn blackman(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     window(ctx, ins, |t| 0.42 - 0.5 * t.cos() + 0.08 * (2.0 * t).cos())
-}
-
-fn cumprod(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
-    let x = input(ins, 0)?;
-    let axis = norm_axis(
-        input(ins, 1)?.to_i64_vec().first().copied().unwrap_or(0),
-        x.rank(),
-    )?;
-    let (exclusive, reverse) = (ctx.i("exclusive", 0) != 0, ctx.i("reverse", 0) != 0);
-    let shape = x.shape();
-    let outer: usize = shape[..axis].iter().product();
-    let n = shape[axis];
-    let inner: usize = shape[axis + 1..].iter().product();
-    let xv = x.to_f64_vec();
-    let mut out = vec![0f64; xv.len()];
-    for o in 0..outer {
-        for i in 0..inner {
-            let mut acc = 1f64;
-            for s in 0..n {
-                let k = if reverse { n - 1 - s } else { s };
-                let idx = (o * n + k) * inner + i;
-                if exclusive {
-                    out[idx] = acc;
-                    acc *= xv[idx];
-                } else {
-                    acc *= xv[idx];
-                    out[idx] = acc;
-                }
-            }
-        }
-    }
-    Ok(vec![f64_tensor(x.dtype(), shape.to_vec(), out)?])
 }
 
 fn nms(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {

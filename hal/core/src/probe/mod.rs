@@ -101,15 +101,19 @@ pub enum DeviceKind {
     Gpu,
     Npu,
     EdgeTpu,
+    /// Test and template devices (`null`), plugins of unknown kind.
+    Other,
 }
 
 impl DeviceKind {
+    /// Lower-case name (`cpu`, `gpu`, `npu`, `edgetpu`, `other`).
     pub fn as_str(self) -> &'static str {
         match self {
             DeviceKind::Cpu => "cpu",
             DeviceKind::Gpu => "gpu",
             DeviceKind::Npu => "npu",
             DeviceKind::EdgeTpu => "edgetpu",
+            DeviceKind::Other => "other",
         }
     }
 }
@@ -137,29 +141,7 @@ impl Backend {
     }
 }
 
-/// A kind of memory a device can read and write directly.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum MemoryDomain {
-    /// Ordinary pageable host memory allocated by edgehal.
-    Host,
-    /// Caller memory imported by pointer (e.g. VK_EXT_external_memory_host).
-    HostImported,
-    /// dma-buf file descriptors (dma-heaps, udmabuf, other devices' exports).
-    DmaBuf,
-    /// Memory on the device itself (discrete GPU VRAM).
-    DeviceLocal,
-}
-
-impl MemoryDomain {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MemoryDomain::Host => "host",
-            MemoryDomain::HostImported => "host-imported",
-            MemoryDomain::DmaBuf => "dma-buf",
-            MemoryDomain::DeviceLocal => "device-local",
-        }
-    }
-}
+pub use crate::buffer::MemoryDomain;
 
 /// One device found by the probe.
 #[derive(Clone, Debug)]

@@ -195,7 +195,7 @@ impl ProbeReport {
                 "NAME", "BACKEND", "KERNEL", "MEMORY"
             );
             for d in devs {
-                let mem: Vec<&str> = d.memory.iter().map(|m| m.as_str()).collect();
+                let mem: Vec<&str> = d.memory.iter().map(|m| m.name()).collect();
                 let status = if d.available {
                     "available".to_string()
                 } else {
@@ -254,7 +254,7 @@ fn device_json(d: &ProbedDevice) -> Value {
         "bus": d.bus,
         "sysfs": opt(d.sysfs.clone()),
         "nodes": d.nodes,
-        "memory": d.memory.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
+        "memory": d.memory.iter().map(|m| m.name()).collect::<Vec<_>>(),
         "available": d.available,
         "reason": opt(d.reason.clone()),
         "details": details,
