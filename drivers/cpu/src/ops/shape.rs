@@ -714,7 +714,12 @@ fn space_to_depth(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor
         "SpaceToDepth: {h}x{w} not divisible by {b}"
     );
     let v = t.reshape(vec![n, c, h / b, b, w / b, b])?;
-    Ok(vec![permute(&v, &[0, 3, 5, 1, 2, 4])?.reshape(vec![
+    let perm = if ctx.s("mode", "DCR") == "CRD" {
+        [0, 1, 3, 5, 2, 4]
+    } else {
+        [0, 3, 5, 1, 2, 4]
+    };
+    Ok(vec![permute(&v, &perm)?.reshape(vec![
         n,
         c * b * b,
         h / b,
