@@ -11,7 +11,7 @@ use edgehal_core::dtype::Elem;
 use edgehal_core::{bail, with_dtype, DType, Error, Result, Tensor};
 
 use super::elementwise::Num;
-use super::{i64_tensor, input, norm_axis, opt_input, OpCtx, Registry};
+use super::{input, norm_axis, opt_input, OpCtx, Registry};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
@@ -385,6 +385,7 @@ pub fn register(r: &mut Registry) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::i64_tensor;
     use super::*;
     use edgehal_core::{Attr, Node};
 
