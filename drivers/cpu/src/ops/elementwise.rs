@@ -8,7 +8,7 @@
 
 use edgehal_core::dtype::Elem;
 use edgehal_core::half::{bf16, f16};
-use edgehal_core::tensor::broadcast_shapes;
+use edgehal_core::tensor::{broadcast_shapes, checked_numel};
 use edgehal_core::{bail, with_dtype, DType, Error, Result, Tensor};
 
 use super::{input, map_float, OpCtx, Registry};
@@ -123,7 +123,7 @@ pub(crate) fn zip_broadcast<A: Copy, B: Copy, U>(
     f: impl Fn(A, B) -> U,
 ) -> Result<(Vec<usize>, Vec<U>)> {
     let shape = broadcast_shapes(ashape, bshape)?;
-    let n: usize = shape.iter().product();
+    let n = checked_numel(&shape, DType::F64)?;
     let na: usize = ashape.iter().product();
     let nb: usize = bshape.iter().product();
     if a.len() != na || b.len() != nb {

@@ -113,7 +113,7 @@ fn axis_taps(
             continue;
         }
         // Left neighbour and a ratio in (0, 1], as the reference defines them.
-        let x0 = x.ceil() as i64 - 1;
+        let x0 = (x.ceil() as i64).saturating_sub(1);
         let ratio = x - x0 as f64;
         let t: Vec<(i64, f64)> = match p.mode {
             Mode::Nearest => {
@@ -128,7 +128,7 @@ fn axis_taps(
                         m => return Err(Error::unsupported(format!("Resize nearest_mode {m:?}"))),
                     }
                 };
-                vec![(if up { x0 + 1 } else { x0 }, 1.0)]
+                vec![(if up { x0.saturating_add(1) } else { x0 }, 1.0)]
             }
             Mode::Linear | Mode::Cubic => {
                 let s = if p.antialias { scale.min(1.0) } else { 1.0 };
@@ -143,7 +143,7 @@ fn axis_taps(
                         } else {
                             cubic_kernel(arg, p.cubic_a)
                         };
-                        (x0 + k, w)
+                        (x0.saturating_add(k), w)
                     })
                     .collect();
                 if p.exclude_outside {

@@ -10,7 +10,7 @@ mod einsum;
 mod gather;
 
 use edgehal_core::dtype::Elem;
-use edgehal_core::tensor::{broadcast_shapes, contiguous_strides};
+use edgehal_core::tensor::{broadcast_shapes, checked_numel, contiguous_strides};
 use edgehal_core::{bail, ensure, with_dtype, DType, Error, Result, Tensor};
 
 use super::{i64_tensor, input, norm_axis, opt_input, OpCtx, Registry};
@@ -59,7 +59,7 @@ pub(crate) fn strided_copy<T: Copy>(
     strides: &[isize],
     offset: isize,
 ) -> Result<Vec<T>> {
-    let n: usize = shape.iter().product();
+    let n = checked_numel(shape, DType::U64)?;
     let mut out = Vec::with_capacity(n);
     if n == 0 {
         return Ok(out);
@@ -194,7 +194,10 @@ fn reshape(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         }
     }
     if let Some(i) = infer {
-        let known: usize = shape.iter().product();
+        let known = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| Error::TooLarge(format!("Reshape: shape {spec:?} overflows")))?;
         ensure!(
             known != 0 && t.len() % known == 0,
             "Reshape: cannot infer -1 of {spec:?} for {:?}",
@@ -353,7 +356,7 @@ fn split(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         }
     };
     ensure!(
-        lens.iter().sum::<usize>() == d,
+        lens.iter().try_fold(0usize, |a, &l| a.checked_add(l)) == Some(d),
         "Split: lengths {lens:?} do not add up to {d}"
     );
     split_lengths(t, axis, &lens)
@@ -387,20 +390,21 @@ fn slice(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         let norm = |v: i64| if v < 0 { v.saturating_add(d) } else { v };
         let (s, e) = (norm(starts[i]), norm(ends[i]));
         let len = if step > 0 {
-            let (s, e) = (s.clamp(0, d), e.clamp(0, d));
+            let (s, e) = (s.clamp(0, d) as i128, e.clamp(0, d) as i128);
             if e > s {
-                (e - s + step - 1) / step
+                (e - s + step as i128 - 1) / step as i128
             } else {
                 0
             }
         } else {
-            let (s, e) = (s.clamp(-1, d - 1), e.clamp(-1, d - 1));
+            let (s, e) = (s.clamp(-1, d - 1) as i128, e.clamp(-1, d - 1) as i128);
+            let st = -(step as i128);
             if s > e {
-                (s - e + (-step) - 1) / (-step)
+                (s - e + st - 1) / st
             } else {
                 0
             }
-        };
+        } as i64;
         let s = if step > 0 {
             s.clamp(0, d)
         } else {
@@ -409,7 +413,10 @@ fn slice(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         if len > 0 {
             offset += s as isize * strides[a];
         }
-        strides[a] *= step as isize;
+        if len > 1 {
+            // len > 1 means |step| < d, so this cannot overflow.
+            strides[a] *= step as isize;
+        }
         shape[a] = len as usize;
     }
     Ok(vec![restride(t, shape, &strides, offset)?])
@@ -460,7 +467,10 @@ fn tile(_: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         let r = to_dim(r, "Tile")?;
         vshape.extend([r, t.shape()[i]]);
         vstrides.extend([0, st[i]]);
-        shape.push(r * t.shape()[i]);
+        shape.push(
+            r.checked_mul(t.shape()[i])
+                .ok_or_else(|| Error::TooLarge("Tile: output shape overflows".into()))?,
+        );
     }
     let out = restride(t, vshape, &vstrides, 0)?;
     Ok(vec![out.reshape(shape)?])
@@ -538,8 +548,9 @@ fn range(_: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
             "Range: delta must be finite and nonzero"
         );
         let n = ((l - s) / d).ceil().max(0.0);
-        ensure!(n < 1e10, "Range: {n} elements is too many");
+        ensure!(n < 1e15, "Range: {n} elements is too many");
         let n = n as usize;
+        checked_numel(&[n], dt)?;
         with_dtype!(dt, T => {
             // Accumulate in the element type as numpy's arange does for the first two values.
             let start = T::from_f64(s);
@@ -556,6 +567,7 @@ fn range(_: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         } else {
             0
         };
+        checked_numel(&[n], dt)?;
         with_dtype!(dt, T => {
             let v: Vec<T> = (0..n).map(|i| T::from_i64(s.wrapping_add((i as i64).wrapping_mul(d)))).collect();
             Ok(vec![Tensor::from_vec_dtype(dt, vec![n], v)?])
@@ -596,7 +608,10 @@ fn pad(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     }
     let mut shape = Vec::with_capacity(r);
     for a in 0..r {
-        let d = t.shape()[a] as i64 + begin[a] + end[a];
+        let d = (t.shape()[a] as i64)
+            .checked_add(begin[a])
+            .and_then(|d| d.checked_add(end[a]))
+            .ok_or_else(|| Error::arg("Pad: pads overflow"))?;
         shape.push(to_dim(d, "Pad")?);
     }
     // Per axis, the source index of every output index (None: the constant).
@@ -640,7 +655,7 @@ fn pad(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         };
         let src = t.as_slice::<T>()?;
         let st = contiguous_strides(t.shape());
-        let n: usize = shape.iter().product();
+        let n = checked_numel(&shape, dt)?;
         let mut out = Vec::with_capacity(n);
         if n > 0 {
             let mut idx = vec![0usize; r];
@@ -927,6 +942,20 @@ pub(crate) mod tests {
         .unwrap();
         assert_eq!(o[0].shape(), &[2, 2]);
         assert_eq!(o[0].to_vec::<i32>().unwrap(), vec![3, 1, 6, 4]);
+        // Huge steps and bounds clamp instead of overflowing.
+        let o = run(
+            "Slice",
+            vec![],
+            &[
+                Some(&x),
+                Some(&i64_tensor(vec![i64::MIN])),
+                Some(&i64_tensor(vec![i64::MAX])),
+                Some(&i64_tensor(vec![1])),
+                Some(&i64_tensor(vec![i64::MAX])),
+            ],
+        )
+        .unwrap();
+        assert_eq!(o[0].to_vec::<i32>().unwrap(), vec![1, 4]);
         let c = run(
             "Concat",
             vec![("axis", Attr::Int(1))],
@@ -978,5 +1007,11 @@ pub(crate) mod tests {
             o[0].to_vec::<u8>().unwrap(),
             vec![1, 1, 1, 2, 2, 2, 1, 1, 1, 2, 2, 2]
         );
+        // Hostile shapes are refused before allocating.
+        let huge = i64_tensor(vec![1 << 30, 1 << 30, 2]);
+        assert!(run("Expand", vec![], &[Some(&y), Some(&huge)]).is_err());
+        assert!(run("ConstantOfShape", vec![], &[Some(&huge)]).is_err());
+        let reps = i64_tensor(vec![1 << 62, 1 << 20]);
+        assert!(run("Tile", vec![], &[Some(&y), Some(&reps)]).is_err());
     }
 }

@@ -6,7 +6,7 @@
 //! f64. It is a reference, not a matmul: graphs with big einsums want them rewritten.
 
 use edgehal_core::dtype::Elem;
-use edgehal_core::tensor::contiguous_strides;
+use edgehal_core::tensor::{checked_numel, contiguous_strides};
 use edgehal_core::{bail, ensure, with_dtype, Error, Result, Tensor};
 
 use super::super::{OpCtx, Registry};
@@ -168,8 +168,8 @@ fn einsum(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let nout = out_labels.len();
     let out_shape: Vec<usize> = sizes[..nout].to_vec();
     let red_sizes: Vec<usize> = sizes[nout..].to_vec();
-    let n_out: usize = out_shape.iter().product();
-    let n_red: usize = red_sizes.iter().product();
+    let n_out = checked_numel(&out_shape, dt)?;
+    let n_red = checked_numel(&red_sizes, dt)?;
     let data: Vec<Vec<f64>> = ts.iter().map(|t| t.to_f64_vec()).collect();
     let mut out = Vec::with_capacity(n_out);
     let mut oidx = vec![0usize; nout];

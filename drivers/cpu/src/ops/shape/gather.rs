@@ -1,7 +1,7 @@
 //! Index-driven ops: `Gather`, `GatherElements`, `GatherND`, `ScatterElements`, `ScatterND`,
 //! `OneHot`. Every index is range-checked (negative indices count from the end) before use.
 
-use edgehal_core::tensor::contiguous_strides;
+use edgehal_core::tensor::{checked_numel, contiguous_strides};
 use edgehal_core::{bail, ensure, with_dtype, Error, Result, Tensor};
 
 use super::super::elementwise::Num;
@@ -42,6 +42,7 @@ fn gather(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let mut shape: Vec<usize> = ds[..axis].to_vec();
     shape.extend_from_slice(it.shape());
     shape.extend_from_slice(&ds[axis + 1..]);
+    checked_numel(&shape, data.dtype())?;
     let bits = as_bits(data)?;
     by_width!(data, T => {
         let s = bits.as_slice::<T>()?;
@@ -175,6 +176,7 @@ fn gather_nd(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let k = it.shape()[it.rank() - 1];
     let mut shape = it.shape()[..it.rank() - 1].to_vec();
     shape.extend_from_slice(&data.shape()[b + k..]);
+    checked_numel(&shape, data.dtype())?;
     let bits = as_bits(data)?;
     by_width!(data, T => {
         let s = bits.as_slice::<T>()?;
@@ -303,6 +305,7 @@ fn one_hot(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let mut shape = it.shape().to_vec();
     shape.insert(axis, depth);
     let dt = values.dtype();
+    checked_numel(&shape, dt)?;
     with_dtype!(dt, T => {
         let v = values.as_slice::<T>()?;
         let (off, on) = (v[0], v[1]);
