@@ -133,6 +133,10 @@ fn axis_taps(
             Mode::Linear | Mode::Cubic => {
                 let s = if p.antialias { scale.min(1.0) } else { 1.0 };
                 let support = if p.mode == Mode::Linear { 1.0 } else { 2.0 };
+                ensure!(
+                    support / s < 1e6,
+                    "Resize: antialias footprint for scale {scale} is too large"
+                );
                 let start = (-support / s).floor() as i64 + 1;
                 let end = 2 - start;
                 let mut v: Vec<(i64, f64)> = (start..end)
