@@ -8,7 +8,7 @@
 
 use edgehal_core::dtype::Elem;
 use edgehal_core::half::{bf16, f16};
-use edgehal_core::tensor::broadcast_shapes;
+use edgehal_core::tensor::{broadcast_shapes, checked_numel};
 use edgehal_core::{bail, with_dtype, DType, Error, Result, Tensor};
 
 use super::{input, map_float, OpCtx, Registry};
@@ -123,7 +123,7 @@ pub(crate) fn zip_broadcast<A: Copy, B: Copy, U>(
     f: impl Fn(A, B) -> U,
 ) -> Result<(Vec<usize>, Vec<U>)> {
     let shape = broadcast_shapes(ashape, bshape)?;
-    let n: usize = shape.iter().product();
+    let n = checked_numel(&shape, DType::F64)?;
     let na: usize = ashape.iter().product();
     let nb: usize = bshape.iter().product();
     if a.len() != na || b.len() != nb {
@@ -344,11 +344,19 @@ fn modulo(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let fmod = ctx.i("fmod", 0) != 0;
     let dt = a.dtype();
     if dt.is_float() {
-        if !fmod {
-            bail!("Mod: fmod must be 1 for floating point inputs");
-        }
         return Ok(vec![with_dtype!(dt, T => binary::<T, T>(a, b, dt, |x, y| {
-            T::from_f64(x.to_f64() % y.to_f64())
+            let (x, y) = (x.to_f64(), y.to_f64());
+            let r = x % y;
+            if fmod {
+                T::from_f64(r)
+            } else if r != 0.0 && ((r < 0.0) != (y < 0.0)) {
+                // Python/numpy: the result takes the divisor's sign.
+                T::from_f64(r + y)
+            } else if r == 0.0 {
+                T::from_f64(0f64.copysign(y))
+            } else {
+                T::from_f64(r)
+            }
         })?)]);
     }
     Ok(vec![with_dtype!(dt, T => binary::<T, T>(a, b, dt, |x, y| {
@@ -616,24 +624,29 @@ fn bit_shift(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let (a, b) = (input(ins, 0)?, input(ins, 1)?);
     same_dtype("BitShift", a, b)?;
     let dt = a.dtype();
-    if !matches!(dt, DType::U8 | DType::U16 | DType::U32 | DType::U64) {
-        bail!("BitShift: expected unsigned integer inputs, got {dt}");
+    if !dt.is_int() {
+        bail!("BitShift: expected integer inputs, got {dt}");
     }
     let left = match ctx.s("direction", "").as_str() {
         "LEFT" => true,
         "RIGHT" => false,
         d => bail!("BitShift: direction must be LEFT or RIGHT, got {d:?}"),
     };
-    let bits = (dt.size() * 8) as u64;
-    let mask = if bits == 64 {
-        u64::MAX
-    } else {
-        (1u64 << bits) - 1
-    };
+    let bits = (dt.size() * 8) as i64;
+    // Shifts outside 0..bits give 0 (or -1 for a right shift of a negative number); left
+    // shifts drop the bits that leave the type; right shifts of signed values are arithmetic.
     Ok(vec![with_dtype!(dt, T => binary::<T, T>(a, b, dt, |x, y| {
-        let (x, s) = (x.to_i64() as u64, y.to_i64() as u64);
-        let r = if s >= bits { 0 } else if left { (x << s) & mask } else { x >> s };
-        T::from_i64(r as i64)
+        let (x, s) = (x.to_i64(), y.to_i64());
+        let r = if s < 0 || s >= bits {
+            if !left && x < 0 { -1 } else { 0 }
+        } else if left {
+            x.wrapping_shl(s as u32)
+        } else if dt.is_signed() {
+            x >> s
+        } else {
+            ((x as u64) >> s) as i64
+        };
+        T::from_i64(r)
     })?)])
 }
 

@@ -11,7 +11,7 @@ use edgehal_core::dtype::Elem;
 use edgehal_core::{bail, with_dtype, DType, Error, Result, Tensor};
 
 use super::elementwise::Num;
-use super::{i64_tensor, input, norm_axis, opt_input, OpCtx, Registry};
+use super::{input, norm_axis, opt_input, OpCtx, Registry};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
@@ -235,18 +235,27 @@ fn arg_min(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
 }
 
 fn cum_sum(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    cumulative(false, ctx, ins)
+}
+
+fn cum_prod(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    cumulative(true, ctx, ins)
+}
+
+/// CumSum / CumProd along one axis.
+fn cumulative(prod: bool, ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let t = input(ins, 0)?;
     let a = input(ins, 1)?.to_i64_vec();
     let axis = match a.as_slice() {
         [a] => norm_axis(*a, t.rank())?,
-        _ => bail!("CumSum: axis must be a single value"),
+        _ => bail!("CumSum/CumProd: axis must be a single value"),
     };
     let exclusive = ctx.i("exclusive", 0) != 0;
     let reverse = ctx.i("reverse", 0) != 0;
     let (outer, n, inner) = split_at_axis(t.shape(), axis);
     let dt = t.dtype();
     if dt == DType::Bool {
-        return Err(Error::unsupported("CumSum on bool tensors"));
+        return Err(Error::unsupported("CumSum/CumProd on bool tensors"));
     }
     with_dtype!(dt, T => {
         let d = t.as_slice::<T>()?;
@@ -254,15 +263,16 @@ fn cum_sum(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         for o in 0..outer {
             for i in 0..inner {
                 let base = o * n * inner + i;
-                let mut acc = T::ZERO;
+                let mut acc = if prod { T::ONE } else { T::ZERO };
+                let step = |acc: T, x: T| if prod { Num::mul(acc, x) } else { Num::add(acc, x) };
                 for j in 0..n {
                     let k = if reverse { n - 1 - j } else { j };
                     let p = base + k * inner;
                     if exclusive {
                         out[p] = acc;
-                        acc = Num::add(acc, d[p]);
+                        acc = step(acc, d[p]);
                     } else {
-                        acc = Num::add(acc, d[p]);
+                        acc = step(acc, d[p]);
                         out[p] = acc;
                     }
                 }
@@ -368,12 +378,14 @@ pub fn register(r: &mut Registry) {
     r.add("ArgMax", arg_max);
     r.add("ArgMin", arg_min);
     r.add("CumSum", cum_sum);
+    r.add("CumProd", cum_prod);
     r.add("TopK", top_k);
     r.add("NonZero", non_zero);
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::i64_tensor;
     use super::*;
     use edgehal_core::{Attr, Node};
 
