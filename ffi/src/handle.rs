@@ -10,8 +10,8 @@
 //! The only case that cannot be caught is a stale handle whose address was reused by a new
 //! object of the same kind; the header documents use after release as undefined.
 
-use std::collections::HashMap;
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::buffer::Buffer;
 use crate::fence::Fence;
@@ -72,9 +72,11 @@ handle_kind!(SessionObj, Session, "edgehal_session");
 handle_kind!(Buffer, Buffer, "edgehal_buffer");
 handle_kind!(Fence, Fence, "edgehal_fence");
 
-static LIVE: LazyLock<Mutex<HashMap<usize, Obj>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+/// Live handles by address. A `BTreeMap` (not a `HashMap`) so the table needs no lazy
+/// initialisation and holds no interior pointers that leak checkers report as "possibly lost".
+static LIVE: Mutex<BTreeMap<usize, Obj>> = Mutex::new(BTreeMap::new());
 
-fn table() -> MutexGuard<'static, HashMap<usize, Obj>> {
+fn table() -> MutexGuard<'static, BTreeMap<usize, Obj>> {
     // A panic while the lock was held cannot leave the map half-updated (each operation is
     // one insert/remove), so a poisoned lock is still usable.
     LIVE.lock().unwrap_or_else(|e| e.into_inner())
