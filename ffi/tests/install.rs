@@ -35,7 +35,10 @@ fn install_then_compile_with_pkg_config() {
     );
     assert!(out.contains("self-check passed"), "{out}");
     let pc = std::fs::read_to_string(prefix.join("lib/pkgconfig/edgehal.pc")).unwrap();
-    assert!(pc.contains(&format!("Version: {}", env!("CARGO_PKG_VERSION"))), "{pc}");
+    assert!(
+        pc.contains(&format!("Version: {}", env!("CARGO_PKG_VERSION"))),
+        "{pc}"
+    );
     assert!(pc.contains(&format!("prefix={}", prefix.display())), "{pc}");
     assert!(prefix.join("include/edgehal.h").exists());
     assert!(prefix.join("lib/libedgehal.a").exists());
@@ -85,7 +88,10 @@ int main(int argc, char **argv) {
         .env("PKG_CONFIG_PATH", &pc_path)
         .status()
         .unwrap();
-    assert!(status.success(), "cc app.c $(pkg-config --cflags --libs edgehal) failed");
+    assert!(
+        status.success(),
+        "cc app.c $(pkg-config --cflags --libs edgehal) failed"
+    );
     let out = run_ok(
         Command::new(&exe)
             .arg(repo().join("ffi/tests/data/shrink.onnx"))

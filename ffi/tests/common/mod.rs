@@ -23,39 +23,51 @@ fn profile_dir() -> PathBuf {
         .to_path_buf()
 }
 
+/// Run `cargo build ARGS` with this test's profile and target directory.
+pub fn cargo_build(args: &[&str]) {
+    let dir = profile_dir();
+    let profile = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("profile directory name")
+        .to_string();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(repo())
+        .arg("build")
+        .args(args)
+        .arg("--target-dir")
+        .arg(dir.parent().expect("target dir"));
+    match profile.as_str() {
+        "debug" => {}
+        "release" => {
+            cmd.arg("--release");
+        }
+        other => {
+            cmd.args(["--profile", other]);
+        }
+    }
+    let out = cmd.output().expect("run cargo build");
+    assert!(
+        out.status.success(),
+        "cargo build {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `target/<profile>/examples`.
+pub fn examples_dir() -> PathBuf {
+    profile_dir().join("examples")
+}
+
 /// The directory holding `libedgehal.so` and `libedgehal.a`, freshly built with the same
 /// profile and target directory as this test (`cargo test` builds no cdylib for integration
 /// tests, so this runs `cargo build -p edgehal-ffi`, a no-op when it is up to date).
 pub fn lib_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
+        cargo_build(&["-p", "edgehal-ffi"]);
         let dir = profile_dir();
-        let profile = dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .expect("profile directory name")
-            .to_string();
-        let target_dir = dir.parent().expect("target dir").to_path_buf();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(repo())
-            .args(["build", "-p", "edgehal-ffi", "--target-dir"])
-            .arg(&target_dir);
-        match profile.as_str() {
-            "debug" => {}
-            "release" => {
-                cmd.arg("--release");
-            }
-            other => {
-                cmd.args(["--profile", other]);
-            }
-        }
-        let out = cmd.output().expect("run cargo build -p edgehal-ffi");
-        assert!(
-            out.status.success(),
-            "cargo build -p edgehal-ffi failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         assert!(
             dir.join("libedgehal.so").exists(),
             "no libedgehal.so in {}",
