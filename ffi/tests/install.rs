@@ -99,4 +99,65 @@ int main(int argc, char **argv) {
         "app",
     );
     assert_eq!(out.trim(), "inputs=1 outputs=1");
+
+    // The README's C snippet builds through pkg-config and runs (on the stand-in classifier,
+    // which has the snippet's [1,3,224,224] input) from a directory holding model.onnx.
+    let snippet = readme_snippet();
+    let snip_c = work.join("snippet.c");
+    std::fs::write(&snip_c, snippet).unwrap();
+    let snip = work.join("snippet");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cc -std=c11 -Wall -Wextra -Werror {} -o {} $(pkg-config --cflags --libs edgehal)",
+            snip_c.display(),
+            snip.display()
+        ))
+        .env("PKG_CONFIG_PATH", &pc_path)
+        .status()
+        .unwrap();
+    assert!(status.success(), "the README C snippet does not compile");
+    std::fs::copy(
+        repo().join("ffi/tests/data/standin_classifier.onnx"),
+        work.join("model.onnx"),
+    )
+    .unwrap();
+    let out = run_ok(
+        Command::new(&snip)
+            .current_dir(&work)
+            .env("LD_LIBRARY_PATH", prefix.join("lib")),
+        "README snippet",
+    );
+    assert!(out.starts_with("y[0] = "), "{out}");
+}
+
+/// The first C block that includes edgehal.h, from README.md once the lead pasted the section
+/// there, else from ffi/README-capi.md.
+fn readme_snippet() -> String {
+    for f in ["README.md", "ffi/README-capi.md"] {
+        let text = std::fs::read_to_string(repo().join(f)).unwrap_or_default();
+        let mut block = None;
+        let mut cur: Option<String> = None;
+        for line in text.lines() {
+            match (&mut cur, line.trim_end()) {
+                (None, "```c") => cur = Some(String::new()),
+                (Some(b), "```") => {
+                    if b.contains("#include <edgehal.h>") {
+                        block = Some(b.clone());
+                        break;
+                    }
+                    cur = None;
+                }
+                (Some(b), l) => {
+                    b.push_str(l);
+                    b.push('\n');
+                }
+                _ => {}
+            }
+        }
+        if let Some(b) = block {
+            return b;
+        }
+    }
+    panic!("no C snippet with #include <edgehal.h> in README.md or ffi/README-capi.md");
 }
