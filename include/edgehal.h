@@ -10,7 +10,8 @@
  * - Handles are opaque. Each *_create / *_load has a matching *_release; releasing NULL is a
  *   no-op, releasing twice is detected (EDGEHAL_ERR_INVALID_HANDLE). Any other use of a
  *   released handle is undefined behaviour.
- * - Out-parameters are written only on success.
+ * - Out-parameters are written only on success (edgehal_buffer_shape also reports the rank
+ *   when the caller's array is too small, as it says).
  * - Threading is stated per function. Every function may be called from any thread; no
  *   function keeps thread-affine state except the last error message.
  */
