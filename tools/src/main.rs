@@ -2,6 +2,7 @@
 
 #![forbid(unsafe_code)]
 
+mod bench;
 mod ops;
 mod probe;
 mod run;
@@ -53,6 +54,26 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Time whole-model inference: median/min/p90 latency and peak RSS.
+    Bench {
+        /// Model file (.onnx or .tflite).
+        model: std::path::PathBuf,
+        /// auto, cpu, ...
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Worker threads (0 = one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Timed runs.
+        #[arg(long, default_value_t = 30)]
+        runs: usize,
+        /// Untimed runs first (the first also measures cold start).
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Machine-readable output (one JSON object).
+        #[arg(long)]
+        json: bool,
+    },
     /// List the ops each device supports.
     Ops {
         /// Machine-readable output.
@@ -98,6 +119,21 @@ fn main() {
             json,
         }),
         Cmd::Ops { json } => ops::run(json),
+        Cmd::Bench {
+            model,
+            device,
+            threads,
+            runs,
+            warmup,
+            json,
+        } => bench::run(bench::BenchArgs {
+            model,
+            device,
+            threads,
+            runs,
+            warmup,
+            json,
+        }),
     };
     if let Err(e) = res {
         eprintln!("edgehal: {e:#}");
