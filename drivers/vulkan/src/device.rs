@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use ash::vk;
 use edgehal_core::buffer::{Buffer, MemoryDomain};
-use edgehal_core::sys::mem::{ReadLease, WriteLease};
 use edgehal_core::driver::{self as hal, Bindings, DeviceInfo, Fence, Subgraph, Support, SysRoot};
 use edgehal_core::graph::{Graph, Node};
+use edgehal_core::sys::mem::{ReadLease, WriteLease};
 use edgehal_core::{DType, Error, Result, Tensor};
 
 use crate::plan::{self, Kernel, Place, Plan, Tune};
@@ -63,9 +63,8 @@ pub fn open(selector: &str) -> Result<Arc<Device>> {
         devs.iter().find(|(_, i)| i.index == ix)
     } else {
         let s = sel.to_lowercase();
-        devs.iter().find(|(_, i)| {
-            i.name.to_lowercase().contains(&s) || i.device_name() == s
-        })
+        devs.iter()
+            .find(|(_, i)| i.name.to_lowercase().contains(&s) || i.device_name() == s)
     };
     let (pd, info) = pick.cloned().ok_or_else(|| Error::Device {
         device: "vulkan".into(),
@@ -291,12 +290,11 @@ fn static_inputs_ok(n: &Node, g: &Graph, consts: &[usize]) -> Support {
     for &k in consts {
         if let Some(Some(v)) = n.inputs.get(k) {
             let is_const = g.initializers.contains_key(v)
-                || g.nodes.iter().any(|m| m.op == "Constant" && m.outputs.first() == Some(&Some(*v)));
+                || g.nodes
+                    .iter()
+                    .any(|m| m.op == "Constant" && m.outputs.first() == Some(&Some(*v)));
             if !is_const {
-                return Support::no(format!(
-                    "{}: input {k} must be a constant on vulkan",
-                    n.op
-                ));
+                return Support::no(format!("{}: input {k} must be a constant on vulkan", n.op));
             }
         }
     }
@@ -310,18 +308,26 @@ impl hal::Device for Device {
 
     fn supports(&self, node: &Node, graph: &Graph) -> Support {
         if !node.domain.is_empty() && node.domain != "ai.onnx" {
-            return Support::no(format!("op {}.{} is not implemented on vulkan", node.domain, node.op));
+            return Support::no(format!(
+                "op {}.{} is not implemented on vulkan",
+                node.domain, node.op
+            ));
         }
         if !plan::SUPPORTED.contains(&node.op.as_str()) {
             return Support::no(format!("op {} is not implemented on vulkan", node.op));
         }
         for v in node.inputs.iter().chain(&node.outputs).flatten() {
             if let Some(dt) = graph.values.get(*v).and_then(|i| i.dtype) {
-                let shape_input = matches!(node.op.as_str(), "Reshape" | "Slice" | "Pad" | "Resize" | "Squeeze" | "Unsqueeze")
-                    && node.inputs.first() != Some(&Some(*v))
+                let shape_input = matches!(
+                    node.op.as_str(),
+                    "Reshape" | "Slice" | "Pad" | "Resize" | "Squeeze" | "Unsqueeze"
+                ) && node.inputs.first() != Some(&Some(*v))
                     && !node.outputs.contains(&Some(*v));
                 if dt != DType::F32 && !shape_input && node.op != "Constant" {
-                    return Support::no(format!("{}: {dt} values are not supported on vulkan (float32 only)", node.op));
+                    return Support::no(format!(
+                        "{}: {dt} values are not supported on vulkan (float32 only)",
+                        node.op
+                    ));
                 }
             }
         }
@@ -367,7 +373,8 @@ impl hal::Device for Device {
             .map(|&v| sub.graph.values.get(v).and_then(|i| i.fixed_shape()))
             .collect();
         if let Some(shapes) = declared {
-            *exe.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(self.prepare(sub, &shapes)?);
+            *exe.state.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(self.prepare(sub, &shapes)?);
         }
         Ok(Box::new(exe))
     }
@@ -448,7 +455,9 @@ impl Device {
             if c.stage_in[i].is_none() {
                 c.stage_in[i] = Some(GpuBuffer::new(&self.ctx, n as u64, Placement::Host)?);
             }
-            let stage = c.stage_in[i].as_ref().ok_or_else(|| Error::arg("staging"))?;
+            let stage = c.stage_in[i]
+                .as_ref()
+                .ok_or_else(|| Error::arg("staging"))?;
             let mut tmp = vec![0u8; n];
             tb.buffer.read_into(0, &mut tmp)?;
             stage.write(0, &tmp)?;
@@ -456,7 +465,9 @@ impl Device {
             in_bufs.push(stage.buf);
         }
         // Outputs: the caller's buffer imported, or a staging buffer read back afterwards.
-        let outs: Vec<Option<hal::TensorBuffer>> = (0..bindings.num_outputs()).map(|j| bindings.output(j)).collect();
+        let outs: Vec<Option<hal::TensorBuffer>> = (0..bindings.num_outputs())
+            .map(|j| bindings.output(j))
+            .collect();
         let mut out_bufs = Vec::with_capacity(outs.len());
         let mut imported_out = vec![false; outs.len()];
         for (j, o) in outs.iter().enumerate() {
@@ -482,7 +493,12 @@ impl Device {
             if c.stage_out[j].is_none() {
                 c.stage_out[j] = Some(GpuBuffer::new(&self.ctx, n as u64, Placement::Host)?);
             }
-            out_bufs.push(c.stage_out[j].as_ref().ok_or_else(|| Error::arg("staging"))?.buf);
+            out_bufs.push(
+                c.stage_out[j]
+                    .as_ref()
+                    .ok_or_else(|| Error::arg("staging"))?
+                    .buf,
+            );
         }
 
         let key: Vec<vk::Buffer> = in_bufs.iter().chain(&out_bufs).copied().collect();
@@ -550,7 +566,9 @@ impl Device {
                 continue;
             }
             let n = shape.iter().product::<usize>();
-            let stage = c.stage_out[j].as_ref().ok_or_else(|| Error::arg("staging"))?;
+            let stage = c.stage_out[j]
+                .as_ref()
+                .ok_or_else(|| Error::arg("staging"))?;
             let mut v = vec![0f32; n];
             let mut bytes = vec![0u8; n * 4];
             stage.read(0, &mut bytes)?;

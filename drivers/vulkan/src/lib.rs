@@ -78,7 +78,9 @@ impl Runner {
         }
         self.inputs = inputs
             .iter()
-            .map(|t| importable_buffer(&self.dev, &t.cast(edgehal_core::DType::F32)?, &self.counter))
+            .map(|t| {
+                importable_buffer(&self.dev, &t.cast(edgehal_core::DType::F32)?, &self.counter)
+            })
             .collect::<Result<_>>()?;
         Ok(())
     }

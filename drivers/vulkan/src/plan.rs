@@ -203,9 +203,9 @@ fn clip_bounds(n: &Node, consts: &HashMap<ValueId, Tensor>) -> Result<(f32, f32)
     let mut hi = n.attr_f("max").unwrap_or(f32::INFINITY);
     for (k, slot) in [(1usize, &mut lo), (2, &mut hi)] {
         if let Some(Some(v)) = n.inputs.get(k) {
-            let t = consts.get(v).ok_or_else(|| {
-                Error::unsupported("Clip: min/max must be constants on vulkan")
-            })?;
+            let t = consts
+                .get(v)
+                .ok_or_else(|| Error::unsupported("Clip: min/max must be constants on vulkan"))?;
             *slot = scalar_f32(t, "Clip bound")?;
         }
     }
@@ -236,7 +236,11 @@ fn f(v: f32) -> u32 {
 }
 
 /// Compile-time evaluation of the constants a node needs as integers.
-fn const_ints(consts: &HashMap<ValueId, Tensor>, v: Option<ValueId>, what: &str) -> Result<Vec<i64>> {
+fn const_ints(
+    consts: &HashMap<ValueId, Tensor>,
+    v: Option<ValueId>,
+    what: &str,
+) -> Result<Vec<i64>> {
     let v = v.ok_or_else(|| Error::arg(format!("{what} is missing")))?;
     let t = consts
         .get(&v)
@@ -248,7 +252,9 @@ fn norm_axis(a: i64, rank: usize, what: &str) -> Result<usize> {
     let r = rank as i64;
     let x = if a < 0 { a + r } else { a };
     if x < 0 || x >= r.max(1) {
-        return Err(Error::arg(format!("{what}: axis {a} out of range for rank {rank}")));
+        return Err(Error::arg(format!(
+            "{what}: axis {a} out of range for rank {rank}"
+        )));
     }
     Ok(x as usize)
 }
@@ -338,7 +344,15 @@ impl Lower<'_> {
         [gx as u32, g.div_ceil(gx) as u32, 1]
     }
 
-    fn copy(&mut self, src: &GVal, src_strides: &[i64], dst: &GVal, dst_off: u32, dst_strides: &[i64], shape: &[usize]) -> Result<()> {
+    fn copy(
+        &mut self,
+        src: &GVal,
+        src_strides: &[i64],
+        dst: &GVal,
+        dst_off: u32,
+        dst_strides: &[i64],
+        shape: &[usize],
+    ) -> Result<()> {
         let n = numel(shape);
         if n == 0 {
             return Ok(());
@@ -360,7 +374,12 @@ impl Lower<'_> {
         p.extend(ss.iter().map(|&x| x as u32));
         p.extend(ds.iter().map(|&x| x as u32));
         let groups = self.groups_1d(n);
-        self.push(Kernel::Copy, [Some(src.place), Some(dst.place), None, None], p, groups);
+        self.push(
+            Kernel::Copy,
+            [Some(src.place), Some(dst.place), None, None],
+            p,
+            groups,
+        );
         Ok(())
     }
 
@@ -377,7 +396,12 @@ impl Lower<'_> {
         }
         let p = vec![u32_of(n, "elements")?, op, f(a), f(b), x.off, y.off];
         let groups = self.groups_1d(n);
-        self.push(Kernel::Unary, [Some(x.place), Some(y.place), None, None], p, groups);
+        self.push(
+            Kernel::Unary,
+            [Some(x.place), Some(y.place), None, None],
+            p,
+            groups,
+        );
         Ok(())
     }
 }
@@ -431,11 +455,10 @@ pub fn lower(g: &Graph, input_shapes: &[Vec<usize>], tune: Tune) -> Result<Plan>
             continue;
         }
         let node = &g.nodes[n];
-        lower_node(&mut lw, node, n, &consumers, &mut fused)
-            .map_err(|e| Error::Op {
-                node: g.describe_node(n),
-                msg: e.to_string(),
-            })?;
+        lower_node(&mut lw, node, n, &consumers, &mut fused).map_err(|e| Error::Op {
+            node: g.describe_node(n),
+            msg: e.to_string(),
+        })?;
     }
     // Outputs not written in place (aliases, inputs, constants, duplicates): copy.
     let mut output_shapes = Vec::new();
@@ -461,7 +484,15 @@ pub fn lower(g: &Graph, input_shapes: &[Vec<usize>], tune: Tune) -> Result<Plan>
     })
 }
 
-fn conv_out(i: usize, k: usize, s: usize, d: usize, pb: usize, pe: usize, ceil: bool) -> Result<usize> {
+fn conv_out(
+    i: usize,
+    k: usize,
+    s: usize,
+    d: usize,
+    pb: usize,
+    pe: usize,
+    ceil: bool,
+) -> Result<usize> {
     let eff = (k - 1) * d + 1;
     let span = i + pb + pe;
     if span < eff || s == 0 {
@@ -483,7 +514,10 @@ fn geometry(node: &Node, in_hw: &[usize], kernel: &[usize], ceil: bool) -> Resul
         match node.attr_ints(name) {
             Some(v) => v
                 .iter()
-                .map(|&x| usize::try_from(x).map_err(|_| Error::arg(format!("{name}: negative value {x}"))))
+                .map(|&x| {
+                    usize::try_from(x)
+                        .map_err(|_| Error::arg(format!("{name}: negative value {x}")))
+                })
                 .collect(),
             None => Ok(vec![def; if name == "pads" { 2 * r } else { r }]),
         }
@@ -492,7 +526,9 @@ fn geometry(node: &Node, in_hw: &[usize], kernel: &[usize], ceil: bool) -> Resul
     let dil = ints("dilations", 1)?;
     let mut pads = ints("pads", 0)?;
     if strides.len() != r || dil.len() != r || pads.len() != 2 * r || kernel.len() != r {
-        return Err(Error::arg("kernel_shape/strides/dilations/pads lengths disagree with the input rank"));
+        return Err(Error::arg(
+            "kernel_shape/strides/dilations/pads lengths disagree with the input rank",
+        ));
     }
     let auto = node.attr_s("auto_pad").unwrap_or_else(|| "NOTSET".into());
     if auto == "SAME_UPPER" || auto == "SAME_LOWER" {
@@ -516,7 +552,15 @@ fn geometry(node: &Node, in_hw: &[usize], kernel: &[usize], ceil: bool) -> Resul
             if kernel[a] == 0 {
                 return Err(Error::arg("kernel size 0"));
             }
-            let o = conv_out(in_hw[a], kernel[a], strides[a], dil[a], pads[a], pads[a + r], ceil)?;
+            let o = conv_out(
+                in_hw[a],
+                kernel[a],
+                strides[a],
+                dil[a],
+                pads[a],
+                pads[a + r],
+                ceil,
+            )?;
             Ok([kernel[a], strides[a], dil[a], pads[a], pads[a + r], o])
         })
         .collect()
@@ -587,7 +631,10 @@ fn lower_node(
             let (nb, c, h, wd) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3]);
             let (m, cg, kh, kw) = (w.shape[0], w.shape[1], w.shape[2], w.shape[3]);
             let groups = node.attr_i("group").unwrap_or(1);
-            let groups = usize::try_from(groups).ok().filter(|&g| g > 0).ok_or_else(|| Error::arg("group must be positive"))?;
+            let groups = usize::try_from(groups)
+                .ok()
+                .filter(|&g| g > 0)
+                .ok_or_else(|| Error::arg("group must be positive"))?;
             if c != cg * groups || m % groups != 0 {
                 return Err(Error::arg(format!(
                     "input has {c} channels, weight {:?} with {groups} groups",
@@ -596,12 +643,18 @@ fn lower_node(
             }
             if let Some(b) = &b {
                 if numel(&b.shape) != m {
-                    return Err(Error::arg(format!("bias {:?} for {m} output channels", b.shape)));
+                    return Err(Error::arg(format!(
+                        "bias {:?} for {m} output channels",
+                        b.shape
+                    )));
                 }
             }
             if let Some(k) = node.attr_ints("kernel_shape") {
                 if k != [kh as i64, kw as i64] {
-                    return Err(Error::arg(format!("kernel_shape {k:?} does not match weight {:?}", w.shape)));
+                    return Err(Error::arg(format!(
+                        "kernel_shape {k:?} does not match weight {:?}",
+                        w.shape
+                    )));
                 }
             }
             let geo = geometry(node, &[h, wd], &[kh, kw], false)?;
@@ -623,14 +676,43 @@ fn lower_node(
                 // nothing to compute
             } else if cg == 1 {
                 let p = vec![
-                    u32_of(total, "elements")?, x.off, w.off, bias_off, y.off, has_bias,
-                    m as u32, mg as u32, h as u32, wd as u32, kh as u32, kw as u32,
-                    geo[0][1] as u32, geo[1][1] as u32, geo[0][3] as u32, geo[1][3] as u32,
-                    geo[0][2] as u32, geo[1][2] as u32, oh as u32, ow as u32,
-                    act.0, f(act.1), f(act.2), c as u32,
+                    u32_of(total, "elements")?,
+                    x.off,
+                    w.off,
+                    bias_off,
+                    y.off,
+                    has_bias,
+                    m as u32,
+                    mg as u32,
+                    h as u32,
+                    wd as u32,
+                    kh as u32,
+                    kw as u32,
+                    geo[0][1] as u32,
+                    geo[1][1] as u32,
+                    geo[0][3] as u32,
+                    geo[1][3] as u32,
+                    geo[0][2] as u32,
+                    geo[1][2] as u32,
+                    oh as u32,
+                    ow as u32,
+                    act.0,
+                    f(act.1),
+                    f(act.2),
+                    c as u32,
                 ];
                 let gr = lw.groups_1d(total);
-                lw.push(Kernel::DwConv, [Some(x.place), Some(w.place), Some(bias_place), Some(y.place)], p, gr);
+                lw.push(
+                    Kernel::DwConv,
+                    [
+                        Some(x.place),
+                        Some(w.place),
+                        Some(bias_place),
+                        Some(y.place),
+                    ],
+                    p,
+                    gr,
+                );
             } else {
                 let k = cg * kh * kw;
                 let (gx, gy) = lw.tune.gemm;
@@ -676,8 +758,8 @@ fn lower_node(
                     p[6] = u32_of(mg * k, "group stride")?;
                     p[18] = u32_of(mg, "bias group stride")?;
                     let conv = [
-                        cg, h, wd, kh, kw, geo[0][1], geo[1][1], geo[0][3], geo[1][3],
-                        geo[0][2], geo[1][2], oh, ow, c, m,
+                        cg, h, wd, kh, kw, geo[0][1], geo[1][1], geo[0][3], geo[1][3], geo[0][2],
+                        geo[1][2], oh, ow, c, m,
                     ];
                     for (i, v) in conv.iter().enumerate() {
                         p[25 + i] = u32_of(*v, "conv parameter")?;
@@ -689,7 +771,17 @@ fn lower_node(
                     u32_of(mg.div_ceil(4 * gy as usize), "groups")?,
                     u32_of(z, "groups")?,
                 ];
-                lw.push(kernel, [Some(w.place), Some(x.place), Some(bias_place), Some(y.place)], p, groups_xyz);
+                lw.push(
+                    kernel,
+                    [
+                        Some(w.place),
+                        Some(x.place),
+                        Some(bias_place),
+                        Some(y.place),
+                    ],
+                    p,
+                    groups_xyz,
+                );
             }
             lw.vals.insert(target, y);
         }
@@ -700,9 +792,14 @@ fn lower_node(
             let (mut ash, mut bsh) = (a.shape.clone(), b.shape.clone());
             let (ta, tb) = if gemm {
                 if ash.len() != 2 || bsh.len() != 2 {
-                    return Err(Error::arg(format!("Gemm needs 2-D inputs, got {ash:?} and {bsh:?}")));
+                    return Err(Error::arg(format!(
+                        "Gemm needs 2-D inputs, got {ash:?} and {bsh:?}"
+                    )));
                 }
-                (node.attr_i("transA").unwrap_or(0) != 0, node.attr_i("transB").unwrap_or(0) != 0)
+                (
+                    node.attr_i("transA").unwrap_or(0) != 0,
+                    node.attr_i("transB").unwrap_or(0) != 0,
+                )
             } else {
                 (false, false)
             };
@@ -719,17 +816,32 @@ fn lower_node(
             }
             let ra = ash.len();
             let rb = bsh.len();
-            let (m, ka) = if ta { (ash[ra - 1], ash[ra - 2]) } else { (ash[ra - 2], ash[ra - 1]) };
-            let (kb, n) = if tb { (bsh[rb - 1], bsh[rb - 2]) } else { (bsh[rb - 2], bsh[rb - 1]) };
+            let (m, ka) = if ta {
+                (ash[ra - 1], ash[ra - 2])
+            } else {
+                (ash[ra - 2], ash[ra - 1])
+            };
+            let (kb, n) = if tb {
+                (bsh[rb - 1], bsh[rb - 2])
+            } else {
+                (bsh[rb - 2], bsh[rb - 1])
+            };
             if ka != kb {
-                return Err(Error::arg(format!("inner dimensions differ: {:?} x {:?}", a.shape, b.shape)));
+                return Err(Error::arg(format!(
+                    "inner dimensions differ: {:?} x {:?}",
+                    a.shape, b.shape
+                )));
             }
             let batch_a = &ash[..ra - 2];
             let batch_b = &bsh[..rb - 2];
             let za = numel(batch_a);
             let zb = numel(batch_b);
             let batch: Vec<usize> = if za == 1 && zb == 1 {
-                if batch_a.len() >= batch_b.len() { batch_a.to_vec() } else { batch_b.to_vec() }
+                if batch_a.len() >= batch_b.len() {
+                    batch_a.to_vec()
+                } else {
+                    batch_b.to_vec()
+                }
             } else if za == 1 {
                 batch_b.to_vec()
             } else if zb == 1 || batch_a == batch_b {
@@ -765,19 +877,35 @@ fn lower_node(
             let (a_sm, a_sk) = if ta { (1, acols) } else { (acols, 1) };
             p[4] = u32_of(a_sm, "stride")?;
             p[5] = u32_of(a_sk, "stride")?;
-            p[6] = if za == 1 { 0 } else { u32_of(m * ka, "stride")? };
+            p[6] = if za == 1 {
+                0
+            } else {
+                u32_of(m * ka, "stride")?
+            };
             p[7] = b.off;
             let bcols = bsh[rb - 1];
             let (b_sk, b_sn) = if tb { (1, bcols) } else { (bcols, 1) };
             p[8] = u32_of(b_sk, "stride")?;
             p[9] = u32_of(b_sn, "stride")?;
-            p[10] = if zb == 1 { 0 } else { u32_of(ka * n, "stride")? };
+            p[10] = if zb == 1 {
+                0
+            } else {
+                u32_of(ka * n, "stride")?
+            };
             p[11] = y.off;
             p[12] = u32_of(n, "stride")?;
             p[13] = 1;
             p[14] = u32_of(m * n, "stride")?;
-            let alpha = if gemm { node.attr_f("alpha").unwrap_or(1.0) } else { 1.0 };
-            let beta = if gemm { node.attr_f("beta").unwrap_or(1.0) } else { 1.0 };
+            let alpha = if gemm {
+                node.attr_f("alpha").unwrap_or(1.0)
+            } else {
+                1.0
+            };
+            let beta = if gemm {
+                node.attr_f("beta").unwrap_or(1.0)
+            } else {
+                1.0
+            };
             p[20] = f(alpha);
             p[21] = f(beta);
             p[22] = act.0;
@@ -789,7 +917,9 @@ fn lower_node(
                     let cb = lw.gpu(Some(cv), "Gemm C")?;
                     let cs = &cb.shape;
                     if broadcast_shapes(cs, &[m, n]).ok().as_deref() != Some(&[m, n][..]) {
-                        return Err(Error::arg(format!("C {cs:?} does not broadcast to [{m}, {n}]")));
+                        return Err(Error::arg(format!(
+                            "C {cs:?} does not broadcast to [{m}, {n}]"
+                        )));
                     }
                     let (sm, sn) = match cs.len() {
                         0 => (0, 0),
@@ -813,7 +943,17 @@ fn lower_node(
                     u32_of(m.div_ceil(4 * gy as usize), "groups")?,
                     u32_of(z, "groups")?,
                 ];
-                lw.push(Kernel::Gemm, [Some(a.place), Some(b.place), Some(bias_place), Some(y.place)], p, gr);
+                lw.push(
+                    Kernel::Gemm,
+                    [
+                        Some(a.place),
+                        Some(b.place),
+                        Some(bias_place),
+                        Some(y.place),
+                    ],
+                    p,
+                    gr,
+                );
             }
             lw.vals.insert(target, y);
         }
@@ -823,7 +963,10 @@ fn lower_node(
             }
             let x = lw.gpu(inp(0), "input")?;
             if x.shape.len() != 4 {
-                return Err(Error::unsupported(format!("{}: only 2-D pooling on vulkan (input {:?})", node.op, x.shape)));
+                return Err(Error::unsupported(format!(
+                    "{}: only 2-D pooling on vulkan (input {:?})",
+                    node.op, x.shape
+                )));
             }
             let (h, wd) = (x.shape[2], x.shape[3]);
             let global = node.op.starts_with("Global");
@@ -836,7 +979,12 @@ fn lower_node(
                     .iter()
                     .map(|&v| usize::try_from(v).map_err(|_| Error::arg("negative kernel size")))
                     .collect::<Result<_>>()?;
-                geometry(node, &[h, wd], &k, node.attr_i("ceil_mode").unwrap_or(0) != 0)?
+                geometry(
+                    node,
+                    &[h, wd],
+                    &k,
+                    node.attr_i("ceil_mode").unwrap_or(0) != 0,
+                )?
             };
             let mode = if node.op.contains("Max") {
                 0
@@ -849,31 +997,69 @@ fn lower_node(
             let y = lw.place_for(out0, shape.clone())?;
             let total = numel(&shape);
             if total > 0 {
-                let mut p = vec![u32_of(total, "elements")?, x.off, y.off, h as u32, wd as u32, geo[0][5] as u32, geo[1][5] as u32];
-                p.extend([geo[0][0], geo[1][0], geo[0][1], geo[1][1], geo[0][3], geo[1][3], geo[0][2], geo[1][2]].iter().map(|&v| v as u32));
+                let mut p = vec![
+                    u32_of(total, "elements")?,
+                    x.off,
+                    y.off,
+                    h as u32,
+                    wd as u32,
+                    geo[0][5] as u32,
+                    geo[1][5] as u32,
+                ];
+                p.extend(
+                    [
+                        geo[0][0], geo[1][0], geo[0][1], geo[1][1], geo[0][3], geo[1][3],
+                        geo[0][2], geo[1][2],
+                    ]
+                    .iter()
+                    .map(|&v| v as u32),
+                );
                 p.push(mode);
                 let gr = lw.groups_1d(total);
-                lw.push(Kernel::Pool, [Some(x.place), Some(y.place), None, None], p, gr);
+                lw.push(
+                    Kernel::Pool,
+                    [Some(x.place), Some(y.place), None, None],
+                    p,
+                    gr,
+                );
             }
             lw.vals.insert(out0, y);
         }
         "Add" | "Sub" | "Mul" | "Div" | "Max" | "Min" | "Pow" | "PRelu" => {
             if node.inputs.len() != 2 {
-                return Err(Error::unsupported(format!("{} with {} inputs on vulkan", node.op, node.inputs.len())));
+                return Err(Error::unsupported(format!(
+                    "{} with {} inputs on vulkan",
+                    node.op,
+                    node.inputs.len()
+                )));
             }
             let a = lw.gpu(inp(0), "A")?;
             let b = lw.gpu(inp(1), "B")?;
             let mut bsh = b.shape.clone();
-            if node.op == "PRelu" && bsh.len() == 1 && a.shape.len() >= 2 && bsh[0] == a.shape[1] && a.shape.len() > 2 {
+            if node.op == "PRelu"
+                && bsh.len() == 1
+                && a.shape.len() >= 2
+                && bsh[0] == a.shape[1]
+                && a.shape.len() > 2
+            {
                 // Per-channel slope given as [C] (older exporters): broadcast over channels.
                 bsh.extend(std::iter::repeat(1).take(a.shape.len() - 2));
             }
             let out = broadcast_shapes(&a.shape, &bsh)?;
             if out.len() > 6 {
-                return Err(Error::unsupported("broadcasting over more than 6 dims on vulkan"));
+                return Err(Error::unsupported(
+                    "broadcasting over more than 6 dims on vulkan",
+                ));
             }
             let op = match node.op.as_str() {
-                "Add" => 0, "Sub" => 1, "Mul" => 2, "Div" => 3, "Max" => 4, "Min" => 5, "Pow" => 6, _ => 7,
+                "Add" => 0,
+                "Sub" => 1,
+                "Mul" => 2,
+                "Div" => 3,
+                "Max" => 4,
+                "Min" => 5,
+                "Pow" => 6,
+                _ => 7,
             };
             let (act, target) = match fuse(lw) {
                 Some((idx, o, a)) => {
@@ -896,7 +1082,18 @@ fn lower_node(
                     v
                 };
                 let contiguous = (a.shape == out && bsh == out) as u32;
-                let mut p = vec![u32_of(total, "elements")?, op, act.0, f(act.1), f(act.2), a.off, b.off, y.off, r as u32, contiguous];
+                let mut p = vec![
+                    u32_of(total, "elements")?,
+                    op,
+                    act.0,
+                    f(act.1),
+                    f(act.2),
+                    a.off,
+                    b.off,
+                    y.off,
+                    r as u32,
+                    contiguous,
+                ];
                 let mut sh = vec![1u32; 6];
                 for d in 0..r {
                     sh[d] = out[d] as u32;
@@ -905,12 +1102,17 @@ fn lower_node(
                 p.extend(bstr(&a.shape));
                 p.extend(bstr(&bsh));
                 let gr = lw.groups_1d(total);
-                lw.push(Kernel::Binary, [Some(a.place), Some(b.place), Some(y.place), None], p, gr);
+                lw.push(
+                    Kernel::Binary,
+                    [Some(a.place), Some(b.place), Some(y.place), None],
+                    p,
+                    gr,
+                );
             }
             lw.vals.insert(target, y);
         }
-        "Relu" | "Clip" | "HardSwish" | "Sigmoid" | "LeakyRelu" | "Tanh" | "HardSigmoid" | "Exp"
-        | "Neg" | "Abs" | "Sqrt" | "Log" | "Reciprocal" | "Floor" | "Ceil" | "Elu" => {
+        "Relu" | "Clip" | "HardSwish" | "Sigmoid" | "LeakyRelu" | "Tanh" | "HardSigmoid"
+        | "Exp" | "Neg" | "Abs" | "Sqrt" | "Log" | "Reciprocal" | "Floor" | "Ceil" | "Elu" => {
             let x = lw.gpu(inp(0), "input")?;
             let (op, a, b) = match activation(node, &lw.consts) {
                 Some(v) => v,
@@ -950,7 +1152,10 @@ fn lower_node(
             let x = lw.gpu(inp(0), "input")?;
             let shape = alias_shape(node, &x.shape, &lw.consts)?;
             if numel(&shape) != numel(&x.shape) {
-                return Err(Error::arg(format!("cannot reshape {:?} to {shape:?}", x.shape)));
+                return Err(Error::arg(format!(
+                    "cannot reshape {:?} to {shape:?}",
+                    x.shape
+                )));
             }
             if lw.outputs.contains_key(&out0) {
                 let y = lw.place_for(out0, shape)?;
@@ -963,8 +1168,13 @@ fn lower_node(
         "Softmax" | "LogSoftmax" => {
             let x = lw.gpu(inp(0), "input")?;
             let r = x.shape.len();
-            let opset = g.opset();
-            let axis = norm_axis(node.attr_i("axis").unwrap_or(if opset >= 13 { -1 } else { 1 }), r, "axis")?;
+            let opset = if g.opset() == 0 { 21 } else { g.opset() };
+            let axis = norm_axis(
+                node.attr_i("axis")
+                    .unwrap_or(if opset >= 13 { -1 } else { 1 }),
+                r,
+                "axis",
+            )?;
             let outer = numel(&x.shape[..axis]);
             let (len, inner) = if opset >= 13 {
                 (x.shape[axis], numel(&x.shape[axis + 1..]))
@@ -974,9 +1184,21 @@ fn lower_node(
             let y = lw.place_for(out0, x.shape.clone())?;
             let rows = outer * inner;
             if rows * len > 0 {
-                let p = vec![u32_of(rows, "rows")?, u32_of(len, "len")?, u32_of(inner, "inner")?, x.off, y.off, (node.op == "LogSoftmax") as u32];
+                let p = vec![
+                    u32_of(rows, "rows")?,
+                    u32_of(len, "len")?,
+                    u32_of(inner, "inner")?,
+                    x.off,
+                    y.off,
+                    (node.op == "LogSoftmax") as u32,
+                ];
                 let gr = lw.groups_1d(rows);
-                lw.push(Kernel::Softmax, [Some(x.place), Some(y.place), None, None], p, gr);
+                lw.push(
+                    Kernel::Softmax,
+                    [Some(x.place), Some(y.place), None, None],
+                    p,
+                    gr,
+                );
             }
             lw.vals.insert(out0, y);
         }
@@ -984,13 +1206,18 @@ fn lower_node(
             let x = lw.gpu(inp(0), "input")?;
             let r = x.shape.len();
             let perm: Vec<usize> = match node.attr_ints("perm") {
-                Some(p) => p.iter().map(|&a| norm_axis(a, r, "perm")).collect::<Result<_>>()?,
+                Some(p) => p
+                    .iter()
+                    .map(|&a| norm_axis(a, r, "perm"))
+                    .collect::<Result<_>>()?,
                 None => (0..r).rev().collect(),
             };
             let mut seen = vec![false; r];
             for &p in &perm {
                 if p >= r || std::mem::replace(&mut seen[p], true) {
-                    return Err(Error::arg(format!("perm {perm:?} is not a permutation of {r} axes")));
+                    return Err(Error::arg(format!(
+                        "perm {perm:?} is not a permutation of {r} axes"
+                    )));
                 }
             }
             if perm.len() != r {
@@ -1010,12 +1237,20 @@ fn lower_node(
                 .collect::<Result<_>>()?;
             let first = ins.first().ok_or_else(|| Error::arg("Concat of nothing"))?;
             let r = first.shape.len();
-            let axis = norm_axis(node.attr_i("axis").ok_or_else(|| Error::arg("axis is required"))?, r, "axis")?;
+            let axis = norm_axis(
+                node.attr_i("axis")
+                    .ok_or_else(|| Error::arg("axis is required"))?,
+                r,
+                "axis",
+            )?;
             let mut shape = first.shape.clone();
             shape[axis] = 0;
             for x in &ins {
                 if x.shape.len() != r || (0..r).any(|d| d != axis && x.shape[d] != first.shape[d]) {
-                    return Err(Error::arg(format!("inputs {:?} and {:?} do not concatenate on axis {axis}", first.shape, x.shape)));
+                    return Err(Error::arg(format!(
+                        "inputs {:?} and {:?} do not concatenate on axis {axis}",
+                        first.shape, x.shape
+                    )));
                 }
                 shape[axis] += x.shape[axis];
             }
@@ -1042,15 +1277,27 @@ fn lower_node(
                 None => const_ints(&lw.consts, inp(1), "pads")?,
             };
             let value = match inp(2) {
-                Some(v) => scalar_f32(lw.consts.get(&v).ok_or_else(|| Error::unsupported("Pad value must be a constant"))?, "Pad value")?,
+                Some(v) => scalar_f32(
+                    lw.consts
+                        .get(&v)
+                        .ok_or_else(|| Error::unsupported("Pad value must be a constant"))?,
+                    "Pad value",
+                )?,
                 None => node.attr_f("value").unwrap_or(0.0),
             };
             let axes: Vec<usize> = match inp(3) {
-                Some(_) => const_ints(&lw.consts, inp(3), "axes")?.iter().map(|&a| norm_axis(a, r, "axes")).collect::<Result<_>>()?,
+                Some(_) => const_ints(&lw.consts, inp(3), "axes")?
+                    .iter()
+                    .map(|&a| norm_axis(a, r, "axes"))
+                    .collect::<Result<_>>()?,
                 None => (0..r).collect(),
             };
             if pads.len() != 2 * axes.len() {
-                return Err(Error::arg(format!("{} pads for {} axes", pads.len(), axes.len())));
+                return Err(Error::arg(format!(
+                    "{} pads for {} axes",
+                    pads.len(),
+                    axes.len()
+                )));
             }
             let mut begin = vec![0i64; r];
             let mut end = vec![0i64; r];
@@ -1085,10 +1332,20 @@ fn lower_node(
                     src_off += lo * xs[d] as i64;
                     dst_off += begin[d].max(0) * ys[d] as i64;
                 }
-                let src = GVal { off: u32_of(src_off as usize, "offset")?, ..x.clone() };
+                let src = GVal {
+                    off: u32_of(src_off as usize, "offset")?,
+                    ..x.clone()
+                };
                 let ss: Vec<i64> = xs.iter().map(|&v| v as i64).collect();
                 let ds: Vec<i64> = ys.iter().map(|&v| v as i64).collect();
-                lw.copy(&src, &ss, &y, u32_of(dst_off as usize, "offset")?, &ds, &box_)?;
+                lw.copy(
+                    &src,
+                    &ss,
+                    &y,
+                    u32_of(dst_off as usize, "offset")?,
+                    &ds,
+                    &box_,
+                )?;
             }
             lw.vals.insert(out0, y);
         }
@@ -1098,14 +1355,20 @@ fn lower_node(
             let starts = const_ints(&lw.consts, inp(1), "starts")?;
             let ends = const_ints(&lw.consts, inp(2), "ends")?;
             let axes: Vec<usize> = match inp(3) {
-                Some(_) => const_ints(&lw.consts, inp(3), "axes")?.iter().map(|&a| norm_axis(a, r, "axes")).collect::<Result<_>>()?,
+                Some(_) => const_ints(&lw.consts, inp(3), "axes")?
+                    .iter()
+                    .map(|&a| norm_axis(a, r, "axes"))
+                    .collect::<Result<_>>()?,
                 None => (0..starts.len()).collect(),
             };
             let steps = match inp(4) {
                 Some(_) => const_ints(&lw.consts, inp(4), "steps")?,
                 None => vec![1; starts.len()],
             };
-            if starts.len() != ends.len() || axes.len() != starts.len() || steps.len() != starts.len() {
+            if starts.len() != ends.len()
+                || axes.len() != starts.len()
+                || steps.len() != starts.len()
+            {
                 return Err(Error::arg("starts/ends/axes/steps lengths differ"));
             }
             let xs = strides(&x.shape);
@@ -1122,12 +1385,22 @@ fn lower_node(
                 let clampi = |v: i64, lo: i64, hi: i64| v.max(lo).min(hi);
                 let norm = |v: i64| if v < 0 { v.saturating_add(dim) } else { v };
                 let (s, e) = if step > 0 {
-                    (clampi(norm(starts[i]), 0, dim), clampi(norm(ends[i]), 0, dim))
+                    (
+                        clampi(norm(starts[i]), 0, dim),
+                        clampi(norm(ends[i]), 0, dim),
+                    )
                 } else {
-                    (clampi(norm(starts[i]), -1, dim - 1), clampi(norm(ends[i]), -1, dim - 1))
+                    (
+                        clampi(norm(starts[i]), -1, dim - 1),
+                        clampi(norm(ends[i]), -1, dim - 1),
+                    )
                 };
                 let len = if step > 0 {
-                    if e > s { (e - s + step - 1) / step } else { 0 }
+                    if e > s {
+                        (e - s + step - 1) / step
+                    } else {
+                        0
+                    }
                 } else if s > e {
                     (s - e + (-step) - 1) / (-step)
                 } else {
@@ -1140,7 +1413,10 @@ fn lower_node(
                 ss[a] = xs[a] as i64 * step;
             }
             let y = lw.place_for(out0, shape.clone())?;
-            let src = GVal { off: u32_of(off.max(0) as usize, "offset")?, ..x.clone() };
+            let src = GVal {
+                off: u32_of(off.max(0) as usize, "offset")?,
+                ..x.clone()
+            };
             let ds: Vec<i64> = strides(&shape).iter().map(|&v| v as i64).collect();
             lw.copy(&src, &ss, &y, y.off, &ds, &shape)?;
             lw.vals.insert(out0, y);
@@ -1150,13 +1426,19 @@ fn lower_node(
             let r = x.shape.len();
             let mode = node.attr_s("mode").unwrap_or_else(|| "nearest".into());
             if mode != "nearest" {
-                return Err(Error::unsupported(format!("Resize mode '{mode}' on vulkan (nearest only)")));
+                return Err(Error::unsupported(format!(
+                    "Resize mode '{mode}' on vulkan (nearest only)"
+                )));
             }
             if r > 6 {
                 return Err(Error::unsupported("Resize of rank > 6"));
             }
             // Opset 11+: (X, roi, scales, sizes); opset 10: (X, scales).
-            let (scales_in, sizes_in) = if node.inputs.len() == 2 { (inp(1), None) } else { (inp(2), inp(3)) };
+            let (scales_in, sizes_in) = if node.inputs.len() == 2 {
+                (inp(1), None)
+            } else {
+                (inp(2), inp(3))
+            };
             let scales: Option<Vec<f32>> = match scales_in.and_then(|v| lw.consts.get(&v)) {
                 Some(t) if t.len() > 0 => Some(t.to_f32().to_vec()),
                 _ => None,
@@ -1166,36 +1448,63 @@ fn lower_node(
                 None => None,
             };
             if scales_in.is_some() && !scales_in.is_some_and(|v| lw.consts.contains_key(&v)) {
-                return Err(Error::unsupported("Resize scales must be constants on vulkan"));
+                return Err(Error::unsupported(
+                    "Resize scales must be constants on vulkan",
+                ));
             }
             if node.attr_ints("axes").is_some() {
                 return Err(Error::unsupported("Resize with axes on vulkan"));
             }
-            let (shape, sc): (Vec<usize>, Vec<f32>) = if let Some(s) = sizes.filter(|s| !s.is_empty()) {
-                if s.len() != r {
-                    return Err(Error::arg(format!("sizes {s:?} for rank {r}")));
-                }
-                let sh: Vec<usize> = s.iter().map(|&v| usize::try_from(v).map_err(|_| Error::arg("negative size"))).collect::<Result<_>>()?;
-                let sc = sh.iter().zip(&x.shape).map(|(&o, &i)| if i == 0 { 1.0 } else { o as f32 / i as f32 }).collect();
-                (sh, sc)
-            } else if let Some(s) = scales {
-                if s.len() != r || s.iter().any(|&v| !(v > 0.0) || !v.is_finite()) {
-                    return Err(Error::arg(format!("scales {s:?} for rank {r}")));
-                }
-                let sh = x.shape.iter().zip(&s).map(|(&i, &k)| (i as f32 * k).floor() as usize).collect();
-                (sh, s)
-            } else {
-                return Err(Error::arg("Resize needs scales or sizes"));
-            };
-            let ctm = match node.attr_s("coordinate_transformation_mode").as_deref().unwrap_or("half_pixel") {
+            let (shape, sc): (Vec<usize>, Vec<f32>) =
+                if let Some(s) = sizes.filter(|s| !s.is_empty()) {
+                    if s.len() != r {
+                        return Err(Error::arg(format!("sizes {s:?} for rank {r}")));
+                    }
+                    let sh: Vec<usize> = s
+                        .iter()
+                        .map(|&v| usize::try_from(v).map_err(|_| Error::arg("negative size")))
+                        .collect::<Result<_>>()?;
+                    let sc = sh
+                        .iter()
+                        .zip(&x.shape)
+                        .map(|(&o, &i)| if i == 0 { 1.0 } else { o as f32 / i as f32 })
+                        .collect();
+                    (sh, sc)
+                } else if let Some(s) = scales {
+                    if s.len() != r || s.iter().any(|&v| !(v > 0.0) || !v.is_finite()) {
+                        return Err(Error::arg(format!("scales {s:?} for rank {r}")));
+                    }
+                    let sh = x
+                        .shape
+                        .iter()
+                        .zip(&s)
+                        .map(|(&i, &k)| (i as f32 * k).floor() as usize)
+                        .collect();
+                    (sh, s)
+                } else {
+                    return Err(Error::arg("Resize needs scales or sizes"));
+                };
+            let ctm = match node
+                .attr_s("coordinate_transformation_mode")
+                .as_deref()
+                .unwrap_or("half_pixel")
+            {
                 "half_pixel" => 0,
                 "asymmetric" => 1,
                 "align_corners" => 2,
                 "pytorch_half_pixel" => 3,
                 "tf_half_pixel_for_nn" => 4,
-                other => return Err(Error::unsupported(format!("coordinate_transformation_mode '{other}' on vulkan"))),
+                other => {
+                    return Err(Error::unsupported(format!(
+                        "coordinate_transformation_mode '{other}' on vulkan"
+                    )))
+                }
             };
-            let nm = match node.attr_s("nearest_mode").as_deref().unwrap_or("round_prefer_floor") {
+            let nm = match node
+                .attr_s("nearest_mode")
+                .as_deref()
+                .unwrap_or("round_prefer_floor")
+            {
                 "round_prefer_floor" => 0,
                 "round_prefer_ceil" => 1,
                 "floor" => 2,
@@ -1218,12 +1527,19 @@ fn lower_node(
                 p.extend(osh);
                 p.extend(scs);
                 let gr = lw.groups_1d(n);
-                lw.push(Kernel::Resize, [Some(x.place), Some(y.place), None, None], p, gr);
+                lw.push(
+                    Kernel::Resize,
+                    [Some(x.place), Some(y.place), None, None],
+                    p,
+                    gr,
+                );
             }
             lw.vals.insert(out0, y);
         }
         other => {
-            return Err(Error::unsupported(format!("op {other} is not implemented on vulkan")));
+            return Err(Error::unsupported(format!(
+                "op {other} is not implemented on vulkan"
+            )));
         }
     }
     Ok(())
@@ -1255,7 +1571,10 @@ fn alias_shape(node: &Node, s: &[usize], consts: &HashMap<ValueId, Tensor>) -> R
                         infer = Some(i);
                         out.push(1);
                     }
-                    0 if !allowzero => out.push(*s.get(i).ok_or_else(|| Error::arg("shape 0 copies a missing dim"))?),
+                    0 if !allowzero => out.push(
+                        *s.get(i)
+                            .ok_or_else(|| Error::arg("shape 0 copies a missing dim"))?,
+                    ),
                     d if d >= 0 => out.push(d as usize),
                     d => return Err(Error::arg(format!("bad shape entry {d}"))),
                 }
@@ -1281,17 +1600,27 @@ fn alias_shape(node: &Node, s: &[usize], consts: &HashMap<ValueId, Tensor>) -> R
                 match axes {
                     None => s.iter().copied().filter(|&d| d != 1).collect(),
                     Some(a) => {
-                        let ax: Vec<usize> = a.iter().map(|&x| norm_axis(x, r, "axes")).collect::<Result<_>>()?;
+                        let ax: Vec<usize> = a
+                            .iter()
+                            .map(|&x| norm_axis(x, r, "axes"))
+                            .collect::<Result<_>>()?;
                         if ax.iter().any(|&x| s[x] != 1) {
                             return Err(Error::arg(format!("Squeeze of a non-1 axis in {s:?}")));
                         }
-                        s.iter().enumerate().filter(|(i, _)| !ax.contains(i)).map(|(_, &d)| d).collect()
+                        s.iter()
+                            .enumerate()
+                            .filter(|(i, _)| !ax.contains(i))
+                            .map(|(_, &d)| d)
+                            .collect()
                     }
                 }
             } else {
                 let a = axes.ok_or_else(|| Error::arg("Unsqueeze needs axes"))?;
                 let nr = r + a.len();
-                let mut ax: Vec<usize> = a.iter().map(|&x| norm_axis(x, nr, "axes")).collect::<Result<_>>()?;
+                let mut ax: Vec<usize> = a
+                    .iter()
+                    .map(|&x| norm_axis(x, nr, "axes"))
+                    .collect::<Result<_>>()?;
                 ax.sort_unstable();
                 let mut out = Vec::with_capacity(nr);
                 let mut it = s.iter();
@@ -1299,7 +1628,10 @@ fn alias_shape(node: &Node, s: &[usize], consts: &HashMap<ValueId, Tensor>) -> R
                     if ax.contains(&i) {
                         out.push(1);
                     } else {
-                        out.push(*it.next().ok_or_else(|| Error::arg("Unsqueeze axes repeat"))?);
+                        out.push(
+                            *it.next()
+                                .ok_or_else(|| Error::arg("Unsqueeze axes repeat"))?,
+                        );
                     }
                 }
                 out

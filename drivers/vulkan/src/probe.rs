@@ -87,7 +87,10 @@ impl PhysInfo {
                 .trim()
                 .to_string(),
         );
-        p.insert("driver_version".into(), format!("{:#x}", self.driver_version));
+        p.insert(
+            "driver_version".into(),
+            format!("{:#x}", self.driver_version),
+        );
         p.insert(
             "memory_heaps".into(),
             self.heaps
@@ -176,7 +179,10 @@ impl PhysInfo {
             "vulkan",
             self.memory_domains(),
         );
-        d.description = format!("{} ({}, Vulkan {})", self.name, self.device_type, self.api_version);
+        d.description = format!(
+            "{} ({}, Vulkan {})",
+            self.name, self.device_type, self.api_version
+        );
         d.properties = self.properties();
         d
     }

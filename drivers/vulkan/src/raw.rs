@@ -139,14 +139,10 @@ impl Loader {
                 inst.get_physical_device_features2(pd, &mut f2);
             }
             let mem = inst.get_physical_device_memory_properties(pd);
-            let heaps = mem.memory_heaps[..(mem.memory_heap_count as usize).min(vk::MAX_MEMORY_HEAPS)]
+            let heaps = mem.memory_heaps
+                [..(mem.memory_heap_count as usize).min(vk::MAX_MEMORY_HEAPS)]
                 .iter()
-                .map(|h| {
-                    (
-                        h.size,
-                        h.flags.contains(vk::MemoryHeapFlags::DEVICE_LOCAL),
-                    )
-                })
+                .map(|h| (h.size, h.flags.contains(vk::MemoryHeapFlags::DEVICE_LOCAL)))
                 .collect();
             let cstr = |r: std::result::Result<&CStr, _>| {
                 r.map(|c: &CStr| c.to_string_lossy().into_owned())
@@ -477,7 +473,9 @@ impl GpuBuffer {
     /// and an address and length that are multiples of `minImportedHostPointerAlignment`.
     pub fn import(ctx: &Arc<Ctx>, host: &Buffer) -> Result<GpuBuffer> {
         let Some(ext) = &ctx.host_import else {
-            return Err(Error::unsupported("VK_EXT_external_memory_host is not available"));
+            return Err(Error::unsupported(
+                "VK_EXT_external_memory_host is not available",
+            ));
         };
         let align = ctx.info.min_imported_host_pointer_alignment.max(1);
         let len = host.len() as u64;
@@ -499,12 +497,7 @@ impl GpuBuffer {
         // SAFETY: `ptr` points at `len` mapped bytes (checked aligned above); `hp` is a valid
         // output struct.
         let r = unsafe {
-            (ext.fp().get_memory_host_pointer_properties_ext)(
-                ctx.device.handle(),
-                ht,
-                ptr,
-                &mut hp,
-            )
+            (ext.fp().get_memory_host_pointer_properties_ext)(ctx.device.handle(), ht, ptr, &mut hp)
         };
         if r != vk::Result::SUCCESS {
             return Err(vkerr("vkGetMemoryHostPointerPropertiesEXT", r));
@@ -516,7 +509,9 @@ impl GpuBuffer {
         ) else {
             // SAFETY: created above, never used.
             unsafe { ctx.device.destroy_buffer(buf, None) };
-            return Err(Error::unsupported("no memory type accepts the host pointer"));
+            return Err(Error::unsupported(
+                "no memory type accepts the host pointer",
+            ));
         };
         let mut imp = vk::ImportMemoryHostPointerInfoEXT::default()
             .handle_type(ht)
