@@ -1043,7 +1043,7 @@ fn lower_node(
                 && a.shape.len() > 2
             {
                 // Per-channel slope given as [C] (older exporters): broadcast over channels.
-                bsh.extend(std::iter::repeat(1).take(a.shape.len() - 2));
+                bsh.extend(std::iter::repeat_n(1, a.shape.len() - 2));
             }
             let out = broadcast_shapes(&a.shape, &bsh)?;
             if out.len() > 6 {
@@ -1440,7 +1440,7 @@ fn lower_node(
                 (inp(2), inp(3))
             };
             let scales: Option<Vec<f32>> = match scales_in.and_then(|v| lw.consts.get(&v)) {
-                Some(t) if t.len() > 0 => Some(t.to_f32().to_vec()),
+                Some(t) if !t.is_empty() => Some(t.to_f32().to_vec()),
                 _ => None,
             };
             let sizes = match sizes_in {
@@ -1471,7 +1471,7 @@ fn lower_node(
                         .collect();
                     (sh, sc)
                 } else if let Some(s) = scales {
-                    if s.len() != r || s.iter().any(|&v| !(v > 0.0) || !v.is_finite()) {
+                    if s.len() != r || s.iter().any(|&v| v.is_nan() || v <= 0.0 || !v.is_finite()) {
                         return Err(Error::arg(format!("scales {s:?} for rank {r}")));
                     }
                     let sh = x
@@ -1581,7 +1581,7 @@ fn alias_shape(node: &Node, s: &[usize], consts: &HashMap<ValueId, Tensor>) -> R
             }
             if let Some(i) = infer {
                 let known = numel(&out);
-                if known == 0 || numel(s) % known != 0 {
+                if known == 0 || !numel(s).is_multiple_of(known) {
                     return Err(Error::arg(format!("cannot reshape {s:?} to {spec:?}")));
                 }
                 out[i] = numel(s) / known;

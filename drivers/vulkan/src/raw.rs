@@ -30,7 +30,6 @@ fn vkerr(what: &str, r: vk::Result) -> Error {
 pub struct Loader {
     entry: ash::Entry,
     instance: ash::Instance,
-    api: u32,
 }
 
 impl Loader {
@@ -65,11 +64,7 @@ impl Loader {
         // SAFETY: `ci` and `app` outlive the call; no allocator callbacks.
         let instance = unsafe { entry.create_instance(&ci, None) }
             .map_err(|e| format!("unavailable: vkCreateInstance failed: {e}"))?;
-        Ok(Arc::new(Loader {
-            entry,
-            instance,
-            api,
-        }))
+        Ok(Arc::new(Loader { entry, instance }))
     }
 
     /// Every physical device with the properties edgehal cares about.
@@ -323,17 +318,6 @@ impl Ctx {
                     .contains(want)
         })
     }
-
-    /// True when device-local memory can also be mapped (integrated GPUs, lavapipe, ReBAR).
-    pub fn device_local_is_mappable(&self) -> bool {
-        (0..self.mem.memory_type_count.min(vk::MAX_MEMORY_TYPES as u32)).any(|i| {
-            self.mem.memory_types[i as usize].property_flags.contains(
-                vk::MemoryPropertyFlags::DEVICE_LOCAL
-                    | vk::MemoryPropertyFlags::HOST_VISIBLE
-                    | vk::MemoryPropertyFlags::HOST_COHERENT,
-            )
-        })
-    }
 }
 
 impl Drop for Ctx {
@@ -479,7 +463,7 @@ impl GpuBuffer {
         };
         let align = ctx.info.min_imported_host_pointer_alignment.max(1);
         let len = host.len() as u64;
-        if len == 0 || host.addr() as u64 % align != 0 || len % align != 0 {
+        if len == 0 || !(host.addr() as u64).is_multiple_of(align) || !len.is_multiple_of(align) {
             return Err(Error::unsupported(format!(
                 "host buffer at {:#x}+{len} is not aligned to {align}",
                 host.addr()

@@ -2,6 +2,8 @@
 //! models end to end, zero-copy import and command-buffer replay. Runs on Mesa lavapipe in CI.
 //! Without a Vulkan loader or device the tests print SKIP, and fail when `CI=true`.
 
+#![allow(clippy::type_complexity)]
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
@@ -49,9 +51,6 @@ impl Rng {
             (0..n).map(|_| self.next()).collect::<Vec<f32>>(),
         )
         .unwrap()
-    }
-    fn below(&mut self, n: usize) -> usize {
-        ((self.next() + 1.0) * 0.5 * n as f32) as usize % n.max(1)
     }
 }
 
