@@ -78,7 +78,7 @@ fn main() -> anyhow::Result<()> {
             "{}",
             serde_json::json!({"model": path, "device": format!("vulkan:{}", dev.phys().name), "runs": runs,
                 "median_ms": med, "min_ms": min, "p90_ms": p90, "cold_start_ms": cold,
-                "dispatches": runner.executable().dispatches()})
+                "dispatches": runner.executable().map_or(0, |e| e.dispatches())})
         );
         let reg = edgehal_cpu::Registry::new();
         let mut missing: Vec<&str> = g

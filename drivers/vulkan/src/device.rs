@@ -279,6 +279,12 @@ impl Executable {
         s.as_ref().map_or(0, |c| c.recs.len())
     }
 
+    /// Arena size in bytes of the current plan.
+    pub fn arena_bytes(&self) -> usize {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.as_ref().map_or(0, |c| c.plan.arena * 4)
+    }
+
     /// Number of dispatches in the current plan.
     pub fn dispatches(&self) -> usize {
         let s = self.state.lock().unwrap_or_else(|e| e.into_inner());

@@ -4,7 +4,9 @@
 //! buffer (constants, uploaded once), input `i` or output `j` (the caller's imported buffer
 //! or a staging buffer, decided per submit). A graph output is written by its producer
 //! straight into its output place. Reshape-like ops are aliases (no work). Activations that
-//! directly follow a Conv/Gemm/MatMul/elementwise node are fused into its epilogue.
+//! directly follow a Conv/Gemm/MatMul/elementwise node are fused into its epilogue. Arena
+//! space is reused once the last reader of a value (or of any alias of it) has been lowered;
+//! the global barrier between dispatches orders the reuse.
 
 use std::collections::{HashMap, HashSet};
 
@@ -269,14 +271,68 @@ struct Lower<'g> {
     weights: Vec<f32>,
     outputs: HashMap<ValueId, usize>,
     tune: Tune,
+    /// Position (in topological order) of the node being lowered.
+    pos: usize,
+    /// Last position at which each value is read.
+    last_use: HashMap<ValueId, usize>,
+    /// Live arena blocks: offset -> (size, last position any alias of it is read).
+    live: HashMap<u32, (usize, usize)>,
+    /// Free arena ranges (offset, size) in elements, sorted by offset.
+    free: Vec<(usize, usize)>,
 }
 
 impl Lower<'_> {
+    /// First-fit allocation in the arena, reusing ranges of values no longer read.
     fn alloc(&mut self, n: usize) -> Result<u32> {
+        let n = n.max(1).next_multiple_of(16);
+        if let Some(i) = self.free.iter().position(|&(_, s)| s >= n) {
+            let (off, s) = self.free[i];
+            if s == n {
+                self.free.remove(i);
+            } else {
+                self.free[i] = (off + n, s - n);
+            }
+            return u32_of(off, "arena offset");
+        }
         let off = u32_of(self.arena, "arena offset")?;
-        self.arena += n.next_multiple_of(16);
+        self.arena += n;
         u32_of(self.arena, "arena size")?;
         Ok(off)
+    }
+
+    /// Record that value `v` lives in the arena block at `off` (its own or an alias's).
+    fn track(&mut self, v: ValueId, off: u32, size: usize) {
+        let last = self.last_use.get(&v).copied().unwrap_or(self.pos);
+        let e = self
+            .live
+            .entry(off)
+            .or_insert((size.max(1).next_multiple_of(16), last));
+        e.1 = e.1.max(last);
+    }
+
+    /// Return the blocks whose last reader has been lowered to the free list.
+    fn release(&mut self) {
+        let pos = self.pos;
+        let dead: Vec<u32> = self
+            .live
+            .iter()
+            .filter(|(_, &(_, last))| last <= pos)
+            .map(|(&o, _)| o)
+            .collect();
+        for o in dead {
+            if let Some((size, _)) = self.live.remove(&o) {
+                self.free.push((o as usize, size));
+            }
+        }
+        self.free.sort_unstable();
+        let mut merged: Vec<(usize, usize)> = Vec::with_capacity(self.free.len());
+        for &(o, s) in &self.free {
+            match merged.last_mut() {
+                Some(last) if last.0 + last.1 == o => last.1 += s,
+                _ => merged.push((o, s)),
+            }
+        }
+        self.free = merged;
     }
 
     /// Where output value `v` of `numel` elements goes: its output place, or new arena space.
@@ -289,6 +345,7 @@ impl Lower<'_> {
             });
         }
         let off = self.alloc(numel(&shape))?;
+        self.track(v, off, numel(&shape));
         Ok(GVal {
             place: Place::Arena,
             off,
@@ -425,6 +482,10 @@ pub fn lower(g: &Graph, input_shapes: &[Vec<usize>], tune: Tune) -> Result<Plan>
         weights: Vec::new(),
         outputs: HashMap::new(),
         tune,
+        pos: 0,
+        last_use: HashMap::new(),
+        live: HashMap::new(),
+        free: Vec::new(),
     };
     for (j, &o) in g.outputs.iter().enumerate() {
         lw.outputs.entry(o).or_insert(j);
@@ -448,10 +509,17 @@ pub fn lower(g: &Graph, input_shapes: &[Vec<usize>], tune: Tune) -> Result<Plan>
         );
     }
     let order = g.topo_order()?;
+    for (p, &n) in order.iter().enumerate() {
+        for v in g.nodes[n].inputs.iter().flatten() {
+            lw.last_use.insert(*v, p);
+        }
+    }
     let consumers = g.consumers();
     let mut fused: HashSet<usize> = HashSet::new();
-    for &n in &order {
+    for (p, &n) in order.iter().enumerate() {
+        lw.pos = p;
         if fused.contains(&n) {
+            lw.release();
             continue;
         }
         let node = &g.nodes[n];
@@ -459,6 +527,7 @@ pub fn lower(g: &Graph, input_shapes: &[Vec<usize>], tune: Tune) -> Result<Plan>
             node: g.describe_node(n),
             msg: e.to_string(),
         })?;
+        lw.release();
     }
     // Outputs not written in place (aliases, inputs, constants, duplicates): copy.
     let mut output_shapes = Vec::new();
@@ -1162,6 +1231,10 @@ fn lower_node(
                 lw.contiguous_copy(&x, &y)?;
                 lw.vals.insert(out0, y);
             } else {
+                if x.place == Place::Arena {
+                    // The alias keeps the block alive until its own last reader.
+                    lw.track(out0, x.off, 0);
+                }
                 lw.vals.insert(out0, GVal { shape, ..x });
             }
         }
@@ -1639,4 +1712,55 @@ fn alias_shape(node: &Node, s: &[usize], consts: &HashMap<ValueId, Tensor>) -> R
         }
         other => return Err(Error::unsupported(format!("{other} is not a reshape"))),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgehal_core::graph::Node;
+
+    /// x -> Exp -> a -> Neg -> b -> Reshape -> c -> Abs -> d -> Exp -> y: `a` is dead once
+    /// `b` is computed, so `d` reuses `a`'s block; `c` aliases `b`, which stays live until
+    /// `c`'s reader; `y` is written into the output place.
+    #[test]
+    fn arena_reuses_dead_blocks_and_respects_aliases() {
+        let mut g = Graph::new("chain");
+        let ids: Vec<ValueId> = ["x", "a", "b", "c", "d", "y", "s"]
+            .iter()
+            .map(|n| g.value_id(n))
+            .collect();
+        let (x, a, b, c, d, y, s) = (ids[0], ids[1], ids[2], ids[3], ids[4], ids[5], ids[6]);
+        g.inputs = vec![x];
+        g.outputs = vec![y];
+        g.initializers
+            .insert(s, Tensor::from_vec(vec![2], vec![4i64, 25]).unwrap());
+        let mk = |op: &str, i: Vec<ValueId>, o: ValueId| Node {
+            op: op.into(),
+            inputs: i.into_iter().map(Some).collect(),
+            outputs: vec![Some(o)],
+            ..Default::default()
+        };
+        g.nodes.push(mk("Exp", vec![x], a));
+        g.nodes.push(mk("Neg", vec![a], b));
+        g.nodes.push(mk("Reshape", vec![b, s], c));
+        g.nodes.push(mk("Abs", vec![c], d));
+        g.nodes.push(mk("Exp", vec![d], y));
+        let tune = Tune {
+            gemm: (16, 16),
+            wg: 64,
+        };
+        let p = lower(&g, &[vec![100]], tune).unwrap();
+        // a (112 elems padded) and b: two blocks live at once; d reuses a's block.
+        assert_eq!(p.arena, 2 * 112);
+        let offs: Vec<u32> = p
+            .steps
+            .iter()
+            .map(|st| p.params[st.base as usize + 5])
+            .collect();
+        // y_off of Exp(x)->a, Neg->b, Abs->d
+        assert_eq!(offs[0], 0);
+        assert_eq!(offs[1], 112);
+        assert_eq!(offs[2], 0, "d reuses a's block");
+        assert_eq!(p.output_shapes, vec![vec![4, 25]]);
+    }
 }

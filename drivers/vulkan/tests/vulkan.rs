@@ -341,7 +341,11 @@ fn conv_with_fused_activation() {
         let runner = Runner::new(Arc::clone(&dev), &g, &[x]).unwrap();
         // One dispatch: the activation is fused into the convolution's epilogue.
         let got = runner.run().unwrap().remove(0);
-        assert_eq!(runner.executable().dispatches(), 1, "{act_op} not fused");
+        assert_eq!(
+            runner.executable().map_or(0, |e| e.dispatches()),
+            1,
+            "{act_op} not fused"
+        );
         assert_close(&format!("Conv+{act_op}"), &got, &want.0, &want.1, 1e-4);
     }
 }
@@ -833,7 +837,7 @@ fn imported_inputs_and_outputs_make_no_copies_and_replay() {
     );
     assert_eq!(runner.counter().bytes(), 0);
     assert_eq!(
-        runner.executable().recordings(),
+        runner.executable().map_or(0, |e| e.recordings()),
         1,
         "command buffer recorded once, replayed"
     );
@@ -1121,8 +1125,9 @@ fn model_matches_reference(name: &str) {
         .zip(w.iter())
         .fold(0.0f32, |a, (x, y)| a.max((x - y).abs()));
     eprintln!(
-        "{name}: {} dispatches, first run {vk_ms:.0} ms, max |diff| {diff:e} of max {max}",
-        runner.executable().dispatches()
+        "{name}: arena {} KiB, {} dispatches, first run {vk_ms:.0} ms, max |diff| {diff:e} of max {max}",
+        runner.executable().map_or(0, |e| e.arena_bytes() >> 10),
+        runner.executable().map_or(0, |e| e.dispatches())
     );
     assert_eq!(got.shape(), want.shape());
     assert!(
