@@ -221,8 +221,9 @@ fn u32_of(v: usize, what: &str) -> Result<u32> {
         .ok_or_else(|| Error::TooLarge(format!("{what} = {v} is over the 2^31 element limit")))
 }
 
+/// Element count, saturating (sizes from a model are checked against the 2^31 limit after).
 fn numel(s: &[usize]) -> usize {
-    s.iter().product()
+    s.iter().fold(1usize, |a, &d| a.saturating_mul(d))
 }
 
 fn strides(s: &[usize]) -> Vec<usize> {
@@ -253,7 +254,7 @@ fn const_ints(
 fn norm_axis(a: i64, rank: usize, what: &str) -> Result<usize> {
     let r = rank as i64;
     let x = if a < 0 { a + r } else { a };
-    if x < 0 || x >= r.max(1) {
+    if x < 0 || x >= r {
         return Err(Error::arg(format!(
             "{what}: axis {a} out of range for rank {rank}"
         )));
@@ -604,7 +605,7 @@ fn geometry(node: &Node, in_hw: &[usize], kernel: &[usize], ceil: bool) -> Resul
         for a in 0..r {
             let out = in_hw[a].div_ceil(strides[a].max(1));
             let eff = (kernel[a].max(1) - 1) * dil[a] + 1;
-            let total = ((out - 1) * strides[a] + eff).saturating_sub(in_hw[a]);
+            let total = (out.saturating_sub(1) * strides[a] + eff).saturating_sub(in_hw[a]);
             let (b, e) = if auto == "SAME_UPPER" {
                 (total / 2, total - total / 2)
             } else {
@@ -1380,7 +1381,9 @@ fn lower_node(
             }
             let mut shape = Vec::with_capacity(r);
             for d in 0..r {
-                let s = x.shape[d] as i64 + begin[d] + end[d];
+                let s = (x.shape[d] as i64)
+                    .saturating_add(begin[d])
+                    .saturating_add(end[d]);
                 if s < 0 {
                     return Err(Error::arg(format!("pads {pads:?} make axis {d} negative")));
                 }
@@ -1399,8 +1402,8 @@ fn lower_node(
                 let mut dst_off = y.off as i64;
                 let mut box_ = Vec::with_capacity(r);
                 for d in 0..r {
-                    let lo = (-begin[d]).max(0);
-                    let hi = (x.shape[d] as i64 - (-end[d]).max(0)).max(lo);
+                    let lo = begin[d].saturating_neg().max(0);
+                    let hi = (x.shape[d] as i64 - end[d].saturating_neg().max(0)).max(lo);
                     box_.push((hi - lo) as usize);
                     src_off += lo * xs[d] as i64;
                     dst_off += begin[d].max(0) * ys[d] as i64;
@@ -1452,8 +1455,8 @@ fn lower_node(
                 let a = axes[i];
                 let dim = x.shape[a] as i64;
                 let step = steps[i];
-                if step == 0 {
-                    return Err(Error::arg("Slice step 0"));
+                if step == 0 || step == i64::MIN {
+                    return Err(Error::arg(format!("Slice step {step}")));
                 }
                 let clampi = |v: i64, lo: i64, hi: i64| v.max(lo).min(hi);
                 let norm = |v: i64| if v < 0 { v.saturating_add(dim) } else { v };

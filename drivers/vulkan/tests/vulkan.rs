@@ -1145,3 +1145,100 @@ fn mobilenet_v2_matches_cpu() {
 fn resnet18_matches_cpu() {
     model_matches_reference("resnet18.onnx");
 }
+
+/// The error of compiling and running `g` (shapes are known only at the first run).
+fn fails(dev: &Arc<Device>, g: &Graph, f: &[Tensor]) -> Option<edgehal_core::Error> {
+    match Runner::new(Arc::clone(dev), g, f) {
+        Err(e) => Some(e),
+        Ok(r) => r.run().err(),
+    }
+}
+
+#[test]
+fn bad_models_are_errors_not_panics() {
+    let Some(dev) = device() else { return };
+    let mut r = Rng(12);
+    // Weight of the wrong rank.
+    let (g, f) = graph(
+        "Conv",
+        vec![
+            In::Run(r.tensor(&[1, 3, 5, 5])),
+            In::Init(r.tensor(&[4, 3, 3])),
+        ],
+        vec![],
+    );
+    let e = fails(&dev, &g, &f).expect("rank-3 weight must fail");
+    assert!(e.to_string().contains("2-D convolution"), "{e}");
+    // Channel mismatch.
+    let (g, f) = graph(
+        "Conv",
+        vec![
+            In::Run(r.tensor(&[1, 3, 5, 5])),
+            In::Init(r.tensor(&[4, 2, 3, 3])),
+        ],
+        vec![],
+    );
+    assert!(fails(&dev, &g, &f).is_some());
+    // Kernel larger than the padded input.
+    let (g, f) = graph(
+        "MaxPool",
+        vec![In::Run(r.tensor(&[1, 1, 2, 2]))],
+        vec![("kernel_shape", ints(&[5, 5]))],
+    );
+    assert!(fails(&dev, &g, &f).is_some());
+    // Softmax axis out of range, huge pads, Slice step i64::MIN, non-constant Reshape shape.
+    let (g, f) = graph(
+        "Softmax",
+        vec![In::Run(r.tensor(&[2, 3]))],
+        vec![("axis", Attr::Int(5))],
+    );
+    assert!(fails(&dev, &g, &f).is_some());
+    let i64t = |v: &[i64]| Tensor::from_vec(vec![v.len()], v.to_vec()).unwrap();
+    let (g, f) = graph(
+        "Pad",
+        vec![
+            In::Run(r.tensor(&[2, 3])),
+            In::Init(i64t(&[i64::MAX, 0, i64::MAX, 0])),
+        ],
+        vec![],
+    );
+    assert!(fails(&dev, &g, &f).is_some());
+    let (g, f) = graph(
+        "Slice",
+        vec![
+            In::Run(r.tensor(&[4])),
+            In::Init(i64t(&[3])),
+            In::Init(i64t(&[0])),
+            In::Init(i64t(&[0])),
+            In::Init(i64t(&[i64::MIN])),
+        ],
+        vec![],
+    );
+    assert!(fails(&dev, &g, &f).is_some());
+    let (g, f) = graph(
+        "Reshape",
+        vec![In::Run(r.tensor(&[4])), In::Run(i64t(&[2, 2]))],
+        vec![],
+    );
+    let e = fails(&dev, &g, &f).expect("runtime shape must be refused");
+    assert!(e.to_string().contains("constant"), "{e}");
+    // Input of the wrong dtype at submit.
+    let (g, _) = graph("Relu", vec![In::Run(r.tensor(&[4]))], vec![]);
+    use edgehal_core::driver::Device as _;
+    let exe = dev
+        .compile(&edgehal_core::driver::Subgraph::whole(&g))
+        .unwrap();
+    let c = CopyCounter::new();
+    let t = Tensor::from_vec(vec![4], vec![1i32, 2, 3, 4]).unwrap();
+    let b = edgehal_core::driver::Bindings::new(
+        vec![TensorBuffer::from_tensor(&t, &c)],
+        vec![None],
+        &c,
+    );
+    let e = dev
+        .submit(exe.as_ref(), &b)
+        .unwrap()
+        .wait(None)
+        .unwrap_err();
+    assert!(e.to_string().contains("float32"), "{e}");
+}
