@@ -116,6 +116,34 @@ pub fn sgemm(
     true
 }
 
+/// Integer matrix multiply with i32 accumulation (wrapping, as the ONNX integer ops define):
+/// `C (m x n) = A (m x k) * B (k x n)`, all row-major and contiguous.
+///
+/// Returns `false` (and does nothing) when a slice is too short for the sizes.
+pub fn igemm_i32(m: usize, n: usize, k: usize, a: &[i32], b: &[i32], c: &mut [i32]) -> bool {
+    let (Some(mk), Some(kn), Some(mn)) = (m.checked_mul(k), k.checked_mul(n), m.checked_mul(n))
+    else {
+        return false;
+    };
+    if a.len() < mk || b.len() < kn || c.len() < mn {
+        return false;
+    }
+    c[..mn].fill(0);
+    for i in 0..m {
+        let row = &mut c[i * n..(i + 1) * n];
+        for p in 0..k {
+            let av = a[i * k + p];
+            if av == 0 {
+                continue;
+            }
+            for (o, &bv) in row.iter_mut().zip(&b[p * n..(p + 1) * n]) {
+                *o = o.wrapping_add(av.wrapping_mul(bv));
+            }
+        }
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,6 +205,16 @@ mod tests {
                 assert!((x - (2.0 * y + 0.5)).abs() < 1e-3);
             }
         }
+    }
+
+    #[test]
+    fn igemm_matches_hand_product() {
+        let a = [1, -2, 3, 4, 5, -6];
+        let b = [7, 8, 9, 10, -11, 12];
+        let mut c = [99i32; 4];
+        assert!(igemm_i32(2, 2, 3, &a, &b, &mut c));
+        assert_eq!(c, [1 * 7 - 2 * 9 - 3 * 11, 8 - 20 + 36, 28 + 45 + 66, 32 + 50 - 72]);
+        assert!(!igemm_i32(2, 2, 4, &a, &b, &mut c));
     }
 
     #[test]
