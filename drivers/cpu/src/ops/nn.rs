@@ -81,7 +81,9 @@ pub(crate) fn ftensor(dtype: DType, shape: Vec<usize>, v: Vec<f32>) -> Result<Te
         DType::F64 => Tensor::from_vec(shape, v.into_iter().map(f64::from).collect()),
         DType::F16 => Tensor::from_vec(shape, v.into_iter().map(f16::from_f32).collect()),
         DType::BF16 => Tensor::from_vec(shape, v.into_iter().map(bf16::from_f32).collect()),
-        d => Err(Error::unsupported(format!("expected a float dtype, got {d}"))),
+        d => Err(Error::unsupported(format!(
+            "expected a float dtype, got {d}"
+        ))),
     }
 }
 
@@ -125,7 +127,9 @@ fn binary_float(a: &Tensor, b: &Tensor, f: impl Fn(f64, f64) -> f64) -> Result<T
         DType::BF16 => super::broadcast_binary::<bf16, bf16>(a, b, |x, y| {
             bf16::from_f64(f(x.to_f64(), y.to_f64()))
         }),
-        d => Err(Error::unsupported(format!("expected float inputs, got {d}"))),
+        d => Err(Error::unsupported(format!(
+            "expected float inputs, got {d}"
+        ))),
     }
 }
 
@@ -392,11 +396,7 @@ fn softmax_layout(ctx: &OpCtx<'_>, shape: &[usize]) -> Result<(usize, usize, usi
         if rank == 0 {
             return Ok((1, 1, 1));
         }
-        Ok((
-            numel(&shape[..a])?,
-            shape[a],
-            numel(&shape[a + 1..])?,
-        ))
+        Ok((numel(&shape[..a])?, shape[a], numel(&shape[a + 1..])?))
     }
 }
 
@@ -410,7 +410,10 @@ enum SoftKind {
 fn softmax_impl(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>], kind: SoftKind) -> Result<Vec<Tensor>> {
     let x = input(ins, 0)?;
     if !x.dtype().is_float() {
-        return Err(Error::unsupported(format!("expected float input, got {}", x.dtype())));
+        return Err(Error::unsupported(format!(
+            "expected float input, got {}",
+            x.dtype()
+        )));
     }
     let (outer, len, inner) = softmax_layout(ctx, x.shape())?;
     let v = x.to_f64_vec();
@@ -947,7 +950,9 @@ fn lrn(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let (n, c, sp) = nc_layout(x, "LRN")?;
     let size = ctx.i("size", 0);
     if size <= 0 {
-        return Err(Error::arg(format!("LRN: size must be positive, got {size}")));
+        return Err(Error::arg(format!(
+            "LRN: size must be positive, got {size}"
+        )));
     }
     let size = size as usize;
     let alpha = ctx.f("alpha", 1e-4) as f64;

@@ -2,7 +2,6 @@
 //! script (one node, its attributes, inputs and expected outputs). Ignored by default; run with
 //! `OPS_CASES=/dir OPS_FILTER=test_conv cargo test -p edgehal-cpu conformance -- --ignored --nocapture`.
 
-
 use edgehal_core::graph::{Attr, Node};
 use edgehal_core::{DType, Tensor};
 
@@ -74,8 +73,16 @@ fn run_case(text: &str, reg: &Registry) -> Result<(), String> {
             _ => {}
         }
     }
-    node.outputs = outs.iter().enumerate().map(|(i, o)| o.as_ref().map(|_| i)).collect();
-    node.inputs = ins.iter().enumerate().map(|(i, o)| o.as_ref().map(|_| i)).collect();
+    node.outputs = outs
+        .iter()
+        .enumerate()
+        .map(|(i, o)| o.as_ref().map(|_| i))
+        .collect();
+    node.inputs = ins
+        .iter()
+        .enumerate()
+        .map(|(i, o)| o.as_ref().map(|_| i))
+        .collect();
     let f = reg
         .get(&node.domain, &node.op)
         .ok_or(format!("op {} not registered", node.op))?;
@@ -136,7 +143,11 @@ fn onnx_node_cases() {
     let (mut pass, mut fail) = (0, 0);
     for p in names {
         let text = std::fs::read_to_string(&p).unwrap_or_default();
-        let name = p.file_stem().and_then(|n| n.to_str()).unwrap_or("").to_string();
+        let name = p
+            .file_stem()
+            .and_then(|n| n.to_str())
+            .unwrap_or("")
+            .to_string();
         match std::panic::catch_unwind(|| run_case(&text, &reg)) {
             Ok(Ok(())) => pass += 1,
             Ok(Err(e)) => {

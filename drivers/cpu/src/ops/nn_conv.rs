@@ -9,7 +9,7 @@
 use edgehal_core::{Error, Result, Tensor};
 use edgehal_kernels::gemm::{sgemm, MatRef};
 
-use super::{fvec, ftensor, numel, zeros_f32};
+use super::{ftensor, fvec, numel, zeros_f32};
 use crate::ops::{input, opt_input, OpCtx, Registry};
 
 pub(super) fn register(r: &mut Registry) {
@@ -149,7 +149,13 @@ fn valid_range(off: isize, s: usize, len: usize, out: usize) -> (usize, usize) {
 
 /// Unpack `cg` channels of one image into columns: `col[(c*kt + kk) * P + p]` is the input under
 /// kernel tap `kk` of channel `c` for output position `p` (zero where it falls in the padding).
-pub(crate) fn im2col<T: Copy + Default>(x: &[T], cg: usize, in_sp: &[usize], g: &Geom, col: &mut [T]) {
+pub(crate) fn im2col<T: Copy + Default>(
+    x: &[T],
+    cg: usize,
+    in_sp: &[usize],
+    g: &Geom,
+    col: &mut [T],
+) {
     let zero = T::default();
     let nd = in_sp.len();
     let in_total: usize = in_sp.iter().product();
@@ -315,16 +321,23 @@ pub(crate) fn conv_f32(
     let is_1x1 = g.k.iter().all(|&k| k == 1)
         && g.s.iter().all(|&s| s == 1)
         && g.pb.iter().chain(&g.pe).all(|&p| p == 0);
-    let mut out = zeros_f32(n.checked_mul(m).and_then(|v| v.checked_mul(p)).ok_or_else(
-        || Error::TooLarge("Conv output size overflows".into()),
-    )?)?;
+    let mut out = zeros_f32(
+        n.checked_mul(m)
+            .and_then(|v| v.checked_mul(p))
+            .ok_or_else(|| Error::TooLarge("Conv output size overflows".into()))?,
+    )?;
     let mut col = if is_1x1 {
         Vec::new()
     } else {
-        zeros_f32(kk.checked_mul(p).ok_or_else(|| Error::TooLarge("Conv im2col buffer overflows".into()))?)?
+        zeros_f32(
+            kk.checked_mul(p)
+                .ok_or_else(|| Error::TooLarge("Conv im2col buffer overflows".into()))?,
+        )?
     };
     if xv.len() != n * c * in_total || wv.len() != m * kk {
-        return Err(Error::arg("Conv: input or weight has the wrong number of elements"));
+        return Err(Error::arg(
+            "Conv: input or weight has the wrong number of elements",
+        ));
     }
     for b in 0..n {
         for gi in 0..group {
@@ -449,17 +462,21 @@ fn conv_transpose(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor
         };
         match target {
             Some(t) => {
-                let total = full.checked_sub(t).ok_or_else(|| {
-                    Error::arg(format!(
-                        "ConvTranspose: output size {t} is larger than the full output {full}"
-                    ))
-                })?;
-                if auto_pad == "SAME_LOWER" {
-                    pb[i] = total - total / 2;
+                // Per the spec only SAME_UPPER puts the smaller half first; a negative total
+                // (output_shape beyond the full output) leaves zeros at the end.
+                let total = full as i64 - t as i64;
+                let start = if auto_pad == "SAME_UPPER" {
+                    total.div_euclid(2)
                 } else {
-                    pb[i] = total / 2;
+                    total - total.div_euclid(2)
+                };
+                if start < 0 {
+                    return Err(Error::unsupported(format!(
+                        "ConvTranspose: output size {t} needs negative leading padding (full output {full})"
+                    )));
                 }
-                pe[i] = total - pb[i];
+                pb[i] = start as usize;
+                pe[i] = (total - start).max(0) as usize;
                 out_sp[i] = t;
             }
             None => {
@@ -489,10 +506,15 @@ fn conv_transpose(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor
     let p_in = numel(&in_sp)?;
     let out_total = numel(&out_sp)?;
     let rows = mg * kt;
-    let mut col = zeros_f32(rows.checked_mul(p_in).ok_or_else(|| Error::TooLarge("ConvTranspose buffer overflows".into()))?)?;
+    let mut col = zeros_f32(
+        rows.checked_mul(p_in)
+            .ok_or_else(|| Error::TooLarge("ConvTranspose buffer overflows".into()))?,
+    )?;
     let mut y = zeros_f32(n * m * out_total)?;
     if wv.len() != c * rows || xv.len() != n * c * p_in {
-        return Err(Error::arg("ConvTranspose: input or weight has the wrong number of elements"));
+        return Err(Error::arg(
+            "ConvTranspose: input or weight has the wrong number of elements",
+        ));
     }
     for b in 0..n {
         for gi in 0..group {
@@ -587,14 +609,14 @@ fn pool_impl(
     let g = geom(ctx, &in_sp, &kernel, ceil_mode)?;
     let in_total = numel(&in_sp)?;
     let out_total = numel(&g.out)?;
-    let wins: Vec<Vec<(Vec<usize>, usize)>> =
-        (0..nd).map(|i| windows(&g, i, in_sp[i])).collect();
+    let wins: Vec<Vec<(Vec<usize>, usize)>> = (0..nd).map(|i| windows(&g, i, in_sp[i])).collect();
     let in_strides = edgehal_core::tensor::contiguous_strides(&in_sp);
     let xv = x.to_f32();
     if !x.dtype().is_float() && !matches!(kind, Pool::Max) {
         return Err(Error::unsupported(format!("{op} on {}", x.dtype())));
     }
-    let want_idx = matches!(kind, Pool::Max) && ctx.node.outputs.get(1).is_some_and(|o| o.is_some());
+    let want_idx =
+        matches!(kind, Pool::Max) && ctx.node.outputs.get(1).is_some_and(|o| o.is_some());
     let col_major = ctx.i("storage_order", 0) != 0;
     let mut out = zeros_f32(n * c * out_total)?;
     let mut idx_out = if want_idx {
@@ -795,7 +817,9 @@ mod tests {
         let (n, c, h, w) = (2, 4, 7, 6);
         let (m, kh, kw) = (6, 3, 2);
         let group = 2;
-        let x: Vec<f32> = (0..n * c * h * w).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
+        let x: Vec<f32> = (0..n * c * h * w)
+            .map(|i| ((i * 7) % 11) as f32 - 5.0)
+            .collect();
         let wt: Vec<f32> = (0..m * (c / group) * kh * kw)
             .map(|i| ((i * 5) % 7) as f32 * 0.25 - 0.7)
             .collect();
@@ -906,5 +930,60 @@ mod tests {
         close(&a[0].to_vec::<f32>().unwrap(), &[4., 4., 4., 4.]);
         let b = run_op("AveragePool", 19, attrs(1), &[Some(&x)], 1).unwrap();
         close(&b[0].to_vec::<f32>().unwrap(), &[1., 2., 2., 4.]);
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::super::test_util::*;
+    use edgehal_core::graph::Attr;
+
+    /// ResNet-18's convolutions at 224x224 (1.8 GFLOP); prints the time. Run with
+    /// `cargo test --release -p edgehal-cpu resnet18_convs -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn resnet18_convs() {
+        // (cin, cout, k, stride, input size, repeats)
+        let layers = [
+            (3, 64, 7, 2, 224, 1),
+            (64, 64, 3, 1, 56, 4),
+            (64, 128, 3, 2, 56, 1),
+            (128, 128, 3, 1, 28, 3),
+            (64, 128, 1, 2, 56, 1),
+            (128, 256, 3, 2, 28, 1),
+            (256, 256, 3, 1, 14, 3),
+            (128, 256, 1, 2, 28, 1),
+            (256, 512, 3, 2, 14, 1),
+            (512, 512, 3, 1, 7, 3),
+            (256, 512, 1, 2, 14, 1),
+        ];
+        let start = std::time::Instant::now();
+        let mut flops = 0f64;
+        for &(ci, co, k, s, hw, rep) in &layers {
+            let x = t(&[1, ci, hw, hw], &vec![0.5; ci * hw * hw]);
+            let w = t(&[co, ci, k, k], &vec![0.01; co * ci * k * k]);
+            for _ in 0..rep {
+                let y = run_op(
+                    "Conv",
+                    11,
+                    vec![
+                        ("strides", Attr::Ints(vec![s as i64; 2])),
+                        ("pads", Attr::Ints(vec![(k / 2) as i64; 4])),
+                    ],
+                    &[Some(&x), Some(&w)],
+                    1,
+                )
+                .unwrap();
+                let o = y[0].shape()[2];
+                flops += 2.0 * (co * ci * k * k * o * o) as f64;
+            }
+        }
+        let el = start.elapsed().as_secs_f64();
+        println!(
+            "resnet18 convs: {:.1} ms, {:.2} GFLOP, {:.1} GFLOP/s",
+            el * 1e3,
+            flops / 1e9,
+            flops / el / 1e9
+        );
     }
 }

@@ -73,7 +73,10 @@ fn int_vec(t: &Tensor, what: &str) -> Result<Vec<i64>> {
 enum Layout {
     PerTensor,
     /// `index = (i / inner) % dim`
-    PerAxis { inner: usize, dim: usize },
+    PerAxis {
+        inner: usize,
+        dim: usize,
+    },
     /// `i = (o*D + a)*inner + r` maps to `(o*Dp + a/block)*inner + r`
     Blocked {
         inner: usize,
@@ -103,14 +106,13 @@ impl Layout {
     }
 }
 
-fn param_layout(
-    ctx: &OpCtx<'_>,
-    x: &[usize],
-    scale: &[usize],
-    op: &str,
-) -> Result<Layout> {
+fn param_layout(ctx: &OpCtx<'_>, x: &[usize], scale: &[usize], op: &str) -> Result<Layout> {
     let n: usize = scale.iter().product();
-    let block = if ctx.opset >= 21 { ctx.i("block_size", 0) } else { 0 };
+    let block = if ctx.opset >= 21 {
+        ctx.i("block_size", 0)
+    } else {
+        0
+    };
     if block < 0 {
         return Err(Error::arg(format!("{op}: negative block_size {block}")));
     }
@@ -175,9 +177,8 @@ fn quantize_linear(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tenso
         Some(z) => z.dtype(),
         None => match ctx.i("output_dtype", 0) {
             0 => DType::U8,
-            c => DType::from_onnx_code(c as i32).ok_or_else(|| {
-                Error::unsupported(format!("QuantizeLinear: output_dtype {c}"))
-            })?,
+            c => DType::from_onnx_code(c as i32)
+                .ok_or_else(|| Error::unsupported(format!("QuantizeLinear: output_dtype {c}")))?,
         },
     };
     qrange(out_dt)?;
@@ -365,10 +366,10 @@ fn qlinear_matmul(_: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>>
     let b_s = input(ins, 4)?;
     let y_s = input(ins, 6)?;
     let y_zp = opt_input(ins, 7);
-    let (acc, shape, m, n) = int_matmul(a, b, opt_input(ins, 2), opt_input(ins, 5), "QLinearMatMul")?;
+    let (acc, shape, m, n) =
+        int_matmul(a, b, opt_input(ins, 2), opt_input(ins, 5), "QLinearMatMul")?;
     let (asv, bsv, ysv) = (scales(a_s), scales(b_s), scales(y_s));
-    if (asv.len() != 1 && asv.len() != m) || (bsv.len() != 1 && bsv.len() != n) || ysv.len() != 1
-    {
+    if (asv.len() != 1 && asv.len() != m) || (bsv.len() != 1 && bsv.len() != n) || ysv.len() != 1 {
         return Err(Error::arg(
             "QLinearMatMul: scales must be scalars, per row of A or per column of B",
         ));
@@ -494,7 +495,14 @@ fn qlinear_conv(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>>
     let w_s = input(ins, 4)?;
     let y_s = input(ins, 6)?;
     let y_zp = opt_input(ins, 7);
-    let (acc, shape) = conv_i32(ctx, x, w, opt_input(ins, 2), opt_input(ins, 5), "QLinearConv")?;
+    let (acc, shape) = conv_i32(
+        ctx,
+        x,
+        w,
+        opt_input(ins, 2),
+        opt_input(ins, 5),
+        "QLinearConv",
+    )?;
     let (n, m) = (shape[0], shape[1]);
     let p = numel(&shape[2..])?;
     let bias: Vec<i64> = match opt_input(ins, 8) {

@@ -379,8 +379,7 @@ fn run(kind: Kind, ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tenso
                         if linear_before_reset {
                             for j in 0..hid {
                                 let k = 2 * hid + j;
-                                tmp[j] = gact
-                                    .apply(cl(xg[k] + wb[k] + rg[j] * (hg[k] + rb[k])));
+                                tmp[j] = gact.apply(cl(xg[k] + wb[k] + rg[j] * (hg[k] + rb[k])));
                             }
                         } else {
                             for j in 0..hid {
@@ -462,10 +461,7 @@ fn run(kind: Kind, ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tenso
             vec![batch, ndir, hid],
         )
     };
-    let mut out = vec![
-        ftensor(dt, yshape, y)?,
-        ftensor(dt, hshape.clone(), yh)?,
-    ];
+    let mut out = vec![ftensor(dt, yshape, y)?, ftensor(dt, hshape.clone(), yh)?];
     if kind == Kind::Lstm {
         out.push(ftensor(dt, hshape, yc)?);
     }
