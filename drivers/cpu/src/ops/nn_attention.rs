@@ -205,6 +205,28 @@ fn attention(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         None => 1.0 / (q.d as f64).sqrt(),
     };
     let softcap = ctx.f("softcap", 0.0) as f64;
+    // Half-precision inputs are computed as the reference does: every intermediate rounded to
+    // the input type.
+    let dt = qt.dtype();
+    let rd = |x: f64| -> f64 {
+        match dt {
+            DType::BF16 => edgehal_core::half::bf16::from_f64(x).to_f64(),
+            DType::F16 => edgehal_core::half::f16::from_f64(x).to_f64(),
+            _ => x,
+        }
+    };
+    let sq = rd(scale.sqrt());
+    let q = Heads {
+        v: q.v.iter().map(|&x| rd(x * sq)).collect(),
+        ..q
+    };
+    let ks = Heads {
+        v: k.v.iter().map(|&x| rd(x * sq)).collect(),
+        b: k.b,
+        h: k.h,
+        s: k.s,
+        d: k.d,
+    };
     let mode = ctx.i("qk_matmul_output_mode", 0);
     let mut qk_out = vec![0f64; bn * hn * qs * kvs];
     let mut y = vec![0f64; bn * hn * qs * dv];
@@ -217,10 +239,10 @@ fn attention(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
                 let base = ((b * hn + h) * qs + i) * kvs;
                 let brow = &bias[base..base + kvs];
                 for (j, r) in row.iter_mut().enumerate() {
-                    let mut s: f64 = qv.iter().zip(k.at(b, kh, j)).map(|(a, c)| a * c).sum();
-                    s *= scale;
+                    // Matrix products accumulate in wide precision and round once.
+                    let mut s = rd(qv.iter().zip(ks.at(b, kh, j)).map(|(a, c)| a * c).sum());
                     if softcap > 0.0 {
-                        s = softcap * (s / softcap).tanh();
+                        s = rd(softcap * rd(rd(s / softcap).tanh()));
                     }
                     *r = s;
                 }
@@ -228,7 +250,7 @@ fn attention(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
                     qk_out[base..base + kvs].copy_from_slice(&row);
                 }
                 for (r, &bb) in row.iter_mut().zip(brow) {
-                    *r += bb;
+                    *r = rd(*r + bb);
                 }
                 if mode == 2 {
                     qk_out[base..base + kvs].copy_from_slice(&row);
@@ -238,14 +260,20 @@ fn attention(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
                 let safe = if mx == f64::NEG_INFINITY { 0.0 } else { mx };
                 let mut sum = 0.0;
                 for r in row.iter_mut() {
-                    *r = (*r - safe).exp();
-                    sum += *r;
+                    *r = rd(rd(*r - safe).exp());
+                    // numpy sums float16 in float32 but bfloat16 (ml_dtypes) element by element.
+                    sum = if dt == DType::BF16 {
+                        rd(sum + *r)
+                    } else {
+                        sum + *r
+                    };
                 }
+                sum = rd(sum);
                 if sum == 0.0 {
                     sum = 1.0;
                 }
                 for r in row.iter_mut() {
-                    *r = if all_masked { 0.0 } else { *r / sum };
+                    *r = if all_masked { 0.0 } else { rd(*r / sum) };
                 }
                 if mode == 3 {
                     qk_out[base..base + kvs].copy_from_slice(&row);
@@ -262,7 +290,7 @@ fn attention(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
             }
         }
     }
-    let dt = qt.dtype();
+    let y: Vec<f64> = y.into_iter().map(rd).collect();
     let yt = if three_d {
         let mut t = vec![0f64; y.len()];
         for b in 0..bn {
