@@ -88,7 +88,8 @@ pub fn sgemm(
     true
 }
 
-/// Rows of the register tile.
+/// Rows of the register tile. 4x8 measured best on this machine without AVX (baseline x86_64
+/// target): ResNet-18 convs 202 ms / 17.9 GFLOP/s vs 321 ms for 6x8, under shared load.
 const MR: usize = 4;
 /// Columns of the register tile (two SSE vectors; LLVM keeps the 4x8 tile in registers).
 const NR: usize = 8;
@@ -140,8 +141,8 @@ fn axpy_rows(
 /// Packed, cache-blocked GEMM with an MR x NR register tile (the Goto/BLIS loop order).
 fn packed(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], ldc: usize) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    let mut bp = vec![0f32; KC * NC.min(n.div_ceil(NR) * NR)];
-    let mut ap = vec![0f32; KC * MC];
+    let mut bp = vec![0f32; KC * NC.div_ceil(NR).min(n.div_ceil(NR)) * NR];
+    let mut ap = vec![0f32; KC * MC.div_ceil(MR) * MR];
     for jc in (0..n).step_by(NC) {
         let nc = NC.min(n - jc);
         let npanels = nc.div_ceil(NR);
