@@ -17,6 +17,7 @@ pub mod reduce;
 pub mod resize;
 pub mod rnn;
 pub mod shape;
+pub mod tflite;
 
 /// What an op sees besides its inputs.
 pub struct OpCtx<'a> {
@@ -82,6 +83,7 @@ impl Registry {
         resize::register(&mut r);
         rnn::register(&mut r);
         shape::register(&mut r);
+        tflite::register(&mut r);
         r
     }
     /// Register an op of the default domain.
