@@ -7,7 +7,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod npy;
 pub mod onnx;
+pub mod passes;
 pub mod session;
 pub mod tflite;
 

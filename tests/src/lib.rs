@@ -7,12 +7,17 @@ use std::path::PathBuf;
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap_or_default()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
 }
 
 /// `../shared` beside the checkout (or `$EDGEHAL_SHARED`).
 pub fn shared_dir() -> PathBuf {
-    std::env::var_os("EDGEHAL_SHARED").map(PathBuf::from).unwrap_or_else(|| repo_root().join("../shared"))
+    std::env::var_os("EDGEHAL_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("../shared"))
 }
 
 /// A dev model from `../shared/models`.
@@ -23,12 +28,16 @@ pub fn model(name: &str) -> PathBuf {
 /// The Python with the reference runtimes (onnx, onnxruntime, ai-edge-litert, numpy):
 /// `$EDGEHAL_PYTHON`, else `<repo>/.venv/bin/python` as `.ci/run` creates it.
 pub fn python() -> PathBuf {
-    std::env::var_os("EDGEHAL_PYTHON").map(PathBuf::from).unwrap_or_else(|| repo_root().join(".venv/bin/python"))
+    std::env::var_os("EDGEHAL_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".venv/bin/python"))
 }
 
 /// True when tests must not skip for a missing tool (CI sets `CI=true`).
 pub fn strict() -> bool {
-    std::env::var("CI").map(|v| v == "true" || v == "1").unwrap_or(false)
+    std::env::var("CI")
+        .map(|v| v == "true" || v == "1")
+        .unwrap_or(false)
 }
 
 /// A fresh scratch directory under the target dir.

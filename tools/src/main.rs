@@ -2,7 +2,9 @@
 
 #![forbid(unsafe_code)]
 
+mod ops;
 mod probe;
+mod run;
 
 use clap::{Parser, Subcommand};
 
@@ -28,12 +30,74 @@ enum Cmd {
         #[arg(long)]
         sysroot: Option<std::path::PathBuf>,
     },
+    /// Run a model once and write its outputs.
+    Run {
+        /// Model file (.onnx or .tflite).
+        model: std::path::PathBuf,
+        /// NAME=FILE (.npy or ONNX TensorProto .pb); repeatable. Inputs not given get seeded random data.
+        #[arg(long = "input", value_name = "NAME=FILE")]
+        inputs: Vec<String>,
+        /// Write each output as DIR/<output name>.npy.
+        #[arg(long)]
+        output_dir: Option<std::path::PathBuf>,
+        /// auto, cpu, ...
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Worker threads (0 = one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Seed for the random inputs.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the ops each device supports.
+    Ops {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() {
+    // A bug must still end in one line, not a backtrace: operators script this tool.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!("edgehal: internal error: {msg}{at} (please report this)");
+        std::process::exit(101);
+    }));
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Probe { json, sysroot } => probe::run(json, sysroot),
+        Cmd::Run {
+            model,
+            inputs,
+            output_dir,
+            device,
+            threads,
+            seed,
+            json,
+        } => run::run(run::RunArgs {
+            model,
+            inputs,
+            output_dir,
+            device,
+            threads,
+            seed,
+            json,
+        }),
+        Cmd::Ops { json } => ops::run(json),
     };
     if let Err(e) = res {
         eprintln!("edgehal: {e:#}");

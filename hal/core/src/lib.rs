@@ -12,6 +12,7 @@ pub use half;
 pub mod dtype;
 pub mod error;
 pub mod graph;
+pub mod infer;
 pub mod sys;
 pub mod tensor;
 

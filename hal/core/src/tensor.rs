@@ -47,7 +47,7 @@ pub fn checked_numel(shape: &[usize], dtype: DType) -> Result<usize> {
             .checked_mul(d as u64)
             .ok_or_else(|| Error::TooLarge(format!("shape {shape:?} overflows")))?;
     }
-    let bytes = n.checked_mul(dtype.size() as u64).unwrap_or(u64::MAX);
+    let bytes = n.saturating_mul(dtype.size() as u64);
     if bytes > MAX_TENSOR_BYTES {
         return Err(Error::TooLarge(format!(
             "tensor of shape {shape:?} ({dtype}) needs {bytes} bytes, over the {} byte budget",

@@ -10,7 +10,9 @@ use edgehal_core::dtype::Elem;
 use edgehal_core::tensor::broadcast_shapes;
 use edgehal_core::{Error, Graph, Node, Result, Tensor};
 
+pub mod control;
 pub mod elementwise;
+pub mod extra;
 pub mod nn;
 pub mod quant;
 pub mod reduce;
@@ -18,6 +20,9 @@ pub mod resize;
 pub mod rnn;
 pub mod shape;
 pub mod tflite;
+
+/// Runs a subgraph with the given inputs in the scope of the calling node.
+pub type SubgraphFn<'a> = dyn Fn(&Graph, &[Tensor]) -> Result<Vec<Tensor>> + 'a;
 
 /// What an op sees besides its inputs.
 pub struct OpCtx<'a> {
@@ -27,7 +32,7 @@ pub struct OpCtx<'a> {
     pub opset: i64,
     /// Runs a subgraph attribute (If/Loop/Scan bodies) with the given inputs; names the body
     /// does not define are looked up in the scope of the calling node.
-    pub subgraph: Option<&'a dyn Fn(&Graph, &[Tensor]) -> Result<Vec<Tensor>>>,
+    pub subgraph: Option<&'a SubgraphFn<'a>>,
 }
 
 impl OpCtx<'_> {
@@ -76,7 +81,9 @@ impl Registry {
         let mut r = Registry {
             ops: HashMap::new(),
         };
+        control::register(&mut r);
         elementwise::register(&mut r);
+        extra::register(&mut r);
         nn::register(&mut r);
         quant::register(&mut r);
         reduce::register(&mut r);

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Run the whole edgehal test suite as CI does: installs what it needs (a Python venv with the
+# reference runtimes), checks formatting and lints, runs every test and prints what ran.
+# Usage: scripts/test-all.sh            (from the repository root; ../shared must be beside it)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+step() { printf '\n==> %s\n' "$*"; }
+
+if [ ! -d ../shared/models ]; then
+  echo "error: ../shared (models, reference scripts) must sit beside the checkout" >&2
+  exit 1
+fi
+
+step "python venv with reference runtimes (.venv)"
+py=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import onnx, onnxruntime, numpy, ai_edge_litert' 2>/dev/null; then
+  if ! "$py" -m venv --help >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq python3-venv
+  fi
+  rm -rf .venv
+  "$py" -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+fi
+.venv/bin/pip install -q -r scripts/requirements.txt
+export EDGEHAL_PYTHON=$root/.venv/bin/python
+.venv/bin/python -c 'import onnx, onnxruntime, ai_edge_litert; print("onnx", onnx.__version__, "onnxruntime", onnxruntime.__version__)'
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -q -- -D warnings
+
+step "cargo test --workspace --release"
+export CI=${CI:-true}
+cargo test --workspace --release 2>&1 | tee target/test-output.txt
+summary=$(grep -E '^test result:' target/test-output.txt | awk '{p+=$4; f+=$6; i+=$8} END {print p" passed, "f" failed, "i" ignored"}')
+
+step "ONNX node conformance (by op)"
+cat target/conformance-summary.txt
+
+step "summary"
+echo "suites: core, kernels, cpu ops, importers, session, CLI, conformance, model agreement, bad input"
+echo "rust tests: $summary"
+tail -n 1 target/conformance-summary.txt
