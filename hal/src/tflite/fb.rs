@@ -83,8 +83,10 @@ impl<'a> Table<'a> {
         }
         let vt = vt as usize;
         let vt_len = read_u16(buf, vt)? as usize;
-        if vt_len < 4 || vt_len % 2 != 0 || vt.saturating_add(vt_len) > buf.len() {
-            return Err(err(format!("table at {pos} has a bad vtable of {vt_len} bytes")));
+        if vt_len < 4 || vt_len & 1 != 0 || vt.saturating_add(vt_len) > buf.len() {
+            return Err(err(format!(
+                "table at {pos} has a bad vtable of {vt_len} bytes"
+            )));
         }
         Ok(Table {
             buf,
@@ -117,16 +119,28 @@ impl<'a> Table<'a> {
         Ok(self.scalar::<1>(id)?.map(|b| b[0] as i8).unwrap_or(default))
     }
     pub fn i32(&self, id: usize, default: i32) -> Result<i32> {
-        Ok(self.scalar::<4>(id)?.map(i32::from_le_bytes).unwrap_or(default))
+        Ok(self
+            .scalar::<4>(id)?
+            .map(i32::from_le_bytes)
+            .unwrap_or(default))
     }
     pub fn u32(&self, id: usize, default: u32) -> Result<u32> {
-        Ok(self.scalar::<4>(id)?.map(u32::from_le_bytes).unwrap_or(default))
+        Ok(self
+            .scalar::<4>(id)?
+            .map(u32::from_le_bytes)
+            .unwrap_or(default))
     }
     pub fn u64(&self, id: usize, default: u64) -> Result<u64> {
-        Ok(self.scalar::<8>(id)?.map(u64::from_le_bytes).unwrap_or(default))
+        Ok(self
+            .scalar::<8>(id)?
+            .map(u64::from_le_bytes)
+            .unwrap_or(default))
     }
     pub fn f32(&self, id: usize, default: f32) -> Result<f32> {
-        Ok(self.scalar::<4>(id)?.map(f32::from_le_bytes).unwrap_or(default))
+        Ok(self
+            .scalar::<4>(id)?
+            .map(f32::from_le_bytes)
+            .unwrap_or(default))
     }
 
     /// A sub-table field.

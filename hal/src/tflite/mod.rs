@@ -57,7 +57,8 @@ pub fn import(bytes: Bytes) -> Result<Graph> {
     let mut st = SubState::default();
     let mut g = ctx.subgraph(&subgraphs, 0, &mut st)?;
     g.opsets.insert(DOMAIN.to_string(), version as i64);
-    g.metadata.insert("tflite.version".into(), version.to_string());
+    g.metadata
+        .insert("tflite.version".into(), version.to_string());
     if let Some(d) = model.string(3)? {
         g.metadata.insert("description".into(), d);
     }
@@ -66,8 +67,15 @@ pub fn import(bytes: Bytes) -> Result<Graph> {
         let name = m.string(0)?.unwrap_or_default();
         let b = m.u32(1, 0)? as usize;
         let v = match ctx.buffer_range(b)? {
-            Some(r) if r.len() <= 256 && bytes[r.clone()].iter().all(|c| c.is_ascii_graphic() || *c == 0 || *c == b' ') => {
-                String::from_utf8_lossy(&bytes[r]).trim_end_matches('\0').to_string()
+            Some(r)
+                if r.len() <= 256
+                    && bytes[r.clone()]
+                        .iter()
+                        .all(|c| c.is_ascii_graphic() || *c == 0 || *c == b' ') =>
+            {
+                String::from_utf8_lossy(&bytes[r])
+                    .trim_end_matches('\0')
+                    .to_string()
             }
             Some(r) => format!("<{} bytes>", r.len()),
             None => String::new(),
@@ -87,9 +95,9 @@ pub fn import(bytes: Bytes) -> Result<Graph> {
             for tm in s.tables(field)? {
                 let name = tm.string(0)?.unwrap_or_default();
                 let ti = tm.u32(1, 0)? as usize;
-                let tensor = sg0_tensors
-                    .get(ti)
-                    .ok_or_else(|| perr(format!("signature '{key}': tensor index {ti} out of range")))?;
+                let tensor = sg0_tensors.get(ti).ok_or_else(|| {
+                    perr(format!("signature '{key}': tensor index {ti} out of range"))
+                })?;
                 let tname = tensor.string(3)?.unwrap_or_else(|| format!("t{ti}"));
                 parts.push(format!("{name}={tname}"));
             }
@@ -249,7 +257,9 @@ impl<'a> Ctx<'a> {
             let custom = oc.string(1)?;
             let version = oc.i32(2, 1)?;
             if builtin < 0 {
-                return Err(perr(format!("operator code {i}: negative builtin code {builtin}")));
+                return Err(perr(format!(
+                    "operator code {i}: negative builtin code {builtin}"
+                )));
             }
             opcodes.push(OpCode {
                 builtin,
@@ -307,9 +317,12 @@ impl<'a> Ctx<'a> {
         if stack.len() >= MAX_SUBGRAPH_DEPTH {
             return Err(perr("subgraphs nested too deeply"));
         }
-        let sg = all
-            .get(index)
-            .ok_or_else(|| perr(format!("subgraph index {index} out of range ({} subgraphs)", all.len())))?;
+        let sg = all.get(index).ok_or_else(|| {
+            perr(format!(
+                "subgraph index {index} out of range ({} subgraphs)",
+                all.len()
+            ))
+        })?;
         stack.push(index);
         let r = self.subgraph_inner(all, index, sg, st);
         st.stack.pop();
@@ -334,7 +347,11 @@ impl<'a> Ctx<'a> {
         let mut quants: Vec<Option<Quant>> = Vec::with_capacity(tensors.len());
         for (ti, t) in tensors.iter().enumerate() {
             let tname = t.string(3)?.unwrap_or_default();
-            let tname = if tname.is_empty() { format!("t{ti}") } else { tname };
+            let tname = if tname.is_empty() {
+                format!("t{ti}")
+            } else {
+                tname
+            };
             let id = if g.find_value(&tname).is_some() {
                 g.new_value(&tname)
             } else {
@@ -366,7 +383,13 @@ impl<'a> Ctx<'a> {
             if let Some(r) = self.buffer_range(b).map_err(ctxt)? {
                 let shape: Vec<usize> = shape_raw
                     .iter()
-                    .map(|&d| usize::try_from(d).map_err(|_| perr(format!("tensor {ti} '{tname}': constant has negative dim {d}"))))
+                    .map(|&d| {
+                        usize::try_from(d).map_err(|_| {
+                            perr(format!(
+                                "tensor {ti} '{tname}': constant has negative dim {d}"
+                            ))
+                        })
+                    })
                     .collect::<Result<_>>()?;
                 let mut tensor =
                     Tensor::from_bytes(dtype, shape, self.bytes.slice(r)).map_err(ctxt)?;
@@ -387,17 +410,26 @@ impl<'a> Ctx<'a> {
                     } else if i >= 0 && (i as usize) < ids.len() {
                         Ok(Some(i as usize))
                     } else {
-                        Err(perr(format!("{what}: tensor index {i} out of range ({} tensors)", ids.len())))
+                        Err(perr(format!(
+                            "{what}: tensor index {i} out of range ({} tensors)",
+                            ids.len()
+                        )))
                     }
                 })
                 .collect()
         };
-        for i in lookup(sg.i32s(1)?, "subgraph inputs")?.into_iter().flatten() {
+        for i in lookup(sg.i32s(1)?, "subgraph inputs")?
+            .into_iter()
+            .flatten()
+        {
             if !g.initializers.contains_key(&ids[i]) {
                 g.inputs.push(ids[i]);
             }
         }
-        for i in lookup(sg.i32s(2)?, "subgraph outputs")?.into_iter().flatten() {
+        for i in lookup(sg.i32s(2)?, "subgraph outputs")?
+            .into_iter()
+            .flatten()
+        {
             g.outputs.push(ids[i]);
         }
         for (oi, op) in sg.tables(3)?.into_iter().enumerate() {
@@ -439,13 +471,16 @@ impl<'a> Ctx<'a> {
                     );
                 }
             }
-            node.attrs.insert("version".into(), Attr::Int(oc.version as i64));
+            node.attrs
+                .insert("version".into(), Attr::Int(oc.version as i64));
             if oc.builtin == 32 {
                 let cname = oc.custom.clone().unwrap_or_default();
                 node.op = format!("custom:{cname}");
                 if let Some(r) = op.byte_range(5)? {
-                    node.attrs
-                        .insert("custom_options".into(), Attr::String(self.bytes[r].to_vec()));
+                    node.attrs.insert(
+                        "custom_options".into(),
+                        Attr::String(self.bytes[r].to_vec()),
+                    );
                 }
             } else {
                 node.op = builtin_name(oc.builtin)
@@ -665,7 +700,9 @@ fn read_quant(q: &Table<'_>, rank: usize) -> Result<Option<Quant>> {
     let axis = if scale.len() > 1 {
         let d = q.i32(6, 0)?;
         if d < 0 || d as usize >= rank.max(1) {
-            return Err(perr(format!("quantized_dimension {d} out of range for rank {rank}")));
+            return Err(perr(format!(
+                "quantized_dimension {d} out of range for rank {rank}"
+            )));
         }
         Some(d as usize)
     } else {

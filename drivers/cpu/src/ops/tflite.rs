@@ -45,7 +45,9 @@ pub fn register(r: &mut Registry) {
 
 fn unsupported_custom(ctx: &OpCtx<'_>, _: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let name = ctx.node.op.strip_prefix("custom:").unwrap_or(&ctx.node.op);
-    Err(Error::unsupported(format!("unsupported custom op '{name}'")))
+    Err(Error::unsupported(format!(
+        "unsupported custom op '{name}'"
+    )))
 }
 
 /// Quantization parameters of input (`"in0"`) or output (`"out0"`) `k` from the node's
@@ -74,7 +76,9 @@ pub fn qparams(ctx: &OpCtx<'_>, prefix: &str, t: Option<&Tensor>) -> Result<(f32
     match (q.scale.first(), q.zero_point.first()) {
         (Some(&s), Some(&z)) if s > 0.0 && s.is_finite() => Ok((s, z)),
         (Some(&s), _) => Err(Error::arg(format!("{prefix}: bad scale {s}"))),
-        _ => Err(Error::arg(format!("{prefix}: empty quantization parameters"))),
+        _ => Err(Error::arg(format!(
+            "{prefix}: empty quantization parameters"
+        ))),
     }
 }
 
@@ -116,7 +120,12 @@ pub fn q_to_i32(t: &Tensor) -> Result<Vec<i32>> {
 }
 
 /// Build a quantized tensor of `dtype` from i32 values already clamped to its range.
-pub fn q_from_i32(dtype: DType, shape: Vec<usize>, v: Vec<i32>, q: Option<Quant>) -> Result<Tensor> {
+pub fn q_from_i32(
+    dtype: DType,
+    shape: Vec<usize>,
+    v: Vec<i32>,
+    q: Option<Quant>,
+) -> Result<Tensor> {
     let mut t = match dtype {
         DType::I8 => Tensor::from_vec(shape, v.into_iter().map(|x| x as i8).collect::<Vec<_>>())?,
         DType::U8 => Tensor::from_vec(shape, v.into_iter().map(|x| x as u8).collect::<Vec<_>>())?,
@@ -133,7 +142,9 @@ pub fn q_from_i32(dtype: DType, shape: Vec<usize>, v: Vec<i32>, q: Option<Quant>
 pub fn float_in(t: &Tensor) -> Result<std::borrow::Cow<'_, [f32]>> {
     match t.dtype() {
         DType::F32 | DType::F16 | DType::BF16 | DType::F64 => Ok(t.to_f32()),
-        d => Err(Error::unsupported(format!("expected a float tensor, got {d}"))),
+        d => Err(Error::unsupported(format!(
+            "expected a float tensor, got {d}"
+        ))),
     }
 }
 
@@ -145,6 +156,14 @@ pub fn f32_out(shape: Vec<usize>, v: Vec<f32>) -> Result<Tensor> {
 /// Convert an i64 list from a constant input (shape, axes, paddings...).
 pub fn ints_of(t: &Tensor) -> Vec<i64> {
     t.to_i64_vec()
+}
+
+/// The dtype the importer recorded for output `k`, else `default`.
+pub fn out_dtype(ctx: &OpCtx<'_>, k: usize, default: DType) -> DType {
+    ctx.node
+        .attr_s(&format!("out{k}_dtype"))
+        .and_then(|s| DType::from_name(&s))
+        .unwrap_or(default)
 }
 
 #[cfg(test)]
@@ -171,15 +190,10 @@ mod tests {
             .run(&[(x, Tensor::scalar(1f32))])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("unsupported custom op 'edgetpu-custom-op'"), "{e}");
+        assert!(
+            e.contains("unsupported custom op 'edgetpu-custom-op'"),
+            "{e}"
+        );
         let _ = Attr::Int(0);
     }
-}
-
-/// The dtype the importer recorded for output `k`, else `default`.
-pub fn out_dtype(ctx: &OpCtx<'_>, k: usize, default: DType) -> DType {
-    ctx.node
-        .attr_s(&format!("out{k}_dtype"))
-        .and_then(|s| DType::from_name(&s))
-        .unwrap_or(default)
 }

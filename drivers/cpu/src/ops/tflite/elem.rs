@@ -3,7 +3,9 @@
 use edgehal_core::{DType, Error, Quant, Result, Tensor};
 
 use super::qmath::{act_range_q, type_range, Multiplier};
-use super::{act, act_f32, float_in, is_quant, out_dtype, q_from_i32, q_to_i32, qparams, quant_of, DOMAIN};
+use super::{
+    act, act_f32, float_in, is_quant, out_dtype, q_from_i32, q_to_i32, qparams, quant_of, DOMAIN,
+};
 use crate::ops::{broadcast_binary, input, OpCtx, Registry};
 
 pub fn register(r: &mut Registry) {
@@ -42,12 +44,21 @@ fn i32_tensor(t: &Tensor) -> Result<Tensor> {
 #[inline]
 fn quant1(v: f32, scale: f32, zp: i32, lo: i32, hi: i32) -> i32 {
     let q = (v / scale).round();
-    let q = if q.is_nan() { 0 } else { q.clamp(-2e9, 2e9) as i32 };
+    let q = if q.is_nan() {
+        0
+    } else {
+        q.clamp(-2e9, 2e9) as i32
+    };
     q.saturating_add(zp).clamp(lo, hi)
 }
 
 /// Float binary op with broadcasting and the fused activation.
-fn float_binary(ctx: &OpCtx<'_>, a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32) -> Result<Tensor> {
+fn float_binary(
+    ctx: &OpCtx<'_>,
+    a: &Tensor,
+    b: &Tensor,
+    f: impl Fn(f32, f32) -> f32,
+) -> Result<Tensor> {
     let (a, b) = (a.cast(DType::F32)?, b.cast(DType::F32)?);
     let t = broadcast_binary::<f32, f32>(&a, &b, f)?;
     let mut v = t.to_vec::<f32>()?;
@@ -57,7 +68,12 @@ fn float_binary(ctx: &OpCtx<'_>, a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) ->
 
 /// Quantized binary op computed in float: dequantize, apply, requantize (used where TFLite's
 /// kernels have no integer-only form or for ops not on the hot path).
-fn q_float_binary(ctx: &OpCtx<'_>, a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32) -> Result<Tensor> {
+fn q_float_binary(
+    ctx: &OpCtx<'_>,
+    a: &Tensor,
+    b: &Tensor,
+    f: impl Fn(f32, f32) -> f32,
+) -> Result<Tensor> {
     let (s1, z1) = qparams(ctx, "in0", Some(a))?;
     let (s2, z2) = qparams(ctx, "in1", Some(b))?;
     let (so, zo) = qparams(ctx, "out0", None)?;
@@ -68,7 +84,12 @@ fn q_float_binary(ctx: &OpCtx<'_>, a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) 
         let fy = s2 * (y - z2) as f32;
         quant1(f(fx, fy), so, zo, lo, hi)
     })?;
-    q_from_i32(dt, t.shape().to_vec(), t.to_vec::<i32>()?, Some(Quant::per_tensor(so, zo)))
+    q_from_i32(
+        dt,
+        t.shape().to_vec(),
+        t.to_vec::<i32>()?,
+        Some(Quant::per_tensor(so, zo)),
+    )
 }
 
 /// TFLite's quantized ADD/SUB: both inputs rescaled to a common 2^-20 grid, summed, requantized.
@@ -86,10 +107,19 @@ fn q_add_sub(ctx: &OpCtx<'_>, a: &Tensor, b: &Tensor, negate: bool) -> Result<Te
     let t = broadcast_binary::<i32, i32>(&i32_tensor(a)?, &i32_tensor(b)?, |x, y| {
         let x = m1.apply((x - z1).wrapping_mul(1 << left_shift));
         let y = m2.apply((y - z2).wrapping_mul(1 << left_shift));
-        let raw = if negate { x.wrapping_sub(y) } else { x.wrapping_add(y) };
+        let raw = if negate {
+            x.wrapping_sub(y)
+        } else {
+            x.wrapping_add(y)
+        };
         (mo.apply(raw) + zo).clamp(lo, hi)
     })?;
-    q_from_i32(dt, t.shape().to_vec(), t.to_vec::<i32>()?, Some(Quant::per_tensor(so, zo)))
+    q_from_i32(
+        dt,
+        t.shape().to_vec(),
+        t.to_vec::<i32>()?,
+        Some(Quant::per_tensor(so, zo)),
+    )
 }
 
 fn add(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
@@ -126,7 +156,12 @@ fn mul(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         let t = broadcast_binary::<i32, i32>(&i32_tensor(a)?, &i32_tensor(b)?, |x, y| {
             (m.apply((x - z1).wrapping_mul(y - z2)) + zo).clamp(lo, hi)
         })?;
-        let out = q_from_i32(dt, t.shape().to_vec(), t.to_vec::<i32>()?, Some(Quant::per_tensor(so, zo)))?;
+        let out = q_from_i32(
+            dt,
+            t.shape().to_vec(),
+            t.to_vec::<i32>()?,
+            Some(Quant::per_tensor(so, zo)),
+        )?;
         return Ok(vec![out]);
     }
     if a.dtype() == DType::I32 || a.dtype() == DType::I64 {
@@ -151,7 +186,9 @@ fn div(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
             return Err(Error::arg("Div: integer division by zero"));
         }
         // TFLite integer DIV floors.
-        return Ok(vec![int_binary(a, b, |x, y| x.div_euclid(y) - i64::from(y < 0 && x.rem_euclid(y) != 0))?]);
+        return Ok(vec![int_binary(a, b, |x, y| {
+            x.div_euclid(y) - i64::from(y < 0 && x.rem_euclid(y) != 0)
+        })?]);
     }
     Ok(vec![float_binary(ctx, a, b, |x, y| x / y)?])
 }
@@ -160,11 +197,15 @@ fn minmax(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>], max: bool) -> Result<Vec<Ten
     let (a, b) = (input(ins, 0)?, input(ins, 1)?);
     let pick = move |x: f64, y: f64| if (x > y) == max { x } else { y };
     if a.dtype().is_float() {
-        return Ok(vec![float_binary(ctx, a, b, move |x, y| pick(x as f64, y as f64) as f32)?]);
+        return Ok(vec![float_binary(ctx, a, b, move |x, y| {
+            pick(x as f64, y as f64) as f32
+        })?]);
     }
     // Integers (quantized inputs share one scale): compare raw values.
     let dt = a.dtype();
-    let t = broadcast_binary::<i64, i64>(&a.cast(DType::I64)?, &b.cast(DType::I64)?, |x, y| pick(x as f64, y as f64) as i64)?;
+    let t = broadcast_binary::<i64, i64>(&a.cast(DType::I64)?, &b.cast(DType::I64)?, |x, y| {
+        pick(x as f64, y as f64) as i64
+    })?;
     let mut out = t.cast(dt)?;
     out.quant = quant_of(ctx, "out0", Some(a));
     Ok(vec![out])
@@ -210,7 +251,12 @@ fn unary(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>], f: impl Fn(f32) -> f32) -> Re
             let table: Vec<i32> = (tlo..=thi).map(map).collect();
             xv.into_iter().map(|q| table[(q - tlo) as usize]).collect()
         };
-        return Ok(vec![q_from_i32(dt, x.shape().to_vec(), out, Some(Quant::per_tensor(so, zo)))?]);
+        return Ok(vec![q_from_i32(
+            dt,
+            x.shape().to_vec(),
+            out,
+            Some(Quant::per_tensor(so, zo)),
+        )?]);
     }
     let v: Vec<f32> = float_in(x)?.iter().map(|&v| f(v)).collect();
     Ok(vec![Tensor::from_vec(x.shape().to_vec(), v)?])
@@ -250,7 +296,12 @@ fn exp(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
 fn neg(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let x = input(ins, 0)?;
     if x.dtype() == DType::I32 || x.dtype() == DType::I64 {
-        return Ok(vec![x.cast(DType::I64)?.to_vec::<i64>().map(|v| v.into_iter().map(|e| e.wrapping_neg()).collect::<Vec<_>>()).and_then(|v| Tensor::from_vec(x.shape().to_vec(), v))?.cast(x.dtype())?]);
+        return Ok(vec![x
+            .cast(DType::I64)?
+            .to_vec::<i64>()
+            .map(|v| v.into_iter().map(|e| e.wrapping_neg()).collect::<Vec<_>>())
+            .and_then(|v| Tensor::from_vec(x.shape().to_vec(), v))?
+            .cast(x.dtype())?]);
     }
     unary(ctx, ins, |x| -x)
 }
@@ -272,7 +323,8 @@ fn quantize(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     if !is_quant(dt) {
         return Err(Error::unsupported(format!("Quantize to {dt}")));
     }
-    let q = quant_of(ctx, "out0", None).ok_or_else(|| Error::arg("Quantize: output has no scale"))?;
+    let q =
+        quant_of(ctx, "out0", None).ok_or_else(|| Error::arg("Quantize: output has no scale"))?;
     let (lo, hi) = type_range(dt);
     let out: Vec<i32> = if x.dtype().is_float() {
         let xv = float_in(x)?;
@@ -280,11 +332,17 @@ fn quantize(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
             Some(ax) if q.scale.len() > 1 => {
                 let dims = x.shape();
                 let (d, inner) = (
-                    *dims.get(ax).ok_or_else(|| Error::arg("Quantize: axis out of range"))?,
-                    dims.get(ax + 1..).map(|s| s.iter().product::<usize>()).unwrap_or(1),
+                    *dims
+                        .get(ax)
+                        .ok_or_else(|| Error::arg("Quantize: axis out of range"))?,
+                    dims.get(ax + 1..)
+                        .map(|s| s.iter().product::<usize>())
+                        .unwrap_or(1),
                 );
                 if q.scale.len() != d || q.zero_point.len() != d {
-                    return Err(Error::arg("Quantize: per-channel parameters do not match the axis"));
+                    return Err(Error::arg(
+                        "Quantize: per-channel parameters do not match the axis",
+                    ));
                 }
                 xv.iter()
                     .enumerate()
@@ -303,7 +361,10 @@ fn quantize(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         let (si, zi) = qparams(ctx, "in0", Some(x))?;
         let (so, zo) = qparams(ctx, "out0", None)?;
         let m = Multiplier::new(si as f64 / so as f64);
-        q_to_i32(x)?.into_iter().map(|v| (m.apply(v - zi) + zo).clamp(lo, hi)).collect()
+        q_to_i32(x)?
+            .into_iter()
+            .map(|v| (m.apply(v - zi) + zo).clamp(lo, hi))
+            .collect()
     } else {
         return Err(Error::unsupported(format!("Quantize from {}", x.dtype())));
     };
@@ -316,14 +377,19 @@ fn dequantize(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     if x.dtype().is_float() {
         return Ok(vec![x.cast(DType::F32)?]);
     }
-    let q = quant_of(ctx, "in0", Some(x)).ok_or_else(|| Error::arg("Dequantize: input has no scale"))?;
+    let q = quant_of(ctx, "in0", Some(x))
+        .ok_or_else(|| Error::arg("Dequantize: input has no scale"))?;
     let xv = q_to_i32(x)?;
     let (n_ch, inner) = match q.axis {
         Some(ax) if q.scale.len() > 1 => {
             let dims = x.shape();
-            let d = *dims.get(ax).ok_or_else(|| Error::arg("Dequantize: axis out of range"))?;
+            let d = *dims
+                .get(ax)
+                .ok_or_else(|| Error::arg("Dequantize: axis out of range"))?;
             if q.scale.len() != d || q.zero_point.len() != d {
-                return Err(Error::arg("Dequantize: per-channel parameters do not match the axis"));
+                return Err(Error::arg(
+                    "Dequantize: per-channel parameters do not match the axis",
+                ));
             }
             (d, dims[ax + 1..].iter().product::<usize>().max(1))
         }

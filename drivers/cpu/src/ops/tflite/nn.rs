@@ -5,7 +5,10 @@ use edgehal_core::{DType, Error, Quant, Result, Tensor};
 use edgehal_kernels::gemm::{sgemm, MatRef};
 
 use super::qmath::{act_range_q, Multiplier};
-use super::{act, act_f32, f32_out, float_in, is_quant, out_dtype, q_from_i32, q_to_i32, qparams, quant_of, DOMAIN};
+use super::{
+    act, act_f32, f32_out, float_in, is_quant, out_dtype, q_from_i32, q_to_i32, qparams, quant_of,
+    DOMAIN,
+};
 use crate::ops::{input, opt_input, OpCtx, Registry};
 
 pub fn register(r: &mut Registry) {
@@ -19,9 +22,17 @@ pub fn register(r: &mut Registry) {
 }
 
 /// Output size and leading padding of one spatial axis (TFLite's `ComputePaddingHeightWidth`).
-fn out_and_pad(padding: &str, inp: usize, k: usize, stride: usize, dil: usize) -> Result<(usize, usize)> {
+fn out_and_pad(
+    padding: &str,
+    inp: usize,
+    k: usize,
+    stride: usize,
+    dil: usize,
+) -> Result<(usize, usize)> {
     if stride == 0 || dil == 0 || k == 0 {
-        return Err(Error::arg(format!("bad stride {stride}, dilation {dil} or kernel {k}")));
+        return Err(Error::arg(format!(
+            "bad stride {stride}, dilation {dil} or kernel {k}"
+        )));
     }
     let eff = (k - 1) * dil + 1;
     let out = match padding {
@@ -42,7 +53,9 @@ fn out_and_pad(padding: &str, inp: usize, k: usize, stride: usize, dil: usize) -
 fn dims4(t: &Tensor, what: &str) -> Result<[usize; 4]> {
     match t.shape() {
         &[a, b, c, d] => Ok([a, b, c, d]),
-        s => Err(Error::arg(format!("{what} has shape {s:?}, expected 4 dims"))),
+        s => Err(Error::arg(format!(
+            "{what} has shape {s:?}, expected 4 dims"
+        ))),
     }
 }
 
@@ -93,11 +106,15 @@ impl Geo {
     /// Input row/column of a tap, None when it falls in the padding.
     #[inline]
     fn iy(&self, oy: usize, ky: usize) -> Option<usize> {
-        (oy * self.sh + ky * self.dh).checked_sub(self.pt).filter(|&v| v < self.ih)
+        (oy * self.sh + ky * self.dh)
+            .checked_sub(self.pt)
+            .filter(|&v| v < self.ih)
     }
     #[inline]
     fn ix(&self, ox: usize, kx: usize) -> Option<usize> {
-        (ox * self.sw + kx * self.dw).checked_sub(self.pl).filter(|&v| v < self.iw)
+        (ox * self.sw + kx * self.dw)
+            .checked_sub(self.pl)
+            .filter(|&v| v < self.iw)
     }
     /// im2col of image `b`: rows are output pixels, columns `(ky, kx, c)`; `fill` in padding.
     fn im2col<T: Copy>(&self, x: &[T], b: usize, fill: T) -> Vec<T> {
@@ -150,7 +167,11 @@ impl Requant {
         }
         let mult = (0..channels)
             .map(|c| {
-                let s = if wq.scale.len() == 1 { wq.scale[0] } else { wq.scale[c] };
+                let s = if wq.scale.len() == 1 {
+                    wq.scale[0]
+                } else {
+                    wq.scale[c]
+                };
                 Multiplier::new(xs as f64 * s as f64 / os as f64)
             })
             .collect();
@@ -172,7 +193,9 @@ impl Requant {
 
 /// Weight zero points per output channel (0 for symmetric int8 weights).
 fn weight_zps(ctx: &OpCtx<'_>, w: &Tensor, channels: usize) -> Vec<i32> {
-    let zp = quant_of(ctx, "in1", Some(w)).map(|q| q.zero_point).unwrap_or_default();
+    let zp = quant_of(ctx, "in1", Some(w))
+        .map(|q| q.zero_point)
+        .unwrap_or_default();
     (0..channels)
         .map(|c| zp.get(c).or(zp.first()).copied().unwrap_or(0))
         .collect()
@@ -184,9 +207,14 @@ fn bias_i32(b: Option<&Tensor>, channels: usize) -> Result<Vec<i32>> {
         Some(b) => {
             let v = b.to_i64_vec();
             if v.len() != channels {
-                return Err(Error::arg(format!("bias has {} values, expected {channels}", v.len())));
+                return Err(Error::arg(format!(
+                    "bias has {} values, expected {channels}",
+                    v.len()
+                )));
             }
-            Ok(v.into_iter().map(|x| x.clamp(i32::MIN as i64, i32::MAX as i64) as i32).collect())
+            Ok(v.into_iter()
+                .map(|x| x.clamp(i32::MIN as i64, i32::MAX as i64) as i32)
+                .collect())
         }
     }
 }
@@ -197,7 +225,10 @@ fn bias_f32(b: Option<&Tensor>, channels: usize) -> Result<Vec<f32>> {
         Some(b) => {
             let v = float_in(b)?.into_owned();
             if v.len() != channels {
-                return Err(Error::arg(format!("bias has {} values, expected {channels}", v.len())));
+                return Err(Error::arg(format!(
+                    "bias has {} values, expected {channels}",
+                    v.len()
+                )));
             }
             Ok(v)
         }
@@ -205,7 +236,15 @@ fn bias_f32(b: Option<&Tensor>, channels: usize) -> Result<Vec<f32>> {
 }
 
 /// Integer dot-product GEMM: `out[r][o] = bias[o] + sum_k a[r][k] * w[o][k]`, requantized.
-fn qgemm(a: &[i32], rows: usize, k: usize, w: &[i32], bias: &[i32], rq: &Requant, out: &mut Vec<i32>) {
+fn qgemm(
+    a: &[i32],
+    rows: usize,
+    k: usize,
+    w: &[i32],
+    bias: &[i32],
+    rq: &Requant,
+    out: &mut Vec<i32>,
+) {
     let o_n = bias.len();
     for r in 0..rows {
         let ar = &a[r * k..(r + 1) * k];
@@ -267,10 +306,24 @@ fn conv2d(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         let o = &mut out[n * rows * oc..(n + 1) * rows * oc];
         let ok = if g.is_pointwise() {
             let img = &xv[n * rows * k..(n + 1) * rows * k];
-            sgemm(1.0, MatRef::row_major(img, rows, k), MatRef::row_major(&wv, oc, k).t(), 0.0, o, oc)
+            sgemm(
+                1.0,
+                MatRef::row_major(img, rows, k),
+                MatRef::row_major(&wv, oc, k).t(),
+                0.0,
+                o,
+                oc,
+            )
         } else {
             let p = g.im2col(&xv, n, 0.0);
-            sgemm(1.0, MatRef::row_major(&p, rows, k), MatRef::row_major(&wv, oc, k).t(), 0.0, o, oc)
+            sgemm(
+                1.0,
+                MatRef::row_major(&p, rows, k),
+                MatRef::row_major(&wv, oc, k).t(),
+                0.0,
+                o,
+                oc,
+            )
         };
         if !ok {
             return Err(Error::arg("Conv2D: gemm shapes disagree"));
@@ -356,7 +409,8 @@ fn depthwise(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let wv = float_in(w)?;
     let bias = bias_f32(b, oc)?;
     let mut out = Vec::with_capacity(total);
-    run!(&xv[..], &wv[..], &bias, 0f32, |acc: &[f32]| out.extend_from_slice(acc));
+    run!(&xv[..], &wv[..], &bias, 0f32, |acc: &[f32]| out
+        .extend_from_slice(acc));
     act_f32(&act(ctx), &mut out)?;
     Ok(vec![f32_out(shape, out)?])
 }
@@ -368,7 +422,12 @@ fn transpose_conv(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor
     let b = opt_input(ins, 3);
     let xd = dims4(x, "input")?;
     let [oc, kh, kw, wc] = dims4(w, "filter")?;
-    if os.len() != 4 || os.iter().any(|&d| d < 0) || os[0] as usize != xd[0] || os[3] as usize != oc || wc != xd[3] {
+    if os.len() != 4
+        || os.iter().any(|&d| d < 0)
+        || os[0] as usize != xd[0]
+        || os[3] as usize != oc
+        || wc != xd[3]
+    {
         return Err(Error::arg(format!(
             "TransposeConv: output shape {os:?} does not fit input {:?} and filter {:?}",
             x.shape(),
@@ -394,9 +453,15 @@ fn transpose_conv(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor
                     for ix in 0..xd[2] {
                         let src = &xv[((b_ * xd[1] + iy) * xd[2] + ix) * ic..][..ic];
                         for ky in 0..kh {
-                            let Some(oy) = (iy * sh + ky).checked_sub(pt).filter(|&v| v < oh) else { continue };
+                            let Some(oy) = (iy * sh + ky).checked_sub(pt).filter(|&v| v < oh)
+                            else {
+                                continue;
+                            };
                             for kx in 0..kw {
-                                let Some(ox) = (ix * sw + kx).checked_sub(pl).filter(|&v| v < ow) else { continue };
+                                let Some(ox) = (ix * sw + kx).checked_sub(pl).filter(|&v| v < ow)
+                                else {
+                                    continue;
+                                };
                                 let dst = ((b_ * oh + oy) * ow + ox) * oc;
                                 for o in 0..oc {
                                     let wr = &wv[((o * kh + ky) * kw + kx) * ic..][..ic];
@@ -418,14 +483,19 @@ fn transpose_conv(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor
         let (_, xz) = qparams(ctx, "in2", Some(x))?;
         // Requant reads input 0's parameters: build it from the data input's.
         let (xs, _) = qparams(ctx, "in2", Some(x))?;
-        let wq = quant_of(ctx, "in1", Some(w)).ok_or_else(|| Error::arg("quantized weights without scale"))?;
+        let wq = quant_of(ctx, "in1", Some(w))
+            .ok_or_else(|| Error::arg("quantized weights without scale"))?;
         let (osc, oz) = qparams(ctx, "out0", None)?;
         let out_t = out_dtype(ctx, 0, x.dtype());
         let (lo, hi) = act_range_q(&act(ctx), osc, oz, out_t);
         let xv: Vec<i32> = q_to_i32(x)?.into_iter().map(|v| v - xz).collect();
         let wz = weight_zps(ctx, w, oc);
         let per = kh * kw * ic;
-        let wv: Vec<i32> = q_to_i32(w)?.into_iter().enumerate().map(|(i, v)| v - wz[i / per.max(1)]).collect();
+        let wv: Vec<i32> = q_to_i32(w)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| v - wz[i / per.max(1)])
+            .collect();
         let bias = bias_i32(b, oc)?;
         let acc = scatter!(&xv, &wv, 0i32);
         let mult: Vec<Multiplier> = (0..oc)
@@ -442,7 +512,12 @@ fn transpose_conv(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor
                 (mult[c].apply(a.wrapping_add(bias[c])) + oz).clamp(lo, hi)
             })
             .collect();
-        return Ok(vec![q_from_i32(out_t, shape, out, Some(Quant::per_tensor(osc, oz)))?]);
+        return Ok(vec![q_from_i32(
+            out_t,
+            shape,
+            out,
+            Some(Quant::per_tensor(osc, oz)),
+        )?]);
     }
     let xv = float_in(x)?;
     let wv = float_in(w)?;
@@ -461,7 +536,11 @@ fn fully_connected(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tenso
     let b = opt_input(ins, 2);
     let (o, k) = match w.shape() {
         &[o, k] => (o, k),
-        s => return Err(Error::arg(format!("FullyConnected: weights have shape {s:?}, expected 2 dims"))),
+        s => {
+            return Err(Error::arg(format!(
+                "FullyConnected: weights have shape {s:?}, expected 2 dims"
+            )))
+        }
     };
     if k == 0 || x.len() % k != 0 {
         return Err(Error::arg(format!(
@@ -481,13 +560,19 @@ fn fully_connected(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tenso
     };
     if is_quant(x.dtype()) {
         if !is_quant(w.dtype()) {
-            return Err(Error::unsupported("FullyConnected: quantized input with float weights"));
+            return Err(Error::unsupported(
+                "FullyConnected: quantized input with float weights",
+            ));
         }
         let (_, xz) = qparams(ctx, "in0", Some(x))?;
         let rq = Requant::new(ctx, x, w, o)?;
         let xv: Vec<i32> = q_to_i32(x)?.into_iter().map(|v| v - xz).collect();
         let wz = weight_zps(ctx, w, o);
-        let wv: Vec<i32> = q_to_i32(w)?.into_iter().enumerate().map(|(i, v)| v - wz[i / k]).collect();
+        let wv: Vec<i32> = q_to_i32(w)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| v - wz[i / k])
+            .collect();
         let bias = bias_i32(b, o)?;
         let mut out = Vec::with_capacity(rows * o);
         qgemm(&xv, rows, k, &wv, &bias, &rq, &mut out);
@@ -502,7 +587,14 @@ fn fully_connected(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tenso
     let wv = float_in(w)?;
     let bias = bias_f32(b, o)?;
     let mut out = vec![0f32; rows * o];
-    if !sgemm(1.0, MatRef::row_major(&xv, rows, k), MatRef::row_major(&wv, o, k).t(), 0.0, &mut out, o) {
+    if !sgemm(
+        1.0,
+        MatRef::row_major(&xv, rows, k),
+        MatRef::row_major(&wv, o, k).t(),
+        0.0,
+        &mut out,
+        o,
+    ) {
         return Err(Error::arg("FullyConnected: gemm shapes disagree"));
     }
     for r in out.chunks_exact_mut(o.max(1)) {
@@ -568,7 +660,9 @@ fn pool(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>], max: bool) -> Result<Vec<Tenso
     for taps in &windows {
         for ch in 0..c {
             let v = if max {
-                taps.iter().map(|&t| xv[t + ch]).fold(f32::NEG_INFINITY, f32::max)
+                taps.iter()
+                    .map(|&t| xv[t + ch])
+                    .fold(f32::NEG_INFINITY, f32::max)
             } else {
                 taps.iter().map(|&t| xv[t + ch]).sum::<f32>() / taps.len().max(1) as f32
             };
@@ -593,14 +687,28 @@ fn batch_matmul(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>>
         return Err(Error::unsupported("BatchMatMul on quantized tensors"));
     }
     if a.rank() < 2 || b.rank() < 2 {
-        return Err(Error::arg(format!("BatchMatMul: inputs {:?} and {:?} need 2+ dims", a.shape(), b.shape())));
+        return Err(Error::arg(format!(
+            "BatchMatMul: inputs {:?} and {:?} need 2+ dims",
+            a.shape(),
+            b.shape()
+        )));
     }
     let (adj_x, adj_y) = (ctx.i("adj_x", 0) != 0, ctx.i("adj_y", 0) != 0);
     let (ar, br) = (a.rank(), b.rank());
-    let (m, ka) = if adj_x { (a.shape()[ar - 1], a.shape()[ar - 2]) } else { (a.shape()[ar - 2], a.shape()[ar - 1]) };
-    let (kb, n) = if adj_y { (b.shape()[br - 1], b.shape()[br - 2]) } else { (b.shape()[br - 2], b.shape()[br - 1]) };
+    let (m, ka) = if adj_x {
+        (a.shape()[ar - 1], a.shape()[ar - 2])
+    } else {
+        (a.shape()[ar - 2], a.shape()[ar - 1])
+    };
+    let (kb, n) = if adj_y {
+        (b.shape()[br - 1], b.shape()[br - 2])
+    } else {
+        (b.shape()[br - 2], b.shape()[br - 1])
+    };
     if ka != kb {
-        return Err(Error::arg(format!("BatchMatMul: inner sizes {ka} and {kb} differ")));
+        return Err(Error::arg(format!(
+            "BatchMatMul: inner sizes {ka} and {kb} differ"
+        )));
     }
     let batch = edgehal_core::tensor::broadcast_shapes(&a.shape()[..ar - 2], &b.shape()[..br - 2])?;
     let nb: usize = batch.iter().product();
@@ -629,8 +737,16 @@ fn batch_matmul(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>>
     for bi in 0..nb {
         let ao = idx(&a.shape()[..ar - 2], bi) * m * ka;
         let bo = idx(&b.shape()[..br - 2], bi) * ka * n;
-        let am = if adj_x { MatRef::row_major(&av[ao..ao + m * ka], ka, m).t() } else { MatRef::row_major(&av[ao..ao + m * ka], m, ka) };
-        let bm = if adj_y { MatRef::row_major(&bv[bo..bo + ka * n], n, ka).t() } else { MatRef::row_major(&bv[bo..bo + ka * n], ka, n) };
+        let am = if adj_x {
+            MatRef::row_major(&av[ao..ao + m * ka], ka, m).t()
+        } else {
+            MatRef::row_major(&av[ao..ao + m * ka], m, ka)
+        };
+        let bm = if adj_y {
+            MatRef::row_major(&bv[bo..bo + ka * n], n, ka).t()
+        } else {
+            MatRef::row_major(&bv[bo..bo + ka * n], ka, n)
+        };
         if !sgemm(1.0, am, bm, 0.0, &mut out[bi * m * n..(bi + 1) * m * n], n) {
             return Err(Error::arg("BatchMatMul: gemm shapes disagree"));
         }

@@ -43,7 +43,11 @@ pub fn srdhm(a: i32, b: i32) -> i32 {
         return i32::MAX;
     }
     let ab = a as i64 * b as i64;
-    let nudge = if ab >= 0 { 1i64 << 30 } else { 1 - (1i64 << 30) };
+    let nudge = if ab >= 0 {
+        1i64 << 30
+    } else {
+        1 - (1i64 << 30)
+    };
     ((ab + nudge) / (1i64 << 31)) as i32
 }
 
@@ -137,7 +141,7 @@ mod tests {
         assert_eq!(mul_by_qm(-9, 1 << 30, 0), -4);
         // x * 0.25
         assert_eq!(mul_by_qm(10, 1 << 30, -1), 3); // 2.5 -> 3
-        // x * 3 = 0.75 * 2^2
+                                                   // x * 3 = 0.75 * 2^2
         let m = Multiplier::new(3.0);
         assert_eq!(m.apply(5), 15);
     }

@@ -53,7 +53,12 @@ fn plan(shape: &[usize], axes_t: &Tensor, keep: bool) -> Result<(Vec<usize>, Vec
     let out_shape = if keep {
         out_keep
     } else {
-        shape.iter().zip(&red).filter(|(_, r)| !**r).map(|(d, _)| *d).collect()
+        shape
+            .iter()
+            .zip(&red)
+            .filter(|(_, r)| !**r)
+            .map(|(d, _)| *d)
+            .collect()
     };
     Ok((map, out_shape, count))
 }
@@ -77,17 +82,53 @@ fn reduce(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>], kind: Kind) -> Result<Vec<Te
         let dt = out_dtype(ctx, 0, x.dtype());
         let (lo, hi) = type_range(dt);
         if kind == Kind::Max || kind == Kind::Min {
-            let init = if kind == Kind::Max { i32::MIN } else { i32::MAX };
+            let init = if kind == Kind::Max {
+                i32::MIN
+            } else {
+                i32::MAX
+            };
             let mut acc = vec![init; out_n];
             for (v, &o) in xv.iter().zip(&map) {
-                acc[o] = if kind == Kind::Max { acc[o].max(*v) } else { acc[o].min(*v) };
+                acc[o] = if kind == Kind::Max {
+                    acc[o].max(*v)
+                } else {
+                    acc[o].min(*v)
+                };
             }
             let q = quant_of(ctx, "out0", Some(x));
             return Ok(vec![q_from_i32(dt, out_shape, acc, q)?]);
         }
-        // TFLite's QuantizedMeanOrSum: integer sum of raw values, then one float rescale.
         let (si, zi) = qparams(ctx, "in0", Some(x))?;
         let (so, zo) = qparams(ctx, "out0", None)?;
+        if kind == Kind::Mean {
+            // TFLite's integer MEAN: sum of (q - zp_in), rescaled by in/out scale with the
+            // fixed-point multiplier, then divided by the count rounding half away from zero.
+            let m = super::qmath::Multiplier::new(si as f64 / so as f64);
+            let mut acc = vec![0i32; out_n];
+            for (v, &o) in xv.iter().zip(&map) {
+                acc[o] = acc[o].wrapping_add(*v - zi);
+            }
+            let n = count.max(1) as i32;
+            let out: Vec<i32> = acc
+                .into_iter()
+                .map(|a| {
+                    let a = m.apply(a);
+                    let a = if a > 0 {
+                        (a + n / 2) / n
+                    } else {
+                        (a - n / 2) / n
+                    };
+                    a.saturating_add(zo).clamp(lo, hi)
+                })
+                .collect();
+            return Ok(vec![q_from_i32(
+                dt,
+                out_shape,
+                out,
+                Some(Quant::per_tensor(so, zo)),
+            )?]);
+        }
+        // TFLite's QuantizedMeanOrSum for SUM: integer sum of raw values, one float rescale.
         let mut acc = vec![0i64; out_n];
         for (v, &o) in xv.iter().zip(&map) {
             acc[o] += *v as i64;
@@ -107,7 +148,12 @@ fn reduce(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>], kind: Kind) -> Result<Vec<Te
                 (r.clamp(-2e9, 2e9) as i32).saturating_add(zo).clamp(lo, hi)
             })
             .collect();
-        return Ok(vec![q_from_i32(dt, out_shape, out, Some(Quant::per_tensor(so, zo)))?]);
+        return Ok(vec![q_from_i32(
+            dt,
+            out_shape,
+            out,
+            Some(Quant::per_tensor(so, zo)),
+        )?]);
     }
     if x.dtype() == DType::I32 || x.dtype() == DType::I64 {
         let xv = x.to_i64_vec();
@@ -127,7 +173,9 @@ fn reduce(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>], kind: Kind) -> Result<Vec<Te
         if kind == Kind::Mean {
             acc.iter_mut().for_each(|a| *a /= count.max(1) as i64);
         }
-        return Tensor::from_vec(out_shape, acc)?.cast(x.dtype()).map(|t| vec![t]);
+        return Tensor::from_vec(out_shape, acc)?
+            .cast(x.dtype())
+            .map(|t| vec![t]);
     }
     let xv = float_in(x)?;
     let init = match kind {
@@ -147,7 +195,10 @@ fn reduce(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>], kind: Kind) -> Result<Vec<Te
     if kind == Kind::Mean {
         acc.iter_mut().for_each(|a| *a /= count.max(1) as f64);
     }
-    Ok(vec![Tensor::from_vec(out_shape, acc.into_iter().map(|v| v as f32).collect::<Vec<_>>())?])
+    Ok(vec![Tensor::from_vec(
+        out_shape,
+        acc.into_iter().map(|v| v as f32).collect::<Vec<_>>(),
+    )?])
 }
 
 fn mean(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
@@ -166,7 +217,12 @@ fn reduce_min(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
 fn arg(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>], max: bool) -> Result<Vec<Tensor>> {
     let x = input(ins, 0)?;
     let axis_v = input(ins, 1)?.to_i64_vec();
-    let axis = norm_axis(*axis_v.first().ok_or_else(|| Error::arg("ArgMax: empty axis"))?, x.rank())?;
+    let axis = norm_axis(
+        *axis_v
+            .first()
+            .ok_or_else(|| Error::arg("ArgMax: empty axis"))?,
+        x.rank(),
+    )?;
     let shape = x.shape();
     let d = shape[axis];
     let outer: usize = shape[..axis].iter().product();
@@ -205,23 +261,38 @@ fn arg_min(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
 fn softmax_impl(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>], log: bool) -> Result<Vec<Tensor>> {
     let x = input(ins, 0)?;
     let beta = if log { 1.0 } else { ctx.f("beta", 1.0) };
-    let c = *x.shape().last().ok_or_else(|| Error::arg("Softmax of a scalar"))?;
+    let c = *x
+        .shape()
+        .last()
+        .ok_or_else(|| Error::arg("Softmax of a scalar"))?;
     if c == 0 {
         return Ok(vec![x.clone()]);
     }
     let (xf, q): (Vec<f32>, Option<(f32, i32)>) = if is_quant(x.dtype()) {
         let (s, z) = qparams(ctx, "in0", Some(x))?;
-        (q_to_i32(x)?.into_iter().map(|v| (v - z) as f32 * s).collect(), Some((s, z)))
+        (
+            q_to_i32(x)?
+                .into_iter()
+                .map(|v| (v - z) as f32 * s)
+                .collect(),
+            Some((s, z)),
+        )
     } else {
         (float_in(x)?.into_owned(), None)
     };
     let mut out = Vec::with_capacity(xf.len());
     for row in xf.chunks_exact(c) {
         let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let e: Vec<f64> = row.iter().map(|&v| (((v - m) * beta) as f64).exp()).collect();
+        let e: Vec<f64> = row
+            .iter()
+            .map(|&v| (((v - m) * beta) as f64).exp())
+            .collect();
         let s: f64 = e.iter().sum();
         if log {
-            out.extend(row.iter().map(|&v| (((v - m) * beta) as f64 - s.ln()) as f32));
+            out.extend(
+                row.iter()
+                    .map(|&v| (((v - m) * beta) as f64 - s.ln()) as f32),
+            );
         } else {
             out.extend(e.iter().map(|&v| (v / s) as f32));
         }
@@ -234,7 +305,12 @@ fn softmax_impl(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>], log: bool) -> Result<V
             .iter()
             .map(|&v| (((v / so).round() as i32).saturating_add(zo)).clamp(lo, hi))
             .collect();
-        return Ok(vec![q_from_i32(dt, x.shape().to_vec(), qv, Some(Quant::per_tensor(so, zo)))?]);
+        return Ok(vec![q_from_i32(
+            dt,
+            x.shape().to_vec(),
+            qv,
+            Some(Quant::per_tensor(so, zo)),
+        )?]);
     }
     Ok(vec![Tensor::from_vec(x.shape().to_vec(), out)?])
 }

@@ -127,7 +127,10 @@ fn reshape(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     }
     if let Some(i) = infer {
         if known == 0 || x.len() % known as usize != 0 {
-            return Err(Error::arg(format!("Reshape: cannot infer -1 in {spec:?} for {:?}", x.shape())));
+            return Err(Error::arg(format!(
+                "Reshape: cannot infer -1 in {spec:?} for {:?}",
+                x.shape()
+            )));
         }
         shape[i] = x.len() / known as usize;
     }
@@ -146,18 +149,30 @@ fn squeeze(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         for d in dims {
             let a = norm_axis(d, x.rank())?;
             if x.shape()[a] != 1 {
-                return Err(Error::arg(format!("Squeeze: dim {a} of {:?} is not 1", x.shape())));
+                return Err(Error::arg(format!(
+                    "Squeeze: dim {a} of {:?} is not 1",
+                    x.shape()
+                )));
             }
             drop[a] = true;
         }
     }
-    let shape = x.shape().iter().zip(&drop).filter(|(_, d)| !**d).map(|(s, _)| *s).collect();
+    let shape = x
+        .shape()
+        .iter()
+        .zip(&drop)
+        .filter(|(_, d)| !**d)
+        .map(|(s, _)| *s)
+        .collect();
     Ok(vec![with_q(ctx, x.reshape(shape)?, x)])
 }
 
 fn expand_dims(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let x = input(ins, 0)?;
-    let a = *input(ins, 1)?.to_i64_vec().first().ok_or_else(|| Error::arg("ExpandDims: empty axis"))?;
+    let a = *input(ins, 1)?
+        .to_i64_vec()
+        .first()
+        .ok_or_else(|| Error::arg("ExpandDims: empty axis"))?;
     let a = norm_axis(a, x.rank() + 1)?;
     let mut shape = x.shape().to_vec();
     shape.insert(a, 1);
@@ -166,7 +181,9 @@ fn expand_dims(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> 
 
 /// Concatenate along `axis` (quantized inputs rescaled to `out` when their params differ).
 fn concat(ctx: &OpCtx<'_>, parts: &[Tensor], axis: usize) -> Result<Tensor> {
-    let first = parts.first().ok_or_else(|| Error::arg("nothing to concatenate"))?;
+    let first = parts
+        .first()
+        .ok_or_else(|| Error::arg("nothing to concatenate"))?;
     let rank = first.rank();
     let mut shape = first.shape().to_vec();
     shape[axis] = 0;
@@ -221,7 +238,12 @@ fn concat(ctx: &OpCtx<'_>, parts: &[Tensor], axis: usize) -> Result<Tensor> {
                 }
             })
             .collect();
-        return q_from_i32(first.dtype(), shape, out, quant_of(ctx, "out0", Some(first)));
+        return q_from_i32(
+            first.dtype(),
+            shape,
+            out,
+            quant_of(ctx, "out0", Some(first)),
+        );
     }
     let dt = first.dtype();
     edgehal_core::with_dtype!(dt, T => {
@@ -232,8 +254,16 @@ fn concat(ctx: &OpCtx<'_>, parts: &[Tensor], axis: usize) -> Result<Tensor> {
 }
 
 fn concatenation(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
-    let parts: Vec<Tensor> = ins.iter().map(|t| t.cloned().ok_or_else(|| Error::arg("Concatenation: missing input"))).collect::<Result<_>>()?;
-    let first = parts.first().ok_or_else(|| Error::arg("Concatenation: no inputs"))?;
+    let parts: Vec<Tensor> = ins
+        .iter()
+        .map(|t| {
+            t.cloned()
+                .ok_or_else(|| Error::arg("Concatenation: missing input"))
+        })
+        .collect::<Result<_>>()?;
+    let first = parts
+        .first()
+        .ok_or_else(|| Error::arg("Concatenation: no inputs"))?;
     let axis = norm_axis(ctx.i("axis", 0), first.rank())?;
     let mut t = concat(ctx, &parts, axis)?;
     if t.dtype() == DType::F32 && act(ctx) != "NONE" {
@@ -261,7 +291,10 @@ fn split_sizes(ctx: &OpCtx<'_>, x: &Tensor, axis: usize, sizes: &[usize]) -> Res
 }
 
 fn split(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
-    let a = *input(ins, 0)?.to_i64_vec().first().ok_or_else(|| Error::arg("Split: empty axis"))?;
+    let a = *input(ins, 0)?
+        .to_i64_vec()
+        .first()
+        .ok_or_else(|| Error::arg("Split: empty axis"))?;
     let x = input(ins, 1)?;
     let axis = norm_axis(a, x.rank())?;
     let n = ctx.i("num_splits", 0);
@@ -275,7 +308,10 @@ fn split(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
 fn split_v(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let x = input(ins, 0)?;
     let sizes = input(ins, 1)?.to_i64_vec();
-    let a = *input(ins, 2)?.to_i64_vec().first().ok_or_else(|| Error::arg("SplitV: empty axis"))?;
+    let a = *input(ins, 2)?
+        .to_i64_vec()
+        .first()
+        .ok_or_else(|| Error::arg("SplitV: empty axis"))?;
     let axis = norm_axis(a, x.rank())?;
     let d = x.shape()[axis] as i64;
     let known: i64 = sizes.iter().filter(|&&s| s >= 0).sum();
@@ -288,18 +324,26 @@ fn split_v(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         out.push(v as usize);
     }
     if out.iter().sum::<usize>() as i64 != d {
-        return Err(Error::arg(format!("SplitV: sizes {sizes:?} do not add up to {d}")));
+        return Err(Error::arg(format!(
+            "SplitV: sizes {sizes:?} do not add up to {d}"
+        )));
     }
     split_sizes(ctx, x, axis, &out)
 }
 
 fn pack(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
-    let parts: Vec<Tensor> = ins.iter().map(|t| t.cloned().ok_or_else(|| Error::arg("Pack: missing input"))).collect::<Result<_>>()?;
+    let parts: Vec<Tensor> = ins
+        .iter()
+        .map(|t| t.cloned().ok_or_else(|| Error::arg("Pack: missing input")))
+        .collect::<Result<_>>()?;
     let first = parts.first().ok_or_else(|| Error::arg("Pack: no inputs"))?;
     let axis = norm_axis(ctx.i("axis", 0), first.rank() + 1)?;
     let mut shape = first.shape().to_vec();
     shape.insert(axis, 1);
-    let parts: Vec<Tensor> = parts.iter().map(|p| p.reshape(shape.clone())).collect::<Result<_>>()?;
+    let parts: Vec<Tensor> = parts
+        .iter()
+        .map(|p| p.reshape(shape.clone()))
+        .collect::<Result<_>>()?;
     Ok(vec![concat(ctx, &parts, axis)?])
 }
 
@@ -320,18 +364,31 @@ fn slice(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let begin = input(ins, 1)?.to_i64_vec();
     let size = input(ins, 2)?.to_i64_vec();
     if begin.len() != x.rank() || size.len() != x.rank() {
-        return Err(Error::arg("Slice: begin/size rank does not match the input"));
+        return Err(Error::arg(
+            "Slice: begin/size rank does not match the input",
+        ));
     }
     let mut shape = Vec::with_capacity(x.rank());
     for ax in 0..x.rank() {
         let d = x.shape()[ax] as i64;
-        let s = if size[ax] == -1 { d - begin[ax] } else { size[ax] };
+        let s = if size[ax] == -1 {
+            d - begin[ax]
+        } else {
+            size[ax]
+        };
         if begin[ax] < 0 || s < 0 || begin[ax] + s > d {
-            return Err(Error::arg(format!("Slice: begin {begin:?} size {size:?} outside {:?}", x.shape())));
+            return Err(Error::arg(format!(
+                "Slice: begin {begin:?} size {size:?} outside {:?}",
+                x.shape()
+            )));
         }
         shape.push(s as usize);
     }
-    Ok(vec![with_q(ctx, strided(x, &begin, &vec![1; x.rank()], shape)?, x)])
+    Ok(vec![with_q(
+        ctx,
+        strided(x, &begin, &vec![1; x.rank()], shape)?,
+        x,
+    )])
 }
 
 fn strided_slice(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
@@ -343,13 +400,21 @@ fn strided_slice(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>
         None => vec![1; begin.len()],
     };
     if ctx.i("ellipsis_mask", 0) != 0 || ctx.i("new_axis_mask", 0) != 0 {
-        return Err(Error::unsupported("StridedSlice with ellipsis_mask or new_axis_mask"));
+        return Err(Error::unsupported(
+            "StridedSlice with ellipsis_mask or new_axis_mask",
+        ));
     }
-    let (bm, em, sm) = (ctx.i("begin_mask", 0), ctx.i("end_mask", 0), ctx.i("shrink_axis_mask", 0));
+    let (bm, em, sm) = (
+        ctx.i("begin_mask", 0),
+        ctx.i("end_mask", 0),
+        ctx.i("shrink_axis_mask", 0),
+    );
     let offset = ctx.i("offset", 0) != 0;
     let r = x.rank();
     if begin.len() > r || end.len() != begin.len() || step.len() != begin.len() {
-        return Err(Error::arg("StridedSlice: begin/end/strides lengths disagree"));
+        return Err(Error::arg(
+            "StridedSlice: begin/end/strides lengths disagree",
+        ));
     }
     let (mut starts, mut steps, mut shape, mut out_shape) = (vec![], vec![], vec![], vec![]);
     for ax in 0..r {
@@ -368,14 +433,22 @@ fn strided_slice(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>
         let norm = |v: i64| if v < 0 { v + d } else { v };
         let shrink = sm & (1 << ax) != 0;
         let mut b = if bm & (1 << ax) != 0 && !shrink {
-            if s > 0 { 0 } else { d - 1 }
+            if s > 0 {
+                0
+            } else {
+                d - 1
+            }
         } else {
             norm(begin[ax])
         };
         let mut e = if shrink {
             b + 1
         } else if em & (1 << ax) != 0 {
-            if s > 0 { d } else { -1 }
+            if s > 0 {
+                d
+            } else {
+                -1
+            }
         } else if offset {
             b + end[ax]
         } else {
@@ -388,9 +461,16 @@ fn strided_slice(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>
             b = b.clamp(-1, d - 1);
             e = e.clamp(-1, d - 1);
         }
-        let n = if s > 0 { (e - b + s - 1) / s } else { (b - e + (-s) - 1) / (-s) }.max(0);
+        let n = if s > 0 {
+            (e - b + s - 1) / s
+        } else {
+            (b - e + (-s) - 1) / (-s)
+        }
+        .max(0);
         if shrink && n != 1 {
-            return Err(Error::arg(format!("StridedSlice: shrink axis {ax} is out of range")));
+            return Err(Error::arg(format!(
+                "StridedSlice: shrink axis {ax} is out of range"
+            )));
         }
         starts.push(b);
         steps.push(s);
@@ -418,7 +498,9 @@ fn gather(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     for o in 0..outer {
         for &i in &iv {
             if i < 0 || i as usize >= d {
-                return Err(Error::arg(format!("Gather: index {i} out of range for {d}")));
+                return Err(Error::arg(format!(
+                    "Gather: index {i} out of range for {d}"
+                )));
             }
             for j in 0..inner {
                 idx.push(Some((o * d + i as usize) * inner + j));
@@ -436,14 +518,23 @@ fn pad(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let p = input(ins, 1)?.to_i64_vec();
     let r = x.rank();
     if p.len() != 2 * r || p.iter().any(|&v| v < 0) {
-        return Err(Error::arg(format!("Pad: paddings {p:?} do not fit rank {r}")));
+        return Err(Error::arg(format!(
+            "Pad: paddings {p:?} do not fit rank {r}"
+        )));
     }
     let fill = match opt_input(ins, 2) {
-        Some(c) => *c.to_f64_vec().first().ok_or_else(|| Error::arg("PadV2: empty constant"))?,
-        None if is_quant(x.dtype()) => qparams(ctx, "out0", Some(x)).map(|(_, z)| z as f64).unwrap_or(0.0),
+        Some(c) => *c
+            .to_f64_vec()
+            .first()
+            .ok_or_else(|| Error::arg("PadV2: empty constant"))?,
+        None if is_quant(x.dtype()) => qparams(ctx, "out0", Some(x))
+            .map(|(_, z)| z as f64)
+            .unwrap_or(0.0),
         None => 0.0,
     };
-    let shape: Vec<usize> = (0..r).map(|a| x.shape()[a] + (p[2 * a] + p[2 * a + 1]) as usize).collect();
+    let shape: Vec<usize> = (0..r)
+        .map(|a| x.shape()[a] + (p[2 * a] + p[2 * a + 1]) as usize)
+        .collect();
     checked_numel(&shape, x.dtype())?;
     let st = strides(x.shape());
     let mut idx = Vec::with_capacity(shape.iter().product());
@@ -506,10 +597,20 @@ fn resize_bilinear(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tenso
     let (oh, ow, [n, ih, iw, c]) = resize_size(ins, x)?;
     let ac = ctx.i("align_corners", 0) != 0;
     let hp = ctx.i("half_pixel_centers", 0) != 0;
-    let scale = |i: usize, o: usize| if ac && o > 1 { (i - 1) as f32 / (o - 1) as f32 } else { i as f32 / o as f32 };
+    let scale = |i: usize, o: usize| {
+        if ac && o > 1 {
+            (i - 1) as f32 / (o - 1) as f32
+        } else {
+            i as f32 / o as f32
+        }
+    };
     let (sy, sx) = (scale(ih, oh), scale(iw, ow));
     let interp = |v: usize, s: f32, size: usize| {
-        let f = if hp { (v as f32 + 0.5) * s - 0.5 } else { v as f32 * s };
+        let f = if hp {
+            (v as f32 + 0.5) * s - 0.5
+        } else {
+            v as f32 * s
+        };
         let lo = (f.floor() as i64).max(0) as usize;
         let hi = (f.ceil() as i64).min(size as i64 - 1).max(0) as usize;
         (f, lo.min(size - 1), hi)
@@ -547,7 +648,11 @@ fn resize_nearest(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor
     let ac = ctx.i("align_corners", 0) != 0;
     let hp = ctx.i("half_pixel_centers", 0) != 0;
     let near = |v: usize, i: usize, o: usize| -> usize {
-        let s = if ac && o > 1 { (i - 1) as f32 / (o - 1) as f32 } else { i as f32 / o as f32 };
+        let s = if ac && o > 1 {
+            (i - 1) as f32 / (o - 1) as f32
+        } else {
+            i as f32 / o as f32
+        };
         let off = if hp { 0.5 } else { 0.0 };
         let f = (v as f32 + off) * s;
         let r = if ac { f.round() } else { f.floor() } as i64;
