@@ -461,8 +461,10 @@ impl Fb {
         self.buf.extend(std::iter::repeat_n(0u8, 4 * n));
         (pos, slots)
     }
+    /// A string (length-prefixed, NUL-terminated as flatbuffers require).
     fn string_at(&mut self, slot: usize, s: &str) {
         let p = self.bytes(s.as_bytes());
+        self.buf.push(0);
         self.patch(slot, p);
     }
 }
@@ -765,6 +767,635 @@ fn real_model_damage_is_refused_not_panicked() {
         assert!(
             Model::from_bytes(good[..cut].to_vec().into()).is_err(),
             "cut at {cut}"
+        );
+    }
+}
+
+// ---- single-op models checked against LiteRT -------------------------------------------
+
+/// A tensor of a hand-built single-op model.
+struct Ts {
+    shape: Vec<i32>,
+    /// TFLite TensorType code (0 f32, 1 f16, 2 i32, 9 i8).
+    ty: i8,
+    data: Option<Vec<u8>>,
+    /// (scales, zero points, quantized dimension).
+    q: Option<(Vec<f32>, Vec<i64>, i32)>,
+}
+
+fn tf32(shape: &[i32]) -> Ts {
+    Ts {
+        shape: shape.to_vec(),
+        ty: 0,
+        data: None,
+        q: None,
+    }
+}
+fn ti8(shape: &[i32], scale: f32, zp: i64) -> Ts {
+    Ts {
+        shape: shape.to_vec(),
+        ty: 9,
+        data: None,
+        q: Some((vec![scale], vec![zp], 0)),
+    }
+}
+fn tu8(shape: &[i32], scale: f32, zp: i64) -> Ts {
+    Ts {
+        shape: shape.to_vec(),
+        ty: 3,
+        data: None,
+        q: Some((vec![scale], vec![zp], 0)),
+    }
+}
+fn ci32(shape: &[i32], v: &[i32]) -> Ts {
+    Ts {
+        shape: shape.to_vec(),
+        ty: 2,
+        data: Some(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        q: None,
+    }
+}
+fn cf32(shape: &[i32], v: &[f32]) -> Ts {
+    Ts {
+        shape: shape.to_vec(),
+        ty: 0,
+        data: Some(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        q: None,
+    }
+}
+/// Seeded constant values in [-1, 1).
+fn seeded(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// One operator: builtin code, BuiltinOptions union type, option fields.
+struct OneOp {
+    code: i32,
+    opt_type: i8,
+    options: Vec<F>,
+    inputs: Vec<i32>,
+    outputs: Vec<i32>,
+}
+
+impl Fb {
+    fn align_to(&mut self, a: usize, extra: usize) {
+        while (self.buf.len() + extra) % a != 0 {
+            self.buf.push(0);
+        }
+    }
+    fn vec_raw(&mut self, n: usize, data: &[u8], align: usize) -> usize {
+        self.align_to(align, 4);
+        let pos = self.buf.len();
+        self.buf.extend_from_slice(&(n as u32).to_le_bytes());
+        self.buf.extend_from_slice(data);
+        pos
+    }
+}
+
+/// A one-subgraph, one-operator model; graph inputs are the op's non-constant inputs.
+fn one_op_model(tensors: &[Ts], op: &OneOp) -> Vec<u8> {
+    let mut b = Fb::new();
+    let (model, ms) = b.table(&[F::I32(3), F::Off, F::Off, F::Absent, F::Off]);
+    b.patch(0, model);
+    let (codes, cs) = b.vec_off(1);
+    b.patch(ms[1], codes);
+    let (t, _) = b.table(&[
+        F::I8(op.code.min(127) as i8),
+        F::Absent,
+        F::I32(1),
+        F::I32(op.code),
+    ]);
+    b.patch(cs[0], t);
+    let (sgs, ss) = b.vec_off(1);
+    b.patch(ms[2], sgs);
+    let (sg, f) = b.table(&[F::Off, F::Off, F::Off, F::Off, F::Off]);
+    b.patch(ss[0], sg);
+    let (tv, ts) = b.vec_off(tensors.len());
+    b.patch(f[0], tv);
+    let mut nbuf = 1usize;
+    for (k, t) in tensors.iter().enumerate() {
+        let buffer = if t.data.is_some() {
+            nbuf += 1;
+            nbuf as i32 - 1
+        } else {
+            0
+        };
+        let (tt, tf) = b.table(&[
+            F::Off,
+            F::I8(t.ty),
+            F::I32(buffer),
+            F::Off,
+            if t.q.is_some() { F::Off } else { F::Absent },
+        ]);
+        b.patch(ts[k], tt);
+        let sh = b.vec_i32(&t.shape);
+        b.patch(tf[0], sh);
+        b.string_at(tf[3], &format!("t{k}"));
+        if let Some((scale, zp, qd)) = &t.q {
+            let (qt, qf) = b.table(&[
+                F::Absent,
+                F::Absent,
+                F::Off,
+                F::Off,
+                F::Absent,
+                F::Absent,
+                F::I32(*qd),
+            ]);
+            b.patch(tf[4], qt);
+            let sd: Vec<u8> = scale.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let sp = b.vec_raw(scale.len(), &sd, 4);
+            b.patch(qf[2], sp);
+            let zd: Vec<u8> = zp.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let zpp = b.vec_raw(zp.len(), &zd, 8);
+            b.patch(qf[3], zpp);
+        }
+    }
+    let graph_inputs: Vec<i32> = op
+        .inputs
+        .iter()
+        .copied()
+        .filter(|&i| i >= 0 && tensors[i as usize].data.is_none())
+        .collect();
+    let i = b.vec_i32(&graph_inputs);
+    b.patch(f[1], i);
+    let o = b.vec_i32(&op.outputs);
+    b.patch(f[2], o);
+    let (ov, os) = b.vec_off(1);
+    b.patch(f[3], ov);
+    let has_opts = op.opt_type != 0;
+    let (ot, of) = b.table(&[
+        F::I32(0),
+        F::Off,
+        F::Off,
+        F::I8(op.opt_type),
+        if has_opts { F::Off } else { F::Absent },
+    ]);
+    b.patch(os[0], ot);
+    let iv = b.vec_i32(&op.inputs);
+    b.patch(of[1], iv);
+    let ov2 = b.vec_i32(&op.outputs);
+    b.patch(of[2], ov2);
+    if has_opts {
+        let fields: Vec<F> = op
+            .options
+            .iter()
+            .map(|f| match f {
+                F::I8(v) => F::I8(*v),
+                F::I32(v) => F::I32(*v),
+                F::F32(v) => F::F32(*v),
+                _ => F::Absent,
+            })
+            .collect();
+        let (opt, _) = b.table(&fields);
+        b.patch(of[4], opt);
+    }
+    b.string_at(f[4], "main");
+    let (bv, bs) = b.vec_off(nbuf);
+    b.patch(ms[4], bv);
+    let (b0, _) = b.table(&[]);
+    b.patch(bs[0], b0);
+    let mut k = 1;
+    for t in tensors {
+        if let Some(d) = &t.data {
+            let (bt, bf) = b.table(&[F::Off]);
+            b.patch(bs[k], bt);
+            let dp = b.vec_raw(d.len(), d, 16);
+            b.patch(bf[0], dp);
+            k += 1;
+        }
+    }
+    b.buf
+}
+
+/// Runs a single-op model through LiteRT and edgehal; returns None when LiteRT is missing.
+/// Float outputs must agree within 1e-4 of their largest magnitude (plus 1e-6), quantized ones
+/// within one step; returns (elements exactly equal, elements).
+fn check_one(case: &str, tensors: &[Ts], op: &OneOp) -> Option<(usize, usize)> {
+    let bytes = one_op_model(tensors, op);
+    let dir = edgehal_tests::scratch(&format!("tflite-op-{case}"));
+    let path = dir.join("model.tflite");
+    std::fs::write(&path, &bytes).expect("write model");
+    let (rdir, _) = reference(&path, &format!("op-{case}"), &[])?;
+    let model = Model::load(&path).unwrap_or_else(|e| panic!("{case}: load: {e}"));
+    let g = &model.graph;
+    let ex = Executor::new(g, &Registry::new()).unwrap_or_else(|e| panic!("{case}: prepare: {e}"));
+    let feeds: Vec<(usize, Tensor)> = g
+        .inputs
+        .iter()
+        .enumerate()
+        .map(|(k, &id)| (id, load_npy(&rdir.join(format!("input_{k}.npy")))))
+        .collect();
+    let outs = ex
+        .run(&feeds)
+        .unwrap_or_else(|e| panic!("{case}: run: {e}"));
+    let (mut eq, mut n) = (0, 0);
+    for (k, got) in outs.iter().enumerate() {
+        let want = load_npy(&rdir.join(format!("output_{k}.npy")));
+        assert_eq!(got.shape(), want.shape(), "{case}: output {k} shape");
+        assert_eq!(got.dtype(), want.dtype(), "{case}: output {k} dtype");
+        let (gv, wv) = (got.to_f64_vec(), want.to_f64_vec());
+        let max_ref = wv.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let diff = gv
+            .iter()
+            .zip(&wv)
+            .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+        let tol = if want.dtype().is_float() {
+            1e-4 * max_ref + 1e-6
+        } else {
+            1.0
+        };
+        assert!(
+            diff <= tol,
+            "{case}: output {k} differs by {diff} (max {max_ref}, tolerance {tol})"
+        );
+        eq += gv.iter().zip(&wv).filter(|(a, b)| a == b).count();
+        n += wv.len();
+    }
+    println!(
+        "  {case}: {:.1}% of {n} elements exactly equal",
+        eq as f64 / n.max(1) as f64 * 100.0
+    );
+    Some((eq, n))
+}
+
+fn op(code: i32, opt_type: i8, options: Vec<F>, inputs: &[i32], outputs: &[i32]) -> OneOp {
+    OneOp {
+        code,
+        opt_type,
+        options,
+        inputs: inputs.to_vec(),
+        outputs: outputs.to_vec(),
+    }
+}
+
+#[test]
+fn single_ops_match_litert() {
+    let w_dw = seeded(3 * 3 * 8, 1);
+    let w_tc = seeded(6 * 3 * 3 * 4, 2);
+    let cases: Vec<(&str, Vec<Ts>, OneOp)> = vec![
+        (
+            "add_int8_rescale_relu",
+            vec![
+                ti8(&[1, 5, 5, 3], 0.02, -3),
+                ti8(&[1, 5, 5, 3], 0.011, 7),
+                ti8(&[1, 5, 5, 3], 0.025, -20),
+            ],
+            op(0, 11, vec![F::I8(1)], &[0, 1], &[2]),
+        ),
+        (
+            "sub_int8",
+            vec![
+                ti8(&[2, 7], 0.02, -3),
+                ti8(&[2, 7], 0.013, 5),
+                ti8(&[2, 7], 0.03, 1),
+            ],
+            op(41, 28, vec![F::I8(0)], &[0, 1], &[2]),
+        ),
+        (
+            "mul_int8_broadcast",
+            vec![
+                ti8(&[2, 3, 4], 0.02, -3),
+                ti8(&[4], 0.01, 2),
+                ti8(&[2, 3, 4], 0.0005, -1),
+            ],
+            op(18, 21, vec![F::I8(0)], &[0, 1], &[2]),
+        ),
+        (
+            // LiteRT requires equal parameters for int8 CONCATENATION; uint8 rescales.
+            "concat_uint8_mixed_params",
+            vec![
+                tu8(&[1, 2, 3], 0.02, 125),
+                tu8(&[1, 2, 5], 0.05, 130),
+                tu8(&[1, 2, 8], 0.03, 128),
+            ],
+            op(2, 10, vec![F::I32(2), F::I8(0)], &[0, 1], &[2]),
+        ),
+        (
+            "avgpool_int8_same",
+            vec![ti8(&[1, 7, 7, 4], 0.02, -3), ti8(&[1, 4, 4, 4], 0.02, -3)],
+            op(
+                1,
+                5,
+                vec![
+                    F::I8(0),
+                    F::I32(2),
+                    F::I32(2),
+                    F::I32(3),
+                    F::I32(3),
+                    F::I8(0),
+                ],
+                &[0],
+                &[1],
+            ),
+        ),
+        (
+            "maxpool_f32_valid_relu6",
+            vec![tf32(&[1, 6, 6, 2]), tf32(&[1, 3, 3, 2])],
+            op(
+                17,
+                5,
+                vec![
+                    F::I8(1),
+                    F::I32(2),
+                    F::I32(2),
+                    F::I32(2),
+                    F::I32(2),
+                    F::I8(3),
+                ],
+                &[0],
+                &[1],
+            ),
+        ),
+        (
+            "depthwise_f32_mult2_stride2",
+            vec![
+                tf32(&[1, 9, 9, 4]),
+                cf32(&[1, 3, 3, 8], &w_dw),
+                cf32(&[8], &seeded(8, 3)),
+                tf32(&[1, 5, 5, 8]),
+            ],
+            op(
+                4,
+                2,
+                vec![
+                    F::I8(0),
+                    F::I32(2),
+                    F::I32(2),
+                    F::I32(2),
+                    F::I8(0),
+                    F::I32(1),
+                    F::I32(1),
+                ],
+                &[0, 1, 2],
+                &[3],
+            ),
+        ),
+        (
+            "conv_f32_dilated",
+            vec![
+                tf32(&[1, 9, 9, 4]),
+                cf32(&[3, 3, 3, 4], &seeded(108, 4)),
+                cf32(&[3], &seeded(3, 5)),
+                tf32(&[1, 9, 9, 3]),
+            ],
+            op(
+                3,
+                1,
+                vec![
+                    F::I8(0),
+                    F::I32(1),
+                    F::I32(1),
+                    F::I8(1),
+                    F::I32(2),
+                    F::I32(2),
+                ],
+                &[0, 1, 2],
+                &[3],
+            ),
+        ),
+        (
+            "transpose_conv_f32_same",
+            vec![
+                ci32(&[4], &[1, 8, 8, 6]),
+                cf32(&[6, 3, 3, 4], &w_tc),
+                tf32(&[1, 4, 4, 4]),
+                tf32(&[1, 8, 8, 6]),
+            ],
+            op(
+                67,
+                49,
+                vec![F::I8(0), F::I32(2), F::I32(2)],
+                &[0, 1, 2],
+                &[3],
+            ),
+        ),
+        (
+            "fully_connected_f32_keep_dims",
+            vec![
+                tf32(&[2, 3, 5]),
+                cf32(&[4, 5], &seeded(20, 6)),
+                cf32(&[4], &seeded(4, 7)),
+                tf32(&[2, 3, 4]),
+            ],
+            op(9, 8, vec![F::I8(0), F::I8(0), F::I8(1)], &[0, 1, 2], &[3]),
+        ),
+        (
+            "softmax_int8",
+            vec![ti8(&[2, 10], 0.05, 3), ti8(&[2, 10], 1.0 / 256.0, -128)],
+            op(25, 9, vec![F::F32(1.0)], &[0], &[1]),
+        ),
+        (
+            "logistic_int8",
+            vec![ti8(&[4, 16], 0.04, 0), ti8(&[4, 16], 1.0 / 256.0, -128)],
+            op(14, 0, vec![], &[0], &[1]),
+        ),
+        (
+            "tanh_int8",
+            vec![ti8(&[4, 16], 0.03, 2), ti8(&[4, 16], 1.0 / 128.0, 0)],
+            op(28, 0, vec![], &[0], &[1]),
+        ),
+        (
+            "hard_swish_f32",
+            vec![tf32(&[3, 5]), tf32(&[3, 5])],
+            op(117, 91, vec![], &[0], &[1]),
+        ),
+        (
+            "leaky_relu_f32",
+            vec![tf32(&[3, 5]), tf32(&[3, 5])],
+            op(98, 75, vec![F::F32(0.3)], &[0], &[1]),
+        ),
+        (
+            "squared_difference_f32",
+            vec![tf32(&[2, 3]), tf32(&[3]), tf32(&[2, 3])],
+            op(99, 76, vec![], &[0, 1], &[2]),
+        ),
+        (
+            "maximum_f32",
+            vec![tf32(&[2, 3]), tf32(&[2, 3]), tf32(&[2, 3])],
+            op(55, 39, vec![], &[0, 1], &[2]),
+        ),
+        (
+            "mean_int8_axis1",
+            vec![
+                ti8(&[2, 6, 3], 0.02, -3),
+                ci32(&[1], &[1]),
+                ti8(&[2, 3], 0.01, 5),
+            ],
+            op(40, 27, vec![F::I8(0)], &[0, 1], &[2]),
+        ),
+        (
+            "sum_f32_keep",
+            vec![tf32(&[2, 3, 4]), ci32(&[2], &[0, 2]), tf32(&[1, 3, 1])],
+            op(74, 27, vec![F::I8(1)], &[0, 1], &[2]),
+        ),
+        (
+            "reduce_max_f32",
+            vec![tf32(&[2, 3, 4]), ci32(&[1], &[-1]), tf32(&[2, 3])],
+            op(82, 27, vec![F::I8(0)], &[0, 1], &[2]),
+        ),
+        (
+            "strided_slice_masks",
+            vec![
+                tf32(&[4, 6, 3]),
+                ci32(&[3], &[1, -1, 0]),
+                ci32(&[3], &[4, 0, 2]),
+                ci32(&[3], &[2, -2, 1]),
+                tf32(&[2, 3, 2]),
+            ],
+            op(
+                45,
+                32,
+                vec![F::I32(0), F::I32(0), F::I32(0), F::I32(0), F::I32(0)],
+                &[0, 1, 2, 3],
+                &[4],
+            ),
+        ),
+        (
+            "strided_slice_shrink",
+            vec![
+                tf32(&[4, 6]),
+                ci32(&[2], &[2, 0]),
+                ci32(&[2], &[3, 6]),
+                ci32(&[2], &[1, 1]),
+                tf32(&[6]),
+            ],
+            op(
+                45,
+                32,
+                vec![F::I32(2), F::I32(2), F::I32(0), F::I32(0), F::I32(1)],
+                &[0, 1, 2, 3],
+                &[4],
+            ),
+        ),
+        (
+            "pad_int8",
+            vec![
+                ti8(&[1, 2, 3], 0.1, 4),
+                ci32(&[3, 2], &[0, 0, 1, 2, 2, 1]),
+                ti8(&[1, 5, 6], 0.1, 4),
+            ],
+            op(34, 22, vec![], &[0, 1], &[2]),
+        ),
+        (
+            "transpose_f32",
+            vec![tf32(&[2, 3, 4]), ci32(&[3], &[2, 0, 1]), tf32(&[4, 2, 3])],
+            op(39, 26, vec![], &[0, 1], &[2]),
+        ),
+        (
+            "gather_axis1",
+            vec![
+                tf32(&[3, 5]),
+                ci32(&[2, 2], &[4, 0, 2, 2]),
+                tf32(&[3, 2, 2]),
+            ],
+            op(36, 23, vec![F::I32(1), F::I32(0)], &[0, 1], &[2]),
+        ),
+        (
+            "resize_bilinear_half_pixel",
+            vec![
+                tf32(&[1, 3, 4, 2]),
+                ci32(&[2], &[7, 5]),
+                tf32(&[1, 7, 5, 2]),
+            ],
+            op(
+                23,
+                15,
+                vec![F::Absent, F::Absent, F::I8(0), F::I8(1)],
+                &[0, 1],
+                &[2],
+            ),
+        ),
+        (
+            "resize_bilinear_align_corners",
+            vec![
+                tf32(&[1, 3, 4, 2]),
+                ci32(&[2], &[6, 7]),
+                tf32(&[1, 6, 7, 2]),
+            ],
+            op(
+                23,
+                15,
+                vec![F::Absent, F::Absent, F::I8(1), F::I8(0)],
+                &[0, 1],
+                &[2],
+            ),
+        ),
+        (
+            "resize_nearest",
+            vec![
+                tf32(&[1, 3, 4, 1]),
+                ci32(&[2], &[7, 9]),
+                tf32(&[1, 7, 9, 1]),
+            ],
+            op(97, 74, vec![F::I8(0), F::I8(0)], &[0, 1], &[2]),
+        ),
+        (
+            "split_v",
+            vec![
+                tf32(&[2, 7]),
+                ci32(&[3], &[2, -1, 1]),
+                ci32(&[], &[1]),
+                tf32(&[2, 2]),
+                tf32(&[2, 4]),
+                tf32(&[2, 1]),
+            ],
+            op(102, 79, vec![F::I32(3)], &[0, 1, 2], &[3, 4, 5]),
+        ),
+        (
+            "batch_matmul_adj_y",
+            vec![tf32(&[2, 3, 4]), tf32(&[1, 5, 4]), tf32(&[2, 3, 5])],
+            op(126, 101, vec![F::I8(0), F::I8(1)], &[0, 1], &[2]),
+        ),
+        (
+            "quantize_f32_to_int8",
+            vec![tf32(&[3, 7]), ti8(&[3, 7], 0.0078, -2)],
+            op(114, 0, vec![], &[0], &[1]),
+        ),
+        (
+            "requantize_int8",
+            vec![ti8(&[3, 7], 0.02, 3), ti8(&[3, 7], 0.013, -5)],
+            op(114, 0, vec![], &[0], &[1]),
+        ),
+        (
+            "dequantize_f16_weights",
+            vec![
+                Ts {
+                    shape: vec![2, 3],
+                    ty: 1,
+                    data: Some(
+                        seeded(6, 8)
+                            .iter()
+                            .flat_map(|v| edgehal_core::half::f16::from_f32(*v).to_le_bytes())
+                            .collect(),
+                    ),
+                    q: None,
+                },
+                tf32(&[2, 3]),
+            ],
+            // fp16 weights expanded by DEQUANTIZE (no graph input).
+            op(6, 0, vec![], &[0], &[1]),
+        ),
+    ];
+    let (mut eq, mut n, mut ran) = (0, 0, 0);
+    for (name, tensors, o) in &cases {
+        if let Some((e, k)) = check_one(name, tensors, o) {
+            eq += e;
+            n += k;
+            ran += 1;
+        }
+    }
+    if ran > 0 {
+        println!(
+            "{ran} single-op cases agree with LiteRT; {:.2}% of elements exactly equal",
+            eq as f64 / n.max(1) as f64 * 100.0
         );
     }
 }
