@@ -781,6 +781,8 @@ struct Ts {
     data: Option<Vec<u8>>,
     /// (scales, zero points, quantized dimension).
     q: Option<(Vec<f32>, Vec<i64>, i32)>,
+    /// A variable tensor (recurrent state).
+    var: bool,
 }
 
 fn tf32(shape: &[i32]) -> Ts {
@@ -789,6 +791,7 @@ fn tf32(shape: &[i32]) -> Ts {
         ty: 0,
         data: None,
         q: None,
+        var: false,
     }
 }
 fn ti8(shape: &[i32], scale: f32, zp: i64) -> Ts {
@@ -797,6 +800,7 @@ fn ti8(shape: &[i32], scale: f32, zp: i64) -> Ts {
         ty: 9,
         data: None,
         q: Some((vec![scale], vec![zp], 0)),
+        var: false,
     }
 }
 fn tu8(shape: &[i32], scale: f32, zp: i64) -> Ts {
@@ -805,6 +809,7 @@ fn tu8(shape: &[i32], scale: f32, zp: i64) -> Ts {
         ty: 3,
         data: None,
         q: Some((vec![scale], vec![zp], 0)),
+        var: false,
     }
 }
 fn ci32(shape: &[i32], v: &[i32]) -> Ts {
@@ -813,6 +818,7 @@ fn ci32(shape: &[i32], v: &[i32]) -> Ts {
         ty: 2,
         data: Some(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
         q: None,
+        var: false,
     }
 }
 fn cf32(shape: &[i32], v: &[f32]) -> Ts {
@@ -821,6 +827,7 @@ fn cf32(shape: &[i32], v: &[f32]) -> Ts {
         ty: 0,
         data: Some(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
         q: None,
+        var: false,
     }
 }
 /// Seeded constant values in [-1, 1).
@@ -847,7 +854,7 @@ struct OneOp {
 
 impl Fb {
     fn align_to(&mut self, a: usize, extra: usize) {
-        while (self.buf.len() + extra) % a != 0 {
+        while (self.buf.len() + extra) & (a - 1) != 0 {
             self.buf.push(0);
         }
     }
@@ -894,6 +901,7 @@ fn one_op_model(tensors: &[Ts], op: &OneOp) -> Vec<u8> {
             F::I32(buffer),
             F::Off,
             if t.q.is_some() { F::Off } else { F::Absent },
+            F::I8(i8::from(t.var)),
         ]);
         b.patch(ts[k], tt);
         let sh = b.vec_i32(&t.shape);
@@ -922,7 +930,7 @@ fn one_op_model(tensors: &[Ts], op: &OneOp) -> Vec<u8> {
         .inputs
         .iter()
         .copied()
-        .filter(|&i| i >= 0 && tensors[i as usize].data.is_none())
+        .filter(|&i| i >= 0 && tensors[i as usize].data.is_none() && !tensors[i as usize].var)
         .collect();
     let i = b.vec_i32(&graph_inputs);
     b.patch(f[1], i);
@@ -1377,6 +1385,7 @@ fn single_ops_match_litert() {
                             .collect(),
                     ),
                     q: None,
+                    var: false,
                 },
                 tf32(&[2, 3]),
             ],
@@ -1384,6 +1393,37 @@ fn single_ops_match_litert() {
             op(6, 0, vec![], &[0], &[1]),
         ),
     ];
+    // LSTM: batch 2, 3 steps, 4 inputs, 5 cells; input gate, no peepholes or projection.
+    let (ni, nc) = (4, 5);
+    let mut lstm_t = vec![tf32(&[2, 3, ni])];
+    for k in 0..4 {
+        lstm_t.push(cf32(&[nc, ni], &seeded((nc * ni) as usize, 20 + k)));
+    }
+    for k in 0..4 {
+        lstm_t.push(cf32(&[nc, nc], &seeded((nc * nc) as usize, 30 + k)));
+    }
+    for k in 0..4 {
+        lstm_t.push(cf32(&[nc], &seeded(nc as usize, 40 + k)));
+    }
+    let mut h = tf32(&[2, nc]);
+    h.var = true;
+    let mut c = tf32(&[2, nc]);
+    c.var = true;
+    lstm_t.extend([h, c, tf32(&[2, 3, nc])]);
+    let mut lstm_in: Vec<i32> = (0..9).collect();
+    lstm_in.extend([-1, -1, -1, 9, 10, 11, 12, -1, -1, 13, 14, -1, -1, -1, -1]);
+    let mut cases = cases;
+    cases.push((
+        "unidirectional_sequence_lstm",
+        lstm_t,
+        op(
+            44,
+            71,
+            vec![F::I8(4), F::F32(0.0), F::F32(0.0), F::I8(0)],
+            &lstm_in,
+            &[15],
+        ),
+    ));
     let (mut eq, mut n, mut ran) = (0, 0, 0);
     for (name, tensors, o) in &cases {
         if let Some((e, k)) = check_one(name, tensors, o) {

@@ -21,6 +21,9 @@ use fb::Table;
 /// The domain of every node the importer emits.
 pub const DOMAIN: &str = "tflite";
 
+/// Variable tensors (recurrent state) are allocated at import; larger ones are refused.
+const MAX_VARIABLE_BYTES: usize = 64 << 20;
+
 /// Subgraph nesting deeper than this is refused (cycles are detected separately).
 const MAX_SUBGRAPH_DEPTH: usize = 32;
 
@@ -393,6 +396,25 @@ impl<'a> Ctx<'a> {
                     .collect::<Result<_>>()?;
                 let mut tensor =
                     Tensor::from_bytes(dtype, shape, self.bytes.slice(r)).map_err(ctxt)?;
+                tensor.quant = quant.clone();
+                g.initializers.insert(id, tensor);
+            } else if t.i8(5, 0)? != 0 {
+                // A variable tensor (LSTM state): starts at zero for each run.
+                let shape: Vec<usize> = shape_raw
+                    .iter()
+                    .map(|&d| {
+                        usize::try_from(d).map_err(|_| {
+                            perr(format!("tensor {ti} '{tname}': variable has dim {d}"))
+                        })
+                    })
+                    .collect::<Result<_>>()?;
+                let bytes = edgehal_core::tensor::checked_numel(&shape, dtype)? * dtype.size();
+                if bytes > MAX_VARIABLE_BYTES {
+                    return Err(perr(format!(
+                        "tensor {ti} '{tname}': variable of {bytes} bytes is too large"
+                    )));
+                }
+                let mut tensor = Tensor::zeros(dtype, shape)?;
                 tensor.quant = quant.clone();
                 g.initializers.insert(id, tensor);
             }

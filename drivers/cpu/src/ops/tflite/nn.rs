@@ -19,6 +19,7 @@ pub fn register(r: &mut Registry) {
     r.add_domain(DOMAIN, "MaxPool2D", max_pool);
     r.add_domain(DOMAIN, "AveragePool2D", avg_pool);
     r.add_domain(DOMAIN, "BatchMatMul", batch_matmul);
+    r.add_domain(DOMAIN, "UnidirectionalSequenceLstm", lstm);
 }
 
 /// Output size and leading padding of one spatial axis (TFLite's `ComputePaddingHeightWidth`).
@@ -769,4 +770,158 @@ mod tests {
         assert_eq!(out_and_pad("VALID", 2, 3, 1, 1).unwrap(), (0, 0));
         assert!(out_and_pad("SAME", 7, 3, 0, 1).is_err());
     }
+}
+
+/// UNIDIRECTIONAL_SEQUENCE_LSTM, float: gates (input, forget, cell, output) with optional CIFG,
+/// peepholes, projection and clipping; state inputs 18/19 give the initial state.
+pub fn lstm(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = input(ins, 0)?;
+    if !x.dtype().is_float() {
+        return Err(Error::unsupported(
+            "UnidirectionalSequenceLstm on quantized tensors",
+        ));
+    }
+    if (20..24).any(|k| opt_input(ins, k).is_some()) {
+        return Err(Error::unsupported(
+            "UnidirectionalSequenceLstm with layer normalization",
+        ));
+    }
+    let time_major = ctx.i("time_major", 0) != 0;
+    let (b, t, ni) = match x.shape() {
+        &[a, bb, c] if time_major => (bb, a, c),
+        &[a, bb, c] => (a, bb, c),
+        s => return Err(Error::arg(format!("LSTM input {s:?} is not 3-d"))),
+    };
+    let w = |k: usize| -> Result<Option<Vec<f32>>> {
+        opt_input(ins, k)
+            .map(|t| float_in(t).map(|c| c.into_owned()))
+            .transpose()
+    };
+    let wf = w(2)?.ok_or_else(|| Error::arg("LSTM: missing input_to_forget_weights"))?;
+    let nc = wf.len() / ni.max(1);
+    let rf = w(6)?.ok_or_else(|| Error::arg("LSTM: missing recurrent_to_forget_weights"))?;
+    let no = rf.len() / nc.max(1);
+    let need = |v: Option<Vec<f32>>, len: usize, what: &str| -> Result<Option<Vec<f32>>> {
+        match v {
+            Some(v) if v.len() != len => Err(Error::arg(format!(
+                "LSTM: {what} has {} values, expected {len}",
+                v.len()
+            ))),
+            v => Ok(v),
+        }
+    };
+    let wi = need(w(1)?, nc * ni, "input_to_input_weights")?;
+    let wc = need(w(3)?, nc * ni, "input_to_cell_weights")?
+        .ok_or_else(|| Error::arg("LSTM: missing input_to_cell_weights"))?;
+    let wo = need(w(4)?, nc * ni, "input_to_output_weights")?
+        .ok_or_else(|| Error::arg("LSTM: missing input_to_output_weights"))?;
+    let wf = need(Some(wf), nc * ni, "input_to_forget_weights")?.unwrap_or_default();
+    let ri = need(w(5)?, nc * no, "recurrent_to_input_weights")?;
+    let rf = need(Some(rf), nc * no, "recurrent_to_forget_weights")?.unwrap_or_default();
+    let rc = need(w(7)?, nc * no, "recurrent_to_cell_weights")?
+        .ok_or_else(|| Error::arg("LSTM: missing recurrent_to_cell_weights"))?;
+    let ro = need(w(8)?, nc * no, "recurrent_to_output_weights")?
+        .ok_or_else(|| Error::arg("LSTM: missing recurrent_to_output_weights"))?;
+    let (pi, pf, po) = (
+        need(w(9)?, nc, "cell_to_input")?,
+        need(w(10)?, nc, "cell_to_forget")?,
+        need(w(11)?, nc, "cell_to_output")?,
+    );
+    let zero = vec![0f32; nc];
+    let bi = need(w(12)?, nc, "input_gate_bias")?.unwrap_or_else(|| zero.clone());
+    let bf = need(w(13)?, nc, "forget_gate_bias")?.unwrap_or_else(|| zero.clone());
+    let bc = need(w(14)?, nc, "cell_bias")?.unwrap_or_else(|| zero.clone());
+    let bo = need(w(15)?, nc, "output_gate_bias")?.unwrap_or_else(|| zero.clone());
+    let proj = w(16)?;
+    let n_out = match &proj {
+        Some(p) => p.len() / nc.max(1),
+        None => nc,
+    };
+    if n_out != no {
+        return Err(Error::arg(format!(
+            "LSTM: output size {n_out} does not match recurrent weights ({no})"
+        )));
+    }
+    let pb = need(w(17)?, no, "projection_bias")?;
+    let mut h = need(w(18)?, b * no, "output_state")?.unwrap_or_else(|| vec![0.0; b * no]);
+    let mut c = need(w(19)?, b * nc, "cell_state")?.unwrap_or_else(|| vec![0.0; b * nc]);
+    let (cell_clip, proj_clip) = (ctx.f("cell_clip", 0.0), ctx.f("proj_clip", 0.0));
+    let actf = act(ctx);
+    let xv = float_in(x)?;
+    let sig = |v: f32| 1.0 / (1.0 + (-v).exp());
+    let mut out = vec![0f32; b * t * no];
+    let matvec = |m: &[f32], v: &[f32], row: usize, n: usize| -> f32 {
+        m[row * n..(row + 1) * n]
+            .iter()
+            .zip(v)
+            .map(|(a, b)| a * b)
+            .sum()
+    };
+    for step in 0..t {
+        for bb in 0..b {
+            let xo = if time_major {
+                (step * b + bb) * ni
+            } else {
+                (bb * t + step) * ni
+            };
+            let xs = &xv[xo..xo + ni];
+            let hs = h[bb * no..(bb + 1) * no].to_vec();
+            let cs = &mut c[bb * nc..(bb + 1) * nc];
+            let mut hc = vec![0f32; nc];
+            for j in 0..nc {
+                let cj = cs[j];
+                let fg = sig(matvec(&wf, xs, j, ni)
+                    + matvec(&rf, &hs, j, no)
+                    + pf.as_ref().map_or(0.0, |p| p[j] * cj)
+                    + bf[j]);
+                let ig = match (&wi, &ri) {
+                    (Some(wi), Some(ri)) => sig(matvec(wi, xs, j, ni)
+                        + matvec(ri, &hs, j, no)
+                        + pi.as_ref().map_or(0.0, |p| p[j] * cj)
+                        + bi[j]),
+                    _ => 1.0 - fg,
+                };
+                let mut g = [matvec(&wc, xs, j, ni) + matvec(&rc, &hs, j, no) + bc[j]];
+                act_f32(&actf, &mut g)?;
+                let mut cn = fg * cj + ig * g[0];
+                if cell_clip > 0.0 {
+                    cn = cn.clamp(-cell_clip, cell_clip);
+                }
+                cs[j] = cn;
+                let og = sig(matvec(&wo, xs, j, ni)
+                    + matvec(&ro, &hs, j, no)
+                    + po.as_ref().map_or(0.0, |p| p[j] * cn)
+                    + bo[j]);
+                let mut a = [cn];
+                act_f32(&actf, &mut a)?;
+                hc[j] = og * a[0];
+            }
+            let hn: Vec<f32> = match &proj {
+                Some(p) => (0..no)
+                    .map(|k| {
+                        let v = matvec(p, &hc, k, nc) + pb.as_ref().map_or(0.0, |b| b[k]);
+                        if proj_clip > 0.0 {
+                            v.clamp(-proj_clip, proj_clip)
+                        } else {
+                            v
+                        }
+                    })
+                    .collect(),
+                None => hc,
+            };
+            h[bb * no..(bb + 1) * no].copy_from_slice(&hn);
+            let oo = if time_major {
+                (step * b + bb) * no
+            } else {
+                (bb * t + step) * no
+            };
+            out[oo..oo + no].copy_from_slice(&hn);
+        }
+    }
+    let shape = if time_major {
+        vec![t, b, no]
+    } else {
+        vec![b, t, no]
+    };
+    Ok(vec![f32_out(shape, out)?])
 }
