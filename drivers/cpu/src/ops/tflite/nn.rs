@@ -757,21 +757,6 @@ fn batch_matmul(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>>
     Ok(vec![f32_out(shape, out)?])
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn same_padding_matches_tflite() {
-        // 224 -> 112 with k=3, s=2: total pad 1, top 0.
-        assert_eq!(out_and_pad("SAME", 224, 3, 2, 1).unwrap(), (112, 0));
-        assert_eq!(out_and_pad("SAME", 7, 3, 1, 1).unwrap(), (7, 1));
-        assert_eq!(out_and_pad("VALID", 7, 3, 2, 1).unwrap(), (3, 0));
-        assert_eq!(out_and_pad("VALID", 2, 3, 1, 1).unwrap(), (0, 0));
-        assert!(out_and_pad("SAME", 7, 3, 0, 1).is_err());
-    }
-}
-
 /// UNIDIRECTIONAL_SEQUENCE_LSTM, float: gates (input, forget, cell, output) with optional CIFG,
 /// peepholes, projection and clipping; state inputs 18/19 give the initial state.
 pub fn lstm(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
@@ -924,4 +909,19 @@ pub fn lstm(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         vec![b, t, no]
     };
     Ok(vec![f32_out(shape, out)?])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_padding_matches_tflite() {
+        // 224 -> 112 with k=3, s=2: total pad 1, top 0.
+        assert_eq!(out_and_pad("SAME", 224, 3, 2, 1).unwrap(), (112, 0));
+        assert_eq!(out_and_pad("SAME", 7, 3, 1, 1).unwrap(), (7, 1));
+        assert_eq!(out_and_pad("VALID", 7, 3, 2, 1).unwrap(), (3, 0));
+        assert_eq!(out_and_pad("VALID", 2, 3, 1, 1).unwrap(), (0, 0));
+        assert!(out_and_pad("SAME", 7, 3, 0, 1).is_err());
+    }
 }
