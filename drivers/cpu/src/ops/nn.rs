@@ -21,9 +21,6 @@ mod conv;
 pub(crate) use conv::{geom, im2col, Geom};
 #[path = "nn_attention.rs"]
 mod attention;
-#[cfg(test)]
-#[path = "nn_conformance.rs"]
-mod conformance;
 
 /// Register this module's ops.
 pub fn register(r: &mut Registry) {
