@@ -10,9 +10,10 @@
 //!
 //! Search: chains are solved exactly by a Viterbi-style dynamic programme over the topological
 //! order. For DAGs the same programme is run with path-dependent edge costs (each state keeps
-//! the assignment of its best path, so edges from any earlier node are priced), then refined by
-//! local moves — single nodes, then contiguous segments of the topological order — to a fixed
-//! point, also starting from every feasible single-device assignment; the best result wins.
+//! a small beam of best paths, so edges from any earlier node are priced), then refined by
+//! local moves — contiguous segments of the topological order (single nodes included) and
+//! pairs of nodes — to a fixed point, also starting from every feasible single-device
+//! assignment; the best result wins.
 //! Small problems (`n_devices^n_nodes` up to [`EXACT_LIMIT`]) are solved exactly by branch and
 //! bound instead.
 
@@ -249,32 +250,33 @@ pub fn heuristic(p: &Problem) -> Result<Solution> {
     })
 }
 
-/// Viterbi over the topological order; each state carries its best path so edges from any
-/// earlier node are priced against it. Exact for chains.
+/// Paths kept per (node, device) state by the dynamic programme on DAGs.
+const BEAM: usize = 8;
+
+/// Viterbi over the topological order; each state carries its best paths (a beam of
+/// [`BEAM`]) so edges from any earlier node are priced against them. Exact for chains (the
+/// best path per state suffices there).
 fn dp(p: &Problem) -> Vec<usize> {
     let n = p.n_nodes();
     let nd = p.n_devices;
-    // states[d] = (cost so far, path) for node i on device d.
-    let mut states: Vec<Option<(f64, Vec<usize>)>> = vec![None; nd];
+    let beam = if p.is_chain() { 1 } else { BEAM };
+    // states[d]: up to `beam` (cost so far, path) with the current node on device d.
+    let mut states: Vec<Vec<(f64, Vec<usize>)>> = vec![vec![(0.0, vec![])]];
     for i in 0..n {
-        let mut next: Vec<Option<(f64, Vec<usize>)>> = vec![None; nd];
+        let mut next: Vec<Vec<(f64, Vec<usize>)>> = vec![Vec::new(); nd];
         for (d, slot) in next.iter_mut().enumerate() {
             if p.cost[i][d].is_none() {
                 continue;
             }
-            let prevs: Vec<Option<&(f64, Vec<usize>)>> = if i == 0 {
-                vec![None]
-            } else {
-                states.iter().map(|s| s.as_ref()).filter(|s| s.is_some()).collect()
-            };
-            for prev in prevs {
-                let mut path = prev.map(|s| s.1.clone()).unwrap_or_default();
+            for prev in states.iter().flatten() {
+                let mut path = prev.1.clone();
                 path.push(d);
                 let total = p.partial_cost(&path, i + 1);
-                if slot.as_ref().is_none_or(|s| total < s.0) {
-                    *slot = Some((total, path));
-                }
+                slot.push((total, path));
             }
+            slot.sort_by(|a, b| a.0.total_cmp(&b.0));
+            slot.dedup_by(|a, b| a.1 == b.1);
+            slot.truncate(beam);
         }
         states = next;
     }
@@ -288,16 +290,27 @@ fn dp(p: &Problem) -> Vec<usize> {
     best.map(|b| b.1).unwrap_or_default()
 }
 
-/// Local moves to a fixed point: single nodes, then every contiguous segment of the
-/// topological order moved to one device.
+/// Local moves to a fixed point: every contiguous segment of the topological order (single
+/// nodes included) moved to one device, and every pair of nodes moved together.
 fn refine(p: &Problem, mut a: Vec<usize>) -> Vec<usize> {
     let n = p.n_nodes();
+    let nd = p.n_devices;
     let mut cur = p.cost(&a);
+    let mut try_it = |b: Vec<usize>, a: &mut Vec<usize>, cur: &mut f64| -> bool {
+        let c = p.cost(&b);
+        if c < *cur - 1e-12 {
+            *a = b;
+            *cur = c;
+            true
+        } else {
+            false
+        }
+    };
     loop {
         let mut improved = false;
         for len in 1..=n {
             for start in 0..=(n - len) {
-                for d in 0..p.n_devices {
+                for d in 0..nd {
                     if (start..start + len).any(|k| p.cost[k][d].is_none())
                         || (start..start + len).all(|k| a[k] == d)
                     {
@@ -305,11 +318,24 @@ fn refine(p: &Problem, mut a: Vec<usize>) -> Vec<usize> {
                     }
                     let mut b = a.clone();
                     b[start..start + len].iter_mut().for_each(|x| *x = d);
-                    let c = p.cost(&b);
-                    if c < cur - 1e-12 {
-                        a = b;
-                        cur = c;
-                        improved = true;
+                    improved |= try_it(b, &mut a, &mut cur);
+                }
+            }
+        }
+        for i in 0..n {
+            for j in i + 1..n {
+                for di in 0..nd {
+                    for dj in 0..nd {
+                        if p.cost[i][di].is_none()
+                            || p.cost[j][dj].is_none()
+                            || (a[i] == di && a[j] == dj)
+                        {
+                            continue;
+                        }
+                        let mut b = a.clone();
+                        b[i] = di;
+                        b[j] = dj;
+                        improved |= try_it(b, &mut a, &mut cur);
                     }
                 }
             }

@@ -101,6 +101,28 @@ impl Plan {
             pins.insert(n, dev_index(dev)?);
         }
         let prob = p.problem(g, &allowed, &pins);
+        for (i, row) in prob.cost.iter().enumerate() {
+            if row.iter().all(|c| c.is_none()) {
+                let n = p.order[i];
+                let why: Vec<String> = (0..nd)
+                    .map(|d| {
+                        let r = if !allowed[d] {
+                            "excluded".to_string()
+                        } else if pins.get(&n).is_some_and(|&x| x != d) {
+                            "node pinned elsewhere".to_string()
+                        } else {
+                            p.reasons[n][d].clone().unwrap_or_else(|| "no timing".into())
+                        };
+                        format!("{}: {r}", p.devices[d])
+                    })
+                    .collect();
+                return Err(Error::unsupported(format!(
+                    "no allowed device runs {} ({})",
+                    g.describe_node(n),
+                    why.join("; ")
+                )));
+            }
+        }
         let sol = partition::partition(&prob)?;
         Plan::from_solution(g, p, &sol)
     }
