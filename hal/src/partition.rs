@@ -99,7 +99,9 @@ impl Problem {
         for (i, v) in self.values.iter().enumerate() {
             let bad = |n: usize| n >= self.n_nodes();
             if v.producer.is_some_and(bad) || v.consumers.iter().copied().any(bad) {
-                return Err(Error::arg(format!("partition: value {i} names a missing node")));
+                return Err(Error::arg(format!(
+                    "partition: value {i} names a missing node"
+                )));
             }
             if let Some(p) = v.producer {
                 if v.consumers.iter().any(|&c| c <= p) {
@@ -296,7 +298,7 @@ fn refine(p: &Problem, mut a: Vec<usize>) -> Vec<usize> {
     let n = p.n_nodes();
     let nd = p.n_devices;
     let mut cur = p.cost(&a);
-    let mut try_it = |b: Vec<usize>, a: &mut Vec<usize>, cur: &mut f64| -> bool {
+    let try_it = |b: Vec<usize>, a: &mut Vec<usize>, cur: &mut f64| -> bool {
         let c = p.cost(&b);
         if c < *cur - 1e-12 {
             *a = b;

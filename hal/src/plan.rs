@@ -111,7 +111,9 @@ impl Plan {
                         } else if pins.get(&n).is_some_and(|&x| x != d) {
                             "node pinned elsewhere".to_string()
                         } else {
-                            p.reasons[n][d].clone().unwrap_or_else(|| "no timing".into())
+                            p.reasons[n][d]
+                                .clone()
+                                .unwrap_or_else(|| "no timing".into())
                         };
                         format!("{}: {r}", p.devices[d])
                     })

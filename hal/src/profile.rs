@@ -212,8 +212,7 @@ impl CacheFile {
                     return None;
                 }
                 let ms = f64::from_bits(bits);
-                (sum == entry_checksum(key, ms) && ms.is_finite() && ms >= 0.0)
-                    .then_some((key, ms))
+                (sum == entry_checksum(key, ms) && ms.is_finite() && ms >= 0.0).then_some((key, ms))
             })();
             match parsed {
                 Some((k, ms)) => {
@@ -246,7 +245,9 @@ impl CacheFile {
                 entry_checksum(*k, *ms)
             ));
         }
-        let tmp = self.path.with_extension(format!("tmp{}", std::process::id()));
+        let tmp = self
+            .path
+            .with_extension(format!("tmp{}", std::process::id()));
         std::fs::write(&tmp, s).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
         std::fs::rename(&tmp, &self.path)
             .map_err(|e| Error::io(format!("renaming to {}", self.path.display()), e))
@@ -373,8 +374,7 @@ pub fn time_subgraph(
     let once = || -> Result<f64> {
         let b = Bindings::new(ins.clone(), vec![None; sub.graph.outputs.len()], &counter);
         let t0 = Instant::now();
-        dev.submit(exe.as_ref(), &b)?
-            .wait(Some(opts.run_timeout))?;
+        dev.submit(exe.as_ref(), &b)?.wait(Some(opts.run_timeout))?;
         Ok(t0.elapsed().as_secs_f64() * 1e3)
     };
     for _ in 0..opts.warmup {
@@ -492,7 +492,11 @@ pub fn profile(g: &Graph, devices: &[Arc<dyn Device>], opts: &ProfileOptions) ->
     let nd = devices.len();
     let mut caches: Vec<Option<CacheFile>> = devices
         .iter()
-        .map(|d| opts.cache_dir.as_ref().map(|dir| CacheFile::open(dir, d.info())))
+        .map(|d| {
+            opts.cache_dir
+                .as_ref()
+                .map(|dir| CacheFile::open(dir, d.info()))
+        })
         .collect();
     let mut times = vec![vec![None; nd]; g.nodes.len()];
     let mut reasons = vec![vec![None; nd]; g.nodes.len()];

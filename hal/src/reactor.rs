@@ -106,9 +106,8 @@ impl Reactor {
                 thread: None,
             });
         };
-        let wake_file = File::from(
-            mem::dup(shared.wake.as_fd()).map_err(|e| Error::io("dup(eventfd)", e))?,
-        );
+        let wake_file =
+            File::from(mem::dup(shared.wake.as_fd()).map_err(|e| Error::io("dup(eventfd)", e))?);
         let sh = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("edgehal-reactor".into())
@@ -143,7 +142,8 @@ impl Reactor {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(op);
-        mem::eventfd_signal(self.shared.wake.as_fd()).map_err(|e| Error::io("waking the reactor", e))
+        mem::eventfd_signal(self.shared.wake.as_fd())
+            .map_err(|e| Error::io("waking the reactor", e))
     }
 
     /// Call `cb` with the fence's outcome once it signals.
@@ -270,8 +270,7 @@ fn run_ring(mut ring: IoUring, sh: Arc<Shared>, mut wake_file: File) {
         .user_data(WAKE);
     let mut staged: Vec<squeue::Entry> = vec![wake_poll.clone()];
     loop {
-        let ops: Vec<Op> =
-            std::mem::take(&mut *sh.queue.lock().unwrap_or_else(|p| p.into_inner()));
+        let ops: Vec<Op> = std::mem::take(&mut *sh.queue.lock().unwrap_or_else(|p| p.into_inner()));
         for op in ops {
             let token = next;
             next += 1;

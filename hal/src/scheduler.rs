@@ -22,7 +22,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use edgehal_core::buffer::CopyCounter;
-use edgehal_core::driver::{Bindings, Device, DeviceInfo, Driver, Executable, SysRoot, TensorBuffer};
+use edgehal_core::driver::{
+    Bindings, Device, DeviceInfo, Driver, Executable, SysRoot, TensorBuffer,
+};
 use edgehal_core::graph::Graph;
 use edgehal_core::Tensor;
 
@@ -128,7 +130,11 @@ impl RunHandle {
         if !self.is_done() {
             return None;
         }
-        self.c.result.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.c
+            .result
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     /// Wait for the outcome (`None`: forever).
@@ -262,9 +268,7 @@ fn collect(req: &Request) -> Result<Outputs> {
                 Some(tb) => tb.to_tensor()?,
                 None => match g.initializers.get(&o) {
                     Some(t) => t.clone(),
-                    None => {
-                        return Err(Error::arg(format!("output '{name}' was not produced")))
-                    }
+                    None => return Err(Error::arg(format!("output '{name}' was not produced"))),
                 },
             };
             Ok((name, t))
@@ -587,9 +591,9 @@ pub fn null_config_from_env() -> Result<(edgehal_null::NullConfig, String)> {
             .split_once('=')
             .ok_or_else(|| Error::arg(format!("EDGEHAL_NULL_CONFIG: '{item}' is not KEY=VALUE")))?;
         let ms = || -> Result<Duration> {
-            let f: f64 = v
-                .parse()
-                .map_err(|_| Error::arg(format!("EDGEHAL_NULL_CONFIG: '{v}' is not milliseconds")))?;
+            let f: f64 = v.parse().map_err(|_| {
+                Error::arg(format!("EDGEHAL_NULL_CONFIG: '{v}' is not milliseconds"))
+            })?;
             if !(0.0..=60_000.0).contains(&f) {
                 return Err(Error::arg(format!(
                     "EDGEHAL_NULL_CONFIG: {f} ms is out of range"
@@ -627,7 +631,10 @@ pub fn open_devices(names: &[String]) -> Result<Vec<Arc<dyn Device>>> {
             out.push(Arc::new(edgehal_cpu::device::CpuDevice::new()));
             continue;
         }
-        if let Some(k) = name.strip_prefix("null").and_then(|k| k.parse::<usize>().ok()) {
+        if let Some(k) = name
+            .strip_prefix("null")
+            .and_then(|k| k.parse::<usize>().ok())
+        {
             if k >= 16 {
                 return Err(Error::arg(format!("{name}: at most 16 null devices")));
             }

@@ -143,12 +143,11 @@ impl Session {
             .map(|&id| (id, info(&graph, id)))
             .collect();
         let outputs = graph.outputs.iter().map(|&id| info(&graph, id)).collect();
-        let sched = Scheduler::new(&graph, devices, &SchedulerOptions::default()).map_err(
-            |e| match e {
+        let sched =
+            Scheduler::new(&graph, devices, &SchedulerOptions::default()).map_err(|e| match e {
                 Error::Unsupported(m) => Error::Unsupported(format!("{}: {m}", model.name)),
                 other => other,
-            },
-        )?;
+            })?;
         let device = format!("plan({})", sched.plan().used_devices().join("+"));
         Ok(Session {
             exec: None,

@@ -149,13 +149,20 @@ fn heuristic_and_partition_are_within_two_percent_of_brute_force_on_500_graphs()
             exact_hits += 1;
         }
         let s = partition::partition(&p).unwrap();
-        assert!(s.cost <= opt * 1.02 + 1e-12, "seed {seed}: partition {}", s.cost);
+        assert!(
+            s.cost <= opt * 1.02 + 1e-12,
+            "seed {seed}: partition {}",
+            s.cost
+        );
         if s.method == "exact" {
             assert!((s.cost - opt).abs() < 1e-9, "seed {seed}: exact missed");
         }
         if p.is_chain() {
             chains += 1;
-            assert!((s.cost - opt).abs() < 1e-9, "seed {seed}: chain DP not exact");
+            assert!(
+                (s.cost - opt).abs() < 1e-9,
+                "seed {seed}: chain DP not exact"
+            );
         }
     }
     println!("heuristic optimal on {exact_hits}/500, worst ratio {worst:.4}, {chains} chains");
@@ -317,7 +324,10 @@ fn pins_and_exclusions_are_obeyed() {
     )
     .unwrap_err()
     .to_string();
-    assert!(e.contains("node 0 (Abs)") && e.contains("null0: excluded"), "{e}");
+    assert!(
+        e.contains("node 0 (Abs)") && e.contains("null0: excluded"),
+        "{e}"
+    );
     assert!(Plan::choose(
         &g,
         &p,
@@ -353,7 +363,11 @@ fn second_profile_comes_from_the_cache_and_bad_entries_are_rebuilt() {
     let p1 = profile(&g, &devs, &opts).unwrap();
     assert_eq!((p1.measured, p1.cached, p1.rebuilt), (4, 0, 0));
     let p2 = profile(&g, &devs, &opts).unwrap();
-    assert_eq!((p2.measured, p2.cached, p2.rebuilt), (0, 4, 0), "second load profiles nothing");
+    assert_eq!(
+        (p2.measured, p2.cached, p2.rebuilt),
+        (0, 4, 0),
+        "second load profiles nothing"
+    );
     assert_eq!(p1.times, p2.times);
     let file = std::fs::read_dir(&dir)
         .unwrap()
@@ -370,12 +384,24 @@ fn second_profile_comes_from_the_cache_and_bad_entries_are_rebuilt() {
     line.replace_range(mid..mid + 1, &flipped.to_string());
     std::fs::write(&file, lines.join("\n") + "\n").unwrap();
     let p3 = profile(&g, &devs, &opts).unwrap();
-    assert_eq!((p3.measured, p3.cached, p3.rebuilt), (1, 3, 1), "corrupt entry measured again");
+    assert_eq!(
+        (p3.measured, p3.cached, p3.rebuilt),
+        (1, 3, 1),
+        "corrupt entry measured again"
+    );
     let p4 = profile(&g, &devs, &opts).unwrap();
-    assert_eq!((p4.measured, p4.rebuilt), (0, 0), "and the file was rewritten");
+    assert_eq!(
+        (p4.measured, p4.rebuilt),
+        (0, 0),
+        "and the file was rewritten"
+    );
     // A stale stamp (another format or driver version) rebuilds everything.
     let text = std::fs::read_to_string(&file).unwrap();
-    std::fs::write(&file, text.replacen("edgehal-profile 1 ", "edgehal-profile 0 ", 1)).unwrap();
+    std::fs::write(
+        &file,
+        text.replacen("edgehal-profile 1 ", "edgehal-profile 0 ", 1),
+    )
+    .unwrap();
     let p5 = profile(&g, &devs, &opts).unwrap();
     assert_eq!((p5.measured, p5.cached, p5.rebuilt), (4, 0, 1));
     // Garbage instead of a cache file is not trusted either.

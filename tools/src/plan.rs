@@ -134,14 +134,18 @@ pub fn run(a: PlanArgs) -> Result<()> {
         let segments: Vec<_> = plan
             .segments
             .iter()
-            .map(|sg| json!({"device": plan.devices[sg.device], "nodes": sg.nodes,
-                             "predicted_ms": sg.predicted_ms}))
+            .map(|sg| {
+                json!({"device": plan.devices[sg.device], "nodes": sg.nodes,
+                             "predicted_ms": sg.predicted_ms})
+            })
             .collect();
         let transfers: Vec<_> = plan
             .transfers
             .iter()
-            .map(|t| json!({"value": t.value, "from": t.from, "to": t.to, "bytes": t.bytes,
-                            "predicted_ms": t.predicted_ms}))
+            .map(|t| {
+                json!({"value": t.value, "from": t.from, "to": t.to, "bytes": t.bytes,
+                            "predicted_ms": t.predicted_ms})
+            })
             .collect();
         let single: Vec<_> = singles
             .iter()
@@ -285,7 +289,12 @@ pub fn svg(g: &Graph, plan: &Plan, measured_ms: f64) -> String {
         r#"<text x="{tl_x}" y="{}" font-weight="bold">timeline (predicted, one request)</text>"#,
         top - 8.0
     );
-    for (i, d) in plan.devices.iter().chain(std::iter::once(&"transfers".to_string())).enumerate() {
+    for (i, d) in plan
+        .devices
+        .iter()
+        .chain(std::iter::once(&"transfers".to_string()))
+        .enumerate()
+    {
         let y = top + 40.0 * i as f64;
         let _ = writeln!(
             s,
