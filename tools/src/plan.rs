@@ -77,11 +77,11 @@ pub fn run(a: PlanArgs) -> Result<()> {
     let chosen = s.plan();
     let chosen_ms = measure(&s, &feeds, a.runs)?;
     let mut singles = Vec::new();
-    for d in 0..names.len() {
+    for (d, name) in names.iter().enumerate() {
         if let Some(p) = Plan::single_device(&graph, s.profile(), d) {
             s.use_plan(p.clone()).map_err(|e| anyhow!("{e}"))?;
             let ms = measure(&s, &feeds, a.runs)?;
-            singles.push((names[d].clone(), p, ms));
+            singles.push((name.clone(), p, ms));
         }
     }
     // The chosen plan must not measure slower than the best single device; if it does (the
