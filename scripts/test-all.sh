@@ -32,9 +32,9 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -q -- -D warnings
 
-step "cargo test --workspace --release"
+step "cargo test --workspace --profile ci (release without LTO)"
 export CI=${CI:-true}
-cargo test --workspace --release 2>&1 | tee target/test-output.txt
+cargo test --workspace --profile ci 2>&1 | tee target/test-output.txt
 summary=$(grep -E '^test result:' target/test-output.txt | awk '{p+=$4; f+=$6; i+=$8} END {print p" passed, "f" failed, "i" ignored"}')
 
 step "ONNX node conformance (by op)"
