@@ -64,5 +64,11 @@ fn gemm(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, peak, gemm);
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(std::time::Duration::from_secs(1))
+        .measurement_time(std::time::Duration::from_secs(3));
+    targets = peak, gemm
+}
 criterion_main!(benches);
