@@ -1,0 +1,21 @@
+#!/bin/sh
+# Run the Vulkan driver's tests and the model benchmark on a machine with a real GPU
+# (written for an NVIDIA machine: NVIDIA's ICD is selected when present).
+#   sh drivers/vulkan/gpu-check.sh [DEVICE-SELECTOR]
+# DEVICE-SELECTOR: index or name substring (default: NVIDIA when present, else the first GPU).
+set -eu
+cd "$(dirname "$0")/../.."
+SEL="${1:-}"
+if [ -z "$SEL" ] && ls /usr/share/vulkan/icd.d/nvidia_icd*.json /etc/vulkan/icd.d/nvidia_icd*.json >/dev/null 2>&1; then
+    SEL="NVIDIA"
+fi
+MODELS="${MODELS:-../shared/models}"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version --format=csv || true
+echo "== device listing (edgehal probe's Vulkan section)"
+cargo run -q --release -p edgehal-vulkan --example vkbench -- --device "$SEL" --runs 1 --warmup 0 "$MODELS/mobilenet_v2.onnx" >/dev/null
+echo "== Vulkan tests on '$SEL'"
+EDGEHAL_VK_DEVICE="$SEL" cargo test --release -p edgehal-vulkan -- --test-threads=1 --nocapture 2>&1 | grep -E "vulkan device|dispatches|^test |test result|SKIP"
+echo "== vkbench (batch 1, fp32, same run: Vulkan then CPU)"
+echo "command: cargo run --release -p edgehal-vulkan --example vkbench -- --device '$SEL' --runs 200 --warmup 20 $MODELS/mobilenet_v2.onnx $MODELS/resnet18.onnx"
+cargo run -q --release -p edgehal-vulkan --example vkbench -- --device "$SEL" --runs 200 --warmup 20 \
+    "$MODELS/mobilenet_v2.onnx" "$MODELS/resnet18.onnx"

@@ -1,0 +1,56 @@
+#version 450
+#extension GL_GOOGLE_include_directive : require
+// Resize, nearest mode, any rank <= 6: each output coordinate is mapped back to an input
+// coordinate by the coordinate transformation mode, then rounded by the nearest mode.
+#include "common.glsl"
+
+layout(local_size_x_id = 0) in;
+layout(constant_id = 0) const uint WG = 64;
+
+layout(std430, set = 0, binding = 1) readonly buffer X_ { float x[]; };
+layout(std430, set = 0, binding = 2) writeonly buffer Y_ { float y[]; };
+
+// 0 total, 1 rank, 2 x_off, 3 y_off, 4 coordinate mode (0 half_pixel, 1 asymmetric,
+// 2 align_corners, 3 pytorch_half_pixel, 4 tf_half_pixel_for_nn), 5 nearest mode
+// (0 round_prefer_floor, 1 round_prefer_ceil, 2 floor, 3 ceil), 6..11 in shape,
+// 12..17 out shape, 18..23 scales (float)
+float src_coord(float o, float scale, float in_len, float out_len, uint mode) {
+    switch (mode) {
+    case 1u: return o / scale;
+    case 2u: return out_len > 1.0 ? o * (in_len - 1.0) / (out_len - 1.0) : 0.0;
+    case 3u: return out_len > 1.0 ? (o + 0.5) / scale - 0.5 : 0.0;
+    case 4u: return (o + 0.5) / scale;
+    default: return (o + 0.5) / scale - 0.5;
+    }
+}
+
+int nearest(float v, uint mode) {
+    switch (mode) {
+    case 1u: return int(fract(v) == 0.5 ? ceil(v) : round(v));
+    case 2u: return int(floor(v));
+    case 3u: return int(ceil(v));
+    default: return int(fract(v) == 0.5 ? floor(v) : round(v));
+    }
+}
+
+void main() {
+    uint i = gl_GlobalInvocationID.x + gl_GlobalInvocationID.y * gl_NumWorkGroups.x * WG;
+    if (i >= P(0u)) {
+        return;
+    }
+    uint rank = P(1u);
+    uint t = i;
+    uint xi = 0u;
+    uint stride = 1u;
+    for (uint d = rank; d > 0u; d--) {
+        uint od = P(12u + d - 1u);
+        uint id = P(6u + d - 1u);
+        uint co = t % od;
+        t /= od;
+        float s = src_coord(float(co), PF(18u + d - 1u), float(id), float(od), P(4u));
+        int c = clamp(nearest(s, P(5u)), 0, int(id) - 1);
+        xi += uint(c) * stride;
+        stride *= id;
+    }
+    y[P(3u) + i] = x[P(2u) + xi];
+}
