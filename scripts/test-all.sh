@@ -12,12 +12,25 @@ if [ ! -d ../shared/models ]; then
   exit 1
 fi
 
+step "system packages"
+# lavapipe (Vulkan tests), glslc/spirv-tools (shader drift check), valgrind/pkg-config/libpng
+# (C API tests), QEMU + busybox + kernel tools (the VFIO/dma-buf VM test), python3-venv.
+pkgs=(mesa-vulkan-drivers libvulkan1 glslc spirv-tools valgrind pkg-config libpng-dev gcc
+      qemu-system-x86 busybox-static cpio kmod xz-utils zstd python3-venv)
+need=()
+for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}"
+  sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need[@]}"
+else
+  echo "all present: ${pkgs[*]}"
+fi
+
 step "python venv with reference runtimes (.venv)"
 py=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import onnx, onnxruntime, numpy, ai_edge_litert' 2>/dev/null; then
-  if ! "$py" -m venv --help >/dev/null 2>&1; then
-    apt-get update -qq && apt-get install -y -qq python3-venv
-  fi
   rm -rf .venv
   "$py" -m venv .venv
   .venv/bin/pip install -q --upgrade pip
@@ -32,15 +45,17 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -q -- -D warnings
 
-step "cargo test --workspace --release"
+step "cargo test --workspace --profile ci (release without LTO)"
 export CI=${CI:-true}
-cargo test --workspace --release 2>&1 | tee target/test-output.txt
+cargo test --workspace --profile ci 2>&1 | tee target/test-output.txt
 summary=$(grep -E '^test result:' target/test-output.txt | awk '{p+=$4; f+=$6; i+=$8} END {print p" passed, "f" failed, "i" ignored"}')
 
 step "ONNX node conformance (by op)"
 cat target/conformance-summary.txt
 
 step "summary"
-echo "suites: core, kernels, cpu ops, importers, session, CLI, conformance, model agreement, bad input"
+echo "suites: core, kernels (+ SIMD dispatch), cpu ops, ONNX/TFLite importers, session, CLI, probe fixtures,"
+echo "        HAL buffers/drivers/plugin, partitioner/scheduler, Vulkan on lavapipe, C API (ASan, valgrind),"
+echo "        VFIO/dma-buf QEMU VM, ONNX conformance, model agreement (onnxruntime, LiteRT), bad input"
 echo "rust tests: $summary"
 tail -n 1 target/conformance-summary.txt

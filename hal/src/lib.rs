@@ -3,14 +3,25 @@
 //! - Importers ([`onnx`], [`tflite`]) decode a memory-mapped file into the format-neutral
 //!   [`edgehal_core::Graph`]; weights stay in the mapping.
 //! - [`Model::load`] picks the importer from the file's magic bytes, not its extension.
-//! - [`session::Session`] prepares a graph for a device once and runs it many times.
+//! - [`session::Session`] prepares a graph for a device once and runs it many times; with
+//!   several devices it goes through [`profile`] (measured latency per node and device),
+//!   [`partition`] (minimum end-to-end latency), [`plan`] and the asynchronous [`scheduler`]
+//!   whose completions one io_uring [`reactor`] reaps.
+//!
+//! `unsafe` is denied everywhere except the reactor (io_uring submissions name raw memory).
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod npy;
 pub mod onnx;
+pub mod partition;
 pub mod passes;
+pub mod plan;
 pub mod plugin;
+pub mod profile;
+#[allow(unsafe_code)]
+pub mod reactor;
+pub mod scheduler;
 pub mod session;
 pub mod tflite;
 

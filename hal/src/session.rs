@@ -1,9 +1,14 @@
 //! Sessions: a model prepared once (passes, op resolution, memory plan) and run many times.
+//!
+//! With one device (the default) a session runs on the CPU executor directly. With more than
+//! one device allowed ([`SessionOptions::devices`]), it profiles the graph on each, plans the
+//! split and runs through the [`Scheduler`] (asynchronously with [`Session::submit`]).
 
 use edgehal_core::graph::{Dim, Graph, ValueId};
 use edgehal_core::{DType, Error, Result, Tensor};
 use edgehal_cpu::{Executor, Registry};
 
+use crate::scheduler::{open_devices, Outputs, RunHandle, Scheduler, SchedulerOptions};
 use crate::Model;
 
 /// Options for a session.
@@ -15,6 +20,9 @@ pub struct SessionOptions {
     pub device: String,
     /// Run graph passes (constant folding, dead node removal, inference). On by default.
     pub optimize: bool,
+    /// Devices a multi-device plan may use (`cpu`, `null0`, plugin device names). With more
+    /// than one, the session profiles, partitions and schedules; otherwise `device` applies.
+    pub devices: Vec<String>,
 }
 
 impl Default for SessionOptions {
@@ -23,6 +31,7 @@ impl Default for SessionOptions {
             threads: 0,
             device: "auto".into(),
             optimize: true,
+            devices: Vec::new(),
         }
     }
 }
@@ -61,7 +70,8 @@ impl IoInfo {
 
 /// A model prepared for execution on a device.
 pub struct Session {
-    exec: Executor,
+    exec: Option<Executor>,
+    sched: Option<Scheduler>,
     inputs: Vec<(ValueId, IoInfo)>,
     outputs: Vec<IoInfo>,
     device: String,
@@ -71,6 +81,9 @@ pub struct Session {
 impl Session {
     /// Prepare `model`.
     pub fn new(model: &Model, opts: &SessionOptions) -> Result<Session> {
+        if opts.devices.len() > 1 {
+            return Self::new_planned(model, opts);
+        }
         match opts.device.as_str() {
             "auto" | "cpu" => {}
             other => {
@@ -102,12 +115,53 @@ impl Session {
             other => other,
         })?;
         Ok(Session {
-            exec,
+            exec: Some(exec),
+            sched: None,
             inputs,
             outputs,
             device: "cpu".into(),
             log,
         })
+    }
+
+    fn new_planned(model: &Model, opts: &SessionOptions) -> Result<Session> {
+        let devices = open_devices(&opts.devices)?;
+        let mut graph: Graph = model.graph.clone();
+        let log = if opts.optimize {
+            crate::passes::optimize(&mut graph, &Registry::new())?
+        } else {
+            String::new()
+        };
+        let info = |g: &Graph, id: ValueId| IoInfo {
+            name: g.values[id].name.clone(),
+            dtype: g.values[id].dtype,
+            shape: g.values[id].shape.clone(),
+        };
+        let inputs = graph
+            .inputs
+            .iter()
+            .map(|&id| (id, info(&graph, id)))
+            .collect();
+        let outputs = graph.outputs.iter().map(|&id| info(&graph, id)).collect();
+        let sched =
+            Scheduler::new(&graph, devices, &SchedulerOptions::default()).map_err(|e| match e {
+                Error::Unsupported(m) => Error::Unsupported(format!("{}: {m}", model.name)),
+                other => other,
+            })?;
+        let device = format!("plan({})", sched.plan().used_devices().join("+"));
+        Ok(Session {
+            exec: None,
+            sched: Some(sched),
+            inputs,
+            outputs,
+            device,
+            log,
+        })
+    }
+
+    /// The scheduler, when the session runs a multi-device plan.
+    pub fn scheduler(&self) -> Option<&Scheduler> {
+        self.sched.as_ref()
     }
 
     /// Inputs the caller feeds.
@@ -128,12 +182,67 @@ impl Session {
     }
     /// The prepared graph.
     pub fn graph(&self) -> &Graph {
-        self.exec.graph()
+        match (&self.exec, &self.sched) {
+            (Some(e), _) => e.graph(),
+            (None, Some(s)) => s.graph(),
+            (None, None) => unreachable!("a session has an executor or a scheduler"),
+        }
     }
 
     /// Run with inputs by name. Every input must be given, with the declared dtype and a shape
     /// that matches every fixed dimension. Returns outputs in graph order.
     pub fn run(&self, feeds: &[(&str, Tensor)]) -> Result<Vec<(String, Tensor)>> {
+        if let Some(s) = &self.sched {
+            let feeds = self.bind(feeds)?;
+            return s.run(feeds.into_iter().map(|(_, n, t)| (n, t)).collect(), None);
+        }
+        let bound: Vec<(ValueId, Tensor)> = self
+            .bind(feeds)?
+            .into_iter()
+            .map(|(id, _, t)| (id, t))
+            .collect();
+        let Some(exec) = &self.exec else {
+            return Err(Error::arg("session has no executor"));
+        };
+        let outs = exec.run(&bound)?;
+        Ok(self
+            .outputs
+            .iter()
+            .map(|o| o.name.clone())
+            .zip(outs)
+            .collect())
+    }
+
+    /// Start a run and return at once; poll or wait on the handle. Single-device sessions
+    /// compute before returning (the handle is then already complete).
+    pub fn submit(&self, feeds: &[(&str, Tensor)]) -> Result<RunHandle> {
+        if let Some(s) = &self.sched {
+            let feeds = self.bind(feeds)?;
+            return s.submit(feeds.into_iter().map(|(_, n, t)| (n, t)).collect());
+        }
+        Ok(RunHandle::ready(self.run(feeds)))
+    }
+
+    /// [`Session::submit`] with a callback called once when the run ends.
+    pub fn submit_with(
+        &self,
+        feeds: &[(&str, Tensor)],
+        cb: impl FnOnce(&Result<Outputs>) + Send + 'static,
+    ) -> Result<RunHandle> {
+        if let Some(s) = &self.sched {
+            let feeds = self.bind(feeds)?;
+            return s.submit_with(
+                feeds.into_iter().map(|(_, n, t)| (n, t)).collect(),
+                Some(Box::new(cb)),
+            );
+        }
+        let r = self.run(feeds);
+        cb(&r);
+        Ok(RunHandle::ready(r))
+    }
+
+    /// Check feeds against the declared inputs; (id, name, tensor) in input order.
+    fn bind(&self, feeds: &[(&str, Tensor)]) -> Result<Vec<(ValueId, String, Tensor)>> {
         for (name, _) in feeds {
             if !self.inputs.iter().any(|(_, i)| i.name == *name) {
                 let names: Vec<&str> = self.inputs.iter().map(|(_, i)| i.name.as_str()).collect();
@@ -157,15 +266,9 @@ impl Session {
                     ))
                 })?;
             check_input(info, t)?;
-            bound.push((*id, t.clone()));
+            bound.push((*id, info.name.clone(), t.clone()));
         }
-        let outs = self.exec.run(&bound)?;
-        Ok(self
-            .outputs
-            .iter()
-            .map(|o| o.name.clone())
-            .zip(outs)
-            .collect())
+        Ok(bound)
     }
 }
 

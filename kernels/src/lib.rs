@@ -2,9 +2,15 @@
 //!
 //! - Kernels know nothing of graphs or tensors: slices, sizes and strides in, slices out. The
 //!   CPU driver maps ops onto them.
-//! - Every kernel has a portable reference; SIMD variants are picked at run time and tested
-//!   against the reference.
+//! - Every kernel has a portable reference; SIMD variants are picked at run time (once per
+//!   process, see [`dispatch`]) and tested against the reference.
+//! - `unsafe` is allowed only in `arch/` (intrinsics); everything else is safe Rust.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
+#[cfg(target_arch = "x86_64")]
+mod arch;
+pub mod dispatch;
 pub mod gemm;
+
+pub use dispatch::dispatch_summary;

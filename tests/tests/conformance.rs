@@ -16,7 +16,7 @@ use edgehal_core::Tensor;
 use edgehal_cpu::{Executor, Registry};
 
 /// The pass count this suite must not fall below (raise it as ops land; never lower it).
-const MIN_PASSING: usize = 1;
+const MIN_PASSING: usize = 1570;
 
 fn cases_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("EDGEHAL_ONNX_CASES") {

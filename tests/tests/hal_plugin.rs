@@ -319,3 +319,35 @@ fn plugin_imports_host_buffers_and_refuses_fds() {
     assert!(e.contains("imports host pointers only"), "{e}");
     assert!(p.open(5).is_err());
 }
+
+#[test]
+fn plugin_devices_appear_in_the_probe_report() {
+    use edgehal_core::probe::{probe, Backend, ProbedDevice};
+    let root = SysRoot::live();
+    let mut report = probe(&root);
+    for info in example_driver().probe(&root) {
+        report
+            .devices
+            .push(ProbedDevice::from_driver_info(&info, Backend::Plugin));
+    }
+    report.devices.push(ProbedDevice::failed_plugin(
+        "libbad.so",
+        "speaks plugin ABI version 99",
+    ));
+    let table = report.to_table();
+    assert!(table.contains("Plugin devices"), "{table}");
+    assert!(table.contains("example0"), "{table}");
+    assert!(
+        table.contains("unavailable: speaks plugin ABI version 99"),
+        "{table}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+    let plugin = json["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "example0")
+        .unwrap();
+    assert_eq!(plugin["driver"], "plugin");
+    assert_eq!(plugin["available"], true);
+}

@@ -105,6 +105,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             "first_run_ms": first_ms,
             "cold_start_ms": cold_ms,
             "peak_rss_mb": rss,
+            "kernels": edgehal_kernels::dispatch_summary(),
         });
         println!("{}", serde_json::to_string(&doc)?);
     } else {
@@ -115,6 +116,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             a.runs
         );
         println!("cold start {cold_ms:.1} ms (load + prepare + first run)");
+        println!("{}", edgehal_kernels::dispatch_summary());
         if let Some(r) = rss {
             println!("peak RSS   {r:.1} MiB");
         }

@@ -4,6 +4,7 @@
 
 mod bench;
 mod ops;
+mod plan;
 mod probe;
 mod run;
 
@@ -73,6 +74,29 @@ enum Cmd {
         /// Machine-readable output (one JSON object).
         #[arg(long)]
         json: bool,
+        /// Throughput of a stream of N frames, several in flight, pipelined across devices.
+        #[arg(long, value_name = "N")]
+        stream: Option<usize>,
+        /// Devices for --stream (comma-separated: cpu,null0,...).
+        #[arg(long, default_value = "cpu")]
+        devices: String,
+    },
+    /// Profile a model on devices, split it for the lowest latency, run and explain the plan.
+    Plan {
+        /// Model file (.onnx or .tflite).
+        model: std::path::PathBuf,
+        /// Comma-separated devices (cpu, null0, ..., plugin devices).
+        #[arg(long, default_value = "cpu")]
+        devices: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Write the plan as an SVG picture.
+        #[arg(long, value_name = "FILE")]
+        svg: Option<std::path::PathBuf>,
+        /// Timed runs of each measured plan.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
     },
     /// List the ops each device supports.
     Ops {
@@ -119,6 +143,31 @@ fn main() {
             json,
         }),
         Cmd::Ops { json } => ops::run(json),
+        Cmd::Plan {
+            model,
+            devices,
+            json,
+            svg,
+            runs,
+        } => plan::run(plan::PlanArgs {
+            model,
+            devices,
+            json,
+            svg,
+            runs,
+        }),
+        Cmd::Bench {
+            model,
+            json,
+            stream: Some(frames),
+            devices,
+            ..
+        } => plan::stream(plan::StreamArgs {
+            model,
+            devices,
+            frames,
+            json,
+        }),
         Cmd::Bench {
             model,
             device,
@@ -126,6 +175,7 @@ fn main() {
             runs,
             warmup,
             json,
+            ..
         } => bench::run(bench::BenchArgs {
             model,
             device,

@@ -4,7 +4,7 @@
 //! enumerates on the live machine (`{"available", "reason", "devices": [...]}`), or why there
 //! is no Vulkan (`unavailable: libvulkan.so.1 not found`). Fixture probes skip it.
 
-use edgehal_core::probe::{probe, SysRoot};
+use edgehal_core::probe::{probe, Backend, ProbedDevice, SysRoot};
 
 /// Run `edgehal probe`.
 pub fn run(json: bool, sysroot: Option<std::path::PathBuf>) -> anyhow::Result<()> {
@@ -17,7 +17,25 @@ pub fn run(json: bool, sysroot: Option<std::path::PathBuf>) -> anyhow::Result<()
         }
         None => SysRoot::live(),
     };
-    let report = probe(&root);
+    let mut report = probe(&root);
+    // Vendor plugins found through EDGEHAL_DRIVER_PATH list their devices too; one that cannot
+    // be loaded (wrong ABI version, missing symbols) is listed with the reason.
+    let spec = std::env::var("EDGEHAL_DRIVER_PATH").unwrap_or_default();
+    for path in edgehal::plugin::plugin_paths(&spec) {
+        match edgehal::plugin::PluginDriver::load(&path) {
+            Ok(driver) => {
+                use edgehal_core::driver::Driver;
+                for info in driver.probe(&root) {
+                    report
+                        .devices
+                        .push(ProbedDevice::from_driver_info(&info, Backend::Plugin));
+                }
+            }
+            Err(e) => report
+                .devices
+                .push(ProbedDevice::failed_plugin(path.display().to_string(), e)),
+        }
+    }
     // Enumerating Vulkan devices opens the loader: only for the live machine.
     let vk = root.is_live().then(edgehal_vulkan::list);
     if json {

@@ -597,6 +597,61 @@ mod tests {
     }
 
     #[test]
+    fn external_data_is_mapped_and_confined_to_the_model_folder() {
+        let dir = std::env::temp_dir().join(format!("edgehal-extdata-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut raw = vec![0xAAu8; 4];
+        raw.extend_from_slice(&1.5f32.to_le_bytes());
+        raw.extend_from_slice(&(-2.0f32).to_le_bytes());
+        std::fs::write(dir.join("w.bin"), &raw).unwrap();
+        let entry = |k: &str, v: &str| proto::StringStringEntryProto {
+            key: k.into(),
+            value: v.into(),
+        };
+        let mut m = tiny_model();
+        let init = &mut m.graph.as_mut().unwrap().initializer[0];
+        init.raw_data = Bytes::new();
+        init.data_location = 1;
+        init.external_data = vec![
+            entry("location", "w.bin"),
+            entry("offset", "4"),
+            entry("length", "8"),
+        ];
+        std::fs::write(dir.join("m.onnx"), m.encode_to_vec()).unwrap();
+        let model = crate::Model::load(dir.join("m.onnx")).unwrap();
+        let w = model.graph.initializers.values().next().unwrap();
+        assert_eq!(w.to_vec::<f32>().unwrap(), vec![1.5, -2.0]);
+        // Escaping the folder, a short file and a model held in memory are refused.
+        for (loc, off, want) in [
+            ("../w.bin", "4", "leaves"),
+            ("w.bin", "8", "outside"),
+            ("/etc/passwd", "0", "leaves"),
+        ] {
+            let init = &mut m.graph.as_mut().unwrap().initializer[0];
+            init.external_data = vec![
+                entry("location", loc),
+                entry("offset", off),
+                entry("length", "8"),
+            ];
+            std::fs::write(dir.join("bad.onnx"), m.encode_to_vec()).unwrap();
+            let e = crate::Model::load(dir.join("bad.onnx"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{loc}: {e}");
+        }
+        m.graph.as_mut().unwrap().initializer[0].external_data = vec![
+            entry("location", "w.bin"),
+            entry("offset", "4"),
+            entry("length", "8"),
+        ];
+        let e = crate::Model::from_bytes(Bytes::from(m.encode_to_vec()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("loaded from a file"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn tensor_pb_round_trip() {
         let t = Tensor::from_vec(vec![2, 2], vec![1i64, 2, 3, 4]).unwrap();
         let pb = write_tensor_pb("x", &t);

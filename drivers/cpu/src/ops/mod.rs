@@ -19,6 +19,7 @@ pub mod reduce;
 pub mod resize;
 pub mod rnn;
 pub mod shape;
+pub mod tflite;
 pub mod training;
 
 /// Runs a subgraph with the given inputs in the scope of the calling node.
@@ -90,6 +91,7 @@ impl Registry {
         resize::register(&mut r);
         rnn::register(&mut r);
         shape::register(&mut r);
+        tflite::register(&mut r);
         training::register(&mut r);
         r
     }

@@ -1,6 +1,604 @@
-//! Ops: quant.
+//! Ops: linear quantization (QuantizeLinear, DequantizeLinear, DynamicQuantizeLinear) and the
+//! integer matmul/conv family (MatMulInteger, ConvInteger, QLinearMatMul, QLinearConv).
+//!
+//! - Integer products accumulate in i32 (`edgehal_kernels::gemm::igemm_i32`), exactly.
+//! - Requantization multiplies the i32 accumulator by `scale_a * scale_b / scale_y` (computed
+//!   in the scales' own precision, as the ONNX reference does) and rounds half to even before
+//!   adding the zero point and saturating.
+//! - Scales and zero points may be per tensor, per axis (`axis`) or, for Quantize/Dequantize
+//!   from opset 21, blocked (`block_size`).
 
-use super::Registry;
+use edgehal_core::half::f16;
+use edgehal_core::{DType, Error, Result, Tensor};
+use edgehal_kernels::gemm::igemm_i32;
+
+use super::nn::{ftensor, geom, im2col, matmul_shapes, numel, Geom};
+use super::{input, norm_axis, opt_input, OpCtx, Registry};
 
 /// Register this module's ops.
-pub fn register(_r: &mut Registry) {}
+pub fn register(r: &mut Registry) {
+    r.add("QuantizeLinear", quantize_linear);
+    r.add("DequantizeLinear", dequantize_linear);
+    r.add("DynamicQuantizeLinear", dynamic_quantize_linear);
+    r.add("MatMulInteger", matmul_integer);
+    r.add("QLinearMatMul", qlinear_matmul);
+    r.add("ConvInteger", conv_integer);
+    r.add("QLinearConv", qlinear_conv);
+}
+
+/// The representable range of a quantized integer type.
+fn qrange(dt: DType) -> Result<(i64, i64)> {
+    Ok(match dt {
+        DType::U8 => (0, 255),
+        DType::I8 => (-128, 127),
+        DType::U16 => (0, 65535),
+        DType::I16 => (-32768, 32767),
+        DType::I32 => (i32::MIN as i64, i32::MAX as i64),
+        d => {
+            return Err(Error::unsupported(format!(
+                "quantized type {d} (supported: uint8, int8, uint16, int16, int32)"
+            )))
+        }
+    })
+}
+
+/// Saturate `vals` to `dt` and build the tensor.
+fn qtensor(dt: DType, shape: Vec<usize>, vals: Vec<i64>) -> Result<Tensor> {
+    let (lo, hi) = qrange(dt)?;
+    let v: Vec<i64> = vals.into_iter().map(|x| x.clamp(lo, hi)).collect();
+    Tensor::from_vec(shape, v)?.cast(dt)
+}
+
+/// Round half to even, then saturate into an i64 (NaN becomes 0).
+fn rne(v: f64) -> i64 {
+    let r = v.round_ties_even();
+    if r.is_nan() {
+        0
+    } else {
+        r.clamp(i64::MIN as f64, i64::MAX as f64) as i64
+    }
+}
+
+fn int_vec(t: &Tensor, what: &str) -> Result<Vec<i64>> {
+    if !t.dtype().is_int() {
+        return Err(Error::arg(format!(
+            "{what} must be an integer tensor, got {}",
+            t.dtype()
+        )));
+    }
+    Ok(t.to_i64_vec())
+}
+
+/// How a scale / zero-point tensor maps onto the elements of the data tensor.
+enum Layout {
+    PerTensor,
+    /// `index = (i / inner) % dim`
+    PerAxis {
+        inner: usize,
+        dim: usize,
+    },
+    /// `i = (o*D + a)*inner + r` maps to `(o*Dp + a/block)*inner + r`
+    Blocked {
+        inner: usize,
+        d: usize,
+        dp: usize,
+        block: usize,
+    },
+}
+
+impl Layout {
+    fn index(&self, i: usize) -> usize {
+        match *self {
+            Layout::PerTensor => 0,
+            Layout::PerAxis { inner, dim } => (i / inner) % dim,
+            Layout::Blocked {
+                inner,
+                d,
+                dp,
+                block,
+            } => {
+                let r = i % inner;
+                let a = (i / inner) % d;
+                let o = i / (inner * d);
+                (o * dp + a / block) * inner + r
+            }
+        }
+    }
+}
+
+fn param_layout(ctx: &OpCtx<'_>, x: &[usize], scale: &[usize], op: &str) -> Result<Layout> {
+    let n: usize = scale.iter().product();
+    let block = if ctx.opset >= 21 {
+        ctx.i("block_size", 0)
+    } else {
+        0
+    };
+    if block < 0 {
+        return Err(Error::arg(format!("{op}: negative block_size {block}")));
+    }
+    if block == 0 && n == 1 && scale.len() <= 1 {
+        return Ok(Layout::PerTensor);
+    }
+    let axis = norm_axis(ctx.i("axis", 1), x.len())?;
+    let inner = numel(&x[axis + 1..])?;
+    if block == 0 {
+        if scale.len() != 1 || scale[0] != x[axis] {
+            return Err(Error::arg(format!(
+                "{op}: scale shape {scale:?} must be a scalar or [{}] (axis {axis} of {x:?})",
+                x[axis]
+            )));
+        }
+        return Ok(Layout::PerAxis {
+            inner,
+            dim: x[axis],
+        });
+    }
+    let block = block as usize;
+    let ok = scale.len() == x.len()
+        && (0..x.len()).all(|d| {
+            if d == axis {
+                scale[d] == x[d].div_ceil(block)
+            } else {
+                scale[d] == x[d]
+            }
+        });
+    if !ok {
+        return Err(Error::arg(format!(
+            "{op}: scale shape {scale:?} does not match input {x:?} blocked by {block} on axis {axis}"
+        )));
+    }
+    Ok(Layout::Blocked {
+        inner,
+        d: x[axis],
+        dp: scale[axis],
+        block,
+    })
+}
+
+fn check_zp(zp: Option<&Tensor>, scale: &Tensor, op: &str) -> Result<()> {
+    if let Some(z) = zp {
+        if z.shape() != scale.shape() && !(z.len() == 1 && scale.len() == 1) {
+            return Err(Error::arg(format!(
+                "{op}: zero point shape {:?} differs from scale shape {:?}",
+                z.shape(),
+                scale.shape()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn quantize_linear(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = input(ins, 0)?;
+    let scale = input(ins, 1)?;
+    let zp = opt_input(ins, 2);
+    check_zp(zp, scale, "QuantizeLinear")?;
+    let out_dt = match zp {
+        Some(z) => z.dtype(),
+        None => match ctx.i("output_dtype", 0) {
+            0 => DType::U8,
+            c => DType::from_onnx_code(c as i32)
+                .ok_or_else(|| Error::unsupported(format!("QuantizeLinear: output_dtype {c}")))?,
+        },
+    };
+    qrange(out_dt)?;
+    let layout = param_layout(ctx, x.shape(), scale.shape(), "QuantizeLinear")?;
+    let sv = scale.to_f32();
+    let zv = match zp {
+        Some(z) => int_vec(z, "QuantizeLinear zero point")?,
+        None => vec![0; sv.len()],
+    };
+    let xv = x.to_f32();
+    let vals: Vec<i64> = xv
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let k = layout.index(i);
+            rne((v / sv[k]) as f64).saturating_add(zv[k])
+        })
+        .collect();
+    Ok(vec![qtensor(out_dt, x.shape().to_vec(), vals)?])
+}
+
+fn dequantize_linear(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = input(ins, 0)?;
+    let scale = input(ins, 1)?;
+    let zp = opt_input(ins, 2);
+    check_zp(zp, scale, "DequantizeLinear")?;
+    let xv = int_vec(x, "DequantizeLinear input")?;
+    let layout = param_layout(ctx, x.shape(), scale.shape(), "DequantizeLinear")?;
+    let sv = scale.to_f32();
+    let zv = match zp {
+        Some(z) => int_vec(z, "DequantizeLinear zero point")?,
+        None => vec![0; sv.len()],
+    };
+    let out: Vec<f32> = xv
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let k = layout.index(i);
+            (v - zv[k]) as f32 * sv[k]
+        })
+        .collect();
+    let dt = if scale.dtype().is_float() {
+        scale.dtype()
+    } else {
+        DType::F32
+    };
+    Ok(vec![ftensor(dt, x.shape().to_vec(), out)?])
+}
+
+fn dynamic_quantize_linear(_: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = input(ins, 0)?;
+    if !x.dtype().is_float() {
+        return Err(Error::arg(format!(
+            "DynamicQuantizeLinear: input must be float, got {}",
+            x.dtype()
+        )));
+    }
+    let xv = x.to_f32();
+    let min = xv.iter().copied().fold(0f32, f32::min);
+    let max = xv.iter().copied().fold(0f32, f32::max);
+    let scale = (max - min) / 255.0;
+    let (zp, vals) = if scale == 0.0 || !scale.is_finite() {
+        (0i64, vec![0i64; xv.len()])
+    } else {
+        let zp = rne((0.0 - min / scale).clamp(0.0, 255.0) as f64);
+        let vals = xv
+            .iter()
+            .map(|&v| rne((v / scale) as f64).saturating_add(zp))
+            .collect();
+        (zp, vals)
+    };
+    Ok(vec![
+        qtensor(DType::U8, x.shape().to_vec(), vals)?,
+        Tensor::scalar(scale),
+        qtensor(DType::U8, vec![], vec![zp])?,
+    ])
+}
+
+/// Values minus a zero point that is per tensor or varies along one axis of the data
+/// (`index = (i / inner) % dim`).
+fn minus_zp(v: &[i64], zp: &[i64], inner: usize, dim: usize) -> Vec<i32> {
+    v.iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            let z = if zp.len() == 1 {
+                zp[0]
+            } else {
+                zp[(i / inner.max(1)) % dim.max(1)]
+            };
+            (x - z) as i32
+        })
+        .collect()
+}
+
+/// `(A - a_zp) x (B - b_zp)` with numpy batching; a_zp may be per row of A, b_zp per column of B.
+fn int_matmul(
+    a: &Tensor,
+    b: &Tensor,
+    azp: Option<&Tensor>,
+    bzp: Option<&Tensor>,
+    op: &str,
+) -> Result<(Vec<i32>, Vec<usize>, usize, usize)> {
+    let p = matmul_shapes(a.shape(), b.shape())?;
+    let (m, k, n) = (p.m, p.k, p.n);
+    let zp_of = |z: Option<&Tensor>, len: usize, what: &str| -> Result<Vec<i64>> {
+        match z {
+            None => Ok(vec![0]),
+            Some(z) => {
+                let v = int_vec(z, what)?;
+                if v.len() == 1 || v.len() == len {
+                    Ok(v)
+                } else {
+                    Err(Error::arg(format!(
+                        "{op}: {what} has {} values, expected 1 or {len}",
+                        v.len()
+                    )))
+                }
+            }
+        }
+    };
+    let az = zp_of(azp, m, "a_zero_point")?;
+    let bz = zp_of(bzp, n, "b_zero_point")?;
+    let av = minus_zp(&int_vec(a, "A")?, &az, k, m);
+    let bv = minus_zp(&int_vec(b, "B")?, &bz, 1, n);
+    let total = numel(&p.shape)?;
+    let mut out = vec![0i32; total];
+    for (i, (&ao, &bo)) in p.a_offs.iter().zip(&p.b_offs).enumerate() {
+        if !igemm_i32(
+            m,
+            n,
+            k,
+            &av[ao..ao + m * k],
+            &bv[bo..bo + k * n],
+            &mut out[i * m * n..(i + 1) * m * n],
+        ) {
+            return Err(Error::arg(format!("{op}: operand sizes do not match")));
+        }
+    }
+    Ok((out, p.shape, m, n))
+}
+
+fn matmul_integer(_: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let (out, shape, _, _) = int_matmul(
+        input(ins, 0)?,
+        input(ins, 1)?,
+        opt_input(ins, 2),
+        opt_input(ins, 3),
+        "MatMulInteger",
+    )?;
+    Ok(vec![Tensor::from_vec(shape, out)?])
+}
+
+/// Scale values, rounded through the scale's own type (f16 scales multiply in f16 precision,
+/// as the ONNX reference computes them).
+fn scales(t: &Tensor) -> Vec<f32> {
+    t.to_f32().into_owned()
+}
+
+fn round_to(dt: DType, v: f32) -> f32 {
+    match dt {
+        DType::F16 => f16::from_f32(v).to_f32(),
+        DType::BF16 => edgehal_core::half::bf16::from_f32(v).to_f32(),
+        _ => v,
+    }
+}
+
+/// The requantization multiplier `sa * sb / sy` in the scale type's precision.
+fn multiplier(dt: DType, sa: f32, sb: f32, sy: f32) -> f64 {
+    let p = round_to(dt, sa * sb);
+    round_to(dt, p / sy) as f64
+}
+
+fn pick(v: &[f32], i: usize) -> f32 {
+    if v.len() == 1 {
+        v[0]
+    } else {
+        v[i]
+    }
+}
+
+fn qlinear_matmul(_: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let a = input(ins, 0)?;
+    let a_s = input(ins, 1)?;
+    let b = input(ins, 3)?;
+    let b_s = input(ins, 4)?;
+    let y_s = input(ins, 6)?;
+    let y_zp = opt_input(ins, 7);
+    let (acc, shape, m, n) =
+        int_matmul(a, b, opt_input(ins, 2), opt_input(ins, 5), "QLinearMatMul")?;
+    let (asv, bsv, ysv) = (scales(a_s), scales(b_s), scales(y_s));
+    if (asv.len() != 1 && asv.len() != m) || (bsv.len() != 1 && bsv.len() != n) || ysv.len() != 1 {
+        return Err(Error::arg(
+            "QLinearMatMul: scales must be scalars, per row of A or per column of B",
+        ));
+    }
+    let yz = match y_zp {
+        Some(z) => int_vec(z, "y_zero_point")?.first().copied().unwrap_or(0),
+        None => 0,
+    };
+    let out_dt = y_zp.map(|z| z.dtype()).unwrap_or(a.dtype());
+    let dt = a_s.dtype();
+    let vals: Vec<i64> = acc
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let col = i % n.max(1);
+            let row = (i / n.max(1)) % m.max(1);
+            let mul = multiplier(dt, pick(&asv, row), pick(&bsv, col), ysv[0]);
+            rne(v as f64 * mul).saturating_add(yz)
+        })
+        .collect();
+    Ok(vec![qtensor(out_dt, shape, vals)?])
+}
+
+/// Integer convolution of zero-point-corrected operands; returns i32 `[n, m, out...]`.
+fn conv_i32(
+    ctx: &OpCtx<'_>,
+    x: &Tensor,
+    w: &Tensor,
+    x_zp: Option<&Tensor>,
+    w_zp: Option<&Tensor>,
+    op: &str,
+) -> Result<(Vec<i32>, Vec<usize>)> {
+    if x.rank() < 3 || w.rank() != x.rank() {
+        return Err(Error::arg(format!(
+            "{op}: X {:?} and W {:?} must be [N, C, spatial...] and [M, C/group, kernel...]",
+            x.shape(),
+            w.shape()
+        )));
+    }
+    let (n, c) = (x.shape()[0], x.shape()[1]);
+    let in_sp = &x.shape()[2..];
+    let (m, cg) = (w.shape()[0], w.shape()[1]);
+    let group = ctx.i("group", 1).max(1) as usize;
+    if c != cg * group || m % group != 0 {
+        return Err(Error::arg(format!(
+            "{op}: X has {c} channels and W is {:?}, which does not fit group={group}",
+            w.shape()
+        )));
+    }
+    let kernel = w.shape()[2..].to_vec();
+    let g: Geom = geom(ctx, in_sp, &kernel, false)?;
+    let xz = match x_zp {
+        Some(z) => {
+            let v = int_vec(z, "x_zero_point")?;
+            if v.len() != 1 {
+                return Err(Error::unsupported(format!(
+                    "{op}: per-channel x_zero_point"
+                )));
+            }
+            v
+        }
+        None => vec![0],
+    };
+    let wz = match w_zp {
+        Some(z) => {
+            let v = int_vec(z, "w_zero_point")?;
+            if v.len() != 1 && v.len() != m {
+                return Err(Error::arg(format!(
+                    "{op}: w_zero_point has {} values, expected 1 or {m}",
+                    v.len()
+                )));
+            }
+            v
+        }
+        None => vec![0],
+    };
+    let in_total = numel(in_sp)?;
+    let kt = numel(&kernel)?;
+    let kk = cg * kt;
+    let p = numel(&g.out)?;
+    let xv = minus_zp(&int_vec(x, "X")?, &xz, 1, 1);
+    let wv = minus_zp(&int_vec(w, "W")?, &wz, kk, m);
+    if xv.len() != n * c * in_total || wv.len() != m * kk {
+        return Err(Error::arg(format!("{op}: wrong element counts")));
+    }
+    edgehal_core::tensor::checked_numel(&[kk, p], DType::I32)?;
+    edgehal_core::tensor::checked_numel(&[n, m, p], DType::I32)?;
+    let mut col = vec![0i32; kk * p];
+    let mut out = vec![0i32; n * m * p];
+    let mg = m / group;
+    for b in 0..n {
+        for gi in 0..group {
+            let xg = &xv[(b * c + gi * cg) * in_total..(b * c + (gi + 1) * cg) * in_total];
+            im2col(xg, cg, in_sp, &g, &mut col);
+            let wg = &wv[gi * mg * kk..(gi + 1) * mg * kk];
+            let dst = &mut out[(b * m + gi * mg) * p..(b * m + (gi + 1) * mg) * p];
+            if !igemm_i32(mg, p, kk, wg, &col, dst) {
+                return Err(Error::arg(format!("{op}: internal size mismatch")));
+            }
+        }
+    }
+    let mut shape = vec![n, m];
+    shape.extend_from_slice(&g.out);
+    Ok((out, shape))
+}
+
+fn conv_integer(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let (out, shape) = conv_i32(
+        ctx,
+        input(ins, 0)?,
+        input(ins, 1)?,
+        opt_input(ins, 2),
+        opt_input(ins, 3),
+        "ConvInteger",
+    )?;
+    Ok(vec![Tensor::from_vec(shape, out)?])
+}
+
+fn qlinear_conv(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = input(ins, 0)?;
+    let x_s = input(ins, 1)?;
+    let w = input(ins, 3)?;
+    let w_s = input(ins, 4)?;
+    let y_s = input(ins, 6)?;
+    let y_zp = opt_input(ins, 7);
+    let (acc, shape) = conv_i32(
+        ctx,
+        x,
+        w,
+        opt_input(ins, 2),
+        opt_input(ins, 5),
+        "QLinearConv",
+    )?;
+    let (n, m) = (shape[0], shape[1]);
+    let p = numel(&shape[2..])?;
+    let bias: Vec<i64> = match opt_input(ins, 8) {
+        Some(b) => {
+            let v = int_vec(b, "B")?;
+            if v.len() != m {
+                return Err(Error::arg(format!(
+                    "QLinearConv: B has {} values, expected {m}",
+                    v.len()
+                )));
+            }
+            v
+        }
+        None => vec![0; m],
+    };
+    let (xsv, wsv, ysv) = (scales(x_s), scales(w_s), scales(y_s));
+    if xsv.len() != 1 || ysv.len() != 1 || (wsv.len() != 1 && wsv.len() != m) {
+        return Err(Error::arg(
+            "QLinearConv: x_scale and y_scale must be scalars, w_scale scalar or per output channel",
+        ));
+    }
+    let yz = match y_zp {
+        Some(z) => int_vec(z, "y_zero_point")?.first().copied().unwrap_or(0),
+        None => 0,
+    };
+    let out_dt = y_zp.map(|z| z.dtype()).unwrap_or(x.dtype());
+    let dt = x_s.dtype();
+    let muls: Vec<f64> = (0..m)
+        .map(|oc| multiplier(dt, xsv[0], pick(&wsv, oc), ysv[0]))
+        .collect();
+    let mut vals = vec![0i64; n * m * p];
+    for b in 0..n {
+        for oc in 0..m {
+            let base = (b * m + oc) * p;
+            for j in 0..p {
+                let a = acc[base + j] as i64 + bias[oc];
+                vals[base + j] = rne(a as f64 * muls[oc]).saturating_add(yz);
+            }
+        }
+    }
+    Ok(vec![qtensor(out_dt, shape, vals)?])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::nn::test_util::*;
+    use edgehal_core::graph::Attr;
+    use edgehal_core::Tensor;
+
+    #[test]
+    fn per_axis_quantize_rounds_half_to_even_and_saturates() {
+        let x = t(&[2, 3], &[0.5, 1.5, 2.5, -0.5, 300.0, -7.0]);
+        let s = t(&[3], &[1.0, 1.0, 0.5]);
+        let z = Tensor::from_vec(vec![3], vec![0i8, 10, -1]).unwrap();
+        let y = run_op(
+            "QuantizeLinear",
+            13,
+            vec![("axis", Attr::Int(1))],
+            &[Some(&x), Some(&s), Some(&z)],
+            1,
+        )
+        .unwrap();
+        // 0.5->0, 1.5->2+10, 2.5/0.5=5-1=4, -0.5->-0, 300+10 saturates, -14-1
+        assert_eq!(y[0].to_vec::<i8>().unwrap(), vec![0, 12, 4, 0, 127, -15]);
+    }
+
+    #[test]
+    fn dequantize_per_axis() {
+        let x = Tensor::from_vec(vec![2, 2], vec![10u8, 20, 30, 40]).unwrap();
+        let s = t(&[2], &[0.5, 2.0]);
+        let z = Tensor::from_vec(vec![2], vec![10u8, 0]).unwrap();
+        let y = run_op(
+            "DequantizeLinear",
+            13,
+            vec![("axis", Attr::Int(0))],
+            &[Some(&x), Some(&s), Some(&z)],
+            1,
+        )
+        .unwrap();
+        close(&y[0].to_vec::<f32>().unwrap(), &[0.0, 5.0, 60.0, 80.0]);
+    }
+
+    #[test]
+    fn matmul_integer_subtracts_zero_points() {
+        let a = Tensor::from_vec(vec![1, 2], vec![3u8, 5]).unwrap();
+        let b = Tensor::from_vec(vec![2, 1], vec![7u8, 9]).unwrap();
+        let az = Tensor::from_vec(vec![], vec![1u8]).unwrap();
+        let bz = Tensor::from_vec(vec![], vec![2u8]).unwrap();
+        let y = run_op(
+            "MatMulInteger",
+            10,
+            vec![],
+            &[Some(&a), Some(&b), Some(&az), Some(&bz)],
+            1,
+        )
+        .unwrap();
+        assert_eq!(y[0].to_vec::<i32>().unwrap(), vec![2 * 5 + 4 * 7]);
+    }
+}

@@ -125,6 +125,8 @@ pub enum Backend {
     Vulkan,
     Npu,
     EdgeTpu,
+    /// A vendor plugin `.so` loaded through `EDGEHAL_DRIVER_PATH`.
+    Plugin,
     /// No edgehal backend can use it (display-only controller, unbound device...).
     None,
 }
@@ -136,6 +138,7 @@ impl Backend {
             Backend::Vulkan => "vulkan",
             Backend::Npu => "npu",
             Backend::EdgeTpu => "edgetpu",
+            Backend::Plugin => "plugin",
             Backend::None => "none",
         }
     }
@@ -179,6 +182,35 @@ impl ProbedDevice {
             reason: None,
             details: BTreeMap::new(),
         }
+    }
+
+    /// A device enumerated by a [`crate::driver::Driver`] (plugins), for the report.
+    pub fn from_driver_info(info: &crate::driver::DeviceInfo, backend: Backend) -> Self {
+        let mut d = ProbedDevice::new(info.kind, info.name.clone(), backend, "plugin");
+        d.memory = info.memory_domains.clone();
+        if let Some(why) = &info.unavailable {
+            d.available = false;
+            d.reason = Some(if why.starts_with("unavailable") {
+                why.clone()
+            } else {
+                format!("unavailable: {why}")
+            });
+        }
+        if !info.description.is_empty() {
+            d.detail("description", info.description.clone());
+        }
+        d.detail("driver", info.driver.clone());
+        for (k, v) in &info.properties {
+            d.detail(k, v.clone());
+        }
+        d
+    }
+
+    /// A plugin that could not be loaded: listed so the operator sees why.
+    pub fn failed_plugin(name: impl Into<String>, why: impl std::fmt::Display) -> Self {
+        let mut d = ProbedDevice::new(DeviceKind::Other, name, Backend::Plugin, "plugin");
+        d.unavailable(why);
+        d
     }
 
     /// Mark unavailable; the first reason recorded is the one reported.

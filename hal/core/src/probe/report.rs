@@ -181,8 +181,12 @@ impl ProbeReport {
             (DeviceKind::Gpu, "GPUs"),
             (DeviceKind::Npu, "NPUs"),
             (DeviceKind::EdgeTpu, "Edge TPUs"),
+            (DeviceKind::Other, "Plugin devices"),
         ] {
             let devs: Vec<&ProbedDevice> = self.devices_of(kind).collect();
+            if kind == DeviceKind::Other && devs.is_empty() {
+                continue;
+            }
             let _ = writeln!(s, "\n{title}");
             if devs.is_empty() {
                 let _ = writeln!(s, "  (none found)");

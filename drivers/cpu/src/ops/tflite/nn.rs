@@ -1,0 +1,927 @@
+//! NHWC convolution, depthwise convolution, transposed convolution, fully connected, pooling
+//! and batch matmul, float and quantized.
+
+use edgehal_core::{DType, Error, Quant, Result, Tensor};
+use edgehal_kernels::gemm::{sgemm, MatRef};
+
+use super::qmath::{act_range_q, Multiplier};
+use super::{
+    act, act_f32, f32_out, float_in, is_quant, out_dtype, q_from_i32, q_to_i32, qparams, quant_of,
+    DOMAIN,
+};
+use crate::ops::{input, opt_input, OpCtx, Registry};
+
+pub fn register(r: &mut Registry) {
+    r.add_domain(DOMAIN, "Conv2D", conv2d);
+    r.add_domain(DOMAIN, "DepthwiseConv2D", depthwise);
+    r.add_domain(DOMAIN, "TransposeConv", transpose_conv);
+    r.add_domain(DOMAIN, "FullyConnected", fully_connected);
+    r.add_domain(DOMAIN, "MaxPool2D", max_pool);
+    r.add_domain(DOMAIN, "AveragePool2D", avg_pool);
+    r.add_domain(DOMAIN, "BatchMatMul", batch_matmul);
+    r.add_domain(DOMAIN, "UnidirectionalSequenceLstm", lstm);
+}
+
+/// Output size and leading padding of one spatial axis (TFLite's `ComputePaddingHeightWidth`).
+fn out_and_pad(
+    padding: &str,
+    inp: usize,
+    k: usize,
+    stride: usize,
+    dil: usize,
+) -> Result<(usize, usize)> {
+    if stride == 0 || dil == 0 || k == 0 {
+        return Err(Error::arg(format!(
+            "bad stride {stride}, dilation {dil} or kernel {k}"
+        )));
+    }
+    let eff = (k - 1) * dil + 1;
+    let out = match padding {
+        "SAME" => inp.div_ceil(stride),
+        "VALID" => {
+            if inp < eff {
+                0
+            } else {
+                (inp - eff) / stride + 1
+            }
+        }
+        p => return Err(Error::arg(format!("unknown padding {p}"))),
+    };
+    let total = ((out.saturating_sub(1)) * stride + eff).saturating_sub(inp);
+    Ok((out, total / 2))
+}
+
+fn dims4(t: &Tensor, what: &str) -> Result<[usize; 4]> {
+    match t.shape() {
+        &[a, b, c, d] => Ok([a, b, c, d]),
+        s => Err(Error::arg(format!(
+            "{what} has shape {s:?}, expected 4 dims"
+        ))),
+    }
+}
+
+/// Spatial geometry shared by convolutions and pools.
+struct Geo {
+    n: usize,
+    ih: usize,
+    iw: usize,
+    ic: usize,
+    oh: usize,
+    ow: usize,
+    kh: usize,
+    kw: usize,
+    sh: usize,
+    sw: usize,
+    dh: usize,
+    dw: usize,
+    pt: usize,
+    pl: usize,
+}
+
+impl Geo {
+    fn new(ctx: &OpCtx<'_>, x: [usize; 4], kh: usize, kw: usize) -> Result<Geo> {
+        let pad = ctx.s("padding", "VALID");
+        let sh = ctx.i("stride_h", 1).max(0) as usize;
+        let sw = ctx.i("stride_w", 1).max(0) as usize;
+        let dh = ctx.i("dilation_h_factor", 1).max(0) as usize;
+        let dw = ctx.i("dilation_w_factor", 1).max(0) as usize;
+        let (oh, pt) = out_and_pad(&pad, x[1], kh, sh, dh)?;
+        let (ow, pl) = out_and_pad(&pad, x[2], kw, sw, dw)?;
+        Ok(Geo {
+            n: x[0],
+            ih: x[1],
+            iw: x[2],
+            ic: x[3],
+            oh,
+            ow,
+            kh,
+            kw,
+            sh,
+            sw,
+            dh,
+            dw,
+            pt,
+            pl,
+        })
+    }
+    /// Input row/column of a tap, None when it falls in the padding.
+    #[inline]
+    fn iy(&self, oy: usize, ky: usize) -> Option<usize> {
+        (oy * self.sh + ky * self.dh)
+            .checked_sub(self.pt)
+            .filter(|&v| v < self.ih)
+    }
+    #[inline]
+    fn ix(&self, ox: usize, kx: usize) -> Option<usize> {
+        (ox * self.sw + kx * self.dw)
+            .checked_sub(self.pl)
+            .filter(|&v| v < self.iw)
+    }
+    /// im2col of image `b`: rows are output pixels, columns `(ky, kx, c)`; `fill` in padding.
+    fn im2col<T: Copy>(&self, x: &[T], b: usize, fill: T) -> Vec<T> {
+        let cols = self.kh * self.kw * self.ic;
+        let mut p = vec![fill; self.oh * self.ow * cols];
+        let img = &x[b * self.ih * self.iw * self.ic..(b + 1) * self.ih * self.iw * self.ic];
+        for oy in 0..self.oh {
+            for ox in 0..self.ow {
+                let row = &mut p[(oy * self.ow + ox) * cols..(oy * self.ow + ox + 1) * cols];
+                for ky in 0..self.kh {
+                    let Some(iy) = self.iy(oy, ky) else { continue };
+                    for kx in 0..self.kw {
+                        let Some(ix) = self.ix(ox, kx) else { continue };
+                        let src = (iy * self.iw + ix) * self.ic;
+                        let dst = (ky * self.kw + kx) * self.ic;
+                        row[dst..dst + self.ic].copy_from_slice(&img[src..src + self.ic]);
+                    }
+                }
+            }
+        }
+        p
+    }
+    fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.sh == 1 && self.sw == 1 && self.pt == 0 && self.pl == 0
+    }
+}
+
+/// Per-output-channel requantization of an integer convolution / fully connected layer.
+struct Requant {
+    mult: Vec<Multiplier>,
+    out_zp: i32,
+    lo: i32,
+    hi: i32,
+    dtype: DType,
+    quant: Quant,
+}
+
+impl Requant {
+    fn new(ctx: &OpCtx<'_>, x: &Tensor, w: &Tensor, channels: usize) -> Result<Requant> {
+        let (xs, _) = qparams(ctx, "in0", Some(x))?;
+        let wq = quant_of(ctx, "in1", Some(w))
+            .ok_or_else(|| Error::arg("quantized weights without scale"))?;
+        let out_t = out_dtype(ctx, 0, x.dtype());
+        let (os, oz) = qparams(ctx, "out0", None)?;
+        if wq.scale.len() != 1 && wq.scale.len() != channels {
+            return Err(Error::arg(format!(
+                "weights have {} scales for {channels} output channels",
+                wq.scale.len()
+            )));
+        }
+        let mult = (0..channels)
+            .map(|c| {
+                let s = if wq.scale.len() == 1 {
+                    wq.scale[0]
+                } else {
+                    wq.scale[c]
+                };
+                Multiplier::new(xs as f64 * s as f64 / os as f64)
+            })
+            .collect();
+        let (lo, hi) = act_range_q(&act(ctx), os, oz, out_t);
+        Ok(Requant {
+            mult,
+            out_zp: oz,
+            lo,
+            hi,
+            dtype: out_t,
+            quant: Quant::per_tensor(os, oz),
+        })
+    }
+    #[inline]
+    fn apply(&self, acc: i32, c: usize) -> i32 {
+        (self.mult[c].apply(acc) + self.out_zp).clamp(self.lo, self.hi)
+    }
+}
+
+/// Weight zero points per output channel (0 for symmetric int8 weights).
+fn weight_zps(ctx: &OpCtx<'_>, w: &Tensor, channels: usize) -> Vec<i32> {
+    let zp = quant_of(ctx, "in1", Some(w))
+        .map(|q| q.zero_point)
+        .unwrap_or_default();
+    (0..channels)
+        .map(|c| zp.get(c).or(zp.first()).copied().unwrap_or(0))
+        .collect()
+}
+
+fn bias_i32(b: Option<&Tensor>, channels: usize) -> Result<Vec<i32>> {
+    match b {
+        None => Ok(vec![0; channels]),
+        Some(b) => {
+            let v = b.to_i64_vec();
+            if v.len() != channels {
+                return Err(Error::arg(format!(
+                    "bias has {} values, expected {channels}",
+                    v.len()
+                )));
+            }
+            Ok(v.into_iter()
+                .map(|x| x.clamp(i32::MIN as i64, i32::MAX as i64) as i32)
+                .collect())
+        }
+    }
+}
+
+fn bias_f32(b: Option<&Tensor>, channels: usize) -> Result<Vec<f32>> {
+    match b {
+        None => Ok(vec![0.0; channels]),
+        Some(b) => {
+            let v = float_in(b)?.into_owned();
+            if v.len() != channels {
+                return Err(Error::arg(format!(
+                    "bias has {} values, expected {channels}",
+                    v.len()
+                )));
+            }
+            Ok(v)
+        }
+    }
+}
+
+/// Integer dot-product GEMM: `out[r][o] = bias[o] + sum_k a[r][k] * w[o][k]`, requantized.
+fn qgemm(
+    a: &[i32],
+    rows: usize,
+    k: usize,
+    w: &[i32],
+    bias: &[i32],
+    rq: &Requant,
+    out: &mut Vec<i32>,
+) {
+    let o_n = bias.len();
+    for r in 0..rows {
+        let ar = &a[r * k..(r + 1) * k];
+        for o in 0..o_n {
+            let wr = &w[o * k..(o + 1) * k];
+            let mut acc = 0i32;
+            for (x, y) in ar.iter().zip(wr) {
+                acc = acc.wrapping_add(x * y);
+            }
+            out.push(rq.apply(acc.wrapping_add(bias[o]), o));
+        }
+    }
+}
+
+fn conv2d(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = input(ins, 0)?;
+    let w = input(ins, 1)?;
+    let b = opt_input(ins, 2);
+    let xd = dims4(x, "input")?;
+    let [oc, kh, kw, wc] = dims4(w, "filter")?;
+    if wc != xd[3] {
+        return Err(Error::unsupported(format!(
+            "Conv2D: filter has {wc} input channels, input has {} (grouped convolution)",
+            xd[3]
+        )));
+    }
+    let g = Geo::new(ctx, xd, kh, kw)?;
+    let rows = g.oh * g.ow;
+    let k = kh * kw * wc;
+    let shape = vec![g.n, g.oh, g.ow, oc];
+    if is_quant(x.dtype()) {
+        let (_, xz) = qparams(ctx, "in0", Some(x))?;
+        let rq = Requant::new(ctx, x, w, oc)?;
+        let xv: Vec<i32> = q_to_i32(x)?.into_iter().map(|v| v - xz).collect();
+        let wz = weight_zps(ctx, w, oc);
+        let wv: Vec<i32> = q_to_i32(w)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| v - wz[i / k.max(1)])
+            .collect();
+        let bias = bias_i32(b, oc)?;
+        let mut out = Vec::with_capacity(g.n * rows * oc);
+        for n in 0..g.n {
+            if g.is_pointwise() {
+                let img = &xv[n * rows * k..(n + 1) * rows * k];
+                qgemm(img, rows, k, &wv, &bias, &rq, &mut out);
+            } else {
+                let p = g.im2col(&xv, n, 0);
+                qgemm(&p, rows, k, &wv, &bias, &rq, &mut out);
+            }
+        }
+        return Ok(vec![q_from_i32(rq.dtype, shape, out, Some(rq.quant))?]);
+    }
+    let xv = float_in(x)?;
+    let wv = float_in(w)?;
+    let bias = bias_f32(b, oc)?;
+    let mut out = vec![0f32; g.n * rows * oc];
+    for n in 0..g.n {
+        let o = &mut out[n * rows * oc..(n + 1) * rows * oc];
+        let ok = if g.is_pointwise() {
+            let img = &xv[n * rows * k..(n + 1) * rows * k];
+            sgemm(
+                1.0,
+                MatRef::row_major(img, rows, k),
+                MatRef::row_major(&wv, oc, k).t(),
+                0.0,
+                o,
+                oc,
+            )
+        } else {
+            let p = g.im2col(&xv, n, 0.0);
+            sgemm(
+                1.0,
+                MatRef::row_major(&p, rows, k),
+                MatRef::row_major(&wv, oc, k).t(),
+                0.0,
+                o,
+                oc,
+            )
+        };
+        if !ok {
+            return Err(Error::arg("Conv2D: gemm shapes disagree"));
+        }
+        for r in o.chunks_exact_mut(oc) {
+            r.iter_mut().zip(&bias).for_each(|(v, b)| *v += b);
+        }
+    }
+    act_f32(&act(ctx), &mut out)?;
+    Ok(vec![f32_out(shape, out)?])
+}
+
+fn depthwise(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = input(ins, 0)?;
+    let w = input(ins, 1)?;
+    let b = opt_input(ins, 2);
+    let xd = dims4(x, "input")?;
+    let [one, kh, kw, oc] = dims4(w, "filter")?;
+    let ic = xd[3];
+    if one != 1 || ic == 0 || oc % ic != 0 {
+        return Err(Error::arg(format!(
+            "DepthwiseConv2D: filter {:?} does not fit {ic} input channels",
+            w.shape()
+        )));
+    }
+    let m = oc / ic;
+    let g = Geo::new(ctx, xd, kh, kw)?;
+    let shape = vec![g.n, g.oh, g.ow, oc];
+    let total = g.n * g.oh * g.ow * oc;
+    macro_rules! run {
+        ($xv:expr, $wv:expr, $bias:expr, $zero:expr, $emit:expr) => {{
+            let (xv, wv, bias) = ($xv, $wv, $bias);
+            let mut acc = vec![$zero; oc];
+            for n in 0..g.n {
+                for oy in 0..g.oh {
+                    for ox in 0..g.ow {
+                        acc.copy_from_slice(&bias);
+                        for ky in 0..kh {
+                            let Some(iy) = g.iy(oy, ky) else { continue };
+                            for kx in 0..kw {
+                                let Some(ix) = g.ix(ox, kx) else { continue };
+                                let src = &xv[((n * g.ih + iy) * g.iw + ix) * ic..][..ic];
+                                let wr = &wv[(ky * kw + kx) * oc..][..oc];
+                                if m == 1 {
+                                    for ((a, &xx), &ww) in acc.iter_mut().zip(src).zip(wr) {
+                                        *a += xx * ww;
+                                    }
+                                } else {
+                                    for c in 0..ic {
+                                        for j in 0..m {
+                                            acc[c * m + j] += src[c] * wr[c * m + j];
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                        $emit(&acc);
+                    }
+                }
+            }
+        }};
+    }
+    if is_quant(x.dtype()) {
+        let (_, xz) = qparams(ctx, "in0", Some(x))?;
+        let rq = Requant::new(ctx, x, w, oc)?;
+        let xv: Vec<i32> = q_to_i32(x)?.into_iter().map(|v| v - xz).collect();
+        let wz = weight_zps(ctx, w, oc);
+        let wv: Vec<i32> = q_to_i32(w)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| v - wz[i % oc])
+            .collect();
+        let bias = bias_i32(b, oc)?;
+        let mut out = Vec::with_capacity(total);
+        run!(&xv, &wv, &bias, 0i32, |acc: &[i32]| {
+            for (c, &a) in acc.iter().enumerate() {
+                out.push(rq.apply(a, c));
+            }
+        });
+        return Ok(vec![q_from_i32(rq.dtype, shape, out, Some(rq.quant))?]);
+    }
+    let xv = float_in(x)?;
+    let wv = float_in(w)?;
+    let bias = bias_f32(b, oc)?;
+    let mut out = Vec::with_capacity(total);
+    run!(&xv[..], &wv[..], &bias, 0f32, |acc: &[f32]| out
+        .extend_from_slice(acc));
+    act_f32(&act(ctx), &mut out)?;
+    Ok(vec![f32_out(shape, out)?])
+}
+
+fn transpose_conv(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let os = input(ins, 0)?.to_i64_vec();
+    let w = input(ins, 1)?;
+    let x = input(ins, 2)?;
+    let b = opt_input(ins, 3);
+    let xd = dims4(x, "input")?;
+    let [oc, kh, kw, wc] = dims4(w, "filter")?;
+    if os.len() != 4
+        || os.iter().any(|&d| d < 0)
+        || os[0] as usize != xd[0]
+        || os[3] as usize != oc
+        || wc != xd[3]
+    {
+        return Err(Error::arg(format!(
+            "TransposeConv: output shape {os:?} does not fit input {:?} and filter {:?}",
+            x.shape(),
+            w.shape()
+        )));
+    }
+    let (oh, ow) = (os[1] as usize, os[2] as usize);
+    let pad = ctx.s("padding", "VALID");
+    let sh = ctx.i("stride_h", 1).max(0) as usize;
+    let sw = ctx.i("stride_w", 1).max(0) as usize;
+    let (_, pt) = out_and_pad(&pad, oh, kh, sh, 1)?;
+    let (_, pl) = out_and_pad(&pad, ow, kw, sw, 1)?;
+    let n = xd[0];
+    let ic = xd[3];
+    let shape = vec![n, oh, ow, oc];
+    let total = edgehal_core::tensor::checked_numel(&shape, DType::F32)?;
+    macro_rules! scatter {
+        ($xv:expr, $wv:expr, $zero:expr) => {{
+            let (xv, wv) = ($xv, $wv);
+            let mut acc = vec![$zero; total];
+            for b_ in 0..n {
+                for iy in 0..xd[1] {
+                    for ix in 0..xd[2] {
+                        let src = &xv[((b_ * xd[1] + iy) * xd[2] + ix) * ic..][..ic];
+                        for ky in 0..kh {
+                            let Some(oy) = (iy * sh + ky).checked_sub(pt).filter(|&v| v < oh)
+                            else {
+                                continue;
+                            };
+                            for kx in 0..kw {
+                                let Some(ox) = (ix * sw + kx).checked_sub(pl).filter(|&v| v < ow)
+                                else {
+                                    continue;
+                                };
+                                let dst = ((b_ * oh + oy) * ow + ox) * oc;
+                                for o in 0..oc {
+                                    let wr = &wv[((o * kh + ky) * kw + kx) * ic..][..ic];
+                                    let mut s = $zero;
+                                    for (a, c) in src.iter().zip(wr) {
+                                        s += *a * *c;
+                                    }
+                                    acc[dst + o] += s;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            acc
+        }};
+    }
+    if is_quant(x.dtype()) {
+        let (_, xz) = qparams(ctx, "in2", Some(x))?;
+        // Requant reads input 0's parameters: build it from the data input's.
+        let (xs, _) = qparams(ctx, "in2", Some(x))?;
+        let wq = quant_of(ctx, "in1", Some(w))
+            .ok_or_else(|| Error::arg("quantized weights without scale"))?;
+        let (osc, oz) = qparams(ctx, "out0", None)?;
+        let out_t = out_dtype(ctx, 0, x.dtype());
+        let (lo, hi) = act_range_q(&act(ctx), osc, oz, out_t);
+        let xv: Vec<i32> = q_to_i32(x)?.into_iter().map(|v| v - xz).collect();
+        let wz = weight_zps(ctx, w, oc);
+        let per = kh * kw * ic;
+        let wv: Vec<i32> = q_to_i32(w)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| v - wz[i / per.max(1)])
+            .collect();
+        let bias = bias_i32(b, oc)?;
+        let acc = scatter!(&xv, &wv, 0i32);
+        let mult: Vec<Multiplier> = (0..oc)
+            .map(|c| {
+                let s = wq.scale.get(c).or(wq.scale.first()).copied().unwrap_or(0.0);
+                Multiplier::new(xs as f64 * s as f64 / osc as f64)
+            })
+            .collect();
+        let out: Vec<i32> = acc
+            .iter()
+            .enumerate()
+            .map(|(i, &a)| {
+                let c = i % oc;
+                (mult[c].apply(a.wrapping_add(bias[c])) + oz).clamp(lo, hi)
+            })
+            .collect();
+        return Ok(vec![q_from_i32(
+            out_t,
+            shape,
+            out,
+            Some(Quant::per_tensor(osc, oz)),
+        )?]);
+    }
+    let xv = float_in(x)?;
+    let wv = float_in(w)?;
+    let bias = bias_f32(b, oc)?;
+    let mut out = scatter!(&xv[..], &wv[..], 0f32);
+    for (i, v) in out.iter_mut().enumerate() {
+        *v += bias[i % oc];
+    }
+    act_f32(&act(ctx), &mut out)?;
+    Ok(vec![f32_out(shape, out)?])
+}
+
+fn fully_connected(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = input(ins, 0)?;
+    let w = input(ins, 1)?;
+    let b = opt_input(ins, 2);
+    let (o, k) = match w.shape() {
+        &[o, k] => (o, k),
+        s => {
+            return Err(Error::arg(format!(
+                "FullyConnected: weights have shape {s:?}, expected 2 dims"
+            )))
+        }
+    };
+    if k == 0 || x.len() % k != 0 {
+        return Err(Error::arg(format!(
+            "FullyConnected: input {:?} is not a multiple of {k} features",
+            x.shape()
+        )));
+    }
+    let rows = x.len() / k;
+    let shape = if ctx.i("keep_num_dims", 0) != 0 {
+        let mut s = x.shape().to_vec();
+        if let Some(l) = s.last_mut() {
+            *l = o;
+        }
+        s
+    } else {
+        vec![rows, o]
+    };
+    if is_quant(x.dtype()) {
+        if !is_quant(w.dtype()) {
+            return Err(Error::unsupported(
+                "FullyConnected: quantized input with float weights",
+            ));
+        }
+        let (_, xz) = qparams(ctx, "in0", Some(x))?;
+        let rq = Requant::new(ctx, x, w, o)?;
+        let xv: Vec<i32> = q_to_i32(x)?.into_iter().map(|v| v - xz).collect();
+        let wz = weight_zps(ctx, w, o);
+        let wv: Vec<i32> = q_to_i32(w)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| v - wz[i / k])
+            .collect();
+        let bias = bias_i32(b, o)?;
+        let mut out = Vec::with_capacity(rows * o);
+        qgemm(&xv, rows, k, &wv, &bias, &rq, &mut out);
+        return Ok(vec![q_from_i32(rq.dtype, shape, out, Some(rq.quant))?]);
+    }
+    if is_quant(w.dtype()) {
+        return Err(Error::unsupported(
+            "FullyConnected: float input with quantized weights (hybrid) is not implemented",
+        ));
+    }
+    let xv = float_in(x)?;
+    let wv = float_in(w)?;
+    let bias = bias_f32(b, o)?;
+    let mut out = vec![0f32; rows * o];
+    if !sgemm(
+        1.0,
+        MatRef::row_major(&xv, rows, k),
+        MatRef::row_major(&wv, o, k).t(),
+        0.0,
+        &mut out,
+        o,
+    ) {
+        return Err(Error::arg("FullyConnected: gemm shapes disagree"));
+    }
+    for r in out.chunks_exact_mut(o.max(1)) {
+        r.iter_mut().zip(&bias).for_each(|(v, b)| *v += b);
+    }
+    act_f32(&act(ctx), &mut out)?;
+    Ok(vec![f32_out(shape, out)?])
+}
+
+fn pool(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>], max: bool) -> Result<Vec<Tensor>> {
+    let x = input(ins, 0)?;
+    let xd = dims4(x, "input")?;
+    let kh = ctx.i("filter_height", 1).max(0) as usize;
+    let kw = ctx.i("filter_width", 1).max(0) as usize;
+    let g = Geo::new(ctx, xd, kh, kw)?;
+    let c = g.ic;
+    let shape = vec![g.n, g.oh, g.ow, c];
+    // Visit each output pixel's in-bounds window.
+    let mut windows = Vec::with_capacity(g.n * g.oh * g.ow);
+    for n in 0..g.n {
+        for oy in 0..g.oh {
+            for ox in 0..g.ow {
+                let mut taps = Vec::with_capacity(kh * kw);
+                for ky in 0..kh {
+                    let Some(iy) = g.iy(oy, ky) else { continue };
+                    for kx in 0..kw {
+                        let Some(ix) = g.ix(ox, kx) else { continue };
+                        taps.push(((n * g.ih + iy) * g.iw + ix) * c);
+                    }
+                }
+                windows.push(taps);
+            }
+        }
+    }
+    if is_quant(x.dtype()) {
+        let xv = q_to_i32(x)?;
+        let (s, z) = qparams(ctx, "out0", Some(x))?;
+        let (lo, hi) = act_range_q(&act(ctx), s, z, x.dtype());
+        let mut out = Vec::with_capacity(windows.len() * c);
+        for taps in &windows {
+            for ch in 0..c {
+                let v = if max {
+                    taps.iter().map(|&t| xv[t + ch]).max().unwrap_or(lo)
+                } else {
+                    let cnt = taps.len() as i32;
+                    let acc: i32 = taps.iter().map(|&t| xv[t + ch]).sum();
+                    if cnt == 0 {
+                        0
+                    } else if acc > 0 {
+                        (acc + cnt / 2) / cnt
+                    } else {
+                        (acc - cnt / 2) / cnt
+                    }
+                };
+                out.push(v.clamp(lo, hi));
+            }
+        }
+        let q = quant_of(ctx, "out0", Some(x));
+        return Ok(vec![q_from_i32(x.dtype(), shape, out, q)?]);
+    }
+    let xv = float_in(x)?;
+    let mut out = Vec::with_capacity(windows.len() * c);
+    for taps in &windows {
+        for ch in 0..c {
+            let v = if max {
+                taps.iter()
+                    .map(|&t| xv[t + ch])
+                    .fold(f32::NEG_INFINITY, f32::max)
+            } else {
+                taps.iter().map(|&t| xv[t + ch]).sum::<f32>() / taps.len().max(1) as f32
+            };
+            out.push(v);
+        }
+    }
+    act_f32(&act(ctx), &mut out)?;
+    Ok(vec![f32_out(shape, out)?])
+}
+
+fn max_pool(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    pool(ctx, ins, true)
+}
+fn avg_pool(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    pool(ctx, ins, false)
+}
+
+fn batch_matmul(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let a = input(ins, 0)?;
+    let b = input(ins, 1)?;
+    if is_quant(a.dtype()) {
+        return Err(Error::unsupported("BatchMatMul on quantized tensors"));
+    }
+    if a.rank() < 2 || b.rank() < 2 {
+        return Err(Error::arg(format!(
+            "BatchMatMul: inputs {:?} and {:?} need 2+ dims",
+            a.shape(),
+            b.shape()
+        )));
+    }
+    let (adj_x, adj_y) = (ctx.i("adj_x", 0) != 0, ctx.i("adj_y", 0) != 0);
+    let (ar, br) = (a.rank(), b.rank());
+    let (m, ka) = if adj_x {
+        (a.shape()[ar - 1], a.shape()[ar - 2])
+    } else {
+        (a.shape()[ar - 2], a.shape()[ar - 1])
+    };
+    let (kb, n) = if adj_y {
+        (b.shape()[br - 1], b.shape()[br - 2])
+    } else {
+        (b.shape()[br - 2], b.shape()[br - 1])
+    };
+    if ka != kb {
+        return Err(Error::arg(format!(
+            "BatchMatMul: inner sizes {ka} and {kb} differ"
+        )));
+    }
+    let batch = edgehal_core::tensor::broadcast_shapes(&a.shape()[..ar - 2], &b.shape()[..br - 2])?;
+    let nb: usize = batch.iter().product();
+    let av = float_in(a)?;
+    let bv = float_in(b)?;
+    let idx = |shape: &[usize], bi: usize| -> usize {
+        // Map a broadcast batch index to the operand's batch offset.
+        let mut rem = bi;
+        let mut off = 0;
+        let mut stride = 1;
+        let pad = batch.len() - shape.len();
+        for ax in (0..batch.len()).rev() {
+            let i = rem % batch[ax];
+            rem /= batch[ax];
+            if ax >= pad {
+                let d = shape[ax - pad];
+                if d != 1 {
+                    off += i * stride;
+                }
+                stride *= d;
+            }
+        }
+        off
+    };
+    let mut out = vec![0f32; nb * m * n];
+    for bi in 0..nb {
+        let ao = idx(&a.shape()[..ar - 2], bi) * m * ka;
+        let bo = idx(&b.shape()[..br - 2], bi) * ka * n;
+        let am = if adj_x {
+            MatRef::row_major(&av[ao..ao + m * ka], ka, m).t()
+        } else {
+            MatRef::row_major(&av[ao..ao + m * ka], m, ka)
+        };
+        let bm = if adj_y {
+            MatRef::row_major(&bv[bo..bo + ka * n], n, ka).t()
+        } else {
+            MatRef::row_major(&bv[bo..bo + ka * n], ka, n)
+        };
+        if !sgemm(1.0, am, bm, 0.0, &mut out[bi * m * n..(bi + 1) * m * n], n) {
+            return Err(Error::arg("BatchMatMul: gemm shapes disagree"));
+        }
+    }
+    let mut shape = batch;
+    shape.extend([m, n]);
+    Ok(vec![f32_out(shape, out)?])
+}
+
+/// UNIDIRECTIONAL_SEQUENCE_LSTM, float: gates (input, forget, cell, output) with optional CIFG,
+/// peepholes, projection and clipping; state inputs 18/19 give the initial state.
+pub fn lstm(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = input(ins, 0)?;
+    if !x.dtype().is_float() {
+        return Err(Error::unsupported(
+            "UnidirectionalSequenceLstm on quantized tensors",
+        ));
+    }
+    if (20..24).any(|k| opt_input(ins, k).is_some()) {
+        return Err(Error::unsupported(
+            "UnidirectionalSequenceLstm with layer normalization",
+        ));
+    }
+    let time_major = ctx.i("time_major", 0) != 0;
+    let (b, t, ni) = match x.shape() {
+        &[a, bb, c] if time_major => (bb, a, c),
+        &[a, bb, c] => (a, bb, c),
+        s => return Err(Error::arg(format!("LSTM input {s:?} is not 3-d"))),
+    };
+    let w = |k: usize| -> Result<Option<Vec<f32>>> {
+        opt_input(ins, k)
+            .map(|t| float_in(t).map(|c| c.into_owned()))
+            .transpose()
+    };
+    let wf = w(2)?.ok_or_else(|| Error::arg("LSTM: missing input_to_forget_weights"))?;
+    let nc = wf.len() / ni.max(1);
+    let rf = w(6)?.ok_or_else(|| Error::arg("LSTM: missing recurrent_to_forget_weights"))?;
+    let no = rf.len() / nc.max(1);
+    let need = |v: Option<Vec<f32>>, len: usize, what: &str| -> Result<Option<Vec<f32>>> {
+        match v {
+            Some(v) if v.len() != len => Err(Error::arg(format!(
+                "LSTM: {what} has {} values, expected {len}",
+                v.len()
+            ))),
+            v => Ok(v),
+        }
+    };
+    let wi = need(w(1)?, nc * ni, "input_to_input_weights")?;
+    let wc = need(w(3)?, nc * ni, "input_to_cell_weights")?
+        .ok_or_else(|| Error::arg("LSTM: missing input_to_cell_weights"))?;
+    let wo = need(w(4)?, nc * ni, "input_to_output_weights")?
+        .ok_or_else(|| Error::arg("LSTM: missing input_to_output_weights"))?;
+    let wf = need(Some(wf), nc * ni, "input_to_forget_weights")?.unwrap_or_default();
+    let ri = need(w(5)?, nc * no, "recurrent_to_input_weights")?;
+    let rf = need(Some(rf), nc * no, "recurrent_to_forget_weights")?.unwrap_or_default();
+    let rc = need(w(7)?, nc * no, "recurrent_to_cell_weights")?
+        .ok_or_else(|| Error::arg("LSTM: missing recurrent_to_cell_weights"))?;
+    let ro = need(w(8)?, nc * no, "recurrent_to_output_weights")?
+        .ok_or_else(|| Error::arg("LSTM: missing recurrent_to_output_weights"))?;
+    let (pi, pf, po) = (
+        need(w(9)?, nc, "cell_to_input")?,
+        need(w(10)?, nc, "cell_to_forget")?,
+        need(w(11)?, nc, "cell_to_output")?,
+    );
+    let zero = vec![0f32; nc];
+    let bi = need(w(12)?, nc, "input_gate_bias")?.unwrap_or_else(|| zero.clone());
+    let bf = need(w(13)?, nc, "forget_gate_bias")?.unwrap_or_else(|| zero.clone());
+    let bc = need(w(14)?, nc, "cell_bias")?.unwrap_or_else(|| zero.clone());
+    let bo = need(w(15)?, nc, "output_gate_bias")?.unwrap_or_else(|| zero.clone());
+    let proj = w(16)?;
+    let n_out = match &proj {
+        Some(p) => p.len() / nc.max(1),
+        None => nc,
+    };
+    if n_out != no {
+        return Err(Error::arg(format!(
+            "LSTM: output size {n_out} does not match recurrent weights ({no})"
+        )));
+    }
+    let pb = need(w(17)?, no, "projection_bias")?;
+    let mut h = need(w(18)?, b * no, "output_state")?.unwrap_or_else(|| vec![0.0; b * no]);
+    let mut c = need(w(19)?, b * nc, "cell_state")?.unwrap_or_else(|| vec![0.0; b * nc]);
+    let (cell_clip, proj_clip) = (ctx.f("cell_clip", 0.0), ctx.f("proj_clip", 0.0));
+    let actf = act(ctx);
+    let xv = float_in(x)?;
+    let sig = |v: f32| 1.0 / (1.0 + (-v).exp());
+    let mut out = vec![0f32; b * t * no];
+    let matvec = |m: &[f32], v: &[f32], row: usize, n: usize| -> f32 {
+        m[row * n..(row + 1) * n]
+            .iter()
+            .zip(v)
+            .map(|(a, b)| a * b)
+            .sum()
+    };
+    for step in 0..t {
+        for bb in 0..b {
+            let xo = if time_major {
+                (step * b + bb) * ni
+            } else {
+                (bb * t + step) * ni
+            };
+            let xs = &xv[xo..xo + ni];
+            let hs = h[bb * no..(bb + 1) * no].to_vec();
+            let cs = &mut c[bb * nc..(bb + 1) * nc];
+            let mut hc = vec![0f32; nc];
+            for j in 0..nc {
+                let cj = cs[j];
+                let fg = sig(matvec(&wf, xs, j, ni)
+                    + matvec(&rf, &hs, j, no)
+                    + pf.as_ref().map_or(0.0, |p| p[j] * cj)
+                    + bf[j]);
+                let ig = match (&wi, &ri) {
+                    (Some(wi), Some(ri)) => sig(matvec(wi, xs, j, ni)
+                        + matvec(ri, &hs, j, no)
+                        + pi.as_ref().map_or(0.0, |p| p[j] * cj)
+                        + bi[j]),
+                    _ => 1.0 - fg,
+                };
+                let mut g = [matvec(&wc, xs, j, ni) + matvec(&rc, &hs, j, no) + bc[j]];
+                act_f32(&actf, &mut g)?;
+                let mut cn = fg * cj + ig * g[0];
+                if cell_clip > 0.0 {
+                    cn = cn.clamp(-cell_clip, cell_clip);
+                }
+                cs[j] = cn;
+                let og = sig(matvec(&wo, xs, j, ni)
+                    + matvec(&ro, &hs, j, no)
+                    + po.as_ref().map_or(0.0, |p| p[j] * cn)
+                    + bo[j]);
+                let mut a = [cn];
+                act_f32(&actf, &mut a)?;
+                hc[j] = og * a[0];
+            }
+            let hn: Vec<f32> = match &proj {
+                Some(p) => (0..no)
+                    .map(|k| {
+                        let v = matvec(p, &hc, k, nc) + pb.as_ref().map_or(0.0, |b| b[k]);
+                        if proj_clip > 0.0 {
+                            v.clamp(-proj_clip, proj_clip)
+                        } else {
+                            v
+                        }
+                    })
+                    .collect(),
+                None => hc,
+            };
+            h[bb * no..(bb + 1) * no].copy_from_slice(&hn);
+            let oo = if time_major {
+                (step * b + bb) * no
+            } else {
+                (bb * t + step) * no
+            };
+            out[oo..oo + no].copy_from_slice(&hn);
+        }
+    }
+    let shape = if time_major {
+        vec![t, b, no]
+    } else {
+        vec![b, t, no]
+    };
+    Ok(vec![f32_out(shape, out)?])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_padding_matches_tflite() {
+        // 224 -> 112 with k=3, s=2: total pad 1, top 0.
+        assert_eq!(out_and_pad("SAME", 224, 3, 2, 1).unwrap(), (112, 0));
+        assert_eq!(out_and_pad("SAME", 7, 3, 1, 1).unwrap(), (7, 1));
+        assert_eq!(out_and_pad("VALID", 7, 3, 2, 1).unwrap(), (3, 0));
+        assert_eq!(out_and_pad("VALID", 2, 3, 1, 1).unwrap(), (0, 0));
+        assert!(out_and_pad("SAME", 7, 3, 0, 1).is_err());
+    }
+}

@@ -1,0 +1,322 @@
+//! Reductions (MEAN, SUM, REDUCE_MAX/MIN), ARG_MAX/ARG_MIN and SOFTMAX / LOG_SOFTMAX.
+
+use edgehal_core::{DType, Error, Quant, Result, Tensor};
+
+use super::qmath::type_range;
+use super::{float_in, is_quant, out_dtype, q_from_i32, q_to_i32, qparams, quant_of, DOMAIN};
+use crate::ops::{input, norm_axis, OpCtx, Registry};
+
+pub fn register(r: &mut Registry) {
+    r.add_domain(DOMAIN, "Mean", mean);
+    r.add_domain(DOMAIN, "Sum", sum);
+    r.add_domain(DOMAIN, "ReduceMax", reduce_max);
+    r.add_domain(DOMAIN, "ReduceMin", reduce_min);
+    r.add_domain(DOMAIN, "ArgMax", arg_max);
+    r.add_domain(DOMAIN, "ArgMin", arg_min);
+    r.add_domain(DOMAIN, "Softmax", softmax);
+    r.add_domain(DOMAIN, "LogSoftmax", log_softmax);
+}
+
+/// For each input element, the index of the output element it reduces into; plus the output
+/// shape (with or without kept dims) and the number of elements per output.
+fn plan(shape: &[usize], axes_t: &Tensor, keep: bool) -> Result<(Vec<usize>, Vec<usize>, usize)> {
+    let rank = shape.len();
+    let mut red = vec![false; rank];
+    for a in axes_t.to_i64_vec() {
+        red[norm_axis(a, rank)?] = true;
+    }
+    let mut out_keep = shape.to_vec();
+    for (d, r) in out_keep.iter_mut().zip(&red) {
+        if *r {
+            *d = 1;
+        }
+    }
+    let n: usize = shape.iter().product();
+    let mut map = Vec::with_capacity(n);
+    let mut idx = vec![0usize; rank];
+    for _ in 0..n {
+        let mut o = 0;
+        for ax in 0..rank {
+            o = o * out_keep[ax] + if red[ax] { 0 } else { idx[ax] };
+        }
+        map.push(o);
+        for ax in (0..rank).rev() {
+            idx[ax] += 1;
+            if idx[ax] < shape[ax] {
+                break;
+            }
+            idx[ax] = 0;
+        }
+    }
+    let out_n: usize = out_keep.iter().product();
+    let count = n.checked_div(out_n).unwrap_or(0);
+    let out_shape = if keep {
+        out_keep
+    } else {
+        shape
+            .iter()
+            .zip(&red)
+            .filter(|(_, r)| !**r)
+            .map(|(d, _)| *d)
+            .collect()
+    };
+    Ok((map, out_shape, count))
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Mean,
+    Sum,
+    Max,
+    Min,
+}
+
+fn reduce(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>], kind: Kind) -> Result<Vec<Tensor>> {
+    let x = input(ins, 0)?;
+    let axes = input(ins, 1)?;
+    let keep = ctx.i("keep_dims", 0) != 0;
+    let (map, out_shape, count) = plan(x.shape(), axes, keep)?;
+    let out_n: usize = out_shape.iter().product();
+    if is_quant(x.dtype()) {
+        let xv = q_to_i32(x)?;
+        let dt = out_dtype(ctx, 0, x.dtype());
+        let (lo, hi) = type_range(dt);
+        if kind == Kind::Max || kind == Kind::Min {
+            let init = if kind == Kind::Max {
+                i32::MIN
+            } else {
+                i32::MAX
+            };
+            let mut acc = vec![init; out_n];
+            for (v, &o) in xv.iter().zip(&map) {
+                acc[o] = if kind == Kind::Max {
+                    acc[o].max(*v)
+                } else {
+                    acc[o].min(*v)
+                };
+            }
+            let q = quant_of(ctx, "out0", Some(x));
+            return Ok(vec![q_from_i32(dt, out_shape, acc, q)?]);
+        }
+        let (si, zi) = qparams(ctx, "in0", Some(x))?;
+        let (so, zo) = qparams(ctx, "out0", None)?;
+        if kind == Kind::Mean {
+            // TFLite's integer MEAN: sum of (q - zp_in), rescaled by in/out scale with the
+            // fixed-point multiplier, then divided by the count rounding half away from zero.
+            let m = super::qmath::Multiplier::new(si as f64 / so as f64);
+            let mut acc = vec![0i32; out_n];
+            for (v, &o) in xv.iter().zip(&map) {
+                acc[o] = acc[o].wrapping_add(*v - zi);
+            }
+            let n = count.max(1) as i32;
+            let out: Vec<i32> = acc
+                .into_iter()
+                .map(|a| {
+                    let a = m.apply(a);
+                    let a = if a > 0 {
+                        (a + n / 2) / n
+                    } else {
+                        (a - n / 2) / n
+                    };
+                    a.saturating_add(zo).clamp(lo, hi)
+                })
+                .collect();
+            return Ok(vec![q_from_i32(
+                dt,
+                out_shape,
+                out,
+                Some(Quant::per_tensor(so, zo)),
+            )?]);
+        }
+        // TFLite's QuantizedMeanOrSum for SUM: integer sum of raw values, one float rescale.
+        let mut acc = vec![0i64; out_n];
+        for (v, &o) in xv.iter().zip(&map) {
+            acc[o] += *v as i64;
+        }
+        let scale = si / so;
+        let out: Vec<i32> = acc
+            .into_iter()
+            .map(|s| {
+                let r = if kind == Kind::Sum {
+                    let bias = -(zi as f32) * scale * count as f32;
+                    (s as f32 * scale + bias).round()
+                } else {
+                    let bias = -(zi as f32) * scale;
+                    let m = s as f32 / count.max(1) as f32;
+                    (m * scale + bias).round()
+                };
+                (r.clamp(-2e9, 2e9) as i32).saturating_add(zo).clamp(lo, hi)
+            })
+            .collect();
+        return Ok(vec![q_from_i32(
+            dt,
+            out_shape,
+            out,
+            Some(Quant::per_tensor(so, zo)),
+        )?]);
+    }
+    if x.dtype() == DType::I32 || x.dtype() == DType::I64 {
+        let xv = x.to_i64_vec();
+        let init = match kind {
+            Kind::Max => i64::MIN,
+            Kind::Min => i64::MAX,
+            _ => 0,
+        };
+        let mut acc = vec![init; out_n];
+        for (v, &o) in xv.iter().zip(&map) {
+            acc[o] = match kind {
+                Kind::Max => acc[o].max(*v),
+                Kind::Min => acc[o].min(*v),
+                _ => acc[o].wrapping_add(*v),
+            };
+        }
+        if kind == Kind::Mean {
+            acc.iter_mut().for_each(|a| *a /= count.max(1) as i64);
+        }
+        return Tensor::from_vec(out_shape, acc)?
+            .cast(x.dtype())
+            .map(|t| vec![t]);
+    }
+    let xv = float_in(x)?;
+    let init = match kind {
+        Kind::Max => f64::NEG_INFINITY,
+        Kind::Min => f64::INFINITY,
+        _ => 0.0,
+    };
+    let mut acc = vec![init; out_n];
+    for (v, &o) in xv.iter().zip(&map) {
+        let v = *v as f64;
+        acc[o] = match kind {
+            Kind::Max => acc[o].max(v),
+            Kind::Min => acc[o].min(v),
+            _ => acc[o] + v,
+        };
+    }
+    if kind == Kind::Mean {
+        acc.iter_mut().for_each(|a| *a /= count.max(1) as f64);
+    }
+    Ok(vec![Tensor::from_vec(
+        out_shape,
+        acc.into_iter().map(|v| v as f32).collect::<Vec<_>>(),
+    )?])
+}
+
+fn mean(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    reduce(ctx, ins, Kind::Mean)
+}
+fn sum(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    reduce(ctx, ins, Kind::Sum)
+}
+fn reduce_max(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    reduce(ctx, ins, Kind::Max)
+}
+fn reduce_min(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    reduce(ctx, ins, Kind::Min)
+}
+
+fn arg(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>], max: bool) -> Result<Vec<Tensor>> {
+    let x = input(ins, 0)?;
+    let axis_v = input(ins, 1)?.to_i64_vec();
+    let axis = norm_axis(
+        *axis_v
+            .first()
+            .ok_or_else(|| Error::arg("ArgMax: empty axis"))?,
+        x.rank(),
+    )?;
+    let shape = x.shape();
+    let d = shape[axis];
+    let outer: usize = shape[..axis].iter().product();
+    let inner: usize = shape[axis + 1..].iter().product();
+    let xv = x.to_f64_vec();
+    let mut out = Vec::with_capacity(outer * inner);
+    for o in 0..outer {
+        for i in 0..inner {
+            let mut best = 0usize;
+            for k in 1..d {
+                let v = xv[(o * d + k) * inner + i];
+                let b = xv[(o * d + best) * inner + i];
+                if (max && v > b) || (!max && v < b) {
+                    best = k;
+                }
+            }
+            out.push(best as i64);
+        }
+    }
+    let mut oshape = shape.to_vec();
+    oshape.remove(axis);
+    let t = Tensor::from_vec(oshape, out)?;
+    let dt = match ctx.i("output_type", 4) {
+        2 => DType::I32,
+        _ => DType::I64,
+    };
+    Ok(vec![t.cast(dt)?])
+}
+fn arg_max(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    arg(ctx, ins, true)
+}
+fn arg_min(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    arg(ctx, ins, false)
+}
+
+fn softmax_impl(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>], log: bool) -> Result<Vec<Tensor>> {
+    let x = input(ins, 0)?;
+    let beta = if log { 1.0 } else { ctx.f("beta", 1.0) };
+    let c = *x
+        .shape()
+        .last()
+        .ok_or_else(|| Error::arg("Softmax of a scalar"))?;
+    if c == 0 {
+        return Ok(vec![x.clone()]);
+    }
+    let (xf, q): (Vec<f32>, Option<(f32, i32)>) = if is_quant(x.dtype()) {
+        let (s, z) = qparams(ctx, "in0", Some(x))?;
+        (
+            q_to_i32(x)?
+                .into_iter()
+                .map(|v| (v - z) as f32 * s)
+                .collect(),
+            Some((s, z)),
+        )
+    } else {
+        (float_in(x)?.into_owned(), None)
+    };
+    let mut out = Vec::with_capacity(xf.len());
+    for row in xf.chunks_exact(c) {
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let e: Vec<f64> = row
+            .iter()
+            .map(|&v| (((v - m) * beta) as f64).exp())
+            .collect();
+        let s: f64 = e.iter().sum();
+        if log {
+            out.extend(
+                row.iter()
+                    .map(|&v| (((v - m) * beta) as f64 - s.ln()) as f32),
+            );
+        } else {
+            out.extend(e.iter().map(|&v| (v / s) as f32));
+        }
+    }
+    if q.is_some() {
+        let (so, zo) = qparams(ctx, "out0", None)?;
+        let dt = out_dtype(ctx, 0, x.dtype());
+        let (lo, hi) = type_range(dt);
+        let qv = out
+            .iter()
+            .map(|&v| (((v / so).round() as i32).saturating_add(zo)).clamp(lo, hi))
+            .collect();
+        return Ok(vec![q_from_i32(
+            dt,
+            x.shape().to_vec(),
+            qv,
+            Some(Quant::per_tensor(so, zo)),
+        )?]);
+    }
+    Ok(vec![Tensor::from_vec(x.shape().to_vec(), out)?])
+}
+fn softmax(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    softmax_impl(ctx, ins, false)
+}
+fn log_softmax(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    softmax_impl(ctx, ins, true)
+}

@@ -1,0 +1,640 @@
+//! The profiler: how long each node takes on each device that supports it, and what moving
+//! bytes between memory domains costs, cached on disk.
+//!
+//! - Inputs of the real shapes (and, where possible, the real values): the whole graph is run
+//!   once on the CPU with seeded inputs and every intermediate value kept; where the CPU cannot
+//!   run the graph, shape inference gives the shapes and values are zeros.
+//! - Each node is compiled alone as a [`Subgraph`] on each device, run twice to warm up, then
+//!   repeatedly until the relative median absolute deviation is under
+//!   [`ProfileOptions::target_mad`] (or a run/time cap); the median is kept.
+//! - Transfers: zero between locations that share a memory domain (host and host-imported
+//!   memory reach every device here); otherwise a staged copy through host memory, timed at
+//!   two sizes and fitted as fixed + per-byte cost.
+//! - The cache is one text file per device under [`default_cache_dir`], named by the device
+//!   fingerprint (name, driver, kind, description, properties) and stamped with the format and
+//!   driver version; each line is `signature-hash median-ms checksum`. A file whose stamp does
+//!   not match is stale and rebuilt; a line whose checksum does not match is dropped and that
+//!   node measured again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edgehal_core::buffer::{Buffer, CopyCounter, MemoryDomain};
+use edgehal_core::driver::{Bindings, Device, DeviceInfo, Subgraph, Support, TensorBuffer};
+use edgehal_core::graph::{Dim, Graph, NodeId, ValueId};
+use edgehal_core::infer::infer_shapes;
+use edgehal_core::{DType, Tensor};
+
+use crate::partition::{Problem, TransferCost, Value};
+use crate::{Error, Result};
+
+/// Version of the cache file format (bump when the meaning of an entry changes).
+pub const CACHE_FORMAT: u32 = 1;
+
+/// Where the latency cache lives: `$EDGEHAL_CACHE_DIR`, else `~/.cache/edgehal`.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("EDGEHAL_CACHE_DIR") {
+        return Some(PathBuf::from(d));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/edgehal"))
+}
+
+/// How to profile.
+#[derive(Clone, Debug)]
+pub struct ProfileOptions {
+    /// Cache directory (`None`: no cache).
+    pub cache_dir: Option<PathBuf>,
+    /// Draw a progress bar on stderr (only when it is a terminal).
+    pub progress: bool,
+    pub warmup: usize,
+    pub min_runs: usize,
+    pub max_runs: usize,
+    /// Stop repeating once MAD / median is below this.
+    pub target_mad: f64,
+    /// Time cap per node and device (after warm-up).
+    pub budget: Duration,
+    /// Longest wait for one run before the device is taken as failed.
+    pub run_timeout: Duration,
+}
+
+impl Default for ProfileOptions {
+    fn default() -> Self {
+        ProfileOptions {
+            cache_dir: default_cache_dir(),
+            progress: true,
+            warmup: 2,
+            min_runs: 5,
+            max_runs: 50,
+            target_mad: 0.05,
+            budget: Duration::from_millis(300),
+            run_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the profiler found.
+#[derive(Clone, Debug)]
+pub struct Profile {
+    /// Device names, in the order of the columns below.
+    pub devices: Vec<String>,
+    /// Memory domains of each device.
+    pub domains: Vec<Vec<MemoryDomain>>,
+    /// Nodes in a topological order.
+    pub order: Vec<NodeId>,
+    /// `times[node][device]`: median milliseconds, `None` where the device does not run it.
+    pub times: Vec<Vec<Option<f64>>>,
+    /// Why a device does not run a node.
+    pub reasons: Vec<Vec<Option<String>>>,
+    /// Bytes of each value (0 where unknown).
+    pub value_bytes: Vec<u64>,
+    /// Transfer cost over locations `0..=devices.len()` (the last is the host).
+    pub transfer: Vec<Vec<TransferCost>>,
+    /// Node/device pairs measured now.
+    pub measured: usize,
+    /// Node/device pairs taken from the cache.
+    pub cached: usize,
+    /// Cache entries found corrupt or stale (and measured again).
+    pub rebuilt: usize,
+}
+
+/// FNV-1a, 64 bit: cache keys and checksums (not for security).
+pub fn fnv64(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in data {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// A stable identity for a device: what the probe said about it.
+pub fn device_fingerprint(info: &DeviceInfo) -> u64 {
+    let props: Vec<String> = info
+        .properties
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    fnv64(
+        format!(
+            "{}\n{}\n{:?}\n{}\n{}",
+            info.name,
+            info.driver,
+            info.kind,
+            info.description,
+            props.join("\n")
+        )
+        .as_bytes(),
+    )
+}
+
+/// Driver version stamped into cache files: edgehal's own version plus what the device
+/// reports (`version` / `driver_version` properties).
+pub fn driver_version(info: &DeviceInfo) -> String {
+    let own = env!("CARGO_PKG_VERSION");
+    let dev = info
+        .properties
+        .get("driver_version")
+        .or_else(|| info.properties.get("version"))
+        .cloned()
+        .unwrap_or_else(|| "-".into());
+    format!("{own}/{}/{dev}", info.driver).replace(char::is_whitespace, "_")
+}
+
+/// The op signature of node `n`: op, domain, attributes and input dtypes/shapes.
+pub fn op_signature(g: &Graph, n: NodeId, inputs: &[Option<(DType, Vec<usize>)>]) -> String {
+    let node = &g.nodes[n];
+    let ins: Vec<String> = inputs
+        .iter()
+        .map(|i| match i {
+            Some((d, s)) => format!("{d}{s:?}"),
+            None => "-".into(),
+        })
+        .collect();
+    format!(
+        "{}.{} {:?} ({})",
+        node.domain,
+        node.op,
+        node.attrs,
+        ins.join(", ")
+    )
+}
+
+/// One device's cache file.
+struct CacheFile {
+    path: PathBuf,
+    stamp: String,
+    entries: BTreeMap<u64, f64>,
+    dirty: bool,
+    /// Lines dropped as corrupt, or a whole stale file.
+    bad: usize,
+}
+
+fn entry_checksum(key: u64, ms: f64) -> u64 {
+    fnv64(format!("{key:016x} {:016x}", ms.to_bits()).as_bytes())
+}
+
+impl CacheFile {
+    fn open(dir: &Path, info: &DeviceInfo) -> CacheFile {
+        let fp = device_fingerprint(info);
+        let path = dir.join(format!("profile-{fp:016x}.txt"));
+        let stamp = format!(
+            "edgehal-profile {CACHE_FORMAT} {fp:016x} {}",
+            driver_version(info)
+        );
+        let mut c = CacheFile {
+            path,
+            stamp,
+            entries: BTreeMap::new(),
+            dirty: false,
+            bad: 0,
+        };
+        let Ok(text) = std::fs::read(&c.path) else {
+            return c;
+        };
+        let text = String::from_utf8_lossy(&text);
+        let mut lines = text.lines();
+        if lines.next() != Some(c.stamp.as_str()) {
+            // Stale (other version or format) or a damaged header: rebuild everything.
+            c.bad += 1;
+            c.dirty = true;
+            return c;
+        }
+        for line in lines {
+            let parsed = (|| {
+                let mut f = line.split(' ');
+                let key = u64::from_str_radix(f.next()?, 16).ok()?;
+                let bits = u64::from_str_radix(f.next()?, 16).ok()?;
+                let sum = u64::from_str_radix(f.next()?, 16).ok()?;
+                if f.next().is_some() {
+                    return None;
+                }
+                let ms = f64::from_bits(bits);
+                (sum == entry_checksum(key, ms) && ms.is_finite() && ms >= 0.0).then_some((key, ms))
+            })();
+            match parsed {
+                Some((k, ms)) => {
+                    c.entries.insert(k, ms);
+                }
+                None => {
+                    c.bad += 1;
+                    c.dirty = true;
+                }
+            }
+        }
+        c
+    }
+
+    fn save(&self) -> Result<()> {
+        if !self.dirty {
+            return Ok(());
+        }
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        }
+        let mut s = String::new();
+        s.push_str(&self.stamp);
+        s.push('\n');
+        for (k, ms) in &self.entries {
+            s.push_str(&format!(
+                "{k:016x} {:016x} {:016x}\n",
+                ms.to_bits(),
+                entry_checksum(*k, *ms)
+            ));
+        }
+        let tmp = self
+            .path
+            .with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, s).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+        std::fs::rename(&tmp, &self.path)
+            .map_err(|e| Error::io(format!("renaming to {}", self.path.display()), e))
+    }
+}
+
+/// Seeded values for the graph inputs (floats in [-1, 1), everything else zeros; symbolic
+/// dimensions become 1).
+pub fn seeded_inputs(g: &Graph, seed: u64) -> Result<Vec<(ValueId, Tensor)>> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    };
+    let mut out = Vec::new();
+    for &id in &g.inputs {
+        let v = &g.values[id];
+        let dt = v.dtype.unwrap_or(DType::F32);
+        let shape: Vec<usize> = v
+            .shape
+            .as_ref()
+            .map(|s| s.iter().map(|d| d.fixed().unwrap_or(1)).collect())
+            .unwrap_or_default();
+        let n: usize = shape.iter().product();
+        if n as u64 > edgehal_core::MAX_TENSOR_BYTES / 4 {
+            return Err(Error::TooLarge(format!(
+                "input '{}' {shape:?} is too large to profile",
+                v.name
+            )));
+        }
+        let t = if dt.is_float() {
+            Tensor::from_vec(shape, (0..n).map(|_| next()).collect::<Vec<f32>>())?.cast(dt)?
+        } else {
+            Tensor::zeros(dt, shape)?
+        };
+        out.push((id, t));
+    }
+    Ok(out)
+}
+
+/// Every value of one inference: a CPU dry run with seeded inputs, or zeros of the inferred
+/// shapes where the CPU cannot run the graph.
+pub fn example_values(g: &Graph, seed: u64) -> Result<HashMap<ValueId, Tensor>> {
+    let feeds = seeded_inputs(g, seed)?;
+    let mut all = g.clone();
+    let mut outs: Vec<ValueId> = Vec::new();
+    for n in &g.nodes {
+        for &o in n.outputs.iter().flatten() {
+            if !outs.contains(&o) {
+                outs.push(o);
+            }
+        }
+    }
+    all.outputs = outs.clone();
+    let mut values: HashMap<ValueId, Tensor> = feeds.iter().cloned().collect();
+    for (id, t) in &g.initializers {
+        values.insert(*id, t.clone());
+    }
+    let dry = edgehal_cpu::Executor::new(&all, &edgehal_cpu::Registry::new())
+        .and_then(|ex| ex.run(&feeds));
+    match dry {
+        Ok(ts) => {
+            values.extend(outs.into_iter().zip(ts));
+        }
+        Err(_) => {
+            let mut shaped = g.clone();
+            for (id, t) in &feeds {
+                shaped.values[*id].dtype = Some(t.dtype());
+                shaped.values[*id].shape = Some(t.shape().iter().map(|&d| Dim::Fixed(d)).collect());
+            }
+            infer_shapes(&mut shaped);
+            for o in outs {
+                let v = &shaped.values[o];
+                if let (Some(dt), Some(s)) = (v.dtype, v.fixed_shape()) {
+                    values.insert(o, Tensor::zeros(dt, s)?);
+                }
+            }
+        }
+    }
+    Ok(values)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Median absolute deviation relative to the median.
+fn rel_mad(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    let m = median(&mut s);
+    let mut dev: Vec<f64> = v.iter().map(|x| (x - m).abs()).collect();
+    let mad = median(&mut dev);
+    if m > 0.0 {
+        mad / m
+    } else {
+        0.0
+    }
+}
+
+/// Time `sub` on `dev` with `inputs` (see the module docs); returns the median in ms.
+pub fn time_subgraph(
+    dev: &dyn Device,
+    sub: &Subgraph,
+    inputs: &[Tensor],
+    opts: &ProfileOptions,
+) -> Result<f64> {
+    let exe = dev.compile(sub)?;
+    let counter = CopyCounter::new();
+    let ins: Vec<TensorBuffer> = inputs
+        .iter()
+        .map(|t| TensorBuffer::from_tensor(t, &counter))
+        .collect();
+    let once = || -> Result<f64> {
+        let b = Bindings::new(ins.clone(), vec![None; sub.graph.outputs.len()], &counter);
+        let t0 = Instant::now();
+        dev.submit(exe.as_ref(), &b)?.wait(Some(opts.run_timeout))?;
+        Ok(t0.elapsed().as_secs_f64() * 1e3)
+    };
+    for _ in 0..opts.warmup {
+        once()?;
+    }
+    let start = Instant::now();
+    let mut times = Vec::new();
+    loop {
+        times.push(once()?);
+        let n = times.len();
+        if n >= opts.max_runs.max(1)
+            || (n >= opts.min_runs && rel_mad(&times) < opts.target_mad)
+            || (n >= 3 && start.elapsed() > opts.budget)
+        {
+            break;
+        }
+    }
+    Ok(median(&mut times))
+}
+
+/// Time of one host copy of `bytes` bytes through a staging buffer, in ms (median of 5).
+fn host_copy_ms(bytes: usize) -> Result<f64> {
+    let c = CopyCounter::new();
+    let src = vec![1u8; bytes];
+    let mut dst = vec![0u8; bytes];
+    let mut t = Vec::new();
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        let b = Buffer::alloc(bytes, &c)?;
+        b.write_from(0, &src)?;
+        b.read_into(0, &mut dst)?;
+        t.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(median(&mut t))
+}
+
+/// Transfer costs between locations with the given domains (host last).
+pub fn transfer_table(domains: &[Vec<MemoryDomain>]) -> Result<Vec<Vec<TransferCost>>> {
+    let mut locs: Vec<Vec<MemoryDomain>> = domains.to_vec();
+    locs.push(vec![MemoryDomain::Host, MemoryDomain::HostImported]);
+    let mut staged: Option<TransferCost> = None;
+    let mut t = vec![vec![TransferCost::ZERO; locs.len()]; locs.len()];
+    for i in 0..locs.len() {
+        for j in 0..locs.len() {
+            if i == j || locs[i].iter().any(|d| locs[j].contains(d)) {
+                continue;
+            }
+            let c = match staged {
+                Some(c) => c,
+                None => {
+                    let small = 4096;
+                    let big = 4 << 20;
+                    let a = host_copy_ms(small)?;
+                    let b = host_copy_ms(big)?;
+                    let per = ((b - a) / (big - small) as f64).max(0.0);
+                    let c = TransferCost {
+                        fixed_ms: (a - per * small as f64).max(0.0),
+                        per_byte_ms: per,
+                    };
+                    staged = Some(c);
+                    c
+                }
+            };
+            t[i][j] = c;
+        }
+    }
+    Ok(t)
+}
+
+struct Bar {
+    on: bool,
+    total: usize,
+    done: usize,
+}
+
+impl Bar {
+    fn new(on: bool, total: usize) -> Bar {
+        Bar {
+            on: on && std::io::stderr().is_terminal(),
+            total,
+            done: 0,
+        }
+    }
+    fn step(&mut self, what: &str) {
+        self.done += 1;
+        if !self.on {
+            return;
+        }
+        let w = 30;
+        let fill = (self.done * w) / self.total.max(1);
+        let what: String = what.chars().take(40).collect();
+        eprint!(
+            "\rprofiling [{}{}] {}/{} {what:<40}",
+            "#".repeat(fill),
+            ".".repeat(w - fill),
+            self.done,
+            self.total
+        );
+        if self.done == self.total {
+            eprintln!();
+        }
+    }
+}
+
+/// Profile every node of `g` on every device in `devices`.
+pub fn profile(g: &Graph, devices: &[Arc<dyn Device>], opts: &ProfileOptions) -> Result<Profile> {
+    let order = g.topo_order()?;
+    let values = example_values(g, 7)?;
+    let mut value_bytes = vec![0u64; g.values.len()];
+    for (id, t) in &values {
+        if let Some(b) = value_bytes.get_mut(*id) {
+            *b = t.bytes().len() as u64;
+        }
+    }
+    let nd = devices.len();
+    let mut caches: Vec<Option<CacheFile>> = devices
+        .iter()
+        .map(|d| {
+            opts.cache_dir
+                .as_ref()
+                .map(|dir| CacheFile::open(dir, d.info()))
+        })
+        .collect();
+    let mut times = vec![vec![None; nd]; g.nodes.len()];
+    let mut reasons = vec![vec![None; nd]; g.nodes.len()];
+    let (mut measured, mut cached) = (0, 0);
+    let rebuilt = caches.iter().flatten().map(|c| c.bad).sum();
+    let mut bar = Bar::new(opts.progress, order.len() * nd);
+    for &n in &order {
+        let node = &g.nodes[n];
+        let sig_inputs: Vec<Option<(DType, Vec<usize>)>> = node
+            .inputs
+            .iter()
+            .map(|i| {
+                i.and_then(|i| values.get(&i))
+                    .map(|t| (t.dtype(), t.shape().to_vec()))
+            })
+            .collect();
+        let key = fnv64(op_signature(g, n, &sig_inputs).as_bytes());
+        let sub = Subgraph::extract(g, &[n])?;
+        for (d, dev) in devices.iter().enumerate() {
+            bar.step(&format!("{} on {}", g.describe_node(n), dev.info().name));
+            if let Support::No { reason } = dev.supports(node, g) {
+                reasons[n][d] = Some(reason);
+                continue;
+            }
+            if let Some(ms) = caches[d].as_ref().and_then(|c| c.entries.get(&key)) {
+                times[n][d] = Some(*ms);
+                cached += 1;
+                continue;
+            }
+            let mut ins = Vec::new();
+            for &v in &sub.graph.inputs {
+                let name = sub.graph.value_name(v);
+                let t = g
+                    .find_value(name)
+                    .and_then(|id| values.get(&id))
+                    .ok_or_else(|| {
+                        Error::unsupported(format!(
+                            "profiling {}: no example value for input '{name}'",
+                            g.describe_node(n)
+                        ))
+                    });
+                match t {
+                    Ok(t) => ins.push(t.clone()),
+                    Err(e) => {
+                        reasons[n][d] = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+            if reasons[n][d].is_some() {
+                continue;
+            }
+            match time_subgraph(dev.as_ref(), &sub, &ins, opts) {
+                Ok(ms) => {
+                    times[n][d] = Some(ms);
+                    measured += 1;
+                    if let Some(c) = caches[d].as_mut() {
+                        c.entries.insert(key, ms);
+                        c.dirty = true;
+                    }
+                }
+                Err(e) => reasons[n][d] = Some(format!("failed while profiling: {e}")),
+            }
+        }
+    }
+    for c in caches.iter().flatten() {
+        // A cache that cannot be written costs time next run, not correctness.
+        if let Err(e) = c.save() {
+            eprintln!("edgehal: latency cache not saved: {e}");
+        }
+    }
+    let domains: Vec<Vec<MemoryDomain>> = devices.iter().map(|d| d.memory().to_vec()).collect();
+    Ok(Profile {
+        devices: devices.iter().map(|d| d.info().name.clone()).collect(),
+        transfer: transfer_table(&domains)?,
+        domains,
+        order,
+        times,
+        reasons,
+        value_bytes,
+        measured,
+        cached,
+        rebuilt,
+    })
+}
+
+impl Profile {
+    /// The partitioning problem for `g` (nodes renumbered in [`Profile::order`]); devices with
+    /// `allowed[d] == false` are excluded and pinned nodes may only go where they are pinned.
+    pub fn problem(&self, g: &Graph, allowed: &[bool], pins: &HashMap<NodeId, usize>) -> Problem {
+        let nd = self.devices.len();
+        let mut pos = vec![usize::MAX; g.nodes.len()];
+        for (i, &n) in self.order.iter().enumerate() {
+            pos[n] = i;
+        }
+        let cost = self
+            .order
+            .iter()
+            .map(|&n| {
+                (0..nd)
+                    .map(|d| {
+                        let ok = allowed.get(d).copied().unwrap_or(false)
+                            && pins.get(&n).is_none_or(|&p| p == d);
+                        if ok {
+                            self.times[n][d]
+                        } else {
+                            None
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let producers = g.producers();
+        let consumers = g.consumers();
+        let mut values = Vec::new();
+        for v in 0..g.values.len() {
+            if g.initializers.contains_key(&v) {
+                continue;
+            }
+            let to_host = g.outputs.contains(&v);
+            if consumers[v].is_empty() && !to_host {
+                continue;
+            }
+            if producers[v].is_none() && !g.inputs.contains(&v) {
+                continue;
+            }
+            values.push(Value {
+                producer: producers[v].map(|p| pos[p]),
+                consumers: consumers[v].iter().map(|&c| pos[c]).collect(),
+                to_host,
+                bytes: self.value_bytes.get(v).copied().unwrap_or(0),
+            });
+        }
+        Problem {
+            n_devices: nd,
+            cost,
+            values,
+            transfer: self.transfer.clone(),
+        }
+    }
+}

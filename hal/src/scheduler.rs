@@ -1,0 +1,681 @@
+//! The scheduler: runs a [`Plan`] asynchronously over several devices.
+//!
+//! - **Per-device submission.** Each device has one worker thread and a queue. The worker
+//!   binds a segment's inputs, submits it, hands the fence to the [`Reactor`] and waits until
+//!   the reactor reports the completion before taking the next job, so a device runs one
+//!   segment at a time while other devices work on other segments: with a stream of requests,
+//!   device B runs segment 2 of frame n while device A runs segment 1 of frame n+1.
+//! - **Completion** is driven by the reactor: a finished segment's outputs are stored in the
+//!   request and its next segment is queued on its device. [`Scheduler::submit`] returns a
+//!   [`RunHandle`] to poll or wait on, with an optional callback; any number of requests may
+//!   be in flight.
+//! - **Device loss.** When a segment fails, the request is re-planned without that device
+//!   (from the same profile), recompiled and resumed: segments whose outputs the request
+//!   already holds are skipped, the rest run on the remaining devices. If that succeeds the
+//!   device is taken as lost and later requests use the new plan; if the same request also
+//!   fails elsewhere, the error is the request's (bad input, not a bad device).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use edgehal_core::buffer::CopyCounter;
+use edgehal_core::driver::{
+    Bindings, Device, DeviceInfo, Driver, Executable, SysRoot, TensorBuffer,
+};
+use edgehal_core::graph::Graph;
+use edgehal_core::Tensor;
+
+use crate::plan::{Plan, PlanConstraints};
+use crate::profile::{profile, Profile, ProfileOptions};
+use crate::reactor::{Backend, Reactor};
+use crate::{Error, Result};
+
+/// Named outputs of one inference.
+pub type Outputs = Vec<(String, Tensor)>;
+
+/// How to build a scheduler.
+#[derive(Clone, Debug, Default)]
+pub struct SchedulerOptions {
+    pub profile: ProfileOptions,
+    pub constraints: PlanConstraints,
+    /// Use the thread fallback instead of io_uring (tests of the fallback).
+    pub force_threads: bool,
+}
+
+/// A plan compiled for its devices.
+pub struct Compiled {
+    pub plan: Plan,
+    exes: Vec<Arc<dyn Executable>>,
+}
+
+struct Inner {
+    graph: Graph,
+    devices: Vec<Arc<dyn Device>>,
+    profile: Profile,
+    constraints: PlanConstraints,
+    current: Mutex<Arc<Compiled>>,
+    lost: Mutex<Vec<bool>>,
+    workers: Vec<Mutex<mpsc::Sender<Job>>>,
+    reactor: &'static Reactor,
+    counter: CopyCounter,
+    replans: AtomicU64,
+}
+
+/// Runs plans over devices (see the module docs).
+pub struct Scheduler {
+    inner: Arc<Inner>,
+}
+
+type DoneCallback = Box<dyn FnOnce(&Result<Outputs>) + Send>;
+
+struct Completion {
+    result: Mutex<Option<Result<Outputs>>>,
+    finished: Mutex<bool>,
+    cv: Condvar,
+    callback: Mutex<Option<DoneCallback>>,
+}
+
+impl Completion {
+    fn new(cb: Option<DoneCallback>) -> Arc<Completion> {
+        Arc::new(Completion {
+            result: Mutex::new(None),
+            finished: Mutex::new(false),
+            cv: Condvar::new(),
+            callback: Mutex::new(cb),
+        })
+    }
+
+    fn finish(&self, r: Result<Outputs>) {
+        let mut f = self.finished.lock().unwrap_or_else(|p| p.into_inner());
+        if *f {
+            return;
+        }
+        if let Some(cb) = self
+            .callback
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            cb(&r);
+        }
+        *self.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+        *f = true;
+        self.cv.notify_all();
+    }
+}
+
+/// A request in flight: poll it or wait for it.
+pub struct RunHandle {
+    c: Arc<Completion>,
+}
+
+impl RunHandle {
+    /// A handle that is already complete (synchronous backends).
+    pub fn ready(r: Result<Outputs>) -> RunHandle {
+        let c = Completion::new(None);
+        c.finish(r);
+        RunHandle { c }
+    }
+
+    /// True once the request finished (successfully or not).
+    pub fn is_done(&self) -> bool {
+        *self.c.finished.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The outcome if finished (taken: a second call after a result returns `None`).
+    pub fn try_take(&self) -> Option<Result<Outputs>> {
+        if !self.is_done() {
+            return None;
+        }
+        self.c
+            .result
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Wait for the outcome (`None`: forever).
+    pub fn wait(self, timeout: Option<Duration>) -> Result<Outputs> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut f = self.c.finished.lock().unwrap_or_else(|p| p.into_inner());
+        while !*f {
+            match deadline {
+                None => f = self.c.cv.wait(f).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(Error::Device {
+                            device: "scheduler".into(),
+                            msg: format!(
+                                "request not finished after {:?}",
+                                timeout.unwrap_or_default()
+                            ),
+                        });
+                    }
+                    f = self
+                        .c
+                        .cv
+                        .wait_timeout(f, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+        drop(f);
+        self.c
+            .result
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_else(|| Err(Error::arg("request result was already taken")))
+    }
+}
+
+struct Request {
+    sched: Arc<Inner>,
+    values: Mutex<HashMap<String, TensorBuffer>>,
+    compiled: Mutex<Arc<Compiled>>,
+    excluded: Mutex<Vec<bool>>,
+    first_error: Mutex<Option<String>>,
+    done: Arc<Completion>,
+}
+
+struct Job {
+    req: Arc<Request>,
+    compiled: Arc<Compiled>,
+    seg: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Inner {
+    fn compile(&self, excluded: &[bool]) -> Result<Arc<Compiled>> {
+        let mut c = self.constraints.clone();
+        for (d, &x) in excluded.iter().enumerate() {
+            if x {
+                c.exclude.push(self.profile.devices[d].clone());
+            }
+        }
+        let plan = Plan::choose(&self.graph, &self.profile, &c)?;
+        self.compile_plan(plan)
+    }
+
+    fn compile_plan(&self, plan: Plan) -> Result<Arc<Compiled>> {
+        let mut exes = Vec::new();
+        for s in &plan.segments {
+            let dev = self
+                .devices
+                .get(s.device)
+                .ok_or_else(|| Error::arg("plan names a device the scheduler does not have"))?;
+            exes.push(Arc::from(dev.compile(&s.sub)?));
+        }
+        Ok(Arc::new(Compiled { plan, exes }))
+    }
+}
+
+fn advance(req: &Arc<Request>, mut i: usize) {
+    let c = Arc::clone(&lock(&req.compiled));
+    loop {
+        let Some(seg) = c.plan.segments.get(i) else {
+            finish(req, collect(req));
+            return;
+        };
+        let have = {
+            let v = lock(&req.values);
+            seg.sub.output_names().iter().all(|n| v.contains_key(n))
+        };
+        if have {
+            i += 1;
+            continue;
+        }
+        let job = Job {
+            req: Arc::clone(req),
+            compiled: Arc::clone(&c),
+            seg: i,
+        };
+        let sent = req
+            .sched
+            .workers
+            .get(seg.device)
+            .map(|w| lock(w).send(job).is_ok())
+            .unwrap_or(false);
+        if !sent {
+            finish(
+                req,
+                Err(Error::Device {
+                    device: c.plan.devices[seg.device].clone(),
+                    msg: "the device's worker has stopped".into(),
+                }),
+            );
+        }
+        return;
+    }
+}
+
+fn collect(req: &Request) -> Result<Outputs> {
+    let g = &req.sched.graph;
+    let v = lock(&req.values);
+    g.outputs
+        .iter()
+        .map(|&o| {
+            let name = g.value_name(o).to_string();
+            let t = match v.get(&name) {
+                Some(tb) => tb.to_tensor()?,
+                None => match g.initializers.get(&o) {
+                    Some(t) => t.clone(),
+                    None => return Err(Error::arg(format!("output '{name}' was not produced"))),
+                },
+            };
+            Ok((name, t))
+        })
+        .collect()
+}
+
+fn finish(req: &Arc<Request>, r: Result<Outputs>) {
+    if r.is_ok() {
+        let excluded = lock(&req.excluded).clone();
+        if excluded.iter().any(|&x| x) {
+            // Re-planning without these devices worked: they are lost for later requests.
+            let inner = &req.sched;
+            let mut lost = lock(&inner.lost);
+            let mut changed = false;
+            for (d, &x) in excluded.iter().enumerate() {
+                if x && !lost[d] {
+                    lost[d] = true;
+                    changed = true;
+                }
+            }
+            if changed {
+                let c = Arc::clone(&lock(&req.compiled));
+                *lock(&inner.current) = c;
+            }
+        }
+    }
+    req.done.finish(r);
+}
+
+fn on_segment_done(job: Job, b: Bindings, r: Result<()>) {
+    let seg = &job.compiled.plan.segments[job.seg];
+    let r = r.and_then(|()| {
+        let mut v = lock(&job.req.values);
+        for (i, name) in seg.sub.output_names().into_iter().enumerate() {
+            let tb = b.output(i).ok_or_else(|| Error::Device {
+                device: job.compiled.plan.devices[seg.device].clone(),
+                msg: format!("segment finished without output '{name}'"),
+            })?;
+            v.insert(name, tb);
+        }
+        Ok(())
+    });
+    match r {
+        Ok(()) => advance(&job.req, job.seg + 1),
+        Err(e) => {
+            // Re-planning compiles: not on the reactor thread.
+            let spawned = std::thread::Builder::new()
+                .name("edgehal-replan".into())
+                .spawn(move || recover(job, e));
+            if let Err(e) = spawned {
+                eprintln!("edgehal: could not start re-planning: {e}");
+            }
+        }
+    }
+}
+
+fn recover(job: Job, e: Error) {
+    let req = &job.req;
+    let inner = &req.sched;
+    let d = job.compiled.plan.segments[job.seg].device;
+    let dev = inner.profile.devices[d].clone();
+    {
+        let mut fe = lock(&req.first_error);
+        if fe.is_none() {
+            *fe = Some(format!("{dev}: {e}"));
+        }
+    }
+    let excluded = {
+        let mut x = lock(&req.excluded);
+        x[d] = true;
+        let lost = lock(&inner.lost);
+        for (i, l) in lost.iter().enumerate() {
+            x[i] |= *l;
+        }
+        x.clone()
+    };
+    match inner.compile(&excluded) {
+        Ok(c) => {
+            inner.replans.fetch_add(1, Ordering::SeqCst);
+            *lock(&req.compiled) = c;
+            advance(req, 0);
+        }
+        Err(e2) => {
+            let first = lock(&req.first_error).clone().unwrap_or_default();
+            finish(
+                req,
+                Err(Error::Device {
+                    device: dev,
+                    msg: format!("{first}; re-planning without the failed devices: {e2}"),
+                }),
+            );
+        }
+    }
+}
+
+fn worker(dev: Arc<dyn Device>, reactor: &'static Reactor, rx: mpsc::Receiver<Job>) {
+    let name = dev.info().name.clone();
+    for job in rx {
+        let seg = &job.compiled.plan.segments[job.seg];
+        let exe = Arc::clone(&job.compiled.exes[job.seg]);
+        let inputs: Result<Vec<TensorBuffer>> = {
+            let v = lock(&job.req.values);
+            seg.sub
+                .input_names()
+                .iter()
+                .map(|n| {
+                    v.get(n)
+                        .cloned()
+                        .ok_or_else(|| Error::arg(format!("segment input '{n}' is missing")))
+                })
+                .collect()
+        };
+        let inputs = match inputs {
+            Ok(i) => i,
+            Err(e) => {
+                finish(&job.req, Err(e));
+                continue;
+            }
+        };
+        let counter = job.req.sched.counter.clone();
+        let b = Bindings::new(inputs, vec![None; seg.sub.graph.outputs.len()], &counter);
+        let (idle_tx, idle_rx) = mpsc::channel::<()>();
+        match dev.submit(exe.as_ref(), &b) {
+            Ok(fence) => {
+                let slot = Arc::new(Mutex::new(Some((job, b.clone(), idle_tx))));
+                let s2 = Arc::clone(&slot);
+                let watched = reactor.watch(&fence, move |r| {
+                    if let Some((job, b, idle)) = lock(&s2).take() {
+                        let _ = idle.send(());
+                        on_segment_done(job, b, r);
+                    }
+                });
+                if let Err(e) = watched {
+                    if let Some((job, b, idle)) = lock(&slot).take() {
+                        let _ = idle.send(());
+                        on_segment_done(job, b, Err(e));
+                    }
+                }
+            }
+            Err(e) => {
+                let _ = idle_tx.send(());
+                on_segment_done(job, b, Err(e));
+            }
+        }
+        if idle_rx.recv().is_err() {
+            eprintln!("edgehal: {name}: completion lost");
+        }
+    }
+}
+
+impl Scheduler {
+    /// Profile `graph` on `devices`, choose a plan and start one worker per device.
+    pub fn new(
+        graph: &Graph,
+        devices: Vec<Arc<dyn Device>>,
+        opts: &SchedulerOptions,
+    ) -> Result<Scheduler> {
+        if devices.is_empty() {
+            return Err(Error::arg("the scheduler needs at least one device"));
+        }
+        let prof = profile(graph, &devices, &opts.profile)?;
+        Self::with_profile(graph, devices, prof, opts)
+    }
+
+    /// Like [`Scheduler::new`] with a profile already made (or made up, in tests).
+    pub fn with_profile(
+        graph: &Graph,
+        devices: Vec<Arc<dyn Device>>,
+        prof: Profile,
+        opts: &SchedulerOptions,
+    ) -> Result<Scheduler> {
+        if prof.devices.len() != devices.len() {
+            return Err(Error::arg("profile and scheduler disagree on the devices"));
+        }
+        let reactor: &'static Reactor = if opts.force_threads {
+            Box::leak(Box::new(Reactor::new(true)?))
+        } else {
+            Reactor::global()?
+        };
+        let mut senders = Vec::new();
+        for dev in &devices {
+            let (tx, rx) = mpsc::channel();
+            let d = Arc::clone(dev);
+            std::thread::Builder::new()
+                .name(format!("edgehal-{}", dev.info().name))
+                .spawn(move || worker(d, reactor, rx))
+                .map_err(|e| Error::io("spawning a device worker", e))?;
+            senders.push(Mutex::new(tx));
+        }
+        let nd = devices.len();
+        let placeholder = Arc::new(Compiled {
+            plan: Plan {
+                devices: vec![],
+                assign: vec![],
+                segments: vec![],
+                transfers: vec![],
+                nodes: vec![],
+                predicted_ms: 0.0,
+                method: String::new(),
+            },
+            exes: vec![],
+        });
+        let inner = Arc::new(Inner {
+            graph: graph.clone(),
+            devices,
+            profile: prof,
+            constraints: opts.constraints.clone(),
+            current: Mutex::new(placeholder),
+            lost: Mutex::new(vec![false; nd]),
+            workers: senders,
+            reactor,
+            counter: CopyCounter::new(),
+            replans: AtomicU64::new(0),
+        });
+        let c = inner.compile(&vec![false; nd])?;
+        *lock(&inner.current) = c;
+        Ok(Scheduler { inner })
+    }
+
+    /// The plan new requests use.
+    pub fn plan(&self) -> Plan {
+        lock(&self.inner.current).plan.clone()
+    }
+
+    /// Run later requests with `plan` instead (e.g. a single-device plan for comparison).
+    pub fn use_plan(&self, plan: Plan) -> Result<()> {
+        let c = self.inner.compile_plan(plan)?;
+        *lock(&self.inner.current) = c;
+        Ok(())
+    }
+
+    /// The profile the plans come from.
+    pub fn profile(&self) -> &Profile {
+        &self.inner.profile
+    }
+
+    /// The graph it runs.
+    pub fn graph(&self) -> &Graph {
+        &self.inner.graph
+    }
+
+    /// Devices taken as lost after a failure.
+    pub fn lost_devices(&self) -> Vec<String> {
+        let lost = lock(&self.inner.lost);
+        self.inner
+            .profile
+            .devices
+            .iter()
+            .zip(lost.iter())
+            .filter(|(_, &l)| l)
+            .map(|(d, _)| d.clone())
+            .collect()
+    }
+
+    /// How many times a request was re-planned after a failure.
+    pub fn replans(&self) -> u64 {
+        self.inner.replans.load(Ordering::SeqCst)
+    }
+
+    /// The reactor's mechanism.
+    pub fn reactor_backend(&self) -> Backend {
+        self.inner.reactor.backend()
+    }
+
+    /// Start a request; `feeds` by graph input name.
+    pub fn submit(&self, feeds: Vec<(String, Tensor)>) -> Result<RunHandle> {
+        self.submit_with(feeds, None)
+    }
+
+    /// Start a request and call `cb` (on a scheduler thread; keep it short) when it ends.
+    pub fn submit_with(
+        &self,
+        feeds: Vec<(String, Tensor)>,
+        cb: Option<DoneCallback>,
+    ) -> Result<RunHandle> {
+        let g = &self.inner.graph;
+        let mut values = HashMap::new();
+        for &i in &g.inputs {
+            let name = g.value_name(i);
+            let t = feeds
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t)
+                .ok_or_else(|| Error::arg(format!("input '{name}' was not given")))?;
+            values.insert(
+                name.to_string(),
+                TensorBuffer::from_tensor(t, &self.inner.counter),
+            );
+        }
+        let compiled = Arc::clone(&lock(&self.inner.current));
+        let nd = self.inner.devices.len();
+        let done = Completion::new(cb);
+        let req = Arc::new(Request {
+            sched: Arc::clone(&self.inner),
+            values: Mutex::new(values),
+            compiled: Mutex::new(compiled),
+            excluded: Mutex::new(lock(&self.inner.lost).clone()),
+            first_error: Mutex::new(None),
+            done: Arc::clone(&done),
+        });
+        let _ = nd;
+        advance(&req, 0);
+        Ok(RunHandle { c: done })
+    }
+
+    /// Run one request and wait for it (`None`: no time limit).
+    pub fn run(&self, feeds: Vec<(String, Tensor)>, timeout: Option<Duration>) -> Result<Outputs> {
+        self.submit(feeds)?.wait(timeout)
+    }
+}
+
+/// Configuration of null devices opened by name, from `EDGEHAL_NULL_CONFIG`:
+/// `default=MS,OP=MS,...,fail_on_submit=N,lose_on_submit=N,passthrough=OP+OP`.
+pub fn null_config_from_env() -> Result<(edgehal_null::NullConfig, String)> {
+    let spec = std::env::var("EDGEHAL_NULL_CONFIG").unwrap_or_default();
+    let mut c = edgehal_null::NullConfig::default();
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (k, v) = item
+            .split_once('=')
+            .ok_or_else(|| Error::arg(format!("EDGEHAL_NULL_CONFIG: '{item}' is not KEY=VALUE")))?;
+        let ms = || -> Result<Duration> {
+            let f: f64 = v.parse().map_err(|_| {
+                Error::arg(format!("EDGEHAL_NULL_CONFIG: '{v}' is not milliseconds"))
+            })?;
+            if !(0.0..=60_000.0).contains(&f) {
+                return Err(Error::arg(format!(
+                    "EDGEHAL_NULL_CONFIG: {f} ms is out of range"
+                )));
+            }
+            Ok(Duration::from_secs_f64(f / 1e3))
+        };
+        let n = || -> Result<u64> {
+            v.parse()
+                .map_err(|_| Error::arg(format!("EDGEHAL_NULL_CONFIG: '{v}' is not a count")))
+        };
+        match k {
+            "default" => c.default_latency = ms()?,
+            "fail_on_submit" => c.fail_on_submit = Some(n()?),
+            "lose_on_submit" => c.lose_device_on_submit = Some(n()?),
+            "passthrough" => c.passthrough = v.split('+').map(String::from).collect(),
+            op => {
+                c.op_latency.insert(op.to_string(), ms()?);
+            }
+        }
+    }
+    Ok((c, spec))
+}
+
+/// Open devices by name: `cpu`, `null0`, `null1`, ... (configured by `EDGEHAL_NULL_CONFIG`)
+/// and plugin devices found through `EDGEHAL_DRIVER_PATH`.
+pub fn open_devices(names: &[String]) -> Result<Vec<Arc<dyn Device>>> {
+    let mut out: Vec<Arc<dyn Device>> = Vec::new();
+    let mut plugins: Option<Vec<crate::plugin::PluginDriver>> = None;
+    for name in names {
+        if out.iter().any(|d| d.info().name == *name) {
+            return Err(Error::arg(format!("device '{name}' is listed twice")));
+        }
+        if name == "cpu" {
+            out.push(Arc::new(edgehal_cpu::device::CpuDevice::new()));
+            continue;
+        }
+        if let Some(k) = name
+            .strip_prefix("null")
+            .and_then(|k| k.parse::<usize>().ok())
+        {
+            if k >= 16 {
+                return Err(Error::arg(format!("{name}: at most 16 null devices")));
+            }
+            let (cfg, spec) = null_config_from_env()?;
+            let drv = edgehal_null::NullDriver::new(k + 1, cfg);
+            let mut info: DeviceInfo = drv
+                .probe(&SysRoot::new("/nonexistent"))
+                .into_iter()
+                .find(|i| i.name == *name)
+                .ok_or_else(|| Error::arg(format!("no null device '{name}'")))?;
+            // Different latency settings must not share cached timings.
+            info.properties.insert("config".into(), spec);
+            out.push(drv.open(&info)?);
+            continue;
+        }
+        let drivers = plugins.get_or_insert_with(|| {
+            crate::plugin::load_from_env()
+                .into_iter()
+                .filter_map(|r| r.ok())
+                .collect()
+        });
+        let mut found = None;
+        for d in drivers.iter() {
+            if let Some(info) = d
+                .probe(&SysRoot::live())
+                .into_iter()
+                .find(|i| i.name == *name)
+            {
+                found = Some(d.open(&info)?);
+                break;
+            }
+        }
+        match found {
+            Some(d) => out.push(d),
+            None => {
+                return Err(Error::arg(format!(
+                    "unknown device '{name}' (available: cpu, null0..null15, and plugin \
+                     devices in EDGEHAL_DRIVER_PATH)"
+                )))
+            }
+        }
+    }
+    Ok(out)
+}

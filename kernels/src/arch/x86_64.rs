@@ -1,0 +1,222 @@
+//! x86_64 sgemm micro-kernels with `std::arch` intrinsics: AVX2+FMA (6x16 tile, 12 ymm
+//! accumulators) and AVX-512F (12x32 tile, 24 zmm accumulators; a Zen 4 core needs about 16
+//! independent FMA chains to stay busy). Packing and the C update are the safe code in
+//! `gemm::packed_with`; only the register tile is unsafe.
+//!
+//! Soundness: the `#[target_feature]` functions are reached only through [`sgemm`], which
+//! runs a variant only after `is_x86_feature_detected!` said the CPU has it, and through safe
+//! wrappers that check the panel lengths before the raw-pointer loop.
+
+#![allow(unsafe_code)]
+
+use std::arch::x86_64::*;
+
+use crate::dispatch::Variant;
+use crate::gemm::{axpy_rows, packed_with, Blocking, MatRef, MR as PORTABLE_MR};
+
+const AVX2_MR: usize = 6;
+const AVX2_NR: usize = 16;
+const AVX512_MR: usize = 12;
+const AVX512_NR: usize = 32;
+
+/// Runs `alpha * A * B` into C with `variant` when it is an x86 SIMD variant this CPU has;
+/// returns `false` (touching nothing) otherwise. Sizes are already checked, m, n, k > 0.
+pub(crate) fn sgemm(
+    variant: Variant,
+    alpha: f32,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    c: &mut [f32],
+    ldc: usize,
+) -> bool {
+    match variant {
+        Variant::Avx512 if is_x86_feature_detected!("avx512f") => {
+            // SAFETY: AVX-512F was detected on this CPU just above.
+            unsafe { sgemm_avx512(alpha, a, b, c, ldc) };
+            true
+        }
+        Variant::Avx2 if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") => {
+            // SAFETY: AVX2 and FMA were detected on this CPU just above.
+            unsafe { sgemm_avx2(alpha, a, b, c, ldc) };
+            true
+        }
+        _ => false,
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX-512F.
+#[target_feature(enable = "avx512f")]
+unsafe fn sgemm_avx512(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], ldc: usize) {
+    let (k, n) = (a.cols, b.cols);
+    if a.rows < PORTABLE_MR {
+        // The safe axpy loop, compiled here with 512-bit vectors.
+        axpy_rows(alpha, a, b, k, n, c, ldc);
+        return;
+    }
+    let blk = Blocking {
+        kc: 256,
+        mc: 120,
+        nc: 4096,
+    };
+    packed_with::<AVX512_MR, AVX512_NR, _>(blk, alpha, a, b, c, ldc, |ap, bp, acc| {
+        let kc = ap.len() / AVX512_MR;
+        assert!(bp.len() >= kc * AVX512_NR);
+        // SAFETY: this closure runs inside a function compiled for AVX-512F, called only when
+        // the CPU has it; the panels hold kc*MR and kc*NR floats (checked above).
+        unsafe { tile_avx512(kc, ap.as_ptr(), bp.as_ptr(), acc) }
+    });
+}
+
+/// `acc[i][j] = sum_p a[p*12 + i] * b[p*32 + j]` over `kc` steps.
+///
+/// # Safety
+/// The CPU must support AVX-512F; `a` must be valid for `kc * 12` reads and `b` for
+/// `kc * 32` reads.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn tile_avx512(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    acc: &mut [[f32; AVX512_NR]; AVX512_MR],
+) {
+    let mut r = [[_mm512_setzero_ps(); 2]; AVX512_MR];
+    for p in 0..kc {
+        // SAFETY: p < kc, so p*32 + 31 < kc*32 and p*12 + 11 < kc*12 (the caller's bounds).
+        unsafe {
+            let b0 = _mm512_loadu_ps(b.add(p * AVX512_NR));
+            let b1 = _mm512_loadu_ps(b.add(p * AVX512_NR + 16));
+            let ar = a.add(p * AVX512_MR);
+            for (i, ri) in r.iter_mut().enumerate() {
+                let x = _mm512_set1_ps(*ar.add(i));
+                ri[0] = _mm512_fmadd_ps(x, b0, ri[0]);
+                ri[1] = _mm512_fmadd_ps(x, b1, ri[1]);
+            }
+        }
+    }
+    for (ri, out) in r.iter().zip(acc.iter_mut()) {
+        // SAFETY: each output row holds 32 floats, two 16-float stores.
+        unsafe {
+            _mm512_storeu_ps(out.as_mut_ptr(), ri[0]);
+            _mm512_storeu_ps(out.as_mut_ptr().add(16), ri[1]);
+        }
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn sgemm_avx2(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], ldc: usize) {
+    let (k, n) = (a.cols, b.cols);
+    if a.rows < PORTABLE_MR {
+        // The safe axpy loop, compiled here with 256-bit vectors.
+        axpy_rows(alpha, a, b, k, n, c, ldc);
+        return;
+    }
+    let blk = Blocking {
+        kc: 256,
+        mc: 72,
+        nc: 4096,
+    };
+    packed_with::<AVX2_MR, AVX2_NR, _>(blk, alpha, a, b, c, ldc, |ap, bp, acc| {
+        let kc = ap.len() / AVX2_MR;
+        assert!(bp.len() >= kc * AVX2_NR);
+        // SAFETY: this closure runs inside a function compiled for AVX2+FMA, called only when
+        // the CPU has them; the panels hold kc*MR and kc*NR floats (checked above).
+        unsafe { tile_avx2(kc, ap.as_ptr(), bp.as_ptr(), acc) }
+    });
+}
+
+/// `acc[i][j] = sum_p a[p*6 + i] * b[p*16 + j]` over `kc` steps.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `a` must be valid for `kc * 6` reads and `b` for
+/// `kc * 16` reads.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn tile_avx2(kc: usize, a: *const f32, b: *const f32, acc: &mut [[f32; AVX2_NR]; AVX2_MR]) {
+    let mut r = [[_mm256_setzero_ps(); 2]; AVX2_MR];
+    for p in 0..kc {
+        // SAFETY: p < kc, so p*16 + 15 < kc*16 and p*6 + 5 < kc*6 (the caller's bounds).
+        unsafe {
+            let b0 = _mm256_loadu_ps(b.add(p * AVX2_NR));
+            let b1 = _mm256_loadu_ps(b.add(p * AVX2_NR + 8));
+            let ar = a.add(p * AVX2_MR);
+            for (i, ri) in r.iter_mut().enumerate() {
+                let x = _mm256_broadcast_ss(&*ar.add(i));
+                ri[0] = _mm256_fmadd_ps(x, b0, ri[0]);
+                ri[1] = _mm256_fmadd_ps(x, b1, ri[1]);
+            }
+        }
+    }
+    for (ri, out) in r.iter().zip(acc.iter_mut()) {
+        // SAFETY: each output row holds 16 floats, two 8-float stores.
+        unsafe {
+            _mm256_storeu_ps(out.as_mut_ptr(), ri[0]);
+            _mm256_storeu_ps(out.as_mut_ptr().add(8), ri[1]);
+        }
+    }
+}
+
+/// Peak-FMA microbenchmark: `iters` rounds of `CHAINS` independent FMAs on full vectors of
+/// `variant`. Returns the floating-point operations done and a checksum (so the loop is not
+/// optimized away), or `None` when the CPU lacks the variant.
+pub(crate) fn fma_peak(variant: Variant, iters: usize, x: f32) -> Option<(f64, f32)> {
+    match variant {
+        Variant::Avx512 if is_x86_feature_detected!("avx512f") => {
+            // SAFETY: AVX-512F was detected on this CPU just above.
+            let s = unsafe { fma_peak_avx512(iters, x) };
+            Some(((iters * 24 * 16 * 2) as f64, s))
+        }
+        Variant::Avx2 if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") => {
+            // SAFETY: AVX2 and FMA were detected on this CPU just above.
+            let s = unsafe { fma_peak_avx2(iters, x) };
+            Some(((iters * 16 * 8 * 2) as f64, s))
+        }
+        _ => None,
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX-512F.
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_peak_avx512(iters: usize, x: f32) -> f32 {
+    let m = _mm512_set1_ps(x);
+    let add = _mm512_set1_ps(1e-7);
+    let mut r = [_mm512_set1_ps(0.5); 24];
+    for _ in 0..iters {
+        for v in r.iter_mut() {
+            *v = _mm512_fmadd_ps(*v, m, add);
+        }
+    }
+    let mut s = _mm512_setzero_ps();
+    for v in r {
+        s = _mm512_add_ps(s, v);
+    }
+    _mm512_reduce_add_ps(s)
+}
+
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_peak_avx2(iters: usize, x: f32) -> f32 {
+    let m = _mm256_set1_ps(x);
+    let add = _mm256_set1_ps(1e-7);
+    let mut r = [_mm256_set1_ps(0.5); 16];
+    for _ in 0..iters {
+        for v in r.iter_mut() {
+            *v = _mm256_fmadd_ps(*v, m, add);
+        }
+    }
+    let mut s = [0f32; 8];
+    for v in r {
+        let mut t = [0f32; 8];
+        // SAFETY: `t` holds 8 floats.
+        unsafe { _mm256_storeu_ps(t.as_mut_ptr(), v) };
+        for (a, b) in s.iter_mut().zip(t) {
+            *a += b;
+        }
+    }
+    s.iter().sum()
+}

@@ -1,0 +1,460 @@
+//! The partitioner against brute force on 500 seeded random DAGs (up to 12 nodes, 3
+//! devices, random latency tables with unsupported entries and random transfer costs), pins
+//! and exclusions, and the profiler's disk cache (second load profiles nothing; corrupt and
+//! stale entries are rebuilt).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use edgehal::partition::{self, Problem, TransferCost, Value};
+use edgehal::plan::{Plan, PlanConstraints};
+use edgehal::profile::{profile, Profile, ProfileOptions};
+use edgehal_core::buffer::MemoryDomain;
+use edgehal_core::driver::Device;
+use edgehal_core::graph::{Dim, Graph, Node, ValueInfo};
+use edgehal_core::{DType, Tensor};
+use edgehal_cpu::device::CpuDevice;
+use edgehal_null::{NullConfig, NullDevice};
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn f(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+fn random_problem(seed: u64) -> Problem {
+    let mut r = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let n = 2 + r.below(11) as usize; // 2..=12
+    let nd = 1 + r.below(3) as usize; // 1..=3
+    let cost: Vec<Vec<Option<f64>>> = (0..n)
+        .map(|_| {
+            let mut row: Vec<Option<f64>> = (0..nd)
+                .map(|_| (r.below(5) != 0).then(|| 0.1 + 10.0 * r.f()))
+                .collect();
+            if row.iter().all(|c| c.is_none()) {
+                let d = r.below(nd as u64) as usize;
+                row[d] = Some(0.1 + 10.0 * r.f());
+            }
+            row
+        })
+        .collect();
+    let mut values = Vec::new();
+    // Graph inputs read by random early nodes.
+    for _ in 0..1 + r.below(2) {
+        let c = r.below(n.min(3) as u64) as usize;
+        values.push(Value {
+            producer: None,
+            consumers: vec![c],
+            to_host: false,
+            bytes: r.below(1 << 20),
+        });
+    }
+    // One output per node, read by up to three later nodes; the rest are graph outputs.
+    for i in 0..n {
+        let mut cons = Vec::new();
+        if i + 1 < n {
+            for _ in 0..1 + r.below(3) {
+                let c = i + 1 + r.below((n - i - 1) as u64) as usize;
+                if !cons.contains(&c) {
+                    cons.push(c);
+                }
+            }
+        }
+        values.push(Value {
+            producer: Some(i),
+            to_host: cons.is_empty() || r.below(6) == 0,
+            consumers: cons,
+            bytes: r.below(1 << 20),
+        });
+    }
+    let transfer = (0..=nd)
+        .map(|i| {
+            (0..=nd)
+                .map(|j| {
+                    if i == j || r.below(4) == 0 {
+                        TransferCost::ZERO
+                    } else {
+                        TransferCost {
+                            fixed_ms: 3.0 * r.f(),
+                            per_byte_ms: 4e-6 * r.f(),
+                        }
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    Problem {
+        n_devices: nd,
+        cost,
+        values,
+        transfer,
+    }
+}
+
+/// Every assignment, no pruning.
+fn brute_force(p: &Problem) -> f64 {
+    let n = p.n_nodes();
+    let mut a = vec![0usize; n];
+    let mut best = f64::INFINITY;
+    loop {
+        best = best.min(p.cost(&a));
+        let mut k = 0;
+        loop {
+            if k == n {
+                return best;
+            }
+            a[k] += 1;
+            if a[k] < p.n_devices {
+                break;
+            }
+            a[k] = 0;
+            k += 1;
+        }
+    }
+}
+
+#[test]
+fn heuristic_and_partition_are_within_two_percent_of_brute_force_on_500_graphs() {
+    let mut exact_hits = 0;
+    let mut worst: f64 = 1.0;
+    let mut chains = 0;
+    for seed in 1..=500u64 {
+        let p = random_problem(seed);
+        let opt = brute_force(&p);
+        assert!(opt.is_finite(), "seed {seed}: no feasible assignment");
+        let h = partition::heuristic(&p).unwrap();
+        assert_eq!(h.assign.len(), p.n_nodes());
+        assert!((p.cost(&h.assign) - h.cost).abs() < 1e-9);
+        let ratio = h.cost / opt;
+        assert!(
+            ratio <= 1.02 + 1e-12,
+            "seed {seed}: heuristic {} vs optimum {opt} ({} nodes, {} devices)",
+            h.cost,
+            p.n_nodes(),
+            p.n_devices
+        );
+        assert!(h.cost >= opt - 1e-9, "seed {seed}: below the optimum?");
+        worst = worst.max(ratio);
+        if (h.cost - opt).abs() < 1e-9 {
+            exact_hits += 1;
+        }
+        let s = partition::partition(&p).unwrap();
+        assert!(
+            s.cost <= opt * 1.02 + 1e-12,
+            "seed {seed}: partition {}",
+            s.cost
+        );
+        if s.method == "exact" {
+            assert!((s.cost - opt).abs() < 1e-9, "seed {seed}: exact missed");
+        }
+        if p.is_chain() {
+            chains += 1;
+            assert!(
+                (s.cost - opt).abs() < 1e-9,
+                "seed {seed}: chain DP not exact"
+            );
+        }
+    }
+    println!("heuristic optimal on {exact_hits}/500, worst ratio {worst:.4}, {chains} chains");
+}
+
+#[test]
+fn chain_dp_is_exact_on_long_random_chains() {
+    for seed in 1..=100u64 {
+        let mut r = Rng(seed * 7919 + 1);
+        let n = 10;
+        let nd = 3;
+        let cost: Vec<Vec<Option<f64>>> = (0..n)
+            .map(|_| (0..nd).map(|_| Some(0.1 + 5.0 * r.f())).collect())
+            .collect();
+        let mut values = vec![Value {
+            producer: None,
+            consumers: vec![0],
+            to_host: false,
+            bytes: 1000,
+        }];
+        for i in 0..n {
+            values.push(Value {
+                producer: Some(i),
+                consumers: if i + 1 < n { vec![i + 1] } else { vec![] },
+                to_host: i + 1 == n,
+                bytes: 1000,
+            });
+        }
+        let transfer = (0..=nd)
+            .map(|i| {
+                (0..=nd)
+                    .map(|j| TransferCost {
+                        fixed_ms: if i == j { 0.0 } else { 2.0 * r.f() },
+                        per_byte_ms: 0.0,
+                    })
+                    .collect()
+            })
+            .collect();
+        let p = Problem {
+            n_devices: nd,
+            cost,
+            values,
+            transfer,
+        };
+        assert!(p.is_chain());
+        let s = partition::partition(&p).unwrap();
+        assert_eq!(s.method, "chain-dp");
+        assert!((s.cost - brute_force(&p)).abs() < 1e-9, "seed {seed}");
+    }
+}
+
+fn f32_value(g: &mut Graph, name: &str, shape: &[usize]) -> usize {
+    let id = g.value_id(name);
+    g.values[id] = ValueInfo {
+        name: name.into(),
+        dtype: Some(DType::F32),
+        shape: Some(shape.iter().map(|&d| Dim::Fixed(d)).collect()),
+    };
+    id
+}
+
+/// x -> Abs -> a ; a * w -> b ; Exp(b) -> c ; c + x -> y
+pub fn small_graph() -> Graph {
+    let mut g = Graph::new("small");
+    let x = f32_value(&mut g, "x", &[4, 8]);
+    let a = f32_value(&mut g, "a", &[4, 8]);
+    let w = f32_value(&mut g, "w", &[1]);
+    let b = f32_value(&mut g, "b", &[4, 8]);
+    let c = f32_value(&mut g, "c", &[4, 8]);
+    let y = f32_value(&mut g, "y", &[4, 8]);
+    g.inputs = vec![x];
+    g.outputs = vec![y];
+    g.opsets.insert(String::new(), 17);
+    g.initializers
+        .insert(w, Tensor::from_vec(vec![1], vec![0.5f32]).unwrap());
+    let mk = |op: &str, i: Vec<usize>, o: usize| Node {
+        op: op.into(),
+        inputs: i.into_iter().map(Some).collect(),
+        outputs: vec![Some(o)],
+        ..Default::default()
+    };
+    g.nodes.push(mk("Abs", vec![x], a));
+    g.nodes.push(mk("Mul", vec![a, w], b));
+    g.nodes.push(mk("Exp", vec![b], c));
+    g.nodes.push(mk("Add", vec![c, x], y));
+    g
+}
+
+fn fake_profile(times: Vec<Vec<Option<f64>>>, devices: &[&str]) -> Profile {
+    let nd = devices.len();
+    Profile {
+        devices: devices.iter().map(|s| s.to_string()).collect(),
+        domains: vec![vec![MemoryDomain::Host]; nd],
+        order: (0..times.len()).collect(),
+        reasons: vec![vec![None; nd]; times.len()],
+        times,
+        value_bytes: vec![128; 6],
+        transfer: vec![vec![TransferCost::ZERO; nd + 1]; nd + 1],
+        measured: 0,
+        cached: 0,
+        rebuilt: 0,
+    }
+}
+
+#[test]
+fn pins_and_exclusions_are_obeyed() {
+    let g = small_graph();
+    let p = fake_profile(
+        vec![
+            vec![Some(5.0), Some(1.0)],
+            vec![Some(5.0), Some(1.0)],
+            vec![Some(1.0), Some(5.0)],
+            vec![Some(5.0), Some(1.0)],
+        ],
+        &["cpu", "null0"],
+    );
+    let free = Plan::choose(&g, &p, &PlanConstraints::default()).unwrap();
+    assert_eq!(free.assign, vec![1, 1, 0, 1]);
+    assert_eq!(free.segments.len(), 3);
+    assert!((free.predicted_ms - 4.0).abs() < 1e-9);
+    let pinned = Plan::choose(
+        &g,
+        &p,
+        &PlanConstraints {
+            pins: vec![("1".into(), "cpu".into())],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(pinned.assign[1], 0);
+    let excl = Plan::choose(
+        &g,
+        &p,
+        &PlanConstraints {
+            exclude: vec!["null0".into()],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(excl.assign, vec![0, 0, 0, 0]);
+    assert_eq!(excl.used_devices(), vec!["cpu"]);
+    // Excluding the only device that runs a node is an error naming the node.
+    let only = fake_profile(
+        vec![
+            vec![None, Some(1.0)],
+            vec![Some(5.0), Some(1.0)],
+            vec![Some(1.0), Some(5.0)],
+            vec![Some(5.0), Some(1.0)],
+        ],
+        &["cpu", "null0"],
+    );
+    let e = Plan::choose(
+        &g,
+        &only,
+        &PlanConstraints {
+            exclude: vec!["null0".into()],
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("node 0 (Abs)") && e.contains("null0: excluded"),
+        "{e}"
+    );
+    assert!(Plan::choose(
+        &g,
+        &p,
+        &PlanConstraints {
+            exclude: vec!["gpu9".into()],
+            ..Default::default()
+        }
+    )
+    .is_err());
+}
+
+fn quick() -> ProfileOptions {
+    ProfileOptions {
+        cache_dir: None,
+        progress: false,
+        warmup: 1,
+        min_runs: 3,
+        max_runs: 5,
+        ..ProfileOptions::default()
+    }
+}
+
+#[test]
+fn second_profile_comes_from_the_cache_and_bad_entries_are_rebuilt() {
+    let dir = std::env::temp_dir().join(format!("edgehal-cache-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let g = small_graph();
+    let devs: Vec<Arc<dyn Device>> = vec![Arc::new(CpuDevice::new())];
+    let opts = ProfileOptions {
+        cache_dir: Some(dir.clone()),
+        ..quick()
+    };
+    let p1 = profile(&g, &devs, &opts).unwrap();
+    assert_eq!((p1.measured, p1.cached, p1.rebuilt), (4, 0, 0));
+    let p2 = profile(&g, &devs, &opts).unwrap();
+    assert_eq!(
+        (p2.measured, p2.cached, p2.rebuilt),
+        (0, 4, 0),
+        "second load profiles nothing"
+    );
+    assert_eq!(p1.times, p2.times);
+    let file = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "txt"))
+        .unwrap();
+    // Corrupt one entry: flip a digit of its time.
+    let text = std::fs::read_to_string(&file).unwrap();
+    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+    let line = &mut lines[2];
+    let mid = line.find(' ').unwrap() + 3;
+    let ch = line.as_bytes()[mid];
+    let flipped = if ch == b'0' { '1' } else { '0' };
+    line.replace_range(mid..mid + 1, &flipped.to_string());
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let p3 = profile(&g, &devs, &opts).unwrap();
+    assert_eq!(
+        (p3.measured, p3.cached, p3.rebuilt),
+        (1, 3, 1),
+        "corrupt entry measured again"
+    );
+    let p4 = profile(&g, &devs, &opts).unwrap();
+    assert_eq!(
+        (p4.measured, p4.rebuilt),
+        (0, 0),
+        "and the file was rewritten"
+    );
+    // A stale stamp (another format or driver version) rebuilds everything.
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(
+        &file,
+        text.replacen("edgehal-profile 1 ", "edgehal-profile 0 ", 1),
+    )
+    .unwrap();
+    let p5 = profile(&g, &devs, &opts).unwrap();
+    assert_eq!((p5.measured, p5.cached, p5.rebuilt), (4, 0, 1));
+    // Garbage instead of a cache file is not trusted either.
+    std::fs::write(&file, b"\xff\xfe garbage\n1 2 3\n").unwrap();
+    let p6 = profile(&g, &devs, &opts).unwrap();
+    assert_eq!((p6.measured, p6.cached), (4, 0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn profiled_null_latencies_drive_the_plan() {
+    // Two null devices with configured latencies: Exp is slow on null0 and fast on null1,
+    // everything else the other way round. The profile must see at least the configured
+    // sleep and the plan must follow it (no assertion on an upper bound of a timing).
+    let ms = std::time::Duration::from_millis;
+    let mk = |name: &str, slow: &[&str], fast: &[&str]| -> Arc<dyn Device> {
+        let mut op_latency = HashMap::new();
+        for s in slow {
+            op_latency.insert(s.to_string(), ms(40));
+        }
+        for f in fast {
+            op_latency.insert(f.to_string(), ms(0));
+        }
+        let info = edgehal_core::driver::DeviceInfo::new(
+            name,
+            edgehal_core::driver::DeviceKind::Other,
+            "null",
+            vec![MemoryDomain::Host],
+        );
+        Arc::new(NullDevice::new(
+            info,
+            NullConfig {
+                op_latency,
+                ..NullConfig::default()
+            },
+        ))
+    };
+    let devs = vec![
+        mk("null0", &["Exp"], &["Abs", "Mul", "Add"]),
+        mk("null1", &["Abs", "Mul", "Add"], &["Exp"]),
+    ];
+    let g = small_graph();
+    let opts = ProfileOptions {
+        min_runs: 1,
+        max_runs: 3,
+        warmup: 0,
+        ..quick()
+    };
+    let p = profile(&g, &devs, &opts).unwrap();
+    assert!(p.times[2][0].unwrap() >= 40.0, "{:?}", p.times);
+    assert!(p.times[0][1].unwrap() >= 40.0, "{:?}", p.times);
+    let plan = Plan::choose(&g, &p, &PlanConstraints::default()).unwrap();
+    assert_eq!(plan.assign, vec![0, 0, 1, 0]);
+    assert_eq!(plan.segments.len(), 3);
+    assert!(plan.predicted_ms < 40.0);
+}

@@ -1,0 +1,432 @@
+//! `edgehal plan`: profile a model on the given devices, choose the split with the lowest
+//! end-to-end latency, run it and explain it (table, `--json`, `--svg`). Also the streaming
+//! throughput benchmark behind `edgehal bench --stream N`.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Result};
+use edgehal::plan::Plan;
+use edgehal::profile::{seeded_inputs, ProfileOptions};
+use edgehal::scheduler::{open_devices, Scheduler, SchedulerOptions};
+use edgehal::{Model, Session, SessionOptions};
+use edgehal_core::{Graph, Tensor};
+use serde_json::json;
+
+use crate::bench::summarize;
+
+/// Arguments of `edgehal plan`.
+pub struct PlanArgs {
+    pub model: PathBuf,
+    pub devices: String,
+    pub json: bool,
+    pub svg: Option<PathBuf>,
+    pub runs: usize,
+}
+
+fn device_list(s: &str) -> Result<Vec<String>> {
+    let v: Vec<String> = s
+        .split(',')
+        .map(|d| d.trim().to_string())
+        .filter(|d| !d.is_empty())
+        .collect();
+    if v.is_empty() {
+        bail!("--devices needs at least one device name");
+    }
+    Ok(v)
+}
+
+fn feeds_for(g: &Graph) -> Result<Vec<(String, Tensor)>> {
+    Ok(seeded_inputs(g, 7)
+        .map_err(|e| anyhow!("{e}"))?
+        .into_iter()
+        .map(|(id, t)| (g.value_name(id).to_string(), t))
+        .collect())
+}
+
+/// Median wall time of `runs` runs of the scheduler's current plan (after one warm-up).
+fn measure(s: &Scheduler, feeds: &[(String, Tensor)], runs: usize) -> Result<f64> {
+    s.run(feeds.to_vec(), None).map_err(|e| anyhow!("{e}"))?;
+    let mut t = Vec::new();
+    for _ in 0..runs.max(1) {
+        let t0 = Instant::now();
+        s.run(feeds.to_vec(), None).map_err(|e| anyhow!("{e}"))?;
+        t.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(summarize(&mut t).0)
+}
+
+/// Run `edgehal plan`.
+pub fn run(a: PlanArgs) -> Result<()> {
+    let model = Model::load(&a.model).map_err(|e| anyhow!("{e}"))?;
+    let mut graph = model.graph.clone();
+    edgehal::passes::optimize(&mut graph, &edgehal_cpu::Registry::new())
+        .map_err(|e| anyhow!("{e}"))?;
+    let names = device_list(&a.devices)?;
+    let devices = open_devices(&names).map_err(|e| anyhow!("{e}"))?;
+    let opts = SchedulerOptions {
+        profile: ProfileOptions {
+            progress: !a.json,
+            ..ProfileOptions::default()
+        },
+        ..SchedulerOptions::default()
+    };
+    let s = Scheduler::new(&graph, devices, &opts).map_err(|e| anyhow!("{}: {e}", model.name))?;
+    let feeds = feeds_for(&graph)?;
+    let chosen = s.plan();
+    let chosen_ms = measure(&s, &feeds, a.runs)?;
+    let mut singles = Vec::new();
+    for (d, name) in names.iter().enumerate() {
+        if let Some(p) = Plan::single_device(&graph, s.profile(), d) {
+            s.use_plan(p.clone()).map_err(|e| anyhow!("{e}"))?;
+            let ms = measure(&s, &feeds, a.runs)?;
+            singles.push((name.clone(), p, ms));
+        }
+    }
+    // The chosen plan must not measure slower than the best single device; if it does (the
+    // prediction missed), the single device wins and we say so.
+    let best_single = singles
+        .iter()
+        .min_by(|x, y| x.2.total_cmp(&y.2))
+        .map(|(n, p, ms)| (n.clone(), p.clone(), *ms));
+    let (plan, measured, note) = match &best_single {
+        Some((n, p, ms)) if *ms < chosen_ms && p.assign != chosen.assign => (
+            p.clone(),
+            *ms,
+            Some(format!(
+                "the partitioned plan measured {chosen_ms:.3} ms, slower than {n} alone; using {n}"
+            )),
+        ),
+        _ => (chosen.clone(), chosen_ms, None),
+    };
+    let prof = s.profile();
+    if let Some(path) = &a.svg {
+        std::fs::write(path, svg(&graph, &plan, measured))
+            .map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
+    }
+    let err_pct = if measured > 0.0 {
+        (plan.predicted_ms - measured) / measured * 100.0
+    } else {
+        0.0
+    };
+    if a.json {
+        let nodes: Vec<_> = plan
+            .nodes
+            .iter()
+            .map(|n| {
+                let times: serde_json::Map<String, serde_json::Value> = plan
+                    .devices
+                    .iter()
+                    .zip(&n.times)
+                    .map(|(d, t)| (d.clone(), json!(t)))
+                    .collect();
+                let reasons: serde_json::Map<String, serde_json::Value> = plan
+                    .devices
+                    .iter()
+                    .zip(&n.reasons)
+                    .filter_map(|(d, r)| r.as_ref().map(|r| (d.clone(), json!(r))))
+                    .collect();
+                json!({"node": n.node, "label": n.label, "device": plan.devices[n.device],
+                       "times_ms": times, "unsupported": reasons})
+            })
+            .collect();
+        let segments: Vec<_> = plan
+            .segments
+            .iter()
+            .map(|sg| {
+                json!({"device": plan.devices[sg.device], "nodes": sg.nodes,
+                             "predicted_ms": sg.predicted_ms})
+            })
+            .collect();
+        let transfers: Vec<_> = plan
+            .transfers
+            .iter()
+            .map(|t| {
+                json!({"value": t.value, "from": t.from, "to": t.to, "bytes": t.bytes,
+                            "predicted_ms": t.predicted_ms})
+            })
+            .collect();
+        let single: Vec<_> = singles
+            .iter()
+            .map(|(n, p, ms)| json!({"device": n, "predicted_ms": p.predicted_ms, "measured_ms": ms}))
+            .collect();
+        let doc = json!({
+            "model": a.model.display().to_string(),
+            "devices": names,
+            "method": plan.method,
+            "nodes": nodes,
+            "segments": segments,
+            "transfers": transfers,
+            "predicted_ms": plan.predicted_ms,
+            "measured_ms": measured,
+            "prediction_error_pct": err_pct,
+            "single_device": single,
+            "note": note,
+            "profiled": prof.measured,
+            "from_cache": prof.cached,
+            "cache_rebuilt": prof.rebuilt,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        print!("{}", plan.table());
+        println!(
+            "measured total  {measured:.3} ms (median of {} runs; prediction off by {err_pct:+.1}%)",
+            a.runs
+        );
+        for (n, p, ms) in &singles {
+            println!(
+                "  {n} alone: predicted {:.3} ms, measured {ms:.3} ms",
+                p.predicted_ms
+            );
+        }
+        if let Some(n) = note {
+            println!("note: {n}");
+        }
+        println!(
+            "profile: {} measured, {} from cache{}",
+            prof.measured,
+            prof.cached,
+            if prof.rebuilt > 0 {
+                format!(", {} stale/corrupt cache entries rebuilt", prof.rebuilt)
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(())
+}
+
+const COLORS: [&str; 8] = [
+    "#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#edc948", "#9c755f",
+];
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// The plan as a picture: nodes in topological order coloured by device with their data
+/// edges on the left, and a timeline (one lane per device, segments and transfers in
+/// order, widths from the prediction) on the right.
+pub fn svg(g: &Graph, plan: &Plan, measured_ms: f64) -> String {
+    let row = 22.0;
+    let top = 60.0;
+    let n = plan.nodes.len();
+    let node_x = 120.0;
+    let node_w = 260.0;
+    let tl_x = node_x + node_w + 60.0;
+    let tl_w = 520.0;
+    let lanes = plan.devices.len() + 1;
+    let height = (top + row * n as f64).max(top + 40.0 * lanes as f64 + 80.0) + 40.0;
+    let width = tl_x + tl_w + 40.0;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">"#
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="10" y="20" font-size="14" font-weight="bold">{} — predicted {:.3} ms, measured {:.3} ms ({})</text>"#,
+        esc(&g.name),
+        plan.predicted_ms,
+        measured_ms,
+        esc(&plan.method)
+    );
+    // Legend.
+    for (i, d) in plan.devices.iter().enumerate() {
+        let x = 10.0 + 140.0 * i as f64;
+        let _ = writeln!(
+            s,
+            r#"<rect x="{x}" y="30" width="12" height="12" fill="{}"/><text x="{}" y="40">{}</text>"#,
+            COLORS[i % COLORS.len()],
+            x + 16.0,
+            esc(d)
+        );
+    }
+    // Graph: one row per node, edges as arcs on the left.
+    let mut y_of = vec![0.0; g.nodes.len()];
+    for (i, nc) in plan.nodes.iter().enumerate() {
+        y_of[nc.node] = top + row * i as f64;
+    }
+    let producers = g.producers();
+    for nc in &plan.nodes {
+        for v in g.nodes[nc.node].inputs.iter().flatten() {
+            if let Some(p) = producers.get(*v).copied().flatten() {
+                let (y1, y2) = (y_of[p] + 9.0, y_of[nc.node] + 9.0);
+                let bend = node_x - 10.0 - ((y2 - y1) / row).min(10.0) * 9.0;
+                let cross = plan.assign[p] != plan.assign[nc.node];
+                let _ = writeln!(
+                    s,
+                    r#"<path d="M{node_x},{y1} C{bend},{y1} {bend},{y2} {node_x},{y2}" fill="none" stroke="{}" stroke-width="{}"/>"#,
+                    if cross { "#d62728" } else { "#999" },
+                    if cross { 2 } else { 1 }
+                );
+            }
+        }
+    }
+    for nc in &plan.nodes {
+        let y = y_of[nc.node];
+        let label: String = nc.label.chars().take(40).collect();
+        let t = nc.times.get(nc.device).copied().flatten().unwrap_or(0.0);
+        let _ = writeln!(
+            s,
+            r#"<rect x="{node_x}" y="{y}" width="{node_w}" height="18" rx="4" fill="{}"><title>{}</title></rect><text x="{}" y="{}" fill="white">{} ({t:.3} ms)</text>"#,
+            COLORS[nc.device % COLORS.len()],
+            esc(&nc.label),
+            node_x + 4.0,
+            y + 13.0,
+            esc(&label)
+        );
+    }
+    // Timeline.
+    let total = plan.predicted_ms.max(1e-9);
+    let scale = tl_w / total;
+    let _ = writeln!(
+        s,
+        r#"<text x="{tl_x}" y="{}" font-weight="bold">timeline (predicted, one request)</text>"#,
+        top - 8.0
+    );
+    for (i, d) in plan
+        .devices
+        .iter()
+        .chain(std::iter::once(&"transfers".to_string()))
+        .enumerate()
+    {
+        let y = top + 40.0 * i as f64;
+        let _ = writeln!(
+            s,
+            r##"<text x="{}" y="{}" text-anchor="end">{}</text><line x1="{tl_x}" y1="{}" x2="{}" y2="{}" stroke="#ddd"/>"##,
+            tl_x - 4.0,
+            y + 18.0,
+            esc(d),
+            y + 30.0,
+            tl_x + tl_w,
+            y + 30.0
+        );
+    }
+    let mut t = 0.0;
+    let tr_lane = top + 40.0 * plan.devices.len() as f64;
+    for seg in &plan.segments {
+        // Transfers into this segment, then the segment.
+        let names = seg.sub.input_names();
+        for tr in plan
+            .transfers
+            .iter()
+            .filter(|tr| names.contains(&tr.value) && tr.to == plan.devices[seg.device])
+        {
+            let w = (tr.predicted_ms * scale).max(1.0);
+            let _ = writeln!(
+                s,
+                r##"<rect x="{}" y="{tr_lane}" width="{w}" height="26" fill="#d62728"><title>{} {} -> {} ({} bytes, {:.3} ms)</title></rect>"##,
+                tl_x + t * scale,
+                esc(&tr.value),
+                esc(&tr.from),
+                esc(&tr.to),
+                tr.bytes,
+                tr.predicted_ms
+            );
+            t += tr.predicted_ms;
+        }
+        let y = top + 40.0 * seg.device as f64;
+        let w = (seg.predicted_ms * scale).max(1.0);
+        let _ = writeln!(
+            s,
+            r#"<rect x="{}" y="{y}" width="{w}" height="26" fill="{}" stroke="white"><title>{} nodes on {}: {:.3} ms</title></rect>"#,
+            tl_x + t * scale,
+            COLORS[seg.device % COLORS.len()],
+            seg.nodes.len(),
+            esc(&plan.devices[seg.device]),
+            seg.predicted_ms
+        );
+        t += seg.predicted_ms;
+    }
+    let axis_y = top + 40.0 * lanes as f64 + 10.0;
+    let _ = writeln!(
+        s,
+        r#"<text x="{tl_x}" y="{axis_y}">0 ms</text><text x="{}" y="{axis_y}" text-anchor="end">{:.3} ms</text>"#,
+        tl_x + tl_w,
+        total
+    );
+    s.push_str("</svg>\n");
+    s
+}
+
+/// Arguments of `edgehal bench --stream N`.
+pub struct StreamArgs {
+    pub model: PathBuf,
+    pub devices: String,
+    pub frames: usize,
+    pub json: bool,
+}
+
+/// Throughput of a stream of `frames` inputs with several in flight (pipelined across
+/// devices), compared with one request at a time.
+pub fn stream(a: StreamArgs) -> Result<()> {
+    if a.frames == 0 {
+        bail!("--stream needs at least 1 frame");
+    }
+    let model = Model::load(&a.model).map_err(|e| anyhow!("{e}"))?;
+    let names = device_list(&a.devices)?;
+    let opts = SessionOptions {
+        devices: names.clone(),
+        ..SessionOptions::default()
+    };
+    let session = Session::new(&model, &opts).map_err(|e| anyhow!("{e}"))?;
+    let feeds = feeds_for(session.graph())?;
+    let refs: Vec<(&str, Tensor)> = feeds.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    session.run(&refs).map_err(|e| anyhow!("{e}"))?;
+    // One at a time.
+    let seq_n = a.frames.min(20);
+    let t0 = Instant::now();
+    let mut lat = Vec::new();
+    for _ in 0..seq_n {
+        let s = Instant::now();
+        session.run(&refs).map_err(|e| anyhow!("{e}"))?;
+        lat.push(s.elapsed().as_secs_f64() * 1e3);
+    }
+    let seq_fps = seq_n as f64 / t0.elapsed().as_secs_f64();
+    // Pipelined: keep several requests in flight.
+    let in_flight = (names.len() * 2).max(2);
+    let t0 = Instant::now();
+    let mut window = std::collections::VecDeque::new();
+    for _ in 0..a.frames {
+        if window.len() >= in_flight {
+            let h: edgehal::scheduler::RunHandle =
+                window.pop_front().ok_or_else(|| anyhow!("empty window"))?;
+            h.wait(None).map_err(|e| anyhow!("{e}"))?;
+        }
+        window.push_back(session.submit(&refs).map_err(|e| anyhow!("{e}"))?);
+    }
+    for h in window {
+        h.wait(None).map_err(|e| anyhow!("{e}"))?;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let fps = a.frames as f64 / secs;
+    let (median, _, _) = summarize(&mut lat);
+    if a.json {
+        let doc = json!({
+            "model": a.model.display().to_string(),
+            "device": session.device(),
+            "devices": names,
+            "frames": a.frames,
+            "in_flight": in_flight,
+            "seconds": secs,
+            "throughput_fps": fps,
+            "sequential_fps": seq_fps,
+            "median_ms": median,
+        });
+        println!("{}", serde_json::to_string(&doc)?);
+    } else {
+        println!("model       {}", a.model.display());
+        println!("device      {}", session.device());
+        println!(
+            "stream      {} frames, {in_flight} in flight: {fps:.1} frames/s ({secs:.3} s)",
+            a.frames
+        );
+        println!("sequential  {seq_fps:.1} frames/s (median latency {median:.3} ms)");
+    }
+    Ok(())
+}
