@@ -12,10 +12,22 @@ fi
 MODELS="${MODELS:-../shared/models}"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version --format=csv || true
 echo "== device listing (edgehal probe's Vulkan section)"
-cargo run -q --release -p edgehal-vulkan --example vkbench -- --device "$SEL" --runs 1 --warmup 0 "$MODELS/mobilenet_v2.onnx" >/dev/null
+cargo run -q --release -p edgehal-cli -- probe | sed -n '/^Vulkan devices/,$p'
+
 echo "== Vulkan tests on '$SEL'"
 EDGEHAL_VK_DEVICE="$SEL" cargo test --release -p edgehal-vulkan -- --test-threads=1 --nocapture 2>&1 | grep -E "vulkan device|dispatches|^test |test result|SKIP"
 echo "== vkbench (batch 1, fp32, same run: Vulkan then CPU)"
 echo "command: cargo run --release -p edgehal-vulkan --example vkbench -- --device '$SEL' --runs 200 --warmup 20 $MODELS/mobilenet_v2.onnx $MODELS/resnet18.onnx"
 cargo run -q --release -p edgehal-vulkan --example vkbench -- --device "$SEL" --runs 200 --warmup 20 \
     "$MODELS/mobilenet_v2.onnx" "$MODELS/resnet18.onnx"
+
+# Peer on the same card in the same run (the target): ncnn's Vulkan backend, when the
+# ncnn Python wheel and pnnx-converted models are present (NCNN_DIR holds NAME.ncnn.param/.bin).
+PY="${PYTHON:-python3}"
+if [ -n "${NCNN_DIR:-}" ] && "$PY" -c "import ncnn" 2>/dev/null; then
+    for m in mobilenet_v2 resnet18; do
+        "$PY" ../shared/reference/peers_ncnn_mnn.py "$NCNN_DIR" "$m" --vulkan --runs 200
+    done
+else
+    echo "SKIP: ncnn peer (set NCNN_DIR and install the ncnn wheel to compare on this card)"
+fi
