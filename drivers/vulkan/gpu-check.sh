@@ -17,8 +17,8 @@ cargo run -q --release -p edgehal-cli -- probe | sed -n '/^Vulkan devices/,$p'
 echo "== Vulkan tests on '$SEL'"
 EDGEHAL_VK_DEVICE="$SEL" cargo test --release -p edgehal-vulkan -- --test-threads=1 --nocapture 2>&1 | grep -E "vulkan device|dispatches|^test |test result|SKIP"
 echo "== vkbench (batch 1, fp32, same run: Vulkan then CPU)"
-echo "command: cargo run --release -p edgehal-vulkan --example vkbench -- --device '$SEL' --runs 200 --warmup 20 $MODELS/mobilenet_v2.onnx $MODELS/resnet18.onnx"
-cargo run -q --release -p edgehal-vulkan --example vkbench -- --device "$SEL" --runs 200 --warmup 20 \
+echo "command: cargo run --release -p edgehal-vulkan --example vkbench -- --device '$SEL' --runs "${RUNS:-200}" --warmup "${WARMUP:-20}" $MODELS/mobilenet_v2.onnx $MODELS/resnet18.onnx"
+cargo run -q --release -p edgehal-vulkan --example vkbench -- --device "$SEL" --runs "${RUNS:-200}" --warmup "${WARMUP:-20}" \
     "$MODELS/mobilenet_v2.onnx" "$MODELS/resnet18.onnx"
 
 # Peer on the same card in the same run (the target): ncnn's Vulkan backend, when the
