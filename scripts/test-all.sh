@@ -57,5 +57,5 @@ step "summary"
 echo "suites: core, kernels (+ SIMD dispatch), cpu ops, ONNX/TFLite importers, session, CLI, probe fixtures,"
 echo "        HAL buffers/drivers/plugin, partitioner/scheduler, Vulkan on lavapipe, C API (ASan, valgrind),"
 echo "        VFIO/dma-buf QEMU VM, ONNX conformance, model agreement (onnxruntime, LiteRT), bad input"
-echo "rust tests: $summary"
 tail -n 1 target/conformance-summary.txt
+echo "rust tests: $summary"

@@ -207,7 +207,10 @@ fn onnx_node_conformance() {
         table.push_str(&format!("{op:<32} {p:>6} {t:>6}\n"));
     }
     table.push_str(&format!("per-case results: {}\n", out.display()));
-    table.push_str(&format!("conformance: {pass} passed, {fail} failed\n"));
+    table.push_str(&format!(
+        "ONNX conformance: {pass} of {} cases pass ({fail} do not)\n",
+        pass + fail
+    ));
     print!("{table}");
     if filter.is_empty() {
         let _ = std::fs::write(
