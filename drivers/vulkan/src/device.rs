@@ -3,10 +3,10 @@
 //! `compile` keeps the subgraph; the first `submit` for a set of input shapes lowers it
 //! ([`crate::plan`]), uploads weights and parameters once, and builds the pipelines. Each
 //! distinct set of bound buffers (imported caller memory or staging) gets one command buffer,
-//! recorded once and replayed on every later submit with the same buffers. `submit` waits for
-//! the device's fence before it returns and hands back a signalled [`Fence`]: the trait's
-//! fence is an eventfd that only edgehal-core can create, and bridging a `VkFence` to it
-//! asynchronously would need a waiter thread per device.
+//! recorded once and replayed on every later submit with the same buffers. `submit` returns
+//! as soon as the work is queued, with a pending [`Fence`] that the one process-wide waiter
+//! ([`crate::waiter`]) signals: it polls exported sync_file fds where the device offers them
+//! and time-slices `vkWaitForFences` otherwise.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -17,12 +17,12 @@ use ash::vk;
 use edgehal_core::buffer::{Buffer, MemoryDomain};
 use edgehal_core::driver::{self as hal, Bindings, DeviceInfo, Fence, Subgraph, Support, SysRoot};
 use edgehal_core::graph::{Graph, Node};
-use edgehal_core::sys::mem::{ReadLease, WriteLease};
 use edgehal_core::{DType, Error, Result, Tensor};
 
 use crate::plan::{self, Kernel, Place, Plan, Tune};
 use crate::probe::{Listing, PhysInfo};
 use crate::raw::{self, Ctx, Dispatch, GpuBuffer, Loader, Pipeline, Placement, Recording};
+use crate::waiter;
 
 /// How long one submission may run before it is reported as hung.
 const SUBMIT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -211,6 +211,7 @@ impl Device {
         let weights = GpuBuffer::new(ctx, (plan.weights.len() * 4) as u64, Placement::Device)?;
         raw::upload(ctx, &weights, &f32_bytes(&plan.weights))?;
         let arena = GpuBuffer::new(ctx, (plan.arena * 4) as u64, Placement::Device)?;
+        let (params, weights, arena) = (Arc::new(params), Arc::new(weights), Arc::new(arena));
         let pipes = plan
             .steps
             .iter()
@@ -226,6 +227,7 @@ impl Device {
             pipes,
             imports: Vec::new(),
             recs: Vec::new(),
+            stage_busy: None,
         })
     }
 }
@@ -239,18 +241,24 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 }
 
 /// A lowered subgraph with its device buffers and recordings.
+///
+/// Every device object is behind an `Arc`: a submission in flight holds clones until its
+/// completion, so re-planning or evicting the import cache never frees memory the GPU uses.
 struct Compiled {
     plan: Plan,
-    params: GpuBuffer,
-    weights: GpuBuffer,
-    arena: GpuBuffer,
+    params: Arc<GpuBuffer>,
+    weights: Arc<GpuBuffer>,
+    arena: Arc<GpuBuffer>,
     pipes: Vec<Arc<Pipeline>>,
-    stage_in: Vec<Option<GpuBuffer>>,
-    stage_out: Vec<Option<GpuBuffer>>,
+    stage_in: Vec<Option<Arc<GpuBuffer>>>,
+    stage_out: Vec<Option<Arc<GpuBuffer>>>,
+    /// The last submission that used the staging buffers (the next one waits for it).
+    stage_busy: Option<Fence>,
     /// Imported caller buffers.
-    imports: Vec<GpuBuffer>,
-    /// Recordings keyed by the buffers bound to the inputs and outputs.
-    recs: Vec<(Vec<vk::Buffer>, Recording)>,
+    imports: Vec<Arc<GpuBuffer>>,
+    /// Recordings keyed by the buffers bound to the inputs and outputs, with the fence of
+    /// their last submission (a recording is not resubmitted while pending).
+    recs: Vec<(Vec<vk::Buffer>, Arc<Recording>, Option<Fence>)>,
 }
 
 /// A subgraph compiled for a Vulkan device.
@@ -394,40 +402,70 @@ impl hal::Device for Device {
             ))
         })?;
         bindings.check(&exe.sub)?;
-        let r = self.run(exe, bindings);
-        Fence::done(&self.info.name, r)
+        // Errors before the work is queued are reported through the fence, as completions
+        // are (callers handle one path).
+        match self.run(exe, bindings) {
+            Ok(f) => Ok(f),
+            Err(e) => Fence::done(&self.info.name, Err(e)),
+        }
     }
 }
 
-enum Lease<'a> {
-    Read(ReadLease<'a>),
-    Write(WriteLease<'a>),
-}
-
 impl Device {
-    fn import(&self, c: &mut Compiled, b: &Buffer) -> Option<vk::Buffer> {
-        if !self.can_import_host() {
-            return None;
-        }
+    fn import(&self, c: &mut Compiled, b: &Buffer) -> Option<Arc<GpuBuffer>> {
         // Cached: the same memory at the same place.
         let hit = c.imports.iter().find(|g| {
             g.host()
                 .is_some_and(|h| h.same_memory(b) && h.offset() == b.offset() && h.len() == b.len())
         });
         if let Some(g) = hit {
-            return Some(g.buf);
+            return Some(Arc::clone(g));
         }
-        let g = GpuBuffer::import(&self.ctx, b).ok()?;
+        let g = Arc::new(self.import_new(b)?);
         if c.imports.len() >= MAX_IMPORTS {
+            // Submissions in flight keep their own clones of what they use.
             c.recs.clear();
             c.imports.clear();
         }
-        let h = g.buf;
-        c.imports.push(g);
-        Some(h)
+        c.imports.push(Arc::clone(&g));
+        Some(g)
     }
 
-    fn run(&self, exe: &Executable, bindings: &Bindings) -> Result<()> {
+    /// A new import of `b`: a dma-buf through its fd, else host memory by pointer.
+    fn import_new(&self, b: &Buffer) -> Option<GpuBuffer> {
+        if b.domain() == MemoryDomain::DmaBuf && self.can_import_dmabuf().is_ok() {
+            if let Ok(g) = GpuBuffer::import_dmabuf(&self.ctx, b) {
+                return Some(g);
+            }
+        }
+        if !self.can_import_host() {
+            return None;
+        }
+        GpuBuffer::import(&self.ctx, b).ok()
+    }
+
+    /// Whether dma-bufs are imported by fd (`VK_KHR_external_memory_fd` +
+    /// `VK_EXT_external_memory_dma_buf`), or why not.
+    pub fn can_import_dmabuf(&self) -> std::result::Result<(), String> {
+        let i = &self.ctx.info;
+        if !i.external_memory_fd {
+            return Err(format!(
+                "unavailable: {} does not offer VK_KHR_external_memory_fd",
+                i.name
+            ));
+        }
+        if !i.external_memory_dma_buf {
+            return Err(format!(
+                "unavailable: {} does not offer VK_EXT_external_memory_dma_buf",
+                i.name
+            ));
+        }
+        Ok(())
+    }
+
+    /// Submit and return at once; the shared waiter ([`crate::waiter`]) finishes the job and
+    /// signals the returned fence.
+    fn run(&self, exe: &Executable, bindings: &Bindings) -> Result<Fence> {
         let g = &exe.sub.graph;
         let ins = bindings.inputs().to_vec();
         for (i, tb) in ins.iter().enumerate() {
@@ -447,37 +485,22 @@ impl Device {
         }
         let c = st.as_mut().ok_or_else(|| Error::arg("vulkan: no plan"))?;
         let counter = bindings.counter().clone();
+        let mut keep: Vec<Box<dyn Any + Send + Sync>> = Vec::new();
 
-        // Inputs: imported without copying, or copied into a staging buffer (counted).
-        let mut in_bufs = Vec::with_capacity(ins.len());
-        let mut imported_in = vec![false; ins.len()];
-        for (i, tb) in ins.iter().enumerate() {
-            let n = tb.byte_len();
-            if let Some(h) = self.import(c, &tb.buffer) {
-                in_bufs.push(h);
-                imported_in[i] = true;
-                continue;
-            }
-            if c.stage_in[i].is_none() {
-                c.stage_in[i] = Some(GpuBuffer::new(&self.ctx, n as u64, Placement::Host)?);
-            }
-            let stage = c.stage_in[i]
-                .as_ref()
-                .ok_or_else(|| Error::arg("staging"))?;
-            let mut tmp = vec![0u8; n];
-            tb.buffer.read_into(0, &mut tmp)?;
-            stage.write(0, &tmp)?;
-            counter.record(n);
-            in_bufs.push(stage.buf);
-        }
-        // Outputs: the caller's buffer imported, or a staging buffer read back afterwards.
+        // Which caller buffers are imported (no copy); the rest go through staging.
+        let in_imp: Vec<Option<Arc<GpuBuffer>>> =
+            ins.iter().map(|tb| self.import(c, &tb.buffer)).collect();
         let outs: Vec<Option<hal::TensorBuffer>> = (0..bindings.num_outputs())
             .map(|j| bindings.output(j))
             .collect();
-        let mut out_bufs = Vec::with_capacity(outs.len());
-        let mut imported_out = vec![false; outs.len()];
+        let mut out_imp: Vec<Option<Arc<GpuBuffer>>> = Vec::with_capacity(outs.len());
         for (j, o) in outs.iter().enumerate() {
-            let shape = &c.plan.output_shapes[j].clone();
+            let shape = c
+                .plan
+                .output_shapes
+                .get(j)
+                .ok_or_else(|| Error::arg(format!("output {j} is not in the plan")))?;
+            let mut imp = None;
             if let Some(tb) = o {
                 if tb.dtype != DType::F32 || &tb.shape != shape {
                     return Err(Error::arg(format!(
@@ -488,27 +511,72 @@ impl Device {
                     )));
                 }
                 if tb.buffer.is_writable() {
-                    if let Some(h) = self.import(c, &tb.buffer) {
-                        out_bufs.push(h);
-                        imported_out[j] = true;
-                        continue;
-                    }
+                    imp = self.import(c, &tb.buffer);
                 }
             }
+            out_imp.push(imp);
+        }
+        let staged = in_imp.iter().chain(&out_imp).any(Option::is_none);
+        if staged {
+            // The staging buffers are shared by this executable's submissions.
+            if let Some(f) = c.stage_busy.take() {
+                f.wait(Some(SUBMIT_TIMEOUT))?;
+            }
+        }
+
+        // Inputs: staged ones copied in (counted).
+        let mut in_bufs = Vec::with_capacity(ins.len());
+        for (i, tb) in ins.iter().enumerate() {
+            if let Some(imp) = &in_imp[i] {
+                in_bufs.push(imp.buf);
+                keep.push(Box::new(Arc::clone(imp)));
+                continue;
+            }
+            let n = tb.byte_len();
+            if c.stage_in[i].is_none() {
+                c.stage_in[i] = Some(Arc::new(GpuBuffer::new(
+                    &self.ctx,
+                    n as u64,
+                    Placement::Host,
+                )?));
+            }
+            let stage = c.stage_in[i]
+                .as_ref()
+                .ok_or_else(|| Error::arg("staging"))?;
+            let mut tmp = vec![0u8; n];
+            tb.buffer.read_into(0, &mut tmp)?;
+            stage.write(0, &tmp)?;
+            counter.record(n);
+            in_bufs.push(stage.buf);
+            keep.push(Box::new(Arc::clone(stage)));
+        }
+        // Outputs: the caller's buffer imported, or a staging buffer read back afterwards.
+        let mut out_bufs = Vec::with_capacity(outs.len());
+        let mut readback: Vec<(usize, Arc<GpuBuffer>, Vec<usize>)> = Vec::new();
+        for (j, imp) in out_imp.iter().enumerate() {
+            if let Some(imp) = imp {
+                out_bufs.push(imp.buf);
+                keep.push(Box::new(Arc::clone(imp)));
+                continue;
+            }
+            let shape = c.plan.output_shapes[j].clone();
             let n = shape.iter().product::<usize>() * 4;
             if c.stage_out[j].is_none() {
-                c.stage_out[j] = Some(GpuBuffer::new(&self.ctx, n as u64, Placement::Host)?);
+                c.stage_out[j] = Some(Arc::new(GpuBuffer::new(
+                    &self.ctx,
+                    n as u64,
+                    Placement::Host,
+                )?));
             }
-            out_bufs.push(
-                c.stage_out[j]
-                    .as_ref()
-                    .ok_or_else(|| Error::arg("staging"))?
-                    .buf,
-            );
+            let stage = c.stage_out[j]
+                .as_ref()
+                .ok_or_else(|| Error::arg("staging"))?;
+            out_bufs.push(stage.buf);
+            readback.push((j, Arc::clone(stage), shape));
         }
 
         let key: Vec<vk::Buffer> = in_bufs.iter().chain(&out_bufs).copied().collect();
-        let ri = match c.recs.iter().position(|(k, _)| *k == key) {
+        let ri = match c.recs.iter().position(|(k, _, _)| *k == key) {
             Some(i) => i,
             None => {
                 let resolve = |p: Option<Place>| match p {
@@ -538,54 +606,64 @@ impl Device {
                         barrier: i > 0,
                     })
                     .collect();
-                let rec = Recording::new(&self.ctx, &steps)?;
-                c.recs.push((key, rec));
+                let rec = Arc::new(Recording::new(&self.ctx, &steps)?);
+                c.recs.push((key, rec, None));
                 c.recs.len() - 1
             }
         };
+        // A command buffer is not resubmitted while it is pending.
+        if let Some(f) = c.recs[ri].2.take() {
+            f.wait(Some(SUBMIT_TIMEOUT))?;
+        }
+        let rec = Arc::clone(&c.recs[ri].1);
 
-        {
-            // Hold the leases of every imported buffer while the device uses it.
-            let mut leases: Vec<Lease<'_>> = Vec::new();
-            for (i, tb) in ins.iter().enumerate() {
-                if imported_in[i] {
-                    leases.push(Lease::Read(tb.buffer.read_lease()?));
-                }
-            }
-            for (j, o) in outs.iter().enumerate() {
-                if let (true, Some(tb)) = (imported_out[j], o) {
-                    leases.push(Lease::Write(tb.buffer.write_lease()?));
-                }
-            }
-            c.recs[ri].1.run(SUBMIT_TIMEOUT)?;
-            for l in leases {
-                match l {
-                    Lease::Read(r) => drop(r),
-                    Lease::Write(w) => drop(w),
-                }
+        // Hold the leases of every imported buffer until the device is done with it.
+        let mut leases = Vec::new();
+        for (i, tb) in ins.iter().enumerate() {
+            if in_imp[i].is_some() {
+                leases.push(raw::HeldLease::take(&tb.buffer, false)?);
             }
         }
-
         for (j, o) in outs.iter().enumerate() {
-            let shape = c.plan.output_shapes[j].clone();
-            if imported_out[j] {
-                continue;
+            if let (Some(_), Some(tb)) = (&out_imp[j], o) {
+                leases.push(raw::HeldLease::take(&tb.buffer, true)?);
             }
-            let n = shape.iter().product::<usize>();
-            let stage = c.stage_out[j]
-                .as_ref()
-                .ok_or_else(|| Error::arg("staging"))?;
-            let mut v = vec![0f32; n];
-            let mut bytes = vec![0u8; n * 4];
-            stage.read(0, &mut bytes)?;
-            for (d, ch) in v.iter_mut().zip(bytes.chunks_exact(4)) {
-                *d = f32::from_ne_bytes([ch[0], ch[1], ch[2], ch[3]]);
-            }
-            counter.record(n * 4);
-            let t = Tensor::from_vec(shape, v)?;
-            let _ = o;
-            bindings.deliver(j, &t)?;
         }
-        Ok(())
+        keep.push(Box::new(Arc::clone(&c.params)));
+        keep.push(Box::new(Arc::clone(&c.weights)));
+        keep.push(Box::new(Arc::clone(&c.arena)));
+        keep.push(Box::new(c.pipes.clone()));
+
+        let (fence, signal) = Fence::pending(&self.info.name)?;
+        let how = rec.submit()?;
+        let b = bindings.clone();
+        let finish: waiter::Finish = Box::new(move || {
+            for (j, stage, shape) in readback {
+                let n = shape.iter().product::<usize>();
+                let mut bytes = vec![0u8; n * 4];
+                stage.read(0, &mut bytes)?;
+                let v: Vec<f32> = bytes
+                    .chunks_exact(4)
+                    .map(|ch| f32::from_ne_bytes([ch[0], ch[1], ch[2], ch[3]]))
+                    .collect();
+                counter.record(n * 4);
+                b.deliver(j, &Tensor::from_vec(shape, v)?)?;
+            }
+            Ok(())
+        });
+        waiter::hand_over(waiter::Job {
+            rec,
+            how,
+            keep,
+            leases,
+            finish,
+            signal,
+            deadline: std::time::Instant::now() + SUBMIT_TIMEOUT,
+        })?;
+        c.recs[ri].2 = Some(fence.clone());
+        if staged {
+            c.stage_busy = Some(fence.clone());
+        }
+        Ok(fence)
     }
 }

@@ -20,6 +20,7 @@ pub mod probe;
 #[allow(unsafe_code)]
 mod raw;
 pub mod shaders;
+mod waiter;
 
 use std::sync::Arc;
 

@@ -36,6 +36,9 @@ pub struct PhysInfo {
     pub external_memory_fd: bool,
     pub external_memory_dma_buf: bool,
     pub cooperative_matrix: bool,
+    /// `VK_KHR_external_fence_fd` with an exportable SYNC_FD handle: completions are polled
+    /// as sync_file fds by the shared waiter instead of `vkWaitForFences` time slices.
+    pub external_fence_sync_fd: bool,
 }
 
 /// PCI vendor name of a Vulkan vendor id.
@@ -54,6 +57,17 @@ pub fn vendor_name(id: u32) -> String {
 }
 
 impl PhysInfo {
+    /// How quantized (QDQ) models run here: `dot4x8` when the device has
+    /// `shaderIntegerDotProduct` and 8-bit storage, else `int32` (integer arithmetic in 32-bit
+    /// lanes; the fallback shader).
+    pub fn int8_path(&self) -> &'static str {
+        if self.integer_dot_product && self.shader_int8 {
+            "dot4x8"
+        } else {
+            "int32"
+        }
+    }
+
     /// The edgehal device name (`vulkan0`, ...).
     pub fn device_name(&self) -> String {
         format!("vulkan{}", self.index)
@@ -138,6 +152,11 @@ impl PhysInfo {
             "VK_KHR_cooperative_matrix".into(),
             yn(self.cooperative_matrix),
         );
+        p.insert(
+            "VK_KHR_external_fence_fd (sync_fd)".into(),
+            yn(self.external_fence_sync_fd),
+        );
+        p.insert("int8_path".into(), self.int8_path().into());
         p
     }
 
@@ -168,6 +187,8 @@ impl PhysInfo {
             "external_memory_fd": self.external_memory_fd,
             "external_memory_dma_buf": self.external_memory_dma_buf,
             "cooperative_matrix": self.cooperative_matrix,
+            "external_fence_sync_fd": self.external_fence_sync_fd,
+            "int8_path": self.int8_path(),
         })
     }
 

@@ -11,10 +11,12 @@
 //! callers invoke while holding the buffer's read or write lease.
 
 use std::ffi::{c_void, CStr};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use ash::vk;
 use edgehal_core::buffer::Buffer;
+use edgehal_core::sys::mem::{ReadLease, WriteLease};
 use edgehal_core::{Error, Result};
 
 use crate::probe::PhysInfo;
@@ -139,6 +141,14 @@ impl Loader {
                 .iter()
                 .map(|h| (h.size, h.flags.contains(vk::MemoryHeapFlags::DEVICE_LOCAL)))
                 .collect();
+            let sync_fd = has(ash::khr::external_fence_fd::NAME) && {
+                let fi = vk::PhysicalDeviceExternalFenceInfo::default()
+                    .handle_type(vk::ExternalFenceHandleTypeFlags::SYNC_FD);
+                let mut fp = vk::ExternalFenceProperties::default();
+                inst.get_physical_device_external_fence_properties(pd, &fi, &mut fp);
+                fp.external_fence_features
+                    .contains(vk::ExternalFenceFeatureFlags::EXPORTABLE)
+            };
             let cstr = |r: std::result::Result<&CStr, _>| {
                 r.map(|c: &CStr| c.to_string_lossy().into_owned())
                     .unwrap_or_default()
@@ -187,6 +197,7 @@ impl Loader {
                 external_memory_fd: has(ash::khr::external_memory_fd::NAME),
                 external_memory_dma_buf: has(ash::ext::external_memory_dma_buf::NAME),
                 cooperative_matrix: has(ash::khr::cooperative_matrix::NAME),
+                external_fence_sync_fd: sync_fd,
             }
         }
     }
@@ -219,6 +230,8 @@ pub struct Ctx {
     qfam: u32,
     mem: vk::PhysicalDeviceMemoryProperties,
     host_import: Option<ash::ext::external_memory_host::Device>,
+    fence_fd: Option<ash::khr::external_fence_fd::Device>,
+    mem_fd: Option<ash::khr::external_memory_fd::Device>,
     set_layout: vk::DescriptorSetLayout,
     pipe_layout: vk::PipelineLayout,
 }
@@ -244,9 +257,22 @@ impl Ctx {
                 .queue_family_index(qfam)
                 .queue_priorities(&prio)];
             let mut exts: Vec<*const std::ffi::c_char> = Vec::new();
-            if info.external_memory_host {
+            if info.external_memory_host || info.external_memory_fd {
                 exts.push(ash::khr::external_memory::NAME.as_ptr());
+            }
+            if info.external_memory_host {
                 exts.push(ash::ext::external_memory_host::NAME.as_ptr());
+            }
+            let dma_buf = info.external_memory_fd && info.external_memory_dma_buf;
+            if info.external_memory_fd {
+                exts.push(ash::khr::external_memory_fd::NAME.as_ptr());
+            }
+            if dma_buf {
+                exts.push(ash::ext::external_memory_dma_buf::NAME.as_ptr());
+            }
+            if info.external_fence_sync_fd {
+                exts.push(ash::khr::external_fence::NAME.as_ptr());
+                exts.push(ash::khr::external_fence_fd::NAME.as_ptr());
             }
             let dci = vk::DeviceCreateInfo::default()
                 .queue_create_infos(&qci)
@@ -259,6 +285,10 @@ impl Ctx {
             let host_import = info
                 .external_memory_host
                 .then(|| ash::ext::external_memory_host::Device::new(inst, &device));
+            let fence_fd = info
+                .external_fence_sync_fd
+                .then(|| ash::khr::external_fence_fd::Device::new(inst, &device));
+            let mem_fd = dma_buf.then(|| ash::khr::external_memory_fd::Device::new(inst, &device));
             let binds: Vec<vk::DescriptorSetLayoutBinding> = (0..BINDINGS)
                 .map(|b| {
                     vk::DescriptorSetLayoutBinding::default()
@@ -304,6 +334,8 @@ impl Ctx {
                 qfam,
                 mem,
                 host_import,
+                fence_fd,
+                mem_fd,
                 set_layout,
                 pipe_layout,
             }))
@@ -345,7 +377,8 @@ pub enum Placement {
 
 struct MappedPtr(*mut u8);
 // SAFETY: the pointer is only dereferenced through `GpuBuffer::write`/`read`, which take
-// `&self` and copy with bounds checks; concurrent use is serialised by the executable's lock.
+// `&self` and copy with bounds checks; a staging buffer is written by a submit only after the
+// previous submission that used it completed (and was read back by the waiter thread).
 unsafe impl Send for MappedPtr {}
 // SAFETY: as above.
 unsafe impl Sync for MappedPtr {}
@@ -365,18 +398,18 @@ impl GpuBuffer {
     fn make(
         ctx: &Arc<Ctx>,
         size: u64,
-        external: bool,
+        external: Option<vk::ExternalMemoryHandleTypeFlags>,
     ) -> Result<(vk::Buffer, vk::MemoryRequirements)> {
         let usage = vk::BufferUsageFlags::STORAGE_BUFFER
             | vk::BufferUsageFlags::TRANSFER_SRC
             | vk::BufferUsageFlags::TRANSFER_DST;
         let mut ext = vk::ExternalMemoryBufferCreateInfo::default()
-            .handle_types(vk::ExternalMemoryHandleTypeFlags::HOST_ALLOCATION_EXT);
+            .handle_types(external.unwrap_or_default());
         let mut ci = vk::BufferCreateInfo::default()
             .size(size.max(4))
             .usage(usage)
             .sharing_mode(vk::SharingMode::EXCLUSIVE);
-        if external {
+        if external.is_some() {
             ci = ci.push_next(&mut ext);
         }
         // SAFETY: valid create info; the buffer is destroyed by the caller on error or by Drop.
@@ -389,7 +422,7 @@ impl GpuBuffer {
 
     /// A new buffer of `size` bytes.
     pub fn new(ctx: &Arc<Ctx>, size: u64, place: Placement) -> Result<GpuBuffer> {
-        let (buf, req) = Self::make(ctx, size, false)?;
+        let (buf, req) = Self::make(ctx, size, None)?;
         let hv = vk::MemoryPropertyFlags::HOST_VISIBLE | vk::MemoryPropertyFlags::HOST_COHERENT;
         let ty = match place {
             Placement::Device => ctx
@@ -486,7 +519,7 @@ impl GpuBuffer {
         if r != vk::Result::SUCCESS {
             return Err(vkerr("vkGetMemoryHostPointerPropertiesEXT", r));
         }
-        let (buf, req) = Self::make(ctx, len, true)?;
+        let (buf, req) = Self::make(ctx, len, Some(ht))?;
         let Some(ty) = ctx.memory_type(
             req.memory_type_bits & hp.memory_type_bits,
             vk::MemoryPropertyFlags::empty(),
@@ -523,6 +556,89 @@ impl GpuBuffer {
             _host: Some(host.clone()),
         };
         // SAFETY: fresh buffer and memory of matching size.
+        unsafe { ctx.device.bind_buffer_memory(buf, mem, 0) }
+            .map_err(|e| vkerr("vkBindBufferMemory", e))?;
+        Ok(out)
+    }
+
+    /// Import a dma-buf-backed edgehal buffer by its fd (`VK_KHR_external_memory_fd` +
+    /// `VK_EXT_external_memory_dma_buf`): the device reads and writes the dma-buf's pages.
+    /// The buffer must start at offset 0 of its dma-buf.
+    pub fn import_dmabuf(ctx: &Arc<Ctx>, host: &Buffer) -> Result<GpuBuffer> {
+        let Some(ext) = &ctx.mem_fd else {
+            return Err(Error::unsupported(format!(
+                "unavailable: {} has no VK_EXT_external_memory_dma_buf",
+                ctx.info.name
+            )));
+        };
+        if host.offset() != 0 || host.is_empty() {
+            return Err(Error::unsupported(
+                "dma-buf import needs a non-empty buffer at offset 0 of its dma-buf",
+            ));
+        }
+        let Some(fd) = host.fd() else {
+            return Err(Error::unsupported("buffer has no dma-buf fd"));
+        };
+        let total =
+            edgehal_core::sys::mem::fd_size(fd).map_err(|e| Error::io("dma-buf size", e))?;
+        let len = host.len() as u64;
+        if len > total {
+            return Err(Error::arg(format!(
+                "buffer of {len} bytes is larger than its dma-buf ({total})"
+            )));
+        }
+        let ht = vk::ExternalMemoryHandleTypeFlags::DMA_BUF_EXT;
+        let mut fp = vk::MemoryFdPropertiesKHR::default();
+        // SAFETY: `fd` is a live dma-buf descriptor (borrowed for the call); `fp` is a valid
+        // output struct.
+        unsafe { ext.get_memory_fd_properties(ht, fd.as_raw_fd(), &mut fp) }
+            .map_err(|e| vkerr("vkGetMemoryFdPropertiesKHR", e))?;
+        let (buf, req) = Self::make(ctx, len, Some(ht))?;
+        let bits = req.memory_type_bits & fp.memory_type_bits;
+        let Some(ty) = ctx.memory_type(bits, vk::MemoryPropertyFlags::empty()) else {
+            // SAFETY: created above, never used.
+            unsafe { ctx.device.destroy_buffer(buf, None) };
+            return Err(Error::unsupported("no memory type accepts the dma-buf"));
+        };
+        if req.size > total {
+            // SAFETY: created above, never used.
+            unsafe { ctx.device.destroy_buffer(buf, None) };
+            return Err(Error::unsupported(format!(
+                "the device needs {} bytes for the buffer, the dma-buf has {total}",
+                req.size
+            )));
+        }
+        // A successful import takes ownership of the descriptor: hand it a duplicate.
+        let dup = edgehal_core::sys::mem::dup(fd).map_err(|e| Error::io("dup(dma-buf)", e))?;
+        let mut imp = vk::ImportMemoryFdInfoKHR::default()
+            .handle_type(ht)
+            .fd(dup.as_raw_fd());
+        let ai = vk::MemoryAllocateInfo::default()
+            .allocation_size(total)
+            .memory_type_index(ty)
+            .push_next(&mut imp);
+        // SAFETY: the fd is a dma-buf of `total` bytes; on success the driver owns it (we
+        // forget our `OwnedFd`), on failure we still own and close it.
+        let mem = match unsafe { ctx.device.allocate_memory(&ai, None) } {
+            Ok(m) => {
+                std::mem::forget(dup);
+                m
+            }
+            Err(e) => {
+                // SAFETY: created above, never used.
+                unsafe { ctx.device.destroy_buffer(buf, None) };
+                return Err(vkerr("vkAllocateMemory(import dma-buf)", e));
+            }
+        };
+        let out = GpuBuffer {
+            ctx: Arc::clone(ctx),
+            buf,
+            mem,
+            size: len,
+            mapped: None,
+            _host: Some(host.clone()),
+        };
+        // SAFETY: fresh buffer and memory at least as large as it needs.
         unsafe { ctx.device.bind_buffer_memory(buf, mem, 0) }
             .map_err(|e| vkerr("vkBindBufferMemory", e))?;
         Ok(out)
@@ -708,8 +824,14 @@ impl Recording {
                 cmd: vk::CommandBuffer::null(),
                 fence: vk::Fence::null(),
             };
+            let mut export = vk::ExportFenceCreateInfo::default()
+                .handle_types(vk::ExternalFenceHandleTypeFlags::SYNC_FD);
+            let mut fci = vk::FenceCreateInfo::default();
+            if ctx.fence_fd.is_some() {
+                fci = fci.push_next(&mut export);
+            }
             rec.fence = dev
-                .create_fence(&vk::FenceCreateInfo::default(), None)
+                .create_fence(&fci, None)
                 .map_err(|e| vkerr("vkCreateFence", e))?;
             let layouts = vec![ctx.set_layout; nsets as usize];
             let sets = dev
@@ -756,12 +878,15 @@ impl Recording {
             let barrier = [vk::MemoryBarrier::default()
                 .src_access_mask(vk::AccessFlags::SHADER_WRITE)
                 .dst_access_mask(vk::AccessFlags::SHADER_READ | vk::AccessFlags::SHADER_WRITE)];
+            // Host writes (staging) and every earlier submission on this queue (which may
+            // still be running: submits return at once and share the arena) complete before
+            // the first dispatch.
             let host_barrier = [vk::MemoryBarrier::default()
-                .src_access_mask(vk::AccessFlags::HOST_WRITE)
-                .dst_access_mask(vk::AccessFlags::SHADER_READ)];
+                .src_access_mask(vk::AccessFlags::HOST_WRITE | vk::AccessFlags::SHADER_WRITE)
+                .dst_access_mask(vk::AccessFlags::SHADER_READ | vk::AccessFlags::SHADER_WRITE)];
             dev.cmd_pipeline_barrier(
                 rec.cmd,
-                vk::PipelineStageFlags::HOST,
+                vk::PipelineStageFlags::HOST | vk::PipelineStageFlags::COMPUTE_SHADER,
                 vk::PipelineStageFlags::COMPUTE_SHADER,
                 vk::DependencyFlags::empty(),
                 &host_barrier,
@@ -825,45 +950,146 @@ impl Recording {
         }
     }
 
-    /// Submit the recorded commands and wait for them. Callers hold the leases of every
-    /// imported host buffer the recording uses for the duration of this call.
-    pub fn run(&self, timeout: std::time::Duration) -> Result<()> {
+    /// Submit the recorded commands and return at once. The caller keeps every buffer the
+    /// recording uses (and the leases of imported host memory) alive until [`Recording::done`]
+    /// says true or the returned sync_file fd becomes readable, and does not submit this
+    /// recording again before that.
+    pub fn submit(&self) -> Result<Submitted> {
         let dev = &self.ctx.device;
         let cmds = [self.cmd];
         let submit = [vk::SubmitInfo::default().command_buffers(&cmds)];
         {
             let q = self.ctx.queue.lock().unwrap_or_else(|p| p.into_inner());
             // SAFETY: the queue is externally synchronised by the mutex; the command buffer
-            // is fully recorded and not pending (we wait below before returning).
+            // is fully recorded and not pending (callers wait for the previous completion).
             unsafe { dev.queue_submit(*q, &submit, self.fence) }
                 .map_err(|e| vkerr("vkQueueSubmit", e))?;
         }
-        let ns = timeout.as_nanos().min(u64::MAX as u128) as u64;
-        // SAFETY: the fence belongs to this device and was just submitted.
-        let r = unsafe { dev.wait_for_fences(&[self.fence], true, ns) };
-        match r {
-            Ok(()) => {}
-            Err(vk::Result::TIMEOUT) => {
-                // The fence stays pending; wait for it for good before any reuse.
-                // SAFETY: as above.
-                let _ = unsafe { dev.wait_for_fences(&[self.fence], true, u64::MAX) };
-                // SAFETY: the fence is signalled now.
-                let _ = unsafe { dev.reset_fences(&[self.fence]) };
-                return Err(vkerr(
-                    &format!("submission did not finish within {timeout:?}"),
-                    vk::Result::TIMEOUT,
-                ));
+        let Some(ff) = &self.ctx.fence_fd else {
+            return Ok(Submitted::Fence);
+        };
+        let gi = vk::FenceGetFdInfoKHR::default()
+            .fence(self.fence)
+            .handle_type(vk::ExternalFenceHandleTypeFlags::SYNC_FD);
+        // SAFETY: the fence was created exportable as SYNC_FD and has a pending signal
+        // operation (just submitted). Exporting with copy transference resets the fence.
+        match unsafe { ff.get_fence_fd(&gi) } {
+            // -1: the fence had already signalled (allowed for SYNC_FD).
+            Ok(-1) => Ok(Submitted::Signalled),
+            Ok(fd) if fd >= 0 => {
+                // SAFETY: a fresh descriptor the driver handed over to us.
+                Ok(Submitted::SyncFd(unsafe { OwnedFd::from_raw_fd(fd) }))
             }
-            Err(e) => return Err(vkerr("vkWaitForFences", e)),
+            // Export failed: the fence still carries the payload; poll it instead.
+            _ => Ok(Submitted::Fence),
         }
-        // SAFETY: the fence is signalled and not in use.
-        unsafe { dev.reset_fences(&[self.fence]) }.map_err(|e| vkerr("vkResetFences", e))
+    }
+
+    /// For [`Submitted::Fence`]: wait up to `timeout_ns` for the fence; true (and the fence
+    /// reset for the next submit) when it signalled.
+    pub fn done(&self, timeout_ns: u64) -> Result<bool> {
+        let dev = &self.ctx.device;
+        // SAFETY: the fence belongs to this device; only the waiter thread waits on and
+        // resets it while a submission is outstanding.
+        match unsafe { dev.wait_for_fences(&[self.fence], true, timeout_ns) } {
+            Ok(()) => {
+                // SAFETY: signalled and not in use by any pending submission.
+                unsafe { dev.reset_fences(&[self.fence]) }
+                    .map_err(|e| vkerr("vkResetFences", e))?;
+                Ok(true)
+            }
+            Err(vk::Result::TIMEOUT) => Ok(false),
+            Err(e) => Err(vkerr("vkWaitForFences", e)),
+        }
+    }
+}
+
+/// How a submission reports completion.
+pub enum Submitted {
+    /// A sync_file fd that becomes readable (POLLIN) when the work is done.
+    SyncFd(OwnedFd),
+    /// Poll the recording's `VkFence` with [`Recording::done`].
+    Fence,
+    /// Already done.
+    Signalled,
+}
+
+/// Wait until any of `fds` is readable or `timeout_ms` passes (-1: forever); which are.
+pub fn poll_readable(fds: &[BorrowedFd<'_>], timeout_ms: i32) -> std::io::Result<Vec<bool>> {
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|f| libc::pollfd {
+            fd: f.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        // SAFETY: `p` is a live array of `p.len()` pollfds.
+        let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
+        if r >= 0 {
+            return Ok(p
+                .iter()
+                .map(|x| x.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0)
+                .collect());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
+/// Reset a non-blocking eventfd's counter to 0 (read it; nothing to read is fine).
+pub fn drain_eventfd(fd: BorrowedFd<'_>) {
+    let mut v = 0u64;
+    // SAFETY: reads at most 8 bytes into a live u64.
+    let _ = unsafe { libc::read(fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+}
+
+/// A read or write lease of an edgehal buffer held for as long as a submission runs, on any
+/// thread: it owns a clone of the buffer, so it needs no borrow.
+pub struct HeldLease {
+    // Declared first: dropped (lease ended) before the buffer clone it borrows from. Never
+    // read: holding it is the point.
+    _lease: LeaseKind,
+    _buf: Box<Buffer>,
+}
+
+enum LeaseKind {
+    Read(#[allow(dead_code)] ReadLease<'static>),
+    Write(#[allow(dead_code)] WriteLease<'static>),
+}
+
+// SAFETY: a lease is a counter held in the buffer's memory block (a mutex-protected state)
+// plus a raw pointer edgehal never dereferences through this type; ending it from another
+// thread takes the same mutex.
+unsafe impl Send for HeldLease {}
+
+impl HeldLease {
+    /// Take the read (`write == false`) or write lease of `b`.
+    pub fn take(b: &Buffer, write: bool) -> Result<HeldLease> {
+        let buf = Box::new(b.clone());
+        // SAFETY: the lease borrows from `*buf`, a heap allocation that never moves and is
+        // dropped only after the lease (field order above); extending the borrow to 'static
+        // is therefore never observable.
+        let r: &'static Buffer = unsafe { &*(buf.as_ref() as *const Buffer) };
+        let lease = if write {
+            LeaseKind::Write(r.write_lease()?)
+        } else {
+            LeaseKind::Read(r.read_lease()?)
+        };
+        Ok(HeldLease {
+            _lease: lease,
+            _buf: buf,
+        })
     }
 }
 
 impl Drop for Recording {
     fn drop(&mut self) {
-        // SAFETY: `run` waits for completion, so the command buffer is not pending.
+        // SAFETY: a submission holds an `Arc<Recording>` until it completes, so the command
+        // buffer is not pending when the last owner drops it.
         unsafe {
             let dev = &self.ctx.device;
             if self.fence != vk::Fence::null() {
