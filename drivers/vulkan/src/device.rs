@@ -46,6 +46,27 @@ pub fn list() -> Listing {
 /// the first GPU when `selector` is empty (a CPU implementation such as lavapipe only when
 /// there is nothing else).
 pub fn open(selector: &str) -> Result<Arc<Device>> {
+    open_with(selector, &OpenOptions::default())
+}
+
+/// How [`open_with`] sets up a device.
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    /// Use packed 4x8-bit integer dot products where the device has them (default true);
+    /// false selects the portable integer kernels.
+    pub integer_dot_product: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            integer_dot_product: true,
+        }
+    }
+}
+
+/// [`open`] with options.
+pub fn open_with(selector: &str, opts: &OpenOptions) -> Result<Arc<Device>> {
     let l = loader().map_err(|why| Error::Device {
         device: "vulkan".into(),
         msg: why,
@@ -76,7 +97,7 @@ pub fn open(selector: &str) -> Result<Arc<Device>> {
                 .join(", ")
         ),
     })?;
-    let ctx = Ctx::open(l, pd, info)?;
+    let ctx = Ctx::open(l, pd, info, opts.integer_dot_product)?;
     Ok(Arc::new(Device::new(ctx)))
 }
 
@@ -145,11 +166,12 @@ pub struct Device {
 impl Device {
     fn new(ctx: Arc<Ctx>) -> Device {
         let i = &ctx.info;
-        let tune = Tune::for_device(
+        let mut tune = Tune::for_device(
             i.max_workgroup_invocations,
             i.max_shared_memory,
             i.subgroup_size,
         );
+        tune.int_dot = ctx.int_dot;
         Device {
             info: i.device_info(),
             tune,
@@ -161,6 +183,16 @@ impl Device {
     /// What the physical device offers.
     pub fn phys(&self) -> &PhysInfo {
         &self.ctx.info
+    }
+
+    /// Which kernel runs integer GEMMs (MatMulInteger, QLinearMatMul): `dot4x8` (packed
+    /// integer dot products) or `int32` (portable).
+    pub fn int8_kernel(&self) -> &'static str {
+        if self.tune.int_dot {
+            "dot4x8"
+        } else {
+            "int32"
+        }
     }
 
     /// Workgroup sizes chosen for this device.
@@ -337,7 +369,15 @@ impl hal::Device for Device {
                     "Reshape" | "Slice" | "Pad" | "Resize" | "Squeeze" | "Unsqueeze"
                 ) && node.inputs.first() != Some(&Some(*v))
                     && !node.outputs.contains(&Some(*v));
-                if dt != DType::F32 && !shape_input && node.op != "Constant" {
+                let quant = matches!(
+                    node.op.as_str(),
+                    "QuantizeLinear"
+                        | "DequantizeLinear"
+                        | "MatMulInteger"
+                        | "QLinearMatMul"
+                        | "Cast"
+                );
+                if dt != DType::F32 && !shape_input && !quant && node.op != "Constant" {
                     return Support::no(format!(
                         "{}: {dt} values are not supported on vulkan (float32 only)",
                         node.op
@@ -350,9 +390,19 @@ impl hal::Device for Device {
             "Reshape" | "Squeeze" | "Unsqueeze" => static_inputs_ok(node, graph, &[1]),
             "Slice" => static_inputs_ok(node, graph, &[1, 2, 3, 4]),
             "Pad" => static_inputs_ok(node, graph, &[1, 2, 3]),
+            "QuantizeLinear" | "DequantizeLinear" => static_inputs_ok(node, graph, &[1, 2]),
+            "BatchNormalization" => {
+                if node.outputs.iter().skip(1).flatten().next().is_some() {
+                    return Support::no("BatchNormalization: training outputs on vulkan");
+                }
+                static_inputs_ok(node, graph, &[1, 2, 3, 4])
+            }
             "Resize" => {
-                if node.attr_s("mode").is_some_and(|m| m != "nearest") {
-                    return Support::no("Resize: only nearest mode on vulkan");
+                if node
+                    .attr_s("mode")
+                    .is_some_and(|m| m != "nearest" && m != "linear")
+                {
+                    return Support::no("Resize: only nearest and linear modes on vulkan");
                 }
                 static_inputs_ok(node, graph, &[1, 2, 3])
             }

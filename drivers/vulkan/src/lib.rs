@@ -28,7 +28,7 @@ use edgehal_core::buffer::{Buffer, CopyCounter};
 use edgehal_core::driver::{Bindings, Device as _, Subgraph, TensorBuffer};
 use edgehal_core::{Error, Graph, Result, Tensor};
 
-pub use device::{list, open, Device, Driver, Executable};
+pub use device::{list, open, open_with, Device, Driver, Executable, OpenOptions};
 pub use probe::{Listing, PhysInfo};
 
 /// A host buffer holding `t`, sized and aligned so the device can import it without copying

@@ -27,6 +27,10 @@ pub enum Kernel {
     Copy,
     Fill,
     Resize,
+    /// Integer GEMM, portable (bitfieldExtract + 32-bit multiply-add).
+    QGemm,
+    /// Integer GEMM with packed 4x8-bit dot products (`shaderIntegerDotProduct`).
+    QGemmDot,
 }
 
 /// Workgroup sizes chosen per device.
@@ -36,6 +40,9 @@ pub struct Tune {
     pub gemm: (u32, u32),
     /// Workgroup size of the one-dimensional kernels.
     pub wg: u32,
+    /// Integer GEMMs use packed 4x8-bit dot products (the device enabled
+    /// `shaderIntegerDotProduct`); otherwise the portable integer kernel.
+    pub int_dot: bool,
 }
 
 impl Tune {
@@ -49,7 +56,11 @@ impl Tune {
             (8, 8)
         };
         let wg = subgroup.clamp(64, 256).min(max_invocations.max(1));
-        Tune { gemm, wg }
+        Tune {
+            gemm,
+            wg,
+            int_dot: false,
+        }
     }
 
     /// Specialization constants of `k`.
@@ -76,6 +87,8 @@ impl Kernel {
             Kernel::Copy => COPY,
             Kernel::Fill => FILL,
             Kernel::Resize => RESIZE,
+            Kernel::QGemm => QGEMM,
+            Kernel::QGemmDot => QGEMM_DOT,
         }
     }
 }
@@ -169,6 +182,12 @@ pub const SUPPORTED: &[&str] = &[
     "Slice",
     "Resize",
     "Constant",
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "BatchNormalization",
+    "MatMulInteger",
+    "QLinearMatMul",
+    "Cast",
 ];
 
 /// The activation code and its two parameters, when `n` is an activation node.
@@ -445,6 +464,106 @@ impl Lower<'_> {
         let n = numel(&src.shape);
         let s = [1i64];
         self.copy(src, &s, dst, dst.off, &s, &[n])
+    }
+
+    /// Upload host floats as a constant of `shape` (weights buffer).
+    fn constant(&mut self, data: &[f32], shape: Vec<usize>) -> Result<GVal> {
+        let off = u32_of(self.weights.len(), "weights offset")?;
+        self.weights.extend_from_slice(data);
+        let pad = self.weights.len().next_multiple_of(16);
+        self.weights.resize(pad, 0.0);
+        Ok(GVal {
+            place: Place::Weights,
+            off,
+            shape,
+        })
+    }
+
+    /// Quantize (17), dequantize (18) or quantize-then-dequantize (19) with a per-tensor
+    /// scale and zero point; quantized values are integers held in float32 (exact).
+    fn quant(&mut self, x: &GVal, y: &GVal, op: u32, q: &QParams) -> Result<()> {
+        let n = numel(&x.shape);
+        if n == 0 {
+            return Ok(());
+        }
+        let p = vec![
+            u32_of(n, "elements")?,
+            op,
+            f(q.scale),
+            f(q.zp as f32),
+            x.off,
+            y.off,
+            f(q.lo as f32),
+            f(q.hi as f32),
+        ];
+        let groups = self.groups_1d(n);
+        self.push(
+            Kernel::Unary,
+            [Some(x.place), Some(y.place), None, None],
+            p,
+            groups,
+        );
+        Ok(())
+    }
+
+    /// y = a <op> b with broadcasting (binary kernel codes: 0 add, 1 sub, 2 mul, 3 div,
+    /// 4 max, 5 min, 6 pow, 7 prelu) and a fused activation.
+    fn binary(
+        &mut self,
+        a: &GVal,
+        b: &GVal,
+        y: &GVal,
+        op: u32,
+        act: (u32, f32, f32),
+    ) -> Result<()> {
+        let out = y.shape.clone();
+        let total = numel(&out);
+        if total == 0 {
+            return Ok(());
+        }
+        if out.len() > 6 || a.shape.len() > out.len() || b.shape.len() > out.len() {
+            return Err(Error::unsupported(
+                "broadcasting over more than 6 dims on vulkan",
+            ));
+        }
+        let r = out.len();
+        let bstr = |s: &[usize]| -> Vec<u32> {
+            let st = strides(s);
+            let mut v = vec![0u32; 6];
+            let lead = r - s.len();
+            for d in 0..s.len() {
+                v[lead + d] = if s[d] == 1 { 0 } else { st[d] as u32 };
+            }
+            v
+        };
+        let contiguous = (a.shape == out && b.shape == out) as u32;
+        let mut p = vec![
+            u32_of(total, "elements")?,
+            op,
+            act.0,
+            f(act.1),
+            f(act.2),
+            a.off,
+            b.off,
+            y.off,
+            r as u32,
+            contiguous,
+        ];
+        let mut sh = vec![1u32; 6];
+        for d in 0..r {
+            sh[d] = out[d] as u32;
+        }
+        p.extend(sh);
+        p.extend(bstr(&a.shape));
+        p.extend(bstr(&b.shape));
+        let gr = self.groups_1d(total);
+        self.push(
+            Kernel::Binary,
+            [Some(a.place), Some(b.place), Some(y.place), None],
+            p,
+            gr,
+        );
+        Ok(())
     }
 
     fn unary(&mut self, x: &GVal, y: &GVal, op: u32, a: f32, b: f32) -> Result<()> {
@@ -1139,48 +1258,43 @@ fn lower_node(
                 None => ((ACT_NONE, 0.0, 0.0), out0),
             };
             let y = lw.place_for(target, out.clone())?;
-            let total = numel(&out);
-            if total > 0 {
-                let r = out.len();
-                let bstr = |s: &[usize]| -> Vec<u32> {
-                    let st = strides(s);
-                    let mut v = vec![0u32; 6];
-                    let lead = r - s.len();
-                    for d in 0..s.len() {
-                        v[lead + d] = if s[d] == 1 { 0 } else { st[d] as u32 };
-                    }
-                    v
-                };
-                let contiguous = (a.shape == out && bsh == out) as u32;
-                let mut p = vec![
-                    u32_of(total, "elements")?,
-                    op,
-                    act.0,
-                    f(act.1),
-                    f(act.2),
-                    a.off,
-                    b.off,
-                    y.off,
-                    r as u32,
-                    contiguous,
-                ];
-                let mut sh = vec![1u32; 6];
-                for d in 0..r {
-                    sh[d] = out[d] as u32;
-                }
-                p.extend(sh);
-                p.extend(bstr(&a.shape));
-                p.extend(bstr(&bsh));
-                let gr = lw.groups_1d(total);
-                lw.push(
-                    Kernel::Binary,
-                    [Some(a.place), Some(b.place), Some(y.place), None],
-                    p,
-                    gr,
-                );
-            }
+            let b = GVal { shape: bsh, ..b };
+            lw.binary(&a, &b, &y, op, act)?;
             lw.vals.insert(target, y);
         }
+        "BatchNormalization" => lower_batchnorm(lw, node, out0, &fuse, fused)?,
+        "MatMulInteger" | "QLinearMatMul" => lower_qmatmul(lw, node, out0)?,
+        "Cast" => {
+            let to = node.attr_i("to").unwrap_or(0);
+            let xv = inp(0).ok_or_else(|| Error::arg("Cast: input is missing"))?;
+            if let Some(t) = lw.consts.get(&xv) {
+                let dt = i32::try_from(to)
+                    .ok()
+                    .and_then(DType::from_onnx_code)
+                    .ok_or_else(|| Error::unsupported(format!("Cast to type {to}")))?;
+                let t = t.cast(dt)?;
+                lw.consts.insert(out0, t);
+                return Ok(());
+            }
+            if to != 1 {
+                return Err(Error::unsupported(
+                    "Cast of a runtime tensor to a non-float type on vulkan",
+                ));
+            }
+            // Integers are held exactly in float32 on the device: a cast to float is an alias.
+            let x = lw.gpu(Some(xv), "input")?;
+            if lw.outputs.contains_key(&out0) {
+                let y = lw.place_for(out0, x.shape.clone())?;
+                lw.contiguous_copy(&x, &y)?;
+                lw.vals.insert(out0, y);
+            } else {
+                if x.place == Place::Arena {
+                    lw.track(out0, x.off, 0);
+                }
+                lw.vals.insert(out0, x);
+            }
+        }
+        "QuantizeLinear" | "DequantizeLinear" => lower_quant(lw, node, out0, consumers, fused)?,
         "Relu" | "Clip" | "HardSwish" | "Sigmoid" | "LeakyRelu" | "Tanh" | "HardSigmoid"
         | "Exp" | "Neg" | "Abs" | "Sqrt" | "Log" | "Reciprocal" | "Floor" | "Ceil" | "Elu" => {
             let x = lw.gpu(inp(0), "input")?;
@@ -1501,10 +1615,17 @@ fn lower_node(
             let x = lw.gpu(inp(0), "input")?;
             let r = x.shape.len();
             let mode = node.attr_s("mode").unwrap_or_else(|| "nearest".into());
-            if mode != "nearest" {
-                return Err(Error::unsupported(format!(
-                    "Resize mode '{mode}' on vulkan (nearest only)"
-                )));
+            let linear = match mode.as_str() {
+                "nearest" => 0u32,
+                "linear" => 1,
+                _ => {
+                    return Err(Error::unsupported(format!(
+                        "Resize mode '{mode}' on vulkan (nearest and linear only)"
+                    )))
+                }
+            };
+            if node.attr_i("antialias").unwrap_or(0) != 0 {
+                return Err(Error::unsupported("Resize with antialias on vulkan"));
             }
             if r > 6 {
                 return Err(Error::unsupported("Resize of rank > 6"));
@@ -1602,6 +1723,7 @@ fn lower_node(
                 p.extend(ish);
                 p.extend(osh);
                 p.extend(scs);
+                p.push(linear);
                 let gr = lw.groups_1d(n);
                 lw.push(
                     Kernel::Resize,
@@ -1618,6 +1740,466 @@ fn lower_node(
             )));
         }
     }
+    Ok(())
+}
+
+/// Per-tensor quantization parameters of a device-side Quantize/DequantizeLinear.
+struct QParams {
+    scale: f32,
+    zp: i64,
+    /// Saturation range of the quantized type.
+    lo: i64,
+    hi: i64,
+}
+
+fn qrange(dt: DType) -> Result<(i64, i64)> {
+    Ok(match dt {
+        DType::I8 => (-128, 127),
+        DType::U8 => (0, 255),
+        DType::I16 => (-32768, 32767),
+        DType::U16 => (0, 65535),
+        other => {
+            return Err(Error::unsupported(format!(
+                "quantized type {other} on vulkan (int8/uint8/int16/uint16)"
+            )))
+        }
+    })
+}
+
+/// The quantized type of a QuantizeLinear: its zero point's, else `output_dtype`, else uint8.
+fn q_dtype(node: &Node, zp: Option<&Tensor>) -> Result<DType> {
+    if let Some(z) = zp {
+        return Ok(z.dtype());
+    }
+    match node.attr_i("output_dtype").unwrap_or(0) {
+        0 => Ok(DType::U8),
+        c => i32::try_from(c)
+            .ok()
+            .and_then(DType::from_onnx_code)
+            .ok_or_else(|| Error::unsupported(format!("QuantizeLinear: output_dtype {c}"))),
+    }
+}
+
+/// Quantize/DequantizeLinear of a constant, on the host (the CPU driver's arithmetic:
+/// `round_half_even(x / scale) + zp` saturated; `(q - zp) * scale`), per tensor or per axis.
+fn fold_quant(node: &Node, x: &Tensor, scale: &Tensor, zp: Option<&Tensor>) -> Result<Tensor> {
+    let is_q = node.op == "QuantizeLinear";
+    if node.attr_i("block_size").is_some_and(|b| b != 0) {
+        return Err(Error::unsupported(format!(
+            "{}: blocked quantization on vulkan",
+            node.op
+        )));
+    }
+    let shape = x.shape().to_vec();
+    let sv = scale.to_f32();
+    let zv = match zp {
+        Some(z) => z.to_i64_vec(),
+        None => vec![0; sv.len()],
+    };
+    if zv.len() != sv.len() || sv.is_empty() {
+        return Err(Error::arg(format!(
+            "{}: {} scales and {} zero points",
+            node.op,
+            sv.len(),
+            zv.len()
+        )));
+    }
+    let layout = if sv.len() == 1 && scale.shape().len() <= 1 {
+        None
+    } else {
+        if scale.shape().len() != 1 {
+            return Err(Error::unsupported(format!(
+                "{}: scale of shape {:?} (blocked) on vulkan",
+                node.op,
+                scale.shape()
+            )));
+        }
+        let r = shape.len() as i64;
+        let mut ax = node.attr_i("axis").unwrap_or(1);
+        if ax < 0 {
+            ax += r;
+        }
+        if ax < 0 || ax >= r {
+            return Err(Error::arg(format!("{}: axis out of range", node.op)));
+        }
+        let ax = ax as usize;
+        if shape[ax] != sv.len() {
+            return Err(Error::arg(format!(
+                "{}: {} scales for axis {ax} of {:?}",
+                node.op,
+                sv.len(),
+                shape
+            )));
+        }
+        Some((shape[ax], numel(&shape[ax + 1..])))
+    };
+    let k = |i: usize| layout.map_or(0, |(n, inner)| (i / inner.max(1)) % n);
+    if !is_q {
+        let xv = x.to_i64_vec();
+        let out: Vec<f32> = xv
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| (v - zv[k(i)]) as f32 * sv[k(i)])
+            .collect();
+        return Tensor::from_vec(shape, out);
+    }
+    let dt = q_dtype(node, zp)?;
+    let (lo, hi) = qrange(dt)?;
+    let xv = x.to_f32();
+    let q: Vec<i64> = xv
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let r = (v / sv[k(i)]).round_ties_even() as i64;
+            r.saturating_add(zv[k(i)]).clamp(lo, hi)
+        })
+        .collect();
+    match dt {
+        DType::I8 => Tensor::from_vec(shape, q.iter().map(|&v| v as i8).collect::<Vec<_>>()),
+        DType::U8 => Tensor::from_vec(shape, q.iter().map(|&v| v as u8).collect::<Vec<_>>()),
+        DType::I16 => Tensor::from_vec(shape, q.iter().map(|&v| v as i16).collect::<Vec<_>>()),
+        _ => Tensor::from_vec(shape, q.iter().map(|&v| v as u16).collect::<Vec<_>>()),
+    }
+}
+
+/// QuantizeLinear / DequantizeLinear. Constants are folded on the host (weights and biases
+/// of QDQ models); runtime tensors run on the device with per-tensor parameters, the
+/// quantized integers held exactly in float32, and a Quantize followed only by a matching
+/// Dequantize fused into one dispatch (the dequantize-compute-quantize path: the float
+/// kernels compute between them).
+fn lower_quant(
+    lw: &mut Lower<'_>,
+    node: &Node,
+    out0: ValueId,
+    consumers: &[Vec<usize>],
+    fused: &mut HashSet<usize>,
+) -> Result<()> {
+    let g = lw.g;
+    let inp = |k: usize| node.inputs.get(k).copied().flatten();
+    let konst = |lw: &Lower<'_>, k: usize, what: &str| -> Result<Option<Tensor>> {
+        match inp(k) {
+            None => Ok(None),
+            Some(v) => lw.consts.get(&v).cloned().map(Some).ok_or_else(|| {
+                Error::unsupported(format!("{}: {what} must be a constant on vulkan", node.op))
+            }),
+        }
+    };
+    let scale = konst(lw, 1, "scale")?
+        .ok_or_else(|| Error::arg(format!("{}: scale is missing", node.op)))?;
+    let zp = konst(lw, 2, "zero point")?;
+    let xv = inp(0).ok_or_else(|| Error::arg(format!("{}: input is missing", node.op)))?;
+    if let Some(x) = lw.consts.get(&xv).cloned() {
+        let t = fold_quant(node, &x, &scale, zp.as_ref())?;
+        lw.consts.insert(out0, t);
+        return Ok(());
+    }
+    if scale.len() != 1 || zp.as_ref().is_some_and(|z| z.len() != 1) {
+        return Err(Error::unsupported(format!(
+            "{}: per-axis parameters on a runtime tensor on vulkan",
+            node.op
+        )));
+    }
+    let s = scale.to_f32()[0];
+    if !(s.is_finite() && s > 0.0) {
+        return Err(Error::arg(format!(
+            "{}: scale {s} is not positive",
+            node.op
+        )));
+    }
+    let z = zp.as_ref().map_or(0, |t| t.to_i64_vec()[0]);
+    let x = lw.gpu(Some(xv), "input")?;
+    if node.op == "DequantizeLinear" {
+        let y = lw.place_for(out0, x.shape.clone())?;
+        let q = QParams {
+            scale: s,
+            zp: z,
+            lo: 0,
+            hi: 0,
+        };
+        lw.quant(&x, &y, 18, &q)?;
+        lw.vals.insert(out0, y);
+        return Ok(());
+    }
+    if lw.outputs.contains_key(&out0) {
+        return Err(Error::unsupported(
+            "QuantizeLinear output as a graph output (vulkan holds quantized values as float32)",
+        ));
+    }
+    let (lo, hi) = qrange(q_dtype(node, zp.as_ref())?)?;
+    let q = QParams {
+        scale: s,
+        zp: z,
+        lo,
+        hi,
+    };
+    // Q followed only by a DQ with the same parameters: one fake-quant dispatch.
+    if let Some(c) = consumers.get(out0).filter(|c| c.len() == 1) {
+        let next = &g.nodes[c[0]];
+        let same = |k: usize, want: f64| {
+            next.inputs
+                .get(k)
+                .copied()
+                .flatten()
+                .and_then(|v| lw.consts.get(&v))
+                .map(|t| t.len() == 1 && t.to_f32()[0] as f64 == want)
+        };
+        let zp_same = match next.inputs.get(2).copied().flatten() {
+            None => Some(z == 0),
+            Some(_) => same(2, z as f64),
+        };
+        if next.op == "DequantizeLinear"
+            && next.inputs.first().copied().flatten() == Some(out0)
+            && same(1, s as f64) == Some(true)
+            && zp_same == Some(true)
+        {
+            if let Some(o) = next.outputs.first().copied().flatten() {
+                fused.insert(c[0]);
+                let y = lw.place_for(o, x.shape.clone())?;
+                lw.quant(&x, &y, 19, &q)?;
+                lw.vals.insert(o, y);
+                return Ok(());
+            }
+        }
+    }
+    let y = lw.place_for(out0, x.shape.clone())?;
+    lw.quant(&x, &y, 17, &q)?;
+    lw.vals.insert(out0, y);
+    Ok(())
+}
+
+/// MatMulInteger / QLinearMatMul with a constant 8-bit B `[K, N]` (packed on the host four
+/// lanes a word, column by column) and A `[..., M, K]` from the device; per-tensor zero
+/// points and scales. Exact int32 accumulation; the requantization multiplier is the CPU
+/// driver's `f32(sa * sb) / sy`.
+fn lower_qmatmul(lw: &mut Lower<'_>, node: &Node, out0: ValueId) -> Result<()> {
+    let g = lw.g;
+    let ql = node.op == "QLinearMatMul";
+    let inp = |k: usize| node.inputs.get(k).copied().flatten();
+    // Operand indices: (A, a_zp, B, b_zp) and for QLinearMatMul the scales.
+    let (ia, iaz, ib, ibz) = if ql { (0, 2, 3, 5) } else { (0, 2, 1, 3) };
+    let konst = |lw: &Lower<'_>, k: usize| -> Result<Option<Tensor>> {
+        match inp(k) {
+            None => Ok(None),
+            Some(v) => lw.consts.get(&v).cloned().map(Some).ok_or_else(|| {
+                Error::unsupported(format!(
+                    "{}: input {k} must be a constant on vulkan",
+                    node.op
+                ))
+            }),
+        }
+    };
+    let scalar_int = |t: &Option<Tensor>, what: &str| -> Result<i64> {
+        match t {
+            None => Ok(0),
+            Some(t) if t.len() == 1 => Ok(t.to_i64_vec()[0]),
+            Some(_) => Err(Error::unsupported(format!(
+                "{}: per-axis {what} on vulkan",
+                node.op
+            ))),
+        }
+    };
+    let b = konst(lw, ib)?
+        .ok_or_else(|| Error::unsupported(format!("{}: B must be a constant", node.op)))?;
+    let azp = konst(lw, iaz)?;
+    let bzp = konst(lw, ibz)?;
+    let za = scalar_int(&azp, "a zero point")?;
+    let zb = scalar_int(&bzp, "b zero point")?;
+    let signed = |dt: DType, what: &str| match dt {
+        DType::I8 => Ok(true),
+        DType::U8 => Ok(false),
+        other => Err(Error::unsupported(format!(
+            "{}: {what} of type {other} (int8/uint8 only)",
+            node.op
+        ))),
+    };
+    let bs = signed(b.dtype(), "B")?;
+    let a_dt = match &azp {
+        Some(z) => z.dtype(),
+        None => inp(ia)
+            .and_then(|v| g.values.get(v))
+            .and_then(|i| i.dtype)
+            .ok_or_else(|| {
+                Error::unsupported(format!(
+                    "{}: A's type is unknown (give a_zero_point)",
+                    node.op
+                ))
+            })?,
+    };
+    let as_ = signed(a_dt, "A")?;
+    if b.shape().len() != 2 {
+        return Err(Error::unsupported(format!(
+            "{}: B of shape {:?} (2-D only on vulkan)",
+            node.op,
+            b.shape()
+        )));
+    }
+    let (k, n) = (b.shape()[0], b.shape()[1]);
+    let a = lw.gpu(inp(ia), "A")?;
+    if a.shape.len() < 2 || a.shape[a.shape.len() - 1] != k {
+        return Err(Error::arg(format!(
+            "{}: A {:?} does not match B {:?}",
+            node.op,
+            a.shape,
+            b.shape()
+        )));
+    }
+    if lw.outputs.contains_key(&out0) {
+        return Err(Error::unsupported(format!(
+            "{} output as a graph output (vulkan holds integer values as float32)",
+            node.op
+        )));
+    }
+    let rows = numel(&a.shape) / k.max(1);
+    let kw = k.div_ceil(4);
+    // Pack B: column n, word w holds rows 4w..4w+3 in its bytes (low byte first).
+    let bv = b.to_i64_vec();
+    let mut words = vec![0f32; n * kw];
+    for col in 0..n {
+        for w in 0..kw {
+            let mut word = 0u32;
+            for l in 0..4 {
+                let kk = w * 4 + l;
+                if kk < k {
+                    word |= ((bv[kk * n + col] as u32) & 0xff) << (8 * l);
+                }
+            }
+            words[col * kw + w] = f32::from_bits(word);
+        }
+    }
+    let bg = lw.constant(&words, vec![n * kw])?;
+    let mut shape = a.shape.clone();
+    let last = shape.len() - 1;
+    shape[last] = n;
+    let y = lw.place_for(out0, shape)?;
+    let (mode, mul, zy, lo, hi) = if ql {
+        let sc = |lw: &Lower<'_>, i: usize, what: &str| -> Result<f32> {
+            let t = konst(lw, i)?
+                .ok_or_else(|| Error::arg(format!("QLinearMatMul: {what} is missing")))?;
+            if t.len() != 1 {
+                return Err(Error::unsupported(format!(
+                    "QLinearMatMul: per-axis {what} on vulkan"
+                )));
+            }
+            Ok(t.to_f32()[0])
+        };
+        let (sa, sb, sy) = (
+            sc(lw, 1, "a_scale")?,
+            sc(lw, 4, "b_scale")?,
+            sc(lw, 6, "y_scale")?,
+        );
+        let yzp = konst(lw, 7)?;
+        let zy = scalar_int(&yzp, "y zero point")?;
+        let (lo, hi) = qrange(yzp.as_ref().map_or(a_dt, |t| t.dtype()))?;
+        (1u32, sa * sb / sy, zy, lo, hi)
+    } else {
+        (0, 0.0, 0, 0, 0)
+    };
+    let total = rows * n;
+    if total == 0 {
+        lw.vals.insert(out0, y);
+        return Ok(());
+    }
+    let int = |v: i64| v as i32 as u32;
+    let p = vec![
+        u32_of(total, "elements")?,
+        u32_of(n, "N")?,
+        u32_of(k, "K")?,
+        u32_of(kw, "K words")?,
+        a.off,
+        bg.off,
+        y.off,
+        int(za),
+        int(zb),
+        as_ as u32,
+        bs as u32,
+        mode,
+        f(mul),
+        int(zy),
+        int(lo),
+        int(hi),
+    ];
+    let kernel = if lw.tune.int_dot {
+        Kernel::QGemmDot
+    } else {
+        Kernel::QGemm
+    };
+    let gr = lw.groups_1d(total);
+    lw.push(
+        kernel,
+        [Some(a.place), Some(bg.place), Some(y.place), None],
+        p,
+        gr,
+    );
+    lw.vals.insert(out0, y);
+    Ok(())
+}
+
+type FuseFn<'f> = dyn Fn(&Lower<'_>) -> Option<(usize, ValueId, (u32, f32, f32))> + 'f;
+
+/// Inference BatchNormalization as y = x * k + c per channel (axis 1), k = scale /
+/// sqrt(var + eps), c = B - mean * k computed on the host; a following activation is fused.
+fn lower_batchnorm(
+    lw: &mut Lower<'_>,
+    node: &Node,
+    out0: ValueId,
+    fuse: &FuseFn<'_>,
+    fused: &mut HashSet<usize>,
+) -> Result<()> {
+    let inp = |k: usize| node.inputs.get(k).copied().flatten();
+    if node.attr_i("training_mode").unwrap_or(0) != 0 {
+        return Err(Error::unsupported(
+            "BatchNormalization training_mode on vulkan",
+        ));
+    }
+    let x = lw.gpu(inp(0), "input")?;
+    if x.shape.len() < 2 {
+        return Err(Error::arg(format!(
+            "BatchNormalization: input {:?} has no channel axis",
+            x.shape
+        )));
+    }
+    let c = x.shape[1];
+    let mut p: Vec<Vec<f32>> = Vec::with_capacity(4);
+    for (k, what) in [(1, "scale"), (2, "B"), (3, "mean"), (4, "var")] {
+        let t = inp(k).and_then(|v| lw.consts.get(&v)).ok_or_else(|| {
+            Error::unsupported(format!("BatchNormalization: {what} must be a constant"))
+        })?;
+        let v = t.to_f32().into_owned();
+        if v.len() != c {
+            return Err(Error::arg(format!(
+                "BatchNormalization: {what} has {} values for {c} channels",
+                v.len()
+            )));
+        }
+        p.push(v);
+    }
+    let eps = node.attr_f("epsilon").unwrap_or(1e-5);
+    let k: Vec<f32> = (0..c).map(|i| p[0][i] / (p[3][i] + eps).sqrt()).collect();
+    let sh: Vec<f32> = (0..c).map(|i| p[1][i] - p[2][i] * k[i]).collect();
+    let mut cshape = vec![c];
+    cshape.extend(std::iter::repeat_n(1, x.shape.len() - 2));
+    let kg = lw.constant(&k, cshape.clone())?;
+    let cg = lw.constant(&sh, cshape)?;
+    let (act, target) = match fuse(lw) {
+        Some((idx, o, a)) => {
+            fused.insert(idx);
+            (a, o)
+        }
+        None => ((ACT_NONE, 0.0, 0.0), out0),
+    };
+    let n = numel(&x.shape);
+    let toff = lw.alloc(n)?;
+    let tmp = GVal {
+        place: Place::Arena,
+        off: toff,
+        shape: x.shape.clone(),
+    };
+    lw.binary(&x, &kg, &tmp, 2, (ACT_NONE, 0.0, 0.0))?;
+    let y = lw.place_for(target, x.shape.clone())?;
+    lw.binary(&tmp, &cg, &y, 0, act)?;
+    // The temporary is free again once the add (after the next barrier) has read it.
+    lw.free.push((toff as usize, n.max(1).next_multiple_of(16)));
+    lw.vals.insert(target, y);
     Ok(())
 }
 
@@ -1751,6 +2333,7 @@ mod tests {
         let tune = Tune {
             gemm: (16, 16),
             wg: 64,
+            int_dot: false,
         };
         let p = lower(&g, &[vec![100]], tune).unwrap();
         // a (112 elems padded) and b: two blocks live at once; d reuses a's block.

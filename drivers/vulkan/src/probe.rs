@@ -57,14 +57,15 @@ pub fn vendor_name(id: u32) -> String {
 }
 
 impl PhysInfo {
-    /// How quantized (QDQ) models run here: `dot4x8` when the device has
-    /// `shaderIntegerDotProduct` and 8-bit storage, else `int32` (integer arithmetic in 32-bit
-    /// lanes; the fallback shader).
+    /// How int8 runs here: integer GEMMs (MatMulInteger, QLinearMatMul) with packed 4x8-bit
+    /// dot products when the device has `shaderIntegerDotProduct`, else the portable int32
+    /// kernel; QDQ models (Quantize/DequantizeLinear around float ops) run
+    /// dequantize-compute-quantize in the float kernels either way.
     pub fn int8_path(&self) -> &'static str {
-        if self.integer_dot_product && self.shader_int8 {
-            "dot4x8"
+        if self.integer_dot_product {
+            "integer GEMM: dot4x8 (shaderIntegerDotProduct); QDQ: float kernels"
         } else {
-            "int32"
+            "integer GEMM: int32 fallback (no shaderIntegerDotProduct); QDQ: float kernels"
         }
     }
 

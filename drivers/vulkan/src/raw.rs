@@ -211,6 +211,13 @@ impl Drop for Loader {
     }
 }
 
+/// True when a `major.minor.patch` version string is at least `major.minor`.
+fn api_at_least(v: &str, major: u32, minor: u32) -> bool {
+    let mut it = v.split('.').map(|x| x.parse::<u32>().unwrap_or(0));
+    let (a, b) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+    (a, b) >= (major, minor)
+}
+
 /// `major.minor.patch` of a packed Vulkan version.
 pub fn version(v: u32) -> String {
     format!(
@@ -231,6 +238,8 @@ pub struct Ctx {
     mem: vk::PhysicalDeviceMemoryProperties,
     host_import: Option<ash::ext::external_memory_host::Device>,
     fence_fd: Option<ash::khr::external_fence_fd::Device>,
+    /// `shaderIntegerDotProduct` was enabled (the integer GEMM uses packed dot products).
+    pub int_dot: bool,
     mem_fd: Option<ash::khr::external_memory_fd::Device>,
     set_layout: vk::DescriptorSetLayout,
     pipe_layout: vk::PipelineLayout,
@@ -241,7 +250,14 @@ pub const BINDINGS: u32 = 5;
 
 impl Ctx {
     /// Create a logical device on `pd`.
-    pub fn open(loader: Arc<Loader>, pd: vk::PhysicalDevice, info: PhysInfo) -> Result<Arc<Ctx>> {
+    /// `int_dot`: enable `shaderIntegerDotProduct` when the device has it (false forces the
+    /// portable integer kernels, for tests and comparisons).
+    pub fn open(
+        loader: Arc<Loader>,
+        pd: vk::PhysicalDevice,
+        info: PhysInfo,
+        int_dot: bool,
+    ) -> Result<Arc<Ctx>> {
         let inst = &loader.instance;
         // SAFETY: `pd` came from `loader`'s instance; the create infos live until the calls
         // return; on any error the objects made so far are destroyed before returning.
@@ -274,9 +290,18 @@ impl Ctx {
                 exts.push(ash::khr::external_fence::NAME.as_ptr());
                 exts.push(ash::khr::external_fence_fd::NAME.as_ptr());
             }
-            let dci = vk::DeviceCreateInfo::default()
+            let int_dot = int_dot && info.integer_dot_product;
+            if int_dot && !api_at_least(&info.api_version, 1, 3) {
+                exts.push(ash::khr::shader_integer_dot_product::NAME.as_ptr());
+            }
+            let mut dot = vk::PhysicalDeviceShaderIntegerDotProductFeatures::default()
+                .shader_integer_dot_product(true);
+            let mut dci = vk::DeviceCreateInfo::default()
                 .queue_create_infos(&qci)
                 .enabled_extension_names(&exts);
+            if int_dot {
+                dci = dci.push_next(&mut dot);
+            }
             let device = inst
                 .create_device(pd, &dci, None)
                 .map_err(|e| vkerr("vkCreateDevice", e))?;
@@ -335,6 +360,7 @@ impl Ctx {
                 mem,
                 host_import,
                 fence_fd,
+                int_dot,
                 mem_fd,
                 set_layout,
                 pipe_layout,

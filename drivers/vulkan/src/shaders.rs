@@ -11,6 +11,8 @@ pub const SOFTMAX: &[u8] = include_bytes!("../../../kernels/vulkan/softmax.spv")
 pub const COPY: &[u8] = include_bytes!("../../../kernels/vulkan/copy.spv");
 pub const FILL: &[u8] = include_bytes!("../../../kernels/vulkan/fill.spv");
 pub const RESIZE: &[u8] = include_bytes!("../../../kernels/vulkan/resize.spv");
+pub const QGEMM: &[u8] = include_bytes!("../../../kernels/vulkan/qgemm.spv");
+pub const QGEMM_DOT: &[u8] = include_bytes!("../../../kernels/vulkan/qgemm_dot.spv");
 
 /// Every kernel: (source file stem, SPIR-V).
 pub const ALL: &[(&str, &[u8])] = &[
@@ -23,4 +25,6 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("copy", COPY),
     ("fill", FILL),
     ("resize", RESIZE),
+    ("qgemm", QGEMM),
+    ("qgemm_dot", QGEMM_DOT),
 ];

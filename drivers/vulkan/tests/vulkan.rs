@@ -1262,3 +1262,488 @@ fn bad_models_are_errors_not_panics() {
         .unwrap_err();
     assert!(e.to_string().contains("float32"), "{e}");
 }
+
+// ---- BatchNormalization, linear Resize, Quantize/DequantizeLinear (QDQ int8 path) ----
+
+/// A graph from nodes (op, inputs, output, attrs) over named values; `feeds` are the runtime
+/// inputs, `inits` the initializers.
+fn net(
+    nodes: Vec<(&str, Vec<&str>, &str, Vec<(&str, Attr)>)>,
+    feeds: Vec<(&str, Tensor)>,
+    inits: Vec<(&str, Tensor)>,
+    out: &str,
+) -> (Graph, Vec<Tensor>) {
+    let mut g = Graph::new("net");
+    g.opsets.insert(String::new(), 19);
+    let mut f = Vec::new();
+    for (n, t) in feeds {
+        let v = g.value_id(n);
+        g.values[v].dtype = Some(t.dtype());
+        g.inputs.push(v);
+        f.push(t);
+    }
+    for (n, t) in inits {
+        let v = g.value_id(n);
+        g.initializers.insert(v, t);
+    }
+    for (op, ins, o, attrs) in nodes {
+        let inputs = ins
+            .iter()
+            .map(|n| {
+                if n.is_empty() {
+                    None
+                } else {
+                    Some(g.value_id(n))
+                }
+            })
+            .collect();
+        let o = g.value_id(o);
+        g.nodes.push(Node {
+            op: op.into(),
+            inputs,
+            outputs: vec![Some(o)],
+            attrs: attrs.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            ..Default::default()
+        });
+    }
+    let y = g.value_id(out);
+    g.outputs.push(y);
+    (g, f)
+}
+
+#[test]
+fn batchnorm_random_shapes() {
+    let Some(dev) = device() else { return };
+    let mut r = Rng(31);
+    for (shape, relu) in [
+        (vec![2usize, 3, 5, 7], false),
+        (vec![1, 5, 9], true),
+        (vec![3, 4], false),
+        (vec![1, 7, 1, 13], true),
+    ] {
+        let c = shape[1];
+        let pos = |r: &mut Rng| {
+            Tensor::from_vec(
+                vec![c],
+                (0..c).map(|_| r.next() + 1.5).collect::<Vec<f32>>(),
+            )
+            .unwrap()
+        };
+        let x = r.tensor(&shape);
+        let scale = r.tensor(&[c]);
+        let bias = r.tensor(&[c]);
+        let mean = r.tensor(&[c]);
+        let var = pos(&mut r);
+        let mut nodes = vec![(
+            "BatchNormalization",
+            vec!["x", "s", "b", "m", "v"],
+            "bn",
+            vec![("epsilon", Attr::Float(1e-3))],
+        )];
+        if relu {
+            nodes.push(("Relu", vec!["bn"], "y", vec![]));
+        }
+        let (g, f) = net(
+            nodes,
+            vec![("x", x.clone())],
+            vec![
+                ("s", scale.clone()),
+                ("b", bias.clone()),
+                ("m", mean.clone()),
+                ("v", var.clone()),
+            ],
+            if relu { "y" } else { "bn" },
+        );
+        // Independent reference: (x - mean) / sqrt(var + eps) * scale + B.
+        let inner: usize = shape[2..].iter().product();
+        let (xs, s, b, m, v) = (
+            x.to_f32(),
+            scale.to_f32(),
+            bias.to_f32(),
+            mean.to_f32(),
+            var.to_f32(),
+        );
+        let want: Vec<f32> = xs
+            .iter()
+            .enumerate()
+            .map(|(i, &xv)| {
+                let ch = (i / inner) % c;
+                let y = (xv - m[ch]) / (v[ch] + 1e-3).sqrt() * s[ch] + b[ch];
+                if relu {
+                    y.max(0.0)
+                } else {
+                    y
+                }
+            })
+            .collect();
+        let got = run_vk(&dev, &g, &f); // also checked against edgehal-cpu
+        assert_close(&format!("bn {shape:?}"), &got, &shape, &want, 1e-5);
+        if relu {
+            let exe = Runner::new(Arc::clone(&dev), &g, &f).unwrap();
+            exe.run().unwrap();
+            assert_eq!(
+                exe.executable().map(|e| e.dispatches()),
+                Some(2),
+                "BN = mul + add with the Relu fused"
+            );
+        }
+    }
+}
+
+#[test]
+fn resize_linear_random_shapes() {
+    let Some(dev) = device() else { return };
+    let mut r = Rng(41);
+    let f32t = |v: Vec<f32>| Tensor::from_vec(vec![v.len()], v).unwrap();
+    let cases: Vec<(Vec<usize>, Vec<f32>, &str)> = vec![
+        (vec![1, 3, 5, 7], vec![1.0, 1.0, 2.0, 2.0], "half_pixel"),
+        (vec![2, 2, 7, 5], vec![1.0, 1.0, 1.5, 0.6], "half_pixel"),
+        (vec![1, 1, 4, 9], vec![1.0, 1.0, 3.0, 1.0], "align_corners"),
+        (vec![1, 2, 6, 6], vec![1.0, 1.0, 0.5, 0.5], "asymmetric"),
+        (
+            vec![1, 3, 5, 3],
+            vec![1.0, 1.0, 2.5, 1.7],
+            "pytorch_half_pixel",
+        ),
+        (vec![3, 11], vec![1.0, 2.3], "half_pixel"),
+    ];
+    for (shape, scales, ctm) in cases {
+        let x = r.tensor(&shape);
+        let (g, f) = net(
+            vec![(
+                "Resize",
+                vec!["x", "", "scales"],
+                "y",
+                vec![
+                    ("mode", Attr::String("linear".into())),
+                    ("coordinate_transformation_mode", Attr::String(ctm.into())),
+                ],
+            )],
+            vec![("x", x)],
+            vec![("scales", f32t(scales.clone()))],
+            "y",
+        );
+        assert!(cpu_has("Resize"));
+        let want = run_cpu(&g, &f);
+        let got = run_vk(&dev, &g, &f);
+        assert_close(
+            &format!("resize linear {shape:?} x {scales:?} {ctm}"),
+            &got,
+            want.shape(),
+            &want.to_f32(),
+            1e-5,
+        );
+    }
+}
+
+/// Run on Vulkan only (the caller compares with its own tolerance).
+fn run_vk_only(dev: &Arc<Device>, g: &Graph, feeds: &[Tensor]) -> Tensor {
+    Runner::new(Arc::clone(dev), g, feeds)
+        .and_then(|r| r.run())
+        .unwrap_or_else(|e| panic!("{}: {e}", g.name))
+        .remove(0)
+}
+
+/// Max |diff| between two tensors, in units of `step`.
+fn steps_apart(a: &Tensor, b: &Tensor, step: f32) -> f32 {
+    assert_eq!(a.shape(), b.shape());
+    a.to_f32()
+        .iter()
+        .zip(b.to_f32().iter())
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs() / step))
+}
+
+#[test]
+fn quantize_dequantize_match_cpu() {
+    let Some(dev) = device() else { return };
+    let mut r = Rng(51);
+    let i8t = |v: i8| Tensor::from_vec(vec![], vec![v]).unwrap();
+    let u8t = |v: u8| Tensor::from_vec(vec![], vec![v]).unwrap();
+    let s = |v: f32| Tensor::from_vec(vec![], vec![v]).unwrap();
+    for (shape, sc, zp) in [
+        (vec![2usize, 3, 5, 7], 0.01f32, i8t(3)),
+        (vec![37], 0.005, i8t(-7)), // saturates at both ends
+        (vec![3, 11], 0.0078, u8t(128)),
+    ] {
+        // Q -> DQ with the same parameters: one fused dispatch.
+        let (g, f) = net(
+            vec![
+                ("QuantizeLinear", vec!["x", "s", "z"], "q", vec![]),
+                ("DequantizeLinear", vec!["q", "s", "z"], "y", vec![]),
+            ],
+            vec![("x", r.tensor(&shape))],
+            vec![("s", s(sc)), ("z", zp.clone())],
+            "y",
+        );
+        let got = run_vk_only(&dev, &g, &f);
+        let want = run_cpu(&g, &f);
+        let d = steps_apart(&got, &want, sc);
+        assert!(d <= 1.001, "fake quant {shape:?}: {d} steps apart");
+        let ru = Runner::new(Arc::clone(&dev), &g, &f).unwrap();
+        ru.run().unwrap();
+        assert_eq!(ru.executable().map(|e| e.dispatches()), Some(1));
+        // Q(s) -> DQ(2s): separate quantize and dequantize dispatches.
+        let (g, f) = net(
+            vec![
+                ("QuantizeLinear", vec!["x", "s", "z"], "q", vec![]),
+                ("DequantizeLinear", vec!["q", "s2", "z"], "y", vec![]),
+            ],
+            vec![("x", r.tensor(&shape))],
+            vec![("s", s(sc)), ("s2", s(2.0 * sc)), ("z", zp)],
+            "y",
+        );
+        let got = run_vk_only(&dev, &g, &f);
+        let want = run_cpu(&g, &f);
+        let d = steps_apart(&got, &want, 2.0 * sc);
+        assert!(
+            d <= 1.001,
+            "quantize + dequantize {shape:?}: {d} steps apart"
+        );
+    }
+    // A QDQ convolution as exporters write it: int8 weight per output channel and int32 bias
+    // dequantized (folded on the host), activation fake-quantized on the device.
+    let (cout, cin) = (5usize, 3usize);
+    let wq: Vec<i8> = (0..cout * cin * 9)
+        .map(|i| ((i * 37 % 255) as i64 - 127) as i8)
+        .collect();
+    let wscale: Vec<f32> = (0..cout).map(|i| 0.002 + 0.001 * i as f32).collect();
+    let bq: Vec<i32> = (0..cout as i32).map(|i| i * 100 - 200).collect();
+    let bscale: Vec<f32> = wscale.iter().map(|w| w * 0.01).collect();
+    let (g, f) = net(
+        vec![
+            ("QuantizeLinear", vec!["x", "xs", "xz"], "xq", vec![]),
+            ("DequantizeLinear", vec!["xq", "xs", "xz"], "xd", vec![]),
+            (
+                "DequantizeLinear",
+                vec!["wq", "ws", ""],
+                "w",
+                vec![("axis", Attr::Int(0))],
+            ),
+            (
+                "DequantizeLinear",
+                vec!["bq", "bs", ""],
+                "b",
+                vec![("axis", Attr::Int(0))],
+            ),
+            (
+                "Conv",
+                vec!["xd", "w", "b"],
+                "c",
+                vec![("pads", ints(&[1, 1, 1, 1]))],
+            ),
+            ("Relu", vec!["c"], "cr", vec![]),
+            ("QuantizeLinear", vec!["cr", "ys", "yz"], "yq", vec![]),
+            ("DequantizeLinear", vec!["yq", "ys", "yz"], "y", vec![]),
+        ],
+        vec![("x", r.tensor(&[1, cin, 9, 7]))],
+        vec![
+            ("xs", s(0.01)),
+            ("xz", i8t(0)),
+            ("wq", Tensor::from_vec(vec![cout, cin, 3, 3], wq).unwrap()),
+            ("ws", Tensor::from_vec(vec![cout], wscale).unwrap()),
+            ("bq", Tensor::from_vec(vec![cout], bq).unwrap()),
+            ("bs", Tensor::from_vec(vec![cout], bscale).unwrap()),
+            ("ys", s(0.02)),
+            ("yz", i8t(-128)),
+        ],
+        "y",
+    );
+    let got = run_vk_only(&dev, &g, &f);
+    let want = run_cpu(&g, &f);
+    let d = steps_apart(&got, &want, 0.02);
+    assert!(d <= 1.001, "QDQ conv: {d} output steps apart");
+    // A quantized tensor as a graph output is refused with a reason, not miscomputed.
+    let (g, f) = net(
+        vec![("QuantizeLinear", vec!["x", "s", "z"], "q", vec![])],
+        vec![("x", r.tensor(&[4]))],
+        vec![("s", s(0.1)), ("z", i8t(0))],
+        "q",
+    );
+    let e = fails(&dev, &g, &f).expect("int8 graph output must be refused");
+    assert!(e.to_string().contains("float32"), "{e}");
+}
+
+#[test]
+fn mobilenet_v2_int8_qdq_matches_cpu() {
+    let Some(dev) = device() else { return };
+    let Some(path) = model_path("mobilenet_v2_int8.onnx") else {
+        return;
+    };
+    let m = edgehal::Model::load(&path).unwrap();
+    let x = Rng(11).tensor(&[1, 3, 224, 224]);
+    let runner = Runner::new(Arc::clone(&dev), &m.graph, std::slice::from_ref(&x)).unwrap();
+    let got = runner.run().unwrap().remove(0);
+    let want = run_cpu(&m.graph, std::slice::from_ref(&x));
+    let (g, w) = (got.to_f32(), want.to_f32());
+    assert_eq!(got.shape(), want.shape());
+    // The last op is DequantizeLinear: outputs are multiples of its scale.
+    let step = {
+        let mut v: Vec<f32> = w.iter().map(|a| a.abs()).filter(|a| *a > 0.0).collect();
+        v.sort_by(f32::total_cmp);
+        v.first().copied().unwrap_or(1.0)
+    };
+    let diff_steps: Vec<f32> = g
+        .iter()
+        .zip(w.iter())
+        .map(|(a, b)| (a - b).abs() / step)
+        .collect();
+    let worst = diff_steps.iter().fold(0.0f32, |a, b| a.max(*b));
+    let off = diff_steps.iter().filter(|d| **d > 0.5).count();
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|p| p.0)
+    };
+    eprintln!(
+        "mobilenet_v2_int8: {} dispatches, output step {step}, {off} of {} logits differ, worst {worst} steps; top-1 {:?} vs {:?}",
+        runner.executable().map_or(0, |e| e.dispatches()),
+        w.len(),
+        argmax(&g),
+        argmax(&w)
+    );
+    assert_eq!(argmax(&g), argmax(&w), "top-1 class");
+    // Float accumulation order differs from the CPU, so an activation that lands on a
+    // rounding boundary can flip by one step and carry on; the logits stay close.
+    let max = w.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    let diff = g
+        .iter()
+        .zip(w.iter())
+        .fold(0.0f32, |a, (x, y)| a.max((x - y).abs()));
+    assert!(diff <= 0.05 * max, "max |diff| {diff} vs max {max}");
+    // Measured on lavapipe: 107 of 1000 logits one step off, none more.
+    assert!(worst <= 2.01, "logits {worst} quant steps apart");
+}
+
+/// Deterministic 8-bit values (signed or not).
+fn q8(seed: u64, shape: &[usize], signed: bool) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut s = seed;
+    let mut next = || {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (s >> 56) as u8
+    };
+    if signed {
+        Tensor::from_vec(
+            shape.to_vec(),
+            (0..n).map(|_| next() as i8).collect::<Vec<_>>(),
+        )
+        .unwrap()
+    } else {
+        Tensor::from_vec(shape.to_vec(), (0..n).map(|_| next()).collect::<Vec<_>>()).unwrap()
+    }
+}
+
+fn zp8(v: i64, signed: bool) -> Tensor {
+    if signed {
+        Tensor::from_vec(vec![], vec![v as i8]).unwrap()
+    } else {
+        Tensor::from_vec(vec![], vec![v as u8]).unwrap()
+    }
+}
+
+/// MatMulInteger and QLinearMatMul on both integer kernels (packed dot products when the
+/// device has them, and the portable one), every signedness pair, odd K/M/N, against the CPU.
+#[test]
+fn integer_matmuls_match_cpu_on_both_kernels() {
+    let Some(dev) = device() else { return };
+    let sel = std::env::var("EDGEHAL_VK_DEVICE").unwrap_or_default();
+    let portable = edgehal_vulkan::open_with(
+        &sel,
+        &edgehal_vulkan::OpenOptions {
+            integer_dot_product: false,
+        },
+    )
+    .unwrap();
+    assert_eq!(portable.int8_kernel(), "int32");
+    println!(
+        "{}: integer_dot_product {}, default int8 kernel {}",
+        dev.phys().name,
+        dev.phys().integer_dot_product,
+        dev.int8_kernel()
+    );
+    assert_eq!(
+        dev.int8_kernel() == "dot4x8",
+        dev.phys().integer_dot_product
+    );
+    let s = |v: f32| Tensor::from_vec(vec![], vec![v]).unwrap();
+    let mut seed = 100;
+    for d in [&dev, &portable] {
+        for (a_signed, b_signed) in [(false, false), (true, true), (true, false), (false, true)] {
+            for &(batch, m, k, n) in &[
+                (1usize, 3usize, 5usize, 7usize),
+                (2, 4, 33, 9),
+                (1, 1, 64, 16),
+            ] {
+                seed += 1;
+                let (az, bz) = (
+                    if a_signed { -3 } else { 129 },
+                    if b_signed { 5 } else { 120 },
+                );
+                // A comes through QuantizeLinear (the device holds the integers as float32).
+                let x = Rng(seed).tensor(&[batch, m, k]);
+                let xs = 0.01;
+                let b = q8(seed * 7, &[k, n], b_signed);
+                let (g, f) = net(
+                    vec![
+                        ("QuantizeLinear", vec!["x", "xs", "az"], "a", vec![]),
+                        ("MatMulInteger", vec!["a", "b", "az", "bz"], "acc", vec![]),
+                        ("Cast", vec!["acc"], "y", vec![("to", Attr::Int(1))]),
+                    ],
+                    vec![("x", x.clone())],
+                    vec![
+                        ("xs", s(xs)),
+                        ("az", zp8(az, a_signed)),
+                        ("b", b.clone()),
+                        ("bz", zp8(bz, b_signed)),
+                    ],
+                    "y",
+                );
+                let got = run_vk_only(d, &g, &f);
+                let want = run_cpu(&g, &f);
+                let what = format!(
+                    "MatMulInteger {} a{} b{} [{batch},{m},{k}]x[{k},{n}]",
+                    d.int8_kernel(),
+                    if a_signed { "i8" } else { "u8" },
+                    if b_signed { "i8" } else { "u8" }
+                );
+                assert_eq!(got.shape(), want.shape(), "{what}");
+                assert_eq!(
+                    got.to_f32(),
+                    want.to_f32(),
+                    "{what}: integer results differ"
+                );
+                // QLinearMatMul requantizes: within one output step of the CPU.
+                let (g, f) = net(
+                    vec![
+                        ("QuantizeLinear", vec!["x", "xs", "az"], "a", vec![]),
+                        (
+                            "QLinearMatMul",
+                            vec!["a", "xs", "az", "b", "bs", "bz", "ys", "yz"],
+                            "q",
+                            vec![],
+                        ),
+                        ("DequantizeLinear", vec!["q", "ys", "yz"], "y", vec![]),
+                    ],
+                    vec![("x", x)],
+                    vec![
+                        ("xs", s(xs)),
+                        ("az", zp8(az, a_signed)),
+                        ("b", b),
+                        ("bs", s(0.02)),
+                        ("bz", zp8(bz, b_signed)),
+                        ("ys", s(0.05)),
+                        ("yz", zp8(if a_signed { 2 } else { 130 }, a_signed)),
+                    ],
+                    "y",
+                );
+                let got = run_vk_only(d, &g, &f);
+                let want = run_cpu(&g, &f);
+                let st = steps_apart(&got, &want, 0.05);
+                assert!(st <= 1.001, "QLinearMatMul {what}: {st} steps apart");
+            }
+        }
+    }
+}
