@@ -14,12 +14,23 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version -
 echo "== device listing (edgehal probe's Vulkan section)"
 cargo run -q --release -p edgehal-cli -- probe | sed -n '/^Vulkan devices/,$p'
 
-echo "== Vulkan tests on '$SEL'"
-EDGEHAL_VK_DEVICE="$SEL" cargo test --release -p edgehal-vulkan -- --test-threads=1 --nocapture 2>&1 | grep -E "vulkan device|dispatches|^test |test result|SKIP"
+echo "== Vulkan tests on '$SEL' (ops, QDQ int8 model, integer GEMM on both kernels, async submits, dma-buf)"
+# The lines kept: per-test results, model diffs, the int8 kernel chosen, async timings, dma-buf.
+EDGEHAL_VK_DEVICE="$SEL" cargo test --release -p edgehal-vulkan -- --test-threads=1 --nocapture 2>&1 |
+    grep -E "vulkan device|dispatches|^test |test result|SKIP|integer_dot_product|submissions queued|dma-buf|mobilenet_v2_int8|panicked"
 echo "== vkbench (batch 1, fp32, same run: Vulkan then CPU)"
-echo "command: cargo run --release -p edgehal-vulkan --example vkbench -- --device '$SEL' --runs "${RUNS:-200}" --warmup "${WARMUP:-20}" $MODELS/mobilenet_v2.onnx $MODELS/resnet18.onnx"
+echo "command: cargo run --release -p edgehal-vulkan --example vkbench -- --device '$SEL' --runs "${RUNS:-200}" --warmup "${WARMUP:-20}" $MODELS/mobilenet_v2.onnx $MODELS/resnet18.onnx $MODELS/mobilenet_v2_int8.onnx"
 cargo run -q --release -p edgehal-vulkan --example vkbench -- --device "$SEL" --runs "${RUNS:-200}" --warmup "${WARMUP:-20}" \
-    "$MODELS/mobilenet_v2.onnx" "$MODELS/resnet18.onnx"
+    "$MODELS/mobilenet_v2.onnx" "$MODELS/resnet18.onnx" "$MODELS/mobilenet_v2_int8.onnx"
+
+# The CLI contract. Session routes --device vulkan once hal wires the Vulkan driver in; until
+# then this prints the CLI's refusal and the script goes on (vkbench above has the numbers).
+echo "== edgehal bench --device vulkan"
+for m in mobilenet_v2 resnet18; do
+    cargo run -q --release -p edgehal-cli -- bench "$MODELS/$m.onnx" --device vulkan \
+        --runs "${RUNS:-200}" --warmup "${WARMUP:-20}" --json ||
+        echo "edgehal bench --device vulkan: not available in this build (see the line above)"
+done
 
 # Peer on the same card in the same run (the target): ncnn's Vulkan backend, when the
 # ncnn Python wheel and pnnx-converted models are present (NCNN_DIR holds NAME.ncnn.param/.bin).

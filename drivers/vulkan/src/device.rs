@@ -685,6 +685,7 @@ impl Device {
         keep.push(Box::new(c.pipes.clone()));
 
         let (fence, signal) = Fence::pending(&self.info.name)?;
+        waiter::ensure()?;
         let how = rec.submit()?;
         let b = bindings.clone();
         let finish: waiter::Finish = Box::new(move || {
@@ -701,6 +702,12 @@ impl Device {
             }
             Ok(())
         });
+        // Mark the recording (and staging) busy before handing over, so nothing reuses them
+        // while the job is queued even if the hand-over reports an error.
+        c.recs[ri].2 = Some(fence.clone());
+        if staged {
+            c.stage_busy = Some(fence.clone());
+        }
         waiter::hand_over(waiter::Job {
             rec,
             how,
@@ -710,10 +717,6 @@ impl Device {
             signal,
             deadline: std::time::Instant::now() + SUBMIT_TIMEOUT,
         })?;
-        c.recs[ri].2 = Some(fence.clone());
-        if staged {
-            c.stage_busy = Some(fence.clone());
-        }
         Ok(fence)
     }
 }

@@ -9,6 +9,9 @@
 //!   weights, inputs, outputs; [`plan`]); caller buffers are imported with
 //!   `VK_EXT_external_memory_host` when aligned (no copy), staged otherwise (counted), and
 //!   each set of bound buffers gets a command buffer recorded once and replayed.
+//! - `submit` returns at once; one completion thread for all Vulkan devices (`waiter`)
+//!   signals the core eventfd `Fence`, polling exported sync_file fds where the device has
+//!   `VK_KHR_external_fence_fd` and `vkWaitForFences` slices otherwise.
 //!
 //! All Vulkan calls, and all `unsafe`, are in `raw`.
 

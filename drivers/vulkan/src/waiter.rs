@@ -70,7 +70,14 @@ fn waiter() -> Result<&'static Waiter> {
     })
 }
 
-/// Hand a submitted job to the completion thread.
+/// Start the completion thread if it is not running (call before submitting, so a job never
+/// exists without a thread to finish it).
+pub fn ensure() -> Result<()> {
+    waiter().map(|_| ())
+}
+
+/// Hand a submitted job to the completion thread. The job is queued even when the wake-up
+/// write fails (the error is returned; the thread still finds the job at its next wake-up).
 pub fn hand_over(job: Job) -> Result<()> {
     let w = waiter()?;
     w.queue.lock().unwrap_or_else(|p| p.into_inner()).push(job);
