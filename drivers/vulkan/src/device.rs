@@ -375,6 +375,8 @@ impl hal::Device for Device {
                         | "DequantizeLinear"
                         | "MatMulInteger"
                         | "QLinearMatMul"
+                        | "ConvInteger"
+                        | "QLinearConv"
                         | "Cast"
                 );
                 if dt != DType::F32 && !shape_input && !quant && node.op != "Constant" {

@@ -187,6 +187,8 @@ pub const SUPPORTED: &[&str] = &[
     "BatchNormalization",
     "MatMulInteger",
     "QLinearMatMul",
+    "ConvInteger",
+    "QLinearConv",
     "Cast",
 ];
 
@@ -1263,7 +1265,9 @@ fn lower_node(
             lw.vals.insert(target, y);
         }
         "BatchNormalization" => lower_batchnorm(lw, node, out0, &fuse, fused)?,
-        "MatMulInteger" | "QLinearMatMul" => lower_qmatmul(lw, node, out0)?,
+        "MatMulInteger" | "QLinearMatMul" | "ConvInteger" | "QLinearConv" => {
+            lower_qmatmul(lw, node, out0)?
+        }
         "Cast" => {
             let to = node.attr_i("to").unwrap_or(0);
             let xv = inp(0).ok_or_else(|| Error::arg("Cast: input is missing"))?;
@@ -1967,49 +1971,46 @@ fn lower_quant(
     Ok(())
 }
 
-/// MatMulInteger / QLinearMatMul with a constant 8-bit B `[K, N]` (packed on the host four
-/// lanes a word, column by column) and A `[..., M, K]` from the device; per-tensor zero
-/// points and scales. Exact int32 accumulation; the requantization multiplier is the CPU
-/// driver's `f32(sa * sb) / sy`.
+/// MatMulInteger / QLinearMatMul (constant 8-bit B `[K, N]`, A `[..., M, K]` from the
+/// device) and ConvInteger / QLinearConv (2-D, constant weight `[Cout, Cin/G, kh, kw]`, groups,
+/// strides, pads, dilations; im2col on the fly) on the integer GEMM kernel. B is packed on the
+/// host four lanes a word, column by column (a column = an output channel), followed by
+/// per-column zero points, requantization multipliers (the CPU driver's `f32(sa * sb) / sy`)
+/// and int32 biases. A's zero point and the output's parameters are per tensor.
 fn lower_qmatmul(lw: &mut Lower<'_>, node: &Node, out0: ValueId) -> Result<()> {
     let g = lw.g;
-    let ql = node.op == "QLinearMatMul";
+    let op = node.op.as_str();
+    let ql = op == "QLinearMatMul" || op == "QLinearConv";
+    let conv = op == "ConvInteger" || op == "QLinearConv";
     let inp = |k: usize| node.inputs.get(k).copied().flatten();
-    // Operand indices: (A, a_zp, B, b_zp) and for QLinearMatMul the scales.
+    // Operand indices: (A, a_zp, B, b_zp) and for the QLinear ops the scales.
     let (ia, iaz, ib, ibz) = if ql { (0, 2, 3, 5) } else { (0, 2, 1, 3) };
     let konst = |lw: &Lower<'_>, k: usize| -> Result<Option<Tensor>> {
         match inp(k) {
             None => Ok(None),
             Some(v) => lw.consts.get(&v).cloned().map(Some).ok_or_else(|| {
-                Error::unsupported(format!(
-                    "{}: input {k} must be a constant on vulkan",
-                    node.op
-                ))
+                Error::unsupported(format!("{op}: input {k} must be a constant on vulkan"))
             }),
         }
     };
-    let scalar_int = |t: &Option<Tensor>, what: &str| -> Result<i64> {
-        match t {
-            None => Ok(0),
-            Some(t) if t.len() == 1 => Ok(t.to_i64_vec()[0]),
-            Some(_) => Err(Error::unsupported(format!(
-                "{}: per-axis {what} on vulkan",
-                node.op
-            ))),
-        }
-    };
-    let b = konst(lw, ib)?
-        .ok_or_else(|| Error::unsupported(format!("{}: B must be a constant", node.op)))?;
+    let b =
+        konst(lw, ib)?.ok_or_else(|| Error::unsupported(format!("{op}: B must be a constant")))?;
     let azp = konst(lw, iaz)?;
     let bzp = konst(lw, ibz)?;
-    let za = scalar_int(&azp, "a zero point")?;
-    let zb = scalar_int(&bzp, "b zero point")?;
+    let za = match &azp {
+        None => 0,
+        Some(t) if t.len() == 1 => t.to_i64_vec()[0],
+        Some(_) => {
+            return Err(Error::unsupported(format!(
+                "{op}: per-axis input zero point on vulkan"
+            )))
+        }
+    };
     let signed = |dt: DType, what: &str| match dt {
         DType::I8 => Ok(true),
         DType::U8 => Ok(false),
         other => Err(Error::unsupported(format!(
-            "{}: {what} of type {other} (int8/uint8 only)",
-            node.op
+            "{op}: {what} of type {other} (int8/uint8 only)"
         ))),
     };
     let bs = signed(b.dtype(), "B")?;
@@ -2019,105 +2020,190 @@ fn lower_qmatmul(lw: &mut Lower<'_>, node: &Node, out0: ValueId) -> Result<()> {
             .and_then(|v| g.values.get(v))
             .and_then(|i| i.dtype)
             .ok_or_else(|| {
-                Error::unsupported(format!(
-                    "{}: A's type is unknown (give a_zero_point)",
-                    node.op
-                ))
+                Error::unsupported(format!("{op}: A's type is unknown (give its zero point)"))
             })?,
     };
     let as_ = signed(a_dt, "A")?;
-    if b.shape().len() != 2 {
-        return Err(Error::unsupported(format!(
-            "{}: B of shape {:?} (2-D only on vulkan)",
-            node.op,
-            b.shape()
-        )));
-    }
-    let (k, n) = (b.shape()[0], b.shape()[1]);
     let a = lw.gpu(inp(ia), "A")?;
-    if a.shape.len() < 2 || a.shape[a.shape.len() - 1] != k {
-        return Err(Error::arg(format!(
-            "{}: A {:?} does not match B {:?}",
-            node.op,
-            a.shape,
-            b.shape()
-        )));
-    }
     if lw.outputs.contains_key(&out0) {
         return Err(Error::unsupported(format!(
-            "{} output as a graph output (vulkan holds integer values as float32)",
-            node.op
+            "{op} output as a graph output (vulkan holds integer values as float32)"
         )));
     }
-    let rows = numel(&a.shape) / k.max(1);
-    let kw = k.div_ceil(4);
-    // Pack B: column n, word w holds rows 4w..4w+3 in its bytes (low byte first).
     let bv = b.to_i64_vec();
-    let mut words = vec![0f32; n * kw];
-    for col in 0..n {
-        for w in 0..kw {
+    // (columns, K, output shape, element kk of column c in bv, conv geometry params)
+    let (ncol, k, shape, geo): (usize, usize, Vec<usize>, Vec<u32>) = if conv {
+        if a.shape.len() != 4 || b.shape().len() != 4 {
+            return Err(Error::unsupported(format!(
+                "{op}: only 2-D convolution on vulkan (input {:?}, weight {:?})",
+                a.shape,
+                b.shape()
+            )));
+        }
+        let (nb, cin, h, w) = (a.shape[0], a.shape[1], a.shape[2], a.shape[3]);
+        let (cout, cg, kh, kw) = (b.shape()[0], b.shape()[1], b.shape()[2], b.shape()[3]);
+        let groups = usize::try_from(node.attr_i("group").unwrap_or(1))
+            .map_err(|_| Error::arg("group must be positive"))?;
+        if groups == 0 || cin != cg * groups || cout % groups != 0 {
+            return Err(Error::arg(format!(
+                "{op}: input channels {cin}, weight {:?}, group {groups} disagree",
+                b.shape()
+            )));
+        }
+        let ks = match node.attr_ints("kernel_shape") {
+            Some(v) => v.iter().map(|&x| x.max(0) as usize).collect(),
+            None => vec![kh, kw],
+        };
+        if ks != [kh, kw] {
+            return Err(Error::arg("kernel_shape does not match the weight"));
+        }
+        let geom = geometry(node, &[h, w], &[kh, kw], false)?;
+        let (gy, gx) = (geom[0], geom[1]);
+        let geo = [
+            cin, h, w, cout, gy[5], gx[5], groups, kh, kw, gy[1], gx[1], gy[3], gx[3], gy[2], gx[2],
+        ]
+        .iter()
+        .map(|&v| u32_of(v, "conv geometry"))
+        .collect::<Result<Vec<u32>>>()?;
+        (cout, cg * kh * kw, vec![nb, cout, gy[5], gx[5]], geo)
+    } else {
+        if b.shape().len() != 2 {
+            return Err(Error::unsupported(format!(
+                "{op}: B of shape {:?} (2-D only on vulkan)",
+                b.shape()
+            )));
+        }
+        let (k, n) = (b.shape()[0], b.shape()[1]);
+        if a.shape.len() < 2 || a.shape[a.shape.len() - 1] != k {
+            return Err(Error::arg(format!(
+                "{op}: A {:?} does not match B {:?}",
+                a.shape,
+                b.shape()
+            )));
+        }
+        let mut shape = a.shape.clone();
+        let last = shape.len() - 1;
+        shape[last] = n;
+        (n, k, shape, vec![0; 15])
+    };
+    let elem = |c: usize, kk: usize| {
+        if conv {
+            bv[c * k + kk]
+        } else {
+            bv[kk * ncol + c]
+        }
+    };
+    let per_col = |t: &Option<Tensor>, what: &str| -> Result<Vec<i64>> {
+        match t {
+            None => Ok(vec![0; ncol]),
+            Some(t) if t.len() == 1 => Ok(vec![t.to_i64_vec()[0]; ncol]),
+            Some(t) if t.len() == ncol => Ok(t.to_i64_vec()),
+            Some(t) => Err(Error::arg(format!(
+                "{op}: {what} has {} values for {ncol} columns",
+                t.len()
+            ))),
+        }
+    };
+    let zbv = per_col(&bzp, "B zero point")?;
+    let kwd = k.div_ceil(4);
+    // Packed B, then zero points, multipliers and biases per column (all as 32-bit words).
+    let mut words = vec![0f32; ncol * kwd];
+    for c in 0..ncol {
+        for w in 0..kwd {
             let mut word = 0u32;
             for l in 0..4 {
                 let kk = w * 4 + l;
                 if kk < k {
-                    word |= ((bv[kk * n + col] as u32) & 0xff) << (8 * l);
+                    word |= ((elem(c, kk) as u32) & 0xff) << (8 * l);
                 }
             }
-            words[col * kw + w] = f32::from_bits(word);
+            words[c * kwd + w] = f32::from_bits(word);
         }
     }
-    let bg = lw.constant(&words, vec![n * kw])?;
-    let mut shape = a.shape.clone();
-    let last = shape.len() - 1;
-    shape[last] = n;
-    let y = lw.place_for(out0, shape)?;
-    let (mode, mul, zy, lo, hi) = if ql {
-        let sc = |lw: &Lower<'_>, i: usize, what: &str| -> Result<f32> {
-            let t = konst(lw, i)?
-                .ok_or_else(|| Error::arg(format!("QLinearMatMul: {what} is missing")))?;
-            if t.len() != 1 {
-                return Err(Error::unsupported(format!(
-                    "QLinearMatMul: per-axis {what} on vulkan"
-                )));
-            }
-            Ok(t.to_f32()[0])
+    let zb_off = words.len();
+    words.extend(zbv.iter().map(|&z| f32::from_bits(z as i32 as u32)));
+    let (mode, zy, lo, hi, mul_off) = if ql {
+        let sc = |lw: &Lower<'_>, i: usize, what: &str| -> Result<Vec<f32>> {
+            let t = konst(lw, i)?.ok_or_else(|| Error::arg(format!("{op}: {what} is missing")))?;
+            Ok(t.to_f32().into_owned())
         };
         let (sa, sb, sy) = (
-            sc(lw, 1, "a_scale")?,
-            sc(lw, 4, "b_scale")?,
-            sc(lw, 6, "y_scale")?,
+            sc(lw, 1, "a scale")?,
+            sc(lw, 4, "b scale")?,
+            sc(lw, 6, "y scale")?,
         );
+        if sa.len() != 1 || sy.len() != 1 || (sb.len() != 1 && sb.len() != ncol) {
+            return Err(Error::unsupported(format!(
+                "{op}: scales must be per tensor (B's may be per column) on vulkan"
+            )));
+        }
         let yzp = konst(lw, 7)?;
-        let zy = scalar_int(&yzp, "y zero point")?;
+        let zy = match &yzp {
+            None => 0,
+            Some(t) if t.len() == 1 => t.to_i64_vec()[0],
+            Some(_) => return Err(Error::unsupported(format!("{op}: per-axis y zero point"))),
+        };
         let (lo, hi) = qrange(yzp.as_ref().map_or(a_dt, |t| t.dtype()))?;
-        (1u32, sa * sb / sy, zy, lo, hi)
+        let mul_off = words.len();
+        words.extend((0..ncol).map(|c| {
+            let s = if sb.len() == 1 { sb[0] } else { sb[c] };
+            sa[0] * s / sy[0]
+        }));
+        (1u32, zy, lo, hi, mul_off)
     } else {
-        (0, 0.0, 0, 0, 0)
+        (0, 0, 0, 0, 0)
     };
-    let total = rows * n;
+    let bias_off = if op == "QLinearConv" && inp(8).is_some() {
+        let t = konst(lw, 8)?.ok_or_else(|| Error::arg("QLinearConv: bias is missing"))?;
+        if t.len() != ncol {
+            return Err(Error::arg(format!(
+                "QLinearConv: bias has {} values, expected {ncol}",
+                t.len()
+            )));
+        }
+        let off = words.len();
+        words.extend(
+            t.to_i64_vec()
+                .iter()
+                .map(|&v| f32::from_bits(v as i32 as u32)),
+        );
+        Some(off)
+    } else {
+        None
+    };
+    let bg = lw.constant(&words, vec![words.len()])?;
+    let y = lw.place_for(out0, shape.clone())?;
+    let total = numel(&shape);
     if total == 0 {
         lw.vals.insert(out0, y);
         return Ok(());
     }
     let int = |v: i64| v as i32 as u32;
-    let p = vec![
+    let woff = |o: usize| -> Result<u32> { u32_of(bg.off as usize + o, "weights offset") };
+    let mut p = vec![
         u32_of(total, "elements")?,
-        u32_of(n, "N")?,
+        u32_of(ncol, "N")?,
         u32_of(k, "K")?,
-        u32_of(kw, "K words")?,
+        u32_of(kwd, "K words")?,
         a.off,
         bg.off,
         y.off,
         int(za),
-        int(zb),
+        woff(zb_off)?,
         as_ as u32,
         bs as u32,
         mode,
-        f(mul),
+        woff(mul_off)?,
         int(zy),
         int(lo),
         int(hi),
+        match bias_off {
+            Some(o) => woff(o)?,
+            None => u32::MAX,
+        },
+        conv as u32,
     ];
+    p.extend(geo);
     let kernel = if lw.tune.int_dot {
         Kernel::QGemmDot
     } else {

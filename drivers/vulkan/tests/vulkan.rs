@@ -1747,3 +1747,111 @@ fn integer_matmuls_match_cpu_on_both_kernels() {
         }
     }
 }
+
+/// ConvInteger and QLinearConv (groups incl. depthwise, strides, pads, dilations, per-channel
+/// weight scales, int32 bias) on both integer kernels against the CPU.
+#[test]
+fn integer_convs_match_cpu_on_both_kernels() {
+    let Some(dev) = device() else { return };
+    let sel = std::env::var("EDGEHAL_VK_DEVICE").unwrap_or_default();
+    let portable = edgehal_vulkan::open_with(
+        &sel,
+        &edgehal_vulkan::OpenOptions {
+            integer_dot_product: false,
+        },
+    )
+    .unwrap();
+    let s = |v: f32| Tensor::from_vec(vec![], vec![v]).unwrap();
+    // (input NCHW, cout, group, kernel, strides, pads, dilations)
+    let cases: Vec<(
+        [usize; 4],
+        usize,
+        usize,
+        [usize; 2],
+        [i64; 2],
+        [i64; 4],
+        [i64; 2],
+    )> = vec![
+        ([1, 3, 7, 9], 5, 1, [3, 3], [1, 1], [1, 1, 1, 1], [1, 1]),
+        ([2, 4, 8, 5], 6, 2, [3, 1], [2, 1], [0, 1, 2, 0], [1, 1]),
+        ([1, 6, 9, 9], 6, 6, [3, 3], [2, 2], [1, 1, 1, 1], [1, 1]), // depthwise
+        ([1, 5, 11, 6], 3, 1, [2, 3], [1, 2], [1, 0, 0, 2], [2, 1]),
+        ([1, 16, 5, 5], 7, 1, [1, 1], [1, 1], [0, 0, 0, 0], [1, 1]), // pointwise, K = 16
+    ];
+    let mut seed = 900;
+    for d in [&dev, &portable] {
+        for (x_signed, w_signed) in [(false, true), (true, true), (false, false)] {
+            for (xs, cout, group, kern, st, pads, dil) in &cases {
+                seed += 1;
+                let cg = xs[1] / group;
+                let w = q8(seed, &[*cout, cg, kern[0], kern[1]], w_signed);
+                let x = Rng(seed).tensor(xs);
+                let xz = if x_signed { 4 } else { 131 };
+                let wz = if w_signed { 0 } else { 118 };
+                let attrs = || {
+                    vec![
+                        ("group", Attr::Int(*group as i64)),
+                        ("strides", ints(st)),
+                        ("pads", ints(pads)),
+                        ("dilations", ints(dil)),
+                    ]
+                };
+                let what = format!(
+                    "{} x{} w{} {xs:?} cout {cout} group {group} k {kern:?} s {st:?} p {pads:?} d {dil:?}",
+                    d.int8_kernel(),
+                    if x_signed { "i8" } else { "u8" },
+                    if w_signed { "i8" } else { "u8" }
+                );
+                let (g, f) = net(
+                    vec![
+                        ("QuantizeLinear", vec!["x", "xs", "xz"], "a", vec![]),
+                        ("ConvInteger", vec!["a", "w", "xz", "wz"], "acc", attrs()),
+                        ("Cast", vec!["acc"], "y", vec![("to", Attr::Int(1))]),
+                    ],
+                    vec![("x", x.clone())],
+                    vec![
+                        ("xs", s(0.01)),
+                        ("xz", zp8(xz, x_signed)),
+                        ("w", w.clone()),
+                        ("wz", zp8(wz, w_signed)),
+                    ],
+                    "y",
+                );
+                let got = run_vk_only(d, &g, &f);
+                let want = run_cpu(&g, &f);
+                assert_eq!(got.shape(), want.shape(), "ConvInteger {what}");
+                assert_eq!(got.to_f32(), want.to_f32(), "ConvInteger {what}");
+                let wscale: Vec<f32> = (0..*cout).map(|c| 0.003 + 0.0007 * c as f32).collect();
+                let bias: Vec<i32> = (0..*cout as i32).map(|c| 37 * c - 90).collect();
+                let (g, f) = net(
+                    vec![
+                        ("QuantizeLinear", vec!["x", "xs", "xz"], "a", vec![]),
+                        (
+                            "QLinearConv",
+                            vec!["a", "xs", "xz", "w", "ws", "wz", "ys", "yz", "bias"],
+                            "q",
+                            attrs(),
+                        ),
+                        ("DequantizeLinear", vec!["q", "ys", "yz"], "y", vec![]),
+                    ],
+                    vec![("x", x)],
+                    vec![
+                        ("xs", s(0.01)),
+                        ("xz", zp8(xz, x_signed)),
+                        ("w", w),
+                        ("ws", Tensor::from_vec(vec![*cout], wscale).unwrap()),
+                        ("wz", zp8(wz, w_signed)),
+                        ("ys", s(0.03)),
+                        ("yz", zp8(if x_signed { -5 } else { 120 }, x_signed)),
+                        ("bias", Tensor::from_vec(vec![*cout], bias).unwrap()),
+                    ],
+                    "y",
+                );
+                let got = run_vk_only(d, &g, &f);
+                let want = run_cpu(&g, &f);
+                let n = steps_apart(&got, &want, 0.03);
+                assert!(n <= 1.001, "QLinearConv {what}: {n} steps apart");
+            }
+        }
+    }
+}
