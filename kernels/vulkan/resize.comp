@@ -13,15 +13,20 @@ layout(std430, set = 0, binding = 1) readonly buffer X_ { float x[]; };
 layout(std430, set = 0, binding = 2) writeonly buffer Y_ { float y[]; };
 
 // 0 total, 1 rank, 2 x_off, 3 y_off, 4 coordinate mode (0 half_pixel, 1 asymmetric,
-// 2 align_corners, 3 pytorch_half_pixel, 4 tf_half_pixel_for_nn), 5 nearest mode
+// 2 align_corners, 3 pytorch_half_pixel, 4 tf_half_pixel_for_nn, 5 half_pixel_symmetric), 5 nearest mode
 // (0 round_prefer_floor, 1 round_prefer_ceil, 2 floor, 3 ceil), 6..11 in shape,
 // 12..17 out shape, 18..23 scales (float), 24 mode (0 nearest, 1 linear)
+// out_len is the integer output length (align_corners and pytorch_half_pixel divide by it, as
+// onnxruntime does; ONNX's reference uses in_len * scale, which differs when that is not an
+// integer); half_pixel_symmetric uses both, as specified.
 float src_coord(float o, float scale, float in_len, float out_len, uint mode) {
+    float out_f = in_len * scale;
     switch (mode) {
     case 1u: return o / scale;
     case 2u: return out_len > 1.0 ? o * (in_len - 1.0) / (out_len - 1.0) : 0.0;
     case 3u: return out_len > 1.0 ? (o + 0.5) / scale - 0.5 : 0.0;
     case 4u: return (o + 0.5) / scale;
+    case 5u: return in_len / 2.0 * (1.0 - out_len / out_f) + (o + 0.5) / scale - 0.5;
     default: return (o + 0.5) / scale - 0.5;
     }
 }

@@ -397,7 +397,7 @@ impl hal::Device for Device {
                 if node.outputs.iter().skip(1).flatten().next().is_some() {
                     return Support::no("BatchNormalization: training outputs on vulkan");
                 }
-                static_inputs_ok(node, graph, &[1, 2, 3, 4])
+                Support::Yes
             }
             "Resize" => {
                 if node

@@ -1695,6 +1695,7 @@ fn lower_node(
                 "align_corners" => 2,
                 "pytorch_half_pixel" => 3,
                 "tf_half_pixel_for_nn" => 4,
+                "half_pixel_symmetric" => 5,
                 other => {
                     return Err(Error::unsupported(format!(
                         "coordinate_transformation_mode '{other}' on vulkan"
@@ -2245,6 +2246,13 @@ fn lower_batchnorm(
         )));
     }
     let c = x.shape[1];
+    let eps = node.attr_f("epsilon").unwrap_or(1e-5);
+    let mut cshape = vec![c];
+    cshape.extend(std::iter::repeat_n(1, x.shape.len() - 2));
+    let all_const = (1..=4).all(|k| inp(k).is_some_and(|v| lw.consts.contains_key(&v)));
+    if !all_const {
+        return batchnorm_runtime(lw, node, &x, eps, cshape, out0, fuse, fused);
+    }
     let mut p: Vec<Vec<f32>> = Vec::with_capacity(4);
     for (k, what) in [(1, "scale"), (2, "B"), (3, "mean"), (4, "var")] {
         let t = inp(k).and_then(|v| lw.consts.get(&v)).ok_or_else(|| {
@@ -2259,11 +2267,8 @@ fn lower_batchnorm(
         }
         p.push(v);
     }
-    let eps = node.attr_f("epsilon").unwrap_or(1e-5);
     let k: Vec<f32> = (0..c).map(|i| p[0][i] / (p[3][i] + eps).sqrt()).collect();
     let sh: Vec<f32> = (0..c).map(|i| p[1][i] - p[2][i] * k[i]).collect();
-    let mut cshape = vec![c];
-    cshape.extend(std::iter::repeat_n(1, x.shape.len() - 2));
     let kg = lw.constant(&k, cshape.clone())?;
     let cg = lw.constant(&sh, cshape)?;
     let (act, target) = match fuse(lw) {
@@ -2285,6 +2290,76 @@ fn lower_batchnorm(
     lw.binary(&tmp, &cg, &y, 0, act)?;
     // The temporary is free again once the add (after the next barrier) has read it.
     lw.free.push((toff as usize, n.max(1).next_multiple_of(16)));
+    lw.vals.insert(target, y);
+    Ok(())
+}
+
+/// BatchNormalization whose statistics are runtime tensors: k = scale / sqrt(var + eps) on
+/// the `[C]` vectors, then y = (x - mean) * k + B with broadcasting (six dispatches).
+#[allow(clippy::too_many_arguments)]
+fn batchnorm_runtime(
+    lw: &mut Lower<'_>,
+    node: &Node,
+    x: &GVal,
+    eps: f32,
+    cshape: Vec<usize>,
+    out0: ValueId,
+    fuse: &FuseFn<'_>,
+    fused: &mut HashSet<usize>,
+) -> Result<()> {
+    let inp = |k: usize| node.inputs.get(k).copied().flatten();
+    let c = cshape[0];
+    let mut prm = Vec::with_capacity(4);
+    for (k, what) in [(1, "scale"), (2, "B"), (3, "mean"), (4, "var")] {
+        let g = lw.gpu(inp(k), what)?;
+        if numel(&g.shape) != c {
+            return Err(Error::arg(format!(
+                "BatchNormalization: {what} has shape {:?} for {c} channels",
+                g.shape
+            )));
+        }
+        prm.push(GVal {
+            shape: vec![c],
+            ..g
+        });
+    }
+    let none = (ACT_NONE, 0.0, 0.0);
+    let epsg = lw.constant(&[eps], vec![1])?;
+    let mut temps = Vec::new();
+    let mut tmp = |lw: &mut Lower<'_>, shape: Vec<usize>| -> Result<GVal> {
+        let n = numel(&shape);
+        let off = lw.alloc(n)?;
+        temps.push((off as usize, n.max(1).next_multiple_of(16)));
+        Ok(GVal {
+            place: Place::Arena,
+            off,
+            shape,
+        })
+    };
+    let ve = tmp(lw, vec![c])?;
+    lw.binary(&prm[3], &epsg, &ve, 0, none)?;
+    let sd = tmp(lw, vec![c])?;
+    lw.unary(&ve, &sd, 11, 0.0, 0.0)?;
+    let k = tmp(lw, vec![c])?;
+    lw.binary(&prm[0], &sd, &k, 3, none)?;
+    let centred = tmp(lw, x.shape.clone())?;
+    let bc = |g: &GVal| GVal {
+        shape: cshape.clone(),
+        ..g.clone()
+    };
+    lw.binary(x, &bc(&prm[2]), &centred, 1, none)?;
+    let scaled = tmp(lw, x.shape.clone())?;
+    lw.binary(&centred, &bc(&k), &scaled, 2, none)?;
+    let (act, target) = match fuse(lw) {
+        Some((idx, o, a)) => {
+            fused.insert(idx);
+            (a, o)
+        }
+        None => (none, out0),
+    };
+    let y = lw.place_for(target, x.shape.clone())?;
+    lw.binary(&scaled, &bc(&prm[1]), &y, 0, act)?;
+    lw.free.extend(temps);
     lw.vals.insert(target, y);
     Ok(())
 }

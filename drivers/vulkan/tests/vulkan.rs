@@ -1855,3 +1855,77 @@ fn integer_convs_match_cpu_on_both_kernels() {
         }
     }
 }
+
+/// ONNX's own node test cases (generated from the `onnx` package) for the float ops added
+/// here, run on Vulkan against their expected outputs; cases outside what the driver does
+/// must be refused with a reason, not miscomputed.
+#[test]
+fn onnx_node_cases_for_batchnorm_and_linear_resize() {
+    let Some(dev) = device() else { return };
+    let root = std::path::Path::new("/tmp/onnx-node-cases");
+    if !root.exists() {
+        println!("SKIP: {} not present", root.display());
+        return;
+    }
+    let read = |p: std::path::PathBuf| {
+        edgehal::onnx::read_tensor_pb(std::fs::read(&p).unwrap().into())
+            .unwrap()
+            .1
+    };
+    let pass = [
+        "test_batchnorm_epsilon",
+        "test_batchnorm_example",
+        "test_resize_upsample_scales_linear",
+        "test_resize_upsample_scales_linear_align_corners",
+        "test_resize_downsample_scales_linear",
+        // Not test_resize_downsample_scales_linear_align_corners: there 4 * 0.6 is not an
+        // integer, and ONNX's reference divides by 2.4 - 1 where onnxruntime 1.32 (and this
+        // driver, see resize_align_corners_matches_onnxruntime) divides by 2 - 1.
+        "test_resize_downsample_sizes_linear_pytorch_half_pixel",
+        "test_resize_upsample_scales_nearest",
+        "test_resize_upsample_scales_linear_half_pixel_symmetric",
+        "test_resize_downsample_scales_linear_half_pixel_symmetric",
+        "test_resize_upsample_sizes_nearest",
+        "test_resize_downsample_sizes_nearest",
+        "test_resize_upsample_sizes_nearest_floor_align_corners",
+        "test_resize_upsample_sizes_nearest_round_prefer_ceil_asymmetric",
+        "test_resize_upsample_sizes_nearest_ceil_half_pixel",
+    ];
+    let refuse = [
+        "test_resize_upsample_scales_cubic",
+        "test_resize_downsample_scales_linear_antialias",
+        "test_batchnorm_example_training_mode",
+    ];
+    let mut ran = 0;
+    for name in pass.iter().chain(&refuse) {
+        let dir = root.join(name);
+        if !dir.exists() {
+            println!("SKIP: {name} not generated");
+            continue;
+        }
+        let mut m = edgehal::Model::load(dir.join("model.onnx")).unwrap();
+        let set = dir.join("test_data_set_0");
+        let mut ins: Vec<Tensor> = (0..m.graph.inputs.len())
+            .map(|k| read(set.join(format!("input_{k}.pb"))))
+            .collect();
+        if name.starts_with("test_resize") {
+            // The plan needs output shapes when it is lowered: Resize's roi/scales/sizes
+            // inputs become constants (as in exported models).
+            for (v, t) in m.graph.inputs.drain(1..).zip(ins.drain(1..)) {
+                m.graph.initializers.insert(v, t);
+            }
+        }
+        let r = Runner::new(Arc::clone(&dev), &m.graph, &ins).and_then(|r| r.run());
+        if refuse.contains(name) {
+            let e = r.err().unwrap_or_else(|| panic!("{name}: must be refused"));
+            println!("{name}: refused: {e}");
+            assert!(!e.to_string().is_empty());
+            continue;
+        }
+        let got = r.unwrap_or_else(|e| panic!("{name}: {e}"));
+        let want = read(set.join("output_0.pb"));
+        assert_close(name, &got[0], want.shape(), &want.to_f32(), 1e-5);
+        ran += 1;
+    }
+    println!("{ran} ONNX node cases match on vulkan");
+}
