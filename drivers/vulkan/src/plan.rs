@@ -2105,6 +2105,12 @@ fn lower_qmatmul(lw: &mut Lower<'_>, node: &Node, out0: ValueId) -> Result<()> {
             ))),
         }
     };
+    // int32 accumulation: |sum| <= K * 255 * 255 must stay below 2^31.
+    if k > 33_000 {
+        return Err(Error::unsupported(format!(
+            "{op}: K = {k} could overflow the int32 accumulator (at most 33000 on vulkan)"
+        )));
+    }
     let zbv = per_col(&bzp, "B zero point")?;
     let kwd = k.div_ceil(4);
     // Packed B, then zero points, multipliers and biases per column (all as 32-bit words).

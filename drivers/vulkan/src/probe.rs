@@ -154,8 +154,12 @@ impl PhysInfo {
             yn(self.cooperative_matrix),
         );
         p.insert(
-            "VK_KHR_external_fence_fd (sync_fd)".into(),
-            yn(self.external_fence_sync_fd),
+            "VK_KHR_external_fence_fd".into(),
+            if self.external_fence_sync_fd {
+                "yes (sync_fd export: completions polled)".into()
+            } else {
+                "no (completions by vkWaitForFences slices)".into()
+            },
         );
         p.insert("int8_path".into(), self.int8_path().into());
         p

@@ -896,11 +896,25 @@ fn probe_lists_the_device_with_capabilities() {
         "VK_KHR_cooperative_matrix",
         "integer_dot_product",
         "memory_heaps",
+        "VK_KHR_external_fence_fd",
+        "int8_path",
     ] {
         assert!(text.contains(key), "probe text lacks {key}:\n{text}");
     }
     let j = list.to_json();
     assert_eq!(j["available"], true);
+    // The int8 path shown is the kernel the opened device uses.
+    let me = &j["devices"][dev.phys().index];
+    let path = me["int8_path"].as_str().unwrap().to_string();
+    assert!(
+        path.contains(dev.int8_kernel()),
+        "{path} vs {}",
+        dev.int8_kernel()
+    );
+    assert_eq!(
+        me["external_fence_sync_fd"].as_bool(),
+        Some(dev.phys().external_fence_sync_fd)
+    );
     assert!(j["devices"][0]["subgroup_size"].as_u64().unwrap() > 0);
     use edgehal_core::driver::Driver as _;
     let infos = edgehal_vulkan::Driver.probe(&edgehal_core::driver::SysRoot::live());
