@@ -211,6 +211,7 @@ fn main() {
     io_uring();
     irq_io_uring(&dev, &edu, exe.as_ref(), &t);
     drop(exe);
+    dma_staged(&dev, &t);
     hang_deadline(&dev, &edu, &t);
 }
 
@@ -423,6 +424,43 @@ fn irq_io_uring(dev: &Arc<dyn Device>, edu: &Arc<Edu>, exe: &dyn Executable, t: 
     match r {
         Ok(d) => check("irq_io_uring", true, d),
         Err(e) => check("irq_io_uring", false, e),
+    }
+}
+
+/// Buffers the device cannot DMA-map themselves: the input is a read-only tensor's storage
+/// (staged through the executable's own mapped buffer, one counted copy) and the output is left
+/// unbound (the device allocates it, maps it and hands it back without a copy).
+fn dma_staged(dev: &Arc<dyn Device>, t: &Tensor) {
+    let r = (|| -> edgehal_core::Result<String> {
+        let exe = dev.compile(&Subgraph::whole(&identity_graph()))?;
+        let c = CopyCounter::new();
+        let input = TensorBuffer::from_tensor(t, &c);
+        let bindings = Bindings::new(vec![input], vec![None], &c);
+        dev.submit(exe.as_ref(), &bindings)?
+            .wait(Some(Duration::from_secs(30)))?;
+        let out = bindings
+            .output(0)
+            .ok_or_else(|| edgehal_core::Error::arg("no output delivered"))?;
+        let got = out.buffer.to_vec()?;
+        let same = got.get(..t.bytes().len()) == Some(&t.bytes()[..])
+            && out.shape == t.shape()
+            && out.dtype == t.dtype();
+        let detail = format!(
+            "read-only input staged, device-allocated output: equal={same}, {} copies of {} \
+             bytes (expected 1 of {})",
+            c.copies(),
+            c.bytes(),
+            t.bytes().len()
+        );
+        if same && c.copies() == 1 && c.bytes() == t.bytes().len() as u64 {
+            Ok(detail)
+        } else {
+            Err(edgehal_core::Error::arg(detail))
+        }
+    })();
+    match r {
+        Ok(d) => check("dma_staged", true, d),
+        Err(e) => check("dma_staged", false, e),
     }
 }
 

@@ -135,6 +135,7 @@ fn vm_guest_checks() {
         "dma_roundtrip",
         "irq_completion",
         "api_refusals",
+        "dma_staged",
         "unmapped_not_written",
         "dmar_fault",
         "udmabuf_dma",
