@@ -56,8 +56,29 @@ fn bind(t: &Tensor, c: &CopyCounter) -> edgehal_core::Result<(Bindings, Buffer)>
     Ok((b, dst))
 }
 
+/// Argument that makes the binary only try to open the device and print the error (run as an
+/// unprivileged user by the `no_permission` check).
+const OPEN_ONLY: &str = "--open-only";
+
 fn main() {
-    let Some(bdf) = std::env::args().nth(1) else {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(OPEN_ONLY) {
+        let bdf = args.get(2).cloned().unwrap_or_default();
+        let driver = EduDriver::new();
+        let probed = driver.probe(&SysRoot::live());
+        match probed
+            .iter()
+            .find(|d| d.properties.get("pci") == Some(&bdf))
+        {
+            None => println!("OPEN no edu device at {bdf}"),
+            Some(info) => match driver.open(info) {
+                Ok(_) => println!("OPEN ok"),
+                Err(e) => println!("OPEN {e}"),
+            },
+        }
+        return;
+    }
+    let Some(bdf) = args.get(1).cloned() else {
         check("vfio_open", false, "usage: vm_guest <bdf>");
         return;
     };
@@ -204,6 +225,8 @@ fn main() {
     }
 
     api_refusals(&dev);
+    no_permission(&bdf);
+    iova_exhausted(&edu);
     unmapped_not_written(&edu);
     udmabuf_dma(&edu);
     dma_heap();
@@ -231,6 +254,77 @@ fn api_refusals(dev: &Arc<dyn Device>) {
             compiled.err().map_or("accepted".into(), |e| e.to_string())
         ),
     );
+}
+
+/// Opening the device as an unprivileged user (uid/gid 65534) with the group node root-only
+/// must fail with the actionable permission error (EACCES comes before the group's EBUSY).
+fn no_permission(bdf: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let r = (|| -> Result<String, String> {
+        let group = std::fs::read_link(format!("/sys/bus/pci/devices/{bdf}/iommu_group"))
+            .map_err(|e| format!("iommu_group: {e}"))?;
+        let group = group
+            .file_name()
+            .map(|g| g.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let node = format!("/dev/vfio/{group}");
+        std::fs::set_permissions(&node, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("chmod {node}: {e}"))?;
+        let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+        let out = std::process::Command::new(exe)
+            .args([OPEN_ONLY, bdf])
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .map_err(|e| format!("spawning as uid 65534: {e}"))?;
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let want = format!("no permission to open {node}");
+        if text.contains(&want) && text.contains("chown") {
+            Ok(format!("as uid 65534: {text}"))
+        } else {
+            Err(format!("as uid 65534, expected '{want}': {text}"))
+        }
+    })();
+    match r {
+        Ok(d) => check("no_permission", true, d),
+        Err(e) => check("no_permission", false, e),
+    }
+}
+
+/// Mapping one 64 MiB buffer again and again (same pages, new IOVA ranges) must run out of
+/// edu's 28-bit IOVA window with the actionable error, and unmapping must give it all back.
+fn iova_exhausted(edu: &Arc<Edu>) {
+    let r = (|| -> edgehal_vfio::Result<String> {
+        let space = edu.pci().dma();
+        let free0 = space.free_iova()?;
+        let b = Buffer::alloc(64 << 20, &CopyCounter::new())?;
+        let mut maps = Vec::new();
+        let err = loop {
+            match space.map(&b) {
+                Ok(m) => maps.push(m),
+                Err(e) => break e,
+            }
+            if maps.len() > 8 {
+                return Err(edgehal_vfio::Error::arg("never ran out of IOVA space"));
+            }
+        };
+        let n = maps.len();
+        let msg = err.to_string();
+        drop(maps);
+        let free1 = space.free_iova()?;
+        if matches!(err, edgehal_vfio::Error::IovaExhausted { .. }) && free1 == free0 {
+            Ok(format!("{n} mappings of 64 MiB fit, then: {msg}; all {free1:#x} bytes free again after unmapping"))
+        } else {
+            Err(edgehal_vfio::Error::arg(format!(
+                "after {n} mappings: {msg}; free {free0:#x} before, {free1:#x} after"
+            )))
+        }
+    })();
+    match r {
+        Ok(d) => check("iova_exhausted", true, d),
+        Err(e) => check("iova_exhausted", false, e),
+    }
 }
 
 fn unmapped_not_written(edu: &Arc<Edu>) {

@@ -1,9 +1,9 @@
-//! DMA mapping of host buffers into a device's IOVA space.
+//! DMA mapping of edgehal [`Buffer`]s into a device's IOVA space.
 //!
 //! A [`DmaSpace`] is one IOMMU domain (a VFIO container) with its IOVA allocator. Mapping a
-//! buffer returns a [`DmaMapping`] that owns a reference to the buffer and unmaps on drop, so the
-//! memory can never be freed while the device may still reach it. Plans keep their mappings for
-//! their whole lifetime; nothing is mapped per inference.
+//! buffer pins it ([`Buffer::dma_pin`]) and returns a [`DmaMapping`] that owns the pin and unmaps
+//! on drop, so the memory can never be freed while the device may still reach it. Executables
+//! keep their mappings for their whole lifetime; nothing is mapped per inference.
 
 use std::sync::{Arc, Mutex};
 

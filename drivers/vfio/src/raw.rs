@@ -26,8 +26,6 @@ const IOC_TYPESHIFT: u32 = IOC_NRSHIFT + IOC_NRBITS;
 const IOC_SIZESHIFT: u32 = IOC_TYPESHIFT + IOC_TYPEBITS;
 const IOC_DIRSHIFT: u32 = IOC_SIZESHIFT + IOC_SIZEBITS;
 const IOC_NONE: u32 = 0;
-const IOC_WRITE: u32 = 1;
-const IOC_READ: u32 = 2;
 
 /// `_IOC(dir, type, nr, size)`.
 pub const fn ioc(dir: u32, ty: u8, nr: u8, size: usize) -> u32 {
@@ -40,15 +38,6 @@ pub const fn ioc(dir: u32, ty: u8, nr: u8, size: usize) -> u32 {
 pub const fn io(ty: u8, nr: u8) -> u32 {
     ioc(IOC_NONE, ty, nr, 0)
 }
-/// `_IOW(type, nr, size)`.
-pub const fn iow(ty: u8, nr: u8, size: usize) -> u32 {
-    ioc(IOC_WRITE, ty, nr, size)
-}
-/// `_IOWR(type, nr, size)`.
-pub const fn iowr(ty: u8, nr: u8, size: usize) -> u32 {
-    ioc(IOC_READ | IOC_WRITE, ty, nr, size)
-}
-
 /// `VFIO_TYPE` (';') and `VFIO_BASE`.
 pub const VFIO_TYPE: u8 = b';';
 /// First VFIO ioctl number.

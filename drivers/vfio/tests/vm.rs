@@ -135,6 +135,8 @@ fn vm_guest_checks() {
         "dma_roundtrip",
         "irq_completion",
         "api_refusals",
+        "no_permission",
+        "iova_exhausted",
         "dma_staged",
         "unmapped_not_written",
         "dmar_fault",
