@@ -36,6 +36,16 @@ pub fn run(json: bool, sysroot: Option<std::path::PathBuf>) -> anyhow::Result<()
                 .push(ProbedDevice::failed_plugin(path.display().to_string(), e)),
         }
     }
+    // PCI devices that edgehal drives from user space through VFIO (today: QEMU's edu DMA
+    // device, the worked example of a PCIe driver). Probing reads sysfs only.
+    {
+        use edgehal_core::driver::Driver;
+        for info in edgehal_vfio::driver::EduDriver::new().probe(&root) {
+            report
+                .devices
+                .push(ProbedDevice::from_driver_info(&info, Backend::Vfio));
+        }
+    }
     // Enumerating Vulkan devices opens the loader: only for the live machine.
     let vk = root.is_live().then(edgehal_vulkan::list);
     if json {

@@ -97,3 +97,48 @@ fn live_json_reports_avx512_when_cpuinfo_does() {
         assert_eq!(feats.contains(&canon), flags.contains(&flag), "{canon}");
     }
 }
+
+#[test]
+fn vfio_edu_devices_are_listed_with_what_is_missing() {
+    // Two edu functions: 03.0 bound to vfio-pci with its group node, 04.0 bound to nothing.
+    let out = Command::new(env!("CARGO_BIN_EXE_edgehal"))
+        .args(["probe", "--json", "--sysroot"])
+        .arg(fixture("qemu-edu-vfio"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let edu: Vec<&serde_json::Value> = v["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["driver"] == "vfio")
+        .collect();
+    assert_eq!(edu.len(), 2, "{v}");
+    let by = |bdf: &str| {
+        *edu.iter()
+            .find(|d| d["name"].as_str().is_some_and(|n| n.ends_with(bdf)))
+            .unwrap_or_else(|| panic!("no edu device {bdf} in {v}"))
+    };
+    let bound = by("0000:00:03.0");
+    assert_eq!(bound["available"], true, "{bound}");
+    let unbound = by("0000:00:04.0");
+    assert_eq!(unbound["available"], false, "{unbound}");
+    let why = unbound["reason"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("vfio-pci"),
+        "reason should say how to bind: {why}"
+    );
+
+    let table = Command::new(env!("CARGO_BIN_EXE_edgehal"))
+        .args(["probe", "--sysroot"])
+        .arg(fixture("qemu-edu-vfio"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.contains("edu:0000:00:03.0"), "{text}");
+}

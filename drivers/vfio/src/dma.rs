@@ -1,52 +1,18 @@
-//! DMA mapping of host buffers into a device's IOVA space.
+//! DMA mapping of edgehal [`Buffer`]s into a device's IOVA space.
 //!
 //! A [`DmaSpace`] is one IOMMU domain (a VFIO container) with its IOVA allocator. Mapping a
-//! buffer returns a [`DmaMapping`] that owns a reference to the buffer and unmaps on drop, so the
-//! memory can never be freed while the device may still reach it. Plans keep their mappings for
-//! their whole lifetime; nothing is mapped per inference.
+//! buffer pins it ([`Buffer::dma_pin`]) and returns a [`DmaMapping`] that owns the pin and unmaps
+//! on drop, so the memory can never be freed while the device may still reach it. Executables
+//! keep their mappings for their whole lifetime; nothing is mapped per inference.
 
 use std::sync::{Arc, Mutex};
 
+use edgehal_core::buffer::{Buffer, DmaPin};
 use vfio_ioctls::VfioContainer;
 
 use crate::error::{Error, Result};
 use crate::iova::IovaAllocator;
-use crate::raw::{self, DmaBuffer, MmapRegion};
-
-/// Page-aligned anonymous host memory for DMA (the local stand-in for edgehal's `Buffer`).
-pub struct HostBuffer;
-
-impl HostBuffer {
-    /// Zeroed anonymous memory of at least `len` bytes, rounded up to whole pages.
-    pub fn anonymous(len: usize) -> Result<Arc<MmapRegion>> {
-        let len = round_pages(len)?;
-        Ok(Arc::new(MmapRegion::anonymous(len)?))
-    }
-
-    /// Memory backed by a shmem memfd (so it can also be exported, e.g. as a udmabuf).
-    pub fn memfd(len: usize, seal_shrink: bool) -> Result<Arc<MmapRegion>> {
-        let len = round_pages(len)?;
-        let fd = raw::memfd("edgehal-dma", len, seal_shrink)?;
-        // the mapping keeps a duplicate of the fd so that `fd()` can export it later
-        let keep = fd.try_clone().map_err(|e| Error::os("dup memfd", e))?;
-        Ok(Arc::new(MmapRegion::shared(
-            raw::borrow_fd(&fd),
-            len,
-            0,
-            true,
-            Some(keep),
-        )?))
-    }
-}
-
-/// Round `len` up to a whole number of pages (at least one).
-pub fn round_pages(len: usize) -> Result<usize> {
-    let page = raw::page_size();
-    let len = len.max(1);
-    len.checked_add(page - 1)
-        .map(|x| x / page * page)
-        .ok_or_else(|| Error::arg(format!("buffer length {len} too large")))
-}
+use crate::raw;
 
 /// One IOMMU domain: a VFIO container plus the IOVA window devices in it may use.
 pub struct DmaSpace {
@@ -64,19 +30,21 @@ impl DmaSpace {
         }
     }
 
-    /// Map `buf` for device read and write at a fresh IOVA. The mapping keeps `buf` alive and
-    /// unmaps on drop.
-    pub fn map(self: &Arc<Self>, buf: Arc<dyn DmaBuffer>) -> Result<DmaMapping> {
-        let len = buf.len();
+    /// Map an edgehal [`Buffer`] (its view, widened to whole pages) for device read and write
+    /// at a fresh IOVA. The mapping pins the buffer's memory (see [`Buffer::dma_pin`]: from
+    /// then on tensors read from it are copies, since the device may write it) and unmaps on
+    /// drop; the memory cannot be freed while the device can reach it.
+    pub fn map(self: &Arc<Self>, buf: &Buffer) -> Result<DmaMapping> {
+        let pin = buf.dma_pin().map_err(|e| {
+            Error::arg(format!(
+                "DMA map on {}: {buf:?} cannot be pinned: {e}",
+                self.bdf
+            ))
+        })?;
+        let len = pin.len();
         let page = raw::page_size();
-        if len == 0 || !len.is_multiple_of(page) || !(buf.as_ptr() as usize).is_multiple_of(page) {
-            return Err(Error::arg(format!(
-                "DMA map: buffer at {:p} of {len} bytes is not page-aligned",
-                buf.as_ptr()
-            )));
-        }
         let iova = self.lock()?.alloc(len as u64, page as u64)?;
-        if let Err(source) = raw::vfio_dma_map(&self.container, iova, buf.as_ref()) {
+        if let Err(source) = raw::vfio_dma_map(&self.container, iova, &pin) {
             let _ = self.lock()?.free(iova);
             let efault = matches!(&source, vfio_ioctls::VfioError::IommuDmaMap(e) if e.errno() == libc::EFAULT);
             return Err(if efault {
@@ -97,7 +65,8 @@ impl DmaSpace {
         Ok(DmaMapping {
             space: Arc::clone(self),
             iova,
-            buf,
+            pin: Some(pin),
+            buf: buf.clone(),
         })
     }
 
@@ -117,7 +86,9 @@ impl DmaSpace {
 pub struct DmaMapping {
     space: Arc<DmaSpace>,
     iova: u64,
-    buf: Arc<dyn DmaBuffer>,
+    /// Always `Some` until drop (taken there to be leaked if the unmap fails).
+    pin: Option<DmaPin>,
+    buf: Buffer,
 }
 
 impl DmaMapping {
@@ -125,23 +96,27 @@ impl DmaMapping {
     pub fn iova(&self) -> u64 {
         self.iova
     }
-    /// Length in bytes.
+    /// Bytes of the buffer view that was mapped (the IOVA range covers whole pages).
     pub fn len(&self) -> usize {
         self.buf.len()
     }
-    /// Whether the mapping is empty (never).
+    /// Whether the mapped view is empty.
     pub fn is_empty(&self) -> bool {
         self.buf.is_empty()
     }
-    /// The mapped buffer.
-    pub fn buffer(&self) -> &Arc<dyn DmaBuffer> {
+    /// Length of the IOVA range (whole pages).
+    pub fn mapped_len(&self) -> usize {
+        self.pin.as_ref().map_or(0, DmaPin::len)
+    }
+    /// The mapped buffer (CPU access through its copies and leases).
+    pub fn buffer(&self) -> &Buffer {
         &self.buf
     }
 }
 
 impl Drop for DmaMapping {
     fn drop(&mut self) {
-        let len = self.buf.len();
+        let len = self.mapped_len();
         match self.space.container.vfio_dma_unmap(self.iova, len) {
             Ok(()) => {
                 if let Ok(mut a) = self.space.iova.lock() {
@@ -155,29 +130,8 @@ impl Drop for DmaMapping {
                      keeping the buffer alive",
                     self.iova, self.space.bdf
                 );
-                std::mem::forget(Arc::clone(&self.buf));
+                std::mem::forget(self.pin.take());
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn host_buffers_are_page_aligned() {
-        let page = raw::page_size();
-        let b = HostBuffer::anonymous(10).unwrap();
-        assert_eq!(b.len(), page);
-        assert_eq!(b.as_ptr() as usize % page, 0);
-        assert!(DmaBuffer::fd(b.as_ref()).is_none());
-        let m = HostBuffer::memfd(page + 1, true).unwrap();
-        assert_eq!(m.len(), 2 * page);
-        assert!(DmaBuffer::fd(m.as_ref()).is_some());
-        m.write_u32(page, 0xabcd).unwrap();
-        assert_eq!(m.read_u32(page).unwrap(), 0xabcd);
-        assert_eq!(round_pages(0).unwrap(), page);
-        assert!(round_pages(usize::MAX).is_err());
     }
 }

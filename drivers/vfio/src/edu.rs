@@ -2,20 +2,19 @@
 //! the worked example of a PCIe accelerator driver on edgehal's VFIO layer.
 //!
 //! The device has a 4 KiB internal buffer at device address 0x40000 and a DMA engine that copies
-//! between it and host memory (through the IOMMU), raising an interrupt when done. [`EduPlan`]
-//! moves a tensor RAM -> device -> RAM in chunks, with both host buffers mapped once for the
-//! plan's lifetime. A transfer that misses its deadline marks the device lost; every later call
-//! fails fast with [`Error::DeviceLost`] so a scheduler can re-plan.
+//! between it and host memory (through the IOMMU), raising an interrupt when done. This module
+//! is the register-level engine ([`Edu`]); [`crate::driver`] puts it behind edgehal's own
+//! `Driver`/`Device`/`Executable` traits and `Buffer`s. A transfer that misses its deadline
+//! marks the device lost; every later call fails fast with [`Error::DeviceLost`] so a
+//! scheduler can re-plan.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use edgehal_core::Tensor;
-
 use crate::device::{Irq, IrqKind, VfioPci};
-use crate::dma::{DmaMapping, HostBuffer};
+use crate::dma::DmaMapping;
 use crate::error::{Error, Result};
 use crate::raw::{self, MmapRegion, Uring};
 
@@ -338,77 +337,6 @@ trait Exceeds<T> {
 impl<T: PartialOrd> Exceeds<T> for Option<T> {
     fn exceeds(self, limit: T) -> bool {
         !matches!(self, Some(v) if v <= limit)
-    }
-}
-
-/// Moves tensors RAM -> device -> RAM. Both host buffers are mapped once, when the plan is made,
-/// and stay mapped (pinned) until the plan is dropped; a run only copies and starts DMA.
-pub struct EduPlan {
-    edu: Arc<Edu>,
-    src: DmaMapping,
-    dst: DmaMapping,
-    src_mem: Arc<MmapRegion>,
-    dst_mem: Arc<MmapRegion>,
-    /// Bytes per chunk (at most [`MAX_DMA`]).
-    chunk: usize,
-}
-
-impl EduPlan {
-    /// A plan for tensors of up to `max_bytes` bytes.
-    pub fn new(edu: Arc<Edu>, max_bytes: usize) -> Result<Self> {
-        let src_mem = HostBuffer::anonymous(max_bytes)?;
-        let dst_mem = HostBuffer::anonymous(max_bytes)?;
-        let src = edu.pci.dma().map(src_mem.clone())?;
-        let dst = edu.pci.dma().map(dst_mem.clone())?;
-        Ok(EduPlan {
-            edu,
-            src,
-            dst,
-            src_mem,
-            dst_mem,
-            chunk: 2048,
-        })
-    }
-
-    /// The source mapping (for tests).
-    pub fn src(&self) -> &DmaMapping {
-        &self.src
-    }
-
-    /// The destination mapping (for tests).
-    pub fn dst(&self) -> &DmaMapping {
-        &self.dst
-    }
-
-    /// Copy bytes out of the destination buffer (volatile reads).
-    pub fn read_dst(&self, off: usize, out: &mut [u8]) -> Result<()> {
-        self.dst_mem.read_bytes(off, out)
-    }
-
-    /// Move `t`'s bytes into the device and back into fresh host memory; returns the copy.
-    pub fn run(&self, t: &Tensor) -> Result<Tensor> {
-        let bytes = t.bytes();
-        if bytes.len() > self.src.len() {
-            return Err(Error::arg(format!(
-                "tensor of {} bytes does not fit the plan's {}-byte buffers",
-                bytes.len(),
-                self.src.len()
-            )));
-        }
-        let (src, dst) = (&self.src_mem, &self.dst_mem);
-        src.write_bytes(0, bytes)?;
-        dst.fill(0, bytes.len(), 0)?;
-        let mut off = 0;
-        while off < bytes.len() {
-            let n = (bytes.len() - off).min(self.chunk);
-            self.edu.dma(Dir::ToDevice, &self.src, off, 0, n)?;
-            self.edu.dma(Dir::ToRam, &self.dst, off, 0, n)?;
-            off += n;
-        }
-        let mut out = vec![0u8; bytes.len()];
-        dst.read_bytes(0, &mut out)?;
-        Tensor::from_bytes(t.dtype(), t.shape().to_vec(), out.into())
-            .map_err(|e| Error::arg(format!("rebuilding tensor: {e}")))
     }
 }
 

@@ -110,6 +110,48 @@ pub enum Error {
     /// The device does not look like what the driver expects.
     #[error("{0}")]
     Unsupported(String),
+
+    /// An error from edgehal-core (buffers, graphs).
+    #[error(transparent)]
+    Core(#[from] edgehal_core::Error),
+}
+
+impl From<Error> for edgehal_core::Error {
+    /// Errors cross into edgehal's own API as `Device` errors named by the PCI address (the
+    /// address is not repeated in the message), or unchanged when they came from edgehal-core.
+    fn from(e: Error) -> Self {
+        let bdf = match &e {
+            Error::Core(_) => None,
+            Error::NoDevice { bdf, .. }
+            | Error::NotBoundToVfio { bdf, .. }
+            | Error::NoIommuGroup { bdf, .. }
+            | Error::NoGroupNode { bdf, .. }
+            | Error::NoPermission { bdf, .. }
+            | Error::GroupNotViable { bdf, .. }
+            | Error::Vfio { bdf, .. }
+            | Error::DeviceHang { bdf, .. }
+            | Error::DeviceLost { bdf, .. } => Some(bdf.clone()),
+            _ => None,
+        };
+        match (e, bdf) {
+            (Error::Core(c), _) => c,
+            (e, Some(bdf)) => {
+                let msg = e.to_string();
+                let short = [format!("PCI device {bdf} "), format!("device {bdf} ")]
+                    .iter()
+                    .find_map(|p| msg.strip_prefix(p.as_str()))
+                    .map(str::to_string);
+                edgehal_core::Error::Device {
+                    device: bdf,
+                    msg: short.unwrap_or(msg),
+                }
+            }
+            (e, None) => edgehal_core::Error::Device {
+                device: "vfio".into(),
+                msg: e.to_string(),
+            },
+        }
+    }
 }
 
 impl Error {

@@ -1,5 +1,6 @@
-//! Every `unsafe` operation of the crate lives here: ioctl numbers and calls, memory mappings,
-//! volatile MMIO/DMA memory access, memfd, and io_uring submissions.
+//! Every `unsafe` operation of the crate lives here: ioctl numbers and calls, BAR mappings,
+//! volatile MMIO access, the IOMMU mapping of pinned edgehal buffers, and io_uring submissions.
+//! dma-buf, memfd and udmabuf live in edgehal-core (`buffer`, `sys::mem`), not here.
 //!
 //! Trust model: the kernel honours its documented contracts (an ioctl writes only the struct it
 //! is given, an mmap of N bytes yields N accessible bytes until munmap). Callers and devices are
@@ -8,8 +9,7 @@
 //! accesses, never through a `&[u8]` (a shared reference to memory that changes under it is
 //! undefined behaviour).
 
-use std::ffi::CString;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 
 use crate::error::{Error, Result};
@@ -26,8 +26,6 @@ const IOC_TYPESHIFT: u32 = IOC_NRSHIFT + IOC_NRBITS;
 const IOC_SIZESHIFT: u32 = IOC_TYPESHIFT + IOC_TYPEBITS;
 const IOC_DIRSHIFT: u32 = IOC_SIZESHIFT + IOC_SIZEBITS;
 const IOC_NONE: u32 = 0;
-const IOC_WRITE: u32 = 1;
-const IOC_READ: u32 = 2;
 
 /// `_IOC(dir, type, nr, size)`.
 pub const fn ioc(dir: u32, ty: u8, nr: u8, size: usize) -> u32 {
@@ -40,15 +38,6 @@ pub const fn ioc(dir: u32, ty: u8, nr: u8, size: usize) -> u32 {
 pub const fn io(ty: u8, nr: u8) -> u32 {
     ioc(IOC_NONE, ty, nr, 0)
 }
-/// `_IOW(type, nr, size)`.
-pub const fn iow(ty: u8, nr: u8, size: usize) -> u32 {
-    ioc(IOC_WRITE, ty, nr, size)
-}
-/// `_IOWR(type, nr, size)`.
-pub const fn iowr(ty: u8, nr: u8, size: usize) -> u32 {
-    ioc(IOC_READ | IOC_WRITE, ty, nr, size)
-}
-
 /// `VFIO_TYPE` (';') and `VFIO_BASE`.
 pub const VFIO_TYPE: u8 = b';';
 /// First VFIO ioctl number.
@@ -57,39 +46,6 @@ pub const VFIO_BASE: u8 = 100;
 pub const VFIO_DEVICE_SET_IRQS: u32 = io(VFIO_TYPE, VFIO_BASE + 10);
 /// `VFIO_IOMMU_MAP_DMA` = `_IO(VFIO_TYPE, VFIO_BASE + 13)`.
 pub const VFIO_IOMMU_MAP_DMA: u32 = io(VFIO_TYPE, VFIO_BASE + 13);
-
-/// `struct dma_heap_allocation_data` (linux/dma-heap.h).
-#[repr(C)]
-#[derive(Default)]
-struct DmaHeapAllocationData {
-    len: u64,
-    fd: u32,
-    fd_flags: u32,
-    heap_flags: u64,
-}
-/// `DMA_HEAP_IOCTL_ALLOC` = `_IOWR('H', 0, struct dma_heap_allocation_data)`.
-pub const DMA_HEAP_IOCTL_ALLOC: u32 = iowr(b'H', 0, std::mem::size_of::<DmaHeapAllocationData>());
-
-/// `struct udmabuf_create` (linux/udmabuf.h).
-#[repr(C)]
-struct UdmabufCreate {
-    memfd: u32,
-    flags: u32,
-    offset: u64,
-    size: u64,
-}
-/// `UDMABUF_FLAGS_CLOEXEC`.
-const UDMABUF_FLAGS_CLOEXEC: u32 = 0x01;
-/// `UDMABUF_CREATE` = `_IOW('u', 0x42, struct udmabuf_create)`.
-pub const UDMABUF_CREATE: u32 = iow(b'u', 0x42, std::mem::size_of::<UdmabufCreate>());
-
-/// `struct dma_buf_sync` (linux/dma-buf.h).
-#[repr(C)]
-struct DmaBufSync {
-    flags: u64,
-}
-/// `DMA_BUF_IOCTL_SYNC` = `_IOW('b', 0, struct dma_buf_sync)`.
-pub const DMA_BUF_IOCTL_SYNC: u32 = iow(b'b', 0, std::mem::size_of::<DmaBufSync>());
 
 // ---------------------------------------------------------------------------------------------
 // memory mappings
@@ -293,45 +249,6 @@ impl Drop for MmapRegion {
     }
 }
 
-/// Page-aligned host memory that can be DMA-mapped. This is the thin seam that edgehal's shared
-/// `Buffer` type will take over.
-///
-/// # Safety
-///
-/// Implementers guarantee that:
-/// - `as_ptr()..as_ptr()+len()` is one readable and writable mapping, page-aligned at both ends,
-///   that stays valid (not unmapped or remapped) for as long as the value lives;
-/// - no Rust reference (`&[u8]`/`&mut [u8]`) to that memory exists while the value lives, since
-///   a device may write it at any time; all CPU access is volatile or through system calls.
-pub unsafe trait DmaBuffer: Send + Sync {
-    /// Start address of the memory.
-    fn as_ptr(&self) -> *mut u8;
-    /// Length in bytes (a multiple of the page size).
-    fn len(&self) -> usize;
-    /// Whether the buffer is empty.
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    /// The file descriptor behind the memory (memfd, dma-buf), if there is one.
-    fn fd(&self) -> Option<BorrowedFd<'_>>;
-}
-
-// SAFETY: MmapRegion owns one mapping for its whole life, constructors only create page-aligned
-// mappings (mmap returns page-aligned addresses and rounds lengths up; callers pass page
-// multiples, enforced by `HostBuffer::new` / the dma-buf constructors), and it hands out no
-// references into the memory.
-unsafe impl DmaBuffer for MmapRegion {
-    fn as_ptr(&self) -> *mut u8 {
-        MmapRegion::as_ptr(self)
-    }
-    fn len(&self) -> usize {
-        MmapRegion::len(self)
-    }
-    fn fd(&self) -> Option<BorrowedFd<'_>> {
-        MmapRegion::fd(self)
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // file descriptors and ioctls
 // ---------------------------------------------------------------------------------------------
@@ -341,84 +258,6 @@ pub fn borrow_fd<T: AsRawFd>(owner: &T) -> BorrowedFd<'_> {
     // SAFETY: used only with types that own their fd for their whole life (File, VfioDevice,
     // EventFd); the returned borrow cannot outlive `owner`, so the fd stays open.
     unsafe { BorrowedFd::borrow_raw(owner.as_raw_fd()) }
-}
-
-fn cvt(ret: libc::c_int, op: &str) -> Result<libc::c_int> {
-    if ret < 0 {
-        Err(Error::last_os(op.to_string()))
-    } else {
-        Ok(ret)
-    }
-}
-
-/// A shmem memfd of `len` bytes with sealing allowed; with `seal_shrink`, `F_SEAL_SHRINK` is
-/// applied (what udmabuf requires; `F_SEAL_WRITE` must not be).
-pub fn memfd(name: &str, len: usize, seal_shrink: bool) -> Result<OwnedFd> {
-    let cname = CString::new(name).map_err(|_| Error::arg("memfd name contains NUL"))?;
-    // SAFETY: cname is a valid NUL-terminated string; memfd_create returns a new fd or -1.
-    let ret =
-        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
-    let raw = cvt(ret, "memfd_create")?;
-    // SAFETY: raw is a freshly created fd that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let l = libc::off_t::try_from(len).map_err(|_| Error::arg("memfd length too large"))?;
-    // SAFETY: ftruncate on an owned fd; no memory is passed.
-    let ret = unsafe { libc::ftruncate(fd.as_raw_fd(), l) };
-    cvt(ret, "ftruncate memfd")?;
-    if seal_shrink {
-        // SAFETY: fcntl(F_ADD_SEALS) takes an int argument; no memory is passed.
-        let ret = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
-        cvt(ret, "fcntl(F_ADD_SEALS, F_SEAL_SHRINK)")?;
-    }
-    Ok(fd)
-}
-
-/// `UDMABUF_CREATE`: a dma-buf over `[offset, offset+size)` of a sealed shmem memfd.
-pub fn udmabuf_create(
-    udmabuf_dev: BorrowedFd<'_>,
-    memfd: BorrowedFd<'_>,
-    offset: u64,
-    size: u64,
-) -> Result<OwnedFd> {
-    let memfd_u32 = u32::try_from(memfd.as_raw_fd()).map_err(|_| Error::arg("bad memfd"))?;
-    let arg = UdmabufCreate {
-        memfd: memfd_u32,
-        flags: UDMABUF_FLAGS_CLOEXEC,
-        offset,
-        size,
-    };
-    // SAFETY: UDMABUF_CREATE reads exactly one `struct udmabuf_create`, which `arg` is
-    // (repr(C), same layout); it returns a new fd or -1.
-    let ret = unsafe { libc::ioctl(udmabuf_dev.as_raw_fd(), UDMABUF_CREATE as _, &arg) };
-    let raw = cvt(ret, "ioctl(UDMABUF_CREATE)")?;
-    // SAFETY: the ioctl returned a new fd that we now own.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
-}
-
-/// `DMA_HEAP_IOCTL_ALLOC`: allocate `len` bytes from a dma-heap; returns the dma-buf fd.
-pub fn dma_heap_alloc(heap: BorrowedFd<'_>, len: u64) -> Result<OwnedFd> {
-    let mut arg = DmaHeapAllocationData {
-        len,
-        fd: 0,
-        fd_flags: (libc::O_RDWR | libc::O_CLOEXEC) as u32,
-        heap_flags: 0,
-    };
-    // SAFETY: DMA_HEAP_IOCTL_ALLOC reads and writes exactly one `struct
-    // dma_heap_allocation_data`, which `arg` is (repr(C), same layout).
-    let ret = unsafe { libc::ioctl(heap.as_raw_fd(), DMA_HEAP_IOCTL_ALLOC as _, &mut arg) };
-    cvt(ret, "ioctl(DMA_HEAP_IOCTL_ALLOC)")?;
-    let raw = RawFd::try_from(arg.fd).map_err(|_| Error::arg("dma-heap returned a bad fd"))?;
-    // SAFETY: on success the kernel stored a new fd in arg.fd that we now own.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
-}
-
-/// `DMA_BUF_IOCTL_SYNC` with `flags` (`DMA_BUF_SYNC_*`).
-pub fn dma_buf_sync(dmabuf: BorrowedFd<'_>, flags: u64) -> Result<()> {
-    let arg = DmaBufSync { flags };
-    // SAFETY: DMA_BUF_IOCTL_SYNC reads exactly one `struct dma_buf_sync` (repr(C) u64).
-    let ret = unsafe { libc::ioctl(dmabuf.as_raw_fd(), DMA_BUF_IOCTL_SYNC as _, &arg) };
-    cvt(ret, "ioctl(DMA_BUF_IOCTL_SYNC)")?;
-    Ok(())
 }
 
 /// `pread` exactly `buf.len()` bytes at `off` (VFIO region access through the device fd).
@@ -461,17 +300,19 @@ pub fn pwrite_all(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> Result<()> {
     Ok(())
 }
 
-/// Map `buf` at `iova` in the container's IOMMU domain (`VFIO_IOMMU_MAP_DMA`, read+write).
-/// The caller keeps `buf` alive until the matching unmap (see `dma::DmaMapping`).
+/// Map the pinned range at `iova` in the container's IOMMU domain (`VFIO_IOMMU_MAP_DMA`,
+/// read+write). The caller keeps `pin` alive until the matching unmap (see `dma::DmaMapping`).
 pub fn vfio_dma_map(
     container: &vfio_ioctls::VfioContainer,
     iova: u64,
-    buf: &dyn DmaBuffer,
+    pin: &edgehal_core::buffer::DmaPin,
 ) -> std::result::Result<(), vfio_ioctls::VfioError> {
-    // SAFETY: the DmaBuffer contract says the range is one valid mapping with no Rust references
-    // into it and all CPU access volatile, which is exactly what vfio_dma_map requires; the
-    // caller (DmaMapping) owns an Arc of the buffer until it has unmapped the IOVA range.
-    unsafe { container.vfio_dma_map(iova, buf.len(), buf.as_ptr()) }
+    // SAFETY: a DmaPin is a page-aligned range of whole pages inside one live mapping that
+    // it keeps alive, whose address edgehal-core never hands out as a Rust reference (CPU
+    // access is by raw copies and leases; zero-copy views are refused once pinned), which is
+    // what vfio_dma_map requires; the caller (DmaMapping) owns the pin until it has unmapped
+    // the IOVA range, and leaks it if the unmap fails.
+    unsafe { container.vfio_dma_map(iova, pin.len(), pin.ptr()) }
 }
 
 /// A small io_uring instance: the reactor side of edgehal's completion model (reads, and
@@ -581,11 +422,6 @@ mod tests {
         assert_eq!(VFIO_DEVICE_SET_IRQS, 0x3b6e);
         assert_eq!(VFIO_IOMMU_MAP_DMA, 0x3b71);
         assert_eq!(io(VFIO_TYPE, VFIO_BASE), 0x3b64); // VFIO_GET_API_VERSION
-        assert_eq!(DMA_HEAP_IOCTL_ALLOC, 0xc018_4800);
-        assert_eq!(UDMABUF_CREATE, 0x4018_7542);
-        assert_eq!(DMA_BUF_IOCTL_SYNC, 0x4008_6200);
-        assert_eq!(std::mem::size_of::<DmaHeapAllocationData>(), 24);
-        assert_eq!(std::mem::size_of::<UdmabufCreate>(), 24);
     }
 
     #[test]
@@ -607,18 +443,6 @@ mod tests {
         r.read_bytes(100, &mut out).unwrap();
         assert_eq!(&out, b"hello");
         assert!(r.read_bytes(usize::MAX, &mut out).is_err());
-    }
-
-    #[test]
-    fn memfd_sealed_shrink() {
-        let fd = memfd("t", page_size() * 2, true).unwrap();
-        // SAFETY: querying seals via fcntl on an owned fd.
-        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
-        assert!(seals & libc::F_SEAL_SHRINK != 0);
-        assert!(seals & libc::F_SEAL_WRITE == 0);
-        let m = MmapRegion::shared(fd.as_fd(), page_size() * 2, 0, true, None).unwrap();
-        m.write_u32(0, 7).unwrap();
-        assert_eq!(m.read_u32(0).unwrap(), 7);
     }
 
     #[test]

@@ -24,8 +24,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::sys::mem::{self, Memory, MemoryKind, ReadLease, WriteLease};
-pub use crate::sys::mem::{page_size, HostPtr};
+use crate::sys::mem::{self, Memory, ReadLease, WriteLease};
+pub use crate::sys::mem::{page_size, DmaPin, HostPtr, MemoryKind};
 use crate::tensor::checked_numel;
 use crate::{DType, Error, Result, Tensor};
 
@@ -387,6 +387,19 @@ impl Buffer {
         self.mem.export_fd()
     }
 
+    /// Pin this view for device DMA (an IOMMU mapping such as VFIO's): the [`DmaPin`] keeps
+    /// the memory alive and gives its page-aligned address as a raw pointer only. The view
+    /// must start on a page; it is widened to whole pages. Afterwards zero-copy tensor views
+    /// of this memory are refused (the device may write it); copies and leases still work.
+    /// Read-only buffers (tensor storage, sealed or read-only imports) are refused.
+    pub fn dma_pin(&self) -> Result<DmaPin> {
+        self.mem.dma_pin(self.off, self.len)
+    }
+    /// What backs the memory (memfd, dma-buf, caller memory, tensor bytes).
+    pub fn memory_kind(&self) -> MemoryKind {
+        self.mem.kind()
+    }
+
     /// Copy `dst.len()` bytes at `off` (relative to the view) into `dst`.
     pub fn read_into(&self, off: usize, dst: &mut [u8]) -> Result<()> {
         self.check(off, dst.len())?;
@@ -539,5 +552,34 @@ mod tests {
         b.read_into(10, &mut one).unwrap();
         assert_eq!(one[0], 200);
         assert_eq!(c.copies(), 0);
+    }
+
+    #[test]
+    fn dma_pin_turns_zero_copy_tensors_into_copies() {
+        let c = CopyCounter::new();
+        let page = page_size();
+        let b = Buffer::alloc(2 * page, &c).unwrap();
+        b.write_from(0, &1.5f32.to_le_bytes()).unwrap();
+        let t = b.to_tensor(DType::F32, vec![1]).unwrap();
+        assert_eq!(c.copies(), 0, "private memory: zero-copy view");
+        assert!(b.dma_pin().is_err(), "a live view blocks pinning");
+        drop(t);
+        let pin = b.view(page..2 * page).unwrap().dma_pin().unwrap();
+        assert_eq!(pin.ptr() as usize, b.addr() + page);
+        assert_eq!(pin.len(), page);
+        assert_eq!(b.memory_kind(), MemoryKind::Memfd);
+        let t = b.to_tensor(DType::F32, vec![1]).unwrap();
+        assert_eq!(t.to_f32()[0], 1.5);
+        assert_eq!(
+            c.copies(),
+            1,
+            "a device may write pinned memory: the tensor is a copy"
+        );
+        assert!(
+            b.view(1..page).unwrap().dma_pin().is_err(),
+            "unaligned start"
+        );
+        let ro = Buffer::from_tensor(&t, &c);
+        assert!(ro.dma_pin().is_err(), "tensor storage is read-only");
     }
 }

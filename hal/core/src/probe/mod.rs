@@ -127,6 +127,8 @@ pub enum Backend {
     EdgeTpu,
     /// A vendor plugin `.so` loaded through `EDGEHAL_DRIVER_PATH`.
     Plugin,
+    /// A user-space PCI driver over VFIO (`edgehal-vfio`, e.g. QEMU's `edu` DMA device).
+    Vfio,
     /// No edgehal backend can use it (display-only controller, unbound device...).
     None,
 }
@@ -139,6 +141,7 @@ impl Backend {
             Backend::Npu => "npu",
             Backend::EdgeTpu => "edgetpu",
             Backend::Plugin => "plugin",
+            Backend::Vfio => "vfio",
             Backend::None => "none",
         }
     }
@@ -186,7 +189,11 @@ impl ProbedDevice {
 
     /// A device enumerated by a [`crate::driver::Driver`] (plugins), for the report.
     pub fn from_driver_info(info: &crate::driver::DeviceInfo, backend: Backend) -> Self {
-        let mut d = ProbedDevice::new(info.kind, info.name.clone(), backend, "plugin");
+        let bus = match backend {
+            Backend::Vfio => "pci",
+            _ => "plugin",
+        };
+        let mut d = ProbedDevice::new(info.kind, info.name.clone(), backend, bus);
         d.memory = info.memory_domains.clone();
         if let Some(why) = &info.unavailable {
             d.available = false;
@@ -200,6 +207,10 @@ impl ProbedDevice {
             d.detail("description", info.description.clone());
         }
         d.detail("driver", info.driver.clone());
+        // A kernel driver the device is bound to (VFIO devices: vfio-pci).
+        if let Some(k) = info.properties.get("pci_driver") {
+            d.kernel_driver = Some(k.clone());
+        }
         for (k, v) in &info.properties {
             d.detail(k, v.clone());
         }

@@ -181,7 +181,7 @@ impl ProbeReport {
             (DeviceKind::Gpu, "GPUs"),
             (DeviceKind::Npu, "NPUs"),
             (DeviceKind::EdgeTpu, "Edge TPUs"),
-            (DeviceKind::Other, "Plugin devices"),
+            (DeviceKind::Other, "Plugin devices, VFIO devices"),
         ] {
             let devs: Vec<&ProbedDevice> = self.devices_of(kind).collect();
             if kind == DeviceKind::Other && devs.is_empty() {

@@ -805,6 +805,114 @@ impl Memory {
     }
 }
 
+impl Memory {
+    /// Pin `off..off+len` for device DMA (e.g. `VFIO_IOMMU_MAP_DMA`): the returned [`DmaPin`]
+    /// keeps this memory mapped for as long as it lives and hands out the range's address as a
+    /// raw pointer only. The range is widened to whole pages (it must start on a page and its
+    /// page-rounded end must lie inside the memory).
+    ///
+    /// From now on a device may write the memory at any time, so zero-copy views are refused
+    /// for good (as after [`Memory::export_fd`]); pinning is refused while a view or a lease is
+    /// alive (it could not be kept honest), and for read-only memory (tensor storage, write-
+    /// sealed or read-only imports), which a device must not be given for writing.
+    pub fn dma_pin(self: &Arc<Self>, off: usize, len: usize) -> Result<DmaPin> {
+        let page = page_size();
+        if len == 0 {
+            return Err(Error::arg("DMA pin: the range is empty"));
+        }
+        if !self.writable || self.kind == MemoryKind::Bytes {
+            return Err(Error::arg(format!(
+                "DMA pin: {:?} memory is read-only; a device may write DMA-mapped memory, so \
+                 copy it into a writable buffer first",
+                self.kind
+            )));
+        }
+        let start = self.addr().checked_add(off);
+        if !start.is_some_and(|a| a.is_multiple_of(page)) {
+            return Err(Error::arg(format!(
+                "DMA pin: range starts at {:#x}, not on a {page}-byte page",
+                self.addr() as u128 + off as u128
+            )));
+        }
+        let size = len
+            .checked_next_multiple_of(page)
+            .ok_or_else(|| Error::arg(format!("DMA pin: length {len} overflows")))?;
+        self.check_range(off, size).map_err(|_| {
+            Error::arg(format!(
+                "DMA pin: {len} bytes at +{off} rounded up to whole pages ({size} bytes) run past \
+                 the memory's {} bytes",
+                self.len
+            ))
+        })?;
+        {
+            let mut s = self.lock();
+            if s.readers > 0 || s.writers > 0 {
+                return Err(busy(
+                    "a tensor view or lease of it is alive; drop it before mapping it for DMA",
+                ));
+            }
+            s.exported = true;
+        }
+        Ok(DmaPin {
+            mem: Arc::clone(self),
+            // SAFETY: off + size <= len was checked above, so the pointer stays inside the block.
+            ptr: unsafe { self.ptr.as_ptr().add(off) },
+            len: size,
+        })
+    }
+}
+
+/// A page-aligned range of [`Memory`] pinned for device DMA (see [`Memory::dma_pin`]).
+///
+/// It keeps the memory (and so its mapping) alive; its address is only ever given out as a raw
+/// pointer, never as a slice, because a device may write the memory at any time. CPU access
+/// goes through [`Memory`]'s copies and leases as before.
+pub struct DmaPin {
+    mem: Arc<Memory>,
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the pin only carries a raw address and an `Arc<Memory>` (itself Send + Sync); it
+// never dereferences the pointer.
+unsafe impl Send for DmaPin {}
+// SAFETY: as for Send.
+unsafe impl Sync for DmaPin {}
+
+impl DmaPin {
+    /// Start of the pinned range (page-aligned). For the device's IOMMU mapping; never
+    /// dereference it while a device may access the memory.
+    pub fn ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+    /// Length in bytes (a whole number of pages).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Never true (pins are at least one page).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// What backs the memory.
+    pub fn kind(&self) -> MemoryKind {
+        self.mem.kind
+    }
+    /// The backing fd (memfd or dma-buf), if any.
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.mem.fd()
+    }
+}
+
+impl std::fmt::Debug for DmaPin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DmaPin({:?} {} bytes at {:p})",
+            self.mem.kind, self.len, self.ptr
+        )
+    }
+}
+
 fn sync_name(flags: u64) -> &'static str {
     match flags {
         0 => "START|NONE",
@@ -1020,6 +1128,41 @@ mod tests {
         let m = Memory::memfd("t", 4096, false).unwrap();
         let e = dma_buf_sync(m.fd().unwrap(), DMA_BUF_SYNC_START | DMA_BUF_SYNC_READ).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ENOTTY));
+    }
+
+    #[test]
+    fn dma_pin_rules() {
+        let page = page_size();
+        let m = Arc::new(Memory::memfd("t", 3 * page, false).unwrap());
+        // a live view blocks pinning
+        let v = m.view_bytes(0, 4).unwrap();
+        assert!(m.dma_pin(0, page).unwrap_err().to_string().contains("busy"));
+        drop(v);
+        let p = m.dma_pin(page, 10).unwrap();
+        assert_eq!(p.len(), page, "rounded up to a whole page");
+        assert_eq!(p.ptr() as usize, m.addr() + page);
+        assert_eq!(p.kind(), MemoryKind::Memfd);
+        assert!(p.fd().is_some());
+        // the device may write it now: zero-copy views are refused, copies still work
+        assert!(!m.can_view());
+        assert!(m.view_bytes(0, 4).is_err());
+        m.write_at(page, &[7]).unwrap();
+        assert!(m.dma_pin(1, 10).unwrap_err().to_string().contains("page"));
+        assert!(
+            m.dma_pin(2 * page, page + 1).is_err(),
+            "past the end once rounded"
+        );
+        assert!(m.dma_pin(0, 0).is_err());
+        assert!(m.dma_pin(usize::MAX - 1, 1).is_err());
+        // the pin keeps the memory alive
+        drop(m);
+        assert_eq!(p.len(), page);
+        let ro = Arc::new(Memory::from_bytes(Bytes::from(vec![0u8; 8192])));
+        assert!(ro
+            .dma_pin(0, 4096)
+            .unwrap_err()
+            .to_string()
+            .contains("read-only"));
     }
 
     #[test]
