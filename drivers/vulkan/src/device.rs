@@ -325,6 +325,14 @@ impl Executable {
         s.as_ref().map_or(0, |c| c.plan.arena * 4)
     }
 
+    /// Number of dispatches of kernel `k` in the current plan.
+    pub fn dispatches_of(&self, k: Kernel) -> usize {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.as_ref().map_or(0, |c| {
+            c.plan.steps.iter().filter(|st| st.kernel == k).count()
+        })
+    }
+
     /// Number of dispatches in the current plan.
     pub fn dispatches(&self) -> usize {
         let s = self.state.lock().unwrap_or_else(|e| e.into_inner());

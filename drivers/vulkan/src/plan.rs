@@ -301,6 +301,177 @@ struct Lower<'g> {
     live: HashMap<u32, (usize, usize)>,
     /// Free arena ranges (offset, size) in elements, sorted by offset.
     free: Vec<(usize, usize)>,
+    /// QDQ convolutions lowered to the integer kernel, by Conv node id.
+    int_convs: HashMap<usize, IntConv>,
+    /// DequantizeLinear nodes whose output feeds an integer convolution (the Quantize before
+    /// them must materialise the integers), and those with no other consumer (skipped).
+    dq_int: HashSet<usize>,
+    dq_skip: HashSet<usize>,
+}
+
+/// A `DequantizeLinear -> Conv -> QuantizeLinear` group (weights and bias dequantized from
+/// constants) rewritten as one QLinearConv on the integer kernel.
+#[derive(Clone, Debug)]
+struct IntConv {
+    /// The equivalent QLinearConv node (the Conv's attributes; output = the Quantize's).
+    node: Node,
+    /// The QuantizeLinear node folded in.
+    q_node: usize,
+    /// The quantized input value (a QuantizeLinear output held as integers).
+    xq: ValueId,
+}
+
+/// The value of a Constant node.
+fn constant_value(node: &Node) -> Result<Tensor> {
+    if let Some(t) = node.attr_t("value") {
+        Ok(t.clone())
+    } else if let Some(v) = node.attr_f("value_float") {
+        Tensor::from_vec(vec![], vec![v])
+    } else if let Some(v) = node.attr_floats("value_floats") {
+        Tensor::from_vec(vec![v.len()], v.to_vec())
+    } else if let Some(v) = node.attr_i("value_int") {
+        Tensor::from_vec(vec![], vec![v])
+    } else if let Some(v) = node.attr_ints("value_ints") {
+        Tensor::from_vec(vec![v.len()], v.to_vec())
+    } else {
+        Err(Error::unsupported("Constant without a tensor value"))
+    }
+}
+
+/// Find the QDQ convolutions that can run on the integer kernel: input from
+/// `QuantizeLinear -> DequantizeLinear` (per-tensor, zero point given), weight and optional
+/// bias dequantized from 8-bit / int32 constants (bias scale = input scale x weight scale),
+/// and the Conv's only consumer a per-tensor QuantizeLinear with a zero point.
+fn find_int_convs(g: &Graph, consts: &HashMap<ValueId, Tensor>) -> HashMap<usize, IntConv> {
+    let mut producer: HashMap<ValueId, usize> = HashMap::new();
+    for (i, n) in g.nodes.iter().enumerate() {
+        for o in n.outputs.iter().flatten() {
+            producer.insert(*o, i);
+        }
+    }
+    let consumers = g.consumers();
+    let is_out = |v: ValueId| g.outputs.contains(&v);
+    let scalar = |v: Option<ValueId>| v.and_then(|v| consts.get(&v)).filter(|t| t.len() == 1);
+    let dq_of = |v: Option<ValueId>| {
+        v.and_then(|v| producer.get(&v))
+            .map(|&i| &g.nodes[i])
+            .filter(|n| n.op == "DequantizeLinear" && n.attr_i("block_size").unwrap_or(0) == 0)
+    };
+    let mut out = HashMap::new();
+    for (id, n) in g.nodes.iter().enumerate() {
+        if n.op != "Conv" {
+            continue;
+        }
+        let inp = |k: usize| n.inputs.get(k).copied().flatten();
+        let arg = |m: &Node, k: usize| m.inputs.get(k).copied().flatten();
+        let (Some(dx), Some(dw)) = (dq_of(inp(0)), dq_of(inp(1))) else {
+            continue;
+        };
+        let Some(xq) = arg(dx, 0) else { continue };
+        let x_from_q = producer
+            .get(&xq)
+            .is_some_and(|&i| g.nodes[i].op == "QuantizeLinear");
+        let (Some(sx), Some(_)) = (scalar(arg(dx, 1)), scalar(arg(dx, 2))) else {
+            continue;
+        };
+        if !x_from_q || consts.contains_key(&xq) {
+            continue;
+        }
+        let Some(wq) = arg(dw, 0).and_then(|v| consts.get(&v)) else {
+            continue;
+        };
+        let Some(ws) = arg(dw, 1).and_then(|v| consts.get(&v)) else {
+            continue;
+        };
+        let w_axis_ok = dw.attr_i("axis").unwrap_or(1) == 0 || ws.len() == 1;
+        if !matches!(wq.dtype(), DType::I8 | DType::U8) || !w_axis_ok {
+            continue;
+        }
+        if arg(dw, 2).is_some_and(|v| !consts.contains_key(&v)) {
+            continue;
+        }
+        // Bias: int32 with scale = sx * ws (per channel), as QLinearConv needs.
+        let bias = match inp(2) {
+            None => None,
+            Some(_) => {
+                let Some(db) = dq_of(inp(2)) else { continue };
+                let (Some(bq), Some(bs)) = (
+                    arg(db, 0).and_then(|v| consts.get(&v)),
+                    arg(db, 1).and_then(|v| consts.get(&v)),
+                ) else {
+                    continue;
+                };
+                if bq.dtype() != DType::I32
+                    || arg(db, 2).is_some_and(|v| {
+                        consts
+                            .get(&v)
+                            .is_none_or(|z| z.to_i64_vec().iter().any(|&x| x != 0))
+                    })
+                {
+                    continue;
+                }
+                let (sxv, wsv, bsv) = (sx.to_f32()[0], ws.to_f32(), bs.to_f32());
+                let ok = bsv.len() == bq.len()
+                    && bsv.iter().enumerate().all(|(c, &b)| {
+                        let w = if wsv.len() == 1 {
+                            wsv[0]
+                        } else {
+                            wsv.get(c).copied().unwrap_or(0.0)
+                        };
+                        (b - sxv * w).abs() <= 1e-6 * b.abs().max(1e-30)
+                    });
+                if !ok {
+                    continue;
+                }
+                arg(db, 0)
+            }
+        };
+        let Some(co) = n.outputs.first().copied().flatten() else {
+            continue;
+        };
+        let c = consumers.get(co).map(Vec::as_slice).unwrap_or(&[]);
+        if c.len() != 1 || is_out(co) {
+            continue;
+        }
+        let qn = &g.nodes[c[0]];
+        let Some(qo) = qn.outputs.first().copied().flatten() else {
+            continue;
+        };
+        if qn.op != "QuantizeLinear"
+            || arg(qn, 0) != Some(co)
+            || scalar(arg(qn, 1)).is_none()
+            || scalar(arg(qn, 2)).is_none()
+            || is_out(qo)
+        {
+            continue;
+        }
+        let node = Node {
+            op: "QLinearConv".into(),
+            inputs: vec![
+                Some(xq),
+                arg(dx, 1),
+                arg(dx, 2),
+                arg(dw, 0),
+                arg(dw, 1),
+                arg(dw, 2),
+                arg(qn, 1),
+                arg(qn, 2),
+                bias,
+            ],
+            outputs: vec![Some(qo)],
+            attrs: n.attrs.clone(),
+            ..Default::default()
+        };
+        out.insert(
+            id,
+            IntConv {
+                node,
+                q_node: c[0],
+                xq,
+            },
+        );
+    }
+    out
 }
 
 impl Lower<'_> {
@@ -608,7 +779,19 @@ pub fn lower(g: &Graph, input_shapes: &[Vec<usize>], tune: Tune) -> Result<Plan>
         last_use: HashMap::new(),
         live: HashMap::new(),
         free: Vec::new(),
+        int_convs: HashMap::new(),
+        dq_int: HashSet::new(),
+        dq_skip: HashSet::new(),
     };
+    // Constants known before lowering (the integer-convolution rewrite needs scales that
+    // Constant nodes later in the order provide).
+    for n in &g.nodes {
+        if n.op == "Constant" {
+            if let (Some(Some(o)), Ok(t)) = (n.outputs.first(), constant_value(n)) {
+                lw.consts.insert(*o, t);
+            }
+        }
+    }
     for (j, &o) in g.outputs.iter().enumerate() {
         lw.outputs.entry(o).or_insert(j);
     }
@@ -637,6 +820,39 @@ pub fn lower(g: &Graph, input_shapes: &[Vec<usize>], tune: Tune) -> Result<Plan>
         }
     }
     let consumers = g.consumers();
+    if tune.int_dot {
+        lw.int_convs = find_int_convs(g, &lw.consts);
+        let pos: HashMap<usize, usize> = order.iter().enumerate().map(|(p, &n)| (n, p)).collect();
+        let int_inputs: HashSet<ValueId> = lw
+            .int_convs
+            .keys()
+            .filter_map(|&c| g.nodes[c].inputs.first().copied().flatten())
+            .collect();
+        for (i, n) in g.nodes.iter().enumerate() {
+            if n.op != "DequantizeLinear" {
+                continue;
+            }
+            let Some(o) = n.outputs.first().copied().flatten() else {
+                continue;
+            };
+            if !int_inputs.contains(&o) {
+                continue;
+            }
+            lw.dq_int.insert(i);
+            let only_int = consumers
+                .get(o)
+                .is_some_and(|c| c.iter().all(|k| lw.int_convs.contains_key(k)));
+            if only_int && !lw.outputs.contains_key(&o) {
+                lw.dq_skip.insert(i);
+            }
+        }
+        // The convolution reads the quantized input itself: keep it alive until then.
+        for (&c, ic) in &lw.int_convs {
+            let p = pos.get(&c).copied().unwrap_or(0);
+            let e = lw.last_use.entry(ic.xq).or_insert(p);
+            *e = (*e).max(p);
+        }
+    }
     let mut fused: HashSet<usize> = HashSet::new();
     for (p, &n) in order.iter().enumerate() {
         lw.pos = p;
@@ -791,21 +1007,22 @@ fn lower_node(
     };
     match node.op.as_str() {
         "Constant" => {
-            let t = if let Some(t) = node.attr_t("value") {
-                t.clone()
-            } else if let Some(v) = node.attr_f("value_float") {
-                Tensor::from_vec(vec![], vec![v])?
-            } else if let Some(v) = node.attr_floats("value_floats") {
-                Tensor::from_vec(vec![v.len()], v.to_vec())?
-            } else if let Some(v) = node.attr_i("value_int") {
-                Tensor::from_vec(vec![], vec![v])?
-            } else if let Some(v) = node.attr_ints("value_ints") {
-                Tensor::from_vec(vec![v.len()], v.to_vec())?
-            } else {
-                return Err(Error::unsupported("Constant without a tensor value"));
-            };
+            let t = constant_value(node)?;
             lw.consts.insert(out0, t);
         }
+        "Conv" if lw.int_convs.contains_key(&_id) => {
+            let ic = lw.int_convs[&_id].clone();
+            fused.insert(ic.q_node);
+            let o = ic
+                .node
+                .outputs
+                .first()
+                .copied()
+                .flatten()
+                .ok_or_else(|| Error::arg("no output"))?;
+            lower_qmatmul(lw, &ic.node, o)?;
+        }
+        "DequantizeLinear" if lw.dq_skip.contains(&_id) => {}
         "Conv" => {
             let x = lw.gpu(inp(0), "Conv input")?;
             let w = lw.gpu(inp(1), "Conv weight")?;
@@ -1953,6 +2170,7 @@ fn lower_quant(
             Some(_) => same(2, z as f64),
         };
         if next.op == "DequantizeLinear"
+            && !lw.dq_int.contains(&c[0])
             && next.inputs.first().copied().flatten() == Some(out0)
             && same(1, s as f64) == Some(true)
             && zp_same == Some(true)
