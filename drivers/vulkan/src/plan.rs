@@ -976,7 +976,7 @@ fn geometry(node: &Node, in_hw: &[usize], kernel: &[usize], ceil: bool) -> Resul
 fn lower_node(
     lw: &mut Lower<'_>,
     node: &Node,
-    _id: usize,
+    id: usize,
     consumers: &[Vec<usize>],
     fused: &mut HashSet<usize>,
 ) -> Result<()> {
@@ -1010,8 +1010,8 @@ fn lower_node(
             let t = constant_value(node)?;
             lw.consts.insert(out0, t);
         }
-        "Conv" if lw.int_convs.contains_key(&_id) => {
-            let ic = lw.int_convs[&_id].clone();
+        "Conv" if lw.int_convs.contains_key(&id) => {
+            let ic = lw.int_convs[&id].clone();
             fused.insert(ic.q_node);
             let o = ic
                 .node
@@ -1022,7 +1022,7 @@ fn lower_node(
                 .ok_or_else(|| Error::arg("no output"))?;
             lower_qmatmul(lw, &ic.node, o)?;
         }
-        "DequantizeLinear" if lw.dq_skip.contains(&_id) => {}
+        "DequantizeLinear" if lw.dq_skip.contains(&id) => {}
         "Conv" => {
             let x = lw.gpu(inp(0), "Conv input")?;
             let w = lw.gpu(inp(1), "Conv weight")?;

@@ -287,7 +287,7 @@ impl Ctx {
                 exts.push(ash::ext::external_memory_dma_buf::NAME.as_ptr());
             }
             if info.external_fence_sync_fd {
-                exts.push(ash::khr::external_fence::NAME.as_ptr());
+                // Its dependency VK_KHR_external_fence is core since 1.1 (edgehal's minimum).
                 exts.push(ash::khr::external_fence_fd::NAME.as_ptr());
             }
             let int_dot = int_dot && info.integer_dot_product;

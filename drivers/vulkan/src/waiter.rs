@@ -1,7 +1,7 @@
 //! One completion thread for every Vulkan device in the process.
 //!
 //! `submit` hands each in-flight submission here and returns at once with a pending core
-//! [`Fence`] (an eventfd the scheduler's io_uring reactor can wait on). The thread finishes a
+//! `Fence` (an eventfd the scheduler's io_uring reactor can wait on). The thread finishes a
 //! submission (reads back staged outputs, ends the buffer leases) and signals its fence:
 //!
 //! - where the device exports its `VkFence` as a sync_file fd (`VK_KHR_external_fence_fd`,
