@@ -1646,8 +1646,9 @@ fn mobilenet_v2_int8_qdq_matches_cpu() {
             .zip(w.iter())
             .fold(0.0f32, |a, (x, y)| a.max((x - y).abs()));
         assert!(diff <= 0.05 * max, "max |diff| {diff} vs max {max}");
-        // Measured on lavapipe: about 100 of 1000 logits one step off on either path, none more.
-        assert!(worst <= 2.01, "logits {worst} quant steps apart");
+        // Measured on lavapipe: about 100 of 1000 logits one step off on either path, none
+        // more. Slack for GPUs whose float division (x / scale) is not correctly rounded.
+        assert!(worst <= 3.01, "logits {worst} quant steps apart");
     }
 }
 
