@@ -5,12 +5,56 @@
 //! releases each intermediate right after its last consumer, so peak memory is the live set,
 //! not the whole graph.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 
 use edgehal_core::graph::{Graph, NodeId, ValueId};
-use edgehal_core::{Error, Result, Tensor};
+use edgehal_core::tensor::checked_numel;
+use edgehal_core::{DType, Error, Result, Tensor};
 
-use crate::ops::{OpCtx, OpFn, Registry};
+use crate::ops::{OpCtx, OpFn, OutputDest, Registry};
+
+/// A graph output of [`Executor::run_into`].
+#[derive(Clone, Debug)]
+pub enum Produced {
+    /// Computed straight into the destination the caller gave (no copy).
+    InPlace { dtype: DType, shape: Vec<usize> },
+    /// Computed as a tensor (no destination, or the producing op cannot write in place).
+    Tensor(Tensor),
+}
+
+/// One caller destination, handed to the op that produces its graph output.
+struct DestCell<'d> {
+    buf: RefCell<Option<&'d mut [u8]>>,
+    done: RefCell<Option<(DType, Vec<usize>)>>,
+}
+
+impl OutputDest for DestCell<'_> {
+    fn write(
+        &self,
+        dtype: DType,
+        shape: &[usize],
+        align: usize,
+        fill: &mut dyn FnMut(&mut [u8]) -> Result<()>,
+    ) -> Option<Result<()>> {
+        let n = checked_numel(shape, dtype)
+            .ok()?
+            .checked_mul(dtype.size())?;
+        let mut slot = self.buf.borrow_mut();
+        let buf = slot.as_mut()?;
+        if buf.len() < n || !(buf.as_ptr() as usize).is_multiple_of(align.max(1)) {
+            return None;
+        }
+        let region = &mut buf[..n];
+        region.fill(0);
+        let r = fill(region);
+        if r.is_ok() {
+            *self.done.borrow_mut() = Some((dtype, shape.to_vec()));
+            *slot = None;
+        }
+        Some(r)
+    }
+}
 
 /// A graph prepared for repeated execution.
 pub struct Executor {
@@ -19,6 +63,9 @@ pub struct Executor {
     ops: Vec<OpFn>,
     /// For each position in `order`, the values to release after it runs.
     release: Vec<Vec<ValueId>>,
+    /// For each node, the graph output (index into `graph.outputs`) its output 0 may be
+    /// computed into in place: a value no node reads and that is listed once as an output.
+    dest_of: Vec<Option<usize>>,
     registry: Registry,
 }
 
@@ -69,11 +116,31 @@ impl Executor {
                 }
             }
         }
+        let mut dest_of = vec![None; graph.nodes.len()];
+        for &n in &order {
+            let Some(Some(v)) = graph.nodes[n].outputs.first().copied() else {
+                continue;
+            };
+            let listed: Vec<usize> = graph
+                .outputs
+                .iter()
+                .enumerate()
+                .filter(|(_, &o)| o == v)
+                .map(|(i, _)| i)
+                .collect();
+            let internal = last[v].is_some()
+                || graph.inputs.contains(&v)
+                || graph.initializers.contains_key(&v);
+            if let ([i], false) = (listed.as_slice(), internal) {
+                dest_of[n] = Some(*i);
+            }
+        }
         Ok(Executor {
             graph: graph.clone(),
             order,
             ops,
             release,
+            dest_of,
             registry: registry.clone(),
         })
     }
@@ -94,6 +161,48 @@ impl Executor {
         inputs: &[(ValueId, Tensor)],
         outer: &dyn Fn(&str) -> Option<Tensor>,
     ) -> Result<Vec<Tensor>> {
+        self.run_impl(inputs, outer, &[])?
+            .into_iter()
+            .map(|p| match p {
+                Produced::Tensor(t) => Ok(t),
+                Produced::InPlace { .. } => Err(Error::arg("output written in place unasked")),
+            })
+            .collect()
+    }
+
+    /// Run with caller memory for the outputs: `dests[i]` (when given) receives graph output
+    /// `i` in place if the op producing it can write there (output 0 of its node, f32 Gemm,
+    /// MatMul...); such outputs come back as [`Produced::InPlace`] with their dtype and shape.
+    /// Every other output comes back as a tensor for the caller to copy or keep. A destination
+    /// must be at least the output's byte size and aligned to its element size to be used.
+    pub fn run_into(
+        &self,
+        inputs: &[(ValueId, Tensor)],
+        dests: Vec<Option<&mut [u8]>>,
+    ) -> Result<Vec<Produced>> {
+        if dests.len() > self.graph.outputs.len() {
+            return Err(Error::arg(format!(
+                "{} output destinations for {} outputs",
+                dests.len(),
+                self.graph.outputs.len()
+            )));
+        }
+        let cells: Vec<DestCell<'_>> = dests
+            .into_iter()
+            .map(|d| DestCell {
+                buf: RefCell::new(d),
+                done: RefCell::new(None),
+            })
+            .collect();
+        self.run_impl(inputs, &|_| None, &cells)
+    }
+
+    fn run_impl(
+        &self,
+        inputs: &[(ValueId, Tensor)],
+        outer: &dyn Fn(&str) -> Option<Tensor>,
+        dests: &[DestCell<'_>],
+    ) -> Result<Vec<Produced>> {
         let g = &self.graph;
         let mut slots: Vec<Option<Tensor>> = vec![None; g.values.len()];
         for (id, t) in &g.initializers {
@@ -159,6 +268,9 @@ impl Executor {
                     .copied()
                     .unwrap_or_else(|| g.opset()),
                 subgraph: Some(&sub),
+                dest: self.dest_of[n]
+                    .and_then(|i| dests.get(i))
+                    .map(|d| d as &dyn OutputDest),
             };
             let outs = (self.ops[n])(&ctx, &ins).map_err(|e| match e {
                 Error::Op { .. } => e,
@@ -168,8 +280,14 @@ impl Executor {
                 },
             })?;
             drop(ins);
+            let in_place = self.dest_of[n]
+                .and_then(|i| dests.get(i))
+                .is_some_and(|d| d.done.borrow().is_some());
             for (k, o) in node.outputs.iter().enumerate() {
                 if let Some(o) = o {
+                    if k == 0 && in_place {
+                        continue;
+                    }
                     match outs.get(k) {
                         Some(t) => slots[*o] = Some(t.clone()),
                         None => {
@@ -190,10 +308,15 @@ impl Executor {
         }
         g.outputs
             .iter()
-            .map(|&o| {
+            .enumerate()
+            .map(|(i, &o)| {
+                if let Some((dtype, shape)) = dests.get(i).and_then(|d| d.done.borrow().clone()) {
+                    return Ok(Produced::InPlace { dtype, shape });
+                }
                 slots[o]
                     .clone()
                     .or_else(|| outer(&g.values[o].name))
+                    .map(Produced::Tensor)
                     .ok_or_else(|| {
                         Error::arg(format!(
                             "graph output '{}' was not computed",
