@@ -9,7 +9,8 @@ use edgehal_core::driver::TensorBuffer;
 use edgehal_core::graph::{Dim, Graph, ValueId};
 use edgehal_core::sys::mem::WriteLease;
 use edgehal_core::{DType, Error, Result, Tensor};
-use edgehal_cpu::{Executor, Produced, Registry};
+pub use edgehal_cpu::Produced;
+use edgehal_cpu::{Executor, Registry};
 
 use crate::scheduler::{open_devices, Outputs, RunHandle, Scheduler, SchedulerOptions};
 use crate::Model;
@@ -227,6 +228,45 @@ impl Session {
         &self.counter
     }
 
+    /// [`Session::run`] with caller memory for the outputs: `dests[i]` (when given) receives
+    /// output `i` in place if the op producing it can write there (see
+    /// [`edgehal_cpu::Executor::run_into`]; single-device sessions only), reported as
+    /// [`Produced::InPlace`]. Every other output comes back as a tensor.
+    pub fn run_into(
+        &self,
+        feeds: &[(&str, Tensor)],
+        dests: Vec<Option<&mut [u8]>>,
+    ) -> Result<Vec<(String, Produced)>> {
+        if dests.len() > self.outputs.len() {
+            return Err(Error::arg(format!(
+                "{} output destinations given, the session has {} outputs",
+                dests.len(),
+                self.outputs.len()
+            )));
+        }
+        let produced: Vec<Produced> = match &self.exec {
+            Some(exec) => {
+                let bound: Vec<(ValueId, Tensor)> = self
+                    .bind(feeds)?
+                    .into_iter()
+                    .map(|(id, _, t)| (id, t))
+                    .collect();
+                exec.run_into(&bound, dests)?
+            }
+            None => self
+                .run(feeds)?
+                .into_iter()
+                .map(|(_, t)| Produced::Tensor(t))
+                .collect(),
+        };
+        Ok(self
+            .outputs
+            .iter()
+            .map(|o| o.name.clone())
+            .zip(produced)
+            .collect())
+    }
+
     /// Run with caller buffers: `inputs` by name, `outputs` one slot per session output in
     /// order. Inputs are read in place where [`edgehal_core::buffer::Buffer::to_tensor`]
     /// allows. A bound output (`Some`) is computed straight into its buffer when the buffer
@@ -255,33 +295,19 @@ impl Session {
                     .map_err(|e| Error::arg(format!("input '{n}': {e}")))
             })
             .collect::<Result<_>>()?;
-        let produced: Vec<Produced> = match &self.exec {
-            Some(exec) => {
-                let bound: Vec<(ValueId, Tensor)> = self
-                    .bind(&tensors)?
-                    .into_iter()
-                    .map(|(id, _, t)| (id, t))
-                    .collect();
-                // Write leases on the bound outputs; one that cannot be had (shared memory,
-                // aliasing an input being read) leaves that output to the copy below.
-                let mut leases: Vec<Option<WriteLease<'_>>> = outputs
-                    .iter()
-                    .map(|o| o.as_ref().and_then(|tb| tb.buffer.write_in_place().ok()))
-                    .collect();
-                let dests: Vec<Option<&mut [u8]>> = leases
-                    .iter_mut()
-                    .map(|l| l.as_mut().and_then(|l| l.as_mut_slice().ok()))
-                    .collect();
-                let r = exec.run_into(&bound, dests);
-                drop(leases);
-                r?
-            }
-            None => self
-                .run(&tensors)?
-                .into_iter()
-                .map(|(_, t)| Produced::Tensor(t))
-                .collect(),
-        };
+        // Write leases on the bound outputs; one that cannot be had (shared memory, aliasing an
+        // input being read) leaves that output to the copy below.
+        let mut leases: Vec<Option<WriteLease<'_>>> = outputs
+            .iter()
+            .map(|o| o.as_ref().and_then(|tb| tb.buffer.write_in_place().ok()))
+            .collect();
+        let dests: Vec<Option<&mut [u8]>> = leases
+            .iter_mut()
+            .map(|l| l.as_mut().and_then(|l| l.as_mut_slice().ok()))
+            .collect();
+        let r = self.run_into(&tensors, dests);
+        drop(leases);
+        let produced: Vec<Produced> = r?.into_iter().map(|(_, p)| p).collect();
         // Input views go before outputs are written (an output may share an input's memory).
         drop(tensors);
         let mut out = Vec::with_capacity(produced.len());
