@@ -334,7 +334,7 @@ pub unsafe extern "C" fn edgehal_buffer_wrap(
 pub type edgehal_fd_kind = i32;
 /// A memfd (`memfd_create`): host memory shareable between processes.
 pub const EDGEHAL_FD_MEMFD: edgehal_fd_kind = 1;
-/// A dma-buf (from `/dev/dma_heap/*`, `/dev/udmabuf`, a camera, a GPU or a video decoder).
+/// A dma-buf (from a `/dev/dma_heap` heap, `/dev/udmabuf`, a camera, a GPU or a video decoder).
 pub const EDGEHAL_FD_DMABUF: edgehal_fd_kind = 2;
 
 /// Create a buffer over `length` bytes at `offset` of a memfd or dma-buf WITHOUT copying

@@ -119,7 +119,11 @@ pub(crate) fn enumerate_devices() -> Vec<FoundDevice> {
             (
                 "cpu".to_string(),
                 u32::try_from(threads).unwrap_or(u32::MAX),
-                format!("{} ({} CPU, {threads} threads)", d.name, std::env::consts::ARCH),
+                format!(
+                    "{} ({} CPU, {threads} threads)",
+                    d.name,
+                    std::env::consts::ARCH
+                ),
             )
         } else {
             let desc = d.details.get("description").cloned().unwrap_or_else(|| {

@@ -613,9 +613,8 @@ pub(crate) fn run_bound(
     }
     // Outputs computed in place: a writable bound buffer of the declared dtype whose memory
     // overlaps no input and no other output.
-    let overlaps = |a: &std::ops::Range<usize>, b: &std::ops::Range<usize>| {
-        a.start < b.end && b.start < a.end
-    };
+    let overlaps =
+        |a: &std::ops::Range<usize>, b: &std::ops::Range<usize>| a.start < b.end && b.start < a.end;
     let mut dests: Vec<Option<&mut [u8]>> = Vec::with_capacity(outputs.len());
     for (i, (m, slot)) in s.outputs.iter().zip(outputs).enumerate() {
         let dest = slot.as_ref().and_then(|b| {

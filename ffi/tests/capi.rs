@@ -140,7 +140,10 @@ fn c_api_under_address_sanitizer() {
         Command::new(&exe)
             .args(models())
             .env("EDGEHAL_DRIVER_PATH", plugin_path())
-            .env("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0:exitcode=23"),
+            .env(
+                "ASAN_OPTIONS",
+                "detect_leaks=1:abort_on_error=0:exitcode=23",
+            ),
         "api_test under ASan",
     );
     checks_passed(&out);
