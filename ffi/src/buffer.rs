@@ -147,6 +147,9 @@ impl Buffer {
     /// For the slice's life nothing else may read or write this memory: no input of the same
     /// run overlaps it (the caller checks ranges), no other run uses the buffer (API contract
     /// of `edgehal_session_run`), and the application does not touch it (wrap/import contract).
+    // The memory is not part of `self` (it is behind a raw pointer); exclusivity is the
+    // caller's obligation, stated above.
+    #[allow(clippy::mut_from_ref)]
     pub(crate) unsafe fn as_mut_bytes(&self) -> Option<&mut [u8]> {
         if !self.writable || self.cap == 0 {
             return None;
