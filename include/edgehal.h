@@ -477,8 +477,9 @@ const char *edgehal_last_error_message(void);
  * Ownership and lifetime contract: the memory stays the caller's. It must stay valid until the
  * buffer is released AND every run or submit that uses the buffer has completed (a submitted
  * job keeps its buffers alive past their release); the caller must not write it while such a
- * run is in flight (as an input it is read in place; as an output libedgehal writes it when the
- * run finishes). libedgehal never frees it. On success `*out` receives a new handle to release
+ * run is in flight, nor read it as an output before the run completes (as an input it is read
+ * in place; as an output libedgehal writes it during the run, in place when the producing op
+ * can, or at its end). libedgehal never frees it. On success `*out` receives a new handle to release
  * with `edgehal_buffer_release`.
  *
  * Errors: `EDGEHAL_ERR_NULL_ARGUMENT` (data, out, or shape with rank > 0),
