@@ -334,3 +334,126 @@ fn missing_op(ctx: &OpCtx<'_>, _: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         ctx.node.op
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgehal_core::graph::{Dim, Node, ValueInfo};
+
+    /// y = Gemm(x, w) with x [1,2], w [2,2]; z = Relu(y) also an output when `relu_out`.
+    fn gemm_graph(relu_out: bool) -> Graph {
+        let mut g = Graph::new("g");
+        let mut v = |name: &str, shape: &[usize]| {
+            let id = g.value_id(name);
+            g.values[id] = ValueInfo {
+                name: name.into(),
+                dtype: Some(DType::F32),
+                shape: Some(shape.iter().map(|&d| Dim::Fixed(d)).collect()),
+            };
+            id
+        };
+        let (x, w, y, z) = (
+            v("x", &[1, 2]),
+            v("w", &[2, 2]),
+            v("y", &[1, 2]),
+            v("z", &[1, 2]),
+        );
+        g.inputs = vec![x];
+        g.opsets.insert(String::new(), 17);
+        g.initializers.insert(
+            w,
+            Tensor::from_vec(vec![2, 2], vec![1f32, 2., 3., 4.]).expect("w"),
+        );
+        g.nodes.push(Node {
+            op: "Gemm".into(),
+            inputs: vec![Some(x), Some(w)],
+            outputs: vec![Some(y)],
+            ..Default::default()
+        });
+        g.outputs = vec![y];
+        if relu_out {
+            g.nodes.push(Node {
+                op: "Relu".into(),
+                inputs: vec![Some(y)],
+                outputs: vec![Some(z)],
+                ..Default::default()
+            });
+            g.outputs.push(z);
+        }
+        g
+    }
+
+    fn x() -> Vec<(ValueId, Tensor)> {
+        vec![(0, Tensor::from_vec(vec![1, 2], vec![1f32, -1.]).expect("x"))]
+    }
+
+    fn f32s(b: &[u8]) -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
+
+    #[test]
+    fn gemm_output_is_computed_in_place() {
+        let ex = Executor::new(&gemm_graph(false), &Registry::new()).expect("executor");
+        let mut dst = vec![0xffu32; 2];
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut dst);
+        let out = ex.run_into(&x(), vec![Some(bytes)]).expect("run");
+        assert!(
+            matches!(&out[0], Produced::InPlace { dtype: DType::F32, shape } if shape == &[1, 2])
+        );
+        // [1, -1] x [[1,2],[3,4]] = [-2, -2]
+        assert_eq!(f32s(bytemuck::cast_slice(&dst)), vec![-2.0, -2.0]);
+    }
+
+    #[test]
+    fn unusable_destinations_fall_back_to_a_tensor() {
+        let ex = Executor::new(&gemm_graph(false), &Registry::new()).expect("executor");
+        // Too small.
+        let mut small = vec![0u32; 1];
+        let out = ex
+            .run_into(&x(), vec![Some(bytemuck::cast_slice_mut(&mut small))])
+            .expect("run");
+        assert!(matches!(&out[0], Produced::Tensor(t) if t.to_f32().as_ref() == [-2.0, -2.0]));
+        assert_eq!(
+            small,
+            vec![0],
+            "a destination that does not fit is not touched"
+        );
+        // Misaligned for f32.
+        let mut raw = vec![0u32; 3];
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut raw);
+        let out = ex
+            .run_into(&x(), vec![Some(&mut bytes[1..9])])
+            .expect("run");
+        assert!(matches!(&out[0], Produced::Tensor(_)));
+        // No destination at all.
+        let out = ex.run_into(&x(), vec![None]).expect("run");
+        assert!(matches!(&out[0], Produced::Tensor(_)));
+        assert!(
+            ex.run_into(&x(), vec![None, None]).is_err(),
+            "more destinations than outputs"
+        );
+    }
+
+    #[test]
+    fn an_output_other_nodes_read_gets_no_destination() {
+        // y is an output AND Relu's input: computing it into caller memory would hide it from
+        // Relu, so it is produced as a tensor; z (Relu) cannot write in place either.
+        let ex = Executor::new(&gemm_graph(true), &Registry::new()).expect("executor");
+        let mut a = vec![0u32; 2];
+        let mut b = vec![0u32; 2];
+        let out = ex
+            .run_into(
+                &x(),
+                vec![
+                    Some(bytemuck::cast_slice_mut(&mut a)),
+                    Some(bytemuck::cast_slice_mut(&mut b)),
+                ],
+            )
+            .expect("run");
+        assert!(matches!(&out[0], Produced::Tensor(t) if t.to_f32().as_ref() == [-2.0, -2.0]));
+        assert!(matches!(&out[1], Produced::Tensor(t) if t.to_f32().as_ref() == [0.0, 0.0]));
+        assert_eq!((a, b), (vec![0, 0], vec![0, 0]));
+    }
+}
