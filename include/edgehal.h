@@ -96,6 +96,11 @@ typedef int32_t edgehal_status;
 typedef int32_t edgehal_dtype;
 
 /**
+ * What kind of file descriptor `edgehal_buffer_import_fd` takes.
+ */
+typedef int32_t edgehal_fd_kind;
+
+/**
  * Completion callback of `edgehal_session_submit`: called once, on a libedgehal worker thread,
  * with the caller's `user_data`, the job's status and a message (empty on success; valid only
  * during the call). It must return promptly and must not wait on the job's own fence.
@@ -109,25 +114,46 @@ typedef int32_t edgehal_device_kind;
 
 /**
  * Description of a device, filled by `edgehal_device_get_info`. Strings are owned by the
- * runtime and valid until it is released.
+ * runtime and valid until it is released; none is NULL.
  */
 typedef struct edgehal_device_info {
   /**
-   * Name to put in `edgehal_session_options.device` ("cpu").
+   * Name: "cpu" for the CPU (the name `edgehal_session_options.device` takes); for other
+   * devices the name `edgehal probe` shows (render node, accel node, plugin device name, or
+   * the path of a plugin that failed to load).
    */
   const char *name;
   /**
-   * `EDGEHAL_DEVICE_CPU`, `EDGEHAL_DEVICE_GPU` or `EDGEHAL_DEVICE_NPU`.
+   * One of the `EDGEHAL_DEVICE_*` kinds.
    */
   edgehal_device_kind kind;
   /**
-   * Parallel compute units (CPU: hardware threads available to this process).
+   * Parallel compute units (CPU: hardware threads available to this process; 0 when
+   * unknown).
    */
   uint32_t compute_units;
   /**
-   * One human-readable line ("x86_64 CPU, 16 threads").
+   * One human-readable line ("x86_64 CPU, 16 threads", the GPU's model...).
    */
   const char *description;
+  /**
+   * The edgehal backend that runs it: "cpu", "vulkan", "npu", "edgetpu", the plugin's
+   * driver name (e.g. "example"), "plugin" for a plugin that failed to load, or "none" when
+   * no backend can use it.
+   */
+  const char *driver;
+  /**
+   * The Linux kernel driver bound to it ("v3d", "intel_vpu", "apex"...), "" when none.
+   */
+  const char *kernel_driver;
+  /**
+   * 1 when the device can be used now, 0 when not (see `reason`).
+   */
+  int32_t available;
+  /**
+   * Why it is unavailable ("unavailable: libedgetpu.so.1 not found"); "" when available.
+   */
+  const char *reason;
 } edgehal_device_info;
 
 /**
@@ -197,19 +223,39 @@ typedef struct edgehal_tensor_info {
 } edgehal_tensor_info;
 
 /**
+ * A memfd (`memfd_create`): host memory shareable between processes.
+ */
+#define EDGEHAL_FD_MEMFD 1
+
+/**
+ * A dma-buf (from a `/dev/dma_heap` heap, `/dev/udmabuf`, a camera, a GPU or a video decoder).
+ */
+#define EDGEHAL_FD_DMABUF 2
+
+/**
  * General-purpose CPU cores.
  */
 #define EDGEHAL_DEVICE_CPU 1
 
 /**
- * A GPU (Vulkan and others, with the HAL drivers).
+ * A GPU (DRM render node, platform GPU, PCI display device, NVIDIA).
  */
 #define EDGEHAL_DEVICE_GPU 2
 
 /**
- * An NPU or other accelerator (Edge TPU, DRM accel devices).
+ * An NPU (DRM accel devices, Rockchip rknpu, Hailo).
  */
 #define EDGEHAL_DEVICE_NPU 3
+
+/**
+ * A Coral Edge TPU (USB or PCIe/M.2).
+ */
+#define EDGEHAL_DEVICE_EDGETPU 4
+
+/**
+ * Anything else: vendor plugin devices of unknown kind, plugins that failed to load.
+ */
+#define EDGEHAL_DEVICE_OTHER 5
 
 /**
  * Success.
@@ -431,8 +477,9 @@ const char *edgehal_last_error_message(void);
  * Ownership and lifetime contract: the memory stays the caller's. It must stay valid until the
  * buffer is released AND every run or submit that uses the buffer has completed (a submitted
  * job keeps its buffers alive past their release); the caller must not write it while such a
- * run is in flight (as an input it is read in place; as an output libedgehal writes it when the
- * run finishes). libedgehal never frees it. On success `*out` receives a new handle to release
+ * run is in flight, nor read it as an output before the run completes (as an input it is read
+ * in place; as an output libedgehal writes it during the run, in place when the producing op
+ * can, or at its end). libedgehal never frees it. On success `*out` receives a new handle to release
  * with `edgehal_buffer_release`.
  *
  * Errors: `EDGEHAL_ERR_NULL_ARGUMENT` (data, out, or shape with rank > 0),
@@ -452,6 +499,43 @@ edgehal_status edgehal_buffer_wrap(void *data,
                                    const int64_t *shape,
                                    size_t rank,
                                    struct edgehal_buffer **out);
+
+/**
+ * Create a buffer over `length` bytes at `offset` of a memfd or dma-buf WITHOUT copying
+ * (zero-copy input or output): the memory is mapped shared, so the process that owns the fd
+ * sees outputs and supplies inputs in place.
+ *
+ * Ownership: `fd` is borrowed. libedgehal duplicates it (close-on-exec) and keeps the
+ * duplicate and the mapping until the buffer is released and no run uses it; the caller may
+ * close its own `fd` right after this returns. `kind` must say what the fd is
+ * (`EDGEHAL_FD_MEMFD` or `EDGEHAL_FD_DMABUF`); the fd is checked to be one. An fd opened
+ * read-only gives a read-only buffer (an input only). Dma-bufs are synced
+ * (`DMA_BUF_IOCTL_SYNC`) around each run that uses them.
+ *
+ * Contract, as for `edgehal_buffer_wrap`: no one (this process, another process, a device)
+ * writes the range while a run that uses the buffer is in flight, nor reads an output range
+ * before the run completes.
+ *
+ * Errors: `EDGEHAL_ERR_NULL_ARGUMENT` (out, or shape with rank > 0),
+ * `EDGEHAL_ERR_INVALID_ARGUMENT` (negative or closed fd, an fd that is not of `kind`, unknown
+ * kind or dtype, negative dimension, `offset + length` past the end of the fd's memory),
+ * `EDGEHAL_ERR_SIZE_MISMATCH` (rank > EDGEHAL_MAX_RANK), `EDGEHAL_ERR_BUFFER_TOO_SMALL`
+ * (`length` below the tensor's byte size), `EDGEHAL_ERR_IO` (mapping failed),
+ * `EDGEHAL_ERR_TOO_LARGE`.
+ *
+ * Threading: any thread.
+ *
+ * # Safety
+ * `shape` must point to `rank` values; `out` must be writable.
+ */
+edgehal_status edgehal_buffer_import_fd(int32_t fd,
+                                        edgehal_fd_kind kind,
+                                        uint64_t offset,
+                                        size_t length,
+                                        edgehal_dtype dtype,
+                                        const int64_t *shape,
+                                        size_t rank,
+                                        struct edgehal_buffer **out);
 
 /**
  * Create a buffer holding a copy of `size` bytes at `data` (the caller may free its memory as
@@ -664,7 +748,8 @@ edgehal_status edgehal_runtime_create(struct edgehal_runtime **out);
 edgehal_status edgehal_runtime_release(struct edgehal_runtime *runtime);
 
 /**
- * Number of devices the runtime found (at least 1: the CPU).
+ * Number of devices the runtime found (at least 1: the CPU, always index 0), available or
+ * not.
  *
  * Errors: `EDGEHAL_ERR_NULL_ARGUMENT`, `EDGEHAL_ERR_INVALID_HANDLE`.
  *
@@ -867,6 +952,25 @@ edgehal_status edgehal_session_find(const struct edgehal_session *session,
  * `name` must be writable.
  */
 edgehal_status edgehal_session_device(const struct edgehal_session *session, const char **name);
+
+/**
+ * Copies libedgehal made for this session's runs so far: `*copies` receives their number and
+ * `*bytes` their total size (either pointer may be NULL to skip it). Bound inputs (wrapped,
+ * fd-imported) are read in place and cost nothing; a bound output costs nothing when the op
+ * producing it computes straight into the buffer (Gemm, MatMul) and one copy otherwise; an
+ * output libedgehal allocates (NULL slot) costs one copy. Tests and integrators use it to check
+ * a pipeline is zero-copy.
+ *
+ * Errors: `EDGEHAL_ERR_INVALID_HANDLE`.
+ *
+ * Threading: any thread (the counts are atomic; concurrent runs add to them).
+ *
+ * # Safety
+ * `copies` and `bytes` must each be NULL or writable.
+ */
+edgehal_status edgehal_session_copy_stats(const struct edgehal_session *session,
+                                          uint64_t *copies,
+                                          uint64_t *bytes);
 
 /**
  * Run the session synchronously.

@@ -4,13 +4,18 @@
  *
  * Build: cc -shared -fPIC -Iinclude -o libedgehal_example.so example_plugin.c
  * Test-only switches: -DEXAMPLE_ABI_VERSION=N reports another ABI version;
- * -DEXAMPLE_OMIT_ENTRY leaves out the entry point.
+ * -DEXAMPLE_OMIT_ENTRY leaves out the entry point; -DEXAMPLE_ADD_SKEW=X adds X to every Add
+ * result (so a test can tell from a model's output that the plugin, not the CPU, ran its Adds).
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "edgehal_plugin.h"
+
+#ifndef EXAMPLE_ADD_SKEW
+#define EXAMPLE_ADD_SKEW 0.0f
+#endif
 
 #ifndef EXAMPLE_ABI_VERSION
 #define EXAMPLE_ABI_VERSION EDGEHAL_PLUGIN_ABI_VERSION
@@ -270,7 +275,7 @@ static edgehal_status run(ex_exe *e, const edgehal_tensor *inputs, uint32_t n_in
             float x = a[na == 1 ? 0 : i];
             switch (op->kind) {
             case OP_RELU: dst[i] = x > 0.0f ? x : 0.0f; break;
-            case OP_ADD: dst[i] = x + b[nb == 1 ? 0 : i]; break;
+            case OP_ADD: dst[i] = x + b[nb == 1 ? 0 : i] + EXAMPLE_ADD_SKEW; break;
             case OP_MUL: dst[i] = x * b[nb == 1 ? 0 : i]; break;
             }
         }

@@ -1,11 +1,13 @@
 //! `edgehal_buffer`: tensor memory the caller binds as a session input or output.
 //!
-//! A buffer is a dtype, a shape and a byte range. The range is either caller memory used in
-//! place (`edgehal_buffer_wrap`: no copy, the caller keeps it alive) or memory libedgehal
-//! allocated (`edgehal_buffer_create`, `edgehal_buffer_copy`, and outputs that a run allocates).
+//! A buffer is a dtype, a shape and a byte range. The range is caller memory used in place
+//! (`edgehal_buffer_wrap`: no copy, the caller keeps it alive), a range of a memfd or dma-buf
+//! the caller hands over by fd (`edgehal_buffer_import_fd`: mapped through the HAL's
+//! [`edgehal_core::buffer::Buffer`], no copy), or memory libedgehal allocated
+//! (`edgehal_buffer_create`, `edgehal_buffer_copy`, and outputs that a run allocates).
 //! Inputs are read straight from the range (the tensor handed to the executor points into it);
-//! outputs are copied in once the run finishes, until the executor writes into bound memory
-//! directly (with the HAL's buffers and the scheduler).
+//! a bound output is computed straight into its range when the op producing it can (Gemm,
+//! MatMul), otherwise copied in once, which the session's copy counter records.
 
 use std::alloc::Layout;
 use std::ffi::c_void;
@@ -38,6 +40,17 @@ pub(crate) struct Buffer {
     owned: Option<Layout>,
     dtype: DType,
     shape: Mutex<Vec<usize>>,
+    /// False for read-only memory (an fd imported read-only): never written, never an output.
+    writable: bool,
+    /// For fd imports: the HAL buffer that owns the mapping and the duplicated fd; `ptr` points
+    /// into it. Runs hold a lease on it (dma-bufs are synced around CPU access).
+    mapping: Option<edgehal_core::buffer::Buffer>,
+}
+
+/// A HAL lease held while a run uses an fd-backed buffer.
+pub(crate) enum RunLease<'a> {
+    Read(#[allow(dead_code)] edgehal_core::sys::mem::ReadLease<'a>),
+    Write(#[allow(dead_code)] edgehal_core::sys::mem::WriteLease<'a>),
 }
 
 // SAFETY: `Buffer` is a pointer, a length and plain data. The memory it points to is either owned
@@ -101,7 +114,50 @@ impl Buffer {
             owned,
             dtype,
             shape: Mutex::new(shape),
+            writable: true,
+            mapping: None,
         })
+    }
+
+    /// Start of the memory (for overlap checks and in-place outputs).
+    pub(crate) fn range(&self) -> std::ops::Range<usize> {
+        let start = self.ptr.as_ptr() as usize;
+        start..start.saturating_add(self.cap)
+    }
+
+    /// True when runs may write the buffer.
+    pub(crate) fn writable(&self) -> bool {
+        self.writable
+    }
+
+    /// For fd imports, the HAL lease a run holds while it uses the buffer (dma-buf sync START
+    /// now, END when dropped); `None` for plain memory.
+    pub(crate) fn run_lease(&self, write: bool) -> Option<FfiResult<RunLease<'_>>> {
+        let m = self.mapping.as_ref()?;
+        Some(if write && self.writable {
+            m.write_lease().map(RunLease::Write).map_err(Fail::from)
+        } else {
+            m.read_lease().map(RunLease::Read).map_err(Fail::from)
+        })
+    }
+
+    /// The whole memory as a mutable slice, for computing an output in place.
+    ///
+    /// # Safety
+    /// For the slice's life nothing else may read or write this memory: no input of the same
+    /// run overlaps it (the caller checks ranges), no other run uses the buffer (API contract
+    /// of `edgehal_session_run`), and the application does not touch it (wrap/import contract).
+    // The memory is not part of `self` (it is behind a raw pointer); exclusivity is the
+    // caller's obligation, stated above.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn as_mut_bytes(&self) -> Option<&mut [u8]> {
+        if !self.writable || self.cap == 0 {
+            return None;
+        }
+        // SAFETY: `ptr..ptr+cap` is memory this buffer owns or borrows for its life (owned
+        // allocation, wrapped caller memory, or an fd mapping kept by `mapping`); exclusivity
+        // is the caller's obligation stated above.
+        Some(unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.cap) })
     }
 
     pub(crate) fn dtype(&self) -> DType {
@@ -132,8 +188,18 @@ impl Buffer {
         Ok(Tensor::from_bytes(self.dtype, shape, data)?)
     }
 
+    /// Take `shape` as the buffer's shape (after an output was computed in place).
+    pub(crate) fn set_shape(&self, shape: Vec<usize>) {
+        *self.shape.lock().unwrap_or_else(|e| e.into_inner()) = shape;
+    }
+
     /// Copy `t` into the buffer and take its shape. `what` names the output for messages.
     pub(crate) fn write_output(&self, t: &Tensor, what: &str) -> FfiResult {
+        if !self.writable {
+            return Err(Fail::arg(format!(
+                "{what}: the buffer bound to it is read-only (imported from a read-only fd)"
+            )));
+        }
         if t.dtype() != self.dtype {
             return Err(Fail::new(
                 EDGEHAL_ERR_DTYPE_MISMATCH,
@@ -215,8 +281,9 @@ fn put<T>(out: *mut *mut T, v: *mut T) {
 /// Ownership and lifetime contract: the memory stays the caller's. It must stay valid until the
 /// buffer is released AND every run or submit that uses the buffer has completed (a submitted
 /// job keeps its buffers alive past their release); the caller must not write it while such a
-/// run is in flight (as an input it is read in place; as an output libedgehal writes it when the
-/// run finishes). libedgehal never frees it. On success `*out` receives a new handle to release
+/// run is in flight, nor read it as an output before the run completes (as an input it is read
+/// in place; as an output libedgehal writes it during the run, in place when the producing op
+/// can, or at its end). libedgehal never frees it. On success `*out` receives a new handle to release
 /// with `edgehal_buffer_release`.
 ///
 /// Errors: `EDGEHAL_ERR_NULL_ARGUMENT` (data, out, or shape with rank > 0),
@@ -259,6 +326,123 @@ pub unsafe extern "C" fn edgehal_buffer_wrap(
             owned: None,
             dtype,
             shape: Mutex::new(shape),
+            writable: true,
+            mapping: None,
+        };
+        put(out, register(Arc::new(b)));
+        Ok(())
+    })
+}
+
+/// What kind of file descriptor `edgehal_buffer_import_fd` takes.
+pub type edgehal_fd_kind = i32;
+/// A memfd (`memfd_create`): host memory shareable between processes.
+pub const EDGEHAL_FD_MEMFD: edgehal_fd_kind = 1;
+/// A dma-buf (from a `/dev/dma_heap` heap, `/dev/udmabuf`, a camera, a GPU or a video decoder).
+pub const EDGEHAL_FD_DMABUF: edgehal_fd_kind = 2;
+
+/// Create a buffer over `length` bytes at `offset` of a memfd or dma-buf WITHOUT copying
+/// (zero-copy input or output): the memory is mapped shared, so the process that owns the fd
+/// sees outputs and supplies inputs in place.
+///
+/// Ownership: `fd` is borrowed. libedgehal duplicates it (close-on-exec) and keeps the
+/// duplicate and the mapping until the buffer is released and no run uses it; the caller may
+/// close its own `fd` right after this returns. `kind` must say what the fd is
+/// (`EDGEHAL_FD_MEMFD` or `EDGEHAL_FD_DMABUF`); the fd is checked to be one. An fd opened
+/// read-only gives a read-only buffer (an input only). Dma-bufs are synced
+/// (`DMA_BUF_IOCTL_SYNC`) around each run that uses them.
+///
+/// Contract, as for `edgehal_buffer_wrap`: no one (this process, another process, a device)
+/// writes the range while a run that uses the buffer is in flight, nor reads an output range
+/// before the run completes.
+///
+/// Errors: `EDGEHAL_ERR_NULL_ARGUMENT` (out, or shape with rank > 0),
+/// `EDGEHAL_ERR_INVALID_ARGUMENT` (negative or closed fd, an fd that is not of `kind`, unknown
+/// kind or dtype, negative dimension, `offset + length` past the end of the fd's memory),
+/// `EDGEHAL_ERR_SIZE_MISMATCH` (rank > EDGEHAL_MAX_RANK), `EDGEHAL_ERR_BUFFER_TOO_SMALL`
+/// (`length` below the tensor's byte size), `EDGEHAL_ERR_IO` (mapping failed),
+/// `EDGEHAL_ERR_TOO_LARGE`.
+///
+/// Threading: any thread.
+///
+/// # Safety
+/// `shape` must point to `rank` values; `out` must be writable.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn edgehal_buffer_import_fd(
+    fd: i32,
+    kind: edgehal_fd_kind,
+    offset: u64,
+    length: usize,
+    dtype: edgehal_dtype,
+    shape: *const i64,
+    rank: usize,
+    out: *mut *mut edgehal_buffer,
+) -> edgehal_status {
+    guard(|| {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        if out.is_null() {
+            return Err(Fail::null("out"));
+        }
+        if fd < 0 {
+            return Err(Fail::arg(format!("fd {fd} is negative")));
+        }
+        if kind != EDGEHAL_FD_MEMFD && kind != EDGEHAL_FD_DMABUF {
+            return Err(Fail::arg(format!(
+                "fd kind {kind} is neither EDGEHAL_FD_MEMFD (1) nor EDGEHAL_FD_DMABUF (2)"
+            )));
+        }
+        let dtype = dtype_from_code(dtype)?;
+        // SAFETY: forwarded caller contract on `shape`/`rank`.
+        let shape = unsafe { read_shape(shape, rank) }?;
+        let need = checked_numel(&shape, dtype)? * dtype.size();
+        if length < need {
+            return Err(Fail::new(
+                EDGEHAL_ERR_BUFFER_TOO_SMALL,
+                format!("{length} bytes given, {dtype} {shape:?} needs {need}"),
+            ));
+        }
+        let offset = usize::try_from(offset)
+            .map_err(|_| Fail::arg(format!("offset {offset} is out of range")))?;
+        // SAFETY: fcntl(F_DUPFD_CLOEXEC) on any integer is sound: an fd that is not open fails
+        // with EBADF and creates nothing.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(Fail::arg(format!("fd {fd} cannot be duplicated: {e}")));
+        }
+        // SAFETY: `dup` is a new descriptor this function owns (nothing else refers to it).
+        let owned = unsafe { OwnedFd::from_raw_fd(dup) };
+        let counter = edgehal_core::buffer::CopyCounter::new();
+        let whole = if kind == EDGEHAL_FD_MEMFD {
+            edgehal_core::buffer::Buffer::import_memfd(owned, &counter)
+        } else {
+            edgehal_core::buffer::Buffer::import_dmabuf(owned, &counter)
+        }
+        .map_err(|e| Fail::arg(format!("fd {fd}: {e}")))?;
+        let end = offset.checked_add(length).filter(|&e| e <= whole.len());
+        let Some(end) = end else {
+            return Err(Fail::arg(format!(
+                "fd {fd}: offset {offset} + length {length} is past the end of its {} bytes",
+                whole.len()
+            )));
+        };
+        let view = whole.view(offset..end)?;
+        let writable = view.is_writable();
+        let p = if writable {
+            view.write_lease()?.ptr()
+        } else {
+            view.read_lease()?.ptr().cast_mut()
+        };
+        let ptr = NonNull::new(p).unwrap_or(NonNull::dangling());
+        let b = Buffer {
+            ptr,
+            cap: length,
+            owned: None,
+            dtype,
+            shape: Mutex::new(shape),
+            writable,
+            mapping: Some(view),
         };
         put(out, register(Arc::new(b)));
         Ok(())

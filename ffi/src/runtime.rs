@@ -1,7 +1,7 @@
 //! `edgehal_runtime` and `edgehal_device`: the process's view of the compute it may use.
 //!
-//! Devices come from [`enumerate_devices`], the one function to swap for the HAL's probe report
-//! when it lands; today it reports the CPU.
+//! Devices come from [`enumerate_devices`]: the HAL's probe report (what `edgehal probe` shows,
+//! plugins included), the CPU first under the name "cpu".
 
 use std::ffi::{c_char, CString};
 use std::sync::Arc;
@@ -25,23 +25,40 @@ pub struct edgehal_device {
 pub type edgehal_device_kind = i32;
 /// General-purpose CPU cores.
 pub const EDGEHAL_DEVICE_CPU: edgehal_device_kind = 1;
-/// A GPU (Vulkan and others, with the HAL drivers).
+/// A GPU (DRM render node, platform GPU, PCI display device, NVIDIA).
 pub const EDGEHAL_DEVICE_GPU: edgehal_device_kind = 2;
-/// An NPU or other accelerator (Edge TPU, DRM accel devices).
+/// An NPU (DRM accel devices, Rockchip rknpu, Hailo).
 pub const EDGEHAL_DEVICE_NPU: edgehal_device_kind = 3;
+/// A Coral Edge TPU (USB or PCIe/M.2).
+pub const EDGEHAL_DEVICE_EDGETPU: edgehal_device_kind = 4;
+/// Anything else: vendor plugin devices of unknown kind, plugins that failed to load.
+pub const EDGEHAL_DEVICE_OTHER: edgehal_device_kind = 5;
 
 /// Description of a device, filled by `edgehal_device_get_info`. Strings are owned by the
-/// runtime and valid until it is released.
+/// runtime and valid until it is released; none is NULL.
 #[repr(C)]
 pub struct edgehal_device_info {
-    /// Name to put in `edgehal_session_options.device` ("cpu").
+    /// Name: "cpu" for the CPU (the name `edgehal_session_options.device` takes); for other
+    /// devices the name `edgehal probe` shows (render node, accel node, plugin device name, or
+    /// the path of a plugin that failed to load).
     pub name: *const c_char,
-    /// `EDGEHAL_DEVICE_CPU`, `EDGEHAL_DEVICE_GPU` or `EDGEHAL_DEVICE_NPU`.
+    /// One of the `EDGEHAL_DEVICE_*` kinds.
     pub kind: edgehal_device_kind,
-    /// Parallel compute units (CPU: hardware threads available to this process).
+    /// Parallel compute units (CPU: hardware threads available to this process; 0 when
+    /// unknown).
     pub compute_units: u32,
-    /// One human-readable line ("x86_64 CPU, 16 threads").
+    /// One human-readable line ("x86_64 CPU, 16 threads", the GPU's model...).
     pub description: *const c_char,
+    /// The edgehal backend that runs it: "cpu", "vulkan", "npu", "edgetpu", the plugin's
+    /// driver name (e.g. "example"), "plugin" for a plugin that failed to load, or "none" when
+    /// no backend can use it.
+    pub driver: *const c_char,
+    /// The Linux kernel driver bound to it ("v3d", "intel_vpu", "apex"...), "" when none.
+    pub kernel_driver: *const c_char,
+    /// 1 when the device can be used now, 0 when not (see `reason`).
+    pub available: i32,
+    /// Why it is unavailable ("unavailable: libedgetpu.so.1 not found"); "" when available.
+    pub reason: *const c_char,
 }
 
 pub(crate) struct Device {
@@ -49,6 +66,10 @@ pub(crate) struct Device {
     pub kind: edgehal_device_kind,
     pub compute_units: u32,
     pub description: CString,
+    pub driver: CString,
+    pub kernel_driver: CString,
+    pub available: bool,
+    pub reason: CString,
 }
 
 pub(crate) struct Runtime {
@@ -63,18 +84,89 @@ pub(crate) struct FoundDevice {
     pub kind: edgehal_device_kind,
     pub compute_units: u32,
     pub description: String,
+    pub driver: String,
+    pub kernel_driver: String,
+    pub available: bool,
+    pub reason: String,
 }
 
-/// The devices this process can use. Today: the CPU, sized by `available_parallelism` (which
-/// honours affinity masks and cgroup quotas). The HAL's probe report replaces this function.
+/// The devices of this machine, as `edgehal probe` lists them: the HAL's probe report of the
+/// live system (CPU, GPUs, NPUs, Edge TPUs) plus vendor plugin devices from
+/// `EDGEHAL_DRIVER_PATH`. The CPU comes first, named "cpu" and sized by
+/// `available_parallelism` (which honours affinity masks and cgroup quotas).
 pub(crate) fn enumerate_devices() -> Vec<FoundDevice> {
+    use edgehal_core::probe::{Backend, DeviceKind, SysRoot};
+    let report = edgehal::plugin::probe_with_plugins(&SysRoot::live());
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    vec![FoundDevice {
-        name: "cpu".into(),
-        kind: EDGEHAL_DEVICE_CPU,
-        compute_units: u32::try_from(threads).unwrap_or(u32::MAX),
-        description: format!("{} CPU, {threads} threads", std::env::consts::ARCH),
-    }]
+    let mut out = Vec::with_capacity(report.devices.len().max(1));
+    for d in &report.devices {
+        let kind = match d.kind {
+            DeviceKind::Cpu => EDGEHAL_DEVICE_CPU,
+            DeviceKind::Gpu => EDGEHAL_DEVICE_GPU,
+            DeviceKind::Npu => EDGEHAL_DEVICE_NPU,
+            DeviceKind::EdgeTpu => EDGEHAL_DEVICE_EDGETPU,
+            DeviceKind::Other => EDGEHAL_DEVICE_OTHER,
+        };
+        let driver = match d.backend {
+            Backend::Plugin => d
+                .details
+                .get("driver")
+                .cloned()
+                .unwrap_or_else(|| "plugin".into()),
+            b => b.as_str().to_string(),
+        };
+        let (name, compute_units, description) = if d.kind == DeviceKind::Cpu {
+            (
+                "cpu".to_string(),
+                u32::try_from(threads).unwrap_or(u32::MAX),
+                format!(
+                    "{} ({} CPU, {threads} threads)",
+                    d.name,
+                    std::env::consts::ARCH
+                ),
+            )
+        } else {
+            let desc = d.details.get("description").cloned().unwrap_or_else(|| {
+                let mut s = format!("{} {} device", d.bus, d.kind.as_str());
+                if let Some(k) = &d.kernel_driver {
+                    s.push_str(&format!(", kernel driver {k}"));
+                }
+                if let Some(id) = d.details.get("pci_id").or_else(|| d.details.get("usb_id")) {
+                    s.push_str(&format!(", id {id}"));
+                }
+                s
+            });
+            (d.name.clone(), 0, desc)
+        };
+        out.push(FoundDevice {
+            name,
+            kind,
+            compute_units,
+            description,
+            driver,
+            kernel_driver: d.kernel_driver.clone().unwrap_or_default(),
+            available: d.available,
+            reason: d.reason.clone().unwrap_or_default(),
+        });
+    }
+    // The probe always lists the CPU first; keep "cpu" first even if a fixture-like system
+    // reported none.
+    if !out.iter().any(|d| d.kind == EDGEHAL_DEVICE_CPU) {
+        out.insert(
+            0,
+            FoundDevice {
+                name: "cpu".into(),
+                kind: EDGEHAL_DEVICE_CPU,
+                compute_units: u32::try_from(threads).unwrap_or(u32::MAX),
+                description: format!("{} CPU, {threads} threads", std::env::consts::ARCH),
+                driver: "cpu".into(),
+                kernel_driver: String::new(),
+                available: true,
+                reason: String::new(),
+            },
+        );
+    }
+    out
 }
 
 fn cstring(s: String) -> CString {
@@ -105,6 +197,10 @@ pub unsafe extern "C" fn edgehal_runtime_create(out: *mut *mut edgehal_runtime) 
                     kind: d.kind,
                     compute_units: d.compute_units,
                     description: cstring(d.description),
+                    driver: cstring(d.driver),
+                    kernel_driver: cstring(d.kernel_driver),
+                    available: d.available,
+                    reason: cstring(d.reason),
                 })
             })
             .collect();
@@ -142,7 +238,8 @@ pub unsafe extern "C" fn edgehal_runtime_release(runtime: *mut edgehal_runtime) 
     })
 }
 
-/// Number of devices the runtime found (at least 1: the CPU).
+/// Number of devices the runtime found (at least 1: the CPU, always index 0), available or
+/// not.
 ///
 /// Errors: `EDGEHAL_ERR_NULL_ARGUMENT`, `EDGEHAL_ERR_INVALID_HANDLE`.
 ///
@@ -229,6 +326,10 @@ pub unsafe extern "C" fn edgehal_device_get_info(
                 kind: d.kind,
                 compute_units: d.compute_units,
                 description: d.description.as_ptr(),
+                driver: d.driver.as_ptr(),
+                kernel_driver: d.kernel_driver.as_ptr(),
+                available: i32::from(d.available),
+                reason: d.reason.as_ptr(),
             })
         };
         Ok(())

@@ -4,7 +4,7 @@ use std::ffi::{c_char, c_void, CStr, CString};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use edgehal::session::IoInfo;
+use edgehal::session::{IoInfo, Produced};
 use edgehal::{Model, Session, SessionOptions};
 use edgehal_core::Tensor;
 
@@ -594,21 +594,112 @@ pub(crate) fn run_bound(
             }
         }
     }
-    let results = s.session.run(&feeds);
-    drop(feeds);
-    let results = results?;
-    let mut out = Vec::with_capacity(results.len());
-    for ((name, t), bound) in results.iter().zip(outputs) {
-        let what = format!("output '{name}'");
-        match bound {
-            Some(b) => {
-                b.write_output(t, &what)?;
-                out.push(Arc::clone(b));
-            }
-            None => out.push(Arc::new(Buffer::from_tensor(t)?)),
+    // Fd-backed buffers are leased for the run (dma-bufs synced for CPU access), once each.
+    let mut leased: Vec<*const Buffer> = Vec::new();
+    let mut leases = Vec::new();
+    let bound_outputs = outputs.iter().flatten();
+    for (b, write) in bound_outputs
+        .map(|b| (b, true))
+        .chain(inputs.iter().map(|b| (b, false)))
+    {
+        let key = Arc::as_ptr(b);
+        if leased.contains(&key) {
+            continue;
+        }
+        leased.push(key);
+        if let Some(l) = b.run_lease(write) {
+            leases.push(l?);
         }
     }
+    // Outputs computed in place: a writable bound buffer of the declared dtype whose memory
+    // overlaps no input and no other output.
+    let overlaps =
+        |a: &std::ops::Range<usize>, b: &std::ops::Range<usize>| a.start < b.end && b.start < a.end;
+    let mut dests: Vec<Option<&mut [u8]>> = Vec::with_capacity(outputs.len());
+    for (i, (m, slot)) in s.outputs.iter().zip(outputs).enumerate() {
+        let dest = slot.as_ref().and_then(|b| {
+            let r = b.range();
+            let clash = inputs.iter().any(|x| overlaps(&x.range(), &r))
+                || outputs
+                    .iter()
+                    .enumerate()
+                    .any(|(j, o)| j != i && o.as_ref().is_some_and(|o| overlaps(&o.range(), &r)));
+            if clash || !b.writable() || m.info.dtype != Some(b.dtype()) {
+                return None;
+            }
+            // SAFETY: no input or other output of this run overlaps the memory (checked just
+            // above), the API contract keeps other runs and the application off a bound output
+            // while the run is in flight, and the slice is dropped before this function returns.
+            unsafe { b.as_mut_bytes() }
+        });
+        dests.push(dest);
+    }
+    let results = s.session.run_into(&feeds, dests);
+    drop(feeds);
+    let results = results?;
+    let counter = s.session.copies();
+    let mut out = Vec::with_capacity(results.len());
+    for ((name, p), bound) in results.into_iter().zip(outputs) {
+        let what = format!("output '{name}'");
+        match (p, bound) {
+            (Produced::InPlace { shape, .. }, Some(b)) => {
+                b.set_shape(shape);
+                out.push(Arc::clone(b));
+            }
+            (Produced::Tensor(t), Some(b)) => {
+                b.write_output(&t, &what)?;
+                counter.record(t.bytes().len());
+                out.push(Arc::clone(b));
+            }
+            (Produced::Tensor(t), None) => {
+                let b = Buffer::from_tensor(&t)?;
+                counter.record(t.bytes().len());
+                out.push(Arc::new(b));
+            }
+            (Produced::InPlace { .. }, None) => {
+                return Err(Fail::new(
+                    EDGEHAL_ERR_EXECUTION,
+                    format!("{what} was written in place without a buffer"),
+                ))
+            }
+        }
+    }
+    drop(leases);
     Ok(out)
+}
+
+/// Copies libedgehal made for this session's runs so far: `*copies` receives their number and
+/// `*bytes` their total size (either pointer may be NULL to skip it). Bound inputs (wrapped,
+/// fd-imported) are read in place and cost nothing; a bound output costs nothing when the op
+/// producing it computes straight into the buffer (Gemm, MatMul) and one copy otherwise; an
+/// output libedgehal allocates (NULL slot) costs one copy. Tests and integrators use it to check
+/// a pipeline is zero-copy.
+///
+/// Errors: `EDGEHAL_ERR_INVALID_HANDLE`.
+///
+/// Threading: any thread (the counts are atomic; concurrent runs add to them).
+///
+/// # Safety
+/// `copies` and `bytes` must each be NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn edgehal_session_copy_stats(
+    session: *const edgehal_session,
+    copies: *mut u64,
+    bytes: *mut u64,
+) -> edgehal_status {
+    guard(|| {
+        let s = lookup::<SessionObj, _>(session, "session")?;
+        let c = s.session.copies();
+        if !copies.is_null() {
+            // SAFETY: non-NULL and writable by the caller's contract.
+            unsafe { copies.write(c.copies()) };
+        }
+        if !bytes.is_null() {
+            // SAFETY: as above.
+            unsafe { bytes.write(c.bytes()) };
+        }
+        Ok(())
+    })
 }
 
 /// Run the session synchronously.

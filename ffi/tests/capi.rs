@@ -14,9 +14,41 @@ fn sources() -> Vec<PathBuf> {
     vec![repo().join("ffi/tests/c/api_test.c")]
 }
 
-fn models() -> [PathBuf; 2] {
+fn models() -> [PathBuf; 3] {
     let d = repo().join("ffi/tests/data");
-    [d.join("shrink.onnx"), d.join("shrink_dyn.onnx")]
+    [
+        d.join("shrink.onnx"),
+        d.join("shrink_dyn.onnx"),
+        d.join("matmul.onnx"),
+    ]
+}
+
+/// `EDGEHAL_DRIVER_PATH` for the C runs: the example plugin (device `example0`) and the same
+/// plugin built for ABI version 99, which the device list must show as unavailable.
+fn plugin_path() -> String {
+    static SPEC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SPEC.get_or_init(|| {
+        let src = repo().join("drivers/plugin-example");
+        let build = |dir: &str, defines: &[&str]| -> PathBuf {
+            let d = work_dir(dir);
+            let so = d.join("libedgehal_example.so");
+            let out = Command::new("cc")
+                .args(["-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-I"])
+                .arg(src.join("include"))
+                .args(defines)
+                .arg("-o")
+                .arg(&so)
+                .arg(src.join("example_plugin.c"))
+                .output()
+                .expect("run cc");
+            assert_built(&out, "example_plugin.c");
+            so
+        };
+        let good = build("plugin-good", &[]);
+        let bad = build("plugin-abi99", &["-DEXAMPLE_ABI_VERSION=99"]);
+        format!("{}:{}", good.display(), bad.display())
+    })
+    .clone()
 }
 
 fn checks_passed(stdout: &str) {
@@ -37,7 +69,12 @@ fn checks_passed(stdout: &str) {
 fn c_api_plain() {
     let exe = work_dir("plain").join("api_test");
     assert_built(&cc(&sources(), &exe, &[]), "api_test.c");
-    let out = run_ok(Command::new(&exe).args(models()), "api_test");
+    let out = run_ok(
+        Command::new(&exe)
+            .args(models())
+            .env("EDGEHAL_DRIVER_PATH", plugin_path()),
+        "api_test",
+    );
     checks_passed(&out);
 }
 
@@ -63,7 +100,13 @@ fn c_api_static_library() {
         .output()
         .expect("run cc");
     assert_built(&out, "api_test.c against libedgehal.a");
-    let out = run_ok(Command::new(&exe).args(models()), "api_test (static)");
+    // Without EDGEHAL_DRIVER_PATH: no plugin devices are listed.
+    let out = run_ok(
+        Command::new(&exe)
+            .args(models())
+            .env_remove("EDGEHAL_DRIVER_PATH"),
+        "api_test (static)",
+    );
     checks_passed(&out);
 }
 
@@ -94,10 +137,13 @@ fn c_api_under_address_sanitizer() {
         return;
     }
     let out = run_ok(
-        Command::new(&exe).args(models()).env(
-            "ASAN_OPTIONS",
-            "detect_leaks=1:abort_on_error=0:exitcode=23",
-        ),
+        Command::new(&exe)
+            .args(models())
+            .env("EDGEHAL_DRIVER_PATH", plugin_path())
+            .env(
+                "ASAN_OPTIONS",
+                "detect_leaks=1:abort_on_error=0:exitcode=23",
+            ),
         "api_test under ASan",
     );
     checks_passed(&out);
@@ -119,7 +165,8 @@ fn c_api_under_valgrind() {
                 "--errors-for-leak-kinds=definite",
             ])
             .arg(&exe)
-            .args(models()),
+            .args(models())
+            .env("EDGEHAL_DRIVER_PATH", plugin_path()),
         "api_test under valgrind",
     );
     checks_passed(&out);

@@ -69,6 +69,7 @@ pub fn fold_constants(g: &mut Graph, registry: &Registry) -> Result<usize> {
                 .copied()
                 .unwrap_or_else(|| g.opset()),
             subgraph: None,
+            dest: None,
         };
         // A node that fails here (bad attribute...) is left for run time, where the error is
         // reported with the inputs the user gave.

@@ -69,6 +69,30 @@ pub fn load_all(spec: &str) -> Vec<Result<PluginDriver>> {
         .collect()
 }
 
+/// What `edgehal probe` lists: the probe report of `root` plus the devices of every plugin in
+/// `$EDGEHAL_DRIVER_PATH`; a plugin that cannot be loaded (wrong ABI version, missing symbol)
+/// is listed as an unavailable device named by its path, with the reason.
+pub fn probe_with_plugins(root: &SysRoot) -> edgehal_core::probe::ProbeReport {
+    use edgehal_core::probe::{probe, Backend, ProbedDevice};
+    let mut report = probe(root);
+    let spec = std::env::var(DRIVER_PATH_ENV).unwrap_or_default();
+    for path in plugin_paths(&spec) {
+        match PluginDriver::load(&path) {
+            Ok(driver) => {
+                for info in driver.probe(root) {
+                    report
+                        .devices
+                        .push(ProbedDevice::from_driver_info(&info, Backend::Plugin));
+                }
+            }
+            Err(e) => report
+                .devices
+                .push(ProbedDevice::failed_plugin(path.display().to_string(), e)),
+        }
+    }
+    report
+}
+
 /// [`load_all`] on `$EDGEHAL_DRIVER_PATH` (nothing when unset).
 pub fn load_from_env() -> Vec<Result<PluginDriver>> {
     match std::env::var(DRIVER_PATH_ENV) {

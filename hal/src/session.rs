@@ -4,8 +4,12 @@
 //! one device allowed ([`SessionOptions::devices`]), it profiles the graph on each, plans the
 //! split and runs through the [`Scheduler`] (asynchronously with [`Session::submit`]).
 
+use edgehal_core::buffer::CopyCounter;
+use edgehal_core::driver::TensorBuffer;
 use edgehal_core::graph::{Dim, Graph, ValueId};
+use edgehal_core::sys::mem::WriteLease;
 use edgehal_core::{DType, Error, Result, Tensor};
+pub use edgehal_cpu::Produced;
 use edgehal_cpu::{Executor, Registry};
 
 use crate::scheduler::{open_devices, Outputs, RunHandle, Scheduler, SchedulerOptions};
@@ -76,6 +80,7 @@ pub struct Session {
     outputs: Vec<IoInfo>,
     device: String,
     log: String,
+    counter: CopyCounter,
 }
 
 impl Session {
@@ -121,6 +126,7 @@ impl Session {
             outputs,
             device: "cpu".into(),
             log,
+            counter: CopyCounter::new(),
         })
     }
 
@@ -156,6 +162,7 @@ impl Session {
             outputs,
             device,
             log,
+            counter: CopyCounter::new(),
         })
     }
 
@@ -211,6 +218,133 @@ impl Session {
             .map(|o| o.name.clone())
             .zip(outs)
             .collect())
+    }
+
+    /// The session's copy counter. Buffers made with it (`Buffer::alloc(n, session.copies())`,
+    /// imports) record the copies edgehal makes for them, and [`Session::run_bound`] records
+    /// the outputs it has to copy, so a test can assert that bound inputs and outputs cost
+    /// nothing.
+    pub fn copies(&self) -> &CopyCounter {
+        &self.counter
+    }
+
+    /// [`Session::run`] with caller memory for the outputs: `dests[i]` (when given) receives
+    /// output `i` in place if the op producing it can write there (see
+    /// [`edgehal_cpu::Executor::run_into`]; single-device sessions only), reported as
+    /// [`Produced::InPlace`]. Every other output comes back as a tensor.
+    pub fn run_into(
+        &self,
+        feeds: &[(&str, Tensor)],
+        dests: Vec<Option<&mut [u8]>>,
+    ) -> Result<Vec<(String, Produced)>> {
+        if dests.len() > self.outputs.len() {
+            return Err(Error::arg(format!(
+                "{} output destinations given, the session has {} outputs",
+                dests.len(),
+                self.outputs.len()
+            )));
+        }
+        let produced: Vec<Produced> = match &self.exec {
+            Some(exec) => {
+                let bound: Vec<(ValueId, Tensor)> = self
+                    .bind(feeds)?
+                    .into_iter()
+                    .map(|(id, _, t)| (id, t))
+                    .collect();
+                exec.run_into(&bound, dests)?
+            }
+            None => self
+                .run(feeds)?
+                .into_iter()
+                .map(|(_, t)| Produced::Tensor(t))
+                .collect(),
+        };
+        Ok(self
+            .outputs
+            .iter()
+            .map(|o| o.name.clone())
+            .zip(produced)
+            .collect())
+    }
+
+    /// Run with caller buffers: `inputs` by name, `outputs` one slot per session output in
+    /// order. Inputs are read in place where [`edgehal_core::buffer::Buffer::to_tensor`]
+    /// allows. A bound output (`Some`) is computed straight into its buffer when the buffer
+    /// is writable in place (not shared outside the process, not aliasing an input) and the
+    /// op producing it can write there (single-device sessions; Gemm and MatMul in f32, the
+    /// final op of most classifiers); otherwise the result is copied in once, recorded in
+    /// [`Session::copies`]. An unbound output (`None`) comes back as a buffer over the
+    /// computed tensor, without a copy. Returns the output buffers in order.
+    pub fn run_bound(
+        &self,
+        inputs: &[(&str, TensorBuffer)],
+        outputs: &[Option<TensorBuffer>],
+    ) -> Result<Vec<TensorBuffer>> {
+        if outputs.len() != self.outputs.len() {
+            return Err(Error::arg(format!(
+                "{} output slots given, the session has {} outputs",
+                outputs.len(),
+                self.outputs.len()
+            )));
+        }
+        let tensors: Vec<(&str, Tensor)> = inputs
+            .iter()
+            .map(|(n, tb)| {
+                tb.to_tensor()
+                    .map(|t| (*n, t))
+                    .map_err(|e| Error::arg(format!("input '{n}': {e}")))
+            })
+            .collect::<Result<_>>()?;
+        // Write leases on the bound outputs; one that cannot be had (shared memory, aliasing an
+        // input being read) leaves that output to the copy below.
+        let mut leases: Vec<Option<WriteLease<'_>>> = outputs
+            .iter()
+            .map(|o| o.as_ref().and_then(|tb| tb.buffer.write_in_place().ok()))
+            .collect();
+        let dests: Vec<Option<&mut [u8]>> = leases
+            .iter_mut()
+            .map(|l| l.as_mut().and_then(|l| l.as_mut_slice().ok()))
+            .collect();
+        let r = self.run_into(&tensors, dests);
+        drop(leases);
+        let produced: Vec<Produced> = r?.into_iter().map(|(_, p)| p).collect();
+        // Input views go before outputs are written (an output may share an input's memory).
+        drop(tensors);
+        let mut out = Vec::with_capacity(produced.len());
+        for ((p, slot), info) in produced.into_iter().zip(outputs).zip(&self.outputs) {
+            let name = &info.name;
+            let (dtype, shape) = match &p {
+                Produced::InPlace { dtype, shape } => (*dtype, shape.clone()),
+                Produced::Tensor(t) => (t.dtype(), t.shape().to_vec()),
+            };
+            match (p, slot) {
+                (p, Some(tb)) => {
+                    if tb.dtype != dtype || tb.shape != shape {
+                        return Err(Error::arg(format!(
+                            "output '{name}': bound as {} {:?}, computed {dtype} {shape:?}",
+                            tb.dtype, tb.shape
+                        )));
+                    }
+                    if let Produced::Tensor(t) = p {
+                        // One copy, recorded in the session's counter.
+                        tb.buffer
+                            .write_from(0, t.bytes())
+                            .map_err(|e| Error::arg(format!("output '{name}': {e}")))?;
+                        self.counter.record(t.bytes().len());
+                    }
+                    out.push(tb.clone());
+                }
+                (Produced::Tensor(t), None) => {
+                    out.push(TensorBuffer::from_tensor(&t, &self.counter))
+                }
+                (Produced::InPlace { .. }, None) => {
+                    return Err(Error::arg(format!(
+                        "output '{name}' was written in place without a destination"
+                    )))
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Start a run and return at once; poll or wait on the handle. Single-device sessions

@@ -97,6 +97,10 @@ enum Cmd {
         /// Timed runs of each measured plan.
         #[arg(long, default_value_t = 10)]
         runs: usize,
+        /// Pin nodes to devices: comma-separated WHAT=DEVICE, where WHAT is an op type (every
+        /// node of it: `Relu=example0`), a node index or a node name.
+        #[arg(long, default_value = "")]
+        pin: String,
     },
     /// List the ops each device supports.
     Ops {
@@ -149,9 +153,11 @@ fn main() {
             json,
             svg,
             runs,
+            pin,
         } => plan::run(plan::PlanArgs {
             model,
             devices,
+            pin,
             json,
             svg,
             runs,

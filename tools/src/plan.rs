@@ -20,9 +20,31 @@ use crate::bench::summarize;
 pub struct PlanArgs {
     pub model: PathBuf,
     pub devices: String,
+    /// `WHAT=DEVICE,...` (op type, node index or node name).
+    pub pin: String,
     pub json: bool,
     pub svg: Option<PathBuf>,
     pub runs: usize,
+}
+
+/// Plan pins from `WHAT=DEVICE,...`: an op type pins every node of that type; anything else
+/// (node index or name) is passed on as is.
+fn pins(g: &Graph, spec: &str) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let Some((what, dev)) = item.split_once('=') else {
+            bail!("--pin {item}: expected WHAT=DEVICE (op type, node index or node name)");
+        };
+        let nodes: Vec<usize> = (0..g.nodes.len())
+            .filter(|&i| g.nodes[i].op == what)
+            .collect();
+        if nodes.is_empty() {
+            out.push((what.to_string(), dev.to_string()));
+        } else {
+            out.extend(nodes.into_iter().map(|i| (i.to_string(), dev.to_string())));
+        }
+    }
+    Ok(out)
 }
 
 fn device_list(s: &str) -> Result<Vec<String>> {
@@ -70,6 +92,10 @@ pub fn run(a: PlanArgs) -> Result<()> {
             progress: !a.json,
             ..ProfileOptions::default()
         },
+        constraints: edgehal::plan::PlanConstraints {
+            exclude: Vec::new(),
+            pins: pins(&graph, &a.pin)?,
+        },
         ..SchedulerOptions::default()
     };
     let s = Scheduler::new(&graph, devices, &opts).map_err(|e| anyhow!("{}: {e}", model.name))?;
@@ -85,13 +111,15 @@ pub fn run(a: PlanArgs) -> Result<()> {
         }
     }
     // The chosen plan must not measure slower than the best single device; if it does (the
-    // prediction missed), the single device wins and we say so.
+    // prediction missed), the single device wins and we say so. Pinned plans are kept: the
+    // caller asked for that placement.
+    let pinned = !opts.constraints.pins.is_empty();
     let best_single = singles
         .iter()
         .min_by(|x, y| x.2.total_cmp(&y.2))
         .map(|(n, p, ms)| (n.clone(), p.clone(), *ms));
     let (plan, measured, note) = match &best_single {
-        Some((n, p, ms)) if *ms < chosen_ms && p.assign != chosen.assign => (
+        Some((n, p, ms)) if !pinned && *ms < chosen_ms && p.assign != chosen.assign => (
             p.clone(),
             *ms,
             Some(format!(

@@ -5,12 +5,56 @@
 //! releases each intermediate right after its last consumer, so peak memory is the live set,
 //! not the whole graph.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 
 use edgehal_core::graph::{Graph, NodeId, ValueId};
-use edgehal_core::{Error, Result, Tensor};
+use edgehal_core::tensor::checked_numel;
+use edgehal_core::{DType, Error, Result, Tensor};
 
-use crate::ops::{OpCtx, OpFn, Registry};
+use crate::ops::{OpCtx, OpFn, OutputDest, Registry};
+
+/// A graph output of [`Executor::run_into`].
+#[derive(Clone, Debug)]
+pub enum Produced {
+    /// Computed straight into the destination the caller gave (no copy).
+    InPlace { dtype: DType, shape: Vec<usize> },
+    /// Computed as a tensor (no destination, or the producing op cannot write in place).
+    Tensor(Tensor),
+}
+
+/// One caller destination, handed to the op that produces its graph output.
+struct DestCell<'d> {
+    buf: RefCell<Option<&'d mut [u8]>>,
+    done: RefCell<Option<(DType, Vec<usize>)>>,
+}
+
+impl OutputDest for DestCell<'_> {
+    fn write(
+        &self,
+        dtype: DType,
+        shape: &[usize],
+        align: usize,
+        fill: &mut dyn FnMut(&mut [u8]) -> Result<()>,
+    ) -> Option<Result<()>> {
+        let n = checked_numel(shape, dtype)
+            .ok()?
+            .checked_mul(dtype.size())?;
+        let mut slot = self.buf.borrow_mut();
+        let buf = slot.as_mut()?;
+        if buf.len() < n || !(buf.as_ptr() as usize).is_multiple_of(align.max(1)) {
+            return None;
+        }
+        let region = &mut buf[..n];
+        region.fill(0);
+        let r = fill(region);
+        if r.is_ok() {
+            *self.done.borrow_mut() = Some((dtype, shape.to_vec()));
+            *slot = None;
+        }
+        Some(r)
+    }
+}
 
 /// A graph prepared for repeated execution.
 pub struct Executor {
@@ -19,6 +63,9 @@ pub struct Executor {
     ops: Vec<OpFn>,
     /// For each position in `order`, the values to release after it runs.
     release: Vec<Vec<ValueId>>,
+    /// For each node, the graph output (index into `graph.outputs`) its output 0 may be
+    /// computed into in place: a value no node reads and that is listed once as an output.
+    dest_of: Vec<Option<usize>>,
     registry: Registry,
 }
 
@@ -69,11 +116,31 @@ impl Executor {
                 }
             }
         }
+        let mut dest_of = vec![None; graph.nodes.len()];
+        for &n in &order {
+            let Some(Some(v)) = graph.nodes[n].outputs.first().copied() else {
+                continue;
+            };
+            let listed: Vec<usize> = graph
+                .outputs
+                .iter()
+                .enumerate()
+                .filter(|(_, &o)| o == v)
+                .map(|(i, _)| i)
+                .collect();
+            let internal = last[v].is_some()
+                || graph.inputs.contains(&v)
+                || graph.initializers.contains_key(&v);
+            if let ([i], false) = (listed.as_slice(), internal) {
+                dest_of[n] = Some(*i);
+            }
+        }
         Ok(Executor {
             graph: graph.clone(),
             order,
             ops,
             release,
+            dest_of,
             registry: registry.clone(),
         })
     }
@@ -94,6 +161,48 @@ impl Executor {
         inputs: &[(ValueId, Tensor)],
         outer: &dyn Fn(&str) -> Option<Tensor>,
     ) -> Result<Vec<Tensor>> {
+        self.run_impl(inputs, outer, &[])?
+            .into_iter()
+            .map(|p| match p {
+                Produced::Tensor(t) => Ok(t),
+                Produced::InPlace { .. } => Err(Error::arg("output written in place unasked")),
+            })
+            .collect()
+    }
+
+    /// Run with caller memory for the outputs: `dests[i]` (when given) receives graph output
+    /// `i` in place if the op producing it can write there (output 0 of its node, f32 Gemm,
+    /// MatMul...); such outputs come back as [`Produced::InPlace`] with their dtype and shape.
+    /// Every other output comes back as a tensor for the caller to copy or keep. A destination
+    /// must be at least the output's byte size and aligned to its element size to be used.
+    pub fn run_into(
+        &self,
+        inputs: &[(ValueId, Tensor)],
+        dests: Vec<Option<&mut [u8]>>,
+    ) -> Result<Vec<Produced>> {
+        if dests.len() > self.graph.outputs.len() {
+            return Err(Error::arg(format!(
+                "{} output destinations for {} outputs",
+                dests.len(),
+                self.graph.outputs.len()
+            )));
+        }
+        let cells: Vec<DestCell<'_>> = dests
+            .into_iter()
+            .map(|d| DestCell {
+                buf: RefCell::new(d),
+                done: RefCell::new(None),
+            })
+            .collect();
+        self.run_impl(inputs, &|_| None, &cells)
+    }
+
+    fn run_impl(
+        &self,
+        inputs: &[(ValueId, Tensor)],
+        outer: &dyn Fn(&str) -> Option<Tensor>,
+        dests: &[DestCell<'_>],
+    ) -> Result<Vec<Produced>> {
         let g = &self.graph;
         let mut slots: Vec<Option<Tensor>> = vec![None; g.values.len()];
         for (id, t) in &g.initializers {
@@ -159,6 +268,9 @@ impl Executor {
                     .copied()
                     .unwrap_or_else(|| g.opset()),
                 subgraph: Some(&sub),
+                dest: self.dest_of[n]
+                    .and_then(|i| dests.get(i))
+                    .map(|d| d as &dyn OutputDest),
             };
             let outs = (self.ops[n])(&ctx, &ins).map_err(|e| match e {
                 Error::Op { .. } => e,
@@ -168,8 +280,14 @@ impl Executor {
                 },
             })?;
             drop(ins);
+            let in_place = self.dest_of[n]
+                .and_then(|i| dests.get(i))
+                .is_some_and(|d| d.done.borrow().is_some());
             for (k, o) in node.outputs.iter().enumerate() {
                 if let Some(o) = o {
+                    if k == 0 && in_place {
+                        continue;
+                    }
                     match outs.get(k) {
                         Some(t) => slots[*o] = Some(t.clone()),
                         None => {
@@ -190,10 +308,15 @@ impl Executor {
         }
         g.outputs
             .iter()
-            .map(|&o| {
+            .enumerate()
+            .map(|(i, &o)| {
+                if let Some((dtype, shape)) = dests.get(i).and_then(|d| d.done.borrow().clone()) {
+                    return Ok(Produced::InPlace { dtype, shape });
+                }
                 slots[o]
                     .clone()
                     .or_else(|| outer(&g.values[o].name))
+                    .map(Produced::Tensor)
                     .ok_or_else(|| {
                         Error::arg(format!(
                             "graph output '{}' was not computed",
@@ -210,4 +333,127 @@ fn missing_op(ctx: &OpCtx<'_>, _: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         "op {} is not implemented",
         ctx.node.op
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgehal_core::graph::{Dim, Node, ValueInfo};
+
+    /// y = Gemm(x, w) with x [1,2], w [2,2]; z = Relu(y) also an output when `relu_out`.
+    fn gemm_graph(relu_out: bool) -> Graph {
+        let mut g = Graph::new("g");
+        let mut v = |name: &str, shape: &[usize]| {
+            let id = g.value_id(name);
+            g.values[id] = ValueInfo {
+                name: name.into(),
+                dtype: Some(DType::F32),
+                shape: Some(shape.iter().map(|&d| Dim::Fixed(d)).collect()),
+            };
+            id
+        };
+        let (x, w, y, z) = (
+            v("x", &[1, 2]),
+            v("w", &[2, 2]),
+            v("y", &[1, 2]),
+            v("z", &[1, 2]),
+        );
+        g.inputs = vec![x];
+        g.opsets.insert(String::new(), 17);
+        g.initializers.insert(
+            w,
+            Tensor::from_vec(vec![2, 2], vec![1f32, 2., 3., 4.]).expect("w"),
+        );
+        g.nodes.push(Node {
+            op: "Gemm".into(),
+            inputs: vec![Some(x), Some(w)],
+            outputs: vec![Some(y)],
+            ..Default::default()
+        });
+        g.outputs = vec![y];
+        if relu_out {
+            g.nodes.push(Node {
+                op: "Relu".into(),
+                inputs: vec![Some(y)],
+                outputs: vec![Some(z)],
+                ..Default::default()
+            });
+            g.outputs.push(z);
+        }
+        g
+    }
+
+    fn x() -> Vec<(ValueId, Tensor)> {
+        vec![(0, Tensor::from_vec(vec![1, 2], vec![1f32, -1.]).expect("x"))]
+    }
+
+    fn f32s(b: &[u8]) -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
+
+    #[test]
+    fn gemm_output_is_computed_in_place() {
+        let ex = Executor::new(&gemm_graph(false), &Registry::new()).expect("executor");
+        let mut dst = vec![0xffu32; 2];
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut dst);
+        let out = ex.run_into(&x(), vec![Some(bytes)]).expect("run");
+        assert!(
+            matches!(&out[0], Produced::InPlace { dtype: DType::F32, shape } if shape == &[1, 2])
+        );
+        // [1, -1] x [[1,2],[3,4]] = [-2, -2]
+        assert_eq!(f32s(bytemuck::cast_slice(&dst)), vec![-2.0, -2.0]);
+    }
+
+    #[test]
+    fn unusable_destinations_fall_back_to_a_tensor() {
+        let ex = Executor::new(&gemm_graph(false), &Registry::new()).expect("executor");
+        // Too small.
+        let mut small = vec![0u32; 1];
+        let out = ex
+            .run_into(&x(), vec![Some(bytemuck::cast_slice_mut(&mut small))])
+            .expect("run");
+        assert!(matches!(&out[0], Produced::Tensor(t) if t.to_f32().as_ref() == [-2.0, -2.0]));
+        assert_eq!(
+            small,
+            vec![0],
+            "a destination that does not fit is not touched"
+        );
+        // Misaligned for f32.
+        let mut raw = vec![0u32; 3];
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut raw);
+        let out = ex
+            .run_into(&x(), vec![Some(&mut bytes[1..9])])
+            .expect("run");
+        assert!(matches!(&out[0], Produced::Tensor(_)));
+        // No destination at all.
+        let out = ex.run_into(&x(), vec![None]).expect("run");
+        assert!(matches!(&out[0], Produced::Tensor(_)));
+        assert!(
+            ex.run_into(&x(), vec![None, None]).is_err(),
+            "more destinations than outputs"
+        );
+    }
+
+    #[test]
+    fn an_output_other_nodes_read_gets_no_destination() {
+        // y is an output AND Relu's input: computing it into caller memory would hide it from
+        // Relu, so it is produced as a tensor; z (Relu) cannot write in place either.
+        let ex = Executor::new(&gemm_graph(true), &Registry::new()).expect("executor");
+        let mut a = vec![0u32; 2];
+        let mut b = vec![0u32; 2];
+        let out = ex
+            .run_into(
+                &x(),
+                vec![
+                    Some(bytemuck::cast_slice_mut(&mut a)),
+                    Some(bytemuck::cast_slice_mut(&mut b)),
+                ],
+            )
+            .expect("run");
+        assert!(matches!(&out[0], Produced::Tensor(t) if t.to_f32().as_ref() == [-2.0, -2.0]));
+        assert!(matches!(&out[1], Produced::Tensor(t) if t.to_f32().as_ref() == [0.0, 0.0]));
+        assert_eq!((a, b), (vec![0, 0], vec![0, 0]));
+    }
 }

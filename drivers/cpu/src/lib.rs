@@ -11,5 +11,5 @@ pub mod device;
 pub mod exec;
 pub mod ops;
 
-pub use exec::Executor;
+pub use exec::{Executor, Produced};
 pub use ops::{OpCtx, OpFn, Registry};

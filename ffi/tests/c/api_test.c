@@ -1,8 +1,17 @@
-/* Every libedgehal call on good and bad arguments. Usage: api_test shrink.onnx shrink_dyn.onnx
- * The models compute y = Shrink(x; bias=1, lambd=0.5) over float32[2,3] / float32[N,3].
+/* Every libedgehal call on good and bad arguments.
+ * Usage: api_test shrink.onnx shrink_dyn.onnx matmul.onnx
+ * The shrink models compute y = Shrink(x; bias=1, lambd=0.5) over float32[2,3] / float32[N,3];
+ * matmul.onnx computes y = x W with W = [[1,2],[3,4],[5,6]] (float32[2,3] -> float32[2,2]).
+ * With EDGEHAL_DRIVER_PATH set (capi.rs points it at the example plugin and at a plugin built
+ * for the wrong ABI), the device list must show both, the second as unavailable.
  * Exits 0 when every check passed; prints each failed check. Built and run by ffi/tests/capi.rs
  * normally, under AddressSanitizer and under valgrind. */
+#define _GNU_SOURCE /* memfd_create */
 #include <edgehal.h>
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <math.h>
 #include <poll.h>
@@ -99,6 +108,39 @@ static void test_runtime_and_devices(void) {
   CHECK(info.kind == EDGEHAL_DEVICE_CPU);
   CHECK(info.compute_units >= 1);
   CHECK(strstr(info.description, "CPU") != NULL);
+
+  CHECK(strcmp(info.driver, "cpu") == 0);
+  CHECK(info.available == 1 && info.reason[0] == '\0');
+
+  /* Every device the probe found, available or not, with consistent fields. */
+  int saw_example = 0, saw_bad_plugin = 0;
+  for (size_t i = 0; i < n; i++) {
+    const edgehal_device *d = NULL;
+    edgehal_device_info di;
+    memset(&di, 0, sizeof di);
+    EXPECT(edgehal_runtime_device(rt, i, &d), EDGEHAL_OK);
+    EXPECT(edgehal_device_get_info(d, &di), EDGEHAL_OK);
+    CHECK(di.name && di.name[0] && di.description && di.driver && di.driver[0] &&
+          di.kernel_driver && di.reason);
+    CHECK(di.kind >= EDGEHAL_DEVICE_CPU && di.kind <= EDGEHAL_DEVICE_OTHER);
+    CHECK(di.available == 0 || di.available == 1);
+    CHECK(di.available ? di.reason[0] == '\0' : strncmp(di.reason, "unavailable", 11) == 0);
+    CHECK((di.kind == EDGEHAL_DEVICE_CPU) == (i == 0)); /* the CPU once, first */
+    if (strcmp(di.name, "example0") == 0) {
+      saw_example = 1;
+      CHECK(strcmp(di.driver, "example") == 0 && di.available == 1);
+    }
+    if (strcmp(di.driver, "plugin") == 0 && !di.available) {
+      saw_bad_plugin = 1;
+      CHECK(strstr(di.reason, "ABI version 99") != NULL);
+    }
+  }
+  if (getenv("EDGEHAL_DRIVER_PATH")) {
+    CHECK(saw_example);
+    CHECK(saw_bad_plugin);
+  } else {
+    CHECK(!saw_example && !saw_bad_plugin);
+  }
 
   /* A handle of the wrong kind is refused, not misread. */
   EXPECT(edgehal_runtime_device_count((const edgehal_runtime *)dev, &n), EDGEHAL_ERR_INVALID_HANDLE);
@@ -555,9 +597,159 @@ static void test_threads(const char *path) {
   EXPECT(edgehal_runtime_release(rt), EDGEHAL_OK);
 }
 
+/* A memfd of `size` bytes, mapped shared into *map. */
+static int make_memfd(size_t size, float **map) {
+  int fd = memfd_create("api_test", MFD_CLOEXEC);
+  if (fd < 0) return -1;
+  if (ftruncate(fd, (off_t)size) != 0) {
+    close(fd);
+    return -1;
+  }
+  void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (p == MAP_FAILED) {
+    close(fd);
+    return -1;
+  }
+  *map = p;
+  return fd;
+}
+
+static void test_fd_import(const char *shrink_path, const char *matmul_path) {
+  const int64_t shape[2] = {2, 3};
+  const int64_t yshape[2] = {2, 2};
+  const size_t page = 4096, size = 2 * 4096;
+  float *map = NULL;
+  int fd = make_memfd(size, &map);
+  CHECK(fd >= 0);
+  if (fd < 0) return;
+  edgehal_buffer *b = NULL;
+
+  /* Bad arguments. */
+  EXPECT(edgehal_buffer_import_fd(fd, EDGEHAL_FD_MEMFD, 0, 24, EDGEHAL_DTYPE_FLOAT32, shape, 2, NULL),
+         EDGEHAL_ERR_NULL_ARGUMENT);
+  EXPECT(edgehal_buffer_import_fd(-1, EDGEHAL_FD_MEMFD, 0, 24, EDGEHAL_DTYPE_FLOAT32, shape, 2, &b),
+         EDGEHAL_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(edgehal_last_error_message(), "negative") != NULL);
+  EXPECT(edgehal_buffer_import_fd(fd, 7, 0, 24, EDGEHAL_DTYPE_FLOAT32, shape, 2, &b),
+         EDGEHAL_ERR_INVALID_ARGUMENT);
+  EXPECT(edgehal_buffer_import_fd(fd, EDGEHAL_FD_MEMFD, 0, 24, EDGEHAL_DTYPE_FLOAT32, NULL, 2, &b),
+         EDGEHAL_ERR_NULL_ARGUMENT);
+  EXPECT(edgehal_buffer_import_fd(fd, EDGEHAL_FD_MEMFD, 0, 20, EDGEHAL_DTYPE_FLOAT32, shape, 2, &b),
+         EDGEHAL_ERR_BUFFER_TOO_SMALL);
+  /* Past the end of the memfd. */
+  EXPECT(edgehal_buffer_import_fd(fd, EDGEHAL_FD_MEMFD, size - 8, 24, EDGEHAL_DTYPE_FLOAT32, shape, 2,
+                                  &b),
+         EDGEHAL_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(edgehal_last_error_message(), "past the end") != NULL);
+  EXPECT(edgehal_buffer_import_fd(fd, EDGEHAL_FD_MEMFD, UINT64_MAX, 24, EDGEHAL_DTYPE_FLOAT32, shape,
+                                  2, &b),
+         EDGEHAL_ERR_INVALID_ARGUMENT);
+  /* Not a memfd (a pipe), a memfd claimed to be a dma-buf, a closed fd. */
+  int pfd[2];
+  CHECK(pipe(pfd) == 0);
+  EXPECT(edgehal_buffer_import_fd(pfd[0], EDGEHAL_FD_MEMFD, 0, 24, EDGEHAL_DTYPE_FLOAT32, shape, 2,
+                                  &b),
+         EDGEHAL_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(edgehal_last_error_message(), "not a memfd") != NULL);
+  EXPECT(edgehal_buffer_import_fd(fd, EDGEHAL_FD_DMABUF, 0, 24, EDGEHAL_DTYPE_FLOAT32, shape, 2, &b),
+         EDGEHAL_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(edgehal_last_error_message(), "not a dma-buf") != NULL);
+  close(pfd[0]);
+  close(pfd[1]);
+  EXPECT(edgehal_buffer_import_fd(pfd[0], EDGEHAL_FD_MEMFD, 0, 24, EDGEHAL_DTYPE_FLOAT32, shape, 2,
+                                  &b),
+         EDGEHAL_ERR_INVALID_ARGUMENT);
+  CHECK(b == NULL);
+
+  /* Input at offset 0, output at offset 4096 of the same memfd. The fd is borrowed: closing
+   * ours right after the imports leaves the buffers usable. */
+  edgehal_buffer *in = NULL, *out = NULL;
+  EXPECT(edgehal_buffer_import_fd(fd, EDGEHAL_FD_MEMFD, 0, 24, EDGEHAL_DTYPE_FLOAT32, shape, 2, &in),
+         EDGEHAL_OK);
+  EXPECT(edgehal_buffer_import_fd(fd, EDGEHAL_FD_MEMFD, page, 16, EDGEHAL_DTYPE_FLOAT32, yshape, 2,
+                                  &out),
+         EDGEHAL_OK);
+  close(fd);
+  memcpy(map, X, sizeof X);
+  void *data = NULL;
+  size_t dsize = 0;
+  EXPECT(edgehal_buffer_data(in, &data, &dsize), EDGEHAL_OK);
+  CHECK(dsize == 24 && data != NULL && memcmp(data, X, sizeof X) == 0); /* the same pages */
+
+  edgehal_runtime *rt = NULL;
+  edgehal_model *m = NULL;
+  edgehal_session *s = NULL;
+  EXPECT(edgehal_runtime_create(&rt), EDGEHAL_OK);
+  EXPECT(edgehal_model_load(rt, matmul_path, &m), EDGEHAL_OK);
+  EXPECT(edgehal_session_create(m, NULL, &s), EDGEHAL_OK);
+  uint64_t copies = 99, bytes = 99;
+  EXPECT(edgehal_session_copy_stats(NULL, &copies, &bytes), EDGEHAL_ERR_NULL_ARGUMENT);
+  EXPECT(edgehal_session_copy_stats((const edgehal_session *)rt, &copies, &bytes),
+         EDGEHAL_ERR_INVALID_HANDLE);
+  EXPECT(edgehal_session_copy_stats(s, NULL, NULL), EDGEHAL_OK);
+  EXPECT(edgehal_session_copy_stats(s, &copies, &bytes), EDGEHAL_OK);
+  CHECK(copies == 0 && bytes == 0);
+  const edgehal_buffer *ins[1] = {in};
+  edgehal_buffer *outs[1] = {out};
+  for (int round = 0; round < 2; round++) {
+    float xin[6];
+    memcpy(xin, map, sizeof xin);
+    EXPECT(edgehal_session_run(s, ins, 1, outs, 1), EDGEHAL_OK);
+    CHECK(outs[0] == out);
+    /* MatMul computed straight into the memfd: zero copies in, zero out. */
+    EXPECT(edgehal_session_copy_stats(s, &copies, &bytes), EDGEHAL_OK);
+    CHECK(copies == 0 && bytes == 0);
+    const float *y = map + page / sizeof(float);
+    const float W[6] = {1, 2, 3, 4, 5, 6};
+    for (int r = 0; r < 2; r++)
+      for (int c = 0; c < 2; c++) {
+        float want = 0;
+        for (int k = 0; k < 3; k++) want += xin[r * 3 + k] * W[k * 2 + c];
+        CHECK(fabsf(y[r * 2 + c] - want) <= 1e-4f * (1.0f + fabsf(want)));
+      }
+    map[0] += 1.0f; /* a new frame in place: the next run sees it */
+  }
+  memcpy(map, X, sizeof X);
+  EXPECT(edgehal_session_release(s), EDGEHAL_OK);
+  EXPECT(edgehal_model_release(m), EDGEHAL_OK);
+
+  /* Shrink cannot compute in place: one counted copy of its 24 output bytes. */
+  edgehal_buffer *out2 = NULL;
+  float *map2 = NULL;
+  int fd2 = make_memfd(page, &map2);
+  CHECK(fd2 >= 0);
+  EXPECT(edgehal_buffer_import_fd(fd2, EDGEHAL_FD_MEMFD, 0, 24, EDGEHAL_DTYPE_FLOAT32, shape, 2,
+                                  &out2),
+         EDGEHAL_OK);
+  if (fd2 >= 0) close(fd2);
+  EXPECT(edgehal_model_load(rt, shrink_path, &m), EDGEHAL_OK);
+  EXPECT(edgehal_session_create(m, NULL, &s), EDGEHAL_OK);
+  edgehal_buffer *outs2[1] = {out2};
+  EXPECT(edgehal_session_run(s, ins, 1, outs2, 1), EDGEHAL_OK);
+  EXPECT(edgehal_session_copy_stats(s, &copies, &bytes), EDGEHAL_OK);
+  CHECK(copies == 1 && bytes == 24);
+  if (map2) check_y(map2, 6, "shrink into an imported memfd");
+  /* The input's own buffer bound as the output (in-place processing of a frame): never
+   * computed into while it is read; the result is copied in after the run. */
+  edgehal_buffer *same[1] = {in};
+  EXPECT(edgehal_session_run(s, ins, 1, same, 1), EDGEHAL_OK);
+  check_y(map, 6, "shrink in place over its imported input");
+  EXPECT(edgehal_session_copy_stats(s, &copies, &bytes), EDGEHAL_OK);
+  CHECK(copies == 2 && bytes == 48);
+  EXPECT(edgehal_session_release(s), EDGEHAL_OK);
+  EXPECT(edgehal_model_release(m), EDGEHAL_OK);
+  EXPECT(edgehal_runtime_release(rt), EDGEHAL_OK);
+  EXPECT(edgehal_buffer_release(in), EDGEHAL_OK);
+  EXPECT(edgehal_buffer_release(out), EDGEHAL_OK);
+  EXPECT(edgehal_buffer_release(out2), EDGEHAL_OK);
+  EXPECT(edgehal_buffer_release(out2), EDGEHAL_ERR_INVALID_HANDLE);
+  munmap(map, size);
+  if (map2) munmap(map2, page);
+}
+
 int main(int argc, char **argv) {
-  if (argc != 3) {
-    fprintf(stderr, "usage: %s shrink.onnx shrink_dyn.onnx\n", argv[0]);
+  if (argc != 4) {
+    fprintf(stderr, "usage: %s shrink.onnx shrink_dyn.onnx matmul.onnx\n", argv[0]);
     return 2;
   }
   test_version_and_status();
@@ -566,6 +758,7 @@ int main(int argc, char **argv) {
   test_symbolic_batch(argv[2]);
   test_async(argv[1]);
   test_threads(argv[1]);
+  test_fd_import(argv[1], argv[3]);
   printf("api_test: %d checks, %d failed\n", checks, failures);
   return failures ? 1 : 0;
 }

@@ -2,6 +2,7 @@
 
 shrink.onnx:     y = Shrink(x; bias=1, lambd=0.5), x and y float32[2,3]
 shrink_dyn.onnx: the same with x and y float32[N,3] (symbolic batch)
+matmul.onnx:     y = MatMul(x, W), x float32[2,3], W constant [3,2] (zero-copy output test)
 Shrink maps x > 0.5 to x - 1, x < -0.5 to x + 1, everything else to 0.
 """
 import os
@@ -50,3 +51,24 @@ def standin_classifier(path):
 
 
 standin_classifier("standin_classifier.onnx")
+
+
+def matmul(path):
+    """y = MatMul(x, W): x float32[2,3], W = [[1,2],[3,4],[5,6]] (initializer), y float32[2,2].
+    The final op writes straight into a bound output buffer (the zero-copy output test)."""
+    w = helper.make_tensor("w", TensorProto.FLOAT, [3, 2], [1, 2, 3, 4, 5, 6])
+    n = helper.make_node("MatMul", ["x", "w"], ["y"])
+    g = helper.make_graph(
+        [n],
+        "matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
+        initializer=[w],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], producer_name="edgehal-ffi-tests")
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    onnx.save(m, os.path.join(here, path))
+
+
+matmul("matmul.onnx")

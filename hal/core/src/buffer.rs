@@ -433,6 +433,17 @@ impl Buffer {
         self.mem.read_lease(self.off, self.len)
     }
 
+    /// Exclusive CPU write access to the whole view as a `&mut [u8]` (through
+    /// [`WriteLease::as_mut_slice`]), so the CPU can compute straight into the buffer. Refused
+    /// when the memory is shared outside the process (exported fd, imported dma-buf or memfd),
+    /// read-only, or while a tensor or lease of it lives; callers then fall back to a counted
+    /// copy ([`Buffer::store_tensor`]).
+    pub fn write_in_place(&self) -> Result<WriteLease<'_>> {
+        let mut lease = self.mem.write_lease(self.off, self.len)?;
+        lease.as_mut_slice()?;
+        Ok(lease)
+    }
+
     /// Raw write lease for a device call (see [`mem::WriteLease`]).
     pub fn write_lease(&self) -> Result<WriteLease<'_>> {
         self.mem.write_lease(self.off, self.len)

@@ -795,6 +795,7 @@ mod tests {
             node: &node,
             opset: 21,
             subgraph: None,
+            dest: None,
         };
         let mut r = Registry::new();
         register(&mut r);

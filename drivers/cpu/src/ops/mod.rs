@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use edgehal_core::dtype::Elem;
 use edgehal_core::tensor::broadcast_shapes;
-use edgehal_core::{Error, Graph, Node, Result, Tensor};
+use edgehal_core::{DType, Error, Graph, Node, Result, Tensor};
 
 pub mod control;
 pub mod elementwise;
@@ -34,6 +34,24 @@ pub struct OpCtx<'a> {
     /// Runs a subgraph attribute (If/Loop/Scan bodies) with the given inputs; names the body
     /// does not define are looked up in the scope of the calling node.
     pub subgraph: Option<&'a SubgraphFn<'a>>,
+    /// Where output 0 goes when it is a graph output bound to caller memory: ops that can
+    /// compute in place write there through [`OpCtx::f32_output`]; others ignore it and the
+    /// caller copies their result (one counted copy).
+    pub dest: Option<&'a dyn OutputDest>,
+}
+
+/// Memory a graph output can be computed into in place (a caller's bound output buffer).
+pub trait OutputDest {
+    /// Run `fill` on the first bytes of the destination, zeroed, for an output of `dtype` and
+    /// `shape`. `None` (and `fill` not called) when the destination cannot take it: already
+    /// used, too small, or not aligned to `align` bytes; the op then computes a tensor as usual.
+    fn write(
+        &self,
+        dtype: DType,
+        shape: &[usize],
+        align: usize,
+        fill: &mut dyn FnMut(&mut [u8]) -> Result<()>,
+    ) -> Option<Result<()>>;
 }
 
 impl OpCtx<'_> {
@@ -58,6 +76,48 @@ impl OpCtx<'_> {
     /// Float list attribute (None when absent).
     pub fn floats(&self, name: &str) -> Option<Vec<f32>> {
         self.node.attr_floats(name).map(|v| v.to_vec())
+    }
+
+    /// A float output of `dtype` and `shape` computed by `fill` into zeroed f32 memory: the
+    /// bound output destination when the executor handed one that fits (output 0 of a node
+    /// producing a graph output, f32, aligned, large enough), otherwise a new tensor. In the
+    /// first case the returned tensor is an empty placeholder the executor discards.
+    pub fn f32_output(
+        &self,
+        dtype: DType,
+        shape: Vec<usize>,
+        fill: impl FnOnce(&mut [f32]) -> Result<()>,
+    ) -> Result<Tensor> {
+        let n = edgehal_core::tensor::checked_numel(&shape, DType::F32)?;
+        let mut fill = Some(fill);
+        if dtype == DType::F32 {
+            if let Some(d) = self.dest {
+                let mut run = |bytes: &mut [u8]| -> Result<()> {
+                    let out: &mut [f32] = bytemuck::try_cast_slice_mut(bytes)
+                        .map_err(|e| Error::arg(format!("output destination: {e}")))?;
+                    match fill.take() {
+                        Some(f) => f(out),
+                        None => Err(Error::arg("output destination written twice")),
+                    }
+                };
+                if let Some(r) = d.write(DType::F32, &shape, std::mem::align_of::<f32>(), &mut run)
+                {
+                    r?;
+                    return Tensor::from_vec(vec![0], Vec::<f32>::new());
+                }
+            }
+        }
+        let mut out = vec![0f32; n];
+        match fill.take() {
+            Some(f) => f(&mut out)?,
+            None => return Err(Error::arg("output computed twice")),
+        }
+        let t = Tensor::from_vec(shape, out)?;
+        if dtype == DType::F32 {
+            Ok(t)
+        } else {
+            t.cast(dtype)
+        }
     }
 }
 

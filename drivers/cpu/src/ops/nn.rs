@@ -497,27 +497,30 @@ fn gemm(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
             bm.rows
         )));
     }
-    let mut out = zeros_f32(m * n)?;
-    let mut use_beta = 0.0;
-    if let Some(c) = c {
-        let cv = fvec(c, "Gemm C")?;
-        let view = View::contiguous(cv, c.shape().to_vec())
-            .broadcast_to(&[m, n])
-            .map_err(|_| {
-                Error::arg(format!(
-                    "Gemm: C {:?} does not broadcast to [{m}, {n}]",
-                    c.shape()
-                ))
-            })?;
-        for (o, v) in out.iter_mut().zip(view.iter()) {
-            *o = v;
+    // Computed straight into a bound graph output when there is one (see `f32_output`).
+    let fill = |out: &mut [f32]| -> Result<()> {
+        let mut use_beta = 0.0;
+        if let Some(c) = c {
+            let cv = fvec(c, "Gemm C")?;
+            let view = View::contiguous(cv, c.shape().to_vec())
+                .broadcast_to(&[m, n])
+                .map_err(|_| {
+                    Error::arg(format!(
+                        "Gemm: C {:?} does not broadcast to [{m}, {n}]",
+                        c.shape()
+                    ))
+                })?;
+            for (o, v) in out.iter_mut().zip(view.iter()) {
+                *o = v;
+            }
+            use_beta = beta;
         }
-        use_beta = beta;
-    }
-    if !sgemm(alpha, am, bm, use_beta, &mut out, n.max(1)) {
-        return Err(Error::arg("Gemm: operand sizes do not match"));
-    }
-    Ok(vec![ftensor(a.dtype(), vec![m, n], out)?])
+        if !sgemm(alpha, am, bm, use_beta, out, n.max(1)) {
+            return Err(Error::arg("Gemm: operand sizes do not match"));
+        }
+        Ok(())
+    };
+    Ok(vec![ctx.f32_output(a.dtype(), vec![m, n], fill)?])
 }
 
 /// Batched matrix multiply with numpy broadcasting: `[..., m, k] x [..., k, n]`, computing
@@ -604,7 +607,7 @@ pub(crate) fn matmul_shapes(a: &[usize], b: &[usize]) -> Result<MatmulPlan> {
     matmul_plan(a, b)
 }
 
-fn matmul(_: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+fn matmul(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let a = input(ins, 0)?;
     let b = input(ins, 1)?;
     if a.dtype() != b.dtype() {
@@ -620,21 +623,23 @@ fn matmul(_: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     if a.dtype().is_float() {
         let av = a.to_f32();
         let bv = b.to_f32();
-        let mut out = zeros_f32(total)?;
-        for (i, (&ao, &bo)) in p.a_offs.iter().zip(&p.b_offs).enumerate() {
-            let ok = sgemm(
-                1.0,
-                MatRef::row_major(&av[ao..ao + m * k], m, k),
-                MatRef::row_major(&bv[bo..bo + k * n], k, n),
-                0.0,
-                &mut out[i * m * n..(i + 1) * m * n],
-                n.max(1),
-            );
-            if !ok {
-                return Err(Error::arg("MatMul: operand sizes do not match"));
+        let fill = |out: &mut [f32]| -> Result<()> {
+            for (i, (&ao, &bo)) in p.a_offs.iter().zip(&p.b_offs).enumerate() {
+                let ok = sgemm(
+                    1.0,
+                    MatRef::row_major(&av[ao..ao + m * k], m, k),
+                    MatRef::row_major(&bv[bo..bo + k * n], k, n),
+                    0.0,
+                    &mut out[i * m * n..(i + 1) * m * n],
+                    n.max(1),
+                );
+                if !ok {
+                    return Err(Error::arg("MatMul: operand sizes do not match"));
+                }
             }
-        }
-        return Ok(vec![ftensor(a.dtype(), p.shape, out)?]);
+            Ok(())
+        };
+        return Ok(vec![ctx.f32_output(a.dtype(), p.shape.clone(), fill)?]);
     }
     if !a.dtype().is_int() {
         return Err(Error::unsupported(format!("MatMul on {}", a.dtype())));
@@ -1026,6 +1031,7 @@ pub(crate) mod test_util {
             node: &node,
             opset,
             subgraph: None,
+            dest: None,
         };
         let f = Registry::new()
             .get("", op)

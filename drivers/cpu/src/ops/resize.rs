@@ -412,6 +412,7 @@ mod tests {
             node: &node,
             opset: 19,
             subgraph: None,
+            dest: None,
         };
         resize(&ctx, ins)
     }

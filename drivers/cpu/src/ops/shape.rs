@@ -893,6 +893,7 @@ pub(crate) mod tests {
             node: &node,
             opset: 21,
             subgraph: None,
+            dest: None,
         };
         let mut r = Registry::new();
         register(&mut r);

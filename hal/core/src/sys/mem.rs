@@ -1004,6 +1004,26 @@ impl WriteLease<'_> {
 }
 
 impl WriteLease<'_> {
+    /// The leased range as a mutable slice, for memory nobody outside this process can write
+    /// (`Memory::can_view`); refused otherwise, so a `&mut [u8]` never aliases memory a
+    /// device or another process may write (the DMA rule).
+    pub fn as_mut_slice(&mut self) -> Result<&mut [u8]> {
+        if !self.mem.can_view() {
+            return Err(Error::arg(
+                "buffer memory is shared outside this process; writing it in place is not safe",
+            ));
+        }
+        if self.len == 0 {
+            return Ok(&mut []);
+        }
+        // SAFETY: `ptr..ptr+len` is inside the mapping (checked when the lease was taken) and
+        // stays mapped while the lease borrows the `Memory`. The lease is exclusive (no other
+        // lease or view of this memory exists while it lives), nobody outside the process can
+        // write the memory (checked above), and the slice borrows `self` mutably, so it is the
+        // only reference to these bytes for its whole life.
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) })
+    }
+
     /// Copy `dst.len()` bytes at `off` (relative to the lease) out.
     pub fn read(&self, off: usize, dst: &mut [u8]) -> Result<()> {
         lease_range(self.len, off, dst.len())?;
