@@ -1,0 +1,206 @@
+//! x86_64 entry points of the packed-GEMM and convolution kernels: register tiles written with
+//! `std::arch` intrinsics (AVX-512F 12x32, 24 zmm accumulators; AVX2+FMA 6x16, 12 ymm) and
+//! `#[target_feature]` wrappers that compile the safe, `#[inline(always)]` loops of
+//! [`crate::packed`] and [`crate::conv`] with wide vectors.
+//!
+//! Soundness: every `#[target_feature]` function here is called only after
+//! `is_x86_feature_detected!` confirmed the features, and the raw-pointer tiles only after the
+//! panel lengths were checked.
+
+#![allow(unsafe_code)]
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use crate::conv;
+use crate::dispatch::Variant;
+use crate::gemm::MatRef;
+use crate::packed::{drive, Epilogue, PackedA};
+
+fn has_avx512() -> bool {
+    is_x86_feature_detected!("avx512f")
+}
+
+fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+}
+
+/// Runs the packed GEMM with the variant `pa` was packed for; `false` (touching nothing) when
+/// that is not an x86 SIMD variant this CPU has. Sizes were checked by the caller.
+pub(crate) fn gemm_packed(
+    pa: &PackedA,
+    panels: Range<usize>,
+    b: MatRef<'_>,
+    c: &mut [f32],
+    ldc: usize,
+    epi: &Epilogue,
+) -> bool {
+    match pa.variant() {
+        Variant::Avx512 if has_avx512() => {
+            // SAFETY: AVX-512F was detected just above.
+            unsafe { gemm_avx512(pa, panels, b, c, ldc, epi) };
+            true
+        }
+        Variant::Avx2 if has_avx2() => {
+            // SAFETY: AVX2 and FMA were detected just above.
+            unsafe { gemm_avx2(pa, panels, b, c, ldc, epi) };
+            true
+        }
+        _ => false,
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX-512F.
+#[target_feature(enable = "avx512f")]
+unsafe fn gemm_avx512(
+    pa: &PackedA,
+    panels: Range<usize>,
+    b: MatRef<'_>,
+    c: &mut [f32],
+    ldc: usize,
+    epi: &Epilogue,
+) {
+    drive::<12, 32, _>(pa, panels, b, c, ldc, epi, |ap, bp, acc| {
+        let kc = ap.len() / 12;
+        assert!(bp.len() >= kc * 32);
+        // SAFETY: compiled for AVX-512F and reached only when the CPU has it; the panels hold
+        // kc*12 and kc*32 floats (checked above).
+        unsafe { tile_avx512(kc, ap.as_ptr(), bp.as_ptr(), acc) }
+    });
+}
+
+/// `acc[i][j] = sum_p a[p*12 + i] * b[p*32 + j]` over `kc` steps.
+///
+/// # Safety
+/// The CPU must support AVX-512F; `a` must be valid for `kc * 12` reads, `b` for `kc * 32`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn tile_avx512(kc: usize, a: *const f32, b: *const f32, acc: &mut [[f32; 32]; 12]) {
+    let mut r = [[_mm512_setzero_ps(); 2]; 12];
+    for p in 0..kc {
+        // SAFETY: p < kc, so p*32 + 31 < kc*32 and p*12 + 11 < kc*12 (the caller's bounds).
+        unsafe {
+            let b0 = _mm512_loadu_ps(b.add(p * 32));
+            let b1 = _mm512_loadu_ps(b.add(p * 32 + 16));
+            let ar = a.add(p * 12);
+            for (i, ri) in r.iter_mut().enumerate() {
+                let x = _mm512_set1_ps(*ar.add(i));
+                ri[0] = _mm512_fmadd_ps(x, b0, ri[0]);
+                ri[1] = _mm512_fmadd_ps(x, b1, ri[1]);
+            }
+        }
+    }
+    for (ri, out) in r.iter().zip(acc.iter_mut()) {
+        // SAFETY: each output row holds 32 floats, two 16-float stores.
+        unsafe {
+            _mm512_storeu_ps(out.as_mut_ptr(), ri[0]);
+            _mm512_storeu_ps(out.as_mut_ptr().add(16), ri[1]);
+        }
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gemm_avx2(
+    pa: &PackedA,
+    panels: Range<usize>,
+    b: MatRef<'_>,
+    c: &mut [f32],
+    ldc: usize,
+    epi: &Epilogue,
+) {
+    drive::<6, 16, _>(pa, panels, b, c, ldc, epi, |ap, bp, acc| {
+        let kc = ap.len() / 6;
+        assert!(bp.len() >= kc * 16);
+        // SAFETY: compiled for AVX2+FMA and reached only when the CPU has them; the panels
+        // hold kc*6 and kc*16 floats (checked above).
+        unsafe { tile_avx2(kc, ap.as_ptr(), bp.as_ptr(), acc) }
+    });
+}
+
+/// `acc[i][j] = sum_p a[p*6 + i] * b[p*16 + j]` over `kc` steps.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `a` must be valid for `kc * 6` reads, `b` for `kc * 16`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn tile_avx2(kc: usize, a: *const f32, b: *const f32, acc: &mut [[f32; 16]; 6]) {
+    let mut r = [[_mm256_setzero_ps(); 2]; 6];
+    for p in 0..kc {
+        // SAFETY: p < kc, so p*16 + 15 < kc*16 and p*6 + 5 < kc*6 (the caller's bounds).
+        unsafe {
+            let b0 = _mm256_loadu_ps(b.add(p * 16));
+            let b1 = _mm256_loadu_ps(b.add(p * 16 + 8));
+            let ar = a.add(p * 6);
+            for (i, ri) in r.iter_mut().enumerate() {
+                let x = _mm256_broadcast_ss(&*ar.add(i));
+                ri[0] = _mm256_fmadd_ps(x, b0, ri[0]);
+                ri[1] = _mm256_fmadd_ps(x, b1, ri[1]);
+            }
+        }
+    }
+    for (ri, out) in r.iter().zip(acc.iter_mut()) {
+        // SAFETY: each output row holds 16 floats, two 8-float stores.
+        unsafe {
+            _mm256_storeu_ps(out.as_mut_ptr(), ri[0]);
+            _mm256_storeu_ps(out.as_mut_ptr().add(8), ri[1]);
+        }
+    }
+}
+
+/// Runs `f` compiled with the widest vectors `variant` allows: `f` is one of the safe
+/// `#[inline(always)]` kernels of [`crate::conv`], instantiated per feature set below.
+macro_rules! wide {
+    ($name:ident, $avx512:ident, $avx2:ident, ($($arg:ident : $ty:ty),*), $body:expr) => {
+        /// # Safety
+        /// The CPU must support AVX-512F.
+        #[target_feature(enable = "avx512f")]
+        unsafe fn $avx512($($arg: $ty),*) { $body }
+        /// # Safety
+        /// The CPU must support AVX2 and FMA.
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn $avx2($($arg: $ty),*) { $body }
+        /// Returns `false` (doing nothing) when `variant` is not an x86 SIMD variant this CPU has.
+        pub(crate) fn $name(variant: Variant, $($arg: $ty),*) -> bool {
+            match variant {
+                Variant::Avx512 if has_avx512() => {
+                    // SAFETY: AVX-512F was detected just above.
+                    unsafe { $avx512($($arg),*) };
+                    true
+                }
+                Variant::Avx2 if has_avx2() => {
+                    // SAFETY: AVX2 and FMA were detected just above.
+                    unsafe { $avx2($($arg),*) };
+                    true
+                }
+                _ => false,
+            }
+        }
+    };
+}
+
+wide!(
+    depthwise3x3,
+    depthwise3x3_avx512,
+    depthwise3x3_avx2,
+    (p: &conv::Dw3x3<'_>, y: &mut [f32]),
+    conv::depthwise3x3_body(p, y)
+);
+
+wide!(
+    wino_input,
+    wino_input_avx512,
+    wino_input_avx2,
+    (p: &conv::WinoInput<'_>, v: &mut [f32]),
+    conv::wino_input_body(p, v)
+);
+
+wide!(
+    wino_output,
+    wino_output_avx512,
+    wino_output_avx2,
+    (p: &conv::WinoOutput<'_>, y: &mut [f32]),
+    conv::wino_output_body(p, y)
+);
