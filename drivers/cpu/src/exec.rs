@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use edgehal_core::graph::{Graph, NodeId, ValueId};
 use edgehal_core::{Error, Result, Tensor};
 
+use crate::conv_plan::{ConvPlan, FUSED_CONV, FUSED_DOMAIN};
 use crate::ops::{OpCtx, OpFn, Registry};
 
 /// A graph prepared for repeated execution.
@@ -20,6 +21,8 @@ pub struct Executor {
     /// For each position in `order`, the values to release after it runs.
     release: Vec<Vec<ValueId>>,
     registry: Registry,
+    /// Per node: a convolution with constant weights, packed once (see [`crate::conv_plan`]).
+    prepared: Vec<Option<ConvPlan>>,
 }
 
 impl Executor {
@@ -69,12 +72,18 @@ impl Executor {
                 }
             }
         }
+        let prepared = graph
+            .nodes
+            .iter()
+            .map(|node| prepare(graph, node))
+            .collect();
         Ok(Executor {
             graph: graph.clone(),
             order,
             ops,
             release,
             registry: registry.clone(),
+            prepared,
         })
     }
 
@@ -160,7 +169,11 @@ impl Executor {
                     .unwrap_or_else(|| g.opset()),
                 subgraph: Some(&sub),
             };
-            let outs = (self.ops[n])(&ctx, &ins).map_err(|e| match e {
+            let outs = match &self.prepared[n] {
+                Some(plan) => plan.run(&ctx, &ins),
+                None => (self.ops[n])(&ctx, &ins),
+            }
+            .map_err(|e| match e {
                 Error::Op { .. } => e,
                 other => Error::Op {
                     node: g.describe_node(n),
@@ -203,6 +216,56 @@ impl Executor {
             })
             .collect()
     }
+}
+
+/// A prepared plan for a float convolution whose weight (and bias) are initializers, with the
+/// weights packed for the input shape shape inference found. `None` for anything else, and
+/// where preparing fails (the op then reports the problem at run time).
+fn prepare(graph: &Graph, node: &edgehal_core::Node) -> Option<ConvPlan> {
+    let is_conv = (node.op == "Conv" && (node.domain.is_empty() || node.domain == "ai.onnx"))
+        || (node.op == FUSED_CONV && node.domain == FUSED_DOMAIN);
+    if !is_conv {
+        return None;
+    }
+    let init = |k: usize| -> Option<Option<&Tensor>> {
+        match node.inputs.get(k).copied().flatten() {
+            None => Some(None),
+            Some(v) => graph.initializers.get(&v).map(Some),
+        }
+    };
+    let w = init(1)??;
+    let b = init(2)?;
+    if !w.dtype().is_float() {
+        return None;
+    }
+    let plan = ConvPlan::new(node, w, b).ok()?;
+    let x_shape: Option<Vec<usize>> = node
+        .inputs
+        .first()
+        .copied()
+        .flatten()
+        .and_then(|x| graph.values[x].shape.as_ref())
+        .and_then(|s| {
+            s.iter()
+                .map(|d| match d {
+                    edgehal_core::graph::Dim::Fixed(v) => Some(*v),
+                    _ => None,
+                })
+                .collect()
+        });
+    if let Some(xs) = x_shape {
+        let ctx = OpCtx {
+            node,
+            opset: graph
+                .opsets
+                .get(&node.domain)
+                .copied()
+                .unwrap_or_else(|| graph.opset()),
+            subgraph: None,
+        };
+        plan.warm(&ctx, &xs).ok()?;
+    }
+    Some(plan)
 }
 
 fn missing_op(ctx: &OpCtx<'_>, _: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {

@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod conv_plan;
 pub mod device;
 pub mod exec;
 pub mod ops;
