@@ -34,20 +34,6 @@ pub struct Dw3x3<'a> {
     pub act: Activation,
 }
 
-/// Output columns `lo..hi` whose input column `o*s + off` lies in `0..len`.
-#[inline(always)]
-fn valid(off: isize, s: usize, len: usize, out: usize) -> (usize, usize) {
-    let s = s as isize;
-    let lo = if off >= 0 { 0 } else { (-off + s - 1) / s };
-    let hi = if (len as isize) <= off {
-        0
-    } else {
-        (len as isize - off + s - 1) / s
-    };
-    let lo = (lo as usize).min(out);
-    (lo, (hi.max(0) as usize).clamp(lo, out))
-}
-
 /// Depthwise 3x3 into `y` (`[c, out_h, out_w]`). Returns `false` (touching nothing) when a
 /// slice is too short or the stride is not 1 or 2.
 pub fn depthwise3x3(p: &Dw3x3<'_>, y: &mut [f32]) -> bool {
@@ -78,61 +64,79 @@ pub fn depthwise3x3_with(variant: Variant, p: &Dw3x3<'_>, y: &mut [f32]) -> bool
         return true;
     }
     let _ = variant;
-    depthwise3x3_body(p, y);
+    depthwise3x3_body::<false>(p, y);
     true
 }
 
+/// `o += w * x` over two slices, with a fused multiply-add when `FMA` (the caller's target
+/// has it; without, `mul_add` would be a library call).
 #[inline(always)]
-pub(crate) fn depthwise3x3_body(p: &Dw3x3<'_>, y: &mut [f32]) {
+fn axpy<const FMA: bool>(o: &mut [f32], w: f32, x: &[f32]) {
+    for (o, &x) in o.iter_mut().zip(x) {
+        *o = if FMA { x.mul_add(w, *o) } else { *o + w * x };
+    }
+}
+
+/// Depthwise 3x3 over whole planes: the input is copied into a zero-padded plane (stride 1)
+/// or four row/column-parity planes (stride 2), so each of the nine taps is one long
+/// contiguous multiply-add over a "wide" output plane (rows as wide as the padded input);
+/// the valid columns are then copied out with the activation.
+#[inline(always)]
+pub(crate) fn depthwise3x3_body<const FMA: bool>(p: &Dw3x3<'_>, y: &mut [f32]) {
     let (h, w, s) = (p.h, p.w, p.stride);
     let (oh, ow) = (p.out_h, p.out_w);
-    // Stride 2: each input row split into even and odd columns, so every tap is a contiguous
-    // slice.
-    let half = w.div_ceil(2);
-    let mut even = vec![0f32; half];
-    let mut odd = vec![0f32; half];
+    if oh == 0 || ow == 0 {
+        return;
+    }
+    // Padded extent that the outputs read: rows 0..(oh-1)*s+3, columns 0..(ow-1)*s+3.
+    let ph = (oh - 1) * s + 3;
+    let pw = (ow - 1) * s + 3;
+    // Plane geometry: stride 1, one plane ph x pw; stride 2, four planes hr x wc.
+    let (hr, wc) = if s == 1 {
+        (ph, pw)
+    } else {
+        (ph.div_ceil(2), pw.div_ceil(2))
+    };
+    let planes = if s == 1 { 1 } else { 4 };
+    let plane_len = hr * wc + 2;
+    let mut pad = vec![0f32; planes * plane_len];
+    let wide_len = (oh - 1) * wc + ow;
+    let mut wide = vec![0f32; wide_len];
     for ch in 0..p.c {
         let xc = &p.x[ch * h * w..(ch + 1) * h * w];
-        let yc = &mut y[ch * oh * ow..(ch + 1) * oh * ow];
-        let k = &p.weight[ch * 9..ch * 9 + 9];
-        let bias = p.bias.map_or(0.0, |b| b[ch]);
-        for oy in 0..oh {
-            let out = &mut yc[oy * ow..(oy + 1) * ow];
-            out.fill(bias);
-            for ky in 0..3 {
-                let iy = (oy * s + ky) as isize - p.pad_top as isize;
-                if iy < 0 || iy as usize >= h {
-                    continue;
-                }
-                let xrow = &xc[iy as usize * w..(iy as usize + 1) * w];
-                if s == 2 {
-                    for (j, (e, o)) in even.iter_mut().zip(odd.iter_mut()).enumerate() {
-                        *e = xrow[2 * j];
-                        *o = if 2 * j + 1 < w { xrow[2 * j + 1] } else { 0.0 };
-                    }
-                }
-                for kx in 0..3 {
-                    let wv = k[ky * 3 + kx];
-                    let off = kx as isize - p.pad_left as isize;
-                    let (lo, hi) = valid(off, s, w, ow);
-                    if lo >= hi {
-                        continue;
-                    }
-                    // Input column of output lo.
-                    let start = ((lo * s) as isize + off) as usize;
-                    let src: &[f32] = if s == 1 {
-                        &xrow[start..start + (hi - lo)]
-                    } else if start % 2 == 0 {
-                        &even[start / 2..start / 2 + (hi - lo)]
-                    } else {
-                        &odd[start / 2..start / 2 + (hi - lo)]
-                    };
-                    for (o, &v) in out[lo..hi].iter_mut().zip(src) {
-                        *o += wv * v;
-                    }
+        // Fill the padded plane(s): padded (r, q) is input (r - pad_top, q - pad_left).
+        pad.fill(0.0);
+        let q0 = p.pad_left.min(pw);
+        let q1 = (p.pad_left + w).min(pw);
+        for r in p.pad_top.min(ph)..(p.pad_top + h).min(ph) {
+            let src = &xc[(r - p.pad_top) * w..(r - p.pad_top + 1) * w];
+            if s == 1 {
+                pad[r * wc + q0..r * wc + q1]
+                    .copy_from_slice(&src[q0 - p.pad_left..q1 - p.pad_left]);
+            } else {
+                for q in q0..q1 {
+                    let plane = (r % 2) * 2 + q % 2;
+                    pad[plane * plane_len + (r / 2) * wc + q / 2] = src[q - p.pad_left];
                 }
             }
-            p.act.apply_slice(out);
+        }
+        let k = &p.weight[ch * 9..ch * 9 + 9];
+        wide.fill(p.bias.map_or(0.0, |b| b[ch]));
+        for ky in 0..3 {
+            for kx in 0..3 {
+                let (plane, off) = if s == 1 {
+                    (0, ky * wc + kx)
+                } else {
+                    ((ky % 2) * 2 + kx % 2, (ky / 2) * wc + kx / 2)
+                };
+                let src = &pad[plane * plane_len + off..plane * plane_len + off + wide_len];
+                axpy::<FMA>(&mut wide, k[ky * 3 + kx], src);
+            }
+        }
+        let yc = &mut y[ch * oh * ow..(ch + 1) * oh * ow];
+        for (oy, row) in yc.chunks_exact_mut(ow).enumerate() {
+            row.copy_from_slice(&wide[oy * wc..oy * wc + ow]);
+            p.act.apply_slice(row);
         }
     }
 }
@@ -274,11 +278,14 @@ pub(crate) fn wino_input_body(p: &WinoInput<'_>, v: &mut [f32]) {
     }
 }
 
-/// The output transform: `mm` (`[36][m][T]`, the 36 GEMM results) into `y` (`[m, out_h,
-/// out_w]`), adding the bias and residual (laid out like `y`) and applying the activation.
+/// The output transform: `mm` (`[36][m_total][T]`, the 36 GEMM results) for output channels
+/// `first..first + m` into `y` (`[m, out_h, out_w]`), adding the bias (indexed by absolute
+/// channel) and residual (laid out like `y`) and applying the activation.
 #[derive(Clone, Copy, Debug)]
 pub struct WinoOutput<'a> {
     pub mm: &'a [f32],
+    pub m_total: usize,
+    pub first: usize,
     pub m: usize,
     pub tiles_y: usize,
     pub tiles_x: usize,
@@ -294,10 +301,11 @@ pub struct WinoOutput<'a> {
 pub fn wino_output(variant: Variant, p: &WinoOutput<'_>, y: &mut [f32]) -> bool {
     let t = p.tiles_y * p.tiles_x;
     let n = p.m * p.out_h * p.out_w;
-    if p.mm.len() < 36 * p.m * t
+    if p.first + p.m > p.m_total
+        || p.mm.len() < 36 * p.m_total * t
         || y.len() < n
         || p.residual.is_some_and(|r| r.len() < n)
-        || p.bias.is_some_and(|b| b.len() < p.m)
+        || p.bias.is_some_and(|b| b.len() < p.m_total)
         || p.tiles_y != wino_tiles(p.out_h)
         || p.tiles_x != wino_tiles(p.out_w)
     {
@@ -337,7 +345,8 @@ pub(crate) fn wino_output_body(p: &WinoOutput<'_>, y: &mut [f32]) {
     let mut tmp = vec![0f32; 4 * t];
     let mut yt = vec![0f32; 16 * t];
     for o in 0..p.m {
-        let at = |xi: usize| &p.mm[(xi * p.m + o) * t..(xi * p.m + o + 1) * t];
+        let oc = p.first + o;
+        let at = |xi: usize| &p.mm[(xi * p.m_total + oc) * t..(xi * p.m_total + oc + 1) * t];
         // Along rows: u[i*6 + c] = sum_r AT[i][r] M[r*6 + c].
         for c in 0..6 {
             let rows: [&[f32]; 6] = std::array::from_fn(|r| at(r * 6 + c));
@@ -363,7 +372,7 @@ pub(crate) fn wino_output_body(p: &WinoOutput<'_>, y: &mut [f32]) {
                 }
             }
         }
-        let bias = p.bias.map_or(0.0, |b| b[o]);
+        let bias = p.bias.map_or(0.0, |b| b[oc]);
         match p.residual {
             Some(r) => {
                 let ro = &r[o * oh * ow..(o + 1) * oh * ow];
@@ -522,8 +531,31 @@ mod tests {
                         }
                     }
                 }
+                // Channels 1.. only.
+                let part = WinoOutput {
+                    mm: &mm,
+                    m_total: m,
+                    first: 1,
+                    m: m - 1,
+                    tiles_y: ty,
+                    tiles_x: tx,
+                    out_h: oh,
+                    out_w: ow,
+                    bias: Some(&bias),
+                    residual: Some(&res[oh * ow..]),
+                    act: Activation::Relu,
+                };
+                let mut y1 = vec![f32::NAN; (m - 1) * oh * ow];
+                assert!(wino_output(v, &part, &mut y1));
+                for (k, &got) in y1.iter().enumerate() {
+                    let k = k + oh * ow;
+                    let exp = (want[k] + bias[k / (oh * ow)] + res[k]).max(0.0);
+                    assert!((got - exp).abs() < 1e-4, "{v:?} part [{k}] {got} vs {exp}");
+                }
                 let pout = WinoOutput {
                     mm: &mm,
+                    m_total: m,
+                    first: 0,
                     m,
                     tiles_y: ty,
                     tiles_x: tx,

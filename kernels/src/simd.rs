@@ -156,7 +156,7 @@ macro_rules! wide {
     ($name:ident, $avx512:ident, $avx2:ident, ($($arg:ident : $ty:ty),*), $body:expr) => {
         /// # Safety
         /// The CPU must support AVX-512F.
-        #[target_feature(enable = "avx512f")]
+        #[target_feature(enable = "avx512f,fma")]
         unsafe fn $avx512($($arg: $ty),*) { $body }
         /// # Safety
         /// The CPU must support AVX2 and FMA.
@@ -186,7 +186,7 @@ wide!(
     depthwise3x3_avx512,
     depthwise3x3_avx2,
     (p: &conv::Dw3x3<'_>, y: &mut [f32]),
-    conv::depthwise3x3_body(p, y)
+    conv::depthwise3x3_body::<true>(p, y)
 );
 
 wide!(

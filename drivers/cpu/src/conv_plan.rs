@@ -20,10 +20,11 @@ use edgehal_core::{Error, Node, Result, Tensor};
 use edgehal_kernels::conv::{self as kconv, Dw3x3, WinoInput, WinoOutput};
 use edgehal_kernels::dispatch;
 use edgehal_kernels::gemm::MatRef;
-use edgehal_kernels::packed::{gemm_packed, Activation, Epilogue, PackedA};
+use edgehal_kernels::packed::{gemm_packed, gemm_packed_panels, Activation, Epilogue, PackedA};
 
 use crate::ops::nn::{ftensor, fvec, geom, im2col, numel, zeros_f32, Geom};
 use crate::ops::{input, opt_input, OpCtx};
+use crate::par::for_parts;
 
 /// The op type of fused convolutions (domain [`FUSED_DOMAIN`]).
 pub const FUSED_CONV: &str = "FusedConv";
@@ -229,9 +230,20 @@ impl ConvPlan {
         Ok(self.wino.get_or_init(|| v))
     }
 
-    /// Runs the convolution: input 0 is X, input 3 (FusedConv only) the residual added before
-    /// the activation.
+    /// Runs the convolution on one thread: input 0 is X, input 3 (FusedConv only) the residual
+    /// added before the activation.
     pub fn run(&self, ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+        self.run_threads(ctx, ins, 1)
+    }
+
+    /// [`ConvPlan::run`] on `threads` threads (split by output channels, row panels or
+    /// Winograd positions).
+    pub fn run_threads(
+        &self,
+        ctx: &OpCtx<'_>,
+        ins: &[Option<&Tensor>],
+        threads: usize,
+    ) -> Result<Vec<Tensor>> {
         let x = input(ins, 0)?;
         if x.rank() != self.kernel.len() + 2 {
             return Err(Error::arg(format!(
@@ -276,33 +288,42 @@ impl ConvPlan {
         let variant = dispatch::selected();
         match self.path(c, &g) {
             Path::Depthwise => {
+                let (oh, ow) = (g.out[0], g.out[1]);
+                // With a residual the activation comes after the add.
+                let act = if residual.is_some() {
+                    Activation::Identity
+                } else {
+                    self.act
+                };
                 for b in 0..n {
-                    let prm = Dw3x3 {
-                        x: &xv[b * c * in_total..(b + 1) * c * in_total],
-                        c,
-                        h: in_sp[0],
-                        w: in_sp[1],
-                        stride: g.s[0],
-                        pad_top: g.pb[0],
-                        pad_left: g.pb[1],
-                        out_h: g.out[0],
-                        out_w: g.out[1],
-                        weight: &self.weight,
-                        bias: self.bias.as_deref(),
-                        // With a residual the activation comes after the add (below).
-                        act: if residual.is_some() {
-                            Activation::Identity
-                        } else {
-                            self.act
-                        },
-                    };
+                    let xb = &xv[b * c * in_total..(b + 1) * c * in_total];
+                    let res = residual
+                        .as_ref()
+                        .map(|r| &r[b * per_img..(b + 1) * per_img]);
                     let y = &mut out[b * per_img..(b + 1) * per_img];
-                    if !kconv::depthwise3x3_with(variant, &prm, y) {
-                        return Err(Error::arg("Conv: internal depthwise size mismatch"));
-                    }
-                    if let Some(r) = &residual {
-                        self.add_residual_act(y, &r[b * per_img..(b + 1) * per_img]);
-                    }
+                    for_parts(threads, c, oh * ow, y, |chs, y| {
+                        let prm = Dw3x3 {
+                            x: &xb[chs.start * in_total..chs.end * in_total],
+                            c: chs.len(),
+                            h: in_sp[0],
+                            w: in_sp[1],
+                            stride: g.s[0],
+                            pad_top: g.pb[0],
+                            pad_left: g.pb[1],
+                            out_h: oh,
+                            out_w: ow,
+                            weight: &self.weight[chs.start * 9..chs.end * 9],
+                            bias: self.bias.as_deref().map(|bv| &bv[chs.clone()]),
+                            act,
+                        };
+                        if !kconv::depthwise3x3_with(variant, &prm, y) {
+                            return Err(Error::arg("Conv: internal depthwise size mismatch"));
+                        }
+                        if let Some(r) = res {
+                            self.add_residual_act(y, &r[chs.start * oh * ow..chs.end * oh * ow]);
+                        }
+                        Ok(())
+                    })?;
                 }
             }
             Path::Winograd => {
@@ -325,30 +346,39 @@ impl ConvPlan {
                     if !kconv::wino_input(variant, &pin, &mut v) {
                         return Err(Error::arg("Conv: internal Winograd size mismatch"));
                     }
-                    for (xi, pa) in packs.iter().enumerate() {
-                        let bm = MatRef::row_major(&v[xi * c * t..(xi + 1) * c * t], c, t);
-                        let dst = &mut mm[xi * self.m * t..(xi + 1) * self.m * t];
-                        if !gemm_packed(pa, bm, dst, t, &Epilogue::PLAIN) {
+                    for_parts(threads, 36, self.m * t, &mut mm, |xis, mm| {
+                        for (k, xi) in xis.enumerate() {
+                            let bm = MatRef::row_major(&v[xi * c * t..(xi + 1) * c * t], c, t);
+                            let dst = &mut mm[k * self.m * t..(k + 1) * self.m * t];
+                            if !gemm_packed(&packs[xi], bm, dst, t, &Epilogue::PLAIN) {
+                                return Err(Error::arg("Conv: internal Winograd size mismatch"));
+                            }
+                        }
+                        Ok(())
+                    })?;
+                    let res = residual
+                        .as_ref()
+                        .map(|r| &r[b * per_img..(b + 1) * per_img]);
+                    let y = &mut out[b * per_img..(b + 1) * per_img];
+                    for_parts(threads, self.m, p, y, |ms, y| {
+                        let pout = WinoOutput {
+                            mm: &mm,
+                            m_total: self.m,
+                            first: ms.start,
+                            m: ms.len(),
+                            tiles_y: ty,
+                            tiles_x: tx,
+                            out_h: g.out[0],
+                            out_w: g.out[1],
+                            bias: self.bias.as_deref(),
+                            residual: res.map(|r| &r[ms.start * p..ms.end * p]),
+                            act: self.act,
+                        };
+                        if !kconv::wino_output(variant, &pout, y) {
                             return Err(Error::arg("Conv: internal Winograd size mismatch"));
                         }
-                    }
-                    let pout = WinoOutput {
-                        mm: &mm,
-                        m: self.m,
-                        tiles_y: ty,
-                        tiles_x: tx,
-                        out_h: g.out[0],
-                        out_w: g.out[1],
-                        bias: self.bias.as_deref(),
-                        residual: residual
-                            .as_ref()
-                            .map(|r| &r[b * per_img..(b + 1) * per_img]),
-                        act: self.act,
-                    };
-                    if !kconv::wino_output(variant, &pout, &mut out[b * per_img..(b + 1) * per_img])
-                    {
-                        return Err(Error::arg("Conv: internal Winograd size mismatch"));
-                    }
+                        Ok(())
+                    })?;
                 }
             }
             Path::Gemm => {
@@ -378,20 +408,22 @@ impl ConvPlan {
                             &col
                         };
                         let o0 = (b * self.m + gi * mg) * p;
-                        let epi = Epilogue {
-                            bias: self.bias.as_deref().map(|bv| &bv[gi * mg..(gi + 1) * mg]),
-                            residual: residual.as_ref().map(|r| &r[o0..o0 + mg * p]),
-                            act: self.act,
-                        };
-                        if !gemm_packed(
-                            pa,
-                            MatRef::row_major(bsrc, kk, p),
-                            &mut out[o0..o0 + mg * p],
-                            p.max(1),
-                            &epi,
-                        ) {
-                            return Err(Error::arg("Conv: internal size mismatch"));
-                        }
+                        let mr = pa.panel_rows();
+                        let bias = self.bias.as_deref().map(|bv| &bv[gi * mg..(gi + 1) * mg]);
+                        let res = residual.as_ref().map(|r| &r[o0..o0 + mg * p]);
+                        let dst = &mut out[o0..o0 + mg * p];
+                        for_parts(threads, pa.panels(), mr * p, dst, |panels, dst| {
+                            let epi = Epilogue {
+                                bias,
+                                residual: res.map(|r| &r[panels.start * mr * p..]),
+                                act: self.act,
+                            };
+                            let bm = MatRef::row_major(bsrc, kk, p);
+                            if !gemm_packed_panels(pa, panels, bm, dst, p.max(1), &epi) {
+                                return Err(Error::arg("Conv: internal size mismatch"));
+                            }
+                            Ok(())
+                        })?;
                     }
                 }
             }

@@ -23,6 +23,8 @@ pub struct Executor {
     registry: Registry,
     /// Per node: a convolution with constant weights, packed once (see [`crate::conv_plan`]).
     prepared: Vec<Option<ConvPlan>>,
+    /// Threads the prepared kernels may use (1: everything on the caller's thread).
+    threads: usize,
 }
 
 impl Executor {
@@ -84,7 +86,13 @@ impl Executor {
             release,
             registry: registry.clone(),
             prepared,
+            threads: 1,
         })
+    }
+
+    /// Lets the prepared kernels use `threads` threads (0: one per core).
+    pub fn set_threads(&mut self, threads: usize) {
+        self.threads = crate::par::resolve_threads(threads);
     }
 
     /// The graph being executed.
@@ -170,7 +178,7 @@ impl Executor {
                 subgraph: Some(&sub),
             };
             let outs = match &self.prepared[n] {
-                Some(plan) => plan.run(&ctx, &ins),
+                Some(plan) => plan.run_threads(&ctx, &ins, self.threads),
                 None => (self.ops[n])(&ctx, &ins),
             }
             .map_err(|e| match e {

@@ -11,6 +11,7 @@ pub mod conv_plan;
 pub mod device;
 pub mod exec;
 pub mod ops;
+pub mod par;
 
 pub use exec::Executor;
 pub use ops::{OpCtx, OpFn, Registry};
