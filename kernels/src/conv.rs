@@ -113,10 +113,20 @@ pub(crate) fn depthwise3x3_body<const FMA: bool>(p: &Dw3x3<'_>, y: &mut [f32]) {
             if s == 1 {
                 pad[r * wc + q0..r * wc + q1]
                     .copy_from_slice(&src[q0 - p.pad_left..q1 - p.pad_left]);
-            } else {
-                for q in q0..q1 {
-                    let plane = (r % 2) * 2 + q % 2;
-                    pad[plane * plane_len + (r / 2) * wc + q / 2] = src[q - p.pad_left];
+            } else if q0 < q1 {
+                // Even padded columns to plane (r%2, 0), odd ones to (r%2, 1).
+                let row = (r / 2) * wc;
+                for par in 0..2 {
+                    let first = q0 + (q0 + par) % 2;
+                    if first >= q1 {
+                        continue;
+                    }
+                    let base = ((r % 2) * 2 + par) * plane_len + row + first / 2;
+                    let dst = &mut pad[base..base + (q1 - first).div_ceil(2)];
+                    let src = src[first - p.pad_left..q1 - p.pad_left].iter().step_by(2);
+                    for (d, &v) in dst.iter_mut().zip(src) {
+                        *d = v;
+                    }
                 }
             }
         }

@@ -254,7 +254,7 @@ pub fn gemm_packed_panels(
     if crate::simd::gemm_packed(pa, panels.clone(), b, c, ldc, epi) {
         return true;
     }
-    drive::<P_MR, P_NR, _>(pa, panels, b, c, ldc, epi, tile_portable);
+    drive::<P_MR, P_NR, _, _>(pa, panels, b, c, ldc, epi, tile_portable, |_, _, _| false);
     true
 }
 
@@ -280,8 +280,13 @@ thread_local! {
 /// The blocked loops around an MR x NR register tile `tile(a_panel, b_panel, acc)` that sets
 /// `acc[i][j] = sum_p a_panel[p*MR + i] * b_panel[p*NR + j]`. Sizes were checked by
 /// [`gemm_packed_panels`]; `MR` must equal `pa.panel_rows()`.
+///
+/// `full(a_panel, b_panel, tile)` may instead do a whole MR x NR tile of a single-block product
+/// (K within one KC block) in registers, epilogue included, storing straight into C; it
+/// returns `false` when it cannot (that epilogue), and the generic path runs.
 #[inline(always)]
-pub(crate) fn drive<const MR: usize, const NR: usize, T>(
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn drive<const MR: usize, const NR: usize, T, F>(
     pa: &PackedA,
     panels: Range<usize>,
     b: MatRef<'_>,
@@ -289,8 +294,10 @@ pub(crate) fn drive<const MR: usize, const NR: usize, T>(
     ldc: usize,
     epi: &Epilogue,
     mut tile: T,
+    mut full: F,
 ) where
     T: FnMut(&[f32], &[f32], &mut [[f32; NR]; MR]),
+    F: FnMut(&[f32], &[f32], FullTile<'_>) -> bool,
 {
     assert_eq!(MR, pa.mr, "packed for another register tile");
     let (m, k, n) = (pa.m, pa.k, b.cols);
@@ -343,6 +350,19 @@ pub(crate) fn drive<const MR: usize, const NR: usize, T>(
                     for ip in panels.clone() {
                         let i0 = ip * MR;
                         let h = MR.min(m - i0);
+                        if first && last && h == MR && w == NR {
+                            let off = (i0 - r0) * ldc + j0;
+                            let ft = FullTile {
+                                c: &mut c[off..],
+                                ldc,
+                                bias: epi.bias.map(|bv| &bv[i0..i0 + MR]),
+                                residual: epi.residual.map(|r| &r[off..]),
+                                act: epi.act,
+                            };
+                            if full(pa.panel(pc, kcb, ip), bpanel, ft) {
+                                continue;
+                            }
+                        }
                         tile(pa.panel(pc, kcb, ip), bpanel, &mut acc);
                         for (i, arow) in acc.iter().enumerate().take(h) {
                             let off = (i0 + i - r0) * ldc + j0;
@@ -363,6 +383,16 @@ pub(crate) fn drive<const MR: usize, const NR: usize, T>(
             }
         }
     });
+}
+
+/// Where a register tile with its epilogue stores: C from the tile's first element (row
+/// stride `ldc`), the tile rows' biases, the residual laid out like `c`.
+pub(crate) struct FullTile<'a> {
+    pub c: &'a mut [f32],
+    pub ldc: usize,
+    pub bias: Option<&'a [f32]>,
+    pub residual: Option<&'a [f32]>,
+    pub act: Activation,
 }
 
 /// Adds the bias of `row` and the residual at `off`, then applies the activation.

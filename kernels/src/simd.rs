@@ -15,7 +15,7 @@ use std::ops::Range;
 use crate::conv;
 use crate::dispatch::Variant;
 use crate::gemm::MatRef;
-use crate::packed::{drive, Epilogue, PackedA};
+use crate::packed::{drive, Activation, Epilogue, FullTile, PackedA};
 
 fn has_avx512() -> bool {
     is_x86_feature_detected!("avx512f")
@@ -61,13 +61,111 @@ unsafe fn gemm_avx512(
     ldc: usize,
     epi: &Epilogue,
 ) {
-    drive::<12, 32, _>(pa, panels, b, c, ldc, epi, |ap, bp, acc| {
-        let kc = ap.len() / 12;
-        assert!(bp.len() >= kc * 32);
-        // SAFETY: compiled for AVX-512F and reached only when the CPU has it; the panels hold
-        // kc*12 and kc*32 floats (checked above).
-        unsafe { tile_avx512(kc, ap.as_ptr(), bp.as_ptr(), acc) }
-    });
+    drive::<12, 32, _, _>(
+        pa,
+        panels,
+        b,
+        c,
+        ldc,
+        epi,
+        |ap, bp, acc| {
+            let kc = ap.len() / 12;
+            assert!(bp.len() >= kc * 32);
+            // SAFETY: compiled for AVX-512F and reached only when the CPU has it; the panels
+            // hold kc*12 and kc*32 floats (checked above).
+            unsafe { tile_avx512(kc, ap.as_ptr(), bp.as_ptr(), acc) }
+        },
+        |ap, bp, ft| {
+            let (lo, hi) = match ft.act {
+                Activation::Identity => (f32::NEG_INFINITY, f32::INFINITY),
+                Activation::Relu => (0.0, f32::INFINITY),
+                Activation::Clip { lo, hi } => (lo, hi),
+                _ => return false,
+            };
+            let kc = ap.len() / 12;
+            let need = 11 * ft.ldc + 32;
+            assert!(bp.len() >= kc * 32 && ft.c.len() >= need);
+            assert!(ft.residual.is_none_or(|r| r.len() >= need));
+            assert!(ft.bias.is_none_or(|bv| bv.len() >= 12));
+            let bias = ft.bias.map_or(std::ptr::null(), |bv| bv.as_ptr());
+            let res = ft.residual.map_or(std::ptr::null(), |r| r.as_ptr());
+            // SAFETY: compiled for AVX-512F and reached only when the CPU has it; the panels,
+            // C, the residual and the bias are long enough (checked above).
+            unsafe {
+                tile_avx512_store(
+                    kc,
+                    ap.as_ptr(),
+                    bp.as_ptr(),
+                    ft.c.as_mut_ptr(),
+                    ft.ldc,
+                    bias,
+                    res,
+                    lo,
+                    hi,
+                )
+            };
+            true
+        },
+    );
+}
+
+/// A 12x32 tile with its epilogue in registers: `c[i*ldc + j] = clamp(sum_p a[p*12 + i] *
+/// b[p*32 + j] + bias[i] + res[i*ldc + j], lo, hi)` (bias, res optional: null).
+///
+/// # Safety
+/// The CPU must support AVX-512F; `a` valid for `kc * 12` reads, `b` for `kc * 32`; `c` (and
+/// `res` unless null) valid for `11 * ldc + 32` elements; `bias` for 12 unless null.
+#[target_feature(enable = "avx512f")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_avx512_store(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    bias: *const f32,
+    res: *const f32,
+    lo: f32,
+    hi: f32,
+) {
+    let mut r = [[_mm512_setzero_ps(); 2]; 12];
+    for p in 0..kc {
+        // SAFETY: p < kc, so p*32 + 31 < kc*32 and p*12 + 11 < kc*12 (the caller's bounds).
+        unsafe {
+            let b0 = _mm512_loadu_ps(b.add(p * 32));
+            let b1 = _mm512_loadu_ps(b.add(p * 32 + 16));
+            let ar = a.add(p * 12);
+            for (i, ri) in r.iter_mut().enumerate() {
+                let x = _mm512_set1_ps(*ar.add(i));
+                ri[0] = _mm512_fmadd_ps(x, b0, ri[0]);
+                ri[1] = _mm512_fmadd_ps(x, b1, ri[1]);
+            }
+        }
+    }
+    let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+    let clamp = lo != f32::NEG_INFINITY || hi != f32::INFINITY;
+    for (i, ri) in r.iter_mut().enumerate() {
+        // SAFETY: row i < 12 of C and the residual spans i*ldc .. i*ldc + 32 <= 11*ldc + 32
+        // elements, and bias has 12 (the caller's bounds).
+        unsafe {
+            if !bias.is_null() {
+                let bv = _mm512_set1_ps(*bias.add(i));
+                ri[0] = _mm512_add_ps(ri[0], bv);
+                ri[1] = _mm512_add_ps(ri[1], bv);
+            }
+            if !res.is_null() {
+                ri[0] = _mm512_add_ps(ri[0], _mm512_loadu_ps(res.add(i * ldc)));
+                ri[1] = _mm512_add_ps(ri[1], _mm512_loadu_ps(res.add(i * ldc + 16)));
+            }
+            if clamp {
+                ri[0] = _mm512_min_ps(_mm512_max_ps(ri[0], vlo), vhi);
+                ri[1] = _mm512_min_ps(_mm512_max_ps(ri[1], vlo), vhi);
+            }
+            _mm512_storeu_ps(c.add(i * ldc), ri[0]);
+            _mm512_storeu_ps(c.add(i * ldc + 16), ri[1]);
+        }
+    }
 }
 
 /// `acc[i][j] = sum_p a[p*12 + i] * b[p*32 + j]` over `kc` steps.
@@ -111,13 +209,22 @@ unsafe fn gemm_avx2(
     ldc: usize,
     epi: &Epilogue,
 ) {
-    drive::<6, 16, _>(pa, panels, b, c, ldc, epi, |ap, bp, acc| {
-        let kc = ap.len() / 6;
-        assert!(bp.len() >= kc * 16);
-        // SAFETY: compiled for AVX2+FMA and reached only when the CPU has them; the panels
-        // hold kc*6 and kc*16 floats (checked above).
-        unsafe { tile_avx2(kc, ap.as_ptr(), bp.as_ptr(), acc) }
-    });
+    drive::<6, 16, _, _>(
+        pa,
+        panels,
+        b,
+        c,
+        ldc,
+        epi,
+        |ap, bp, acc| {
+            let kc = ap.len() / 6;
+            assert!(bp.len() >= kc * 16);
+            // SAFETY: compiled for AVX2+FMA and reached only when the CPU has them; the
+            // panels hold kc*6 and kc*16 floats (checked above).
+            unsafe { tile_avx2(kc, ap.as_ptr(), bp.as_ptr(), acc) }
+        },
+        |_, _, _| false,
+    );
 }
 
 /// `acc[i][j] = sum_p a[p*6 + i] * b[p*16 + j]` over `kc` steps.
