@@ -15,7 +15,7 @@ use std::ops::Range;
 use crate::conv;
 use crate::dispatch::Variant;
 use crate::gemm::MatRef;
-use crate::packed::{drive, Activation, Epilogue, FullTile, PackedA};
+use crate::packed::{drive, Activation, Epilogue, PackedA};
 
 fn has_avx512() -> bool {
     is_x86_feature_detected!("avx512f")

@@ -74,8 +74,8 @@ pub struct ConvPlan {
     group: usize,
     /// Kernel spatial shape.
     kernel: Vec<usize>,
-    /// `[m, cg, kernel...]`.
-    weight: Vec<f32>,
+    /// `[m, cg, kernel...]`, shared with the model (no copy for f32 weights).
+    weight: Tensor,
     bias: Option<Vec<f32>>,
     act: Activation,
     /// One packed `mg x (cg * kt)` matrix per group.
@@ -116,7 +116,8 @@ impl ConvPlan {
                 "Conv: group={group} does not divide the {m} output channels"
             )));
         }
-        let weight = fvec(w, "Conv W")?.into_owned();
+        fvec(w, "Conv W")?;
+        let weight = w.clone();
         let bias = match b {
             Some(b) => {
                 let bv = fvec(b, "Conv B")?;
@@ -200,11 +201,12 @@ impl ConvPlan {
         if let Some(p) = self.gemm.get() {
             return Ok(p);
         }
-        let kk = self.weight.len() / self.m.max(1);
+        let weight = fvec(&self.weight, "Conv W")?;
+        let kk = weight.len() / self.m.max(1);
         let mg = self.m / self.group;
         let mut v = Vec::with_capacity(self.group);
         for gi in 0..self.group {
-            let wg = &self.weight[gi * mg * kk..(gi + 1) * mg * kk];
+            let wg = &weight[gi * mg * kk..(gi + 1) * mg * kk];
             v.push(
                 PackedA::new(MatRef::row_major(wg, mg, kk))
                     .ok_or_else(|| Error::arg("Conv: weight is too short for its shape"))?,
@@ -218,7 +220,7 @@ impl ConvPlan {
             return Ok(p);
         }
         let (m, c) = (self.m, self.cg);
-        let u = kconv::wino_weights(&self.weight, m, c)
+        let u = kconv::wino_weights(&fvec(&self.weight, "Conv W")?, m, c)
             .ok_or_else(|| Error::arg("Conv: weight is too short for its shape"))?;
         let mut v = Vec::with_capacity(36);
         for xi in 0..36 {
@@ -288,6 +290,10 @@ impl ConvPlan {
         let variant = dispatch::selected();
         match self.path(c, &g) {
             Path::Depthwise => {
+                let weight = fvec(&self.weight, "Conv W")?;
+                if weight.len() < c * 9 {
+                    return Err(Error::arg("Conv: depthwise weight is too short"));
+                }
                 let (oh, ow) = (g.out[0], g.out[1]);
                 // With a residual the activation comes after the add.
                 let act = if residual.is_some() {
@@ -312,7 +318,7 @@ impl ConvPlan {
                             pad_left: g.pb[1],
                             out_h: oh,
                             out_w: ow,
-                            weight: &self.weight[chs.start * 9..chs.end * 9],
+                            weight: &weight[chs.start * 9..chs.end * 9],
                             bias: self.bias.as_deref().map(|bv| &bv[chs.clone()]),
                             act,
                         };
