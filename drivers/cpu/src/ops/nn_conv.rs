@@ -606,7 +606,59 @@ fn pool_impl(
 }
 
 fn max_pool(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    if let Some(out) = max_pool_2d_f32(ctx, ins)? {
+        return Ok(vec![out]);
+    }
     pool_impl(ctx, ins, Pool::Max, "MaxPool")
+}
+
+/// MaxPool fast path for 2-D f32 without indices or dilation: per output row, the max of the
+/// window's input rows (contiguous, vectorized), then the max across each window's columns.
+/// NaNs are skipped, as `f32::max` does. `None` where the general path must run.
+fn max_pool_2d_f32(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Option<Tensor>> {
+    let x = input(ins, 0)?;
+    if x.dtype() != edgehal_core::DType::F32
+        || x.rank() != 4
+        || ctx.node.outputs.get(1).is_some_and(|o| o.is_some())
+    {
+        return Ok(None);
+    }
+    let kernel = match ctx.ints("kernel_shape") {
+        Some(k) if k.len() == 2 && k.iter().all(|&v| v > 0) => [k[0] as usize, k[1] as usize],
+        _ => return Ok(None),
+    };
+    let (n, c, in_sp) = spatial(x, "MaxPool")?;
+    let g = geom(ctx, &in_sp, &kernel, ctx.i("ceil_mode", 0) != 0)?;
+    if g.d != [1, 1] || g.pb[0] >= kernel[0] || g.pb[1] >= kernel[1] {
+        return Ok(None);
+    }
+    let (h, w) = (in_sp[0], in_sp[1]);
+    let (oh, ow) = (g.out[0], g.out[1]);
+    let xv = x.to_f32();
+    let mut out = zeros_f32(numel(&[n, c, oh, ow])?)?;
+    let mut rowmax = vec![f32::NEG_INFINITY; w];
+    for (img, yc) in out.chunks_exact_mut(oh * ow.max(1)).enumerate().take(n * c) {
+        let xc = &xv[img * h * w..(img + 1) * h * w];
+        for (oy, yrow) in yc.chunks_exact_mut(ow.max(1)).enumerate() {
+            let y0 = (oy * g.s[0]).saturating_sub(g.pb[0]);
+            let y1 = (oy * g.s[0] + kernel[0]).saturating_sub(g.pb[0]).min(h);
+            rowmax.fill(f32::NEG_INFINITY);
+            for iy in y0..y1 {
+                for (m, &v) in rowmax.iter_mut().zip(&xc[iy * w..(iy + 1) * w]) {
+                    *m = if v > *m { v } else { *m };
+                }
+            }
+            for (ox, o) in yrow.iter_mut().enumerate() {
+                let x0 = (ox * g.s[1]).saturating_sub(g.pb[1]);
+                let x1 = (ox * g.s[1] + kernel[1]).saturating_sub(g.pb[1]).min(w);
+                *o = rowmax[x0..x1.max(x0)]
+                    .iter()
+                    .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+            }
+        }
+    }
+    let shape = vec![n, c, oh, ow];
+    Ok(Some(Tensor::from_vec(shape, out)?))
 }
 
 fn average_pool(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
