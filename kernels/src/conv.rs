@@ -68,15 +68,6 @@ pub fn depthwise3x3_with(variant: Variant, p: &Dw3x3<'_>, y: &mut [f32]) -> bool
     true
 }
 
-/// `o += w * x` over two slices, with a fused multiply-add when `FMA` (the caller's target
-/// has it; without, `mul_add` would be a library call).
-#[inline(always)]
-fn axpy<const FMA: bool>(o: &mut [f32], w: f32, x: &[f32]) {
-    for (o, &x) in o.iter_mut().zip(x) {
-        *o = if FMA { x.mul_add(w, *o) } else { *o + w * x };
-    }
-}
-
 /// Depthwise 3x3 over whole planes: the input is copied into zero-padded planes, one per
 /// row parity for stride 2, so each of the nine taps is one long contiguous multiply-add over
 /// a "wide" output plane (rows as wide as the padded input, every column computed); the valid
@@ -113,11 +104,24 @@ pub(crate) fn depthwise3x3_body<const FMA: bool>(p: &Dw3x3<'_>, y: &mut [f32]) {
         wide.fill(p.bias.map_or(0.0, |b| b[ch]));
         for ky in 0..3 {
             let base = (ky % s) * plane_len + (ky / s) * wc;
-            for kx in 0..3 {
-                let src = &pad[base + kx..base + kx + wide_len];
-                axpy::<FMA>(&mut wide, k[ky * 3 + kx], src);
+            // The three taps of a kernel row in one pass over `wide`.
+            let (s0, s1, s2) = (
+                &pad[base..base + wide_len],
+                &pad[base + 1..base + 1 + wide_len],
+                &pad[base + 2..base + 2 + wide_len],
+            );
+            let (k0, k1, k2) = (k[ky * 3], k[ky * 3 + 1], k[ky * 3 + 2]);
+            for (((o, &a), &b), &c) in wide.iter_mut().zip(s0).zip(s1).zip(s2) {
+                *o = if FMA {
+                    c.mul_add(k2, b.mul_add(k1, a.mul_add(k0, *o)))
+                } else {
+                    *o + k0 * a + k1 * b + k2 * c
+                };
             }
         }
+        // The activation over the whole wide plane (contiguous; re-reading rows just written
+        // with scalar stores would stall on store forwarding).
+        p.act.apply_slice(&mut wide);
         let yc = &mut y[ch * oh * ow..(ch + 1) * oh * ow];
         for (oy, row) in yc.chunks_exact_mut(ow).enumerate() {
             let src = &wide[oy * wc..];
@@ -128,7 +132,6 @@ pub(crate) fn depthwise3x3_body<const FMA: bool>(p: &Dw3x3<'_>, y: &mut [f32]) {
                     *o = v;
                 }
             }
-            p.act.apply_slice(row);
         }
     }
 }
