@@ -1,8 +1,14 @@
-//! Graph passes run once when a session is prepared: constant folding, dead node removal and
-//! static shape/type inference.
+//! Graph passes run once when a session is prepared: constant folding, dead node removal,
+//! static shape/type inference and convolution fusion.
+//!
+//! Fusion ([`fuse_convolutions`]) folds a following BatchNormalization into a float Conv's
+//! constant weights and replaces Conv [+ Add] [+ activation] chains by one
+//! `edgehal.FusedConv` node, which the CPU driver runs with the add and activation in its
+//! kernel epilogue. It runs last, so the other passes see only ONNX ops.
 
-use edgehal_core::graph::{Dim, Graph};
-use edgehal_core::{Error, Result, Tensor};
+use edgehal_core::graph::{Dim, Graph, NodeId, ValueId};
+use edgehal_core::{Attr, DType, Error, Node, Result, Tensor};
+use edgehal_cpu::conv_plan::{FUSED_CONV, FUSED_DOMAIN};
 use edgehal_cpu::{OpCtx, Registry};
 
 /// Ops never folded: their result is not a function of their inputs alone.
@@ -106,7 +112,390 @@ pub fn optimize(g: &mut Graph, registry: &Registry) -> Result<String> {
     edgehal_core::infer::infer_shapes(g);
     g.validate()
         .map_err(|e| Error::InvalidGraph(format!("after optimisation: {e}")))?;
+    let (bn, fused) = fuse_convolutions(g);
     Ok(format!(
-        "folded {folded} constant nodes, removed {dead} dead nodes"
+        "folded {folded} constant nodes, removed {dead} dead nodes, folded {bn} batch norms, \
+         fused {fused} convolutions"
     ))
+}
+
+fn is_onnx(node: &Node, op: &str) -> bool {
+    node.op == op && (node.domain.is_empty() || node.domain == "ai.onnx")
+}
+
+/// A scalar float initializer.
+fn const_scalar(g: &Graph, v: Option<ValueId>) -> Option<f32> {
+    let t = g.initializers.get(&v?)?;
+    if !t.dtype().is_float() || t.len() != 1 {
+        return None;
+    }
+    t.to_f32().first().copied()
+}
+
+/// The `FusedConv` attributes that express `node` as an epilogue activation, when it is one
+/// (one input, the value `x`, and one output).
+fn activation_attrs(g: &Graph, node: &Node, x: ValueId) -> Option<Vec<(&'static str, Attr)>> {
+    if node.inputs.first().copied().flatten() != Some(x) || node.outputs.len() != 1 {
+        return None;
+    }
+    let name = |s: &str| ("activation", Attr::String(s.as_bytes().to_vec()));
+    let only_x = node.inputs.iter().skip(1).all(|v| v.is_none());
+    if is_onnx(node, "Relu") && only_x {
+        return Some(vec![name("Relu")]);
+    }
+    if is_onnx(node, "Sigmoid") && only_x {
+        return Some(vec![name("Sigmoid")]);
+    }
+    if is_onnx(node, "HardSwish") && only_x {
+        return Some(vec![name("HardSwish")]);
+    }
+    if is_onnx(node, "LeakyRelu") && only_x {
+        let a = node.attr_f("alpha").unwrap_or(0.01);
+        return Some(vec![name("LeakyRelu"), ("act_alpha", Attr::Float(a))]);
+    }
+    if is_onnx(node, "HardSigmoid") && only_x {
+        let a = node.attr_f("alpha").unwrap_or(0.2);
+        let b = node.attr_f("beta").unwrap_or(0.5);
+        return Some(vec![
+            name("HardSigmoid"),
+            ("act_alpha", Attr::Float(a)),
+            ("act_beta", Attr::Float(b)),
+        ]);
+    }
+    if is_onnx(node, "Clip") {
+        // Opset 11+: min and max are optional inputs (constants here); before: attributes.
+        let bound = |k: usize, attr: &str, d: f32| -> Option<f32> {
+            match node.inputs.get(k).copied().flatten() {
+                Some(v) => const_scalar(g, Some(v)),
+                None => Some(node.attr_f(attr).unwrap_or(d)),
+            }
+        };
+        let lo = bound(1, "min", f32::NEG_INFINITY)?;
+        let hi = bound(2, "max", f32::INFINITY)?;
+        return Some(vec![
+            name("Clip"),
+            ("act_min", Attr::Float(lo)),
+            ("act_max", Attr::Float(hi)),
+        ]);
+    }
+    None
+}
+
+/// Adds a float initializer `t` under a fresh name derived from `hint`.
+fn add_initializer(g: &mut Graph, hint: &str, t: Tensor) -> ValueId {
+    let id = g.new_value(hint);
+    g.values[id].dtype = Some(t.dtype());
+    g.values[id].shape = Some(t.shape().iter().map(|&d| Dim::Fixed(d)).collect());
+    g.initializers.insert(id, t);
+    id
+}
+
+/// Folds BatchNormalization (inference form, constant parameters) into the constant f32 weights
+/// of the Conv before it: `W' = W * s`, `B' = (B - mean) * s + beta`, `s = scale / sqrt(var +
+/// eps)` per output channel. Returns the new weight and bias values.
+fn fold_bn(g: &mut Graph, conv: &Node, bn: &Node) -> Option<(ValueId, ValueId)> {
+    if bn.inputs.len() != 5 || bn.outputs.iter().flatten().count() != 1 {
+        return None;
+    }
+    let w_id = conv.inputs.get(1).copied().flatten()?;
+    let w = g.initializers.get(&w_id)?;
+    if w.dtype() != DType::F32 || w.rank() < 3 {
+        return None;
+    }
+    let m = w.shape()[0];
+    let param = |k: usize| -> Option<Vec<f32>> {
+        let t = g.initializers.get(&bn.inputs.get(k).copied().flatten()?)?;
+        (t.dtype().is_float() && t.len() == m).then(|| t.to_f32().into_owned())
+    };
+    let (scale, beta, mean, var) = (param(1)?, param(2)?, param(3)?, param(4)?);
+    let eps = bn.attr_f("epsilon").unwrap_or(1e-5) as f64;
+    let bias = match conv.inputs.get(2).copied().flatten() {
+        Some(b) => {
+            let t = g.initializers.get(&b)?;
+            if !t.dtype().is_float() || t.len() != m {
+                return None;
+            }
+            t.to_f32().into_owned()
+        }
+        None => vec![0f32; m],
+    };
+    let per = w.len() / m.max(1);
+    let mut wv = w.to_f32().into_owned();
+    let mut bv = vec![0f32; m];
+    for o in 0..m {
+        let s = scale[o] as f64 / (var[o] as f64 + eps).sqrt();
+        for x in &mut wv[o * per..(o + 1) * per] {
+            *x = (*x as f64 * s) as f32;
+        }
+        bv[o] = ((bias[o] as f64 - mean[o] as f64) * s + beta[o] as f64) as f32;
+    }
+    let wshape = w.shape().to_vec();
+    let wt = Tensor::from_vec(wshape, wv).ok()?;
+    let bt = Tensor::from_vec(vec![m], bv).ok()?;
+    let name = g.value_name(w_id).to_string();
+    let w_new = add_initializer(g, &format!("{name}_bn"), wt);
+    let b_new = add_initializer(g, &format!("{name}_bn_bias"), bt);
+    Some((w_new, b_new))
+}
+
+/// Fuses float convolutions with what follows them: BatchNormalization is folded into constant
+/// weights; then an Add of a same-shaped tensor (the residual) and an activation (Relu, Clip,
+/// LeakyRelu, Sigmoid, HardSigmoid, HardSwish) become one `edgehal.FusedConv`. Only values
+/// with a single consumer that are not graph outputs are fused away. Graphs with subgraphs
+/// are left alone. Returns (batch norms folded, FusedConv nodes made).
+pub fn fuse_convolutions(g: &mut Graph) -> (usize, usize) {
+    let has_subgraphs = g.nodes.iter().any(|n| {
+        n.attrs
+            .values()
+            .any(|a| matches!(a, Attr::Graph(_) | Attr::Graphs(_)))
+    });
+    if has_subgraphs {
+        return (0, 0);
+    }
+    let mut uses = vec![0usize; g.values.len()];
+    let mut consumer: Vec<Option<NodeId>> = vec![None; g.values.len()];
+    for (i, n) in g.nodes.iter().enumerate() {
+        for &v in n.inputs.iter().flatten() {
+            uses[v] += 1;
+            consumer[v] = Some(i);
+        }
+    }
+    for &o in &g.outputs {
+        uses[o] += 1;
+    }
+    let mut removed = vec![false; g.nodes.len()];
+    let (mut bns, mut fused) = (0, 0);
+    for ci in 0..g.nodes.len() {
+        let conv = &g.nodes[ci];
+        if !is_onnx(conv, "Conv") || conv.outputs.len() != 1 || conv.inputs.len() < 2 {
+            continue;
+        }
+        let Some(out) = conv.outputs[0] else { continue };
+        if g.values[out].dtype != Some(DType::F32) {
+            continue;
+        }
+        let next = |cur: ValueId, removed: &[bool]| -> Option<NodeId> {
+            let n = consumer.get(cur).copied().flatten()?;
+            (uses[cur] == 1 && !removed[n]).then_some(n)
+        };
+        let mut conv = conv.clone();
+        let mut cur = out;
+        let mut absorbed = Vec::new();
+        // BatchNormalization with constant parameters.
+        if let Some(n) = next(cur, &removed) {
+            let bn = g.nodes[n].clone();
+            if is_onnx(&bn, "BatchNormalization")
+                && bn.inputs.first().copied().flatten() == Some(cur)
+            {
+                if let Some((w, b)) = fold_bn(g, &conv, &bn) {
+                    conv.inputs[1] = Some(w);
+                    conv.inputs.resize(3, None);
+                    conv.inputs[2] = Some(b);
+                    absorbed.push(n);
+                    bns += 1;
+                    if let Some(o) = bn.outputs.iter().flatten().next() {
+                        cur = *o;
+                    }
+                }
+            }
+        }
+        let fixed_shape = |v: ValueId| g.values[v].fixed_shape();
+        let mut residual = None;
+        if let Some(n) = next(cur, &removed) {
+            let add = &g.nodes[n];
+            if is_onnx(add, "Add") && add.inputs.len() == 2 && add.outputs.len() == 1 {
+                let (a, b) = (add.inputs[0], add.inputs[1]);
+                let other = match (a, b) {
+                    (Some(a), Some(b)) if a == cur && b != cur => Some(b),
+                    (Some(a), Some(b)) if b == cur && a != cur => Some(a),
+                    _ => None,
+                };
+                if let (Some(z), Some(o)) = (other, add.outputs[0]) {
+                    let same = fixed_shape(z).is_some() && fixed_shape(z) == fixed_shape(cur);
+                    if same && g.values[z].dtype == Some(DType::F32) {
+                        residual = Some(z);
+                        absorbed.push(n);
+                        cur = o;
+                    }
+                }
+            }
+        }
+        let mut act = Vec::new();
+        if let Some(n) = next(cur, &removed) {
+            if let Some(attrs) = activation_attrs(g, &g.nodes[n], cur) {
+                if let Some(o) = g.nodes[n].outputs[0] {
+                    act = attrs;
+                    absorbed.push(n);
+                    cur = o;
+                }
+            }
+        }
+        if absorbed.is_empty() {
+            continue;
+        }
+        if residual.is_none() && act.is_empty() {
+            // Only a batch norm was folded: stays a plain Conv.
+            conv.outputs = vec![Some(cur)];
+        } else {
+            conv.op = FUSED_CONV.into();
+            conv.domain = FUSED_DOMAIN.into();
+            conv.inputs.resize(3, None);
+            if let Some(z) = residual {
+                conv.inputs.push(Some(z));
+            }
+            for (k, v) in act {
+                conv.attrs.insert(k.to_string(), v);
+            }
+            conv.outputs = vec![Some(cur)];
+            fused += 1;
+        }
+        g.nodes[ci] = conv;
+        for n in absorbed {
+            removed[n] = true;
+        }
+    }
+    let mut k = 0;
+    g.nodes.retain(|_| {
+        let keep = !removed[k];
+        k += 1;
+        keep
+    });
+    (bns, fused)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgehal_cpu::Executor;
+
+    fn rnd(seed: &mut u32, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+                (*seed >> 8) as f32 / (1 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    fn node(g: &mut Graph, op: &str, ins: &[&str], outs: &[&str], attrs: Vec<(&str, Attr)>) {
+        let inputs = ins
+            .iter()
+            .map(|n| (!n.is_empty()).then(|| g.value_id(n)))
+            .collect();
+        let outputs = outs.iter().map(|n| Some(g.value_id(n))).collect();
+        g.add_node(Node {
+            op: op.into(),
+            inputs,
+            outputs,
+            attrs: attrs.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            ..Default::default()
+        });
+    }
+
+    fn init(g: &mut Graph, name: &str, shape: Vec<usize>, v: Vec<f32>) {
+        let id = g.value_id(name);
+        g.values[id].dtype = Some(DType::F32);
+        g.values[id].shape = Some(shape.iter().map(|&d| Dim::Fixed(d)).collect());
+        g.initializers
+            .insert(id, Tensor::from_vec(shape, v).unwrap());
+    }
+
+    /// Conv -> BatchNormalization -> Add(residual) -> Clip; depthwise Conv -> Relu; a 1x1
+    /// Conv whose output is also a graph output (must not be fused away) -> Sigmoid.
+    fn graph() -> Graph {
+        let mut s = 11u32;
+        let mut g = Graph::new("fuse");
+        g.opsets.insert(String::new(), 13);
+        let pads = || ("pads", Attr::Ints(vec![1, 1, 1, 1]));
+        init(&mut g, "w1", vec![6, 4, 3, 3], rnd(&mut s, 6 * 4 * 9));
+        init(&mut g, "b1", vec![6], rnd(&mut s, 6));
+        init(&mut g, "scale", vec![6], rnd(&mut s, 6));
+        init(&mut g, "beta", vec![6], rnd(&mut s, 6));
+        init(&mut g, "mean", vec![6], rnd(&mut s, 6));
+        let var: Vec<f32> = rnd(&mut s, 6).iter().map(|v| v + 1.0).collect();
+        init(&mut g, "var", vec![6], var);
+        init(&mut g, "lo", vec![], vec![-0.2]);
+        init(&mut g, "hi", vec![], vec![0.3]);
+        init(&mut g, "wd", vec![6, 1, 3, 3], rnd(&mut s, 6 * 9));
+        init(&mut g, "w3", vec![5, 6, 1, 1], rnd(&mut s, 30));
+        node(&mut g, "Conv", &["x", "w1", "b1"], &["c1"], vec![pads()]);
+        node(
+            &mut g,
+            "BatchNormalization",
+            &["c1", "scale", "beta", "mean", "var"],
+            &["n1"],
+            vec![("epsilon", Attr::Float(1e-3))],
+        );
+        node(&mut g, "Add", &["z", "n1"], &["a1"], vec![]);
+        node(&mut g, "Clip", &["a1", "lo", "hi"], &["r1"], vec![]);
+        node(
+            &mut g,
+            "Conv",
+            &["r1", "wd"],
+            &["c2"],
+            vec![
+                pads(),
+                ("group", Attr::Int(6)),
+                ("strides", Attr::Ints(vec![2, 2])),
+            ],
+        );
+        node(&mut g, "Relu", &["c2"], &["r2"], vec![]);
+        node(&mut g, "Conv", &["r2", "w3"], &["c3"], vec![]);
+        node(&mut g, "Sigmoid", &["c3"], &["y"], vec![]);
+        let (x, z) = (g.value_id("x"), g.value_id("z"));
+        g.values[x].dtype = Some(DType::F32);
+        g.values[x].shape = Some([1, 4, 9, 9].map(Dim::Fixed).to_vec());
+        g.values[z].dtype = Some(DType::F32);
+        g.values[z].shape = Some([1, 6, 9, 9].map(Dim::Fixed).to_vec());
+        g.inputs = vec![x, z];
+        g.outputs = vec![g.value_id("y"), g.value_id("c3")];
+        edgehal_core::infer::infer_shapes(&mut g);
+        g
+    }
+
+    #[test]
+    fn fused_graph_matches_unfused() {
+        let plain = graph();
+        let mut fused = graph();
+        let counts = fuse_convolutions(&mut fused);
+        let ops: Vec<String> = fused.nodes.iter().map(|n| n.op.clone()).collect();
+        assert_eq!(counts, (1, 2), "{ops:?}");
+        let ops: Vec<String> = fused.nodes.iter().map(|n| n.op.clone()).collect();
+        assert_eq!(ops, ["FusedConv", "FusedConv", "Conv", "Sigmoid"]);
+        assert_eq!(fused.nodes[0].attr_s("activation").as_deref(), Some("Clip"));
+        assert_eq!(fused.nodes[0].inputs.len(), 4, "residual input");
+        assert_eq!(fused.nodes[1].attr_s("activation").as_deref(), Some("Relu"));
+        fused.validate().unwrap();
+        let mut s = 5u32;
+        let x = Tensor::from_vec(vec![1, 4, 9, 9], rnd(&mut s, 4 * 81)).unwrap();
+        let z = Tensor::from_vec(vec![1, 6, 9, 9], rnd(&mut s, 6 * 81)).unwrap();
+        let reg = Registry::new();
+        let feed = |g: &Graph| vec![(g.inputs[0], x.clone()), (g.inputs[1], z.clone())];
+        let want = Executor::new(&plain, &reg)
+            .unwrap()
+            .run(&feed(&plain))
+            .unwrap();
+        let got = Executor::new(&fused, &reg)
+            .unwrap()
+            .run(&feed(&fused))
+            .unwrap();
+        assert_eq!(want.len(), got.len());
+        for (w, o) in want.iter().zip(&got) {
+            assert_eq!(w.shape(), o.shape());
+            for (a, b) in w.to_f32().iter().zip(o.to_f32().iter()) {
+                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn leaves_shared_values_alone() {
+        let mut g = graph();
+        // The first conv's output gets a second reader: no BN fold, no fusion of that chain.
+        let c1 = g.value_id("c1");
+        g.outputs.push(c1);
+        let (bn, fused) = fuse_convolutions(&mut g);
+        assert_eq!((bn, fused), (0, 1));
+        assert!(g.nodes.iter().any(|n| n.op == "BatchNormalization"));
+    }
 }

@@ -115,10 +115,11 @@ impl Session {
             .map(|&id| (id, info(&graph, id)))
             .collect();
         let outputs = graph.outputs.iter().map(|&id| info(&graph, id)).collect();
-        let exec = Executor::new(&graph, &registry).map_err(|e| match e {
+        let mut exec = Executor::new(&graph, &registry).map_err(|e| match e {
             Error::Unsupported(m) => Error::Unsupported(format!("{}: {m}", model.name)),
             other => other,
         })?;
+        exec.set_threads(opts.threads);
         Ok(Session {
             exec: Some(exec),
             sched: None,

@@ -265,6 +265,34 @@ pub(crate) fn axpy_rows(
     c: &mut [f32],
     ldc: usize,
 ) {
+    if b.cs != 1 && b.rs == 1 {
+        // B is a transposed view (columns contiguous, e.g. Gemm with transB): each output is
+        // a dot product of a row of A with a contiguous column of B.
+        let mut arow = vec![0f32; k];
+        for i in 0..a.rows {
+            for (p, v) in arow.iter_mut().enumerate() {
+                *v = a.at(i, p);
+            }
+            for (j, o) in c[i * ldc..i * ldc + n].iter_mut().enumerate() {
+                let col = &b.data[j * b.cs..j * b.cs + k];
+                // Eight partial sums so the loop vectorizes without reassociation.
+                let mut acc = [0f32; 8];
+                let (ca, cb) = (arow.chunks_exact(8), col.chunks_exact(8));
+                let (ra, rb) = (ca.remainder(), cb.remainder());
+                for (x, y) in ca.zip(cb) {
+                    for l in 0..8 {
+                        acc[l] += x[l] * y[l];
+                    }
+                }
+                let mut s: f32 = acc.iter().sum();
+                for (x, y) in ra.iter().zip(rb) {
+                    s += x * y;
+                }
+                *o += alpha * s;
+            }
+        }
+        return;
+    }
     let contiguous = b.cs == 1;
     let mut acc = vec![0f32; n];
     let mut brow = vec![0f32; if contiguous { 0 } else { n }];

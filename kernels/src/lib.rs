@@ -4,13 +4,18 @@
 //!   CPU driver maps ops onto them.
 //! - Every kernel has a portable reference; SIMD variants are picked at run time (once per
 //!   process, see [`dispatch`]) and tested against the reference.
-//! - `unsafe` is allowed only in `arch/` (intrinsics); everything else is safe Rust.
+//! - `unsafe` is allowed only in `arch/` and `simd.rs` (intrinsics and `#[target_feature]`
+//!   entry points); everything else is safe Rust.
 
 #![deny(unsafe_code)]
 
 #[cfg(target_arch = "x86_64")]
 mod arch;
+pub mod conv;
 pub mod dispatch;
 pub mod gemm;
+pub mod packed;
+#[cfg(target_arch = "x86_64")]
+mod simd;
 
 pub use dispatch::dispatch_summary;

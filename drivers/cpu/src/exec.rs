@@ -12,6 +12,7 @@ use edgehal_core::graph::{Graph, NodeId, ValueId};
 use edgehal_core::tensor::checked_numel;
 use edgehal_core::{DType, Error, Result, Tensor};
 
+use crate::conv_plan::{ConvPlan, FUSED_CONV, FUSED_DOMAIN};
 use crate::ops::{OpCtx, OpFn, OutputDest, Registry};
 
 /// A graph output of [`Executor::run_into`].
@@ -67,6 +68,10 @@ pub struct Executor {
     /// computed into in place: a value no node reads and that is listed once as an output.
     dest_of: Vec<Option<usize>>,
     registry: Registry,
+    /// Per node: a convolution with constant weights, packed once (see [`crate::conv_plan`]).
+    prepared: Vec<Option<ConvPlan>>,
+    /// Threads the prepared kernels may use (1: everything on the caller's thread).
+    threads: usize,
 }
 
 impl Executor {
@@ -135,6 +140,11 @@ impl Executor {
                 dest_of[n] = Some(*i);
             }
         }
+        let prepared = graph
+            .nodes
+            .iter()
+            .map(|node| prepare(graph, node))
+            .collect();
         Ok(Executor {
             graph: graph.clone(),
             order,
@@ -142,7 +152,14 @@ impl Executor {
             release,
             dest_of,
             registry: registry.clone(),
+            prepared,
+            threads: 1,
         })
+    }
+
+    /// Lets the prepared kernels use `threads` threads (0: one per core).
+    pub fn set_threads(&mut self, threads: usize) {
+        self.threads = crate::par::resolve_threads(threads);
     }
 
     /// The graph being executed.
@@ -272,7 +289,11 @@ impl Executor {
                     .and_then(|i| dests.get(i))
                     .map(|d| d as &dyn OutputDest),
             };
-            let outs = (self.ops[n])(&ctx, &ins).map_err(|e| match e {
+            let outs = match &self.prepared[n] {
+                Some(plan) => plan.run_threads(&ctx, &ins, self.threads),
+                None => (self.ops[n])(&ctx, &ins),
+            }
+            .map_err(|e| match e {
                 Error::Op { .. } => e,
                 other => Error::Op {
                     node: g.describe_node(n),
@@ -326,6 +347,57 @@ impl Executor {
             })
             .collect()
     }
+}
+
+/// A prepared plan for a float convolution whose weight (and bias) are initializers, with the
+/// weights packed for the input shape shape inference found. `None` for anything else, and
+/// where preparing fails (the op then reports the problem at run time).
+fn prepare(graph: &Graph, node: &edgehal_core::Node) -> Option<ConvPlan> {
+    let is_conv = (node.op == "Conv" && (node.domain.is_empty() || node.domain == "ai.onnx"))
+        || (node.op == FUSED_CONV && node.domain == FUSED_DOMAIN);
+    if !is_conv {
+        return None;
+    }
+    let init = |k: usize| -> Option<Option<&Tensor>> {
+        match node.inputs.get(k).copied().flatten() {
+            None => Some(None),
+            Some(v) => graph.initializers.get(&v).map(Some),
+        }
+    };
+    let w = init(1)??;
+    let b = init(2)?;
+    if !w.dtype().is_float() {
+        return None;
+    }
+    let plan = ConvPlan::new(node, w, b).ok()?;
+    let x_shape: Option<Vec<usize>> = node
+        .inputs
+        .first()
+        .copied()
+        .flatten()
+        .and_then(|x| graph.values[x].shape.as_ref())
+        .and_then(|s| {
+            s.iter()
+                .map(|d| match d {
+                    edgehal_core::graph::Dim::Fixed(v) => Some(*v),
+                    _ => None,
+                })
+                .collect()
+        });
+    if let Some(xs) = x_shape {
+        let ctx = OpCtx {
+            node,
+            opset: graph
+                .opsets
+                .get(&node.domain)
+                .copied()
+                .unwrap_or_else(|| graph.opset()),
+            subgraph: None,
+            dest: None,
+        };
+        plan.warm(&ctx, &xs).ok()?;
+    }
+    Some(plan)
 }
 
 fn missing_op(ctx: &OpCtx<'_>, _: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {

@@ -7,9 +7,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod conv_plan;
 pub mod device;
 pub mod exec;
 pub mod ops;
+pub mod par;
 
 pub use exec::{Executor, Produced};
 pub use ops::{OpCtx, OpFn, Registry};

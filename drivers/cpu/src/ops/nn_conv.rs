@@ -1,7 +1,8 @@
 //! Convolution and pooling: Conv, ConvTranspose, MaxPool, AveragePool, LpPool and the global
 //! pools, for any number of spatial dimensions.
 //!
-//! Conv is im2col + sgemm per (image, group) (1x1 stride-1 unpadded convolutions skip im2col);
+//! Conv runs through [`crate::conv_plan`] (packed weights, depthwise and Winograd paths, fused
+//! epilogue), im2col + packed GEMM where no special path applies;
 //! ConvTranspose is sgemm + col2im. im2col works a row segment at a time: the range of output
 //! columns whose input column is inside the image is computed once per segment, so the inner
 //! loops carry no bounds logic.
@@ -10,10 +11,12 @@ use edgehal_core::{Error, Result, Tensor};
 use edgehal_kernels::gemm::{sgemm, MatRef};
 
 use super::{ftensor, fvec, numel, zeros_f32};
+use crate::conv_plan::{ConvPlan, FUSED_CONV, FUSED_DOMAIN};
 use crate::ops::{input, opt_input, OpCtx, Registry};
 
 pub(super) fn register(r: &mut Registry) {
     r.add("Conv", conv);
+    r.add_domain(FUSED_DOMAIN, FUSED_CONV, conv);
     r.add("ConvTranspose", conv_transpose);
     r.add("MaxPool", max_pool);
     r.add("AveragePool", average_pool);
@@ -294,118 +297,10 @@ fn kernel_from(ctx: &OpCtx<'_>, w_sp: &[usize], op: &str) -> Result<Vec<usize>> 
     Ok(w_sp.to_vec())
 }
 
-/// Float convolution on f32 slices; returns `[n, m, out...]` values and the output shape.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn conv_f32(
-    xv: &[f32],
-    xshape: &[usize],
-    wv: &[f32],
-    wshape: &[usize],
-    bias: Option<&[f32]>,
-    group: usize,
-    g: &Geom,
-) -> Result<(Vec<f32>, Vec<usize>)> {
-    let (n, c) = (xshape[0], xshape[1]);
-    let in_sp = &xshape[2..];
-    let (m, cg) = (wshape[0], wshape[1]);
-    if group == 0 || c != cg * group || m % group != 0 {
-        return Err(Error::arg(format!(
-            "Conv: X has {c} channels and W is {wshape:?}, which does not fit group={group}"
-        )));
-    }
-    let mg = m / group;
-    let in_total = numel(in_sp)?;
-    let p = numel(&g.out)?;
-    let kt = numel(&g.k)?;
-    let kk = cg * kt;
-    let is_1x1 = g.k.iter().all(|&k| k == 1)
-        && g.s.iter().all(|&s| s == 1)
-        && g.pb.iter().chain(&g.pe).all(|&p| p == 0);
-    let mut out = zeros_f32(
-        n.checked_mul(m)
-            .and_then(|v| v.checked_mul(p))
-            .ok_or_else(|| Error::TooLarge("Conv output size overflows".into()))?,
-    )?;
-    let mut col = if is_1x1 {
-        Vec::new()
-    } else {
-        zeros_f32(
-            kk.checked_mul(p)
-                .ok_or_else(|| Error::TooLarge("Conv im2col buffer overflows".into()))?,
-        )?
-    };
-    if xv.len() != n * c * in_total || wv.len() != m * kk {
-        return Err(Error::arg(
-            "Conv: input or weight has the wrong number of elements",
-        ));
-    }
-    for b in 0..n {
-        for gi in 0..group {
-            let xg = &xv[(b * c + gi * cg) * in_total..(b * c + (gi + 1) * cg) * in_total];
-            let colref: &[f32] = if is_1x1 {
-                xg
-            } else {
-                im2col(xg, cg, in_sp, g, &mut col);
-                &col
-            };
-            let wg = &wv[gi * mg * kk..(gi + 1) * mg * kk];
-            let dst = &mut out[(b * m + gi * mg) * p..(b * m + (gi + 1) * mg) * p];
-            if !sgemm(
-                1.0,
-                MatRef::row_major(wg, mg, kk),
-                MatRef::row_major(colref, kk, p),
-                0.0,
-                dst,
-                p.max(1),
-            ) {
-                return Err(Error::arg("Conv: internal size mismatch"));
-            }
-        }
-        if let Some(bias) = bias {
-            for (oc, &bv) in bias.iter().enumerate() {
-                out[(b * m + oc) * p..(b * m + oc + 1) * p]
-                    .iter_mut()
-                    .for_each(|v| *v += bv);
-            }
-        }
-    }
-    let mut shape = vec![n, m];
-    shape.extend_from_slice(&g.out);
-    Ok((out, shape))
-}
-
+/// Conv (and `edgehal.FusedConv`) with weights prepared for this call; the executor keeps a
+/// prepared [`ConvPlan`] per node instead when the weights are constants.
 fn conv(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
-    let x = input(ins, 0)?;
-    let w = input(ins, 1)?;
-    let (_, _, in_sp) = spatial(x, "Conv")?;
-    if w.rank() != x.rank() {
-        return Err(Error::arg(format!(
-            "Conv: W has shape {:?}, expected rank {}",
-            w.shape(),
-            x.rank()
-        )));
-    }
-    let kernel = kernel_from(ctx, &w.shape()[2..], "Conv")?;
-    let g = geom(ctx, &in_sp, &kernel, false)?;
-    let group = ctx.i("group", 1).max(0) as usize;
-    let bias = match opt_input(ins, 2) {
-        Some(b) => {
-            let bv = fvec(b, "Conv B")?;
-            if bv.len() != w.shape()[0] {
-                return Err(Error::arg(format!(
-                    "Conv: B has {} elements, W has {} output channels",
-                    bv.len(),
-                    w.shape()[0]
-                )));
-            }
-            Some(bv.into_owned())
-        }
-        None => None,
-    };
-    let xv = fvec(x, "Conv X")?;
-    let wv = fvec(w, "Conv W")?;
-    let (out, shape) = conv_f32(&xv, x.shape(), &wv, w.shape(), bias.as_deref(), group, &g)?;
-    Ok(vec![ftensor(x.dtype(), shape, out)?])
+    ConvPlan::from_inputs(ctx.node, ins)?.run(ctx, ins)
 }
 
 fn conv_transpose(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
@@ -711,7 +606,59 @@ fn pool_impl(
 }
 
 fn max_pool(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    if let Some(out) = max_pool_2d_f32(ctx, ins)? {
+        return Ok(vec![out]);
+    }
     pool_impl(ctx, ins, Pool::Max, "MaxPool")
+}
+
+/// MaxPool fast path for 2-D f32 without indices or dilation: per output row, the max of the
+/// window's input rows (contiguous, vectorized), then the max across each window's columns.
+/// NaNs are skipped, as `f32::max` does. `None` where the general path must run.
+fn max_pool_2d_f32(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Option<Tensor>> {
+    let x = input(ins, 0)?;
+    if x.dtype() != edgehal_core::DType::F32
+        || x.rank() != 4
+        || ctx.node.outputs.get(1).is_some_and(|o| o.is_some())
+    {
+        return Ok(None);
+    }
+    let kernel = match ctx.ints("kernel_shape") {
+        Some(k) if k.len() == 2 && k.iter().all(|&v| v > 0) => [k[0] as usize, k[1] as usize],
+        _ => return Ok(None),
+    };
+    let (n, c, in_sp) = spatial(x, "MaxPool")?;
+    let g = geom(ctx, &in_sp, &kernel, ctx.i("ceil_mode", 0) != 0)?;
+    if g.d != [1, 1] || g.pb[0] >= kernel[0] || g.pb[1] >= kernel[1] {
+        return Ok(None);
+    }
+    let (h, w) = (in_sp[0], in_sp[1]);
+    let (oh, ow) = (g.out[0], g.out[1]);
+    let xv = x.to_f32();
+    let mut out = zeros_f32(numel(&[n, c, oh, ow])?)?;
+    let mut rowmax = vec![f32::NEG_INFINITY; w];
+    for (img, yc) in out.chunks_exact_mut(oh * ow.max(1)).enumerate().take(n * c) {
+        let xc = &xv[img * h * w..(img + 1) * h * w];
+        for (oy, yrow) in yc.chunks_exact_mut(ow.max(1)).enumerate() {
+            let y0 = (oy * g.s[0]).saturating_sub(g.pb[0]);
+            let y1 = (oy * g.s[0] + kernel[0]).saturating_sub(g.pb[0]).min(h);
+            rowmax.fill(f32::NEG_INFINITY);
+            for iy in y0..y1 {
+                for (m, &v) in rowmax.iter_mut().zip(&xc[iy * w..(iy + 1) * w]) {
+                    *m = if v > *m { v } else { *m };
+                }
+            }
+            for (ox, o) in yrow.iter_mut().enumerate() {
+                let x0 = (ox * g.s[1]).saturating_sub(g.pb[1]);
+                let x1 = (ox * g.s[1] + kernel[1]).saturating_sub(g.pb[1]).min(w);
+                *o = rowmax[x0..x1.max(x0)]
+                    .iter()
+                    .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+            }
+        }
+    }
+    let shape = vec![n, c, oh, ow];
+    Ok(Some(Tensor::from_vec(shape, out)?))
 }
 
 fn average_pool(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {

@@ -1,0 +1,98 @@
+//! Splitting kernel work across threads.
+//!
+//! Work is cut into contiguous ranges of "units" (row panels, channels, Winograd positions)
+//! whose outputs are disjoint slices, so each thread gets `&mut` to its own part in safe Rust.
+//! One thread runs inline on the caller (no spawn, no synchronisation); more use
+//! `std::thread::scope`, the caller's thread doing the first range.
+
+use std::ops::Range;
+
+/// The thread count for a requested number: 0 means one per available core.
+pub fn resolve_threads(requested: usize) -> usize {
+    if requested == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        requested
+    }
+}
+
+/// Runs `f(units, part)` over `threads` contiguous ranges of `0..units`, where unit `u` owns
+/// `out[u * unit_len .. (u + 1) * unit_len]` (the last unit may be shorter). Returns the first
+/// error.
+pub fn for_parts<E: Send>(
+    threads: usize,
+    units: usize,
+    unit_len: usize,
+    out: &mut [f32],
+    f: impl Fn(Range<usize>, &mut [f32]) -> Result<(), E> + Sync,
+) -> Result<(), E> {
+    let parts = threads.clamp(1, units.max(1));
+    if parts == 1 {
+        return f(0..units, out);
+    }
+    let per = units.div_ceil(parts);
+    let mut chunks = Vec::with_capacity(parts);
+    let mut rest = out;
+    let mut u = 0;
+    while u < units {
+        let end = (u + per).min(units);
+        let len = ((end - u) * unit_len).min(rest.len());
+        let (head, tail) = rest.split_at_mut(len);
+        chunks.push((u..end, head));
+        rest = tail;
+        u = end;
+    }
+    std::thread::scope(|s| {
+        let mut it = chunks.into_iter();
+        let first = it.next();
+        let handles: Vec<_> = it.map(|(r, c)| s.spawn(|| f(r, c))).collect();
+        let mut result = match first {
+            Some((r, c)) => f(r, c),
+            None => Ok(()),
+        };
+        for h in handles {
+            // A worker that panicked has already reported; keep the first error otherwise.
+            if let Ok(r) = h.join() {
+                if result.is_ok() {
+                    result = r;
+                }
+            }
+        }
+        result
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_cover_every_unit_once() {
+        for threads in [1, 2, 3, 8] {
+            for units in [0, 1, 5, 16] {
+                let mut out = vec![0f32; units * 3];
+                for_parts::<()>(threads, units, 3, &mut out, |r, part| {
+                    assert_eq!(part.len(), r.len() * 3);
+                    for (k, u) in r.enumerate() {
+                        part[k * 3..k * 3 + 3]
+                            .iter_mut()
+                            .for_each(|v| *v += u as f32);
+                    }
+                    Ok(())
+                })
+                .unwrap();
+                for (i, v) in out.iter().enumerate() {
+                    assert_eq!(*v, (i / 3) as f32);
+                }
+            }
+        }
+        assert_eq!(
+            for_parts(2, 4, 1, &mut [0f32; 4], |r, _| if r.start > 0 {
+                Err("second")
+            } else {
+                Ok(())
+            }),
+            Err("second")
+        );
+    }
+}

@@ -1,0 +1,577 @@
+//! Convolution kernels on NCHW slices that are not a plain GEMM: depthwise 3x3 (stride 1 or 2)
+//! and the transforms of Winograd F(4x4, 3x3) for stride-1 3x3 convolutions.
+//!
+//! Winograd: the weights are transformed once (`U = G g G^T`, 36 matrices M x C, see
+//! [`wino_weights`]); per run the input tiles are transformed (`V = B^T d B`, 36 matrices C x T
+//! for T tiles of 4x4 outputs), the 36 products `U V` are packed GEMMs, and the output transform
+//! (`Y = A^T M A`) applies bias, residual and activation. This does 4x fewer multiplies than a
+//! direct 3x3 convolution; the transforms are vectorized across tiles (lanes = tiles).
+//!
+//! Each kernel's body is a safe `#[inline(always)]` function; [`crate::simd`] compiles it with
+//! AVX-512 or AVX2, the portable build runs it as is.
+
+use crate::dispatch::{self, Variant};
+use crate::packed::Activation;
+
+/// A depthwise 3x3 convolution of one image (one filter per channel).
+#[derive(Clone, Copy, Debug)]
+pub struct Dw3x3<'a> {
+    /// Input `[c, h, w]`.
+    pub x: &'a [f32],
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    /// 1 or 2 (both axes).
+    pub stride: usize,
+    pub pad_top: usize,
+    pub pad_left: usize,
+    pub out_h: usize,
+    pub out_w: usize,
+    /// `[c, 3, 3]`.
+    pub weight: &'a [f32],
+    /// `[c]`.
+    pub bias: Option<&'a [f32]>,
+    pub act: Activation,
+}
+
+/// Depthwise 3x3 into `y` (`[c, out_h, out_w]`). Returns `false` (touching nothing) when a
+/// slice is too short or the stride is not 1 or 2.
+pub fn depthwise3x3(p: &Dw3x3<'_>, y: &mut [f32]) -> bool {
+    depthwise3x3_with(dispatch::selected(), p, y)
+}
+
+/// [`depthwise3x3`] with a chosen variant (tests, benches).
+pub fn depthwise3x3_with(variant: Variant, p: &Dw3x3<'_>, y: &mut [f32]) -> bool {
+    let Some(in_len) = p.c.checked_mul(p.h).and_then(|v| v.checked_mul(p.w)) else {
+        return false;
+    };
+    let Some(out_len) =
+        p.c.checked_mul(p.out_h)
+            .and_then(|v| v.checked_mul(p.out_w))
+    else {
+        return false;
+    };
+    if !(p.stride == 1 || p.stride == 2)
+        || p.x.len() < in_len
+        || y.len() < out_len
+        || p.weight.len() < p.c * 9
+        || p.bias.is_some_and(|b| b.len() < p.c)
+    {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::depthwise3x3(variant, p, y) {
+        return true;
+    }
+    let _ = variant;
+    depthwise3x3_body::<false>(p, y);
+    true
+}
+
+/// Depthwise 3x3 over whole planes: the input is copied into zero-padded planes, one per
+/// row parity for stride 2, so each of the nine taps is one long contiguous multiply-add over
+/// a "wide" output plane (rows as wide as the padded input, every column computed); the valid
+/// (every `stride`-th) columns are then copied out with the activation. Stride 2 thus does
+/// twice the multiply-adds it needs, all vectorized, instead of gathering columns.
+#[inline(always)]
+pub(crate) fn depthwise3x3_body<const FMA: bool>(p: &Dw3x3<'_>, y: &mut [f32]) {
+    let (h, w, s) = (p.h, p.w, p.stride);
+    let (oh, ow) = (p.out_h, p.out_w);
+    if oh == 0 || ow == 0 {
+        return;
+    }
+    // Padded extent that the outputs read: rows 0..(oh-1)*s+3, columns 0..(ow-1)*s+3.
+    let ph = (oh - 1) * s + 3;
+    let wc = (ow - 1) * s + 3;
+    // Plane `r % s` holds padded rows r = plane + s * k at row k.
+    let hr = ph.div_ceil(s);
+    let plane_len = hr * wc + 2;
+    let mut pad = vec![0f32; s * plane_len];
+    let wide_len = (oh - 1) * wc + (ow - 1) * s + 1;
+    let mut wide = vec![0f32; wide_len];
+    let q0 = p.pad_left.min(wc);
+    let q1 = (p.pad_left + w).min(wc);
+    for ch in 0..p.c {
+        let xc = &p.x[ch * h * w..(ch + 1) * h * w];
+        // Fill the padded planes: padded (r, q) is input (r - pad_top, q - pad_left).
+        pad.fill(0.0);
+        for r in p.pad_top.min(ph)..(p.pad_top + h).min(ph) {
+            let src = &xc[(r - p.pad_top) * w..(r - p.pad_top + 1) * w];
+            let base = (r % s) * plane_len + (r / s) * wc;
+            pad[base + q0..base + q1].copy_from_slice(&src[q0 - p.pad_left..q1 - p.pad_left]);
+        }
+        let k = &p.weight[ch * 9..ch * 9 + 9];
+        wide.fill(p.bias.map_or(0.0, |b| b[ch]));
+        for ky in 0..3 {
+            let base = (ky % s) * plane_len + (ky / s) * wc;
+            // The three taps of a kernel row in one pass over `wide`.
+            let (s0, s1, s2) = (
+                &pad[base..base + wide_len],
+                &pad[base + 1..base + 1 + wide_len],
+                &pad[base + 2..base + 2 + wide_len],
+            );
+            let (k0, k1, k2) = (k[ky * 3], k[ky * 3 + 1], k[ky * 3 + 2]);
+            for (((o, &a), &b), &c) in wide.iter_mut().zip(s0).zip(s1).zip(s2) {
+                *o = if FMA {
+                    c.mul_add(k2, b.mul_add(k1, a.mul_add(k0, *o)))
+                } else {
+                    *o + k0 * a + k1 * b + k2 * c
+                };
+            }
+        }
+        // The activation over the whole wide plane (contiguous; re-reading rows just written
+        // with scalar stores would stall on store forwarding).
+        p.act.apply_slice(&mut wide);
+        let yc = &mut y[ch * oh * ow..(ch + 1) * oh * ow];
+        for (oy, row) in yc.chunks_exact_mut(ow).enumerate() {
+            let src = &wide[oy * wc..];
+            if s == 1 {
+                row.copy_from_slice(&src[..ow]);
+            } else {
+                for (o, &v) in row.iter_mut().zip(src.iter().step_by(s)) {
+                    *o = v;
+                }
+            }
+        }
+    }
+}
+
+/// Transformed weights of a 3x3 convolution for F(4x4, 3x3): `[36][m][c]` (row-major M x C
+/// per position), computed in f64. `None` when `w` (`[m, c, 3, 3]`) is too short.
+pub fn wino_weights(w: &[f32], m: usize, c: usize) -> Option<Vec<f32>> {
+    const G: [[f64; 3]; 6] = [
+        [1.0 / 4.0, 0.0, 0.0],
+        [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+        [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+        [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+        [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+        [0.0, 0.0, 1.0],
+    ];
+    let mc = m.checked_mul(c)?;
+    if w.len() < mc.checked_mul(9)? {
+        return None;
+    }
+    let mut u = vec![0f32; mc.checked_mul(36)?];
+    for o in 0..m {
+        for i in 0..c {
+            let g = &w[(o * c + i) * 9..(o * c + i) * 9 + 9];
+            // t = G g (6x3), then U = t G^T (6x6).
+            let mut t = [[0f64; 3]; 6];
+            for (r, tr) in t.iter_mut().enumerate() {
+                for (col, tv) in tr.iter_mut().enumerate() {
+                    *tv = (0..3).map(|q| G[r][q] * g[q * 3 + col] as f64).sum();
+                }
+            }
+            for r in 0..6 {
+                for col in 0..6 {
+                    let v: f64 = (0..3).map(|q| t[r][q] * G[col][q]).sum();
+                    u[(r * 6 + col) * mc + o * c + i] = v as f32;
+                }
+            }
+        }
+    }
+    Some(u)
+}
+
+/// Number of 4x4 output tiles along an axis of `out` outputs.
+pub fn wino_tiles(out: usize) -> usize {
+    out.div_ceil(4)
+}
+
+/// The input transform of one image: `[c, h, w]` with padding (`pad_top`, `pad_left`, zeros
+/// elsewhere) into `v`, `[36][c][T]` with `T = tiles_y * tiles_x`.
+#[derive(Clone, Copy, Debug)]
+pub struct WinoInput<'a> {
+    pub x: &'a [f32],
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub pad_top: usize,
+    pub pad_left: usize,
+    pub tiles_y: usize,
+    pub tiles_x: usize,
+}
+
+/// Runs the input transform. Returns `false` when a slice is too short.
+pub fn wino_input(variant: Variant, p: &WinoInput<'_>, v: &mut [f32]) -> bool {
+    let t = p.tiles_y * p.tiles_x;
+    if p.x.len() < p.c * p.h * p.w || v.len() < 36 * p.c * t {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::wino_input(variant, p, v) {
+        return true;
+    }
+    let _ = variant;
+    wino_input_body(p, v);
+    true
+}
+
+/// `B^T` of F(4x4, 3x3) applied to six lanes-long rows.
+#[inline(always)]
+fn bt6(d: [&[f32]; 6], out: &mut [f32], stride: usize, n: usize) {
+    let (o, rest) = out.split_at_mut(stride);
+    let (o1, rest) = rest.split_at_mut(stride);
+    let (o2, rest) = rest.split_at_mut(stride);
+    let (o3, rest) = rest.split_at_mut(stride);
+    let (o4, o5) = rest.split_at_mut(stride);
+    for t in 0..n {
+        let (d0, d1, d2, d3, d4, d5) = (d[0][t], d[1][t], d[2][t], d[3][t], d[4][t], d[5][t]);
+        o[t] = 4.0 * d0 - 5.0 * d2 + d4;
+        o1[t] = -4.0 * (d1 + d2) + d3 + d4;
+        o2[t] = 4.0 * (d1 - d2) - d3 + d4;
+        o3[t] = 2.0 * (d3 - d1) - d2 + d4;
+        o4[t] = 2.0 * (d1 - d3) - d2 + d4;
+        o5[t] = 4.0 * d1 - 5.0 * d3 + d5;
+    }
+}
+
+#[inline(always)]
+pub(crate) fn wino_input_body(p: &WinoInput<'_>, v: &mut [f32]) {
+    let (h, w) = (p.h, p.w);
+    let t = p.tiles_y * p.tiles_x;
+    // s[r*6 + c][tile]: the 6x6 input patch, lanes = tiles; u: after the row transform.
+    let mut s = vec![0f32; 36 * t];
+    let mut u = vec![0f32; 36 * t];
+    let mut tmp = vec![0f32; 6 * t];
+    for ch in 0..p.c {
+        let xc = &p.x[ch * h * w..(ch + 1) * h * w];
+        for ty in 0..p.tiles_y {
+            for r in 0..6 {
+                let iy = (ty * 4 + r) as isize - p.pad_top as isize;
+                let inside = iy >= 0 && (iy as usize) < h;
+                for tx in 0..p.tiles_x {
+                    let tile = ty * p.tiles_x + tx;
+                    for col in 0..6 {
+                        let ix = (tx * 4 + col) as isize - p.pad_left as isize;
+                        s[(r * 6 + col) * t + tile] = if inside && ix >= 0 && (ix as usize) < w {
+                            xc[iy as usize * w + ix as usize]
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+        }
+        // Along columns of each patch row: u[r*6 + j] = (d_r B)_j.
+        for r in 0..6 {
+            let rows: [&[f32]; 6] = std::array::from_fn(|col| &s[(r * 6 + col) * t..][..t]);
+            bt6(rows, &mut tmp, t, t);
+            for j in 0..6 {
+                u[(r * 6 + j) * t..(r * 6 + j + 1) * t].copy_from_slice(&tmp[j * t..(j + 1) * t]);
+            }
+        }
+        // Along rows: V[i*6 + j] = sum_r BT[i][r] u[r*6 + j], written to v[(i*6+j)][ch][..].
+        for j in 0..6 {
+            let rows: [&[f32]; 6] = std::array::from_fn(|r| &u[(r * 6 + j) * t..][..t]);
+            bt6(rows, &mut tmp, t, t);
+            for i in 0..6 {
+                let dst = ((i * 6 + j) * p.c + ch) * t;
+                v[dst..dst + t].copy_from_slice(&tmp[i * t..(i + 1) * t]);
+            }
+        }
+    }
+}
+
+/// The output transform: `mm` (`[36][m_total][T]`, the 36 GEMM results) for output channels
+/// `first..first + m` into `y` (`[m, out_h, out_w]`), adding the bias (indexed by absolute
+/// channel) and residual (laid out like `y`) and applying the activation.
+#[derive(Clone, Copy, Debug)]
+pub struct WinoOutput<'a> {
+    pub mm: &'a [f32],
+    pub m_total: usize,
+    pub first: usize,
+    pub m: usize,
+    pub tiles_y: usize,
+    pub tiles_x: usize,
+    pub out_h: usize,
+    pub out_w: usize,
+    pub bias: Option<&'a [f32]>,
+    pub residual: Option<&'a [f32]>,
+    pub act: Activation,
+}
+
+/// Runs the output transform. Returns `false` when a slice is too short or the tile counts are
+/// not [`wino_tiles`] of the output size.
+pub fn wino_output(variant: Variant, p: &WinoOutput<'_>, y: &mut [f32]) -> bool {
+    let t = p.tiles_y * p.tiles_x;
+    let n = p.m * p.out_h * p.out_w;
+    if p.first + p.m > p.m_total
+        || p.mm.len() < 36 * p.m_total * t
+        || y.len() < n
+        || p.residual.is_some_and(|r| r.len() < n)
+        || p.bias.is_some_and(|b| b.len() < p.m_total)
+        || p.tiles_y != wino_tiles(p.out_h)
+        || p.tiles_x != wino_tiles(p.out_w)
+    {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::wino_output(variant, p, y) {
+        return true;
+    }
+    let _ = variant;
+    wino_output_body(p, y);
+    true
+}
+
+/// `A^T` of F(4x4, 3x3) applied to six lanes-long rows, four outputs.
+#[inline(always)]
+fn at6(d: [&[f32]; 6], out: &mut [f32], stride: usize, n: usize) {
+    let (o, rest) = out.split_at_mut(stride);
+    let (o1, rest) = rest.split_at_mut(stride);
+    let (o2, o3) = rest.split_at_mut(stride);
+    for t in 0..n {
+        let (d0, d1, d2, d3, d4, d5) = (d[0][t], d[1][t], d[2][t], d[3][t], d[4][t], d[5][t]);
+        let (a, b) = (d1 + d2, d1 - d2);
+        let (c2, e) = (d3 + d4, d3 - d4);
+        o[t] = d0 + a + c2;
+        o1[t] = b + 2.0 * e;
+        o2[t] = a + 4.0 * c2;
+        o3[t] = b + 8.0 * e + d5;
+    }
+}
+
+#[inline(always)]
+pub(crate) fn wino_output_body(p: &WinoOutput<'_>, y: &mut [f32]) {
+    let t = p.tiles_y * p.tiles_x;
+    let (oh, ow) = (p.out_h, p.out_w);
+    let mut u = vec![0f32; 24 * t];
+    let mut tmp = vec![0f32; 4 * t];
+    let mut yt = vec![0f32; 16 * t];
+    for o in 0..p.m {
+        let oc = p.first + o;
+        let at = |xi: usize| &p.mm[(xi * p.m_total + oc) * t..(xi * p.m_total + oc + 1) * t];
+        // Along rows: u[i*6 + c] = sum_r AT[i][r] M[r*6 + c].
+        for c in 0..6 {
+            let rows: [&[f32]; 6] = std::array::from_fn(|r| at(r * 6 + c));
+            at6(rows, &mut tmp, t, t);
+            for i in 0..4 {
+                u[(i * 6 + c) * t..(i * 6 + c + 1) * t].copy_from_slice(&tmp[i * t..(i + 1) * t]);
+            }
+        }
+        // Along columns: Y[i*4 + j].
+        for i in 0..4 {
+            let rows: [&[f32]; 6] = std::array::from_fn(|c| &u[(i * 6 + c) * t..][..t]);
+            at6(rows, &mut yt[i * 4 * t..(i + 1) * 4 * t], t, t);
+        }
+        let yo = &mut y[o * oh * ow..(o + 1) * oh * ow];
+        for ty in 0..p.tiles_y {
+            for i in 0..4.min(oh - ty * 4) {
+                let row = &mut yo[(ty * 4 + i) * ow..(ty * 4 + i + 1) * ow];
+                for tx in 0..p.tiles_x {
+                    let tile = ty * p.tiles_x + tx;
+                    for j in 0..4.min(ow - tx * 4) {
+                        row[tx * 4 + j] = yt[(i * 4 + j) * t + tile];
+                    }
+                }
+            }
+        }
+        let bias = p.bias.map_or(0.0, |b| b[oc]);
+        match p.residual {
+            Some(r) => {
+                let ro = &r[o * oh * ow..(o + 1) * oh * ow];
+                for (v, &z) in yo.iter_mut().zip(ro) {
+                    *v += bias + z;
+                }
+            }
+            None => yo.iter_mut().for_each(|v| *v += bias),
+        }
+        p.act.apply_slice(yo);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rnd(seed: &mut u32) -> f32 {
+        *seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+        (*seed >> 8) as f32 / (1 << 24) as f32 - 0.5
+    }
+
+    /// Direct convolution, f64 accumulation: `[m, c, 3, 3]` weights, `group` groups.
+    #[allow(clippy::too_many_arguments)]
+    fn naive(
+        x: &[f32],
+        c: usize,
+        h: usize,
+        w: usize,
+        wt: &[f32],
+        m: usize,
+        group: usize,
+        s: usize,
+        pad: usize,
+        oh: usize,
+        ow: usize,
+    ) -> Vec<f32> {
+        let (cg, mg) = (c / group, m / group);
+        let mut y = vec![0f32; m * oh * ow];
+        for o in 0..m {
+            let gi = o / mg;
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut acc = 0f64;
+                    for ci in 0..cg {
+                        let ch = gi * cg + ci;
+                        for ky in 0..3 {
+                            for kx in 0..3 {
+                                let iy = (oy * s + ky) as isize - pad as isize;
+                                let ix = (ox * s + kx) as isize - pad as isize;
+                                if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
+                                    acc += x[(ch * h + iy as usize) * w + ix as usize] as f64
+                                        * wt[((o * cg + ci) * 3 + ky) * 3 + kx] as f64;
+                                }
+                            }
+                        }
+                    }
+                    y[(o * oh + oy) * ow + ox] = acc as f32;
+                }
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn depthwise_matches_naive_for_every_variant() {
+        let mut sd = 5u32;
+        for &(c, h, w, s, pad) in &[
+            (3, 7, 9, 1, 1),
+            (5, 8, 8, 2, 1),
+            (2, 9, 11, 2, 1),
+            (4, 1, 1, 1, 1),
+            (3, 6, 5, 1, 0),
+            (17, 13, 12, 2, 0),
+        ] {
+            let oh = (h + 2 * pad - 3) / s + 1;
+            let ow = (w + 2 * pad - 3) / s + 1;
+            let x: Vec<f32> = (0..c * h * w).map(|_| rnd(&mut sd)).collect();
+            let wt: Vec<f32> = (0..c * 9).map(|_| rnd(&mut sd)).collect();
+            let bias: Vec<f32> = (0..c).map(|_| rnd(&mut sd)).collect();
+            let mut want = naive(&x, c, h, w, &wt, c, c, s, pad, oh, ow);
+            for (i, v) in want.iter_mut().enumerate() {
+                *v = (*v + bias[i / (oh * ow)]).clamp(0.0, 0.3);
+            }
+            for v in dispatch::detected() {
+                let p = Dw3x3 {
+                    x: &x,
+                    c,
+                    h,
+                    w,
+                    stride: s,
+                    pad_top: pad,
+                    pad_left: pad,
+                    out_h: oh,
+                    out_w: ow,
+                    weight: &wt,
+                    bias: Some(&bias),
+                    act: Activation::Clip { lo: 0.0, hi: 0.3 },
+                };
+                let mut y = vec![f32::NAN; c * oh * ow];
+                assert!(depthwise3x3_with(v, &p, &mut y));
+                for (k, (a, b)) in y.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - b).abs() < 1e-5,
+                        "{v:?} c{c} {h}x{w} s{s} [{k}] {a} vs {b}"
+                    );
+                }
+                let bad = Dw3x3 { stride: 3, ..p };
+                assert!(!depthwise3x3_with(v, &bad, &mut y));
+                assert!(!depthwise3x3_with(v, &p, &mut y[1..]));
+            }
+        }
+    }
+
+    /// The full Winograd pipeline with a plain GEMM in the middle against direct convolution.
+    #[test]
+    fn winograd_matches_naive_for_every_variant() {
+        let mut sd = 9u32;
+        for &(c, m, h, w, pad) in &[
+            (3, 5, 7, 9, 1),
+            (8, 4, 8, 8, 1),
+            (2, 3, 5, 6, 0),
+            (16, 16, 14, 14, 1),
+            (1, 1, 1, 1, 1),
+        ] {
+            let oh = h + 2 * pad - 2;
+            let ow = w + 2 * pad - 2;
+            let x: Vec<f32> = (0..c * h * w).map(|_| rnd(&mut sd)).collect();
+            let wt: Vec<f32> = (0..m * c * 9).map(|_| rnd(&mut sd)).collect();
+            let bias: Vec<f32> = (0..m).map(|_| rnd(&mut sd)).collect();
+            let res: Vec<f32> = (0..m * oh * ow).map(|_| rnd(&mut sd)).collect();
+            let want = naive(&x, c, h, w, &wt, m, 1, 1, pad, oh, ow);
+            let u = wino_weights(&wt, m, c).unwrap();
+            let (ty, tx) = (wino_tiles(oh), wino_tiles(ow));
+            let t = ty * tx;
+            for v in dispatch::detected() {
+                let mut vv = vec![f32::NAN; 36 * c * t];
+                let pin = WinoInput {
+                    x: &x,
+                    c,
+                    h,
+                    w,
+                    pad_top: pad,
+                    pad_left: pad,
+                    tiles_y: ty,
+                    tiles_x: tx,
+                };
+                assert!(wino_input(v, &pin, &mut vv));
+                let mut mm = vec![0f32; 36 * m * t];
+                for xi in 0..36 {
+                    for o in 0..m {
+                        for tile in 0..t {
+                            mm[(xi * m + o) * t + tile] = (0..c)
+                                .map(|i| u[xi * m * c + o * c + i] * vv[(xi * c + i) * t + tile])
+                                .sum();
+                        }
+                    }
+                }
+                // Channels 1.. only.
+                let part = WinoOutput {
+                    mm: &mm,
+                    m_total: m,
+                    first: 1,
+                    m: m - 1,
+                    tiles_y: ty,
+                    tiles_x: tx,
+                    out_h: oh,
+                    out_w: ow,
+                    bias: Some(&bias),
+                    residual: Some(&res[oh * ow..]),
+                    act: Activation::Relu,
+                };
+                let mut y1 = vec![f32::NAN; (m - 1) * oh * ow];
+                assert!(wino_output(v, &part, &mut y1));
+                for (k, &got) in y1.iter().enumerate() {
+                    let k = k + oh * ow;
+                    let exp = (want[k] + bias[k / (oh * ow)] + res[k]).max(0.0);
+                    assert!((got - exp).abs() < 1e-4, "{v:?} part [{k}] {got} vs {exp}");
+                }
+                let pout = WinoOutput {
+                    mm: &mm,
+                    m_total: m,
+                    first: 0,
+                    m,
+                    tiles_y: ty,
+                    tiles_x: tx,
+                    out_h: oh,
+                    out_w: ow,
+                    bias: Some(&bias),
+                    residual: Some(&res),
+                    act: Activation::Relu,
+                };
+                let mut y = vec![f32::NAN; m * oh * ow];
+                assert!(wino_output(v, &pout, &mut y));
+                for (k, &got) in y.iter().enumerate() {
+                    let exp = (want[k] + bias[k / (oh * ow)] + res[k]).max(0.0);
+                    assert!(
+                        (got - exp).abs() < 1e-4,
+                        "{v:?} c{c} m{m} {h}x{w} [{k}] {got} vs {exp}"
+                    );
+                }
+                assert!(!wino_output(v, &pout, &mut y[1..]));
+                assert!(!wino_input(v, &pin, &mut vv[1..]));
+            }
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! x86_64 entry points of the packed-GEMM and convolution kernels: register tiles written with
+//! `std::arch` intrinsics (AVX-512F 12x32, 24 zmm accumulators; AVX2+FMA 6x16, 12 ymm) and
+//! `#[target_feature]` wrappers that compile the safe, `#[inline(always)]` loops of
+//! [`crate::packed`] and [`crate::conv`] with wide vectors.
+//!
+//! Soundness: every `#[target_feature]` function here is called only after
+//! `is_x86_feature_detected!` confirmed the features, and the raw-pointer tiles only after the
+//! panel lengths were checked.
+
+#![allow(unsafe_code)]
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use crate::conv;
+use crate::dispatch::Variant;
+use crate::gemm::MatRef;
+use crate::packed::{drive, Activation, Epilogue, PackedA};
+
+fn has_avx512() -> bool {
+    is_x86_feature_detected!("avx512f")
+}
+
+fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+}
+
+/// Runs the packed GEMM with the variant `pa` was packed for; `false` (touching nothing) when
+/// that is not an x86 SIMD variant this CPU has. Sizes were checked by the caller.
+pub(crate) fn gemm_packed(
+    pa: &PackedA,
+    panels: Range<usize>,
+    b: MatRef<'_>,
+    c: &mut [f32],
+    ldc: usize,
+    epi: &Epilogue,
+) -> bool {
+    match pa.variant() {
+        Variant::Avx512 if has_avx512() => {
+            // SAFETY: AVX-512F was detected just above.
+            unsafe { gemm_avx512(pa, panels, b, c, ldc, epi) };
+            true
+        }
+        Variant::Avx2 if has_avx2() => {
+            // SAFETY: AVX2 and FMA were detected just above.
+            unsafe { gemm_avx2(pa, panels, b, c, ldc, epi) };
+            true
+        }
+        _ => false,
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX-512F.
+#[target_feature(enable = "avx512f")]
+unsafe fn gemm_avx512(
+    pa: &PackedA,
+    panels: Range<usize>,
+    b: MatRef<'_>,
+    c: &mut [f32],
+    ldc: usize,
+    epi: &Epilogue,
+) {
+    drive::<12, 32, _, _>(
+        pa,
+        panels,
+        b,
+        c,
+        ldc,
+        epi,
+        |ap, bp, acc| {
+            let kc = ap.len() / 12;
+            assert!(bp.len() >= kc * 32);
+            // SAFETY: compiled for AVX-512F and reached only when the CPU has it; the panels
+            // hold kc*12 and kc*32 floats (checked above).
+            unsafe { tile_avx512(kc, ap.as_ptr(), bp.as_ptr(), acc) }
+        },
+        |ap, bp, ft| {
+            let (lo, hi) = match ft.act {
+                Activation::Identity => (f32::NEG_INFINITY, f32::INFINITY),
+                Activation::Relu => (0.0, f32::INFINITY),
+                Activation::Clip { lo, hi } => (lo, hi),
+                _ => return false,
+            };
+            let kc = ap.len() / 12;
+            let need = 11 * ft.ldc + 32;
+            assert!(bp.len() >= kc * 32 && ft.c.len() >= need);
+            assert!(ft.residual.is_none_or(|r| r.len() >= need));
+            assert!(ft.bias.is_none_or(|bv| bv.len() >= 12));
+            let bias = ft.bias.map_or(std::ptr::null(), |bv| bv.as_ptr());
+            let res = ft.residual.map_or(std::ptr::null(), |r| r.as_ptr());
+            // SAFETY: compiled for AVX-512F and reached only when the CPU has it; the panels,
+            // C, the residual and the bias are long enough (checked above).
+            unsafe {
+                tile_avx512_store(
+                    kc,
+                    ap.as_ptr(),
+                    bp.as_ptr(),
+                    ft.c.as_mut_ptr(),
+                    ft.ldc,
+                    bias,
+                    res,
+                    lo,
+                    hi,
+                )
+            };
+            true
+        },
+    );
+}
+
+/// A 12x32 tile with its epilogue in registers: `c[i*ldc + j] = clamp(sum_p a[p*12 + i] *
+/// b[p*32 + j] + bias[i] + res[i*ldc + j], lo, hi)` (bias, res optional: null).
+///
+/// # Safety
+/// The CPU must support AVX-512F; `a` valid for `kc * 12` reads, `b` for `kc * 32`; `c` (and
+/// `res` unless null) valid for `11 * ldc + 32` elements; `bias` for 12 unless null.
+#[target_feature(enable = "avx512f")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_avx512_store(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    bias: *const f32,
+    res: *const f32,
+    lo: f32,
+    hi: f32,
+) {
+    let mut r = [[_mm512_setzero_ps(); 2]; 12];
+    for p in 0..kc {
+        // SAFETY: p < kc, so p*32 + 31 < kc*32 and p*12 + 11 < kc*12 (the caller's bounds).
+        unsafe {
+            let b0 = _mm512_loadu_ps(b.add(p * 32));
+            let b1 = _mm512_loadu_ps(b.add(p * 32 + 16));
+            let ar = a.add(p * 12);
+            for (i, ri) in r.iter_mut().enumerate() {
+                let x = _mm512_set1_ps(*ar.add(i));
+                ri[0] = _mm512_fmadd_ps(x, b0, ri[0]);
+                ri[1] = _mm512_fmadd_ps(x, b1, ri[1]);
+            }
+        }
+    }
+    let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+    let clamp = lo != f32::NEG_INFINITY || hi != f32::INFINITY;
+    for (i, ri) in r.iter_mut().enumerate() {
+        // SAFETY: row i < 12 of C and the residual spans i*ldc .. i*ldc + 32 <= 11*ldc + 32
+        // elements, and bias has 12 (the caller's bounds).
+        unsafe {
+            if !bias.is_null() {
+                let bv = _mm512_set1_ps(*bias.add(i));
+                ri[0] = _mm512_add_ps(ri[0], bv);
+                ri[1] = _mm512_add_ps(ri[1], bv);
+            }
+            if !res.is_null() {
+                ri[0] = _mm512_add_ps(ri[0], _mm512_loadu_ps(res.add(i * ldc)));
+                ri[1] = _mm512_add_ps(ri[1], _mm512_loadu_ps(res.add(i * ldc + 16)));
+            }
+            if clamp {
+                ri[0] = _mm512_min_ps(_mm512_max_ps(ri[0], vlo), vhi);
+                ri[1] = _mm512_min_ps(_mm512_max_ps(ri[1], vlo), vhi);
+            }
+            _mm512_storeu_ps(c.add(i * ldc), ri[0]);
+            _mm512_storeu_ps(c.add(i * ldc + 16), ri[1]);
+        }
+    }
+}
+
+/// `acc[i][j] = sum_p a[p*12 + i] * b[p*32 + j]` over `kc` steps.
+///
+/// # Safety
+/// The CPU must support AVX-512F; `a` must be valid for `kc * 12` reads, `b` for `kc * 32`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn tile_avx512(kc: usize, a: *const f32, b: *const f32, acc: &mut [[f32; 32]; 12]) {
+    let mut r = [[_mm512_setzero_ps(); 2]; 12];
+    for p in 0..kc {
+        // SAFETY: p < kc, so p*32 + 31 < kc*32 and p*12 + 11 < kc*12 (the caller's bounds).
+        unsafe {
+            let b0 = _mm512_loadu_ps(b.add(p * 32));
+            let b1 = _mm512_loadu_ps(b.add(p * 32 + 16));
+            let ar = a.add(p * 12);
+            for (i, ri) in r.iter_mut().enumerate() {
+                let x = _mm512_set1_ps(*ar.add(i));
+                ri[0] = _mm512_fmadd_ps(x, b0, ri[0]);
+                ri[1] = _mm512_fmadd_ps(x, b1, ri[1]);
+            }
+        }
+    }
+    for (ri, out) in r.iter().zip(acc.iter_mut()) {
+        // SAFETY: each output row holds 32 floats, two 16-float stores.
+        unsafe {
+            _mm512_storeu_ps(out.as_mut_ptr(), ri[0]);
+            _mm512_storeu_ps(out.as_mut_ptr().add(16), ri[1]);
+        }
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gemm_avx2(
+    pa: &PackedA,
+    panels: Range<usize>,
+    b: MatRef<'_>,
+    c: &mut [f32],
+    ldc: usize,
+    epi: &Epilogue,
+) {
+    drive::<6, 16, _, _>(
+        pa,
+        panels,
+        b,
+        c,
+        ldc,
+        epi,
+        |ap, bp, acc| {
+            let kc = ap.len() / 6;
+            assert!(bp.len() >= kc * 16);
+            // SAFETY: compiled for AVX2+FMA and reached only when the CPU has them; the
+            // panels hold kc*6 and kc*16 floats (checked above).
+            unsafe { tile_avx2(kc, ap.as_ptr(), bp.as_ptr(), acc) }
+        },
+        |_, _, _| false,
+    );
+}
+
+/// `acc[i][j] = sum_p a[p*6 + i] * b[p*16 + j]` over `kc` steps.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `a` must be valid for `kc * 6` reads, `b` for `kc * 16`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn tile_avx2(kc: usize, a: *const f32, b: *const f32, acc: &mut [[f32; 16]; 6]) {
+    let mut r = [[_mm256_setzero_ps(); 2]; 6];
+    for p in 0..kc {
+        // SAFETY: p < kc, so p*16 + 15 < kc*16 and p*6 + 5 < kc*6 (the caller's bounds).
+        unsafe {
+            let b0 = _mm256_loadu_ps(b.add(p * 16));
+            let b1 = _mm256_loadu_ps(b.add(p * 16 + 8));
+            let ar = a.add(p * 6);
+            for (i, ri) in r.iter_mut().enumerate() {
+                let x = _mm256_broadcast_ss(&*ar.add(i));
+                ri[0] = _mm256_fmadd_ps(x, b0, ri[0]);
+                ri[1] = _mm256_fmadd_ps(x, b1, ri[1]);
+            }
+        }
+    }
+    for (ri, out) in r.iter().zip(acc.iter_mut()) {
+        // SAFETY: each output row holds 16 floats, two 8-float stores.
+        unsafe {
+            _mm256_storeu_ps(out.as_mut_ptr(), ri[0]);
+            _mm256_storeu_ps(out.as_mut_ptr().add(8), ri[1]);
+        }
+    }
+}
+
+/// Runs `f` compiled with the widest vectors `variant` allows: `f` is one of the safe
+/// `#[inline(always)]` kernels of [`crate::conv`], instantiated per feature set below.
+macro_rules! wide {
+    ($name:ident, $avx512:ident, $avx2:ident, ($($arg:ident : $ty:ty),*), $body:expr) => {
+        /// # Safety
+        /// The CPU must support AVX-512F.
+        #[target_feature(enable = "avx512f,fma")]
+        unsafe fn $avx512($($arg: $ty),*) { $body }
+        /// # Safety
+        /// The CPU must support AVX2 and FMA.
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn $avx2($($arg: $ty),*) { $body }
+        /// Returns `false` (doing nothing) when `variant` is not an x86 SIMD variant this CPU has.
+        pub(crate) fn $name(variant: Variant, $($arg: $ty),*) -> bool {
+            match variant {
+                Variant::Avx512 if has_avx512() => {
+                    // SAFETY: AVX-512F was detected just above.
+                    unsafe { $avx512($($arg),*) };
+                    true
+                }
+                Variant::Avx2 if has_avx2() => {
+                    // SAFETY: AVX2 and FMA were detected just above.
+                    unsafe { $avx2($($arg),*) };
+                    true
+                }
+                _ => false,
+            }
+        }
+    };
+}
+
+wide!(
+    depthwise3x3,
+    depthwise3x3_avx512,
+    depthwise3x3_avx2,
+    (p: &conv::Dw3x3<'_>, y: &mut [f32]),
+    conv::depthwise3x3_body::<true>(p, y)
+);
+
+wide!(
+    wino_input,
+    wino_input_avx512,
+    wino_input_avx2,
+    (p: &conv::WinoInput<'_>, v: &mut [f32]),
+    conv::wino_input_body(p, v)
+);
+
+wide!(
+    wino_output,
+    wino_output_avx512,
+    wino_output_avx2,
+    (p: &conv::WinoOutput<'_>, y: &mut [f32]),
+    conv::wino_output_body(p, y)
+);
