@@ -107,12 +107,23 @@ pub fn fold_constants(g: &mut Graph, registry: &Registry) -> Result<usize> {
 
 /// Everything a session runs before execution. Returns a short log of what changed.
 pub fn optimize(g: &mut Graph, registry: &Registry) -> Result<String> {
+    optimize_with(g, registry, true)
+}
+
+/// [`optimize`] for graphs that several devices share (planned sessions, `edgehal plan`):
+/// batch norms are still folded into convolutions (plain ONNX `Conv` results), but nothing is
+/// fused into the CPU-only `edgehal.FusedConv`, so every device keeps seeing standard ops.
+pub fn optimize_portable(g: &mut Graph, registry: &Registry) -> Result<String> {
+    optimize_with(g, registry, false)
+}
+
+fn optimize_with(g: &mut Graph, registry: &Registry, cpu_fusion: bool) -> Result<String> {
     let folded = fold_constants(g, registry)?;
     let dead = g.remove_dead_nodes();
     edgehal_core::infer::infer_shapes(g);
     g.validate()
         .map_err(|e| Error::InvalidGraph(format!("after optimisation: {e}")))?;
-    let (bn, fused) = fuse_convolutions(g);
+    let (bn, fused) = fuse_convolutions_with(g, cpu_fusion);
     Ok(format!(
         "folded {folded} constant nodes, removed {dead} dead nodes, folded {bn} batch norms, \
          fused {fused} convolutions"
@@ -244,6 +255,12 @@ fn fold_bn(g: &mut Graph, conv: &Node, bn: &Node) -> Option<(ValueId, ValueId)> 
 /// with a single consumer that are not graph outputs are fused away. Graphs with subgraphs
 /// are left alone. Returns (batch norms folded, FusedConv nodes made).
 pub fn fuse_convolutions(g: &mut Graph) -> (usize, usize) {
+    fuse_convolutions_with(g, true)
+}
+
+/// [`fuse_convolutions`]; with `cpu_fusion` false only batch norms are folded (the Conv stays
+/// a standard ONNX Conv any device can run).
+pub fn fuse_convolutions_with(g: &mut Graph, cpu_fusion: bool) -> (usize, usize) {
     let has_subgraphs = g.nodes.iter().any(|n| {
         n.attrs
             .values()
@@ -301,7 +318,9 @@ pub fn fuse_convolutions(g: &mut Graph) -> (usize, usize) {
         }
         let fixed_shape = |v: ValueId| g.values[v].fixed_shape();
         let mut residual = None;
-        if let Some(n) = next(cur, &removed) {
+        if !cpu_fusion {
+            // Leave the Add/activation chain as standard ops for other devices.
+        } else if let Some(n) = next(cur, &removed) {
             let add = &g.nodes[n];
             if is_onnx(add, "Add") && add.inputs.len() == 2 && add.outputs.len() == 1 {
                 let (a, b) = (add.inputs[0], add.inputs[1]);
@@ -321,7 +340,7 @@ pub fn fuse_convolutions(g: &mut Graph) -> (usize, usize) {
             }
         }
         let mut act = Vec::new();
-        if let Some(n) = next(cur, &removed) {
+        if let (true, Some(n)) = (cpu_fusion, next(cur, &removed)) {
             if let Some(attrs) = activation_attrs(g, &g.nodes[n], cur) {
                 if let Some(o) = g.nodes[n].outputs[0] {
                     act = attrs;

@@ -135,7 +135,7 @@ impl Session {
         let devices = open_devices(&opts.devices)?;
         let mut graph: Graph = model.graph.clone();
         let log = if opts.optimize {
-            crate::passes::optimize(&mut graph, &Registry::new())?
+            crate::passes::optimize_portable(&mut graph, &Registry::new())?
         } else {
             String::new()
         };

@@ -83,9 +83,14 @@ fn measure(s: &Scheduler, feeds: &[(String, Tensor)], runs: usize) -> Result<f64
 pub fn run(a: PlanArgs) -> Result<()> {
     let model = Model::load(&a.model).map_err(|e| anyhow!("{e}"))?;
     let mut graph = model.graph.clone();
-    edgehal::passes::optimize(&mut graph, &edgehal_cpu::Registry::new())
-        .map_err(|e| anyhow!("{e}"))?;
     let names = device_list(&a.devices)?;
+    // CPU-only fusion (edgehal.FusedConv) would hide Conv/Add/Relu from the other devices.
+    if names.len() > 1 {
+        edgehal::passes::optimize_portable(&mut graph, &edgehal_cpu::Registry::new())
+    } else {
+        edgehal::passes::optimize(&mut graph, &edgehal_cpu::Registry::new())
+    }
+    .map_err(|e| anyhow!("{e}"))?;
     let devices = open_devices(&names).map_err(|e| anyhow!("{e}"))?;
     let opts = SchedulerOptions {
         profile: ProfileOptions {
