@@ -8,9 +8,10 @@
 
 #![deny(unsafe_code)]
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod arch;
 pub mod dispatch;
 pub mod gemm;
+pub mod qgemm;
 
 pub use dispatch::dispatch_summary;
