@@ -1,7 +1,10 @@
 //! Ops: linear quantization (QuantizeLinear, DequantizeLinear, DynamicQuantizeLinear) and the
 //! integer matmul/conv family (MatMulInteger, ConvInteger, QLinearMatMul, QLinearConv).
 //!
-//! - Integer products accumulate in i32 (`edgehal_kernels::gemm::igemm_i32`), exactly.
+//! - Integer products accumulate in i32, exactly (wrapping): 8-bit operands go through the
+//!   int8 GEMM `edgehal_kernels::qgemm` (SIMD variant chosen at run time, zero points applied
+//!   by row/column-sum compensation); other integer types, n-d convolutions and grouped ones
+//!   with fewer than 4 outputs per group use `edgehal_kernels::gemm::igemm_i32`.
 //! - Requantization multiplies the i32 accumulator by `scale_a * scale_b / scale_y` (computed
 //!   in the scales' own precision, as the ONNX reference does) and rounds half to even before
 //!   adding the zero point and saturating.
@@ -11,6 +14,8 @@
 use edgehal_core::half::f16;
 use edgehal_core::{DType, Error, Result, Tensor};
 use edgehal_kernels::gemm::igemm_i32;
+use edgehal_kernels::qgemm::{qgemm, PackedB, QData, QMat};
+use std::borrow::Cow;
 
 use super::nn::{ftensor, geom, im2col, matmul_shapes, numel, Geom};
 use super::{input, norm_axis, opt_input, OpCtx, Registry};
@@ -40,6 +45,55 @@ fn qrange(dt: DType) -> Result<(i64, i64)> {
             )))
         }
     })
+}
+
+/// An 8-bit tensor's values as stored (the operand types of the int8 GEMM).
+pub(crate) enum Q8<'a> {
+    U8(Cow<'a, [u8]>),
+    I8(Cow<'a, [i8]>),
+}
+
+impl<'a> Q8<'a> {
+    /// The values of a u8 / i8 tensor; `None` for other types.
+    pub(crate) fn of(t: &'a Tensor) -> Option<Q8<'a>> {
+        match t.dtype() {
+            DType::U8 => t.as_slice::<u8>().ok().map(Q8::U8),
+            DType::I8 => t.as_slice::<i8>().ok().map(Q8::I8),
+            _ => None,
+        }
+    }
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Q8::U8(v) => v.len(),
+            Q8::I8(v) => v.len(),
+        }
+    }
+    /// `rows x cols` row-major matrix starting at element `off`; `None` past the end.
+    pub(crate) fn mat(&self, off: usize, rows: usize, cols: usize) -> Option<QMat<'_>> {
+        let end = off.checked_add(rows.checked_mul(cols)?)?;
+        let data = match self {
+            Q8::U8(v) => QData::U8(v.get(off..end)?),
+            Q8::I8(v) => QData::I8(v.get(off..end)?),
+        };
+        Some(QMat {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        })
+    }
+}
+
+/// A zero point as i32 when it is representable in `dt` (u8 / i8), the condition for padding
+/// an 8-bit image with it.
+fn zp_in(dt: DType, z: i64) -> Option<i32> {
+    let ok = match dt {
+        DType::U8 => (0..=255).contains(&z),
+        DType::I8 => (-128..=127).contains(&z),
+        _ => false,
+    };
+    ok.then_some(z as i32)
 }
 
 /// Saturate `vals` to `dt` and build the tensor.
@@ -301,9 +355,31 @@ fn int_matmul(
     };
     let az = zp_of(azp, m, "a_zero_point")?;
     let bz = zp_of(bzp, n, "b_zero_point")?;
+    let total = numel(&p.shape)?;
+    if let (Some(aq), Some(bq)) = (Q8::of(a), Q8::of(b)) {
+        let az32: Vec<i32> = az.iter().map(|&z| z as i32).collect();
+        let bz32: Vec<i32> = bz.iter().map(|&z| z as i32).collect();
+        let mut out = vec![0i32; total];
+        let mut packed: Option<(usize, PackedB)> = None;
+        for (i, (&ao, &bo)) in p.a_offs.iter().zip(&p.b_offs).enumerate() {
+            if packed.as_ref().map(|(o, _)| *o) != Some(bo) {
+                let bm = bq.mat(bo, k, n);
+                let pb = bm.and_then(|bm| PackedB::new(bm, &bz32));
+                let pb = pb.ok_or_else(|| Error::arg(format!("{op}: B is too short")))?;
+                packed = Some((bo, pb));
+            }
+            let (Some((_, pb)), Some(am)) = (&packed, aq.mat(ao, m, k)) else {
+                return Err(Error::arg(format!("{op}: A is too short")));
+            };
+            let dst = &mut out[i * m * n..(i + 1) * m * n];
+            if !qgemm(am, &az32, pb, dst, n, 1) {
+                return Err(Error::arg(format!("{op}: operand sizes do not match")));
+            }
+        }
+        return Ok((out, p.shape, m, n));
+    }
     let av = minus_zp(&int_vec(a, "A")?, &az, k, m);
     let bv = minus_zp(&int_vec(b, "B")?, &bz, 1, n);
-    let total = numel(&p.shape)?;
     let mut out = vec![0i32; total];
     for (i, (&ao, &bo)) in p.a_offs.iter().zip(&p.b_offs).enumerate() {
         if !igemm_i32(
@@ -450,6 +526,25 @@ fn conv_i32(
     let kt = numel(&kernel)?;
     let kk = cg * kt;
     let p = numel(&g.out)?;
+    let mg = m / group;
+    let mut shape = vec![n, m];
+    shape.extend_from_slice(&g.out);
+    if let (Some(xq), Some(wq), Some(xz8)) = (Q8::of(x), Q8::of(w), zp_in(x.dtype(), xz[0])) {
+        if in_sp.len() == 2 && mg >= 4 {
+            if xq.len() != n * c * in_total || wq.len() != m * kk {
+                return Err(Error::arg(format!("{op}: wrong element counts")));
+            }
+            edgehal_core::tensor::checked_numel(&[kk, p], DType::I32)?;
+            edgehal_core::tensor::checked_numel(&[n, m, p], DType::I32)?;
+            let wz32: Vec<i32> = wz.iter().map(|&z| z as i32).collect();
+            let out = match &xq {
+                Q8::U8(xv) => conv_q8(xv, xz8 as u8, &wq, &wz32, n, c, in_sp, &g, m, group),
+                Q8::I8(xv) => conv_q8(xv, xz8 as i8, &wq, &wz32, n, c, in_sp, &g, m, group),
+            };
+            let out = out.ok_or_else(|| Error::arg(format!("{op}: internal size mismatch")))?;
+            return Ok((out, shape));
+        }
+    }
     let xv = minus_zp(&int_vec(x, "X")?, &xz, 1, 1);
     let wv = minus_zp(&int_vec(w, "W")?, &wz, kk, m);
     if xv.len() != n * c * in_total || wv.len() != m * kk {
@@ -459,7 +554,6 @@ fn conv_i32(
     edgehal_core::tensor::checked_numel(&[n, m, p], DType::I32)?;
     let mut col = vec![0i32; kk * p];
     let mut out = vec![0i32; n * m * p];
-    let mg = m / group;
     for b in 0..n {
         for gi in 0..group {
             let xg = &xv[(b * c + gi * cg) * in_total..(b * c + (gi + 1) * cg) * in_total];
@@ -471,9 +565,118 @@ fn conv_i32(
             }
         }
     }
-    let mut shape = vec![n, m];
-    shape.extend_from_slice(&g.out);
     Ok((out, shape))
+}
+
+/// 8-bit values that can be an int8 GEMM operand.
+trait Q8Elem: Copy {
+    fn qdata(v: &[Self]) -> QData<'_>;
+}
+impl Q8Elem for u8 {
+    fn qdata(v: &[u8]) -> QData<'_> {
+        QData::U8(v)
+    }
+}
+impl Q8Elem for i8 {
+    fn qdata(v: &[i8]) -> QData<'_> {
+        QData::I8(v)
+    }
+}
+
+/// 2-D im2col of `cg` channels of one NCHW image: `col[(c*kh*kw + ky*kw + kx) * P + p]`,
+/// `fill` (the zero point, so it contributes nothing) where a tap falls in the padding.
+fn im2col_2d<T: Copy>(x: &[T], cg: usize, in_sp: &[usize], g: &Geom, col: &mut [T], fill: T) {
+    let (ih, iw) = (in_sp[0], in_sp[1]);
+    let (kh, kw) = (g.k[0], g.k[1]);
+    let (oh, ow) = (g.out[0], g.out[1]);
+    let p = oh * ow;
+    for c in 0..cg {
+        let xc = &x[c * ih * iw..(c + 1) * ih * iw];
+        for ky in 0..kh {
+            for kx in 0..kw {
+                let r = (c * kh + ky) * kw + kx;
+                let row = &mut col[r * p..(r + 1) * p];
+                for oy in 0..oh {
+                    let seg = &mut row[oy * ow..(oy + 1) * ow];
+                    let iy = (oy * g.s[0] + ky * g.d[0]).checked_sub(g.pb[0]);
+                    let Some(iy) = iy.filter(|&v| v < ih) else {
+                        seg.fill(fill);
+                        continue;
+                    };
+                    let src = &xc[iy * iw..(iy + 1) * iw];
+                    for (ox, o) in seg.iter_mut().enumerate() {
+                        let ix = (ox * g.s[1] + kx * g.d[1]).checked_sub(g.pb[1]);
+                        *o = match ix.filter(|&v| v < iw) {
+                            Some(ix) => src[ix],
+                            None => fill,
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// 2-D integer convolution of 8-bit X (zero point `xz`) and W (zero points `wz`, 1 or m)
+/// through the int8 GEMM: per image and group, `Y^T (P x mg) = col^T (P x kk) * W_g^T`, with W_g
+/// packed once per call. Returns i32 `[n, m, P]`; `None` on an internal size mismatch.
+#[allow(clippy::too_many_arguments)]
+fn conv_q8<T: Q8Elem>(
+    xv: &[T],
+    xz: T,
+    w: &Q8<'_>,
+    wz: &[i32],
+    n: usize,
+    c: usize,
+    in_sp: &[usize],
+    g: &Geom,
+    m: usize,
+    group: usize,
+) -> Option<Vec<i32>> {
+    let (cg, mg) = (c / group, m / group);
+    let in_total = in_sp[0] * in_sp[1];
+    let kk = cg * g.k[0] * g.k[1];
+    let p = g.out[0] * g.out[1];
+    let xz32 = [match T::qdata(std::slice::from_ref(&xz)) {
+        QData::U8(v) => v[0] as i32,
+        QData::I8(v) => v[0] as i32,
+    }];
+    let pointwise = g.k.iter().all(|&k| k == 1)
+        && g.s.iter().all(|&s| s == 1)
+        && g.pb.iter().chain(&g.pe).all(|&v| v == 0);
+    let mut col = vec![xz; if pointwise { 0 } else { kk * p }];
+    let mut out = vec![0i32; n * m * p];
+    for gi in 0..group {
+        let wg = w.mat(gi * mg * kk, mg, kk)?.t();
+        let wzg = if wz.len() == 1 {
+            wz
+        } else {
+            wz.get(gi * mg..(gi + 1) * mg)?
+        };
+        let pb = PackedB::new(wg, wzg)?;
+        for b in 0..n {
+            let xg = xv.get((b * c + gi * cg) * in_total..(b * c + (gi + 1) * cg) * in_total)?;
+            let cols: &[T] = if pointwise {
+                xg
+            } else {
+                im2col_2d(xg, cg, in_sp, g, &mut col, xz);
+                &col
+            };
+            let a = QMat {
+                data: T::qdata(cols),
+                rows: kk,
+                cols: p,
+                rs: p,
+                cs: 1,
+            }
+            .t();
+            let dst = out.get_mut((b * m + gi * mg) * p..(b * m + (gi + 1) * mg) * p)?;
+            if !qgemm(a, &xz32, &pb, dst, 1, p) {
+                return None;
+            }
+        }
+    }
+    Some(out)
 }
 
 fn conv_integer(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
