@@ -87,7 +87,7 @@ impl<'a> Q8<'a> {
 
 /// A zero point as i32 when it is representable in `dt` (u8 / i8), the condition for padding
 /// an 8-bit image with it.
-fn zp_in(dt: DType, z: i64) -> Option<i32> {
+pub(crate) fn zp_in(dt: DType, z: i64) -> Option<i32> {
     let ok = match dt {
         DType::U8 => (0..=255).contains(&z),
         DType::I8 => (-128..=127).contains(&z),
@@ -569,7 +569,7 @@ fn conv_i32(
 }
 
 /// 8-bit values that can be an int8 GEMM operand.
-trait Q8Elem: Copy {
+pub(crate) trait Q8Elem: Copy {
     fn qdata(v: &[Self]) -> QData<'_>;
 }
 impl Q8Elem for u8 {
