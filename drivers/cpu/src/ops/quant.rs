@@ -804,4 +804,160 @@ mod tests {
         .unwrap();
         assert_eq!(y[0].to_vec::<i32>().unwrap(), vec![2 * 5 + 4 * 7]);
     }
+
+    struct Rng(u32);
+    impl Rng {
+        fn next(&mut self) -> u32 {
+            self.0 = self.0.wrapping_mul(1664525).wrapping_add(1013904223);
+            self.0 >> 8
+        }
+    }
+
+    /// A u8 or i8 tensor of random values, and the values widened.
+    fn q8(r: &mut Rng, shape: &[usize], unsigned: bool) -> (Tensor, Vec<i64>) {
+        let n: usize = shape.iter().product();
+        let raw: Vec<u8> = (0..n).map(|_| r.next() as u8).collect();
+        if unsigned {
+            let v = raw.iter().map(|&x| x as i64).collect();
+            (Tensor::from_vec(shape.to_vec(), raw).unwrap(), v)
+        } else {
+            let s: Vec<i8> = raw.iter().map(|&x| x as i8).collect();
+            let v = s.iter().map(|&x| x as i64).collect();
+            (Tensor::from_vec(shape.to_vec(), s).unwrap(), v)
+        }
+    }
+
+    fn zp_tensor(v: &[i64], unsigned: bool) -> Tensor {
+        if unsigned {
+            Tensor::from_vec(
+                vec![v.len()],
+                v.iter().map(|&x| x as u8).collect::<Vec<_>>(),
+            )
+            .unwrap()
+        } else {
+            Tensor::from_vec(
+                vec![v.len()],
+                v.iter().map(|&x| x as i8).collect::<Vec<_>>(),
+            )
+            .unwrap()
+        }
+    }
+
+    /// ConvInteger through the int8 GEMM path (2-D, >= 4 outputs per group) against a direct
+    /// loop: padding (filled with the zero point), strides, dilations, groups, u8/i8 on both
+    /// sides and per-channel weight zero points, bit for bit.
+    #[test]
+    fn conv_integer_int8_gemm_matches_direct_loop() {
+        let mut r = Rng(5);
+        // (n, c, h, w, m, kh, kw, stride, dilation, pad, group)
+        let cases = [
+            (1, 3, 9, 7, 8, 3, 3, 1, 1, 1, 1),
+            (2, 6, 8, 8, 8, 3, 3, 2, 1, 1, 2),
+            (1, 5, 6, 9, 12, 1, 1, 1, 1, 0, 1),
+            (1, 4, 10, 10, 5, 3, 2, 1, 2, 2, 1),
+            (1, 8, 5, 5, 16, 1, 1, 2, 1, 0, 4),
+        ];
+        for &(n, c, h, w, m, kh, kw, st, dl, pad, group) in &cases {
+            for (xu, wu) in [(true, false), (false, false), (true, true)] {
+                let cg = c / group;
+                let (x, xv) = q8(&mut r, &[n, c, h, w], xu);
+                let (wt, wv) = q8(&mut r, &[m, cg, kh, kw], wu);
+                let xz = if xu { 131 } else { -9 };
+                let wz: Vec<i64> = (0..m)
+                    .map(|_| (r.next() % 256) as i64 - if wu { 0 } else { 128 })
+                    .collect();
+                let attrs = vec![
+                    ("strides", Attr::Ints(vec![st as i64; 2])),
+                    ("dilations", Attr::Ints(vec![dl as i64; 2])),
+                    ("pads", Attr::Ints(vec![pad as i64; 4])),
+                    ("group", Attr::Int(group as i64)),
+                ];
+                let (xzt, wzt) = (zp_tensor(&[xz], xu), zp_tensor(&wz, wu));
+                let y = run_op(
+                    "ConvInteger",
+                    10,
+                    attrs,
+                    &[Some(&x), Some(&wt), Some(&xzt), Some(&wzt)],
+                    1,
+                )
+                .unwrap();
+                let oh = (h + 2 * pad - dl * (kh - 1) - 1) / st + 1;
+                let ow = (w + 2 * pad - dl * (kw - 1) - 1) / st + 1;
+                assert_eq!(y[0].shape(), &[n, m, oh, ow]);
+                let got = y[0].to_vec::<i32>().unwrap();
+                let mg = m / group;
+                for b in 0..n {
+                    for oc in 0..m {
+                        let gi = oc / mg;
+                        for oy in 0..oh {
+                            for ox in 0..ow {
+                                let mut s = 0i64;
+                                for ci in 0..cg {
+                                    for ky in 0..kh {
+                                        for kx in 0..kw {
+                                            let iy = (oy * st + ky * dl) as i64 - pad as i64;
+                                            let ix = (ox * st + kx * dl) as i64 - pad as i64;
+                                            if iy < 0 || ix < 0 || iy >= h as i64 || ix >= w as i64
+                                            {
+                                                continue;
+                                            }
+                                            let ch = gi * cg + ci;
+                                            let xi =
+                                                ((b * c + ch) * h + iy as usize) * w + ix as usize;
+                                            let wi = ((oc * cg + ci) * kh + ky) * kw + kx;
+                                            s += (xv[xi] - xz) * (wv[wi] - wz[oc]);
+                                        }
+                                    }
+                                }
+                                let o = ((b * m + oc) * oh + oy) * ow + ox;
+                                assert_eq!(
+                                    got[o] as i64, s,
+                                    "case c={c} m={m} g={group} u8={xu},{wu}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// MatMulInteger on 8-bit operands (int8 GEMM) against a direct loop: batched A, per-row
+    /// a_zero_point, per-column b_zero_point, u8/i8 combinations.
+    #[test]
+    fn matmul_integer_int8_gemm_matches_direct_loop() {
+        let mut r = Rng(9);
+        let (bt, m, k, n) = (3, 7, 29, 19);
+        for (au, bu) in [(true, false), (false, false), (true, true), (false, true)] {
+            let (a, av) = q8(&mut r, &[bt, m, k], au);
+            let (b, bv) = q8(&mut r, &[k, n], bu);
+            let az: Vec<i64> = (0..m)
+                .map(|i| if au { 100 + i as i64 } else { i as i64 - 3 })
+                .collect();
+            let bz: Vec<i64> = (0..n)
+                .map(|j| if bu { 120 + j as i64 } else { 5 - j as i64 })
+                .collect();
+            let (azt, bzt) = (zp_tensor(&az, au), zp_tensor(&bz, bu));
+            let y = run_op(
+                "MatMulInteger",
+                10,
+                vec![],
+                &[Some(&a), Some(&b), Some(&azt), Some(&bzt)],
+                1,
+            )
+            .unwrap();
+            assert_eq!(y[0].shape(), &[bt, m, n]);
+            let got = y[0].to_vec::<i32>().unwrap();
+            for t in 0..bt {
+                for i in 0..m {
+                    for j in 0..n {
+                        let s: i64 = (0..k)
+                            .map(|p| (av[(t * m + i) * k + p] - az[i]) * (bv[p * n + j] - bz[j]))
+                            .sum();
+                        assert_eq!(got[(t * m + i) * n + j] as i64, s, "u8={au},{bu}");
+                    }
+                }
+            }
+        }
+    }
 }
