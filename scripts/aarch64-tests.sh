@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 target=aarch64-unknown-linux-gnu
 profile=${PROFILE:-ci}
-out=target/aarch64-tests
+out=$PWD/target/aarch64-tests
 say() { printf -- '--> %s\n' "$*"; }
 
 pkgs=(gcc-aarch64-linux-gnu qemu-user-static)
