@@ -158,8 +158,7 @@ pub fn choose_all(available: &[Variant], spec: Option<&str>) -> Choice {
         family
             .iter()
             .copied()
-            .filter(|v| available.contains(v) && !off.contains(v))
-            .last()
+            .rfind(|v| available.contains(v) && !off.contains(v))
             .unwrap_or(Portable)
     };
     Choice {

@@ -847,6 +847,7 @@ mod tests {
     /// loop: padding (filled with the zero point), strides, dilations, groups, u8/i8 on both
     /// sides and per-channel weight zero points, bit for bit.
     #[test]
+    #[allow(clippy::needless_range_loop)]
     fn conv_integer_int8_gemm_matches_direct_loop() {
         let mut r = Rng(5);
         // (n, c, h, w, m, kh, kw, stride, dilation, pad, group)
