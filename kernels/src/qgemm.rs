@@ -143,6 +143,9 @@ fn pack_panels(
     let kp = k.div_ceil(ku) * ku;
     let panels = rows.div_ceil(r_n);
     let mut out = vec![0u8; panels * kp * r_n];
+    if out.is_empty() {
+        return out;
+    }
     for (pi, panel) in out.chunks_exact_mut(kp * r_n).enumerate() {
         let r0 = pi * r_n;
         let h = r_n.min(rows - r0);
@@ -252,6 +255,14 @@ pub fn qgemm(
         .and_then(|(r, c)| r.checked_add(c));
     if !matches!(last, Some(l) if l < c.len()) {
         return false;
+    }
+    if k == 0 {
+        for i in 0..m {
+            for j in 0..n {
+                c[i * c_rs + j * c_cs] = 0;
+            }
+        }
+        return true;
     }
     let t = tile_of(b.variant);
     // Canonical A: u8 (x86, portable) or i8 (aarch64); the zero point moves with it.
@@ -475,6 +486,16 @@ mod tests {
             let mut got = vec![0; m * n];
             assert!(qgemm(QMat::u8(&a, m, k), &[0], &pb, &mut got, n, 1));
             assert_eq!(got, want, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn empty_depth_gives_zeros() {
+        for v in variants() {
+            let pb = PackedB::with_variant(v, QMat::i8(&[], 0, 5), &[3]).unwrap();
+            let mut c = [7i32; 10];
+            assert!(qgemm(QMat::u8(&[], 2, 0), &[1], &pb, &mut c, 5, 1));
+            assert_eq!(c, [0; 10]);
         }
     }
 

@@ -243,6 +243,9 @@ fn quantize_linear(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tenso
         None => vec![0; sv.len()],
     };
     let xv = x.to_f32();
+    if let Some(t) = quantize_8bit(&xv, &sv, &zv, &layout, out_dt, x.shape())? {
+        return Ok(vec![t]);
+    }
     let vals: Vec<i64> = xv
         .iter()
         .enumerate()
@@ -254,18 +257,118 @@ fn quantize_linear(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tenso
     Ok(vec![qtensor(out_dt, x.shape().to_vec(), vals)?])
 }
 
+/// `(scale, zero point)` runs of a per-tensor or per-axis layout over `len` elements: calls
+/// `f(range, k)` for consecutive element ranges sharing parameter `k`; `false` for blocked
+/// layouts (the caller takes the general path).
+fn param_runs(
+    layout: &Layout,
+    len: usize,
+    mut f: impl FnMut(std::ops::Range<usize>, usize),
+) -> bool {
+    match *layout {
+        Layout::PerTensor => f(0..len, 0),
+        Layout::PerAxis { inner, dim } => {
+            let inner = inner.max(1);
+            for (r, start) in (0..len).step_by(inner).enumerate() {
+                f(start..(start + inner).min(len), r % dim.max(1));
+            }
+        }
+        Layout::Blocked { .. } => return false,
+    }
+    true
+}
+
+/// QuantizeLinear to u8 / i8 without the i64 detour (same rounding: f32 division, round half to
+/// even, saturate); `None` for other output types and blocked layouts.
+fn quantize_8bit(
+    xv: &[f32],
+    sv: &[f32],
+    zv: &[i64],
+    layout: &Layout,
+    dt: DType,
+    shape: &[usize],
+) -> Result<Option<Tensor>> {
+    let (lo, hi) = match dt {
+        DType::U8 | DType::I8 => qrange(dt)?,
+        _ => return Ok(None),
+    };
+    let mut q = vec![0i16; xv.len()];
+    let ok = param_runs(layout, xv.len(), |r, k| {
+        let (s, z) = (sv[k], zv[k]);
+        for (o, &v) in q[r.clone()].iter_mut().zip(&xv[r]) {
+            // `as i64` saturates and maps NaN to 0, as `rne` does.
+            *o = ((v / s).round_ties_even() as i64)
+                .saturating_add(z)
+                .clamp(lo, hi) as i16;
+        }
+    });
+    if !ok {
+        return Ok(None);
+    }
+    let shape = shape.to_vec();
+    Ok(Some(match dt {
+        DType::U8 => Tensor::from_vec(shape, q.into_iter().map(|v| v as u8).collect::<Vec<_>>())?,
+        _ => Tensor::from_vec(shape, q.into_iter().map(|v| v as i8).collect::<Vec<_>>())?,
+    }))
+}
+
+/// DequantizeLinear of u8 / i8 to f32 without the i64 detour; `None` otherwise.
+fn dequantize_8bit(
+    x: &Tensor,
+    sv: &[f32],
+    zv: &[i64],
+    layout: &Layout,
+    scale_dt: DType,
+) -> Result<Option<Tensor>> {
+    if scale_dt != DType::F32 {
+        return Ok(None);
+    }
+    let xq = match Q8::of(x) {
+        Some(q) => q,
+        None => return Ok(None),
+    };
+    let mut out = vec![0f32; x.len()];
+    let ok = param_runs(layout, x.len(), |r, k| {
+        let (s, z) = (sv[k], zv[k]);
+        let o = &mut out[r.clone()];
+        match &xq {
+            Q8::U8(v) => o
+                .iter_mut()
+                .zip(&v[r])
+                .for_each(|(o, &v)| *o = (v as i64 - z) as f32 * s),
+            Q8::I8(v) => o
+                .iter_mut()
+                .zip(&v[r])
+                .for_each(|(o, &v)| *o = (v as i64 - z) as f32 * s),
+        }
+    });
+    if !ok {
+        return Ok(None);
+    }
+    Ok(Some(Tensor::from_vec(x.shape().to_vec(), out)?))
+}
+
 fn dequantize_linear(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let x = input(ins, 0)?;
     let scale = input(ins, 1)?;
     let zp = opt_input(ins, 2);
     check_zp(zp, scale, "DequantizeLinear")?;
-    let xv = int_vec(x, "DequantizeLinear input")?;
+    if !x.dtype().is_int() {
+        return Err(Error::arg(format!(
+            "DequantizeLinear input must be an integer tensor, got {}",
+            x.dtype()
+        )));
+    }
     let layout = param_layout(ctx, x.shape(), scale.shape(), "DequantizeLinear")?;
     let sv = scale.to_f32();
     let zv = match zp {
         Some(z) => int_vec(z, "DequantizeLinear zero point")?,
         None => vec![0; sv.len()],
     };
+    if let Some(t) = dequantize_8bit(x, &sv, &zv, &layout, scale.dtype())? {
+        return Ok(vec![t]);
+    }
+    let xv = int_vec(x, "DequantizeLinear input")?;
     let out: Vec<f32> = xv
         .iter()
         .enumerate()
