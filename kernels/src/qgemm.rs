@@ -110,7 +110,7 @@ pub(crate) fn tile_of(v: Variant) -> Tile {
         Variant::AvxVnni => (6, 16, 4, false),
         Variant::Dotprod => (8, 12, 4, true),
         Variant::I8mm => (8, 8, 8, true),
-        _ => (4, 8, 4, false),
+        _ => (4, 8, 1, false),
     };
     Tile {
         mr,
@@ -322,7 +322,32 @@ fn run_tile(v: Variant, t: Tile, groups: usize, a: &[u8], b: &[u8], acc: &mut [i
         return;
     }
     let _ = v;
-    portable_tile(t, groups, a, b, acc);
+    if (t.mr, t.nr, t.ku, t.a_signed) == (4, 8, 1, false) {
+        portable_tile_4x8(groups, a, b, acc);
+    } else {
+        portable_tile(t, groups, a, b, acc);
+    }
+}
+
+/// The portable 4x8 tile with fixed sizes and one depth per group (an outer product per
+/// step), so the compiler keeps the accumulators in vector registers.
+fn portable_tile_4x8(groups: usize, a: &[u8], b: &[u8], acc: &mut [i32]) {
+    let mut r = [[0i32; 8]; 4];
+    for (ag, bg) in a.chunks_exact(4).zip(b.chunks_exact(8)).take(groups) {
+        let mut bw = [0i32; 8];
+        for (w, &y) in bw.iter_mut().zip(bg) {
+            *w = y as i8 as i32;
+        }
+        for (ri, &x) in r.iter_mut().zip(ag) {
+            let x = x as i32;
+            for (o, &w) in ri.iter_mut().zip(&bw) {
+                *o = o.wrapping_add(x * w);
+            }
+        }
+    }
+    for (dst, ri) in acc.chunks_exact_mut(8).zip(&r) {
+        dst.copy_from_slice(ri);
+    }
 }
 
 /// The portable tile (u8 A, i8 B), any geometry.

@@ -11,7 +11,7 @@ use super::{
     act, act_f32, f32_out, float_in, is_quant, out_dtype, q_from_i32, q_to_i32, qparams, quant_of,
     DOMAIN,
 };
-use crate::ops::quant::{zp_in, Q8Elem, Q8};
+use crate::ops::quant::{int8_simd, zp_in, Q8Elem, Q8};
 use crate::ops::{input, opt_input, OpCtx, Registry};
 
 pub fn register(r: &mut Registry) {
@@ -327,7 +327,8 @@ fn conv2d(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     if is_quant(x.dtype()) {
         let (_, xz) = qparams(ctx, "in0", Some(x))?;
         let rq = Requant::new(ctx, x, w, oc)?;
-        if let (Some(xq), Some(wq), Some(_)) = (Q8::of(x), Q8::of(w), zp_in(x.dtype(), xz as i64)) {
+        let zp_ok = zp_in(x.dtype(), xz as i64).is_some();
+        if let (Some(xq), Some(wq), true) = (Q8::of(x), Q8::of(w), zp_ok && int8_simd()) {
             let wz = weight_zps(ctx, w, oc);
             let bias = bias_i32(b, oc)?;
             let img = rows * k;
@@ -639,7 +640,7 @@ fn fully_connected(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tenso
         }
         let (_, xz) = qparams(ctx, "in0", Some(x))?;
         let rq = Requant::new(ctx, x, w, o)?;
-        if let (Some(xq), Some(wq)) = (Q8::of(x), Q8::of(w)) {
+        if let (Some(xq), Some(wq), true) = (Q8::of(x), Q8::of(w), int8_simd()) {
             let wz = weight_zps(ctx, w, o);
             let bias = bias_i32(b, o)?;
             let out = match &xq {
