@@ -328,7 +328,10 @@ fn conv2d(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         let (_, xz) = qparams(ctx, "in0", Some(x))?;
         let rq = Requant::new(ctx, x, w, oc)?;
         let zp_ok = zp_in(x.dtype(), xz as i64).is_some();
-        if let (Some(xq), Some(wq), true) = (Q8::of(x), Q8::of(w), zp_ok && int8_simd()) {
+        // Narrow or shallow layers (a few output channels, k < 32) waste most of the SIMD
+        // tile; the i32 loop below is faster there (person_detect's first conv: 8 x 9).
+        let wide = oc >= 16 && k >= 32;
+        if let (Some(xq), Some(wq), true) = (Q8::of(x), Q8::of(w), zp_ok && wide && int8_simd()) {
             let wz = weight_zps(ctx, w, oc);
             let bias = bias_i32(b, oc)?;
             let img = rows * k;
@@ -640,7 +643,8 @@ fn fully_connected(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tenso
         }
         let (_, xz) = qparams(ctx, "in0", Some(x))?;
         let rq = Requant::new(ctx, x, w, o)?;
-        if let (Some(xq), Some(wq), true) = (Q8::of(x), Q8::of(w), int8_simd()) {
+        let wide = o >= 16 && k >= 32;
+        if let (Some(xq), Some(wq), true) = (Q8::of(x), Q8::of(w), wide && int8_simd()) {
             let wz = weight_zps(ctx, w, o);
             let bias = bias_i32(b, o)?;
             let out = match &xq {
