@@ -14,9 +14,11 @@ fi
 
 step "system packages"
 # lavapipe (Vulkan tests), glslc/spirv-tools (shader drift check), valgrind/pkg-config/libpng
-# (C API tests), QEMU + busybox + kernel tools (the VFIO/dma-buf VM test), python3-venv.
+# (C API tests), QEMU + busybox + kernel tools (the VFIO/dma-buf VM test), python3-venv,
+# the aarch64 cross linker and qemu-user (aarch64 kernels under emulation).
 pkgs=(mesa-vulkan-drivers libvulkan1 glslc spirv-tools valgrind pkg-config libpng-dev gcc
-      qemu-system-x86 busybox-static cpio kmod xz-utils zstd python3-venv)
+      qemu-system-x86 busybox-static cpio kmod xz-utils zstd python3-venv
+      gcc-aarch64-linux-gnu qemu-user-static)
 need=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
 if [ ${#need[@]} -gt 0 ]; then
@@ -50,6 +52,9 @@ export CI=${CI:-true}
 cargo test --workspace --profile ci 2>&1 | tee target/test-output.txt
 summary=$(grep -E '^test result:' target/test-output.txt | awk '{p+=$4; f+=$6; i+=$8} END {print p" passed, "f" failed, "i" ignored"}')
 
+step "aarch64 kernels and a model under qemu-user (cortex-a53/a72: NEON, a76: +dotprod, max: +i8mm)"
+scripts/aarch64-tests.sh 2>&1 | tee target/aarch64-output.txt
+
 step "ONNX node conformance (by op)"
 cat target/conformance-summary.txt
 
@@ -59,3 +64,5 @@ echo "        HAL buffers/drivers/plugin, partitioner/scheduler, Vulkan on lavap
 echo "        VFIO/dma-buf QEMU VM, ONNX conformance, model agreement (onnxruntime, LiteRT), bad input"
 tail -n 1 target/conformance-summary.txt
 echo "rust tests: $summary"
+echo "aarch64 (qemu-user):"
+sed -n '/aarch64 summary/,$p' target/aarch64-output.txt | tail -n +2

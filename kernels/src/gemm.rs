@@ -103,7 +103,11 @@ pub fn sgemm_with(
     if crate::arch::x86_64::sgemm(variant, alpha, a, b, c, ldc) {
         return true;
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(target_arch = "aarch64")]
+    if crate::arch::aarch64::sgemm(variant, alpha, a, b, c, ldc) {
+        return true;
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     let _ = variant;
     if m < MR {
         axpy_rows(alpha, a, b, k, n, c, ldc);
@@ -115,13 +119,19 @@ pub fn sgemm_with(
 
 /// A zeroed buffer of `len` floats starting on a 64-byte boundary (a cache line), so vector
 /// loads of packed panels never straddle lines.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
 pub(crate) struct AlignedBuf {
     buf: Vec<f32>,
     off: usize,
 }
 
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
 impl AlignedBuf {
     pub(crate) fn new(len: usize) -> Self {
         let buf = vec![0f32; len + 16];
@@ -137,7 +147,10 @@ impl AlignedBuf {
 
 /// Cache blocking for [`packed_with`]: depth of a packed panel, rows of A and columns of B
 /// packed at once.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Blocking {
     pub kc: usize,
@@ -150,7 +163,10 @@ pub(crate) struct Blocking {
 /// acc)`, which must set `acc[i][j] = sum_p a_panel[p*MR + i] * b_panel[p*NR + j]` for
 /// panels of equal depth (`a_panel.len() / MR == b_panel.len() / NR`). Adds `alpha * A * B`
 /// to C (sizes already checked by [`sgemm_with`]).
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
 pub(crate) fn packed_with<const MR: usize, const NR: usize, T>(
     blk: Blocking,
     alpha: f32,

@@ -9,12 +9,13 @@
 
 #![deny(unsafe_code)]
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod arch;
 pub mod conv;
 pub mod dispatch;
 pub mod gemm;
 pub mod packed;
+pub mod qgemm;
 #[cfg(target_arch = "x86_64")]
 mod simd;
 

@@ -129,7 +129,8 @@ fn mr_of(v: Variant) -> usize {
     match v {
         Variant::Avx512 => 12,
         Variant::Avx2 => 6,
-        Variant::Portable => P_MR,
+        // Variants without a packed float tile here (int8-only ones, NEON) use the portable one.
+        _ => P_MR,
     }
 }
 
@@ -142,10 +143,11 @@ impl PackedA {
     /// Packs `a` for `variant` (the portable one when this CPU lacks it). `None` when `a`'s
     /// slice is too short for its shape and strides.
     pub fn with_variant(variant: Variant, a: MatRef<'_>) -> Option<Self> {
-        let variant = if variant.available() {
-            variant
-        } else {
-            Variant::Portable
+        // Only AVX2/AVX-512 have packed float tiles in this module; NEON and others pack for
+        // the portable tile.
+        let variant = match variant {
+            Variant::Avx512 | Variant::Avx2 if variant.available() => variant,
+            _ => Variant::Portable,
         };
         let (m, k) = (a.rows, a.cols);
         if m > 0 && k > 0 {
@@ -387,6 +389,8 @@ pub(crate) fn drive<const MR: usize, const NR: usize, T, F>(
 
 /// Where a register tile with its epilogue stores: C from the tile's first element (row
 /// stride `ldc`), the tile rows' biases, the residual laid out like `c`.
+// Only the x86 tiles store through it (NEON uses the portable tile here).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct FullTile<'a> {
     pub c: &'a mut [f32],
     pub ldc: usize,

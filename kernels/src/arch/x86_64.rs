@@ -220,3 +220,97 @@ unsafe fn fma_peak_avx2(iters: usize, x: f32) -> f32 {
     }
     s.iter().sum()
 }
+
+/// Runs one int8 register tile of [`crate::qgemm`] with `variant` when it is an x86 VNNI
+/// variant this CPU has: `acc[i*NR + j] = sum over groups g, kk < 4 of a[g][i][kk] (u8) *
+/// b[g][j][kk] (i8)`. Returns `false` (touching nothing) for other variants or short panels.
+pub(crate) fn qtile(variant: Variant, groups: usize, a: &[u8], b: &[u8], acc: &mut [i32]) -> bool {
+    let t = crate::qgemm::tile_of(variant);
+    if a.len() < groups * t.mr * 4 || b.len() < groups * t.nr * 4 || acc.len() < t.mr * t.nr {
+        return false;
+    }
+    match variant {
+        Variant::Avx512Vnni
+            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni") =>
+        {
+            // SAFETY: AVX-512F and AVX-512 VNNI were detected just above; the panel and
+            // accumulator lengths were checked against the 8x32 tile just above.
+            unsafe { qtile_avx512vnni(groups, a.as_ptr(), b.as_ptr(), acc.as_mut_ptr()) };
+            true
+        }
+        Variant::AvxVnni
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("avxvnni") =>
+        {
+            // SAFETY: AVX2 and AVX-VNNI were detected just above; the panel and accumulator
+            // lengths were checked against the 6x16 tile just above.
+            unsafe { qtile_avxvnni(groups, a.as_ptr(), b.as_ptr(), acc.as_mut_ptr()) };
+            true
+        }
+        _ => false,
+    }
+}
+
+/// 8x32 int8 tile: per group, 8 rows x 4 u8 of A (each broadcast as one i32) and 32 columns
+/// x 4 i8 of B (two zmm), 16 zmm accumulators of `vpdpbusd`.
+///
+/// # Safety
+/// The CPU must support AVX-512F and AVX-512 VNNI; `a` must be valid for `groups * 32` reads,
+/// `b` for `groups * 128` reads and `acc` for 256 i32 writes.
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn qtile_avx512vnni(groups: usize, a: *const u8, b: *const u8, acc: *mut i32) {
+    const MR: usize = 8;
+    let mut r = [[_mm512_setzero_si512(); 2]; MR];
+    for g in 0..groups {
+        // SAFETY: g < groups, so the 128 bytes at b + g*128 and the 32 at a + g*32 are in
+        // bounds (the caller's lengths).
+        unsafe {
+            let b0 = _mm512_loadu_si512(b.add(g * 128) as *const _);
+            let b1 = _mm512_loadu_si512(b.add(g * 128 + 64) as *const _);
+            let ar = a.add(g * 32) as *const i32;
+            for (i, ri) in r.iter_mut().enumerate() {
+                let x = _mm512_set1_epi32(ar.add(i).read_unaligned());
+                ri[0] = _mm512_dpbusd_epi32(ri[0], x, b0);
+                ri[1] = _mm512_dpbusd_epi32(ri[1], x, b1);
+            }
+        }
+    }
+    for (i, ri) in r.iter().enumerate() {
+        // SAFETY: row i of the 8x32 accumulator is acc[i*32 .. i*32+32] (caller's length).
+        unsafe {
+            _mm512_storeu_si512(acc.add(i * 32) as *mut _, ri[0]);
+            _mm512_storeu_si512(acc.add(i * 32 + 16) as *mut _, ri[1]);
+        }
+    }
+}
+
+/// 6x16 int8 tile with AVX-VNNI (`vpdpbusd` on ymm): 12 ymm accumulators.
+///
+/// # Safety
+/// The CPU must support AVX2 and AVX-VNNI; `a` must be valid for `groups * 24` reads, `b`
+/// for `groups * 64` reads and `acc` for 96 i32 writes.
+#[target_feature(enable = "avx2,avxvnni")]
+unsafe fn qtile_avxvnni(groups: usize, a: *const u8, b: *const u8, acc: *mut i32) {
+    const MR: usize = 6;
+    let mut r = [[_mm256_setzero_si256(); 2]; MR];
+    for g in 0..groups {
+        // SAFETY: g < groups, so the 64 bytes at b + g*64 and the 24 at a + g*24 are in
+        // bounds (the caller's lengths).
+        unsafe {
+            let b0 = _mm256_loadu_si256(b.add(g * 64) as *const __m256i);
+            let b1 = _mm256_loadu_si256(b.add(g * 64 + 32) as *const __m256i);
+            let ar = a.add(g * 24) as *const i32;
+            for (i, ri) in r.iter_mut().enumerate() {
+                let x = _mm256_set1_epi32(ar.add(i).read_unaligned());
+                ri[0] = _mm256_dpbusd_avx_epi32(ri[0], x, b0);
+                ri[1] = _mm256_dpbusd_avx_epi32(ri[1], x, b1);
+            }
+        }
+    }
+    for (i, ri) in r.iter().enumerate() {
+        // SAFETY: row i of the 6x16 accumulator is acc[i*16 .. i*16+16] (caller's length).
+        unsafe {
+            _mm256_storeu_si256(acc.add(i * 16) as *mut __m256i, ri[0]);
+            _mm256_storeu_si256(acc.add(i * 16 + 8) as *mut __m256i, ri[1]);
+        }
+    }
+}

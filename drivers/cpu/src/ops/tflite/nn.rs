@@ -3,12 +3,15 @@
 
 use edgehal_core::{DType, Error, Quant, Result, Tensor};
 use edgehal_kernels::gemm::{sgemm, MatRef};
+use edgehal_kernels::qgemm::{self as qk, PackedB, QMat};
+use std::borrow::Cow;
 
 use super::qmath::{act_range_q, Multiplier};
 use super::{
     act, act_f32, f32_out, float_in, is_quant, out_dtype, q_from_i32, q_to_i32, qparams, quant_of,
     DOMAIN,
 };
+use crate::ops::quant::{int8_simd, zp_in, Q8Elem, Q8};
 use crate::ops::{input, opt_input, OpCtx, Registry};
 
 pub fn register(r: &mut Registry) {
@@ -260,6 +263,51 @@ fn qgemm(
     }
 }
 
+/// 8-bit `out[r][o] = requant(bias[o] + sum_k (a[r][k] - xz) * (w[o][k] - wz[o]))` through
+/// the int8 GEMM, the weights `[o][k]` packed once per call. `a(b)` gives the `rows x k` rows
+/// of image `b` (the image itself for pointwise convolutions and fully connected layers, its
+/// im2col otherwise). The same integers as [`qgemm`] (wrapping i32 accumulation).
+#[allow(clippy::too_many_arguments)]
+fn qgemm_q8<'a, T: Q8Elem + 'a>(
+    images: usize,
+    rows: usize,
+    k: usize,
+    xz: i32,
+    a: impl Fn(usize) -> Option<Cow<'a, [T]>>,
+    w: &Q8<'_>,
+    wz: &[i32],
+    bias: &[i32],
+    rq: &Requant,
+) -> Result<Vec<i32>> {
+    let o_n = bias.len();
+    let bad = || Error::arg("quantized GEMM: operand sizes do not match");
+    let pb = w
+        .mat(0, o_n, k)
+        .and_then(|wm| PackedB::new(wm.t(), wz))
+        .ok_or_else(bad)?;
+    let mut acc = vec![0i32; rows * o_n];
+    let mut out = Vec::with_capacity(images * rows * o_n);
+    for b in 0..images {
+        let av = a(b).ok_or_else(bad)?;
+        let am = QMat {
+            data: T::qdata(&av),
+            rows,
+            cols: k,
+            rs: k,
+            cs: 1,
+        };
+        if !qk::qgemm(am, &[xz], &pb, &mut acc, o_n, 1) {
+            return Err(bad());
+        }
+        for r in acc.chunks_exact(o_n.max(1)) {
+            for (o, &v) in r.iter().enumerate() {
+                out.push(rq.apply(v.wrapping_add(bias[o]), o));
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn conv2d(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let x = input(ins, 0)?;
     let w = input(ins, 1)?;
@@ -279,6 +327,34 @@ fn conv2d(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     if is_quant(x.dtype()) {
         let (_, xz) = qparams(ctx, "in0", Some(x))?;
         let rq = Requant::new(ctx, x, w, oc)?;
+        let zp_ok = zp_in(x.dtype(), xz as i64).is_some();
+        // Narrow or shallow layers (a few output channels, k < 32) waste most of the SIMD
+        // tile; the i32 loop below is faster there (person_detect's first conv: 8 x 9).
+        let wide = oc >= 16 && k >= 32;
+        if let (Some(xq), Some(wq), true) = (Q8::of(x), Q8::of(w), zp_ok && wide && int8_simd()) {
+            let wz = weight_zps(ctx, w, oc);
+            let bias = bias_i32(b, oc)?;
+            let img = rows * k;
+            let pw = g.is_pointwise();
+            macro_rules! run {
+                ($xv:expr, $fill:expr) => {{
+                    let xv = &$xv[..];
+                    let a = |n: usize| {
+                        if pw {
+                            xv.get(n * img..(n + 1) * img).map(Cow::Borrowed)
+                        } else {
+                            Some(Cow::Owned(g.im2col(xv, n, $fill)))
+                        }
+                    };
+                    qgemm_q8(g.n, rows, k, xz, a, &wq, &wz, &bias, &rq)?
+                }};
+            }
+            let out = match &xq {
+                Q8::U8(xv) => run!(xv, xz as u8),
+                Q8::I8(xv) => run!(xv, xz as i8),
+            };
+            return Ok(vec![q_from_i32(rq.dtype, shape, out, Some(rq.quant))?]);
+        }
         let xv: Vec<i32> = q_to_i32(x)?.into_iter().map(|v| v - xz).collect();
         let wz = weight_zps(ctx, w, oc);
         let wv: Vec<i32> = q_to_i32(w)?
@@ -567,6 +643,42 @@ fn fully_connected(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tenso
         }
         let (_, xz) = qparams(ctx, "in0", Some(x))?;
         let rq = Requant::new(ctx, x, w, o)?;
+        let wide = o >= 16 && k >= 32;
+        if let (Some(xq), Some(wq), true) = (Q8::of(x), Q8::of(w), wide && int8_simd()) {
+            let wz = weight_zps(ctx, w, o);
+            let bias = bias_i32(b, o)?;
+            let out = match &xq {
+                Q8::U8(xv) => {
+                    let xv = &xv[..];
+                    qgemm_q8(
+                        1,
+                        rows,
+                        k,
+                        xz,
+                        |_| Some(Cow::Borrowed(xv)),
+                        &wq,
+                        &wz,
+                        &bias,
+                        &rq,
+                    )?
+                }
+                Q8::I8(xv) => {
+                    let xv = &xv[..];
+                    qgemm_q8(
+                        1,
+                        rows,
+                        k,
+                        xz,
+                        |_| Some(Cow::Borrowed(xv)),
+                        &wq,
+                        &wz,
+                        &bias,
+                        &rq,
+                    )?
+                }
+            };
+            return Ok(vec![q_from_i32(rq.dtype, shape, out, Some(rq.quant))?]);
+        }
         let xv: Vec<i32> = q_to_i32(x)?.into_iter().map(|v| v - xz).collect();
         let wz = weight_zps(ctx, w, o);
         let wv: Vec<i32> = q_to_i32(w)?
