@@ -468,6 +468,7 @@ impl Scheduler {
                 transfers: vec![],
                 nodes: vec![],
                 predicted_ms: 0.0,
+                segment_ms: vec![],
                 method: String::new(),
             },
             exes: vec![],

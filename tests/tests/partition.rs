@@ -93,11 +93,18 @@ fn random_problem(seed: u64) -> Problem {
                 .collect()
         })
         .collect();
+    // Half the problems also charge a fixed cost per segment (per device).
+    let segment_ms = if r.below(2) == 0 {
+        (0..nd).map(|_| 2.0 * r.f()).collect()
+    } else {
+        vec![]
+    };
     Problem {
         n_devices: nd,
         cost,
         values,
         transfer,
+        segment_ms,
     }
 }
 
@@ -201,11 +208,13 @@ fn chain_dp_is_exact_on_long_random_chains() {
                     .collect()
             })
             .collect();
+        let segment_ms = (0..nd).map(|_| r.f()).collect();
         let p = Problem {
             n_devices: nd,
             cost,
             values,
             transfer,
+            segment_ms,
         };
         assert!(p.is_chain());
         let s = partition::partition(&p).unwrap();
@@ -261,6 +270,7 @@ fn fake_profile(times: Vec<Vec<Option<f64>>>, devices: &[&str]) -> Profile {
         times,
         value_bytes: vec![128; 6],
         transfer: vec![vec![TransferCost::ZERO; nd + 1]; nd + 1],
+        segment_ms: vec![0.0; nd],
         measured: 0,
         cached: 0,
         rebuilt: 0,
@@ -399,7 +409,11 @@ fn second_profile_comes_from_the_cache_and_bad_entries_are_rebuilt() {
     let text = std::fs::read_to_string(&file).unwrap();
     std::fs::write(
         &file,
-        text.replacen("edgehal-profile 1 ", "edgehal-profile 0 ", 1),
+        text.replacen(
+            &format!("edgehal-profile {} ", edgehal::profile::CACHE_FORMAT),
+            "edgehal-profile 0 ",
+            1,
+        ),
     )
     .unwrap();
     let p5 = profile(&g, &devs, &opts).unwrap();
