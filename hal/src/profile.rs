@@ -495,20 +495,10 @@ impl Bar {
 }
 
 /// Cost of one segment submission on `dev`: submit and wait for a subgraph with no nodes (its
-/// one input is its output), median of 20 after 3 warm-up runs. `None` where the device
-/// cannot compile or run such a subgraph.
+/// one input is its output) or, where the device cannot run that, one `Identity` of a single
+/// float (whose own work is negligible next to a submission); median of 20 after 3 warm-up
+/// runs. `None` where the device runs neither.
 pub fn segment_overhead(dev: &dyn Device, opts: &ProfileOptions) -> Option<f64> {
-    let mut g = Graph::new("edgehal-empty-segment");
-    let x = g.value_id("x");
-    g.values[x].dtype = Some(DType::F32);
-    g.values[x].shape = Some(vec![Dim::Fixed(1)]);
-    g.inputs = vec![x];
-    g.outputs = vec![x];
-    let sub = Subgraph {
-        graph: g,
-        parent_nodes: vec![],
-    };
-    let t = Tensor::from_vec(vec![1], vec![0.0f32]).ok()?;
     let o = ProfileOptions {
         warmup: 3,
         min_runs: 20,
@@ -516,7 +506,37 @@ pub fn segment_overhead(dev: &dyn Device, opts: &ProfileOptions) -> Option<f64> 
         target_mad: 0.0,
         ..opts.clone()
     };
-    time_subgraph(dev, &sub, &[t], &o).ok()
+    let t = Tensor::from_vec(vec![1], vec![0.0f32]).ok()?;
+    [false, true].into_iter().find_map(|identity| {
+        let mut g = Graph::new("edgehal-empty-segment");
+        g.opsets.insert(String::new(), 17);
+        let x = g.value_id("x");
+        g.values[x].dtype = Some(DType::F32);
+        g.values[x].shape = Some(vec![Dim::Fixed(1)]);
+        g.inputs = vec![x];
+        g.outputs = vec![x];
+        if identity {
+            let y = g.value_id("y");
+            g.values[y].dtype = Some(DType::F32);
+            g.values[y].shape = Some(vec![Dim::Fixed(1)]);
+            g.outputs = vec![y];
+            let node = edgehal_core::graph::Node {
+                op: "Identity".into(),
+                inputs: vec![Some(x)],
+                outputs: vec![Some(y)],
+                ..Default::default()
+            };
+            if !dev.supports(&node, &g).is_yes() {
+                return None;
+            }
+            g.add_node(node);
+        }
+        let sub = Subgraph {
+            parent_nodes: (0..g.nodes.len()).collect(),
+            graph: g,
+        };
+        time_subgraph(dev, &sub, std::slice::from_ref(&t), &o).ok()
+    })
 }
 
 /// Where the inputs of a node come from during a profiling pass.

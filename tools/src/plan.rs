@@ -187,7 +187,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
         for (d, pass) in prof.passes.iter().enumerate() {
             if let Some((total, sum)) = pass {
                 println!(
-                    "profiling on {}: one pass {total:.3} ms (median), node medians sum to \
+                    "profiling on {}: one pass {total:.3} ms (median), node times sum to \
                      {sum:.3} ms; segment overhead {:.4} ms",
                     prof.devices[d], prof.segment_ms[d]
                 );

@@ -125,7 +125,13 @@ fn run_on(devices: Vec<Arc<dyn Device>>, constraints: PlanConstraints) -> (Vec<f
     let used: Vec<String> = plan.used_devices().iter().map(|d| d.to_string()).collect();
     let x = seeded(&[1, 3, 16, 16], 9);
     let out = s.run(vec![("x".to_string(), x)], None).unwrap();
-    let y = out.iter().find(|(n, _)| n == "y").unwrap().1.to_f32();
+    let y = out
+        .iter()
+        .find(|(n, _)| n == "y")
+        .unwrap()
+        .1
+        .to_f32()
+        .to_vec();
     (y, used)
 }
 
@@ -184,8 +190,8 @@ fn plan_cli_on_cpu_and_vulkan() {
     if vulkan().is_none() {
         return;
     }
-    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/models/mobilenet_v2.onnx");
+    let model =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/models/lstm_kws.onnx");
     if !model.exists() {
         // The dev models live beside the checkout; the synthetic test above still ran.
         println!("skipped: {} not present", model.display());
