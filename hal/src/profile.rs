@@ -559,6 +559,9 @@ fn node_inputs(
         .collect()
 }
 
+/// A node's time on a device in ms, or why it has none.
+type NodeTiming = (NodeId, std::result::Result<f64, String>);
+
 /// Time the nodes in `todo` (topological order) on `dev` *in sequence*: each pass runs them
 /// one after another the way an inference does, each node reading what the previous ones
 /// produced in the same pass (example values for inputs made elsewhere), so weights come
@@ -572,15 +575,12 @@ fn profile_in_sequence(
     values: &HashMap<ValueId, Tensor>,
     opts: &ProfileOptions,
     bar: &mut Bar,
-) -> (
-    Vec<(NodeId, std::result::Result<f64, String>)>,
-    Option<(f64, f64)>,
-) {
+) -> (Vec<NodeTiming>, Option<(f64, f64)>) {
     let counter = CopyCounter::new();
     let name = dev.info().name.clone();
     // Compile every node alone.
     let mut live: Vec<(NodeId, Subgraph, Box<dyn edgehal_core::driver::Executable>)> = Vec::new();
-    let mut out: Vec<(NodeId, std::result::Result<f64, String>)> = Vec::new();
+    let mut out: Vec<NodeTiming> = Vec::new();
     for &n in todo {
         let compiled = Subgraph::extract(g, &[n]).and_then(|sub| {
             let exe = dev.compile(&sub)?;
