@@ -600,6 +600,19 @@ fn profile_in_sequence(
     let budget = opts.budget.saturating_mul(live.len().max(1) as u32);
     let start = Instant::now();
     let mut pass_no = 0usize;
+    // As the executor does, a value made in the pass is dropped after its last reader, so the
+    // allocator can reuse its memory (keeping every value made the pass slower than a run).
+    let ids = |sub: &Subgraph, vs: &[ValueId]| -> Vec<ValueId> {
+        vs.iter()
+            .filter_map(|&v| g.find_value(sub.graph.value_name(v)))
+            .collect()
+    };
+    let mut last_use: HashMap<ValueId, usize> = HashMap::new();
+    for (k, (_, sub, _)) in live.iter().enumerate() {
+        for id in ids(sub, &sub.graph.inputs) {
+            last_use.insert(id, k);
+        }
+    }
     loop {
         let mut pass: HashMap<ValueId, Tensor> = HashMap::new();
         let mut total = 0.0;
@@ -622,13 +635,22 @@ fn profile_in_sequence(
                     .map_err(|e| format!("failed while profiling: {e}"))?;
                 let ms = t0.elapsed().as_secs_f64() * 1e3;
                 for (i, &v) in sub.graph.outputs.iter().enumerate() {
-                    let t = b.output(i).map(|tb| tb.to_tensor());
-                    if let (Some(Ok(t)), Some(id)) = (t, g.find_value(sub.graph.value_name(v))) {
-                        pass.insert(id, t);
+                    let Some(id) = g.find_value(sub.graph.value_name(v)) else {
+                        continue;
+                    };
+                    if last_use.get(&id).is_some_and(|&l| l > k) {
+                        if let Some(Ok(t)) = b.output(i).map(|tb| tb.to_tensor()) {
+                            pass.insert(id, t);
+                        }
                     }
                 }
                 Ok(ms)
             })();
+            for id in ids(sub, &sub.graph.inputs) {
+                if last_use.get(&id) == Some(&k) {
+                    pass.remove(&id);
+                }
+            }
             match r {
                 Ok(ms) => {
                     total += ms;
