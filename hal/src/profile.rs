@@ -58,12 +58,18 @@ pub struct ProfileOptions {
     pub cache_dir: Option<PathBuf>,
     /// Draw a progress bar on stderr (only when it is a terminal).
     pub progress: bool,
+    /// Warm-up runs of [`time_subgraph`]; the sequence profiler takes one warm-up pass when
+    /// this is not 0.
     pub warmup: usize,
+    /// Fewest timed runs (passes, for the sequence profiler).
     pub min_runs: usize,
+    /// Most timed runs (passes).
     pub max_runs: usize,
-    /// Stop repeating once MAD / median is below this.
+    /// Stop repeating once MAD / median (of the run times, or of the pass totals) is below
+    /// this.
     pub target_mad: f64,
-    /// Time cap per node and device (after warm-up).
+    /// Time cap per node and device (after warm-up); a device's passes may take this times
+    /// its number of nodes.
     pub budget: Duration,
     /// Longest wait for one run before the device is taken as failed.
     pub run_timeout: Duration,
