@@ -178,10 +178,16 @@ impl Reactor {
             stop: AtomicBool::new(false),
         });
         let env_off = std::env::var("EDGEHAL_NO_IO_URING").is_ok_and(|v| v == "1");
+        // Valgrind does not follow io_uring (reads never completed under it): its preload
+        // library in LD_PRELOAD gives it away.
+        let valgrind = std::env::var("LD_PRELOAD").is_ok_and(|v| v.contains("vgpreload"));
         let ring = if force_threads {
             None
         } else if env_off {
             say_fallback("EDGEHAL_NO_IO_URING=1");
+            None
+        } else if valgrind {
+            say_fallback("running under valgrind");
             None
         } else {
             match IoUring::new(256) {
