@@ -1,7 +1,8 @@
 //! edgehal: load a model, prepare it, run it.
 //!
-//! - Importers ([`onnx`], [`tflite`]) decode a memory-mapped file into the format-neutral
-//!   [`edgehal_core::Graph`]; weights stay in the mapping.
+//! - Importers ([`onnx`], [`tflite`]) decode a file into the format-neutral
+//!   [`edgehal_core::Graph`]; the file is read once through the io_uring [`reactor`] into a
+//!   page-aligned buffer (or mapped, `EDGEHAL_LOAD=mmap`) and weights stay slices of it.
 //! - [`Model::load`] picks the importer from the file's magic bytes, not its extension.
 //! - [`session::Session`] prepares a graph for a device once and runs it many times; with
 //!   several devices it goes through [`profile`] (measured latency per node and device),
@@ -48,23 +49,34 @@ pub struct Model {
 }
 
 impl Model {
-    /// Load a model file (ONNX or TFLite), mapping it rather than reading it.
+    /// Load a model file (ONNX or TFLite): read through io_uring into a page-aligned buffer
+    /// (`read(2)` where io_uring is unavailable), or mapped when `EDGEHAL_LOAD=mmap`.
     pub fn load(path: impl AsRef<Path>) -> Result<Model> {
+        Self::load_with(path, reactor::FileLoad::from_env())
+    }
+
+    /// Load a model file, its external data files included, the way `how` says.
+    pub fn load_with(path: impl AsRef<Path>, how: reactor::FileLoad) -> Result<Model> {
         let path = path.as_ref();
-        let bytes = edgehal_core::sys::map_file(path)?;
+        let bytes = reactor::load_file(path, how)?;
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        Self::from_bytes_in(bytes, &name, path.parent())
+        Self::from_bytes_in(bytes, &name, path.parent(), how)
     }
 
     /// Load a model held in memory. External data files (ONNX) are not available this way.
     pub fn from_bytes(bytes: Bytes) -> Result<Model> {
-        Self::from_bytes_in(bytes, "<memory>", None)
+        Self::from_bytes_in(bytes, "<memory>", None, reactor::FileLoad::Read)
     }
 
-    fn from_bytes_in(bytes: Bytes, name: &str, dir: Option<&Path>) -> Result<Model> {
+    fn from_bytes_in(
+        bytes: Bytes,
+        name: &str,
+        dir: Option<&Path>,
+        how: reactor::FileLoad,
+    ) -> Result<Model> {
         let wrap = |e: Error| match e {
             Error::Parse(m) => Error::Parse(format!("{name}: {m}")),
             Error::InvalidGraph(m) => Error::InvalidGraph(format!("{name}: {m}")),
@@ -78,7 +90,7 @@ impl Model {
                 name: name.to_string(),
             })
         } else {
-            let graph = onnx::import(bytes, dir).map_err(wrap)?;
+            let graph = onnx::import_with(bytes, dir, how).map_err(wrap)?;
             Ok(Model {
                 graph,
                 format: Format::Onnx,

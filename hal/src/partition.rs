@@ -3,8 +3,9 @@
 //!
 //! Cost model (the same one [`Problem::cost`] evaluates and the brute-force tests check):
 //! one request runs its nodes one after another (parallelism comes from pipelining several
-//! requests, see the scheduler), so its latency is the sum of the chosen nodes' measured times
-//! plus, for every value, one transfer from where it is produced to each *distinct* place that
+//! requests, see the scheduler), so its latency is the sum of the chosen nodes' measured times,
+//! plus each segment's fixed cost (a segment is a maximal run of the topological order on one
+//! device; [`Problem::segment_ms`]), plus, for every value, one transfer from where it is produced to each *distinct* place that
 //! reads it. Graph inputs start on, and graph outputs end on, the host (location
 //! `n_devices`).
 //!
@@ -63,6 +64,9 @@ pub struct Problem {
     pub values: Vec<Value>,
     /// `transfer[from][to]` over locations `0..=n_devices` (the last is the host).
     pub transfer: Vec<Vec<TransferCost>>,
+    /// Fixed cost of one segment (a maximal run of the topological order on one device) per
+    /// device; empty means none.
+    pub segment_ms: Vec<f64>,
 }
 
 impl Problem {
@@ -75,12 +79,34 @@ impl Problem {
         self.n_devices
     }
 
+    /// Segment cost charged when node `n` on device `d` starts a segment (`prev` is the
+    /// device of node `n - 1`).
+    fn segment_start(&self, prev: Option<usize>, d: usize) -> f64 {
+        if prev == Some(d) {
+            0.0
+        } else {
+            self.segment_ms.get(d).copied().unwrap_or(0.0)
+        }
+    }
+
     fn check(&self) -> Result<()> {
         let locs = self.n_devices + 1;
         if self.transfer.len() != locs || self.transfer.iter().any(|r| r.len() != locs) {
             return Err(Error::arg(format!(
                 "partition: transfer table must be {locs}x{locs} (devices + host)"
             )));
+        }
+        if !self.segment_ms.is_empty() && self.segment_ms.len() != self.n_devices {
+            return Err(Error::arg(format!(
+                "partition: {} segment costs for {} devices",
+                self.segment_ms.len(),
+                self.n_devices
+            )));
+        }
+        if self.segment_ms.iter().any(|c| !c.is_finite() || *c < 0.0) {
+            return Err(Error::arg(
+                "partition: segment costs must be finite and not negative",
+            ));
         }
         for (n, row) in self.cost.iter().enumerate() {
             if row.len() != self.n_devices {
@@ -164,6 +190,8 @@ impl Problem {
                 Some(c) => t += c,
                 None => return f64::INFINITY,
             }
+            let prev = n.checked_sub(1).map(|p| assign[p]);
+            t += self.segment_start(prev, d);
         }
         for v in &self.values {
             t += self.value_cost(v, &|n| assign.get(n).copied());
@@ -177,6 +205,8 @@ impl Problem {
         let mut t = 0.0;
         for (n, &d) in assign.iter().enumerate().take(k) {
             t += self.cost[n][d].unwrap_or(f64::INFINITY);
+            let prev = n.checked_sub(1).map(|p| assign[p]);
+            t += self.segment_start(prev, d);
         }
         for v in &self.values {
             t += self.value_cost(v, &|n| if n < k { Some(assign[n]) } else { None });
@@ -418,6 +448,7 @@ mod tests {
             cost: costs,
             values,
             transfer,
+            segment_ms: vec![],
         }
     }
 

@@ -18,7 +18,7 @@ pub struct Segment {
     pub device: usize,
     pub nodes: Vec<NodeId>,
     pub sub: Subgraph,
-    /// Sum of the nodes' measured times.
+    /// Sum of the nodes' measured times plus the device's fixed cost of a segment.
     pub predicted_ms: f64,
 }
 
@@ -55,6 +55,8 @@ pub struct Plan {
     /// In topological order.
     pub nodes: Vec<NodeChoice>,
     pub predicted_ms: f64,
+    /// Fixed cost of one segment per device (ms), included in the predictions.
+    pub segment_ms: Vec<f64>,
     /// `exact`, `chain-dp`, `dp+refine` or `single-device`.
     pub method: String,
 }
@@ -164,7 +166,8 @@ impl Plan {
         let flush = |run: &mut Vec<NodeId>, segments: &mut Vec<Segment>| -> Result<()> {
             if let Some(&first) = run.first() {
                 let device = assign[first];
-                let predicted_ms = run.iter().filter_map(|&n| p.times[n][device]).sum();
+                let predicted_ms = run.iter().filter_map(|&n| p.times[n][device]).sum::<f64>()
+                    + p.segment_ms.get(device).copied().unwrap_or(0.0);
                 segments.push(Segment {
                     device,
                     sub: Subgraph::extract(g, run)?,
@@ -230,6 +233,7 @@ impl Plan {
             transfers,
             nodes,
             predicted_ms: sol.cost,
+            segment_ms: p.segment_ms.clone(),
             method: sol.method.to_string(),
         })
     }
@@ -280,10 +284,11 @@ impl Plan {
         for (i, seg) in self.segments.iter().enumerate() {
             let _ = writeln!(
                 s,
-                "  {i}: {} nodes on {} (predicted {:.3} ms)",
+                "  {i}: {} nodes on {} (predicted {:.3} ms, of which {:.3} ms segment overhead)",
                 seg.nodes.len(),
                 self.devices[seg.device],
-                seg.predicted_ms
+                seg.predicted_ms,
+                self.segment_ms.get(seg.device).copied().unwrap_or(0.0)
             );
         }
         let _ = writeln!(s, "transfers ({}):", self.transfers.len());

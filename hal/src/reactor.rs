@@ -7,9 +7,13 @@
 //!   ([`Reactor::read_file`]), in chunks, short reads continued.
 //! - Other threads hand work to the reactor through a queue and an eventfd the reactor itself
 //!   polls, so submissions need no lock on the ring.
-//! - Where io_uring cannot be set up (old kernel, seccomp) the reactor falls back to threads:
-//!   one waiting thread per watched fence and plain `read(2)` for files; this is said once on
-//!   stderr.
+//! - Where io_uring cannot be set up (old kernel, seccomp, or `EDGEHAL_NO_IO_URING=1`) the
+//!   reactor falls back to threads: one waiting thread per watched fence and plain `read(2)`
+//!   for files; this is said once on stderr.
+//! - [`load_file`] is how model files (ONNX, its external data files, TFLite) come into
+//!   memory: by default read through the process-wide reactor into a page-aligned buffer
+//!   that `bytes::Bytes` owns, so initializers stay zero-copy slices; `EDGEHAL_LOAD=mmap`
+//!   maps them instead.
 //!
 //! The `unsafe` here is the io_uring submission (the kernel writes into memory named by raw
 //! pointers); every block states why the memory outlives the operation.
@@ -70,8 +74,97 @@ static SAID_FALLBACK: AtomicBool = AtomicBool::new(false);
 
 fn say_fallback(why: &str) {
     if !SAID_FALLBACK.swap(true, Ordering::SeqCst) {
-        eprintln!("edgehal: io_uring unavailable ({why}); waiting on fences with threads");
+        eprintln!(
+            "edgehal: io_uring unavailable: {why}, using read(2) for files and threads for fences"
+        );
     }
+}
+
+/// How model files are brought into memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FileLoad {
+    /// Read through the reactor's io_uring into a page-aligned buffer (plain `read(2)` where
+    /// io_uring is unavailable). The default: the weights are then ordinary anonymous memory
+    /// that no other process can change under the runtime, ready to import into devices.
+    #[default]
+    Read,
+    /// Map the file read-only (no copy; pages come from the page cache on first touch).
+    Map,
+}
+
+impl FileLoad {
+    /// `EDGEHAL_LOAD=mmap` selects [`FileLoad::Map`]; anything else (or nothing) the default.
+    pub fn from_env() -> FileLoad {
+        match std::env::var("EDGEHAL_LOAD") {
+            Ok(v) if v.eq_ignore_ascii_case("mmap") => FileLoad::Map,
+            _ => FileLoad::Read,
+        }
+    }
+}
+
+/// A whole file as [`bytes::Bytes`]: read through the process-wide reactor into a
+/// page-aligned buffer the `Bytes` owns (slices of it, e.g. initializers, never copy), or
+/// mapped (see [`FileLoad`]).
+pub fn load_file(path: &Path, how: FileLoad) -> Result<bytes::Bytes> {
+    if how == FileLoad::Map {
+        return edgehal_core::sys::map_file(path);
+    }
+    let buf = match Reactor::global() {
+        Ok(r) => r.read_file(path)?,
+        // Not even an eventfd: read on this thread.
+        Err(e) => {
+            say_fallback(&e.to_string());
+            read_plain(path)?
+        }
+    };
+    buffer_bytes(&buf)
+}
+
+/// The buffer's bytes without a copy (a fresh host buffer is only ours).
+fn buffer_bytes(buf: &Buffer) -> Result<bytes::Bytes> {
+    if buf.is_empty() {
+        return Ok(bytes::Bytes::new());
+    }
+    let t = buf.to_tensor(edgehal_core::DType::U8, vec![buf.len()])?;
+    Ok(t.bytes().clone())
+}
+
+/// Open `path` and check its size against the tensor budget.
+fn open_sized(path: &Path) -> Result<(File, usize)> {
+    let what = || path.display().to_string();
+    let f = File::open(path).map_err(|e| Error::io(format!("opening {}", what()), e))?;
+    let len = f
+        .metadata()
+        .map_err(|e| Error::io(format!("stat {}", what()), e))?
+        .len();
+    if len > edgehal_core::MAX_TENSOR_BYTES {
+        return Err(Error::TooLarge(format!(
+            "{}: {len} bytes is over the {} byte budget",
+            what(),
+            edgehal_core::MAX_TENSOR_BYTES
+        )));
+    }
+    Ok((f, len as usize))
+}
+
+/// `read(2)` a whole file into a new page-aligned buffer, in chunks of at most 1 MiB.
+fn read_plain(path: &Path) -> Result<Buffer> {
+    let (f, len) = open_sized(path)?;
+    read_plain_into(f, len, path)
+}
+
+fn read_plain_into(mut f: File, len: usize, path: &Path) -> Result<Buffer> {
+    let buf = Buffer::alloc(len, &CopyCounter::new())?;
+    let mut chunk = vec![0u8; len.min(1 << 20)];
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(chunk.len());
+        f.read_exact(&mut chunk[..n])
+            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        buf.write_from(off, &chunk[..n])?;
+        off += n;
+    }
+    Ok(buf)
 }
 
 impl Reactor {
@@ -85,10 +178,16 @@ impl Reactor {
             stop: AtomicBool::new(false),
         });
         let env_off = std::env::var("EDGEHAL_NO_IO_URING").is_ok_and(|v| v == "1");
+        // Valgrind does not follow io_uring (reads never completed under it): its preload
+        // library in LD_PRELOAD gives it away.
+        let valgrind = std::env::var("LD_PRELOAD").is_ok_and(|v| v.contains("vgpreload"));
         let ring = if force_threads {
             None
         } else if env_off {
             say_fallback("EDGEHAL_NO_IO_URING=1");
+            None
+        } else if valgrind {
+            say_fallback("running under valgrind");
             None
         } else {
             match IoUring::new(256) {
@@ -182,35 +281,11 @@ impl Reactor {
     /// Read a whole file into a new page-aligned host buffer.
     pub fn read_file(&self, path: &Path) -> Result<Buffer> {
         let what = || path.display().to_string();
-        let mut f = File::open(path).map_err(|e| Error::io(format!("opening {}", what()), e))?;
-        let len = f
-            .metadata()
-            .map_err(|e| Error::io(format!("stat {}", what()), e))?
-            .len();
-        if len > edgehal_core::MAX_TENSOR_BYTES {
-            return Err(Error::TooLarge(format!(
-                "{}: {len} bytes is over the {} byte budget",
-                what(),
-                edgehal_core::MAX_TENSOR_BYTES
-            )));
+        let (f, len) = open_sized(path)?;
+        if self.backend == Backend::Threads || len == 0 {
+            return read_plain_into(f, len, path);
         }
-        let len = len as usize;
         let buf = Buffer::alloc(len, &CopyCounter::new())?;
-        if len == 0 {
-            return Ok(buf);
-        }
-        if self.backend == Backend::Threads {
-            let mut chunk = vec![0u8; len.min(1 << 20)];
-            let mut off = 0;
-            while off < len {
-                let n = (len - off).min(chunk.len());
-                f.read_exact(&mut chunk[..n])
-                    .map_err(|e| Error::io(format!("reading {}", what()), e))?;
-                buf.write_from(off, &chunk[..n])?;
-                off += n;
-            }
-            return Ok(buf);
-        }
         let lease = buf.write_lease()?;
         let base = lease.ptr() as usize;
         let mut off = 0usize;
@@ -344,5 +419,95 @@ fn run_ring(mut ring: IoUring, sh: Arc<Shared>, mut wake_file: File) {
                 None => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn temp_file(tag: &str, data: &[u8]) -> PathBuf {
+        let p = std::env::temp_dir().join(format!(
+            "edgehal-reactor-{tag}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::write(&p, data).unwrap();
+        p
+    }
+
+    fn pattern(n: usize) -> Vec<u8> {
+        (0..n)
+            .map(|i| (i.wrapping_mul(7) ^ (i >> 8)) as u8)
+            .collect()
+    }
+
+    #[test]
+    fn load_file_reads_into_page_aligned_memory_or_maps() {
+        let data = pattern(3 * 4096 + 123);
+        let p = temp_file("load", &data);
+        let r = load_file(&p, FileLoad::Read).unwrap();
+        assert_eq!(&r[..], &data[..]);
+        assert_eq!(r.as_ptr() as usize % 4096, 0, "read buffer is page-aligned");
+        // A slice is the same memory, not a copy.
+        assert_eq!(
+            r.slice(4096..4100).as_ptr() as usize,
+            r.as_ptr() as usize + 4096
+        );
+        let m = load_file(&p, FileLoad::Map).unwrap();
+        assert_eq!(&m[..], &data[..]);
+        assert_ne!(m.as_ptr(), r.as_ptr());
+        // The thread fallback reads the same bytes into the same kind of buffer.
+        let t = Reactor::new(true).unwrap();
+        assert_eq!(t.backend(), Backend::Threads);
+        let b = t.read_file(&p).unwrap();
+        assert_eq!(b.to_vec().unwrap(), data);
+        assert_eq!(b.addr() % 4096, 0);
+        let e = temp_file("empty", b"");
+        assert!(load_file(&e, FileLoad::Read).unwrap().is_empty());
+        let missing = p.with_extension("missing");
+        let msg = load_file(&missing, FileLoad::Read).unwrap_err().to_string();
+        assert!(msg.contains("missing"), "{msg}");
+        let _ = std::fs::remove_file(&p);
+        let _ = std::fs::remove_file(&e);
+    }
+
+    const CHILD: &str = "EDGEHAL_REACTOR_TEST_CHILD";
+    const NAME: &str = "reactor::tests::without_io_uring_files_are_read_with_read2_said_once";
+
+    /// Runs itself again in a child process with `EDGEHAL_NO_IO_URING=1` (the process-wide
+    /// reactor is chosen once per process); the child loads files and reports.
+    #[test]
+    fn without_io_uring_files_are_read_with_read2_said_once() {
+        if std::env::var_os(CHILD).is_some() {
+            let r = Reactor::global().unwrap();
+            assert_eq!(r.backend(), Backend::Threads);
+            for k in 0..3 {
+                let data = pattern(5000 + k);
+                let p = temp_file(&format!("child{k}"), &data);
+                let b = load_file(&p, FileLoad::Read).unwrap();
+                assert_eq!(&b[..], &data[..]);
+                assert_eq!(b.as_ptr() as usize % 4096, 0);
+                let _ = std::fs::remove_file(&p);
+            }
+            println!("child: backend {:?}, 3 files read", r.backend());
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
+            .env("EDGEHAL_NO_IO_URING", "1")
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{stdout}\n{err}");
+        assert!(
+            stdout.contains("child: backend Threads, 3 files read"),
+            "{stdout}"
+        );
+        let said = "io_uring unavailable: EDGEHAL_NO_IO_URING=1, using read(2)";
+        assert_eq!(err.matches(said).count(), 1, "{err}");
     }
 }

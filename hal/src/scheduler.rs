@@ -468,6 +468,7 @@ impl Scheduler {
                 transfers: vec![],
                 nodes: vec![],
                 predicted_ms: 0.0,
+                segment_ms: vec![],
                 method: String::new(),
             },
             exes: vec![],
@@ -618,9 +619,54 @@ pub fn null_config_from_env() -> Result<(edgehal_null::NullConfig, String)> {
     Ok((c, spec))
 }
 
+fn open_compiled_in(name: &str, drivers: &[&dyn Driver]) -> Result<Option<Arc<dyn Device>>> {
+    for drv in drivers {
+        let infos = drv.probe(&SysRoot::live());
+        let by_name = infos.iter().find(|i| i.name == name);
+        let info = match by_name {
+            Some(i) => Some(i),
+            None if drv.name() == name => infos
+                .iter()
+                .find(|i| i.unavailable.is_none())
+                .or(infos.first()),
+            None => None,
+        };
+        match info {
+            Some(i) => {
+                if let Some(why) = &i.unavailable {
+                    return Err(Error::Device {
+                        device: name.to_string(),
+                        msg: why.clone(),
+                    });
+                }
+                return drv.open(i).map(Some);
+            }
+            None if drv.name() == name => {
+                return Err(Error::Device {
+                    device: name.to_string(),
+                    msg: "unavailable: the driver found no device".into(),
+                })
+            }
+            None => {}
+        }
+    }
+    Ok(None)
+}
+
 /// Open devices by name: `cpu`, `null0`, `null1`, ... (configured by `EDGEHAL_NULL_CONFIG`)
 /// and plugin devices found through `EDGEHAL_DRIVER_PATH`.
 pub fn open_devices(names: &[String]) -> Result<Vec<Arc<dyn Device>>> {
+    open_devices_with(names, &[])
+}
+
+/// [`open_devices`], also looking names up among the live devices of `drivers` (compiled-in
+/// backends this crate does not depend on, e.g. the Vulkan driver the CLI links): a device
+/// by its probed name (`vulkan0`), or a driver's name (`vulkan`) for its first available
+/// device. A device a driver reports as unavailable is an error that says why.
+pub fn open_devices_with(
+    names: &[String],
+    compiled: &[&dyn Driver],
+) -> Result<Vec<Arc<dyn Device>>> {
     let mut out: Vec<Arc<dyn Device>> = Vec::new();
     let mut plugins: Option<Vec<crate::plugin::PluginDriver>> = None;
     for name in names {
@@ -650,6 +696,16 @@ pub fn open_devices(names: &[String]) -> Result<Vec<Arc<dyn Device>>> {
             out.push(drv.open(&info)?);
             continue;
         }
+        if let Some(d) = open_compiled_in(name, compiled)? {
+            if out.iter().any(|o| o.info().name == d.info().name) {
+                return Err(Error::arg(format!(
+                    "device '{}' is listed twice",
+                    d.info().name
+                )));
+            }
+            out.push(d);
+            continue;
+        }
         let drivers = plugins.get_or_insert_with(|| {
             crate::plugin::load_from_env()
                 .into_iter()
@@ -670,10 +726,11 @@ pub fn open_devices(names: &[String]) -> Result<Vec<Arc<dyn Device>>> {
         match found {
             Some(d) => out.push(d),
             None => {
+                let built_in: String = compiled.iter().map(|d| format!("{}, ", d.name())).collect();
                 return Err(Error::arg(format!(
-                    "unknown device '{name}' (available: cpu, null0..null15, and plugin \
-                     devices in EDGEHAL_DRIVER_PATH)"
-                )))
+                    "unknown device '{name}' (available: cpu, null0..null15, {built_in}and \
+                     plugin devices in EDGEHAL_DRIVER_PATH)"
+                )));
             }
         }
     }

@@ -93,11 +93,18 @@ fn random_problem(seed: u64) -> Problem {
                 .collect()
         })
         .collect();
+    // Half the problems also charge a fixed cost per segment (per device).
+    let segment_ms = if r.below(2) == 0 {
+        (0..nd).map(|_| 2.0 * r.f()).collect()
+    } else {
+        vec![]
+    };
     Problem {
         n_devices: nd,
         cost,
         values,
         transfer,
+        segment_ms,
     }
 }
 
@@ -201,11 +208,13 @@ fn chain_dp_is_exact_on_long_random_chains() {
                     .collect()
             })
             .collect();
+        let segment_ms = (0..nd).map(|_| r.f()).collect();
         let p = Problem {
             n_devices: nd,
             cost,
             values,
             transfer,
+            segment_ms,
         };
         assert!(p.is_chain());
         let s = partition::partition(&p).unwrap();
@@ -261,10 +270,46 @@ fn fake_profile(times: Vec<Vec<Option<f64>>>, devices: &[&str]) -> Profile {
         times,
         value_bytes: vec![128; 6],
         transfer: vec![vec![TransferCost::ZERO; nd + 1]; nd + 1],
+        segment_ms: vec![0.0; nd],
+        passes: vec![None; nd],
         measured: 0,
         cached: 0,
         rebuilt: 0,
     }
+}
+
+#[test]
+fn segment_costs_are_charged_once_per_segment() {
+    let g = small_graph();
+    let times = vec![
+        vec![Some(5.0), Some(1.0)],
+        vec![Some(5.0), Some(1.0)],
+        vec![Some(1.0), Some(5.0)],
+        vec![Some(5.0), Some(1.0)],
+    ];
+    // Cheap segments: split around node 2 (3 segments), 4 ms of nodes + 3 x 0.5.
+    let mut p = fake_profile(times.clone(), &["cpu", "null0"]);
+    p.segment_ms = vec![0.5, 0.5];
+    let plan = Plan::choose(&g, &p, &PlanConstraints::default()).unwrap();
+    assert_eq!(plan.assign, vec![1, 1, 0, 1]);
+    assert!(
+        (plan.predicted_ms - 5.5).abs() < 1e-9,
+        "{}",
+        plan.predicted_ms
+    );
+    let seg_sum: f64 = plan.segments.iter().map(|s| s.predicted_ms).sum();
+    assert!((seg_sum - 5.5).abs() < 1e-9, "{seg_sum}");
+    // Dear segments on null0: all on null0 (8 + 4 = 12) beats the split (4 + 4 + 0.5 + 4)
+    // and [null0, null0, cpu, cpu] (8 + 4 + 0.5).
+    p.segment_ms = vec![0.5, 4.0];
+    let plan = Plan::choose(&g, &p, &PlanConstraints::default()).unwrap();
+    assert_eq!(plan.segments.len(), 1, "{:?}", plan.assign);
+    assert_eq!(plan.assign, vec![1, 1, 1, 1]);
+    assert!(
+        (plan.predicted_ms - 12.0).abs() < 1e-9,
+        "{}",
+        plan.predicted_ms
+    );
 }
 
 #[test]
@@ -399,7 +444,11 @@ fn second_profile_comes_from_the_cache_and_bad_entries_are_rebuilt() {
     let text = std::fs::read_to_string(&file).unwrap();
     std::fs::write(
         &file,
-        text.replacen("edgehal-profile 1 ", "edgehal-profile 0 ", 1),
+        text.replacen(
+            &format!("edgehal-profile {} ", edgehal::profile::CACHE_FORMAT),
+            "edgehal-profile 0 ",
+            1,
+        ),
     )
     .unwrap();
     let p5 = profile(&g, &devs, &opts).unwrap();
@@ -457,4 +506,15 @@ fn profiled_null_latencies_drive_the_plan() {
     assert_eq!(plan.assign, vec![0, 0, 1, 0]);
     assert_eq!(plan.segments.len(), 3);
     assert!(plan.predicted_ms < 40.0);
+    // The prediction is the chosen nodes' times plus one segment cost per segment (the
+    // devices share memory: no transfers).
+    assert!(p.segment_ms.iter().all(|&s| s > 0.0), "{:?}", p.segment_ms);
+    let nodes: f64 = (0..4).map(|n| p.times[n][plan.assign[n]].unwrap()).sum();
+    let segs: f64 = plan.segments.iter().map(|s| p.segment_ms[s.device]).sum();
+    assert!(plan.transfers.iter().all(|t| t.predicted_ms == 0.0));
+    assert!(
+        (plan.predicted_ms - (nodes + segs)).abs() < 1e-9,
+        "{} vs {nodes} + {segs}",
+        plan.predicted_ms
+    );
 }

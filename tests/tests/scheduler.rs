@@ -98,6 +98,8 @@ fn made_up_profile(times: Vec<Vec<Option<f64>>>, devices: &[&str]) -> Profile {
         times,
         value_bytes: vec![128; 6],
         transfer: vec![vec![TransferCost::ZERO; nd + 1]; nd + 1],
+        segment_ms: vec![0.0; nd],
+        passes: vec![None; nd],
         measured: 0,
         cached: 0,
         rebuilt: 0,

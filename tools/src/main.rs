@@ -85,7 +85,7 @@ enum Cmd {
     Plan {
         /// Model file (.onnx or .tflite).
         model: std::path::PathBuf,
-        /// Comma-separated devices (cpu, null0, ..., plugin devices).
+        /// Comma-separated devices (cpu, null0, ..., vulkan or vulkanN, plugin devices).
         #[arg(long, default_value = "cpu")]
         devices: String,
         /// Machine-readable output.

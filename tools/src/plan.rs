@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Result};
 use edgehal::plan::Plan;
 use edgehal::profile::{seeded_inputs, ProfileOptions};
-use edgehal::scheduler::{open_devices, Scheduler, SchedulerOptions};
+use edgehal::scheduler::{open_devices_with, Scheduler, SchedulerOptions};
 use edgehal::{Model, Session, SessionOptions};
 use edgehal_core::{Graph, Tensor};
 use serde_json::json;
@@ -91,7 +91,8 @@ pub fn run(a: PlanArgs) -> Result<()> {
         edgehal::passes::optimize(&mut graph, &edgehal_cpu::Registry::new())
     }
     .map_err(|e| anyhow!("{e}"))?;
-    let devices = open_devices(&names).map_err(|e| anyhow!("{e}"))?;
+    let devices =
+        open_devices_with(&names, &[&edgehal_vulkan::Driver]).map_err(|e| anyhow!("{e}"))?;
     let opts = SchedulerOptions {
         profile: ProfileOptions {
             progress: !a.json,
@@ -215,6 +216,15 @@ pub fn run(a: PlanArgs) -> Result<()> {
         }
         if let Some(n) = note {
             println!("note: {n}");
+        }
+        for (d, pass) in prof.passes.iter().enumerate() {
+            if let Some((total, sum)) = pass {
+                println!(
+                    "profiling on {}: one pass {total:.3} ms (median), node times sum to \
+                     {sum:.3} ms; segment overhead {:.4} ms",
+                    prof.devices[d], prof.segment_ms[d]
+                );
+            }
         }
         println!(
             "profile: {} measured, {} from cache{}",

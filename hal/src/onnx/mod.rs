@@ -1,14 +1,16 @@
 //! ONNX importer: `ModelProto` bytes -> [`Graph`].
 //!
 //! Decoding uses prost with message definitions written from `onnx.proto`'s public field
-//! numbers ([`proto`]). Because the input is a [`Bytes`] over the mapped file, `raw_data` of
-//! initializers is a slice of the mapping: weights are never copied at load time. External
-//! data files are mapped the same way.
+//! numbers ([`proto`]). Because the input is one [`Bytes`] holding the file (read through
+//! io_uring into a page-aligned buffer, or mapped: [`crate::reactor::load_file`]), `raw_data`
+//! of initializers is a slice of it: weights are never copied after the file is loaded.
+//! External data files are loaded the same way, each file once per import.
 
 pub mod proto;
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use edgehal_core::graph::{Attr, Dim, Graph, Node};
@@ -18,11 +20,19 @@ use prost::Message;
 
 use proto::attr_type;
 
+use crate::reactor::{load_file, FileLoad};
+
 /// Deepest nesting of subgraphs (If/Loop/Scan bodies) accepted.
 const MAX_GRAPH_DEPTH: usize = 32;
 
-/// Decode an ONNX `ModelProto` into a graph; `dir` resolves external data files.
+/// Decode an ONNX `ModelProto` into a graph; `dir` resolves external data files (read the
+/// default way, [`FileLoad::Read`]).
 pub fn import(bytes: Bytes, dir: Option<&Path>) -> Result<Graph> {
+    import_with(bytes, dir, FileLoad::Read)
+}
+
+/// [`import`], loading external data files as `how` says.
+pub fn import_with(bytes: Bytes, dir: Option<&Path>, how: FileLoad) -> Result<Graph> {
     if bytes.is_empty() {
         return Err(Error::parse("empty file"));
     }
@@ -45,8 +55,13 @@ pub fn import(bytes: Bytes, dir: Option<&Path>) -> Result<Graph> {
         // IR version 1/2 models predate opset_import; they are opset 1 era.
         opsets.insert(String::new(), 1);
     }
+    let files = dir.map(|d| ExternalFiles {
+        dir: d.to_path_buf(),
+        how,
+        loaded: RefCell::new(HashMap::new()),
+    });
     let ctx = Ctx {
-        dir,
+        files: files.as_ref(),
         functions: model
             .functions
             .iter()
@@ -97,8 +112,27 @@ pub fn write_tensor_pb(name: &str, t: &Tensor) -> Vec<u8> {
     tp.encode_to_vec()
 }
 
+/// External data files of one import: the model's folder, each file loaded once.
+struct ExternalFiles {
+    dir: PathBuf,
+    how: FileLoad,
+    loaded: RefCell<HashMap<PathBuf, Bytes>>,
+}
+
+impl ExternalFiles {
+    fn get(&self, rel: &Path) -> Result<(PathBuf, Bytes)> {
+        let path = self.dir.join(rel);
+        if let Some(b) = self.loaded.borrow().get(&path) {
+            return Ok((path, b.clone()));
+        }
+        let b = load_file(&path, self.how)?;
+        self.loaded.borrow_mut().insert(path.clone(), b.clone());
+        Ok((path, b))
+    }
+}
+
 struct Ctx<'a> {
-    dir: Option<&'a Path>,
+    files: Option<&'a ExternalFiles>,
     #[allow(dead_code)]
     functions: HashMap<(String, String), &'a proto::FunctionProto>,
 }
@@ -134,7 +168,7 @@ fn convert_dims(dims: &[i64], what: &str) -> Result<Vec<usize>> {
 }
 
 /// `TensorProto` -> [`Tensor`]; raw and external data are sliced, not copied.
-fn convert_tensor(tp: &proto::TensorProto, dir: Option<&Path>) -> Result<Tensor> {
+fn convert_tensor(tp: &proto::TensorProto, files: Option<&ExternalFiles>) -> Result<Tensor> {
     let what = if tp.name.is_empty() {
         "tensor".to_string()
     } else {
@@ -145,7 +179,7 @@ fn convert_tensor(tp: &proto::TensorProto, dir: Option<&Path>) -> Result<Tensor>
     let n = checked_numel(&shape, dtype).map_err(|e| Error::parse(format!("{what}: {e}")))?;
     let nbytes = n * dtype.size();
     if tp.data_location == 1 {
-        return external_tensor(tp, dir, dtype, shape, nbytes, &what);
+        return external_tensor(tp, files, dtype, shape, nbytes, &what);
     }
     if !tp.raw_data.is_empty() || n == 0 {
         if tp.raw_data.len() != nbytes && !(n == 0 && tp.raw_data.is_empty()) {
@@ -241,7 +275,7 @@ fn convert_tensor(tp: &proto::TensorProto, dir: Option<&Path>) -> Result<Tensor>
 
 fn external_tensor(
     tp: &proto::TensorProto,
-    dir: Option<&Path>,
+    files: Option<&ExternalFiles>,
     dtype: DType,
     shape: Vec<usize>,
     nbytes: usize,
@@ -281,13 +315,12 @@ fn external_tensor(
             "{what}: external data location '{location}' leaves the model's folder"
         )));
     }
-    let dir = dir.ok_or_else(|| {
+    let files = files.ok_or_else(|| {
         Error::unsupported(format!(
             "{what}: external data '{location}' needs the model to be loaded from a file"
         ))
     })?;
-    let path = dir.join(rel);
-    let data = edgehal_core::sys::map_file(&path)?;
+    let (path, data) = files.get(rel)?;
     let len = length.unwrap_or(nbytes as u64);
     if len != nbytes as u64 {
         return Err(Error::parse(format!(
@@ -356,7 +389,7 @@ fn convert_graph(
         if init.name.is_empty() {
             return Err(Error::parse("initializer without a name"));
         }
-        let t = convert_tensor(init, ctx.dir)?;
+        let t = convert_tensor(init, ctx.files)?;
         let id = g.value_id(&init.name);
         g.values[id].dtype = Some(t.dtype());
         g.values[id].shape = Some(t.shape().iter().map(|&d| Dim::Fixed(d)).collect());
@@ -486,7 +519,7 @@ fn convert_attr(
         attr_type::TENSOR => Attr::Tensor(convert_tensor(
             a.t.as_ref()
                 .ok_or_else(|| Error::parse(format!("attribute {name}: tensor missing")))?,
-            ctx.dir,
+            ctx.files,
         )?),
         attr_type::GRAPH => Attr::Graph(Box::new(convert_graph(
             a.g.as_ref()
@@ -501,7 +534,7 @@ fn convert_attr(
         attr_type::TENSORS => Attr::Tensors(
             a.tensors
                 .iter()
-                .map(|t| convert_tensor(t, ctx.dir))
+                .map(|t| convert_tensor(t, ctx.files))
                 .collect::<Result<Vec<_>>>()?,
         ),
         attr_type::GRAPHS => Attr::Graphs(
@@ -648,6 +681,49 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("loaded from a file"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn external_data_file_is_loaded_once_and_sliced() {
+        let dir = std::env::temp_dir().join(format!("edgehal-extonce-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut raw = vec![0u8; 4];
+        for v in [1.5f32, -2.0, 3.0, 4.0] {
+            raw.extend_from_slice(&v.to_le_bytes());
+        }
+        std::fs::write(dir.join("w.bin"), &raw).unwrap();
+        let entry = |k: &str, v: &str| proto::StringStringEntryProto {
+            key: k.into(),
+            value: v.into(),
+        };
+        let mut m = tiny_model();
+        let gp = m.graph.as_mut().unwrap();
+        let mut second = gp.initializer[0].clone();
+        second.name = "w2".into();
+        gp.initializer.push(second);
+        for (init, off) in gp.initializer.iter_mut().zip(["4", "12"]) {
+            init.raw_data = Bytes::new();
+            init.data_location = 1;
+            init.external_data = vec![
+                entry("location", "w.bin"),
+                entry("offset", off),
+                entry("length", "8"),
+            ];
+        }
+        std::fs::write(dir.join("m.onnx"), m.encode_to_vec()).unwrap();
+        for how in [FileLoad::Read, FileLoad::Map] {
+            let model = crate::Model::load_with(dir.join("m.onnx"), how).unwrap();
+            let g = &model.graph;
+            let w = &g.initializers[&g.find_value("w").unwrap()];
+            let w2 = &g.initializers[&g.find_value("w2").unwrap()];
+            assert_eq!(w.to_vec::<f32>().unwrap(), vec![1.5, -2.0]);
+            assert_eq!(w2.to_vec::<f32>().unwrap(), vec![3.0, 4.0]);
+            // Both are slices of one load of the file, which starts on a page.
+            let (a, b) = (w.bytes().as_ptr() as usize, w2.bytes().as_ptr() as usize);
+            assert_eq!(b - a, 8, "{how:?}");
+            assert_eq!((a - 4) % 4096, 0, "{how:?}");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 
