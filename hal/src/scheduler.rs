@@ -656,7 +656,28 @@ fn open_compiled_in(name: &str, drivers: &[&dyn Driver]) -> Result<Option<Arc<dy
 /// Open devices by name: `cpu`, `null0`, `null1`, ... (configured by `EDGEHAL_NULL_CONFIG`)
 /// and plugin devices found through `EDGEHAL_DRIVER_PATH`.
 pub fn open_devices(names: &[String]) -> Result<Vec<Arc<dyn Device>>> {
-    open_devices_with(names, &[])
+    let registered = registered_drivers();
+    let refs: Vec<&dyn Driver> = registered.iter().map(|d| d.as_ref()).collect();
+    open_devices_with(names, &refs)
+}
+
+/// Compiled-in drivers this crate does not depend on (the CLI registers the Vulkan driver),
+/// consulted by [`open_devices`] and so by sessions.
+static REGISTERED: std::sync::Mutex<Vec<Arc<dyn Driver>>> = std::sync::Mutex::new(Vec::new());
+
+/// Make `driver`'s devices reachable by name from [`open_devices`] and
+/// [`crate::Session`] (`--device vulkan`). Registering a driver of the same name twice keeps
+/// the first.
+pub fn register_driver(driver: Arc<dyn Driver>) {
+    let mut r = REGISTERED.lock().unwrap_or_else(|p| p.into_inner());
+    if !r.iter().any(|d| d.name() == driver.name()) {
+        r.push(driver);
+    }
+}
+
+/// The drivers given to [`register_driver`].
+pub fn registered_drivers() -> Vec<Arc<dyn Driver>> {
+    REGISTERED.lock().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
 /// [`open_devices`], also looking names up among the live devices of `drivers` (compiled-in

@@ -20,7 +20,9 @@ use crate::Model;
 pub struct SessionOptions {
     /// Worker threads (0 = one per core).
     pub threads: usize,
-    /// Device name: `auto` or `cpu` (more with the HAL drivers).
+    /// Device name: `auto` or `cpu` run on the CPU executor; another device name (`vulkan`,
+    /// `vulkan0` once the Vulkan driver is registered, a plugin device, `null0`) gets every
+    /// node it supports, the CPU the rest.
     pub device: String,
     /// Run graph passes (constant folding, dead node removal, inference). On by default.
     pub optimize: bool,
@@ -91,11 +93,7 @@ impl Session {
         }
         match opts.device.as_str() {
             "auto" | "cpu" => {}
-            other => {
-                return Err(Error::arg(format!(
-                    "unknown device '{other}' (available: auto, cpu)"
-                )))
-            }
+            other => return Self::new_on_device(model, opts, other),
         }
         let registry = Registry::new();
         let mut graph: Graph = model.graph.clone();
@@ -131,8 +129,28 @@ impl Session {
         })
     }
 
+    /// `device` other than the CPU (`vulkan`, `vulkan0`, a plugin device, `null0`): every node
+    /// it supports is pinned to it, the CPU runs the rest, through the scheduler.
+    fn new_on_device(model: &Model, opts: &SessionOptions, device: &str) -> Result<Session> {
+        let names = vec![device.to_string(), "cpu".to_string()];
+        let devices = open_devices(&names).map_err(|e| match e {
+            Error::InvalidArgument(m) => Error::InvalidArgument(format!("device {device}: {m}")),
+            other => other,
+        })?;
+        Self::planned_on(model, opts, devices, true)
+    }
+
     fn new_planned(model: &Model, opts: &SessionOptions) -> Result<Session> {
         let devices = open_devices(&opts.devices)?;
+        Self::planned_on(model, opts, devices, false)
+    }
+
+    fn planned_on(
+        model: &Model,
+        opts: &SessionOptions,
+        devices: Vec<std::sync::Arc<dyn edgehal_core::driver::Device>>,
+        pin_first: bool,
+    ) -> Result<Session> {
         let mut graph: Graph = model.graph.clone();
         let log = if opts.optimize {
             crate::passes::optimize_portable(&mut graph, &Registry::new())?
@@ -150,11 +168,28 @@ impl Session {
             .map(|&id| (id, info(&graph, id)))
             .collect();
         let outputs = graph.outputs.iter().map(|&id| info(&graph, id)).collect();
-        let sched =
-            Scheduler::new(&graph, devices, &SchedulerOptions::default()).map_err(|e| match e {
-                Error::Unsupported(m) => Error::Unsupported(format!("{}: {m}", model.name)),
-                other => other,
-            })?;
+        let mut sopts = SchedulerOptions::default();
+        if pin_first {
+            if let Some(first) = devices.first() {
+                let name = first.info().name.clone();
+                sopts.constraints.pins = graph
+                    .nodes
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, n)| {
+                        matches!(
+                            first.supports(n, &graph),
+                            edgehal_core::driver::Support::Yes
+                        )
+                    })
+                    .map(|(i, _)| (i.to_string(), name.clone()))
+                    .collect();
+            }
+        }
+        let sched = Scheduler::new(&graph, devices, &sopts).map_err(|e| match e {
+            Error::Unsupported(m) => Error::Unsupported(format!("{}: {m}", model.name)),
+            other => other,
+        })?;
         let device = format!("plan({})", sched.plan().used_devices().join("+"));
         Ok(Session {
             exec: None,

@@ -466,7 +466,13 @@ mod tests {
             }
             for v in dispatch::detected() {
                 let pa = PackedA::with_variant(v, MatRef::row_major(&at, k, m).t()).unwrap();
-                assert_eq!(pa.variant(), v);
+                // Variants without a packed float tile here (VNNI, NEON...) pack for the
+                // portable one.
+                let want = match v {
+                    Variant::Avx512 | Variant::Avx2 => v,
+                    _ => Variant::Portable,
+                };
+                assert_eq!(pa.variant(), want);
                 for (ai, &act) in acts.iter().enumerate() {
                     let with_res = ai % 2 == 0;
                     let epi = Epilogue {

@@ -69,8 +69,18 @@ fn compare(model: &str, got: &str, want: &str) {
             worst = worst.max((x - y).abs());
         }
         if float {
+            // mobilenet_v2_int8.onnx is a QDQ graph: its convolutions run in float between
+            // Quantize/Dequantize pairs, so a different float kernel (AVX-512 packed tile on the
+            // host, NEON/portable under qemu) may round a requantization the other way: one
+            // step of its output scale (0.0020513833, the final DequantizeLinear's), the
+            // agreement bound the int8 issue sets against onnxruntime.
+            let step = if model == "mobilenet_v2_int8.onnx" {
+                0.002_052
+            } else {
+                0.0
+            };
             assert!(
-                worst <= 1e-4 * max.max(1.0),
+                worst <= (1e-4 * max.max(1.0)).max(step),
                 "{model}: {gh}: max diff {worst}"
             );
         } else {

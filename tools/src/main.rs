@@ -42,7 +42,8 @@ enum Cmd {
         /// Write each output as DIR/<output name>.npy.
         #[arg(long)]
         output_dir: Option<std::path::PathBuf>,
-        /// auto, cpu, ...
+        /// auto or cpu (the CPU executor); vulkan, vulkanN, a plugin device or nullN: every node
+        /// that device supports runs there, the CPU runs the rest.
         #[arg(long, default_value = "auto")]
         device: String,
         /// Worker threads (0 = one per core).
@@ -59,7 +60,8 @@ enum Cmd {
     Bench {
         /// Model file (.onnx or .tflite).
         model: std::path::PathBuf,
-        /// auto, cpu, ...
+        /// auto or cpu (the CPU executor); vulkan, vulkanN, a plugin device or nullN: every node
+        /// that device supports runs there, the CPU runs the rest.
         #[arg(long, default_value = "auto")]
         device: String,
         /// Worker threads (0 = one per core).
@@ -127,6 +129,8 @@ fn main() {
         std::process::exit(101);
     }));
     let cli = Cli::parse();
+    // The Vulkan backend is compiled into the CLI: sessions reach it as `--device vulkan`.
+    edgehal::scheduler::register_driver(std::sync::Arc::new(edgehal_vulkan::Driver));
     let res = match cli.cmd {
         Cmd::Probe { json, sysroot } => probe::run(json, sysroot),
         Cmd::Run {
