@@ -2,10 +2,34 @@
 //!
 //! Work is cut into contiguous ranges of "units" (row panels, channels, Winograd positions)
 //! whose outputs are disjoint slices, so each thread gets `&mut` to its own part in safe Rust.
-//! One thread runs inline on the caller (no spawn, no synchronisation); more use
-//! `std::thread::scope`, the caller's thread doing the first range.
+//! One thread runs inline on the caller (no spawn, no synchronisation); more run on a
+//! persistent worker pool per thread count (rayon's, built once per process), so a network of
+//! a hundred small convolutions does not pay a thread spawn per op.
 
+use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// The pool of `threads` workers, built on first use and kept for the process.
+fn pool(threads: usize) -> Option<Arc<rayon::ThreadPool>> {
+    static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
+    let mut pools = POOLS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(p) = pools.get(&threads) {
+        return Some(p.clone());
+    }
+    let p = Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("edgehal-cpu-{i}"))
+            .build()
+            .ok()?,
+    );
+    pools.insert(threads, p.clone());
+    Some(p)
+}
 
 /// The thread count for a requested number: 0 means one per available core.
 pub fn resolve_threads(requested: usize) -> usize {
@@ -42,24 +66,32 @@ pub fn for_parts<E: Send>(
         rest = tail;
         u = end;
     }
-    std::thread::scope(|s| {
-        let mut it = chunks.into_iter();
-        let first = it.next();
-        let handles: Vec<_> = it.map(|(r, c)| s.spawn(|| f(r, c))).collect();
-        let mut result = match first {
-            Some((r, c)) => f(r, c),
-            None => Ok(()),
-        };
-        for h in handles {
-            // A worker that panicked has already reported; keep the first error otherwise.
-            if let Ok(r) = h.join() {
-                if result.is_ok() {
-                    result = r;
-                }
-            }
+    let Some(pool) = pool(parts) else {
+        // No pool could be built (thread limit): run the parts one after another.
+        for (r, c) in chunks {
+            f(r, c)?;
         }
-        result
-    })
+        return Ok(());
+    };
+    let results: Vec<Mutex<Option<Result<(), E>>>> =
+        (0..chunks.len()).map(|_| Mutex::new(None)).collect();
+    pool.scope(|s| {
+        for ((r, c), slot) in chunks.into_iter().zip(&results) {
+            let f = &f;
+            s.spawn(move |_| {
+                let r = f(r, c);
+                *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+            });
+        }
+    });
+    // The first error in part order; a part that never reported (its worker panicked, which
+    // rayon re-raises from `scope`) cannot reach here.
+    for slot in results {
+        if let Some(Err(e)) = slot.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
