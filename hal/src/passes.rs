@@ -318,9 +318,8 @@ pub fn fuse_convolutions_with(g: &mut Graph, cpu_fusion: bool) -> (usize, usize)
         }
         let fixed_shape = |v: ValueId| g.values[v].fixed_shape();
         let mut residual = None;
-        if !cpu_fusion {
-            // Leave the Add/activation chain as standard ops for other devices.
-        } else if let Some(n) = next(cur, &removed) {
+        // Without CPU fusion the Add/activation chain stays standard ops for other devices.
+        if let (true, Some(n)) = (cpu_fusion, next(cur, &removed)) {
             let add = &g.nodes[n];
             if is_onnx(add, "Add") && add.inputs.len() == 2 && add.outputs.len() == 1 {
                 let (a, b) = (add.inputs[0], add.inputs[1]);

@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Result};
 use edgehal::plan::Plan;
 use edgehal::profile::{seeded_inputs, ProfileOptions};
-use edgehal::scheduler::{open_devices_with, Scheduler, SchedulerOptions};
+use edgehal::scheduler::{open_devices, Scheduler, SchedulerOptions};
 use edgehal::{Model, Session, SessionOptions};
 use edgehal_core::{Graph, Tensor};
 use serde_json::json;
@@ -91,8 +91,8 @@ pub fn run(a: PlanArgs) -> Result<()> {
         edgehal::passes::optimize(&mut graph, &edgehal_cpu::Registry::new())
     }
     .map_err(|e| anyhow!("{e}"))?;
-    let devices =
-        open_devices_with(&names, &[&edgehal_vulkan::Driver]).map_err(|e| anyhow!("{e}"))?;
+    // Compiled-in backends (Vulkan) are registered by main().
+    let devices = open_devices(&names).map_err(|e| anyhow!("{e}"))?;
     let opts = SchedulerOptions {
         profile: ProfileOptions {
             progress: !a.json,

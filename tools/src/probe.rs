@@ -4,7 +4,7 @@
 //! enumerates on the live machine (`{"available", "reason", "devices": [...]}`), or why there
 //! is no Vulkan (`unavailable: libvulkan.so.1 not found`). Fixture probes skip it.
 
-use edgehal_core::probe::{probe, Backend, ProbedDevice, SysRoot};
+use edgehal_core::probe::{Backend, ProbedDevice, SysRoot};
 
 /// Run `edgehal probe`.
 pub fn run(json: bool, sysroot: Option<std::path::PathBuf>) -> anyhow::Result<()> {
@@ -17,25 +17,9 @@ pub fn run(json: bool, sysroot: Option<std::path::PathBuf>) -> anyhow::Result<()
         }
         None => SysRoot::live(),
     };
-    let mut report = probe(&root);
-    // Vendor plugins found through EDGEHAL_DRIVER_PATH list their devices too; one that cannot
-    // be loaded (wrong ABI version, missing symbols) is listed with the reason.
-    let spec = std::env::var("EDGEHAL_DRIVER_PATH").unwrap_or_default();
-    for path in edgehal::plugin::plugin_paths(&spec) {
-        match edgehal::plugin::PluginDriver::load(&path) {
-            Ok(driver) => {
-                use edgehal_core::driver::Driver;
-                for info in driver.probe(&root) {
-                    report
-                        .devices
-                        .push(ProbedDevice::from_driver_info(&info, Backend::Plugin));
-                }
-            }
-            Err(e) => report
-                .devices
-                .push(ProbedDevice::failed_plugin(path.display().to_string(), e)),
-        }
-    }
+    // The core probe plus vendor plugins from EDGEHAL_DRIVER_PATH (one that cannot be loaded
+    // is listed with the reason), as the C API lists them.
+    let mut report = edgehal::plugin::probe_with_plugins(&root);
     // PCI devices that edgehal drives from user space through VFIO (today: QEMU's edu DMA
     // device, the worked example of a PCIe driver). Probing reads sysfs only.
     {

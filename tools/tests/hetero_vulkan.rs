@@ -239,3 +239,53 @@ fn plan_cli_on_cpu_and_vulkan() {
     // At least the CPU alone was measured as the baseline the plan must not lose to.
     assert!(!v["single_device"].as_array().unwrap().is_empty(), "{v}");
 }
+
+/// `edgehal run --device vulkan`: the session reaches the registered Vulkan driver, runs the
+/// MatMul there (device `plan(vulkan0)`), and agrees with `--device cpu` on the same seed.
+#[test]
+fn run_cli_with_device_vulkan() {
+    if vulkan().is_none() {
+        return;
+    }
+    let model =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../ffi/tests/data/matmul.onnx");
+    let run = |device: &str| -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_edgehal"))
+            .arg("run")
+            .arg(&model)
+            .args(["--device", device, "--json"])
+            .output()
+            .expect("running edgehal");
+        assert!(
+            out.status.success(),
+            "--device {device}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON")
+    };
+    let (gpu, cpu) = (run("vulkan"), run("cpu"));
+    assert_eq!(gpu["device"], "plan(vulkan0)", "{gpu}");
+    assert_eq!(cpu["device"], "cpu", "{cpu}");
+    for k in ["min", "max", "mean"] {
+        let (a, b) = (
+            gpu["outputs"][0]["stats"][k].as_f64().expect("stat"),
+            cpu["outputs"][0]["stats"][k].as_f64().expect("stat"),
+        );
+        assert!(
+            (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+            "{k}: vulkan {a}, cpu {b}"
+        );
+    }
+    let bogus = Command::new(env!("CARGO_BIN_EXE_edgehal"))
+        .arg("run")
+        .arg(&model)
+        .args(["--device", "nosuchdevice"])
+        .output()
+        .expect("running edgehal");
+    assert!(!bogus.status.success());
+    let err = String::from_utf8_lossy(&bogus.stderr);
+    assert!(
+        err.contains("unknown device 'nosuchdevice'") && err.contains("vulkan"),
+        "{err}"
+    );
+}
