@@ -89,7 +89,7 @@ def seeded_inputs(specs, seed=7):
 
     out, used = [], 0
     for shape, dt in specs:
-        shape = [d if isinstance(d, int) and d > 0 else 1 for d in shape]
+        shape = [int(d) if isinstance(d, (int, np.integer)) and d > 0 else 1 for d in shape]
         n = int(np.prod(shape)) if shape else 1
         z = splitmix64(used, n, seed)
         used += n
@@ -191,7 +191,7 @@ def tflite_flops(path):
 
 def model_flops(path):
     try:
-        return onnx_flops(path) if path.endswith(".onnx") else tflite_flops(path)
+        return int(onnx_flops(path) if path.endswith(".onnx") else tflite_flops(path))
     except Exception as e:  # a FLOP count is a nice-to-have column, never fatal
         log(f"warning: FLOPs of {os.path.basename(path)} not counted: {e}")
         return None
@@ -408,14 +408,15 @@ def convert(model_path, cache, shape):
     errors = {}
     key = f"{sha256(model_path)} pnnx {pkg_version('pnnx')} MNN {pkg_version('MNN')} {shape}"
     stamp = base + ".stamp"
-    done = {}
-    if os.path.exists(stamp):
+    try:
         with open(stamp) as f:
-            done = json.load(f) if f.readable() else {}
-    if done.get("key") != key:
-        done = {"key": key}
+            done = json.load(f)
+    except (OSError, ValueError):
+        done = {}
+    if not isinstance(done, dict) or done.get("key") != key:
+        done = {"key": key}  # new model or new converters: convert again
     src = base + ".onnx"
-    if not os.path.exists(src) or done.get("key") != key or not done.get("copied"):
+    if not done.get("copied") or not os.path.exists(src):
         shutil.copyfile(model_path, src)  # pnnx writes its outputs beside its input
         done["copied"] = True
     if not done.get("ncnn") or not os.path.exists(base + ".ncnn.bin"):
