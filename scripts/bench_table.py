@@ -700,6 +700,9 @@ def main():
     out.append("- peer versions: " + ", ".join(f"{k} {v or 'MISSING'}" for k, v in versions.items()))
     out.append("- peer peak RSS is the whole Python process (VmHWM); the Python + numpy baseline "
                "before the runtime loads is in brackets")
+    out.append("- GFLOP counts 2 x the multiply-adds of Conv/Gemm/MatMul/LSTM (int8 models: "
+               "integer ops, still set against the float FMA peak); % of peak uses "
+               "peak x threads")
     out.append("")
     out.append("| model | threads | edgehal median | fastest peer | peer median | edgehal / peer "
                "| edgehal peak RSS | peer peak RSS | GFLOP | edgehal GFLOP/s | peer GFLOP/s "
@@ -716,6 +719,9 @@ def main():
                 tag = "MISSING" if v["missing"] else "FAILED"
                 opt = " (optional)" if v["optional"] else ""
                 cells.append(f"{PEER_NAMES[p]} {tag}{opt}: {(v['error'] or '')[:80]}")
+        lacking = [PEER_NAMES[p] for p, v in row["peers"].items()
+                   if not v["optional"] and v["median_ms"] is None]
+        incomplete = f" (INCOMPLETE: {', '.join(lacking)} not timed)" if lacking else ""
         pct = None
         if peak and row["edgehal_gflops"]:
             pct = 100 * row["edgehal_gflops"] / (peak * row["threads"])
@@ -725,7 +731,7 @@ def main():
         out.append("| " + " | ".join([
             row["model"], str(row["threads"]),
             fmt_ms(e["median_ms"]) if e["median_ms"] is not None else f"FAILED: {e['error']}",
-            bp["runtime"] if bp else "NONE TIMED",
+            (bp["runtime"] if bp else "NONE TIMED") + incomplete,
             fmt_ms(bp["median_ms"]) if bp else "–",
             f"{row['ratio']:.2f}" if row["ratio"] else "–",
             fmt_mb(e["peak_rss_mb"]), peer_rss,
