@@ -383,12 +383,15 @@ fn conv(g: &mut Graph, st: &mut State, n: &Node) -> Option<()> {
         const_f32(g, b).filter(|t| t.len() == m)?;
     }
     let (strides, dil, pads) = window(n, &xs, &ys, kh, kw, true)?;
-    let data = wt.to_f32();
-    // OIHW: depthwise [1,KH,KW,M] -> [M,1,KH,KW] (= permute [3,0,1,2]); conv OHWI -> OIHW.
-    let perm = if depthwise { [3, 0, 1, 2] } else { TO_NCHW };
-    let wn = permute4(&data, &ws, &perm);
     let wshape = vec![m, cg, kh, kw];
-    let wn = Tensor::from_vec(wshape, wn).ok()?;
+    let wn = if !depthwise && kh == 1 && kw == 1 {
+        // [M,1,1,C] and [M,C,1,1] hold the same bytes: no copy, weights stay in the file.
+        wt.reshape(wshape).ok()?
+    } else {
+        // OIHW: depthwise [1,KH,KW,M] -> [M,1,KH,KW] (= permute [3,0,1,2]); OHWI -> OIHW.
+        let perm = if depthwise { [3, 0, 1, 2] } else { TO_NCHW };
+        Tensor::from_vec(wshape, permute4(&wt.to_f32(), &ws, &perm)).ok()?
+    };
     let wname = format!("{}_oihw", g.value_name(w));
     let wid = add_init(g, &wname, wn);
     let xn = to_nchw(g, st, x);
@@ -1052,7 +1055,7 @@ mod tests {
         let plain = g.clone();
         assert_eq!(tflite_to_nchw(&mut g).unwrap(), 2);
         assert_eq!(count(&g, "Transpose"), 4, "{:?}", ops(&g));
-        assert_close(&run(&plain, &[x.clone()]), &run(&g, &[x]));
+        assert_close(&run(&plain, std::slice::from_ref(&x)), &run(&g, &[x]));
     }
 
     #[test]
