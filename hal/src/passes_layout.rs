@@ -52,11 +52,7 @@ pub fn tflite_to_nchw(g: &mut Graph) -> Result<usize> {
     let old = std::mem::take(&mut g.nodes);
     let mut st = State::default();
     for node in old {
-        let converted = if node.domain == DOMAIN {
-            rewrite(g, &mut st, &node)?
-        } else {
-            false
-        };
+        let converted = node.domain == DOMAIN && rewrite(g, &mut st, &node);
         if converted {
             st.rewritten += 1;
         } else {
@@ -205,10 +201,12 @@ fn nchw_readable(g: &Graph, st: &State, v: ValueId) -> bool {
     st.nchw.contains_key(&v) || fixed_f32(g, v).is_some_and(|s| s.len() == 4)
 }
 
-/// The ONNX activation a TFLite `fused_activation_function` names: (op, clip bounds).
+/// An ONNX activation op and, for Clip, its bounds.
+type Act = Option<(&'static str, Option<(f32, f32)>)>;
+
+/// The ONNX activation a TFLite `fused_activation_function` names (`Some(None)`: none).
 /// `None` for ones with no ONNX counterpart here (SIGN_BIT).
-#[allow(clippy::type_complexity)]
-fn fused_act(n: &Node) -> Option<Option<(&'static str, Option<(f32, f32)>)>> {
+fn fused_act(n: &Node) -> Option<Act> {
     match n
         .attr_s("fused_activation_function")
         .unwrap_or_default()
@@ -225,13 +223,7 @@ fn fused_act(n: &Node) -> Option<Option<(&'static str, Option<(f32, f32)>)>> {
 
 /// Emits `op` writing `out` directly (no activation) or through a fresh value followed by the
 /// activation node.
-fn emit_with_act(
-    g: &mut Graph,
-    st: &mut State,
-    main: Node,
-    act: Option<(&'static str, Option<(f32, f32)>)>,
-    out: ValueId,
-) {
+fn emit_with_act(g: &mut Graph, st: &mut State, main: Node, act: Act, out: ValueId) {
     let Some((aop, bounds)) = act else {
         let mut main = main;
         main.outputs = vec![Some(out)];
@@ -332,8 +324,8 @@ fn out0(n: &Node) -> Option<ValueId> {
 }
 
 /// Rewrites one TFLite node when it is a float op this pass knows; false leaves it as it is.
-fn rewrite(g: &mut Graph, st: &mut State, n: &Node) -> Result<bool> {
-    Ok(match n.op.as_str() {
+fn rewrite(g: &mut Graph, st: &mut State, n: &Node) -> bool {
+    match n.op.as_str() {
         "Conv2D" | "DepthwiseConv2D" => conv(g, st, n).is_some(),
         "MaxPool2D" | "AveragePool2D" => pool(g, st, n).is_some(),
         "FullyConnected" => fully_connected(g, st, n).is_some(),
@@ -353,7 +345,7 @@ fn rewrite(g: &mut Graph, st: &mut State, n: &Node) -> Result<bool> {
         "Pad" | "PadV2" => pad(g, st, n).is_some(),
         "Concatenation" => concat(g, st, n).is_some(),
         _ => false,
-    })
+    }
 }
 
 /// Conv2D and DepthwiseConv2D -> Conv (grouped for depthwise).
