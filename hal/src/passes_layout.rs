@@ -341,7 +341,10 @@ fn rewrite(g: &mut Graph, st: &mut State, n: &Node) -> bool {
         "Logistic" => unary(g, st, n, "Sigmoid", None).is_some(),
         "Tanh" => unary(g, st, n, "Tanh", None).is_some(),
         "HardSwish" => unary(g, st, n, "HardSwish", None).is_some(),
-        "Mean" => mean(g, st, n).is_some(),
+        "Mean" => reduce(g, st, n, "ReduceMean").is_some(),
+        "Sum" => reduce(g, st, n, "ReduceSum").is_some(),
+        "ReduceMax" => reduce(g, st, n, "ReduceMax").is_some(),
+        "ReduceMin" => reduce(g, st, n, "ReduceMin").is_some(),
         "Pad" | "PadV2" => pad(g, st, n).is_some(),
         "Concatenation" => concat(g, st, n).is_some(),
         _ => false,
@@ -541,8 +544,9 @@ fn unary(
     Some(())
 }
 
-/// Mean over constant axes of an NCHW value -> ReduceMean with the axes remapped.
-fn mean(g: &mut Graph, st: &mut State, n: &Node) -> Option<()> {
+/// Mean / Sum / ReduceMax / ReduceMin over constant axes of an NCHW value -> the ONNX reduce
+/// `op` with the axes remapped (an attribute in opset 13, an input for ReduceSum).
+fn reduce(g: &mut Graph, st: &mut State, n: &Node, op: &str) -> Option<()> {
     let (x, a, y) = (io(n, 0)?, io(n, 1)?, out0(n)?);
     let xn = *st.nchw.get(&x)?;
     let ys = fixed_f32(g, y)?;
@@ -563,12 +567,19 @@ fn mean(g: &mut Graph, st: &mut State, n: &Node) -> Option<()> {
     }
     let keep = n.attr_i("keep_dims").unwrap_or(0) != 0;
     let naxes: Vec<usize> = axes.iter().map(|&v| NHWC_AXIS_TO_NCHW[v]).collect();
-    let node = |out| {
-        with(
-            onnx("ReduceMean", &n.name, vec![Some(xn)], out),
-            vec![("axes", ints(&naxes)), ("keepdims", Attr::Int(keep as i64))],
+    let mut ins = vec![Some(xn)];
+    let mut attrs = vec![("keepdims", Attr::Int(keep as i64))];
+    if op == "ReduceSum" {
+        let t = Tensor::from_vec(
+            vec![naxes.len()],
+            naxes.iter().map(|&a| a as i64).collect::<Vec<_>>(),
         )
-    };
+        .ok()?;
+        ins.push(Some(add_init(g, &format!("{}_axes", n.name), t)));
+    } else {
+        attrs.push(("axes", ints(&naxes)));
+    }
+    let node = |out| with(onnx(op, &n.name, ins, out), attrs);
     if keep {
         if ys.len() != 4 {
             return None;
@@ -949,7 +960,7 @@ mod tests {
     }
 
     #[test]
-    fn pad_concat_and_keep_dims_mean_stay_nchw() {
+    fn pad_concat_and_reductions_stay_nchw() {
         let mut sd = 9u32;
         let mut g = Graph::new("pc");
         input(&mut g, "x", &[1, 5, 6, 2]);
@@ -958,6 +969,7 @@ mod tests {
         init(&mut g, "pads", vec![4, 2], vec![0i32, 0, 1, 0, 2, 1, 0, 0]);
         init(&mut g, "axes", vec![2], vec![2i32, 1]);
         init(&mut g, "k", vec![1, 1, 1, 7], rnd(&mut sd, 7));
+        init(&mut g, "cax", vec![1], vec![-1i32]);
         tfl(
             &mut g,
             "Conv2D",
@@ -998,7 +1010,21 @@ mod tests {
             vec![("fused_activation_function", s("RELU_N1_TO_1"))],
         );
         tfl(&mut g, "Logistic", &["s2"], "y", vec![]);
-        g.outputs = vec![g.value_id("y")];
+        tfl(
+            &mut g,
+            "Sum",
+            &["s2", "axes"],
+            "sum",
+            vec![("keep_dims", Attr::Int(0))],
+        );
+        tfl(
+            &mut g,
+            "ReduceMax",
+            &["s1", "cax"],
+            "mx",
+            vec![("keep_dims", Attr::Int(1))],
+        );
+        g.outputs = vec![g.value_id("y"), g.value_id("sum"), g.value_id("mx")];
         let x = Tensor::from_vec(vec![1, 5, 6, 2], rnd(&mut sd, 60)).unwrap();
         let z = Tensor::from_vec(
             vec![1, 6, 9, 3],
@@ -1008,9 +1034,10 @@ mod tests {
         let feeds = vec![x, z];
         annotate(&mut g, &feeds);
         let plain = g.clone();
-        assert_eq!(tflite_to_nchw(&mut g).unwrap(), 7, "{:?}", ops(&g));
-        // x and z in, y out.
-        assert_eq!(count(&g, "Transpose"), 3, "{:?}", ops(&g));
+        assert_eq!(tflite_to_nchw(&mut g).unwrap(), 9, "{:?}", ops(&g));
+        // x and z in, y and mx out (sum is [1, C] in both layouts).
+        assert_eq!(count(&g, "Transpose"), 4, "{:?}", ops(&g));
+        assert_eq!(count(&g, "ReduceSum") + count(&g, "ReduceMax"), 2);
         let cc = g.nodes.iter().find(|n| n.op == "Concat").unwrap();
         assert_eq!(cc.attr_i("axis"), Some(1));
         assert_close(&run(&plain, &feeds), &run(&g, &feeds));
