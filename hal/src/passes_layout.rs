@@ -49,9 +49,14 @@ pub fn tflite_to_nchw(g: &mut Graph) -> Result<usize> {
         // that opset's rules.
         return Ok(0);
     }
-    let old = std::mem::take(&mut g.nodes);
+    // Producers before consumers, so every NHWC reader of a rewritten value is seen after it.
+    let order = g.topo_order()?;
+    let mut old: Vec<Option<Node>> = std::mem::take(&mut g.nodes).into_iter().map(Some).collect();
     let mut st = State::default();
-    for node in old {
+    for node in order
+        .into_iter()
+        .filter_map(|i| old.get_mut(i).and_then(Option::take))
+    {
         let converted = node.domain == DOMAIN && rewrite(g, &mut st, &node);
         if converted {
             st.rewritten += 1;
