@@ -510,12 +510,10 @@ pub fn wino2_output(p: &WinoOutput<'_>, y: &mut [f32]) -> bool {
                 let tile = ty * p.tiles_x + tx;
                 let m = |xi: usize| p.mm[(xi * p.m_total + oc) * t + tile];
                 // Rows: q = A^T M (2x4), then Y = q A (2x2).
-                let mut q = [[0f32; 4]; 2];
-                for col in 0..4 {
-                    let (m0, m1, m2, m3) = (m(col), m(4 + col), m(8 + col), m(12 + col));
-                    q[0][col] = m0 + m1 + m2;
-                    q[1][col] = m1 - m2 - m3;
-                }
+                let q: [[f32; 4]; 2] = [
+                    std::array::from_fn(|col| m(col) + m(4 + col) + m(8 + col)),
+                    std::array::from_fn(|col| m(4 + col) - m(8 + col) - m(12 + col)),
+                ];
                 for (i, qr) in q.iter().enumerate() {
                     let oy = ty * 2 + i;
                     if oy >= oh {
