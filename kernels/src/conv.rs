@@ -600,6 +600,11 @@ mod tests {
             (4, 1, 1, 1, 1),
             (3, 6, 5, 1, 0),
             (17, 13, 12, 2, 0),
+            // Stride 1, pad 2: two edge outputs per side, and a 1x1 input whose three
+            // outputs are all edges (no interior).
+            (2, 5, 4, 1, 2),
+            (1, 1, 1, 1, 2),
+            (3, 14, 14, 1, 1),
         ] {
             let oh = (h + 2 * pad - 3) / s + 1;
             let ow = (w + 2 * pad - 3) / s + 1;
