@@ -1,6 +1,7 @@
 //! Convolution kernel families in GFLOP/s (criterion "elem/s" = FLOP/s): the packed-weight
 //! GEMM with a fused epilogue at ResNet-18 / MobileNet-v2 shapes, depthwise 3x3 and the
-//! Winograd F(4x4, 3x3) transforms. Peak for comparison: `--bench gemm` (fma_peak group).
+//! Winograd F(4x4, 3x3) and F(2x2, 3x3) layers (transforms + GEMMs; compare
+//! `winograd_f23_c512_7` with `packed_512x49x4608`, the same layer as an im2col GEMM). Peak for comparison: `--bench gemm` (fma_peak group).
 //!
 //! `cargo bench -p edgehal-kernels --bench conv` (single thread).
 
@@ -148,12 +149,69 @@ fn winograd(c: &mut Criterion) {
     g.finish();
 }
 
+fn winograd2(c: &mut Criterion) {
+    // ResNet-18 layer 4: 512 channels, 7x7, pad 1, F(2x2, 3x3) (16 tiles per GEMM). Throughput:
+    // the direct conv's FLOPs, as for F(4x4, 3x3) above.
+    let (ch, hw) = (512, 7);
+    let x = data(ch * hw * hw, 1);
+    let w = data(ch * ch * 9, 2);
+    let u = conv::wino2_weights(&w, ch, ch).unwrap();
+    let t1 = conv::wino2_tiles(hw);
+    let t = t1 * t1;
+    let mut v = vec![0f32; 16 * ch * t];
+    let mut mm = vec![0f32; 16 * ch * t];
+    let mut y = vec![0f32; ch * hw * hw];
+    let mut g = c.benchmark_group(format!("winograd_f23_c{ch}_{hw}"));
+    g.throughput(Throughput::Elements((2 * 9 * ch * ch * hw * hw) as u64));
+    for var in variants() {
+        let packs: Vec<PackedA> = (0..16)
+            .map(|xi| {
+                PackedA::with_variant(var, MatRef::row_major(&u[xi * ch * ch..], ch, ch)).unwrap()
+            })
+            .collect();
+        g.bench_function(var.name(), |bch| {
+            bch.iter(|| {
+                let pin = WinoInput {
+                    x: &x,
+                    c: ch,
+                    h: hw,
+                    w: hw,
+                    pad_top: 1,
+                    pad_left: 1,
+                    tiles_y: t1,
+                    tiles_x: t1,
+                };
+                conv::wino2_input(&pin, &mut v);
+                for (xi, pa) in packs.iter().enumerate() {
+                    let bm = MatRef::row_major(&v[xi * ch * t..(xi + 1) * ch * t], ch, t);
+                    gemm_packed(pa, bm, &mut mm[xi * ch * t..], t, &Epilogue::PLAIN);
+                }
+                let pout = WinoOutput {
+                    mm: &mm,
+                    m_total: ch,
+                    first: 0,
+                    m: ch,
+                    tiles_y: t1,
+                    tiles_x: t1,
+                    out_h: hw,
+                    out_w: hw,
+                    bias: None,
+                    residual: None,
+                    act: Activation::Relu,
+                };
+                conv::wino2_output(&pout, &mut y)
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .sample_size(10)
         .warm_up_time(std::time::Duration::from_millis(300))
         .measurement_time(std::time::Duration::from_secs(1));
-    targets = packed, depthwise, winograd
+    targets = packed, depthwise, winograd, winograd2
 }
 criterion_main!(benches);

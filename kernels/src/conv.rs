@@ -381,6 +381,164 @@ pub(crate) fn wino_output_body(p: &WinoOutput<'_>, y: &mut [f32]) {
     }
 }
 
+/// Transformed weights of a 3x3 convolution for F(2x2, 3x3): `[16][m][c]` (row-major M x C
+/// per position, `U = G g G^T` with `G = [[1,0,0],[1/2,1/2,1/2],[1/2,-1/2,1/2],[0,0,1]]`).
+/// Used where F(4x4, 3x3) has too few tiles to fill a GEMM (7x7 maps: 16 tiles of 2x2
+/// against 4 of 4x4), at 2.25x fewer multiplies than the direct convolution; its transforms
+/// only add, subtract and halve, so it is more accurate than F(4x4, 3x3). `None` when `w`
+/// (`[m, c, 3, 3]`) is too short.
+pub fn wino2_weights(w: &[f32], m: usize, c: usize) -> Option<Vec<f32>> {
+    const G: [[f64; 3]; 4] = [
+        [1.0, 0.0, 0.0],
+        [0.5, 0.5, 0.5],
+        [0.5, -0.5, 0.5],
+        [0.0, 0.0, 1.0],
+    ];
+    let mc = m.checked_mul(c)?;
+    if w.len() < mc.checked_mul(9)? {
+        return None;
+    }
+    let mut u = vec![0f32; mc.checked_mul(16)?];
+    for o in 0..m {
+        for i in 0..c {
+            let g = &w[(o * c + i) * 9..(o * c + i) * 9 + 9];
+            let mut t = [[0f64; 3]; 4];
+            for (r, tr) in t.iter_mut().enumerate() {
+                for (col, tv) in tr.iter_mut().enumerate() {
+                    *tv = (0..3).map(|q| G[r][q] * g[q * 3 + col] as f64).sum();
+                }
+            }
+            for r in 0..4 {
+                for col in 0..4 {
+                    let v: f64 = (0..3).map(|q| t[r][q] * G[col][q]).sum();
+                    u[(r * 4 + col) * mc + o * c + i] = v as f32;
+                }
+            }
+        }
+    }
+    Some(u)
+}
+
+/// Number of 2x2 output tiles along an axis of `out` outputs (F(2x2, 3x3)).
+pub fn wino2_tiles(out: usize) -> usize {
+    out.div_ceil(2)
+}
+
+/// The F(2x2, 3x3) input transform `V = B^T d B` of one image (tiles of 2x2 outputs read 4x4
+/// input patches) into `v`, `[16][c][T]`. Returns `false` when a slice is too short.
+pub fn wino2_input(p: &WinoInput<'_>, v: &mut [f32]) -> bool {
+    let Some(t) = p.tiles_y.checked_mul(p.tiles_x) else {
+        return false;
+    };
+    let in_len = p.c.checked_mul(p.h).and_then(|x| x.checked_mul(p.w));
+    let v_len = t.checked_mul(p.c).and_then(|x| x.checked_mul(16));
+    let (Some(in_len), Some(v_len)) = (in_len, v_len) else {
+        return false;
+    };
+    if p.x.len() < in_len || v.len() < v_len {
+        return false;
+    }
+    let (h, w) = (p.h, p.w);
+    for ch in 0..p.c {
+        let xc = &p.x[ch * h * w..(ch + 1) * h * w];
+        for ty in 0..p.tiles_y {
+            for tx in 0..p.tiles_x {
+                let mut d = [[0f32; 4]; 4];
+                for (r, dr) in d.iter_mut().enumerate() {
+                    let iy = (ty * 2 + r) as isize - p.pad_top as isize;
+                    if iy < 0 || iy as usize >= h {
+                        continue;
+                    }
+                    for (col, dv) in dr.iter_mut().enumerate() {
+                        let ix = (tx * 2 + col) as isize - p.pad_left as isize;
+                        if ix >= 0 && (ix as usize) < w {
+                            *dv = xc[iy as usize * w + ix as usize];
+                        }
+                    }
+                }
+                // Rows: e = B^T d (B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]).
+                let mut e = [[0f32; 4]; 4];
+                for col in 0..4 {
+                    e[0][col] = d[0][col] - d[2][col];
+                    e[1][col] = d[1][col] + d[2][col];
+                    e[2][col] = d[2][col] - d[1][col];
+                    e[3][col] = d[1][col] - d[3][col];
+                }
+                let tile = ty * p.tiles_x + tx;
+                for (i, er) in e.iter().enumerate() {
+                    let out = [er[0] - er[2], er[1] + er[2], er[2] - er[1], er[1] - er[3]];
+                    for (j, &val) in out.iter().enumerate() {
+                        v[((i * 4 + j) * p.c + ch) * t + tile] = val;
+                    }
+                }
+            }
+        }
+    }
+    true
+}
+
+/// The F(2x2, 3x3) output transform `Y = A^T M A` (`A^T = [[1,1,1,0],[0,1,-1,-1]]`): `mm` is
+/// `[16][m_total][T]` with `T` [`wino2_tiles`] tiles per axis; bias, residual and activation
+/// as in [`wino_output`]. Returns `false` when a slice is too short or the tile counts do not
+/// match the output size.
+pub fn wino2_output(p: &WinoOutput<'_>, y: &mut [f32]) -> bool {
+    let (oh, ow) = (p.out_h, p.out_w);
+    let Some(t) = p.tiles_y.checked_mul(p.tiles_x) else {
+        return false;
+    };
+    let n = p.m.checked_mul(oh).and_then(|x| x.checked_mul(ow));
+    let mm_len = p.m_total.checked_mul(t).and_then(|x| x.checked_mul(16));
+    let (Some(n), Some(mm_len)) = (n, mm_len) else {
+        return false;
+    };
+    if p.first.checked_add(p.m).is_none_or(|e| e > p.m_total)
+        || p.mm.len() < mm_len
+        || y.len() < n
+        || p.residual.is_some_and(|r| r.len() < n)
+        || p.bias.is_some_and(|b| b.len() < p.m_total)
+        || p.tiles_y != wino2_tiles(oh)
+        || p.tiles_x != wino2_tiles(ow)
+    {
+        return false;
+    }
+    for o in 0..p.m {
+        let oc = p.first + o;
+        let bias = p.bias.map_or(0.0, |b| b[oc]);
+        let yo = &mut y[o * oh * ow..(o + 1) * oh * ow];
+        for ty in 0..p.tiles_y {
+            for tx in 0..p.tiles_x {
+                let tile = ty * p.tiles_x + tx;
+                let m = |xi: usize| p.mm[(xi * p.m_total + oc) * t + tile];
+                // Rows: q = A^T M (2x4), then Y = q A (2x2).
+                let q: [[f32; 4]; 2] = [
+                    std::array::from_fn(|col| m(col) + m(4 + col) + m(8 + col)),
+                    std::array::from_fn(|col| m(4 + col) - m(8 + col) - m(12 + col)),
+                ];
+                for (i, qr) in q.iter().enumerate() {
+                    let oy = ty * 2 + i;
+                    if oy >= oh {
+                        break;
+                    }
+                    let pair = [qr[0] + qr[1] + qr[2], qr[1] - qr[2] - qr[3]];
+                    for (j, &val) in pair.iter().enumerate() {
+                        let ox = tx * 2 + j;
+                        if ox < ow {
+                            yo[oy * ow + ox] = val + bias;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(r) = p.residual {
+            for (v, &z) in yo.iter_mut().zip(&r[o * oh * ow..(o + 1) * oh * ow]) {
+                *v += z;
+            }
+        }
+        p.act.apply_slice(yo);
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -442,6 +600,11 @@ mod tests {
             (4, 1, 1, 1, 1),
             (3, 6, 5, 1, 0),
             (17, 13, 12, 2, 0),
+            // Stride 1, pad 2: two edge outputs per side, and a 1x1 input whose three
+            // outputs are all edges (no interior).
+            (2, 5, 4, 1, 2),
+            (1, 1, 1, 1, 2),
+            (3, 14, 14, 1, 1),
         ] {
             let oh = (h + 2 * pad - 3) / s + 1;
             let ow = (w + 2 * pad - 3) / s + 1;
@@ -478,6 +641,86 @@ mod tests {
                 let bad = Dw3x3 { stride: 3, ..p };
                 assert!(!depthwise3x3_with(v, &bad, &mut y));
                 assert!(!depthwise3x3_with(v, &p, &mut y[1..]));
+            }
+        }
+    }
+
+    /// F(2x2, 3x3): transforms with a plain product in the middle against direct convolution,
+    /// odd sizes (a half-filled last tile row and column), both paddings, a channel range.
+    #[test]
+    fn winograd2_matches_naive() {
+        let mut sd = 13u32;
+        for &(c, m, h, w, pad) in &[
+            (3, 5, 7, 7, 1),
+            (4, 2, 8, 5, 1),
+            (2, 3, 6, 9, 0),
+            (1, 1, 1, 1, 1),
+            (5, 7, 3, 3, 0),
+        ] {
+            let oh = h + 2 * pad - 2;
+            let ow = w + 2 * pad - 2;
+            let x: Vec<f32> = (0..c * h * w).map(|_| rnd(&mut sd)).collect();
+            let wt: Vec<f32> = (0..m * c * 9).map(|_| rnd(&mut sd)).collect();
+            let bias: Vec<f32> = (0..m).map(|_| rnd(&mut sd)).collect();
+            let res: Vec<f32> = (0..m * oh * ow).map(|_| rnd(&mut sd)).collect();
+            let want = naive(&x, c, h, w, &wt, m, 1, 1, pad, oh, ow);
+            let u = wino2_weights(&wt, m, c).unwrap();
+            assert!(wino2_weights(&wt[1..], m, c).is_none());
+            let (ty, tx) = (wino2_tiles(oh), wino2_tiles(ow));
+            let t = ty * tx;
+            let mut vv = vec![f32::NAN; 16 * c * t];
+            let pin = WinoInput {
+                x: &x,
+                c,
+                h,
+                w,
+                pad_top: pad,
+                pad_left: pad,
+                tiles_y: ty,
+                tiles_x: tx,
+            };
+            assert!(wino2_input(&pin, &mut vv));
+            assert!(!wino2_input(&pin, &mut vv[1..]));
+            let mut mm = vec![0f32; 16 * m * t];
+            for xi in 0..16 {
+                for o in 0..m {
+                    for tile in 0..t {
+                        mm[(xi * m + o) * t + tile] = (0..c)
+                            .map(|i| u[xi * m * c + o * c + i] * vv[(xi * c + i) * t + tile])
+                            .sum();
+                    }
+                }
+            }
+            for first in [0, m - 1] {
+                let part = WinoOutput {
+                    mm: &mm,
+                    m_total: m,
+                    first,
+                    m: m - first,
+                    tiles_y: ty,
+                    tiles_x: tx,
+                    out_h: oh,
+                    out_w: ow,
+                    bias: Some(&bias),
+                    residual: Some(&res[first * oh * ow..]),
+                    act: Activation::Clip { lo: -0.2, hi: 0.7 },
+                };
+                let mut y = vec![f32::NAN; (m - first) * oh * ow];
+                assert!(wino2_output(&part, &mut y));
+                for (k, &got) in y.iter().enumerate() {
+                    let k = k + first * oh * ow;
+                    let exp = (want[k] + bias[k / (oh * ow)] + res[k]).clamp(-0.2, 0.7);
+                    assert!(
+                        (got - exp).abs() < 1e-5,
+                        "c{c} m{m} {h}x{w} pad{pad} [{k}] {got} vs {exp}"
+                    );
+                }
+                assert!(!wino2_output(&part, &mut y[1..]));
+                let wrong = WinoOutput {
+                    tiles_x: tx + 1,
+                    ..part
+                };
+                assert!(!wino2_output(&wrong, &mut y));
             }
         }
     }

@@ -438,6 +438,10 @@ mod tests {
             (7, 3, 600),
             (40, 100, 0),
             (64, 49, 64),
+            // 16 and 20 columns: the 12x16 AVX-512 tile (full tiles with the store epilogue,
+            // an odd depth, more than one KC block).
+            (24, 16, 129),
+            (25, 20, 513),
         ];
         let acts = [
             Activation::Identity,

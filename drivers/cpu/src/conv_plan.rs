@@ -7,6 +7,8 @@
 //! - depthwise 3x3, stride 1 or 2 (`group == C == M`): a direct kernel, no im2col;
 //! - 3x3 stride 1, one group, when the output has enough 4x4 tiles: Winograd F(4x4, 3x3),
 //!   36 packed GEMMs on transformed weights (4x fewer multiplies);
+//! - 3x3 stride 1, one group, small maps where F(4x4, 3x3) has too few tiles (ResNet's 7x7):
+//!   Winograd F(2x2, 3x3), 16 packed GEMMs (2.25x fewer multiplies);
 //! - otherwise a packed GEMM per group on the input itself (1x1, stride 1, no padding) or its
 //!   im2col matrix.
 //!
@@ -82,11 +84,14 @@ pub struct ConvPlan {
     gemm: OnceLock<Vec<PackedA>>,
     /// 36 packed `m x c` matrices (Winograd F(4x4, 3x3)).
     wino: OnceLock<Vec<PackedA>>,
+    /// 16 packed `m x c` matrices (Winograd F(2x2, 3x3)).
+    wino2: OnceLock<Vec<PackedA>>,
 }
 
 enum Path {
     Depthwise,
     Winograd,
+    Winograd2,
     Gemm,
 }
 
@@ -146,6 +151,7 @@ impl ConvPlan {
             act,
             gemm: OnceLock::new(),
             wino: OnceLock::new(),
+            wino2: OnceLock::new(),
         })
     }
 
@@ -165,6 +171,9 @@ impl ConvPlan {
             Path::Depthwise => {}
             Path::Winograd => {
                 self.wino_packed()?;
+            }
+            Path::Winograd2 => {
+                self.wino2_packed()?;
             }
             Path::Gemm => {
                 self.gemm_packed()?;
@@ -192,6 +201,15 @@ impl ConvPlan {
             let p = g.out[0] * g.out[1];
             if 5 * pad32(t) < pad32(p) {
                 return Path::Winograd;
+            }
+            // F(2x2, 3x3): 16 products over T2 tiles (columns padded to 16: the AVX-512 GEMM
+            // switches to a 16-wide tile for such B). Ask for 1.5x fewer padded multiplies
+            // than the direct GEMM to pay for the transforms: ResNet-18's 7x7 layers have 16
+            // tiles, 256 against 9 x 64 = 576.
+            let pad16 = |n: usize| n.div_ceil(16) * 16;
+            let t2 = kconv::wino2_tiles(g.out[0]) * kconv::wino2_tiles(g.out[1]);
+            if 3 * 16 * pad16(t2) < 2 * 9 * pad32(p) {
+                return Path::Winograd2;
             }
         }
         Path::Gemm
@@ -230,6 +248,23 @@ impl ConvPlan {
             );
         }
         Ok(self.wino.get_or_init(|| v))
+    }
+
+    fn wino2_packed(&self) -> Result<&Vec<PackedA>> {
+        if let Some(p) = self.wino2.get() {
+            return Ok(p);
+        }
+        let (m, c) = (self.m, self.cg);
+        let u = kconv::wino2_weights(&fvec(&self.weight, "Conv W")?, m, c)
+            .ok_or_else(|| Error::arg("Conv: weight is too short for its shape"))?;
+        let mut v = Vec::with_capacity(16);
+        for xi in 0..16 {
+            v.push(
+                PackedA::new(MatRef::row_major(&u[xi * m * c..(xi + 1) * m * c], m, c))
+                    .ok_or_else(|| Error::arg("Conv: internal Winograd size mismatch"))?,
+            );
+        }
+        Ok(self.wino2.get_or_init(|| v))
     }
 
     /// Runs the convolution on one thread: input 0 is X, input 3 (FusedConv only) the residual
@@ -381,6 +416,61 @@ impl ConvPlan {
                             act: self.act,
                         };
                         if !kconv::wino_output(variant, &pout, y) {
+                            return Err(Error::arg("Conv: internal Winograd size mismatch"));
+                        }
+                        Ok(())
+                    })?;
+                }
+            }
+            Path::Winograd2 => {
+                let packs = self.wino2_packed()?;
+                let (ty, tx) = (kconv::wino2_tiles(g.out[0]), kconv::wino2_tiles(g.out[1]));
+                let t = ty * tx;
+                let mut v = zeros_f32(16 * c * t)?;
+                let mut mm = zeros_f32(16 * self.m * t)?;
+                for b in 0..n {
+                    let pin = WinoInput {
+                        x: &xv[b * c * in_total..(b + 1) * c * in_total],
+                        c,
+                        h: in_sp[0],
+                        w: in_sp[1],
+                        pad_top: g.pb[0],
+                        pad_left: g.pb[1],
+                        tiles_y: ty,
+                        tiles_x: tx,
+                    };
+                    if !kconv::wino2_input(&pin, &mut v) {
+                        return Err(Error::arg("Conv: internal Winograd size mismatch"));
+                    }
+                    for_parts(threads, 16, self.m * t, &mut mm, |xis, mm| {
+                        for (k, xi) in xis.enumerate() {
+                            let bm = MatRef::row_major(&v[xi * c * t..(xi + 1) * c * t], c, t);
+                            let dst = &mut mm[k * self.m * t..(k + 1) * self.m * t];
+                            if !gemm_packed(&packs[xi], bm, dst, t, &Epilogue::PLAIN) {
+                                return Err(Error::arg("Conv: internal Winograd size mismatch"));
+                            }
+                        }
+                        Ok(())
+                    })?;
+                    let res = residual
+                        .as_ref()
+                        .map(|r| &r[b * per_img..(b + 1) * per_img]);
+                    let y = &mut out[b * per_img..(b + 1) * per_img];
+                    for_parts(threads, self.m, p, y, |ms, y| {
+                        let pout = WinoOutput {
+                            mm: &mm,
+                            m_total: self.m,
+                            first: ms.start,
+                            m: ms.len(),
+                            tiles_y: ty,
+                            tiles_x: tx,
+                            out_h: g.out[0],
+                            out_w: g.out[1],
+                            bias: self.bias.as_deref(),
+                            residual: res.map(|r| &r[ms.start * p..ms.end * p]),
+                            act: self.act,
+                        };
+                        if !kconv::wino2_output(&pout, y) {
                             return Err(Error::arg("Conv: internal Winograd size mismatch"));
                         }
                         Ok(())

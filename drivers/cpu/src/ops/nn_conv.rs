@@ -803,6 +803,56 @@ mod tests {
         close(&y[0].to_vec::<f32>().unwrap(), &want);
     }
 
+    /// Stride-1 3x3 convolutions that take the Winograd paths: F(2x2, 3x3) on 7x7 and 6x7
+    /// outputs (asymmetric pads, odd tile edges), F(4x4, 3x3) on 14x14 (its GEMMs have 16
+    /// columns, the 12x16 AVX-512 tile), with a bias, two images.
+    #[test]
+    fn winograd_paths_match_direct_definition() {
+        for &(c, m, h, w, pads) in &[
+            (5usize, 13usize, 7usize, 7usize, [1usize, 1, 1, 1]),
+            (3, 7, 7, 7, [1, 1, 0, 1]),
+            (8, 12, 14, 14, [1, 1, 1, 1]),
+        ] {
+            let n = 2;
+            let x: Vec<f32> = (0..n * c * h * w)
+                .map(|i| ((i * 7) % 11) as f32 * 0.2 - 1.0)
+                .collect();
+            let wt: Vec<f32> = (0..m * c * 9)
+                .map(|i| ((i * 5) % 13) as f32 * 0.05 - 0.3)
+                .collect();
+            let bias: Vec<f32> = (0..m).map(|i| i as f32 * 0.1 - 0.5).collect();
+            let oh = h + pads[0] + pads[2] - 2;
+            let ow = w + pads[1] + pads[3] - 2;
+            let mut want = naive_conv2d(
+                &x,
+                (n, c, h, w),
+                &wt,
+                (m, 3, 3),
+                1,
+                (1, 1),
+                (1, 1),
+                (pads[0], pads[1], oh, ow),
+            );
+            for (i, v) in want.iter_mut().enumerate() {
+                *v += bias[(i / (oh * ow)) % m];
+            }
+            let y = run_op(
+                "Conv",
+                11,
+                vec![("pads", Attr::Ints(pads.iter().map(|&p| p as i64).collect()))],
+                &[
+                    Some(&t(&[n, c, h, w], &x)),
+                    Some(&t(&[m, c, 3, 3], &wt)),
+                    Some(&t(&[m], &bias)),
+                ],
+                1,
+            )
+            .unwrap();
+            assert_eq!(y[0].shape(), &[n, m, oh, ow]);
+            close(&y[0].to_vec::<f32>().unwrap(), &want);
+        }
+    }
+
     #[test]
     fn depthwise_same_upper_keeps_size_and_adds_bias() {
         // 2 channels, 3x3 ones kernel, each channel its own group.
