@@ -729,15 +729,6 @@ fn profile_in_sequence(
     (out, pass)
 }
 
-/// Run `f` on a fresh thread, as the scheduler runs a device's segments on its worker.
-fn on_worker<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(f)
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p))
-    })
-}
-
 /// Maximal runs of `nodes` (a subsequence of `order`) that are consecutive in `order`.
 fn consecutive_runs(order: &[NodeId], nodes: &[NodeId]) -> Vec<Vec<NodeId>> {
     let set: std::collections::HashSet<NodeId> = nodes.iter().copied().collect();
@@ -882,9 +873,8 @@ pub fn profile(g: &Graph, devices: &[Arc<dyn Device>], opts: &ProfileOptions) ->
             continue;
         }
         let singles: Vec<Vec<NodeId>> = fresh.iter().map(|&n| vec![n]).collect();
-        let (results, pass) = on_worker(|| {
-            profile_in_sequence(g, dev.as_ref(), &singles, &values, opts, &mut bar, true)
-        });
+        let (results, pass) =
+            profile_in_sequence(g, dev.as_ref(), &singles, &values, opts, &mut bar, true);
         passes[d] = pass;
         let mut alone: HashMap<NodeId, f64> = HashMap::new();
         for (gi, r) in results {
@@ -912,9 +902,8 @@ pub fn profile(g: &Graph, devices: &[Arc<dyn Device>], opts: &ProfileOptions) ->
             .filter(|r| r.len() > 1)
             .collect();
         if !runs.is_empty() {
-            let (seg_results, _) = on_worker(|| {
-                profile_in_sequence(g, dev.as_ref(), &runs, &values, opts, &mut bar, false)
-            });
+            let (seg_results, _) =
+                profile_in_sequence(g, dev.as_ref(), &runs, &values, opts, &mut bar, false);
             let mut scale = vec![1.0; runs.len()];
             for (ri, r) in seg_results {
                 if let (Ok(total), Some(run)) = (r, runs.get(ri)) {
@@ -1024,5 +1013,33 @@ impl Profile {
             transfer: self.transfer.clone(),
             segment_ms: self.segment_ms.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_are_maximal_and_consecutive_in_the_order() {
+        let order = [4, 0, 3, 1, 2, 5];
+        assert_eq!(
+            consecutive_runs(&order, &[0, 4, 1, 2]),
+            vec![vec![4, 0], vec![1, 2]]
+        );
+        assert_eq!(consecutive_runs(&order, &[5]), vec![vec![5]]);
+        assert!(consecutive_runs(&order, &[]).is_empty());
+    }
+
+    #[test]
+    fn run_scale_maps_node_sums_onto_the_segment() {
+        // Nodes alone summed to 20 ms; the run as one segment took 12 ms of which 2 ms is
+        // the segment's fixed cost: node times scale by 0.5.
+        assert!((run_scale(12.0, 2.0, 20.0) - 0.5).abs() < 1e-12);
+        assert!((run_scale(30.0, 0.0, 20.0) - 1.5).abs() < 1e-12);
+        // Unusable numbers leave the times alone.
+        assert_eq!(run_scale(1.0, 2.0, 20.0), 1.0);
+        assert_eq!(run_scale(5.0, 0.0, 0.0), 1.0);
+        assert_eq!(run_scale(f64::NAN, 0.0, 3.0), 1.0);
     }
 }
