@@ -13,6 +13,13 @@
 //!   (or a run/time cap). A node's time is its mean over the passes whose totals are in the
 //!   middle half, so the nodes of a device add up to a typical pass (the sum of per-node
 //!   medians did not: it was 36% under on mobilenet_v2).
+//! - Only the example values a pass reads without making them (graph inputs, values made by
+//!   nodes the device does not run) are held while timing: holding every intermediate of the
+//!   dry run changed how the allocator served the passes (fresh pages faulted in each time).
+//! - Calibration: each maximal run of a device's nodes that are consecutive in the
+//!   topological order is also timed as one segment, in sequence the same way, and its nodes'
+//!   times are scaled so that they add up to it (less one segment's fixed cost). A device's
+//!   nodes are therefore measured all together or taken all from the cache.
 //! - Per device, the fixed cost of one segment (submit + completion of a subgraph with no
 //!   nodes) is measured too: it is subtracted from every node's time (each node ran as its
 //!   own segment) and charged once per segment of a plan instead.
