@@ -55,6 +55,9 @@ summary=$(grep -E '^test result:' target/test-output.txt | awk '{p+=$4; f+=$6; i
 step "aarch64 kernels and a model under qemu-user (cortex-a53/a72: NEON, a76: +dotprod, max: +i8mm)"
 scripts/aarch64-tests.sh 2>&1 | tee target/aarch64-output.txt
 
+step "peer table smoke: scripts/bench-table.sh --quick on mobilenet_v2.onnx vs onnxruntime, ncnn, MNN"
+scripts/bench-table-smoke.sh 2>&1 | tee target/bench-smoke-output.txt
+
 step "ONNX node conformance (by op)"
 cat target/conformance-summary.txt
 
@@ -64,5 +67,6 @@ echo "        HAL buffers/drivers/plugin, partitioner/scheduler, Vulkan on lavap
 echo "        VFIO/dma-buf QEMU VM, ONNX conformance, model agreement (onnxruntime, LiteRT), bad input"
 tail -n 1 target/conformance-summary.txt
 echo "rust tests: $summary"
+echo "peer table smoke: $(tail -n 1 target/bench-smoke-output.txt)"
 echo "aarch64 (qemu-user):"
 sed -n '/aarch64 summary/,$p' target/aarch64-output.txt | tail -n +2

@@ -17,6 +17,7 @@ pub mod npy;
 pub mod onnx;
 pub mod partition;
 pub mod passes;
+pub mod passes_layout;
 pub mod plan;
 pub mod plugin;
 pub mod profile;

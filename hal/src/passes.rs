@@ -121,6 +121,7 @@ fn optimize_with(g: &mut Graph, registry: &Registry, cpu_fusion: bool) -> Result
     let folded = fold_constants(g, registry)?;
     let dead = g.remove_dead_nodes();
     edgehal_core::infer::infer_shapes(g);
+    crate::passes_layout::tflite_to_nchw(g)?;
     g.validate()
         .map_err(|e| Error::InvalidGraph(format!("after optimisation: {e}")))?;
     let (bn, fused) = fuse_convolutions_with(g, cpu_fusion);
