@@ -13,6 +13,13 @@
 //!   (or a run/time cap). A node's time is its mean over the passes whose totals are in the
 //!   middle half, so the nodes of a device add up to a typical pass (the sum of per-node
 //!   medians did not: it was 36% under on mobilenet_v2).
+//! - Only the example values a pass reads without making them (graph inputs, values made by
+//!   nodes the device does not run) are held while timing: holding every intermediate of the
+//!   dry run changed how the allocator served the passes (fresh pages faulted in each time).
+//! - Calibration: each maximal run of a device's nodes that are consecutive in the
+//!   topological order is also timed as one segment, in sequence the same way, and its nodes'
+//!   times are scaled so that they add up to it (less one segment's fixed cost). A device's
+//!   nodes are therefore measured all together or taken all from the cache.
 //! - Per device, the fixed cost of one segment (submit + completion of a subgraph with no
 //!   nodes) is measured too: it is subtracted from every node's time (each node ran as its
 //!   own segment) and charged once per segment of a plan instead.
@@ -41,7 +48,7 @@ use crate::partition::{Problem, TransferCost, Value};
 use crate::{Error, Result};
 
 /// Version of the cache file format (bump when the meaning of an entry changes).
-pub const CACHE_FORMAT: u32 = 2;
+pub const CACHE_FORMAT: u32 = 3;
 
 /// Where the latency cache lives: `$EDGEHAL_CACHE_DIR`, else `~/.cache/edgehal`.
 pub fn default_cache_dir() -> Option<PathBuf> {
@@ -113,6 +120,10 @@ pub struct Profile {
     /// Per device, when its nodes were timed in sequence now: the median total of one pass
     /// and the sum of the nodes' times (both with every node's submission included).
     pub passes: Vec<Option<(f64, f64)>>,
+    /// Per device, when its nodes were measured now: each calibrated run (nodes consecutive
+    /// in the topological order, timed as one segment) as (nodes, scale applied to their
+    /// times measured alone).
+    pub calibration: Vec<Option<Vec<(usize, f64)>>>,
     /// Node/device pairs measured now.
     pub measured: usize,
     /// Node/device pairs taken from the cache.
@@ -565,45 +576,58 @@ fn node_inputs(
         .collect()
 }
 
-/// A node's time on a device in ms, or why it has none.
-type NodeTiming = (NodeId, std::result::Result<f64, String>);
+/// A group's time on a device in ms (by index into the groups given), or why it has none.
+type GroupTiming = (usize, std::result::Result<f64, String>);
 
-/// Time the nodes in `todo` (topological order) on `dev` *in sequence*: each pass runs them
-/// one after another the way an inference does, each node reading what the previous ones
-/// produced in the same pass (example values for inputs made elsewhere), so weights come
-/// from memory rather than a hot cache and outputs are freshly allocated. Passes repeat
-/// until the pass totals are stable (see [`ProfileOptions`]; the time cap is per node);
-/// every node keeps its median. Returns per node its time or why it failed.
+/// Time the node groups in `groups` (topological order; each group is compiled as one
+/// [`Subgraph`]) on `dev` *in sequence*: each pass runs them one after another the way an
+/// inference does, each group reading what the previous ones produced in the same pass
+/// (example values for inputs made elsewhere), so weights come from memory rather than a hot
+/// cache and outputs are freshly allocated. Passes repeat until the pass totals are stable
+/// (see [`ProfileOptions`]; the time cap is per node); every group keeps its mean over the
+/// central passes. Returns per group its time or why it failed, and (median pass total, sum
+/// of the group times). `bar` advances once per node when `bar_steps`.
 fn profile_in_sequence(
     g: &Graph,
     dev: &dyn Device,
-    todo: &[NodeId],
+    groups: &[Vec<NodeId>],
     values: &HashMap<ValueId, Tensor>,
     opts: &ProfileOptions,
     bar: &mut Bar,
-) -> (Vec<NodeTiming>, Option<(f64, f64)>) {
+    bar_steps: bool,
+) -> (Vec<GroupTiming>, Option<(f64, f64)>) {
     let counter = CopyCounter::new();
     let name = dev.info().name.clone();
-    // Compile every node alone.
-    let mut live: Vec<(NodeId, Subgraph, Box<dyn edgehal_core::driver::Executable>)> = Vec::new();
-    let mut out: Vec<NodeTiming> = Vec::new();
-    for &n in todo {
-        let compiled = Subgraph::extract(g, &[n]).and_then(|sub| {
+    let step = |bar: &mut Bar, nodes: &[NodeId]| {
+        if bar_steps {
+            for &n in nodes {
+                bar.step(&format!("{} on {name}", g.describe_node(n)));
+            }
+        }
+    };
+    // Compile every group alone.
+    let mut live: Vec<(usize, Subgraph, Box<dyn edgehal_core::driver::Executable>)> = Vec::new();
+    let mut out: Vec<GroupTiming> = Vec::new();
+    for (gi, nodes) in groups.iter().enumerate() {
+        let compiled = Subgraph::extract(g, nodes).and_then(|sub| {
             let exe = dev.compile(&sub)?;
             Ok((sub, exe))
         });
         match compiled {
-            Ok((sub, exe)) => live.push((n, sub, exe)),
+            Ok((sub, exe)) => live.push((gi, sub, exe)),
             Err(e) => {
-                bar.step(&format!("{} on {name}", g.describe_node(n)));
-                out.push((n, Err(format!("failed while profiling: {e}"))));
+                step(bar, nodes);
+                out.push((gi, Err(format!("failed while profiling: {e}"))));
             }
         }
     }
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); live.len()];
     let mut failed: Vec<Option<String>> = vec![None; live.len()];
     let mut totals: Vec<f64> = Vec::new();
-    let budget = opts.budget.saturating_mul(live.len().max(1) as u32);
+    let n_nodes: usize = live.iter().map(|(gi, _, _)| groups[*gi].len()).sum();
+    let budget = opts
+        .budget
+        .saturating_mul(u32::try_from(n_nodes.max(1)).unwrap_or(u32::MAX));
     let start = Instant::now();
     let mut pass_no = 0usize;
     // As the executor does, a value made in the pass is dropped after its last reader, so the
@@ -622,9 +646,9 @@ fn profile_in_sequence(
     loop {
         let mut pass: HashMap<ValueId, Tensor> = HashMap::new();
         let mut total = 0.0;
-        for (k, (n, sub, exe)) in live.iter().enumerate() {
+        for (k, (gi, sub, exe)) in live.iter().enumerate() {
             if pass_no == 0 {
-                bar.step(&format!("{} on {name}", g.describe_node(*n)));
+                step(bar, &groups[*gi]);
             }
             if failed[k].is_some() {
                 continue;
@@ -679,16 +703,16 @@ fn profile_in_sequence(
             break;
         }
     }
-    // The passes whose totals lie in the middle half; each node's time is its mean over
+    // The passes whose totals lie in the middle half; each group's time is its mean over
     // them. (Per-node medians missed: with many small nodes whose time is sometimes much
     // longer, e.g. when a fresh allocation faults its pages in, the sum of the medians was
     // 36% under a typical pass on mobilenet_v2.) Their sum is then a typical pass.
     let mut by_total: Vec<usize> = (0..totals.len()).collect();
     by_total.sort_by(|&a, &b| totals[a].total_cmp(&totals[b]));
     let q = totals.len() / 4;
-    let central = &by_total[q..totals.len() - q];
+    let central = by_total.get(q..totals.len() - q).unwrap_or(&[]);
     let mut sum = 0.0;
-    for (k, (n, _, _)) in live.iter().enumerate() {
+    for (k, (gi, _, _)) in live.iter().enumerate() {
         let r = match failed[k].take() {
             Some(e) => Err(e),
             None => {
@@ -706,16 +730,46 @@ fn profile_in_sequence(
         if let Ok(ms) = r {
             sum += ms;
         }
-        out.push((*n, r));
+        out.push((*gi, r));
     }
     let pass = (!totals.is_empty()).then(|| (median(&mut totals), sum));
     (out, pass)
 }
 
+/// Maximal runs of `nodes` (a subsequence of `order`) that are consecutive in `order`.
+fn consecutive_runs(order: &[NodeId], nodes: &[NodeId]) -> Vec<Vec<NodeId>> {
+    let set: std::collections::HashSet<NodeId> = nodes.iter().copied().collect();
+    let mut runs: Vec<Vec<NodeId>> = Vec::new();
+    let mut cur: Vec<NodeId> = Vec::new();
+    for &n in order {
+        if set.contains(&n) {
+            cur.push(n);
+        } else if !cur.is_empty() {
+            runs.push(std::mem::take(&mut cur));
+        }
+    }
+    if !cur.is_empty() {
+        runs.push(cur);
+    }
+    runs
+}
+
+/// Scale factor per run: what the run costs as one segment (less one segment's fixed cost)
+/// over the sum of its nodes' times measured alone. Runs of one node, or whose numbers are
+/// unusable, get 1.
+pub fn run_scale(segment_total_ms: f64, segment_ms: f64, node_sum_ms: f64) -> f64 {
+    let inner = segment_total_ms - segment_ms;
+    if node_sum_ms > 0.0 && inner.is_finite() && inner > 0.0 {
+        inner / node_sum_ms
+    } else {
+        1.0
+    }
+}
+
 /// Profile every node of `g` on every device in `devices` (see the module docs).
 pub fn profile(g: &Graph, devices: &[Arc<dyn Device>], opts: &ProfileOptions) -> Result<Profile> {
     let order = g.topo_order()?;
-    let values = example_values(g, 7)?;
+    let mut values = example_values(g, 7)?;
     let mut value_bytes = vec![0u64; g.values.len()];
     for (id, t) in &values {
         if let Some(b) = value_bytes.get_mut(*id) {
@@ -751,6 +805,8 @@ pub fn profile(g: &Graph, devices: &[Arc<dyn Device>], opts: &ProfileOptions) ->
         .collect();
     let mut segment_ms = vec![0.0; nd];
     let mut passes = vec![None; nd];
+    let mut calibration = vec![None; nd];
+    let mut todos: Vec<Vec<NodeId>> = Vec::new();
     for (d, dev) in devices.iter().enumerate() {
         let mut todo = Vec::new();
         for &n in &order {
@@ -761,11 +817,54 @@ pub fn profile(g: &Graph, devices: &[Arc<dyn Device>], opts: &ProfileOptions) ->
                 todo.push(n);
             }
         }
-        // Nodes already in the cache keep their entry; the rest are timed in sequence (their
-        // inputs made by cached nodes come from the example values).
+        todos.push(todo);
+    }
+    // Keep only the example values a pass reads without making them itself (graph inputs,
+    // initializers, values made by nodes a device does not run). Holding every intermediate
+    // of the dry run while timing changed how the allocator served the passes: their
+    // outputs were page-faulted in afresh each time, and mobilenet_v2's portable graph
+    // profiled on one CPU thread at twice what it then ran at (measured: the same timings
+    // with glibc's mmap and trim thresholds pinned high matched the run).
+    let producers = g.producers();
+    let mut keep: std::collections::HashSet<ValueId> = std::collections::HashSet::new();
+    for todo in &todos {
+        let set: std::collections::HashSet<NodeId> = todo.iter().copied().collect();
+        for &n in todo {
+            let node = &g.nodes[n];
+            for &v in node.inputs.iter().flatten() {
+                if producers
+                    .get(v)
+                    .copied()
+                    .flatten()
+                    .is_none_or(|p| !set.contains(&p))
+                {
+                    keep.insert(v);
+                }
+            }
+            for a in node.attrs.values() {
+                if let edgehal_core::Attr::Graph(body) = a {
+                    keep.extend(body.captured_names().iter().filter_map(|c| g.find_value(c)));
+                }
+            }
+        }
+    }
+    values.retain(|id, _| keep.contains(id));
+    for (d, todo) in todos.into_iter().enumerate() {
+        let dev = &devices[d];
+        // When every node is in the cache, the cache answers. Otherwise every node of the
+        // device is timed again: calibration (below) scales node times to the runs they
+        // form in this graph, so a run with some nodes cached (from another graph, or
+        // calibrated within other runs) would be scaled from a mix of contexts.
+        let all_cached = caches[d]
+            .as_ref()
+            .is_some_and(|c| todo.iter().all(|n| c.entries.contains_key(&keys[*n])));
         let mut fresh = Vec::new();
         for n in todo {
-            match caches[d].as_ref().and_then(|c| c.entries.get(&keys[n])) {
+            match caches[d]
+                .as_ref()
+                .and_then(|c| c.entries.get(&keys[n]))
+                .filter(|_| all_cached)
+            {
                 Some(&ms) => {
                     bar.step(&format!("{} on {}", g.describe_node(n), dev.info().name));
                     times[n][d] = Some(ms);
@@ -780,21 +879,66 @@ pub fn profile(g: &Graph, devices: &[Arc<dyn Device>], opts: &ProfileOptions) ->
         if fresh.is_empty() {
             continue;
         }
-        let (results, pass) = profile_in_sequence(g, dev.as_ref(), &fresh, &values, opts, &mut bar);
+        let singles: Vec<Vec<NodeId>> = fresh.iter().map(|&n| vec![n]).collect();
+        let (results, pass) =
+            profile_in_sequence(g, dev.as_ref(), &singles, &values, opts, &mut bar, true);
         passes[d] = pass;
-        for (n, r) in results {
+        let mut alone: HashMap<NodeId, f64> = HashMap::new();
+        for (gi, r) in results {
+            let n = fresh[gi];
             match r {
+                // Every node ran as its own segment: one segment's cost is not the node's.
                 Ok(ms) => {
-                    // Every node ran as its own segment: one segment's cost is not the node's.
-                    let ms = (ms - seg).max(0.0);
-                    times[n][d] = Some(ms);
-                    measured += 1;
-                    if let Some(c) = caches[d].as_mut() {
-                        c.entries.insert(keys[n], ms);
-                        c.dirty = true;
-                    }
+                    alone.insert(n, (ms - seg).max(0.0));
                 }
                 Err(e) => reasons[n][d] = Some(e),
+            }
+        }
+        // Calibration: nodes run inside one segment cost less than alone (on mobilenet_v2's
+        // portable graph on one CPU thread the nodes alone summed to 21.2 ms, the graph as
+        // one segment measured 13.2 ms; see ARCHITECTURE.md). Each maximal run of the
+        // measured nodes (consecutive in the topological order) is timed as one segment the
+        // same way, and its nodes' times are scaled so that they add up to it.
+        let ok: Vec<NodeId> = fresh
+            .iter()
+            .copied()
+            .filter(|n| alone.contains_key(n))
+            .collect();
+        let runs: Vec<Vec<NodeId>> = consecutive_runs(&order, &ok)
+            .into_iter()
+            .filter(|r| r.len() > 1)
+            .collect();
+        if !runs.is_empty() {
+            let (seg_results, _) =
+                profile_in_sequence(g, dev.as_ref(), &runs, &values, opts, &mut bar, false);
+            let mut scale = vec![1.0; runs.len()];
+            for (ri, r) in seg_results {
+                if let (Ok(total), Some(run)) = (r, runs.get(ri)) {
+                    let sum: f64 = run.iter().filter_map(|n| alone.get(n)).sum();
+                    scale[ri] = run_scale(total, seg, sum);
+                }
+            }
+            for (run, f) in runs.iter().zip(&scale) {
+                for n in run {
+                    if let Some(ms) = alone.get_mut(n) {
+                        *ms *= f;
+                    }
+                }
+            }
+            calibration[d] = Some(
+                runs.iter()
+                    .zip(&scale)
+                    .map(|(r, f)| (r.len(), *f))
+                    .collect(),
+            );
+        }
+        for n in ok {
+            let Some(&ms) = alone.get(&n) else { continue };
+            times[n][d] = Some(ms);
+            measured += 1;
+            if let Some(c) = caches[d].as_mut() {
+                c.entries.insert(keys[n], ms);
+                c.dirty = true;
             }
         }
     }
@@ -815,6 +959,7 @@ pub fn profile(g: &Graph, devices: &[Arc<dyn Device>], opts: &ProfileOptions) ->
         value_bytes,
         segment_ms,
         passes,
+        calibration,
         measured,
         cached,
         rebuilt,
@@ -875,5 +1020,33 @@ impl Profile {
             transfer: self.transfer.clone(),
             segment_ms: self.segment_ms.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_are_maximal_and_consecutive_in_the_order() {
+        let order = [4, 0, 3, 1, 2, 5];
+        assert_eq!(
+            consecutive_runs(&order, &[0, 4, 1, 2]),
+            vec![vec![4, 0], vec![1, 2]]
+        );
+        assert_eq!(consecutive_runs(&order, &[5]), vec![vec![5]]);
+        assert!(consecutive_runs(&order, &[]).is_empty());
+    }
+
+    #[test]
+    fn run_scale_maps_node_sums_onto_the_segment() {
+        // Nodes alone summed to 20 ms; the run as one segment took 12 ms of which 2 ms is
+        // the segment's fixed cost: node times scale by 0.5.
+        assert!((run_scale(12.0, 2.0, 20.0) - 0.5).abs() < 1e-12);
+        assert!((run_scale(30.0, 0.0, 20.0) - 1.5).abs() < 1e-12);
+        // Unusable numbers leave the times alone.
+        assert_eq!(run_scale(1.0, 2.0, 20.0), 1.0);
+        assert_eq!(run_scale(5.0, 0.0, 0.0), 1.0);
+        assert_eq!(run_scale(f64::NAN, 0.0, 3.0), 1.0);
     }
 }

@@ -100,6 +100,7 @@ fn made_up_profile(times: Vec<Vec<Option<f64>>>, devices: &[&str]) -> Profile {
         transfer: vec![vec![TransferCost::ZERO; nd + 1]; nd + 1],
         segment_ms: vec![0.0; nd],
         passes: vec![None; nd],
+        calibration: vec![None; nd],
         measured: 0,
         cached: 0,
         rebuilt: 0,

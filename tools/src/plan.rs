@@ -197,6 +197,11 @@ pub fn run(a: PlanArgs) -> Result<()> {
             "prediction_error_pct": err_pct,
             "single_device": single,
             "note": note,
+            "calibration": prof.devices.iter().zip(&prof.calibration)
+                .filter_map(|(d, c)| c.as_ref().map(|runs| json!({"device": d,
+                    "runs": runs.iter().map(|(n, f)| json!({"nodes": n, "scale": f}))
+                        .collect::<Vec<_>>()})))
+                .collect::<Vec<_>>(),
             "profiled": prof.measured,
             "from_cache": prof.cached,
             "cache_rebuilt": prof.rebuilt,
@@ -223,6 +228,17 @@ pub fn run(a: PlanArgs) -> Result<()> {
                     "profiling on {}: one pass {total:.3} ms (median), node times sum to \
                      {sum:.3} ms; segment overhead {:.4} ms",
                     prof.devices[d], prof.segment_ms[d]
+                );
+            }
+            if let Some(runs) = prof.calibration.get(d).and_then(|c| c.as_ref()) {
+                let parts: Vec<String> = runs
+                    .iter()
+                    .map(|(n, f)| format!("{n} nodes x{f:.3}"))
+                    .collect();
+                println!(
+                    "calibrated on {} (node times scaled to their run as one segment): {}",
+                    prof.devices[d],
+                    parts.join(", ")
                 );
             }
         }

@@ -217,7 +217,10 @@ fn run(sub: &Subgraph, config: &NullConfig, bindings: &Bindings) -> Result<()> {
     for (&id, tb) in g.inputs.clone().iter().zip(bindings.inputs()) {
         g.values[id].dtype = Some(tb.dtype);
         g.values[id].shape = Some(tb.shape.iter().map(|&d| Dim::Fixed(d)).collect());
-        if config.passthrough.is_empty() {
+        // Inputs are only needed as values by pass-through ops and where a graph output
+        // is an input (an empty subgraph: the schedulers time one to learn the fixed cost
+        // of a submission).
+        if config.passthrough.is_empty() && !g.outputs.contains(&id) {
             continue;
         }
         values.insert(id, tb.to_tensor()?);
