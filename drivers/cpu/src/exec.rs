@@ -7,11 +7,13 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use edgehal_core::graph::{Graph, NodeId, ValueId};
 use edgehal_core::tensor::checked_numel;
 use edgehal_core::{DType, Error, Result, Tensor};
 
+use crate::arena::{Pool, RunScope};
 use crate::conv_plan::{ConvPlan, FUSED_CONV, FUSED_DOMAIN};
 use crate::ops::{OpCtx, OpFn, OutputDest, Registry};
 
@@ -72,6 +74,10 @@ pub struct Executor {
     prepared: Vec<Option<ConvPlan>>,
     /// Threads the prepared kernels may use (1: everything on the caller's thread).
     threads: usize,
+    /// Buffers reused across runs (see [`crate::arena`]).
+    pool: Arc<Pool>,
+    /// Per-node time totals when `EDGEHAL_OP_PROFILE=1` (printed to stderr on drop).
+    profile: Option<crate::profile::OpProfile>,
 }
 
 impl Executor {
@@ -154,6 +160,8 @@ impl Executor {
             registry: registry.clone(),
             prepared,
             threads: 1,
+            pool: Arc::new(Pool::default()),
+            profile: crate::profile::OpProfile::from_env(graph),
         })
     }
 
@@ -221,6 +229,7 @@ impl Executor {
         dests: &[DestCell<'_>],
     ) -> Result<Vec<Produced>> {
         let g = &self.graph;
+        let _scope = RunScope::enter(&self.pool, self.threads);
         let mut slots: Vec<Option<Tensor>> = vec![None; g.values.len()];
         for (id, t) in &g.initializers {
             slots[*id] = Some(t.clone());
@@ -289,6 +298,7 @@ impl Executor {
                     .and_then(|i| dests.get(i))
                     .map(|d| d as &dyn OutputDest),
             };
+            let t0 = self.profile.as_ref().map(|_| std::time::Instant::now());
             let outs = match &self.prepared[n] {
                 Some(plan) => plan.run_threads(&ctx, &ins, self.threads),
                 None => (self.ops[n])(&ctx, &ins),
@@ -300,6 +310,9 @@ impl Executor {
                     msg: other.to_string(),
                 },
             })?;
+            if let (Some(p), Some(t0)) = (&self.profile, t0) {
+                p.add(n, t0.elapsed());
+            }
             drop(ins);
             let in_place = self.dest_of[n]
                 .and_then(|i| dests.get(i))

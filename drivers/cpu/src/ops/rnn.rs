@@ -12,6 +12,7 @@ use edgehal_core::{Error, Result, Tensor};
 use edgehal_kernels::gemm::{sgemm, MatRef};
 
 use super::nn::{ftensor, fvec};
+use crate::vmath;
 use super::{input, opt_input, OpCtx, Registry};
 
 /// Register this module's ops.
@@ -309,6 +310,11 @@ fn run(kind: Kind, ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tenso
         _ => vec![0.0; ndir * 3 * hid],
     };
 
+    // The default LSTM activations run vectorized on whole gate slices (see `lstm_cell`).
+    let lstm_fast = kind == Kind::Lstm
+        && acts
+            .chunks(3)
+            .all(|a| a == [Act::Sigmoid, Act::Tanh, Act::Tanh]);
     let mut y = vec![0f32; seq * ndir * batch * hid];
     let mut yh = vec![0f32; ndir * batch * hid];
     let mut yc = vec![0f32; ndir * batch * hid];
@@ -332,6 +338,14 @@ fn run(kind: Kind, ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tenso
         ) {
             return Err(Error::arg(format!("{name}: X and W do not fit")));
         }
+        if lstm_fast {
+            // Fold both biases into the input projection once, not per step and gate.
+            for row in xw.chunks_exact_mut(gh) {
+                for ((v, &a), &b) in row.iter_mut().zip(wb).zip(rb) {
+                    *v += a + b;
+                }
+            }
+        }
         let mut h = h0[d * batch * hid..(d + 1) * batch * hid].to_vec();
         let mut c = if kind == Kind::Lstm {
             c0[d * batch * hid..(d + 1) * batch * hid].to_vec()
@@ -339,6 +353,8 @@ fn run(kind: Kind, ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tenso
             Vec::new()
         };
         let mut tmp = vec![0f32; hid];
+        let mut gates = vec![0f32; gh];
+        let (mut z, mut rg) = (vec![0f32; hid], vec![0f32; hid]);
         for step in 0..seq {
             if !sgemm(
                 1.0,
@@ -368,8 +384,6 @@ fn run(kind: Kind, ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tenso
                     Kind::Gru => {
                         // gates z, r, h
                         let (f, gact) = (acts[0], acts[1]);
-                        let mut z = vec![0f32; hid];
-                        let mut rg = vec![0f32; hid];
                         for j in 0..hid {
                             z[j] = f.apply(cl(xg[j] + wb[j] + hg[j] + rb[j]));
                             let k = hid + j;
@@ -397,6 +411,19 @@ fn run(kind: Kind, ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tenso
                         for j in 0..hid {
                             hb[j] = (1.0 - z[j]) * tmp[j] + z[j] * hb[j];
                         }
+                    }
+                    Kind::Lstm if lstm_fast => {
+                        let cb = &mut c[b * hid..(b + 1) * hid];
+                        lstm_cell(
+                            xg,
+                            hg,
+                            pd,
+                            clip,
+                            input_forget,
+                            &mut gates,
+                            cb,
+                            hb,
+                        );
                     }
                     Kind::Lstm => {
                         // gates i, o, f, c; peepholes i, o, f
@@ -466,6 +493,65 @@ fn run(kind: Kind, ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tenso
         out.push(ftensor(dt, hshape, yc)?);
     }
     Ok(out)
+}
+
+/// One LSTM step for one batch entry with the default activations (sigmoid, tanh, tanh):
+/// `xg` is the input projection with both biases added, `hg` is `H * R^T`, both `4 * hid` in
+/// gate order i, o, f, c; `p` the peepholes (i, o, f); `c` and `h` the state, updated in place.
+#[allow(clippy::too_many_arguments)]
+fn lstm_cell(
+    xg: &[f32],
+    hg: &[f32],
+    p: &[f32],
+    clip: Option<f32>,
+    input_forget: bool,
+    gates: &mut [f32],
+    c: &mut [f32],
+    h: &mut [f32],
+) {
+    let hid = c.len();
+    for ((g, &a), &b) in gates.iter_mut().zip(xg).zip(hg) {
+        *g = a + b;
+    }
+    let (gi, rest) = gates.split_at_mut(hid);
+    let (go, rest) = rest.split_at_mut(hid);
+    let (gf, gc) = rest.split_at_mut(hid);
+    let (pi, rest) = p.split_at(hid);
+    let (po, pf) = rest.split_at(hid);
+    for j in 0..hid {
+        gi[j] += pi[j] * c[j];
+        gf[j] += pf[j] * c[j];
+    }
+    if let Some(cl) = clip {
+        for v in gi.iter_mut().chain(gf.iter_mut()).chain(gc.iter_mut()) {
+            *v = v.clamp(-cl, cl);
+        }
+    }
+    vmath::sigmoid_inplace(gi);
+    if input_forget {
+        for (f, &i) in gf.iter_mut().zip(gi.iter()) {
+            *f = 1.0 - i;
+        }
+    } else {
+        vmath::sigmoid_inplace(gf);
+    }
+    vmath::tanh_inplace(gc);
+    for j in 0..hid {
+        let cn = gf[j] * c[j] + gi[j] * gc[j];
+        c[j] = cn;
+        go[j] += po[j] * cn;
+    }
+    if let Some(cl) = clip {
+        for v in go.iter_mut() {
+            *v = v.clamp(-cl, cl);
+        }
+    }
+    vmath::sigmoid_inplace(go);
+    h.copy_from_slice(c);
+    vmath::tanh_inplace(h);
+    for (hv, &o) in h.iter_mut().zip(go.iter()) {
+        *hv *= o;
+    }
 }
 
 fn rnn(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
