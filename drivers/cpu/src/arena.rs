@@ -110,10 +110,10 @@ pub struct RunScope {
 
 impl RunScope {
     /// Install `pool` and `threads` for the ops run on this thread.
-    pub fn enter(pool: &Arc<Pool>, threads: usize) -> RunScope {
+    pub fn enter(pool: Option<&Arc<Pool>>, threads: usize) -> RunScope {
         let prev = CURRENT.with(|c| {
             c.replace(Current {
-                pool: Some(pool.clone()),
+                pool: pool.cloned(),
                 threads: threads.max(1),
             })
         });
@@ -132,6 +132,13 @@ impl Drop for RunScope {
 /// Threads the running executor lets ops use (1 off an executor).
 pub fn threads() -> usize {
     CURRENT.with(|c| c.borrow().threads)
+}
+
+/// Whether executors pool their buffers: `EDGEHAL_POOL=1` turns it on (off by default, see
+/// the module docs for why).
+pub fn pooling_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("EDGEHAL_POOL").is_ok_and(|v| v == "1"))
 }
 
 fn current_pool() -> Option<Arc<Pool>> {
@@ -195,7 +202,7 @@ mod tests {
     #[test]
     fn buffers_come_back_only_when_unreferenced() {
         let pool = Arc::new(Pool::default());
-        let _s = RunScope::enter(&pool, 2);
+        let _s = RunScope::enter(Some(&pool), 2);
         assert_eq!(threads(), 2);
         let a = f32_tensor(vec![2, 3], take_zeroed(6)).unwrap();
         let a2 = a.clone();
@@ -223,10 +230,10 @@ mod tests {
         assert_eq!(t.to_f32().as_ref(), &[0.0, 0.0]);
         {
             let pool = Arc::new(Pool::default());
-            let _s = RunScope::enter(&pool, 3);
+            let _s = RunScope::enter(Some(&pool), 3);
             {
                 let inner = Arc::new(Pool::default());
-                let _t = RunScope::enter(&inner, 1);
+                let _t = RunScope::enter(None, 1);
                 assert_eq!(threads(), 1);
             }
             assert_eq!(threads(), 3, "the outer scope is restored");

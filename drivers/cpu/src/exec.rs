@@ -15,6 +15,7 @@ use edgehal_core::{DType, Error, Result, Tensor};
 
 use crate::arena::{Pool, RunScope};
 use crate::conv_plan::{ConvPlan, FUSED_CONV, FUSED_DOMAIN};
+use crate::ops::rnn::RnnPlan;
 use crate::ops::{OpCtx, OpFn, OutputDest, Registry};
 
 /// A graph output of [`Executor::run_into`].
@@ -72,6 +73,9 @@ pub struct Executor {
     registry: Registry,
     /// Per node: a convolution with constant weights, packed once (see [`crate::conv_plan`]).
     prepared: Vec<Option<ConvPlan>>,
+    /// Per node: a recurrent layer with constant `R`, transposed once (see
+    /// [`crate::ops::rnn::RnnPlan`]).
+    rnn: Vec<Option<RnnPlan>>,
     /// Threads the prepared kernels may use (1: everything on the caller's thread).
     threads: usize,
     /// Buffers reused across runs (see [`crate::arena`]).
@@ -151,7 +155,16 @@ impl Executor {
             .iter()
             .map(|node| prepare(graph, node))
             .collect();
+        let rnn = graph
+            .nodes
+            .iter()
+            .map(|node| {
+                let r = node.inputs.get(2).copied().flatten()?;
+                RnnPlan::new(node, graph.initializers.get(&r)?)
+            })
+            .collect();
         Ok(Executor {
+            rnn,
             graph: graph.clone(),
             order,
             ops,
@@ -229,7 +242,8 @@ impl Executor {
         dests: &[DestCell<'_>],
     ) -> Result<Vec<Produced>> {
         let g = &self.graph;
-        let _scope = RunScope::enter(&self.pool, self.threads);
+        let pool = crate::arena::pooling_enabled().then_some(&self.pool);
+        let _scope = RunScope::enter(pool, self.threads);
         let mut slots: Vec<Option<Tensor>> = vec![None; g.values.len()];
         for (id, t) in &g.initializers {
             slots[*id] = Some(t.clone());
@@ -299,9 +313,10 @@ impl Executor {
                     .map(|d| d as &dyn OutputDest),
             };
             let t0 = self.profile.as_ref().map(|_| std::time::Instant::now());
-            let outs = match &self.prepared[n] {
-                Some(plan) => plan.run_threads(&ctx, &ins, self.threads),
-                None => (self.ops[n])(&ctx, &ins),
+            let outs = match (&self.prepared[n], &self.rnn[n]) {
+                (Some(plan), _) => plan.run_threads(&ctx, &ins, self.threads),
+                (None, Some(plan)) => plan.run(&ctx, &ins),
+                (None, None) => (self.ops[n])(&ctx, &ins),
             }
             .map_err(|e| match e {
                 Error::Op { .. } => e,

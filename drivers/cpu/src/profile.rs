@@ -68,7 +68,10 @@ impl Drop for OpProfile {
         if total.is_zero() {
             return;
         }
-        eprintln!("op profile ({:.3} ms in all nodes):", total.as_secs_f64() * 1e3);
+        eprintln!(
+            "op profile ({:.3} ms in all nodes):",
+            total.as_secs_f64() * 1e3
+        );
         for (op, d, c) in rows {
             eprintln!(
                 "  {op:<24} {:>10.3} ms {c:>8} calls {:>5.1}%",

@@ -110,7 +110,16 @@ mod tests {
 
     #[test]
     fn extremes_and_tiny_values() {
-        let mut v = vec![-1e30, -200.0, -87.0, 88.0, 200.0, 1e30, f32::MIN_POSITIVE, -1e-20];
+        let mut v = vec![
+            -1e30,
+            -200.0,
+            -87.0,
+            88.0,
+            200.0,
+            1e30,
+            f32::MIN_POSITIVE,
+            -1e-20,
+        ];
         let x = v.clone();
         exp_inplace(&mut v);
         assert!(v[0] >= 0.0 && v[0] < 1e-37 && v[1] < 1e-37);

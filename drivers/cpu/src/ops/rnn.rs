@@ -12,8 +12,8 @@ use edgehal_core::{Error, Result, Tensor};
 use edgehal_kernels::gemm::{sgemm, MatRef};
 
 use super::nn::{ftensor, fvec};
-use crate::vmath;
 use super::{input, opt_input, OpCtx, Registry};
+use crate::vmath;
 
 /// Register this module's ops.
 pub fn register(r: &mut Registry) {
@@ -208,7 +208,116 @@ fn expect_shape(t: &Tensor, want: &[usize], what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Recurrent weights prepared once per session: `R^T` per direction (`hid x gates*hid`,
+/// row-major), so each step's `H * R^T` streams contiguous rows (axpy form) instead of
+/// transposed dot products.
+pub struct RnnPlan {
+    kind: Kind,
+    /// `R` of the node as the plan saw it, to check the run-time input is the same shape.
+    r_shape: Vec<usize>,
+    rt: Vec<f32>,
+    /// `R` per direction in panels of [`PANEL`] gate rows: `[gh / PANEL][hid][PANEL]`
+    /// (the last panel zero-padded), for [`gemv_panels`].
+    panels: Vec<f32>,
+}
+
+/// Gate rows per panel of [`RnnPlan::panels`]: 32 accumulators stay in vector registers.
+const PANEL: usize = 32;
+
+/// `y[j] = sum_k x[k] * R[j][k]` for `j < y.len()` from `R` in panels (see
+/// [`RnnPlan::panels`]); `false` when a slice is too short.
+fn gemv_panels(panels: &[f32], x: &[f32], y: &mut [f32]) -> bool {
+    let k = x.len();
+    for (pi, yb) in y.chunks_mut(PANEL).enumerate() {
+        let Some(p) = panels.get(pi * k * PANEL..(pi + 1) * k * PANEL) else {
+            return false;
+        };
+        let mut acc = [0f32; PANEL];
+        for (row, &xv) in p.chunks_exact(PANEL).zip(x) {
+            for l in 0..PANEL {
+                acc[l] += xv * row[l];
+            }
+        }
+        yb.copy_from_slice(&acc[..yb.len()]);
+    }
+    true
+}
+
+impl RnnPlan {
+    /// A plan for an RNN/GRU/LSTM node whose `R` is a float initializer; `None` otherwise.
+    pub fn new(node: &edgehal_core::Node, r: &Tensor) -> Option<RnnPlan> {
+        let kind = match node.op.as_str() {
+            "RNN" => Kind::Rnn,
+            "GRU" => Kind::Gru,
+            "LSTM" => Kind::Lstm,
+            _ => return None,
+        };
+        if !(node.domain.is_empty() || node.domain == "ai.onnx") || !r.dtype().is_float() {
+            return None;
+        }
+        let [ndir, gh, hid] = *r.shape() else {
+            return None;
+        };
+        let rv = r.to_f32();
+        if rv.len() != ndir.checked_mul(gh)?.checked_mul(hid)? {
+            return None;
+        }
+        let mut rt = vec![0f32; rv.len()];
+        for d in 0..ndir {
+            let src = &rv[d * gh * hid..(d + 1) * gh * hid];
+            let dst = &mut rt[d * gh * hid..(d + 1) * gh * hid];
+            for g in 0..gh {
+                for k in 0..hid {
+                    dst[k * gh + g] = src[g * hid + k];
+                }
+            }
+        }
+        let np = gh.div_ceil(PANEL);
+        let mut panels = vec![0f32; ndir.checked_mul(np * PANEL)?.checked_mul(hid)?];
+        for d in 0..ndir {
+            let src = &rv[d * gh * hid..(d + 1) * gh * hid];
+            let dst = &mut panels[d * np * PANEL * hid..(d + 1) * np * PANEL * hid];
+            for g in 0..gh {
+                let (pi, l) = (g / PANEL, g % PANEL);
+                for k in 0..hid {
+                    dst[(pi * hid + k) * PANEL + l] = src[g * hid + k];
+                }
+            }
+        }
+        Some(RnnPlan {
+            kind,
+            r_shape: r.shape().to_vec(),
+            rt,
+            panels,
+        })
+    }
+
+    /// Run the node with the prepared `R^T`.
+    pub fn run(&self, ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+        let r = input(ins, 2)?;
+        if r.shape() != self.r_shape.as_slice() {
+            return Err(Error::arg(format!(
+                "{}: R has shape {:?}, prepared for {:?}",
+                self.kind.name(),
+                r.shape(),
+                self.r_shape
+            )));
+        }
+        run_with(self.kind, ctx, ins, Some((&self.rt, &self.panels)))
+    }
+}
+
 fn run(kind: Kind, ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    run_with(kind, ctx, ins, None)
+}
+
+/// The recurrence; `rt` is `R^T` per direction when prepared (see [`RnnPlan`]).
+fn run_with(
+    kind: Kind,
+    ctx: &OpCtx<'_>,
+    ins: &[Option<&Tensor>],
+    rt: Option<(&[f32], &[f32])>,
+) -> Result<Vec<Tensor>> {
     let name = kind.name();
     let x = input(ins, 0)?;
     let w = input(ins, 1)?;
@@ -356,14 +465,37 @@ fn run(kind: Kind, ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tenso
         let mut gates = vec![0f32; gh];
         let (mut z, mut rg) = (vec![0f32; hid], vec![0f32; hid]);
         for step in 0..seq {
-            if !sgemm(
-                1.0,
-                MatRef::row_major(&h, batch, hid),
-                MatRef::row_major(rd, gh, hid).t(),
-                0.0,
-                &mut hr,
-                gh,
-            ) {
+            let np = gh.div_ceil(PANEL) * PANEL * hid;
+            let prepared = rt.and_then(|(t, p)| {
+                Some((
+                    t.get(d * gh * hid..(d + 1) * gh * hid)?,
+                    p.get(d * np..(d + 1) * np)?,
+                ))
+            });
+            let ok = match prepared {
+                // Few rows: one register-blocked matrix-vector product per batch entry.
+                Some((_, pd)) if batch <= 4 => h
+                    .chunks_exact(hid)
+                    .zip(hr.chunks_exact_mut(gh))
+                    .all(|(hb, ob)| gemv_panels(pd, hb, ob)),
+                Some((rtd, _)) => sgemm(
+                    1.0,
+                    MatRef::row_major(&h, batch, hid),
+                    MatRef::row_major(rtd, hid, gh),
+                    0.0,
+                    &mut hr,
+                    gh,
+                ),
+                None => sgemm(
+                    1.0,
+                    MatRef::row_major(&h, batch, hid),
+                    MatRef::row_major(rd, gh, hid).t(),
+                    0.0,
+                    &mut hr,
+                    gh,
+                ),
+            };
+            if !ok {
                 return Err(Error::arg(format!("{name}: H and R do not fit")));
             }
             for b in 0..batch {
@@ -414,16 +546,7 @@ fn run(kind: Kind, ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tenso
                     }
                     Kind::Lstm if lstm_fast => {
                         let cb = &mut c[b * hid..(b + 1) * hid];
-                        lstm_cell(
-                            xg,
-                            hg,
-                            pd,
-                            clip,
-                            input_forget,
-                            &mut gates,
-                            cb,
-                            hb,
-                        );
+                        lstm_cell(xg, hg, pd, clip, input_forget, &mut gates, cb, hb);
                     }
                     Kind::Lstm => {
                         // gates i, o, f, c; peepholes i, o, f
