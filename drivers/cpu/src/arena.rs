@@ -232,7 +232,6 @@ mod tests {
             let pool = Arc::new(Pool::default());
             let _s = RunScope::enter(Some(&pool), 3);
             {
-                let inner = Arc::new(Pool::default());
                 let _t = RunScope::enter(None, 1);
                 assert_eq!(threads(), 1);
             }

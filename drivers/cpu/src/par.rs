@@ -133,7 +133,7 @@ mod tests {
         for threads in [1, 2, 3, 8] {
             for units in [0, 1, 5, 16] {
                 let mut out = vec![0f32; units * 3];
-                for_parts::<()>(threads, units, 3, &mut out, |r, part| {
+                for_parts::<f32, ()>(threads, units, 3, &mut out, |r, part| {
                     assert_eq!(part.len(), r.len() * 3);
                     for (k, u) in r.enumerate() {
                         part[k * 3..k * 3 + 3]

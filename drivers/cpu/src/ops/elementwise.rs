@@ -890,6 +890,47 @@ mod tests {
     use super::*;
     use edgehal_core::Node;
 
+    #[test]
+    fn threaded_f32_binary_equals_one_thread_and_the_generic_path() {
+        use crate::arena::RunScope;
+        let vals = |n: usize, s: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * s + 3) % 29) as f32 * 0.37 - 5.0)
+                .collect()
+        };
+        // Odd sizes around and above the split threshold, same-shape, scalar, per-channel,
+        // middle-axis and two-sided broadcasts.
+        let cases: Vec<(Vec<usize>, Vec<usize>)> = vec![
+            (vec![3, 11_001], vec![3, 11_001]),
+            (vec![1, 32, 33, 37], vec![1]),
+            (vec![1], vec![5, 7, 1_001]),
+            (vec![1, 37, 31, 29], vec![1, 37, 1, 1]),
+            (vec![7, 1, 4_999], vec![1, 9, 4_999]),
+            (vec![2, 33, 1, 517], vec![33, 17, 1]),
+            (vec![5, 3], vec![3]),
+        ];
+        for (sa, sb) in cases {
+            let a = Tensor::from_vec(sa.clone(), vals(sa.iter().product(), 7)).unwrap();
+            let b = Tensor::from_vec(sb.clone(), vals(sb.iter().product(), 11)).unwrap();
+            let f = |x: f32, y: f32| x * y - x;
+            let want = binary::<f32, f32>(&a, &b, DType::F32, f).unwrap();
+            for threads in [1, 2, 3] {
+                let pool = std::sync::Arc::new(crate::arena::Pool::default());
+                let _s = RunScope::enter(Some(&pool), threads);
+                let got = binary_f32(&a, &b, f).unwrap();
+                assert_eq!(got.shape(), want.shape(), "{sa:?} {sb:?}");
+                assert_eq!(
+                    got.to_f32(),
+                    want.to_f32(),
+                    "{sa:?} {sb:?} threads {threads}"
+                );
+            }
+        }
+        let a = Tensor::from_vec(vec![2, 3], vals(6, 1)).unwrap();
+        let b = Tensor::from_vec(vec![4], vals(4, 1)).unwrap();
+        assert!(binary_f32(&a, &b, |x, y| x + y).is_err());
+    }
+
     fn run(
         op: &str,
         attrs: Vec<(&str, edgehal_core::Attr)>,

@@ -729,6 +729,96 @@ mod tests {
     }
 
     #[test]
+    fn prepared_lstm_equals_the_unprepared_op() {
+        use edgehal_core::Node;
+        let vals = |n: usize, s: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * s + 1) % 23) as f32 * 0.05 - 0.55)
+                .collect()
+        };
+        // hid 37 leaves a partly filled panel; batch 2 takes the panel GEMV, batch 6 the sgemm.
+        for (batch, dir, clip) in [(2, "forward", None), (6, "bidirectional", Some(0.8f32))] {
+            let (seq, inp, hid) = (5, 9, 37);
+            let nd = if dir == "bidirectional" { 2 } else { 1 };
+            let x = t(&[seq, batch, inp], &vals(seq * batch * inp, 3));
+            let w = t(&[nd, 4 * hid, inp], &vals(nd * 4 * hid * inp, 5));
+            let r = t(&[nd, 4 * hid, hid], &vals(nd * 4 * hid * hid, 7));
+            let b = t(&[nd, 8 * hid], &vals(nd * 8 * hid, 11));
+            let h0 = t(&[nd, batch, hid], &vals(nd * batch * hid, 13));
+            let c0 = t(&[nd, batch, hid], &vals(nd * batch * hid, 17));
+            let p = t(&[nd, 3 * hid], &vals(nd * 3 * hid, 19));
+            let mut attrs = vec![
+                ("hidden_size", Attr::Int(hid as i64)),
+                ("direction", Attr::String(dir.as_bytes().to_vec())),
+            ];
+            if let Some(c) = clip {
+                attrs.push(("clip", Attr::Float(c)));
+            }
+            let ins = [
+                Some(&x),
+                Some(&w),
+                Some(&r),
+                Some(&b),
+                None,
+                Some(&h0),
+                Some(&c0),
+                Some(&p),
+            ];
+            let want = run_op("LSTM", 14, attrs.clone(), &ins, 3).unwrap();
+            let node = Node {
+                op: "LSTM".into(),
+                attrs: attrs.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+                ..Default::default()
+            };
+            let plan = super::RnnPlan::new(&node, &r).expect("plan");
+            let ctx = super::OpCtx {
+                node: &node,
+                opset: 14,
+                subgraph: None,
+                dest: None,
+            };
+            let got = plan.run(&ctx, &ins).unwrap();
+            for (a, b) in want.iter().zip(&got) {
+                assert_eq!(a.shape(), b.shape());
+                close(&b.to_vec::<f32>().unwrap(), &a.to_vec::<f32>().unwrap());
+            }
+            // A different R shape at run time is refused.
+            let r2 = t(&[nd, 4 * hid, hid - 1], &vals(nd * 4 * hid * (hid - 1), 7));
+            let mut bad = ins;
+            bad[2] = Some(&r2);
+            assert!(plan.run(&ctx, &bad).is_err());
+        }
+    }
+
+    #[test]
+    fn lstm_fast_cell_matches_scalar_formulas() {
+        // hid 3, one step, peepholes and clip, against the formulas written out in f64.
+        let (xg, hg) = (
+            [
+                0.3f32, -1.2, 2.5, 0.1, 0.7, -0.4, 1.1, -2.2, 0.05, 3.0, -0.6, 0.9,
+            ],
+            [0.1f32; 12],
+        );
+        let p = [0.2f32, -0.1, 0.3, 0.05, 0.4, -0.2, 0.1, 0.1, 0.1];
+        let (mut c, mut h, mut g) = ([0.5f32, -0.3, 0.8], [0f32; 3], [0f32; 12]);
+        let c_prev = c;
+        super::lstm_cell(&xg, &hg, &p, Some(2.0), false, &mut g, &mut c, &mut h);
+        let sig = |v: f64| 1.0 / (1.0 + (-v).exp());
+        let cl = |v: f64| v.clamp(-2.0, 2.0);
+        for j in 0..3 {
+            let pre = |k: usize| (xg[k] + hg[k]) as f64;
+            let cp = c_prev[j] as f64;
+            let i = sig(cl(pre(j) + p[j] as f64 * cp));
+            let f = sig(cl(pre(6 + j) + p[6 + j] as f64 * cp));
+            let cc = cl(pre(9 + j)).tanh();
+            let cn = f * cp + i * cc;
+            let o = sig(cl(pre(3 + j) + p[3 + j] as f64 * cn));
+            assert!((c[j] as f64 - cn).abs() < 1e-6, "c[{j}]");
+            assert!((h[j] as f64 - o * cn.tanh()).abs() < 1e-6, "h[{j}]");
+        }
+    }
+
+    #[test]
     fn rnn_sequence_lens_hold_state_and_zero_y() {
         // hidden 1: h_t = tanh(x_t + h_{t-1}), batch 2 with lengths 2 and 1.
         let x = t(&[2, 2, 1], &[0.5, 1.0, 0.25, 9.0]);
