@@ -56,7 +56,7 @@ impl OpProfile {
             }
         }
         m.retain(|e| e.2 > 0);
-        m.sort_by(|a, b| b.1.cmp(&a.1));
+        m.sort_by_key(|e| std::cmp::Reverse(e.1));
         m
     }
 }
