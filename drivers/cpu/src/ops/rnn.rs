@@ -208,14 +208,13 @@ fn expect_shape(t: &Tensor, want: &[usize], what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Recurrent weights prepared once per session: `R^T` per direction (`hid x gates*hid`,
-/// row-major), so each step's `H * R^T` streams contiguous rows (axpy form) instead of
-/// transposed dot products.
+/// Recurrent weights prepared once per session: `R` per direction in panels of [`PANEL`] gate
+/// rows, so each step's `H * R^T` (batch <= 4) is a register-blocked matrix-vector product
+/// streaming contiguous memory instead of an sgemm over a transposed view.
 pub struct RnnPlan {
     kind: Kind,
     /// `R` of the node as the plan saw it, to check the run-time input is the same shape.
     r_shape: Vec<usize>,
-    rt: Vec<f32>,
     /// `R` per direction in panels of [`PANEL`] gate rows: `[gh / PANEL][hid][PANEL]`
     /// (the last panel zero-padded), for [`gemv_panels`].
     panels: Vec<f32>,
@@ -262,16 +261,6 @@ impl RnnPlan {
         if rv.len() != ndir.checked_mul(gh)?.checked_mul(hid)? {
             return None;
         }
-        let mut rt = vec![0f32; rv.len()];
-        for d in 0..ndir {
-            let src = &rv[d * gh * hid..(d + 1) * gh * hid];
-            let dst = &mut rt[d * gh * hid..(d + 1) * gh * hid];
-            for g in 0..gh {
-                for k in 0..hid {
-                    dst[k * gh + g] = src[g * hid + k];
-                }
-            }
-        }
         let np = gh.div_ceil(PANEL);
         let mut panels = vec![0f32; ndir.checked_mul(np * PANEL)?.checked_mul(hid)?];
         for d in 0..ndir {
@@ -287,7 +276,6 @@ impl RnnPlan {
         Some(RnnPlan {
             kind,
             r_shape: r.shape().to_vec(),
-            rt,
             panels,
         })
     }
@@ -303,7 +291,7 @@ impl RnnPlan {
                 self.r_shape
             )));
         }
-        run_with(self.kind, ctx, ins, Some((&self.rt, &self.panels)))
+        run_with(self.kind, ctx, ins, Some(&self.panels))
     }
 }
 
@@ -311,12 +299,12 @@ fn run(kind: Kind, ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tenso
     run_with(kind, ctx, ins, None)
 }
 
-/// The recurrence; `rt` is `R^T` per direction when prepared (see [`RnnPlan`]).
+/// The recurrence; `panels` is `R` in panels when prepared (see [`RnnPlan`]).
 fn run_with(
     kind: Kind,
     ctx: &OpCtx<'_>,
     ins: &[Option<&Tensor>],
-    rt: Option<(&[f32], &[f32])>,
+    panels: Option<&[f32]>,
 ) -> Result<Vec<Tensor>> {
     let name = kind.name();
     let x = input(ins, 0)?;
@@ -466,27 +454,14 @@ fn run_with(
         let (mut z, mut rg) = (vec![0f32; hid], vec![0f32; hid]);
         for step in 0..seq {
             let np = gh.div_ceil(PANEL) * PANEL * hid;
-            let prepared = rt.and_then(|(t, p)| {
-                Some((
-                    t.get(d * gh * hid..(d + 1) * gh * hid)?,
-                    p.get(d * np..(d + 1) * np)?,
-                ))
-            });
+            let prepared = panels.and_then(|p| p.get(d * np..(d + 1) * np));
             let ok = match prepared {
                 // Few rows: one register-blocked matrix-vector product per batch entry.
-                Some((_, pd)) if batch <= 4 => h
+                Some(pd) if batch <= 4 => h
                     .chunks_exact(hid)
                     .zip(hr.chunks_exact_mut(gh))
                     .all(|(hb, ob)| gemv_panels(pd, hb, ob)),
-                Some((rtd, _)) => sgemm(
-                    1.0,
-                    MatRef::row_major(&h, batch, hid),
-                    MatRef::row_major(rtd, hid, gh),
-                    0.0,
-                    &mut hr,
-                    gh,
-                ),
-                None => sgemm(
+                _ => sgemm(
                     1.0,
                     MatRef::row_major(&h, batch, hid),
                     MatRef::row_major(rd, gh, hid).t(),
