@@ -7,12 +7,15 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use edgehal_core::graph::{Graph, NodeId, ValueId};
 use edgehal_core::tensor::checked_numel;
 use edgehal_core::{DType, Error, Result, Tensor};
 
+use crate::arena::{Pool, RunScope};
 use crate::conv_plan::{ConvPlan, FUSED_CONV, FUSED_DOMAIN};
+use crate::ops::rnn::RnnPlan;
 use crate::ops::{OpCtx, OpFn, OutputDest, Registry};
 
 /// A graph output of [`Executor::run_into`].
@@ -70,8 +73,18 @@ pub struct Executor {
     registry: Registry,
     /// Per node: a convolution with constant weights, packed once (see [`crate::conv_plan`]).
     prepared: Vec<Option<ConvPlan>>,
+    /// Initializers by value id, looked up in place rather than copied into each run's slots.
+    inits: Vec<Option<Tensor>>,
+    /// Per node: a recurrent layer with constant `R`, transposed once (see
+    /// [`crate::ops::rnn::RnnPlan`]).
+    rnn: Vec<Option<RnnPlan>>,
     /// Threads the prepared kernels may use (1: everything on the caller's thread).
     threads: usize,
+    /// Buffers reused across runs (see [`crate::arena`]), when `pooling`.
+    pool: Arc<Pool>,
+    pooling: bool,
+    /// Per-node time totals when `EDGEHAL_OP_PROFILE=1` (printed to stderr on drop).
+    profile: Option<crate::profile::OpProfile>,
 }
 
 impl Executor {
@@ -145,7 +158,23 @@ impl Executor {
             .iter()
             .map(|node| prepare(graph, node))
             .collect();
+        let rnn = graph
+            .nodes
+            .iter()
+            .map(|node| {
+                let r = node.inputs.get(2).copied().flatten()?;
+                RnnPlan::new(node, graph.initializers.get(&r)?)
+            })
+            .collect();
+        let mut inits = vec![None; graph.values.len()];
+        for (id, t) in &graph.initializers {
+            if let Some(slot) = inits.get_mut(*id) {
+                *slot = Some(t.clone());
+            }
+        }
         Ok(Executor {
+            inits,
+            rnn,
             graph: graph.clone(),
             order,
             ops,
@@ -154,12 +183,20 @@ impl Executor {
             registry: registry.clone(),
             prepared,
             threads: 1,
+            pool: Arc::new(Pool::default()),
+            pooling: crate::arena::pooling_enabled(),
+            profile: crate::profile::OpProfile::from_env(graph),
         })
     }
 
     /// Lets the prepared kernels use `threads` threads (0: one per core).
     pub fn set_threads(&mut self, threads: usize) {
         self.threads = crate::par::resolve_threads(threads);
+    }
+
+    /// Reuse f32 buffers across runs through a pool (default: `EDGEHAL_POOL=1`).
+    pub fn set_buffer_reuse(&mut self, on: bool) {
+        self.pooling = on;
     }
 
     /// The graph being executed.
@@ -221,10 +258,17 @@ impl Executor {
         dests: &[DestCell<'_>],
     ) -> Result<Vec<Produced>> {
         let g = &self.graph;
+        let pool = self.pooling.then_some(&self.pool);
+        let _scope = RunScope::enter(pool, self.threads);
         let mut slots: Vec<Option<Tensor>> = vec![None; g.values.len()];
-        for (id, t) in &g.initializers {
-            slots[*id] = Some(t.clone());
-        }
+        // A value: this run's slot (inputs override initializer defaults), else an initializer.
+        let value = |slots: &[Option<Tensor>], v: ValueId| -> Option<Tensor> {
+            slots
+                .get(v)
+                .and_then(|s| s.as_ref())
+                .or_else(|| self.inits.get(v).and_then(|s| s.as_ref()))
+                .cloned()
+        };
         for (id, t) in inputs {
             let slot = slots
                 .get_mut(*id)
@@ -236,7 +280,7 @@ impl Executor {
             // Outer-scope values a node reads are fetched lazily.
             let mut fetched: HashMap<ValueId, Tensor> = HashMap::new();
             for v in node.inputs.iter().flatten() {
-                if slots[*v].is_none() {
+                if slots[*v].is_none() && self.inits[*v].is_none() {
                     if let Some(t) = outer(&g.values[*v].name) {
                         fetched.insert(*v, t);
                     }
@@ -245,7 +289,14 @@ impl Executor {
             let ins: Vec<Option<&Tensor>> = node
                 .inputs
                 .iter()
-                .map(|v| v.and_then(|v| slots[v].as_ref().or_else(|| fetched.get(&v))))
+                .map(|v| {
+                    v.and_then(|v| {
+                        slots[v]
+                            .as_ref()
+                            .or_else(|| self.inits[v].as_ref())
+                            .or_else(|| fetched.get(&v))
+                    })
+                })
                 .collect();
             for (k, (want, got)) in node.inputs.iter().zip(&ins).enumerate() {
                 if want.is_some() && got.is_none() {
@@ -268,8 +319,7 @@ impl Executor {
                     .collect();
                 let lookup = |name: &str| -> Option<Tensor> {
                     match g.find_value(name) {
-                        Some(id) => slots[id]
-                            .clone()
+                        Some(id) => value(&slots, id)
                             .or_else(|| fetched.get(&id).cloned())
                             .or_else(|| outer(name)),
                         None => outer(name),
@@ -289,9 +339,11 @@ impl Executor {
                     .and_then(|i| dests.get(i))
                     .map(|d| d as &dyn OutputDest),
             };
-            let outs = match &self.prepared[n] {
-                Some(plan) => plan.run_threads(&ctx, &ins, self.threads),
-                None => (self.ops[n])(&ctx, &ins),
+            let t0 = self.profile.as_ref().map(|_| std::time::Instant::now());
+            let outs = match (&self.prepared[n], &self.rnn[n]) {
+                (Some(plan), _) => plan.run_threads(&ctx, &ins, self.threads),
+                (None, Some(plan)) => plan.run(&ctx, &ins),
+                (None, None) => (self.ops[n])(&ctx, &ins),
             }
             .map_err(|e| match e {
                 Error::Op { .. } => e,
@@ -300,24 +352,27 @@ impl Executor {
                     msg: other.to_string(),
                 },
             })?;
+            if let (Some(p), Some(t0)) = (&self.profile, t0) {
+                p.add(n, t0.elapsed());
+            }
             drop(ins);
             let in_place = self.dest_of[n]
                 .and_then(|i| dests.get(i))
                 .is_some_and(|d| d.done.borrow().is_some());
+            let n_outs = outs.len();
+            let mut outs = outs.into_iter();
             for (k, o) in node.outputs.iter().enumerate() {
+                let t = outs.next();
                 if let Some(o) = o {
                     if k == 0 && in_place {
                         continue;
                     }
-                    match outs.get(k) {
-                        Some(t) => slots[*o] = Some(t.clone()),
+                    match t {
+                        Some(t) => slots[*o] = Some(t),
                         None => {
                             return Err(Error::Op {
                                 node: g.describe_node(n),
-                                msg: format!(
-                                    "produced {} outputs, output {k} is missing",
-                                    outs.len()
-                                ),
+                                msg: format!("produced {n_outs} outputs, output {k} is missing"),
                             })
                         }
                     }
@@ -334,8 +389,7 @@ impl Executor {
                 if let Some((dtype, shape)) = dests.get(i).and_then(|d| d.done.borrow().clone()) {
                     return Ok(Produced::InPlace { dtype, shape });
                 }
-                slots[o]
-                    .clone()
+                value(&slots, o)
                     .or_else(|| outer(&g.values[o].name))
                     .map(Produced::Tensor)
                     .ok_or_else(|| {
@@ -527,5 +581,66 @@ mod tests {
         assert!(matches!(&out[0], Produced::Tensor(t) if t.to_f32().as_ref() == [-2.0, -2.0]));
         assert!(matches!(&out[1], Produced::Tensor(t) if t.to_f32().as_ref() == [0.0, 0.0]));
         assert_eq!((a, b), (vec![0, 0], vec![0, 0]));
+    }
+
+    /// x [1, n] -> Sigmoid -> Add(x) -> Gemm(w [n, 3]) -> y, with Mul(x, 2) also an output.
+    fn chain_graph(n: usize) -> Graph {
+        let mut g = Graph::new("chain");
+        let mut v = |name: &str| g.value_id(name);
+        let (x, s, a, w, y, two, m) = (v("x"), v("s"), v("a"), v("w"), v("y"), v("two"), v("m"));
+        g.inputs = vec![x];
+        g.opsets.insert(String::new(), 17);
+        let wv: Vec<f32> = (0..n * 3)
+            .map(|i| ((i * 7) % 11) as f32 * 0.1 - 0.5)
+            .collect();
+        g.initializers
+            .insert(w, Tensor::from_vec(vec![n, 3], wv).expect("w"));
+        g.initializers.insert(two, Tensor::scalar(2f32));
+        let node = |op: &str, ins: Vec<usize>, out: usize| Node {
+            op: op.into(),
+            inputs: ins.into_iter().map(Some).collect(),
+            outputs: vec![Some(out)],
+            ..Default::default()
+        };
+        g.nodes.push(node("Sigmoid", vec![x], s));
+        g.nodes.push(node("Add", vec![s, x], a));
+        g.nodes.push(node("Gemm", vec![a, w], y));
+        g.nodes.push(node("Mul", vec![x, two], m));
+        g.outputs = vec![y, m];
+        g
+    }
+
+    #[test]
+    fn reused_buffers_give_the_same_outputs_and_returned_outputs_stay_valid() {
+        let n = 40_000; // above the threshold where elementwise ops split across threads
+        let g = chain_graph(n);
+        let plain = Executor::new(&g, &Registry::new()).expect("executor");
+        let mut pooled = Executor::new(&g, &Registry::new()).expect("executor");
+        pooled.set_buffer_reuse(true);
+        pooled.set_threads(2);
+        let mut kept = Vec::new();
+        for r in 0..6 {
+            let xv: Vec<f32> = (0..n)
+                .map(|i| ((i * 13 + r * 5) % 17) as f32 * 0.25 - 2.0)
+                .collect();
+            let feed = vec![(0, Tensor::from_vec(vec![1, n], xv).expect("x"))];
+            let want = plain.run(&feed).expect("plain run");
+            let got = pooled.run(&feed).expect("pooled run");
+            for (a, b) in want.iter().zip(&got) {
+                assert_eq!(a.shape(), b.shape());
+                assert_eq!(a.to_f32(), b.to_f32(), "run {r}");
+            }
+            kept.push((want, got));
+        }
+        assert!(
+            pooled.pool.pooled_bytes() > 0,
+            "intermediates went back to the pool"
+        );
+        // Outputs held by the caller were never handed out again by later runs.
+        for (want, got) in &kept {
+            for (a, b) in want.iter().zip(got) {
+                assert_eq!(a.to_f32(), b.to_f32());
+            }
+        }
     }
 }

@@ -7,11 +7,14 @@
 
 #![forbid(unsafe_code)]
 
+pub mod arena;
 pub mod conv_plan;
 pub mod device;
 pub mod exec;
 pub mod ops;
 pub mod par;
+pub mod profile;
+pub mod vmath;
 
 pub use exec::{Executor, Produced};
 pub use ops::{OpCtx, OpFn, Registry};

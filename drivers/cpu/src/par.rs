@@ -43,12 +43,12 @@ pub fn resolve_threads(requested: usize) -> usize {
 /// Runs `f(units, part)` over `threads` contiguous ranges of `0..units`, where unit `u` owns
 /// `out[u * unit_len .. (u + 1) * unit_len]` (the last unit may be shorter). Returns the first
 /// error.
-pub fn for_parts<E: Send>(
+pub fn for_parts<T: Send, E: Send>(
     threads: usize,
     units: usize,
     unit_len: usize,
-    out: &mut [f32],
-    f: impl Fn(Range<usize>, &mut [f32]) -> Result<(), E> + Sync,
+    out: &mut [T],
+    f: impl Fn(Range<usize>, &mut [T]) -> Result<(), E> + Sync,
 ) -> Result<(), E> {
     let parts = threads.clamp(1, units.max(1));
     if parts == 1 {
@@ -66,7 +66,10 @@ pub fn for_parts<E: Send>(
         rest = tail;
         u = end;
     }
-    let Some(pool) = pool(parts) else {
+    // The caller runs the first part itself; the others go to a pool of `parts - 1` workers,
+    // so `threads` threads work in all and the caller never sleeps while a worker wakes up to
+    // run what it could have run.
+    let Some(pool) = pool(parts - 1) else {
         // No pool could be built (thread limit): run the parts one after another.
         for (r, c) in chunks {
             f(r, c)?;
@@ -75,13 +78,18 @@ pub fn for_parts<E: Send>(
     };
     let results: Vec<Mutex<Option<Result<(), E>>>> =
         (0..chunks.len()).map(|_| Mutex::new(None)).collect();
-    pool.scope(|s| {
-        for ((r, c), slot) in chunks.into_iter().zip(&results) {
+    let mut chunks = chunks.into_iter().zip(&results);
+    let first = chunks.next();
+    pool.in_place_scope(|s| {
+        for ((r, c), slot) in chunks {
             let f = &f;
             s.spawn(move |_| {
                 let r = f(r, c);
                 *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
             });
+        }
+        if let Some(((r, c), slot)) = first {
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(f(r, c));
         }
     });
     // The first error in part order; a part that never reported (its worker panicked, which
@@ -94,6 +102,28 @@ pub fn for_parts<E: Send>(
     Ok(())
 }
 
+/// Elements below which splitting an elementwise loop across threads costs more than it saves
+/// (a hand-off to a pool worker is a few microseconds; measured with `EDGEHAL_OP_PROFILE`).
+pub const MIN_PARALLEL_ELEMS: usize = 1 << 15;
+
+/// Runs `f(offset, part)` over contiguous parts of `out` (one per thread, `out` split at
+/// multiples of 16 elements) when `out` has at least [`MIN_PARALLEL_ELEMS`] elements and
+/// `threads > 1`; otherwise `f(0, out)` on the caller's thread.
+pub fn for_slices<T: Send, E: Send>(
+    threads: usize,
+    out: &mut [T],
+    f: impl Fn(usize, &mut [T]) -> Result<(), E> + Sync,
+) -> Result<(), E> {
+    const BLOCK: usize = 16;
+    let n = out.len();
+    if threads <= 1 || n < MIN_PARALLEL_ELEMS {
+        return f(0, out);
+    }
+    for_parts(threads, n.div_ceil(BLOCK), BLOCK, out, |blocks, part| {
+        f(blocks.start * BLOCK, part)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,7 +133,7 @@ mod tests {
         for threads in [1, 2, 3, 8] {
             for units in [0, 1, 5, 16] {
                 let mut out = vec![0f32; units * 3];
-                for_parts::<()>(threads, units, 3, &mut out, |r, part| {
+                for_parts::<f32, ()>(threads, units, 3, &mut out, |r, part| {
                     assert_eq!(part.len(), r.len() * 3);
                     for (k, u) in r.enumerate() {
                         part[k * 3..k * 3 + 3]
@@ -116,6 +146,19 @@ mod tests {
                 for (i, v) in out.iter().enumerate() {
                     assert_eq!(*v, (i / 3) as f32);
                 }
+            }
+        }
+        for threads in [1, 2, 3] {
+            for n in [0, 1, 17, MIN_PARALLEL_ELEMS - 1, MIN_PARALLEL_ELEMS + 33] {
+                let mut out = vec![0u32; n];
+                for_slices::<u32, ()>(threads, &mut out, |off, part| {
+                    for (k, v) in part.iter_mut().enumerate() {
+                        *v += (off + k) as u32;
+                    }
+                    Ok(())
+                })
+                .unwrap();
+                assert!(out.iter().enumerate().all(|(i, &v)| v == i as u32));
             }
         }
         assert_eq!(

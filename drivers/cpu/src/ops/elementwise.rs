@@ -257,6 +257,117 @@ fn binary<T: Elem, U: Elem>(
     Tensor::from_vec_dtype(out, shape, v)
 }
 
+/// An f32 binary op with broadcasting into a pooled buffer, split across the running
+/// executor's threads when the output is large ([`crate::par::for_slices`],
+/// [`crate::par::for_parts`] by outer rows of the coalesced broadcast).
+pub(crate) fn binary_f32(
+    a: &Tensor,
+    b: &Tensor,
+    f: impl Fn(f32, f32) -> f32 + Sync + Copy,
+) -> Result<Tensor> {
+    let shape = broadcast_shapes(a.shape(), b.shape())?;
+    let n = checked_numel(&shape, DType::F32)?;
+    let av = a.as_slice::<f32>()?;
+    let bv = b.as_slice::<f32>()?;
+    if av.len() != a.len() || bv.len() != b.len() {
+        bail!("operand data does not match its shape");
+    }
+    let (av, bv) = (&av[..], &bv[..]);
+    let mut out = crate::arena::take_any(n);
+    let threads = if n >= crate::par::MIN_PARALLEL_ELEMS {
+        crate::arena::threads()
+    } else {
+        1
+    };
+    if n > 0 && a.shape() == b.shape() {
+        crate::par::for_slices::<f32, Error>(threads, &mut out, |off, o| {
+            let (x, y) = (&av[off..off + o.len()], &bv[off..off + o.len()]);
+            for ((v, &x), &y) in o.iter_mut().zip(x).zip(y) {
+                *v = f(x, y);
+            }
+            Ok(())
+        })?;
+    } else if n > 0 && bv.len() == 1 && av.len() == n {
+        let y = bv[0];
+        crate::par::for_slices::<f32, Error>(threads, &mut out, |off, o| {
+            let len = o.len();
+            for (v, &x) in o.iter_mut().zip(&av[off..off + len]) {
+                *v = f(x, y);
+            }
+            Ok(())
+        })?;
+    } else if n > 0 && av.len() == 1 && bv.len() == n {
+        let x = av[0];
+        crate::par::for_slices::<f32, Error>(threads, &mut out, |off, o| {
+            let len = o.len();
+            for (v, &y) in o.iter_mut().zip(&bv[off..off + len]) {
+                *v = f(x, y);
+            }
+            Ok(())
+        })?;
+    } else if n > 0 {
+        let (dims, sa, sb) = coalesce2(&shape, a.shape(), b.shape());
+        let r = dims.len();
+        let inner = dims[r - 1];
+        let (ia, ib) = (sa[r - 1], sb[r - 1]);
+        let outer = n / inner.max(1);
+        crate::par::for_parts::<f32, Error>(threads, outer, inner, &mut out, |rows, o| {
+            // Offsets of the first row of this part, from its multi-index.
+            let (mut pa, mut pb) = (0usize, 0usize);
+            let mut idx = vec![0usize; r];
+            let mut rest = rows.start;
+            for ax in (0..r - 1).rev() {
+                idx[ax] = rest % dims[ax];
+                rest /= dims[ax];
+                pa += idx[ax] * sa[ax];
+                pb += idx[ax] * sb[ax];
+            }
+            for o in o.chunks_exact_mut(inner) {
+                // A run of `inner` elements (stride 1) or one repeated element (stride 0).
+                fn run(v: &[f32], p: usize, len: usize) -> Result<&[f32]> {
+                    v.get(p..p + len)
+                        .ok_or_else(|| Error::arg("broadcast operand is too short"))
+                }
+                let len = |st: usize| if st == 1 { inner } else { 1 };
+                let (xa, xb) = (run(av, pa, len(ia))?, run(bv, pb, len(ib))?);
+                match (ia, ib) {
+                    (1, 1) => {
+                        for ((v, &x), &y) in o.iter_mut().zip(xa).zip(xb) {
+                            *v = f(x, y);
+                        }
+                    }
+                    (1, _) => {
+                        let y = xb[0];
+                        for (v, &x) in o.iter_mut().zip(xa) {
+                            *v = f(x, y);
+                        }
+                    }
+                    (_, 1) => {
+                        let x = xa[0];
+                        for (v, &y) in o.iter_mut().zip(xb) {
+                            *v = f(x, y);
+                        }
+                    }
+                    _ => o.fill(f(xa[0], xb[0])),
+                }
+                for ax in (0..r - 1).rev() {
+                    idx[ax] += 1;
+                    pa += sa[ax];
+                    pb += sb[ax];
+                    if idx[ax] < dims[ax] {
+                        break;
+                    }
+                    pa -= sa[ax] * dims[ax];
+                    pb -= sb[ax] * dims[ax];
+                    idx[ax] = 0;
+                }
+            }
+            Ok(())
+        })?;
+    }
+    crate::arena::f32_tensor(shape, out)
+}
+
 fn same_dtype(op: &str, a: &Tensor, b: &Tensor) -> Result<()> {
     if a.dtype() != b.dtype() {
         bail!(
@@ -282,7 +393,7 @@ macro_rules! arith_op {
             same_dtype($op, a, b)?;
             no_bool($op, a)?;
             if a.dtype() == DType::F32 {
-                return Ok(vec![binary::<f32, f32>(a, b, DType::F32, $f32)?]);
+                return Ok(vec![binary_f32(a, b, $f32)?]);
             }
             Ok(vec![with_dtype!(a.dtype(), T => binary::<T, T>(a, b, a.dtype(), |x, y| Num::$m(x, y))?)])
         }
@@ -778,6 +889,47 @@ pub fn register(r: &mut Registry) {
 mod tests {
     use super::*;
     use edgehal_core::Node;
+
+    #[test]
+    fn threaded_f32_binary_equals_one_thread_and_the_generic_path() {
+        use crate::arena::RunScope;
+        let vals = |n: usize, s: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * s + 3) % 29) as f32 * 0.37 - 5.0)
+                .collect()
+        };
+        // Odd sizes around and above the split threshold, same-shape, scalar, per-channel,
+        // middle-axis and two-sided broadcasts.
+        let cases: Vec<(Vec<usize>, Vec<usize>)> = vec![
+            (vec![3, 11_001], vec![3, 11_001]),
+            (vec![1, 32, 33, 37], vec![1]),
+            (vec![1], vec![5, 7, 1_001]),
+            (vec![1, 37, 31, 29], vec![1, 37, 1, 1]),
+            (vec![7, 1, 4_999], vec![1, 9, 4_999]),
+            (vec![2, 33, 1, 517], vec![33, 17, 1]),
+            (vec![5, 3], vec![3]),
+        ];
+        for (sa, sb) in cases {
+            let a = Tensor::from_vec(sa.clone(), vals(sa.iter().product(), 7)).unwrap();
+            let b = Tensor::from_vec(sb.clone(), vals(sb.iter().product(), 11)).unwrap();
+            let f = |x: f32, y: f32| x * y - x;
+            let want = binary::<f32, f32>(&a, &b, DType::F32, f).unwrap();
+            for threads in [1, 2, 3] {
+                let pool = std::sync::Arc::new(crate::arena::Pool::default());
+                let _s = RunScope::enter(Some(&pool), threads);
+                let got = binary_f32(&a, &b, f).unwrap();
+                assert_eq!(got.shape(), want.shape(), "{sa:?} {sb:?}");
+                assert_eq!(
+                    got.to_f32(),
+                    want.to_f32(),
+                    "{sa:?} {sb:?} threads {threads}"
+                );
+            }
+        }
+        let a = Tensor::from_vec(vec![2, 3], vals(6, 1)).unwrap();
+        let b = Tensor::from_vec(vec![4], vals(4, 1)).unwrap();
+        assert!(binary_f32(&a, &b, |x, y| x + y).is_err());
+    }
 
     fn run(
         op: &str,

@@ -107,12 +107,12 @@ impl OpCtx<'_> {
                 }
             }
         }
-        let mut out = vec![0f32; n];
+        let mut out = crate::arena::take_zeroed(n);
         match fill.take() {
             Some(f) => f(&mut out)?,
             None => return Err(Error::arg("output computed twice")),
         }
-        let t = Tensor::from_vec(shape, out)?;
+        let t = crate::arena::f32_tensor(shape, out)?;
         if dtype == DType::F32 {
             Ok(t)
         } else {
@@ -236,17 +236,23 @@ pub fn broadcast_binary<T: Elem, U: Elem>(
 
 /// Apply `f` to every element of a float tensor (f32, f16, bf16, f64), computing in f64 for the
 /// narrow types and in f32 for f32.
+///
+/// f32 results go to a pooled buffer, computed on the running executor's threads when large.
 pub fn map_float(
     t: &Tensor,
-    f32f: impl Fn(f32) -> f32,
+    f32f: impl Fn(f32) -> f32 + Sync,
     f64f: impl Fn(f64) -> f64,
 ) -> Result<Tensor> {
     use edgehal_core::DType;
     match t.dtype() {
-        DType::F32 => Tensor::from_vec(
-            t.shape().to_vec(),
-            t.as_slice::<f32>()?.iter().map(|&x| f32f(x)).collect(),
-        ),
+        DType::F32 => {
+            let x = t.as_slice::<f32>()?;
+            map_f32(t.shape().to_vec(), &x, |xs, out| {
+                for (o, &v) in out.iter_mut().zip(xs) {
+                    *o = f32f(v);
+                }
+            })
+        }
         DType::F64 => Tensor::from_vec(
             t.shape().to_vec(),
             t.as_slice::<f64>()?.iter().map(|&x| f64f(x)).collect(),
@@ -269,6 +275,24 @@ pub fn map_float(
             "expected a float tensor, got {d}"
         ))),
     }
+}
+
+/// An f32 tensor of `shape` from `x` by `f(x_part, out_part)` over matching parts, split across
+/// the running executor's threads when large; the output buffer is pooled.
+pub fn map_f32(
+    shape: Vec<usize>,
+    x: &[f32],
+    f: impl Fn(&[f32], &mut [f32]) + Sync,
+) -> Result<Tensor> {
+    let mut out = crate::arena::take_any(x.len());
+    crate::par::for_slices::<f32, Error>(crate::arena::threads(), &mut out, |off, o| {
+        let xs = x
+            .get(off..off + o.len())
+            .ok_or_else(|| Error::arg("map: input is too short"))?;
+        f(xs, o);
+        Ok(())
+    })?;
+    crate::arena::f32_tensor(shape, out)
 }
 
 /// A 1-d i64 tensor.

@@ -74,7 +74,7 @@ pub(crate) fn fvec<'a>(t: &'a Tensor, what: &str) -> Result<Cow<'a, [f32]>> {
 /// A tensor of dtype `dtype` (a float type) from f32 values.
 pub(crate) fn ftensor(dtype: DType, shape: Vec<usize>, v: Vec<f32>) -> Result<Tensor> {
     match dtype {
-        DType::F32 => Tensor::from_vec(shape, v),
+        DType::F32 => crate::arena::f32_tensor(shape, v),
         DType::F64 => Tensor::from_vec(shape, v.into_iter().map(f64::from).collect()),
         DType::F16 => Tensor::from_vec(shape, v.into_iter().map(f16::from_f32).collect()),
         DType::BF16 => Tensor::from_vec(shape, v.into_iter().map(bf16::from_f32).collect()),
@@ -95,11 +95,11 @@ pub(crate) fn numel(shape: &[usize]) -> Result<usize> {
 /// A zero-filled f32 buffer of `n` elements, after checking the size against the budget.
 pub(crate) fn zeros_f32(n: usize) -> Result<Vec<f32>> {
     edgehal_core::tensor::checked_numel(&[n], DType::F32)?;
-    Ok(vec![0f32; n])
+    Ok(crate::arena::take_zeroed(n))
 }
 
 /// Apply `f` (computed in f64) to every element of a float tensor.
-fn unary(ins: &[Option<&Tensor>], f: impl Fn(f64) -> f64) -> Result<Vec<Tensor>> {
+fn unary(ins: &[Option<&Tensor>], f: impl Fn(f64) -> f64 + Sync) -> Result<Vec<Tensor>> {
     let x = input(ins, 0)?;
     Ok(vec![map_float(x, |v| f(v as f64) as f32, &f)?])
 }
@@ -272,6 +272,14 @@ fn sigmoid_f(v: f64) -> f64 {
 }
 
 fn sigmoid(_: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = input(ins, 0)?;
+    if x.dtype() == DType::F32 {
+        let xv = x.as_slice::<f32>()?;
+        return Ok(vec![super::map_f32(x.shape().to_vec(), &xv, |xs, o| {
+            o.copy_from_slice(xs);
+            crate::vmath::sigmoid_inplace(o);
+        })?]);
+    }
     unary(ins, sigmoid_f)
 }
 
@@ -515,12 +523,68 @@ fn gemm(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
             }
             use_beta = beta;
         }
-        if !sgemm(alpha, am, bm, use_beta, out, n.max(1)) {
-            return Err(Error::arg("Gemm: operand sizes do not match"));
-        }
-        Ok(())
+        sgemm_par(alpha, am, bm, use_beta, out, n)
     };
     Ok(vec![ctx.f32_output(a.dtype(), vec![m, n], fill)?])
+}
+
+/// Multiply-adds below which a product runs on one thread.
+const MIN_PARALLEL_MACS: usize = 1 << 18;
+
+/// `out = alpha * A * B + beta * out` (`out` is `m x n`, row-major), split across the running
+/// executor's threads when large: by rows of A when there are enough, else by columns of B
+/// (a single row, e.g. a classifier head at batch 1).
+pub(crate) fn sgemm_par(
+    alpha: f32,
+    am: MatRef<'_>,
+    bm: MatRef<'_>,
+    beta: f32,
+    out: &mut [f32],
+    n: usize,
+) -> Result<()> {
+    let (m, k) = (am.rows, am.cols);
+    let threads = crate::arena::threads();
+    let macs = m.saturating_mul(k).saturating_mul(n);
+    let err = || Error::arg("Gemm: operand sizes do not match");
+    if threads <= 1 || macs < MIN_PARALLEL_MACS || n == 0 || m == 0 {
+        return if sgemm(alpha, am, bm, beta, out, n.max(1)) {
+            Ok(())
+        } else {
+            Err(err())
+        };
+    }
+    if m >= 2 * threads {
+        crate::par::for_parts(threads, m, n, out, |rows, o| {
+            let a = MatRef {
+                data: am.data.get(rows.start * am.rs..).ok_or_else(err)?,
+                rows: rows.len(),
+                ..am
+            };
+            if sgemm(alpha, a, bm, beta, o, n) {
+                Ok(())
+            } else {
+                Err(err())
+            }
+        })
+    } else if m == 1 {
+        crate::par::for_parts(threads, n.div_ceil(16), 16, out, |blocks, o| {
+            let j0 = blocks.start * 16;
+            let b = MatRef {
+                data: bm.data.get(j0 * bm.cs..).ok_or_else(err)?,
+                cols: o.len(),
+                ..bm
+            };
+            if sgemm(alpha, am, b, beta, o, o.len()) {
+                Ok(())
+            } else {
+                Err(err())
+            }
+        })
+    } else if sgemm(alpha, am, bm, beta, out, n) {
+        Ok(())
+    } else {
+        Err(err())
+    }
 }
 
 /// Batched matrix multiply with numpy broadcasting: `[..., m, k] x [..., k, n]`, computing
@@ -625,17 +689,16 @@ fn matmul(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         let bv = b.to_f32();
         let fill = |out: &mut [f32]| -> Result<()> {
             for (i, (&ao, &bo)) in p.a_offs.iter().zip(&p.b_offs).enumerate() {
-                let ok = sgemm(
+                let err = || Error::arg("MatMul: operand sizes do not match");
+                sgemm_par(
                     1.0,
-                    MatRef::row_major(&av[ao..ao + m * k], m, k),
-                    MatRef::row_major(&bv[bo..bo + k * n], k, n),
+                    MatRef::row_major(av.get(ao..ao + m * k).ok_or_else(err)?, m, k),
+                    MatRef::row_major(bv.get(bo..bo + k * n).ok_or_else(err)?, k, n),
                     0.0,
-                    &mut out[i * m * n..(i + 1) * m * n],
-                    n.max(1),
-                );
-                if !ok {
-                    return Err(Error::arg("MatMul: operand sizes do not match"));
-                }
+                    out.get_mut(i * m * n..(i + 1) * m * n).ok_or_else(err)?,
+                    n,
+                )
+                .map_err(|_| err())?;
             }
             Ok(())
         };

@@ -13,6 +13,7 @@ use edgehal_kernels::gemm::{sgemm, MatRef};
 
 use super::nn::{ftensor, fvec};
 use super::{input, opt_input, OpCtx, Registry};
+use crate::vmath;
 
 /// Register this module's ops.
 pub fn register(r: &mut Registry) {
@@ -207,7 +208,104 @@ fn expect_shape(t: &Tensor, want: &[usize], what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Recurrent weights prepared once per session: `R` per direction in panels of [`PANEL`] gate
+/// rows, so each step's `H * R^T` (batch <= 4) is a register-blocked matrix-vector product
+/// streaming contiguous memory instead of an sgemm over a transposed view.
+pub struct RnnPlan {
+    kind: Kind,
+    /// `R` of the node as the plan saw it, to check the run-time input is the same shape.
+    r_shape: Vec<usize>,
+    /// `R` per direction in panels of [`PANEL`] gate rows: `[gh / PANEL][hid][PANEL]`
+    /// (the last panel zero-padded), for [`gemv_panels`].
+    panels: Vec<f32>,
+}
+
+/// Gate rows per panel of [`RnnPlan::panels`]: 32 accumulators stay in vector registers.
+const PANEL: usize = 32;
+
+/// `y[j] = sum_k x[k] * R[j][k]` for `j < y.len()` from `R` in panels (see
+/// [`RnnPlan::panels`]); `false` when a slice is too short.
+fn gemv_panels(panels: &[f32], x: &[f32], y: &mut [f32]) -> bool {
+    let k = x.len();
+    for (pi, yb) in y.chunks_mut(PANEL).enumerate() {
+        let Some(p) = panels.get(pi * k * PANEL..(pi + 1) * k * PANEL) else {
+            return false;
+        };
+        let mut acc = [0f32; PANEL];
+        for (row, &xv) in p.chunks_exact(PANEL).zip(x) {
+            for l in 0..PANEL {
+                acc[l] += xv * row[l];
+            }
+        }
+        yb.copy_from_slice(&acc[..yb.len()]);
+    }
+    true
+}
+
+impl RnnPlan {
+    /// A plan for an RNN/GRU/LSTM node whose `R` is a float initializer; `None` otherwise.
+    pub fn new(node: &edgehal_core::Node, r: &Tensor) -> Option<RnnPlan> {
+        let kind = match node.op.as_str() {
+            "RNN" => Kind::Rnn,
+            "GRU" => Kind::Gru,
+            "LSTM" => Kind::Lstm,
+            _ => return None,
+        };
+        if !(node.domain.is_empty() || node.domain == "ai.onnx") || !r.dtype().is_float() {
+            return None;
+        }
+        let [ndir, gh, hid] = *r.shape() else {
+            return None;
+        };
+        let rv = r.to_f32();
+        if rv.len() != ndir.checked_mul(gh)?.checked_mul(hid)? {
+            return None;
+        }
+        let np = gh.div_ceil(PANEL);
+        let mut panels = vec![0f32; ndir.checked_mul(np * PANEL)?.checked_mul(hid)?];
+        for d in 0..ndir {
+            let src = &rv[d * gh * hid..(d + 1) * gh * hid];
+            let dst = &mut panels[d * np * PANEL * hid..(d + 1) * np * PANEL * hid];
+            for g in 0..gh {
+                let (pi, l) = (g / PANEL, g % PANEL);
+                for k in 0..hid {
+                    dst[(pi * hid + k) * PANEL + l] = src[g * hid + k];
+                }
+            }
+        }
+        Some(RnnPlan {
+            kind,
+            r_shape: r.shape().to_vec(),
+            panels,
+        })
+    }
+
+    /// Run the node with the prepared `R^T`.
+    pub fn run(&self, ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+        let r = input(ins, 2)?;
+        if r.shape() != self.r_shape.as_slice() {
+            return Err(Error::arg(format!(
+                "{}: R has shape {:?}, prepared for {:?}",
+                self.kind.name(),
+                r.shape(),
+                self.r_shape
+            )));
+        }
+        run_with(self.kind, ctx, ins, Some(&self.panels))
+    }
+}
+
 fn run(kind: Kind, ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    run_with(kind, ctx, ins, None)
+}
+
+/// The recurrence; `panels` is `R` in panels when prepared (see [`RnnPlan`]).
+fn run_with(
+    kind: Kind,
+    ctx: &OpCtx<'_>,
+    ins: &[Option<&Tensor>],
+    panels: Option<&[f32]>,
+) -> Result<Vec<Tensor>> {
     let name = kind.name();
     let x = input(ins, 0)?;
     let w = input(ins, 1)?;
@@ -309,6 +407,11 @@ fn run(kind: Kind, ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tenso
         _ => vec![0.0; ndir * 3 * hid],
     };
 
+    // The default LSTM activations run vectorized on whole gate slices (see `lstm_cell`).
+    let lstm_fast = kind == Kind::Lstm
+        && acts
+            .chunks(3)
+            .all(|a| a == [Act::Sigmoid, Act::Tanh, Act::Tanh]);
     let mut y = vec![0f32; seq * ndir * batch * hid];
     let mut yh = vec![0f32; ndir * batch * hid];
     let mut yc = vec![0f32; ndir * batch * hid];
@@ -332,6 +435,14 @@ fn run(kind: Kind, ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tenso
         ) {
             return Err(Error::arg(format!("{name}: X and W do not fit")));
         }
+        if lstm_fast {
+            // Fold both biases into the input projection once, not per step and gate.
+            for row in xw.chunks_exact_mut(gh) {
+                for ((v, &a), &b) in row.iter_mut().zip(wb).zip(rb) {
+                    *v += a + b;
+                }
+            }
+        }
         let mut h = h0[d * batch * hid..(d + 1) * batch * hid].to_vec();
         let mut c = if kind == Kind::Lstm {
             c0[d * batch * hid..(d + 1) * batch * hid].to_vec()
@@ -339,15 +450,27 @@ fn run(kind: Kind, ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tenso
             Vec::new()
         };
         let mut tmp = vec![0f32; hid];
+        let mut gates = vec![0f32; gh];
+        let (mut z, mut rg) = (vec![0f32; hid], vec![0f32; hid]);
         for step in 0..seq {
-            if !sgemm(
-                1.0,
-                MatRef::row_major(&h, batch, hid),
-                MatRef::row_major(rd, gh, hid).t(),
-                0.0,
-                &mut hr,
-                gh,
-            ) {
+            let np = gh.div_ceil(PANEL) * PANEL * hid;
+            let prepared = panels.and_then(|p| p.get(d * np..(d + 1) * np));
+            let ok = match prepared {
+                // Few rows: one register-blocked matrix-vector product per batch entry.
+                Some(pd) if batch <= 4 => h
+                    .chunks_exact(hid)
+                    .zip(hr.chunks_exact_mut(gh))
+                    .all(|(hb, ob)| gemv_panels(pd, hb, ob)),
+                _ => sgemm(
+                    1.0,
+                    MatRef::row_major(&h, batch, hid),
+                    MatRef::row_major(rd, gh, hid).t(),
+                    0.0,
+                    &mut hr,
+                    gh,
+                ),
+            };
+            if !ok {
                 return Err(Error::arg(format!("{name}: H and R do not fit")));
             }
             for b in 0..batch {
@@ -368,8 +491,6 @@ fn run(kind: Kind, ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tenso
                     Kind::Gru => {
                         // gates z, r, h
                         let (f, gact) = (acts[0], acts[1]);
-                        let mut z = vec![0f32; hid];
-                        let mut rg = vec![0f32; hid];
                         for j in 0..hid {
                             z[j] = f.apply(cl(xg[j] + wb[j] + hg[j] + rb[j]));
                             let k = hid + j;
@@ -397,6 +518,10 @@ fn run(kind: Kind, ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tenso
                         for j in 0..hid {
                             hb[j] = (1.0 - z[j]) * tmp[j] + z[j] * hb[j];
                         }
+                    }
+                    Kind::Lstm if lstm_fast => {
+                        let cb = &mut c[b * hid..(b + 1) * hid];
+                        lstm_cell(xg, hg, pd, clip, input_forget, &mut gates, cb, hb);
                     }
                     Kind::Lstm => {
                         // gates i, o, f, c; peepholes i, o, f
@@ -468,6 +593,65 @@ fn run(kind: Kind, ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tenso
     Ok(out)
 }
 
+/// One LSTM step for one batch entry with the default activations (sigmoid, tanh, tanh):
+/// `xg` is the input projection with both biases added, `hg` is `H * R^T`, both `4 * hid` in
+/// gate order i, o, f, c; `p` the peepholes (i, o, f); `c` and `h` the state, updated in place.
+#[allow(clippy::too_many_arguments)]
+fn lstm_cell(
+    xg: &[f32],
+    hg: &[f32],
+    p: &[f32],
+    clip: Option<f32>,
+    input_forget: bool,
+    gates: &mut [f32],
+    c: &mut [f32],
+    h: &mut [f32],
+) {
+    let hid = c.len();
+    for ((g, &a), &b) in gates.iter_mut().zip(xg).zip(hg) {
+        *g = a + b;
+    }
+    let (gi, rest) = gates.split_at_mut(hid);
+    let (go, rest) = rest.split_at_mut(hid);
+    let (gf, gc) = rest.split_at_mut(hid);
+    let (pi, rest) = p.split_at(hid);
+    let (po, pf) = rest.split_at(hid);
+    for j in 0..hid {
+        gi[j] += pi[j] * c[j];
+        gf[j] += pf[j] * c[j];
+    }
+    if let Some(cl) = clip {
+        for v in gi.iter_mut().chain(gf.iter_mut()).chain(gc.iter_mut()) {
+            *v = v.clamp(-cl, cl);
+        }
+    }
+    vmath::sigmoid_inplace(gi);
+    if input_forget {
+        for (f, &i) in gf.iter_mut().zip(gi.iter()) {
+            *f = 1.0 - i;
+        }
+    } else {
+        vmath::sigmoid_inplace(gf);
+    }
+    vmath::tanh_inplace(gc);
+    for j in 0..hid {
+        let cn = gf[j] * c[j] + gi[j] * gc[j];
+        c[j] = cn;
+        go[j] += po[j] * cn;
+    }
+    if let Some(cl) = clip {
+        for v in go.iter_mut() {
+            *v = v.clamp(-cl, cl);
+        }
+    }
+    vmath::sigmoid_inplace(go);
+    h.copy_from_slice(c);
+    vmath::tanh_inplace(h);
+    for (hv, &o) in h.iter_mut().zip(go.iter()) {
+        *hv *= o;
+    }
+}
+
 fn rnn(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     run(Kind::Rnn, ctx, ins)
 }
@@ -517,6 +701,96 @@ mod tests {
         close(&y[0].to_vec::<f32>().unwrap(), &[h1, r2, h2, r1]);
         close(&y[1].to_vec::<f32>().unwrap(), &[h2, r2]);
         close(&y[2].to_vec::<f32>().unwrap(), &[c2, rc2]);
+    }
+
+    #[test]
+    fn prepared_lstm_equals_the_unprepared_op() {
+        use edgehal_core::Node;
+        let vals = |n: usize, s: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * s + 1) % 23) as f32 * 0.05 - 0.55)
+                .collect()
+        };
+        // hid 37 leaves a partly filled panel; batch 2 takes the panel GEMV, batch 6 the sgemm.
+        for (batch, dir, clip) in [(2, "forward", None), (6, "bidirectional", Some(0.8f32))] {
+            let (seq, inp, hid) = (5, 9, 37);
+            let nd = if dir == "bidirectional" { 2 } else { 1 };
+            let x = t(&[seq, batch, inp], &vals(seq * batch * inp, 3));
+            let w = t(&[nd, 4 * hid, inp], &vals(nd * 4 * hid * inp, 5));
+            let r = t(&[nd, 4 * hid, hid], &vals(nd * 4 * hid * hid, 7));
+            let b = t(&[nd, 8 * hid], &vals(nd * 8 * hid, 11));
+            let h0 = t(&[nd, batch, hid], &vals(nd * batch * hid, 13));
+            let c0 = t(&[nd, batch, hid], &vals(nd * batch * hid, 17));
+            let p = t(&[nd, 3 * hid], &vals(nd * 3 * hid, 19));
+            let mut attrs = vec![
+                ("hidden_size", Attr::Int(hid as i64)),
+                ("direction", Attr::String(dir.as_bytes().to_vec())),
+            ];
+            if let Some(c) = clip {
+                attrs.push(("clip", Attr::Float(c)));
+            }
+            let ins = [
+                Some(&x),
+                Some(&w),
+                Some(&r),
+                Some(&b),
+                None,
+                Some(&h0),
+                Some(&c0),
+                Some(&p),
+            ];
+            let want = run_op("LSTM", 14, attrs.clone(), &ins, 3).unwrap();
+            let node = Node {
+                op: "LSTM".into(),
+                attrs: attrs.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+                ..Default::default()
+            };
+            let plan = super::RnnPlan::new(&node, &r).expect("plan");
+            let ctx = super::OpCtx {
+                node: &node,
+                opset: 14,
+                subgraph: None,
+                dest: None,
+            };
+            let got = plan.run(&ctx, &ins).unwrap();
+            for (a, b) in want.iter().zip(&got) {
+                assert_eq!(a.shape(), b.shape());
+                close(&b.to_vec::<f32>().unwrap(), &a.to_vec::<f32>().unwrap());
+            }
+            // A different R shape at run time is refused.
+            let r2 = t(&[nd, 4 * hid, hid - 1], &vals(nd * 4 * hid * (hid - 1), 7));
+            let mut bad = ins;
+            bad[2] = Some(&r2);
+            assert!(plan.run(&ctx, &bad).is_err());
+        }
+    }
+
+    #[test]
+    fn lstm_fast_cell_matches_scalar_formulas() {
+        // hid 3, one step, peepholes and clip, against the formulas written out in f64.
+        let (xg, hg) = (
+            [
+                0.3f32, -1.2, 2.5, 0.1, 0.7, -0.4, 1.1, -2.2, 0.05, 3.0, -0.6, 0.9,
+            ],
+            [0.1f32; 12],
+        );
+        let p = [0.2f32, -0.1, 0.3, 0.05, 0.4, -0.2, 0.1, 0.1, 0.1];
+        let (mut c, mut h, mut g) = ([0.5f32, -0.3, 0.8], [0f32; 3], [0f32; 12]);
+        let c_prev = c;
+        super::lstm_cell(&xg, &hg, &p, Some(2.0), false, &mut g, &mut c, &mut h);
+        let sig = |v: f64| 1.0 / (1.0 + (-v).exp());
+        let cl = |v: f64| v.clamp(-2.0, 2.0);
+        for j in 0..3 {
+            let pre = |k: usize| (xg[k] + hg[k]) as f64;
+            let cp = c_prev[j] as f64;
+            let i = sig(cl(pre(j) + p[j] as f64 * cp));
+            let f = sig(cl(pre(6 + j) + p[6 + j] as f64 * cp));
+            let cc = cl(pre(9 + j)).tanh();
+            let cn = f * cp + i * cc;
+            let o = sig(cl(pre(3 + j) + p[3 + j] as f64 * cn));
+            assert!((c[j] as f64 - cn).abs() < 1e-6, "c[{j}]");
+            assert!((h[j] as f64 - o * cn.tanh()).abs() < 1e-6, "h[{j}]");
+        }
     }
 
     #[test]

@@ -1,0 +1,242 @@
+//! Buffer reuse across runs and the per-run settings ops read (thread count).
+//!
+//! Each [`crate::Executor`] owns a [`Pool`] of f32 buffers keyed by length. While it runs, the
+//! pool and the thread count are installed on the running thread ([`RunScope`]); ops then take
+//! their output and scratch buffers with [`take_zeroed`] / [`take_any`] and wrap results with
+//! [`f32_tensor`]. Such a tensor's storage is owned by a [`Pooled`] buffer: when the last
+//! reference to it goes away (the executor releases the value after its last consumer, or the
+//! caller drops a returned output) the buffer goes back to the pool, and the next run takes it
+//! again instead of asking the allocator for fresh, zeroed pages.
+//!
+//! Safety of reuse follows from ownership: a buffer is only back in the pool once no `Bytes`
+//! refers to it, so an output handed to the caller is never reused while the caller holds it,
+//! and values whose lifetimes overlap never share memory. Runs of a graph with fixed shapes ask
+//! for the same lengths every time, so after the first run the pool holds, per length, the most
+//! buffers of that length that were alive at once and nothing is allocated in steady state.
+//! Off a running executor (no scope installed), the functions fall back to plain vectors.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+
+use bytes::Bytes;
+use edgehal_core::{DType, Result, Tensor};
+
+/// Most bytes a pool keeps in its free lists; buffers beyond it are freed.
+const MAX_POOLED_BYTES: usize = 1 << 30;
+
+/// Free f32 buffers by length.
+#[derive(Default)]
+pub struct Pool {
+    inner: Mutex<PoolInner>,
+}
+
+#[derive(Default)]
+struct PoolInner {
+    free: HashMap<usize, Vec<Vec<f32>>>,
+    bytes: usize,
+}
+
+impl Pool {
+    /// A buffer of exactly `n` elements from the free list, contents unspecified.
+    fn take(&self, n: usize) -> Option<Vec<f32>> {
+        let mut p = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let v = p.free.get_mut(&n)?.pop()?;
+        p.bytes -= n * 4;
+        Some(v)
+    }
+
+    /// Keep `v` for a later [`Pool::take`] of its length (dropped when the pool is full).
+    fn give(&self, mut v: Vec<f32>) {
+        let n = v.len();
+        if n == 0 || v.capacity() != n {
+            // Only exact-size buffers are kept, so `take` never hands out spare capacity.
+            v.shrink_to_fit();
+            if v.capacity() != n || n == 0 {
+                return;
+            }
+        }
+        let mut p = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if p.bytes + n * 4 > MAX_POOLED_BYTES {
+            return;
+        }
+        p.bytes += n * 4;
+        p.free.entry(n).or_default().push(v);
+    }
+
+    /// Bytes currently held in the free lists.
+    pub fn pooled_bytes(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).bytes
+    }
+}
+
+/// The storage of a pooled tensor: returns its buffer to the pool when dropped.
+struct Pooled {
+    v: Vec<f32>,
+    pool: Weak<Pool>,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.v)
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Some(p) = self.pool.upgrade() {
+            p.give(std::mem::take(&mut self.v));
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Current {
+    pool: Option<Arc<Pool>>,
+    threads: usize,
+}
+
+thread_local! {
+    static CURRENT: RefCell<Current> = const {
+        RefCell::new(Current { pool: None, threads: 1 })
+    };
+}
+
+/// Installs a pool and a thread count on this thread until dropped (then restores what was
+/// there, so nested executors, e.g. Loop bodies, work).
+pub struct RunScope {
+    prev: Option<Current>,
+}
+
+impl RunScope {
+    /// Install `pool` and `threads` for the ops run on this thread.
+    pub fn enter(pool: Option<&Arc<Pool>>, threads: usize) -> RunScope {
+        let prev = CURRENT.with(|c| {
+            c.replace(Current {
+                pool: pool.cloned(),
+                threads: threads.max(1),
+            })
+        });
+        RunScope { prev: Some(prev) }
+    }
+}
+
+impl Drop for RunScope {
+    fn drop(&mut self) {
+        if let Some(p) = self.prev.take() {
+            CURRENT.with(|c| *c.borrow_mut() = p);
+        }
+    }
+}
+
+/// Threads the running executor lets ops use (1 off an executor).
+pub fn threads() -> usize {
+    CURRENT.with(|c| c.borrow().threads)
+}
+
+/// Whether executors pool their buffers: `EDGEHAL_POOL=1` turns it on (off by default, see
+/// the module docs for why).
+pub fn pooling_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("EDGEHAL_POOL").is_ok_and(|v| v == "1"))
+}
+
+fn current_pool() -> Option<Arc<Pool>> {
+    CURRENT.with(|c| c.borrow().pool.clone())
+}
+
+/// `n` f32 values, all zero: a pooled buffer cleared, or a fresh one.
+pub fn take_zeroed(n: usize) -> Vec<f32> {
+    match current_pool().and_then(|p| p.take(n)) {
+        Some(mut v) => {
+            v.fill(0.0);
+            v
+        }
+        None => vec![0f32; n],
+    }
+}
+
+/// `n` f32 values with unspecified (but initialized) contents, for callers that overwrite
+/// every element.
+pub fn take_any(n: usize) -> Vec<f32> {
+    current_pool()
+        .and_then(|p| p.take(n))
+        .unwrap_or_else(|| vec![0f32; n])
+}
+
+/// Gives a scratch buffer back to the running executor's pool (freed when there is none).
+pub fn recycle(v: Vec<f32>) {
+    if let Some(p) = current_pool() {
+        p.give(v);
+    }
+}
+
+/// An f32 tensor over `v`; its buffer returns to the running executor's pool when the last
+/// reference to the tensor's storage is dropped.
+pub fn f32_tensor(shape: Vec<usize>, v: Vec<f32>) -> Result<Tensor> {
+    match current_pool() {
+        Some(p) => {
+            let n = v.len();
+            edgehal_core::tensor::checked_numel(&shape, DType::F32).and_then(|want| {
+                if want != n {
+                    return Err(edgehal_core::Error::arg(format!(
+                        "shape {shape:?} needs {want} elements, got {n}"
+                    )));
+                }
+                Ok(())
+            })?;
+            let owner = Pooled {
+                v,
+                pool: Arc::downgrade(&p),
+            };
+            Tensor::from_bytes(DType::F32, shape, Bytes::from_owner(owner))
+        }
+        None => Tensor::from_vec(shape, v),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_come_back_only_when_unreferenced() {
+        let pool = Arc::new(Pool::default());
+        let _s = RunScope::enter(Some(&pool), 2);
+        assert_eq!(threads(), 2);
+        let a = f32_tensor(vec![2, 3], take_zeroed(6)).unwrap();
+        let a2 = a.clone();
+        let ptr = a.bytes().as_ptr();
+        drop(a);
+        assert_eq!(pool.pooled_bytes(), 0, "a clone still holds the buffer");
+        // A new buffer of the same size must not alias the live one.
+        let mut b = take_any(6);
+        assert_ne!(b.as_ptr() as *const u8, ptr);
+        b.fill(7.0);
+        assert_eq!(a2.to_f32().as_ref(), &[0.0; 6]);
+        drop(a2);
+        assert_eq!(pool.pooled_bytes(), 24);
+        let c = take_zeroed(6);
+        assert_eq!(c.as_ptr() as *const u8, ptr, "the freed buffer is reused");
+        assert_eq!(c, vec![0.0; 6], "and cleared");
+        assert_eq!(pool.pooled_bytes(), 0);
+        assert!(f32_tensor(vec![5], take_any(6)).is_err());
+    }
+
+    #[test]
+    fn no_scope_means_plain_vectors_and_one_thread() {
+        assert_eq!(threads(), 1);
+        let t = f32_tensor(vec![2], take_zeroed(2)).unwrap();
+        assert_eq!(t.to_f32().as_ref(), &[0.0, 0.0]);
+        {
+            let pool = Arc::new(Pool::default());
+            let _s = RunScope::enter(Some(&pool), 3);
+            {
+                let _t = RunScope::enter(None, 1);
+                assert_eq!(threads(), 1);
+            }
+            assert_eq!(threads(), 3, "the outer scope is restored");
+        }
+        assert_eq!(threads(), 1);
+    }
+}
