@@ -5,7 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
-step() { printf '\n==> %s\n' "$*"; }
+step() { printf '\n==> %s   [disk free: %s]\n' "$*" "$(avail)"; }
+avail() { df -h --output=avail . 2>/dev/null | tail -n 1 | tr -d ' '; }
+avail_gib() { df -B1G --output=avail . 2>/dev/null | tail -n 1 | tr -d ' '; }
+# The suite needs about 3 GiB of disk (x86 and aarch64 builds, the venv). On a machine with less
+# than ${EDGEHAL_LOW_DISK_GIB:-12} GiB free it deletes build products as soon as no later step
+# needs them, and says so; with more, it keeps them so that a rerun builds less.
+low_disk() { [ "$(avail_gib)" -lt "${EDGEHAL_LOW_DISK_GIB:-12}" ]; }
 
 if [ ! -d ../shared/models ]; then
   echo "error: ../shared (models, reference scripts) must sit beside the checkout" >&2
@@ -46,11 +52,22 @@ cargo fmt --all -- --check
 
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -q -- -D warnings
+if low_disk; then
+  echo "low disk ($(avail) free): removing clippy's check artifacts (target/debug, $(du -sh target/debug 2>/dev/null | cut -f1))"
+  rm -rf target/debug
+fi
 
 step "cargo test --workspace --profile ci (release without LTO)"
 export CI=${CI:-true}
 cargo test --workspace --profile ci 2>&1 | tee target/test-output.txt
 summary=$(grep -E '^test result:' target/test-output.txt | awk '{p+=$4; f+=$6; i+=$8} END {print p" passed, "f" failed, "i" ignored"}')
+
+if low_disk; then
+  # Test executables of the host build: later steps relink the two they run.
+  n=$(find target/ci/deps -maxdepth 1 -type f -executable ! -name '*.*' | wc -l)
+  echo "low disk ($(avail) free): removing $n host test executables (target/ci/deps)"
+  find target/ci/deps -maxdepth 1 -type f -executable ! -name '*.*' -delete
+fi
 
 step "aarch64 kernels and a model under qemu-user (cortex-a53/a72: NEON, a76: +dotprod, max: +i8mm)"
 scripts/aarch64-tests.sh 2>&1 | tee target/aarch64-output.txt
@@ -62,6 +79,7 @@ step "ONNX node conformance (by op)"
 cat target/conformance-summary.txt
 
 step "summary"
+echo "disk: $(avail) free at the end; target $(du -sh target 2>/dev/null | cut -f1), .venv $(du -sh .venv 2>/dev/null | cut -f1)"
 echo "suites: core, kernels (+ SIMD dispatch), cpu ops, ONNX/TFLite importers, session, CLI, probe fixtures,"
 echo "        HAL buffers/drivers/plugin, partitioner/scheduler, Vulkan on lavapipe, C API (ASan, valgrind),"
 echo "        VFIO/dma-buf QEMU VM, ONNX conformance, model agreement (onnxruntime, LiteRT), bad input"
