@@ -14,6 +14,7 @@ mod arch;
 pub mod conv;
 pub mod dispatch;
 pub mod gemm;
+pub mod gemv;
 pub mod packed;
 pub mod qgemm;
 #[cfg(target_arch = "x86_64")]
