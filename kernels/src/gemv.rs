@@ -2,11 +2,13 @@
 //!
 //! A GEMM kernel does poorly on one column (a batch-1 recurrent step, a batch-1 fully
 //! connected layer): its register tile is mostly empty and it packs the vector each call. Here
-//! `W` (M x K) is packed once ([`PackedGemv::new`]) into panels of [`PANEL`] rows stored
-//! column by column, `[M / 16][K][16]` (the last panel zero-padded): a pass over `x` reads each
-//! panel front to back, one 64-byte line per `x[k]`, which is one zmm / two ymm / four q
-//! registers of 16 row accumulators. The kernels walk [`GROUP`] panels at a time (64 rows) so
-//! enough independent FMA chains are in flight; the portable reference uses the same layout.
+//! `W` (M x K) is packed once ([`PackedGemv::new`]) into panels of [`PANEL`] rows (the last
+//! zero-padded), and the panels into groups of [`GROUP`] (64 rows; the last group may have
+//! fewer panels) stored column by column with the group's panels side by side:
+//! `[M / 64][K][GROUP][16]`. One 16-row slice of a column is one zmm / two ymm / four q
+//! registers of row accumulators; a kernel call handles one group (4 x 16 accumulators, enough
+//! independent FMA chains) and reads it as a single sequential stream, which the hardware
+//! prefetchers follow better than four. The portable reference uses the same layout.
 //!
 //! [`gemv`] runs the variant chosen once per process ([`crate::dispatch`]): AVX-512F or
 //! AVX2+FMA (`arch/x86_64.rs`), NEON (`arch/aarch64.rs`), else the portable loop; the packed
@@ -22,7 +24,9 @@ pub const GROUP: usize = 4;
 /// Rows covered by one kernel call.
 pub(crate) const GROUP_ROWS: usize = GROUP * PANEL;
 
-/// `W` (M x K) packed for [`gemv`]: `[ceil(M / 16)][K][16]`, the last panel zero-padded.
+/// `W` (M x K) packed for [`gemv`]: row `i`, column `c` lives in group `g = i / 64` (which
+/// holds `n` panels, 4 except maybe in the last group) at `g * 64 * K + (c * n + (i % 64) / 16)
+/// * 16 + i % 16`; rows past M are zero.
 #[derive(Clone, Debug)]
 pub struct PackedGemv {
     m: usize,
@@ -62,10 +66,11 @@ impl PackedGemv {
         let mut k0 = 0;
         for p in parts {
             for i in 0..m {
-                let (pi, l) = (i / PANEL, i % PANEL);
-                let base = pi * k * PANEL;
+                let (gi, q, l) = (i / GROUP_ROWS, (i % GROUP_ROWS) / PANEL, i % PANEL);
+                let n = (np - gi * GROUP).min(GROUP);
+                let base = gi * GROUP_ROWS * k + q * PANEL + l;
                 for c in 0..p.cols {
-                    data[base + (k0 + c) * PANEL + l] = p.data[i * p.rs + c * p.cs];
+                    data[base + (k0 + c) * n * PANEL] = p.data[i * p.rs + c * p.cs];
                 }
             }
             k0 += p.cols;
@@ -85,7 +90,7 @@ impl PackedGemv {
     pub fn panels(&self) -> usize {
         self.m.div_ceil(PANEL)
     }
-    /// The packed floats (`[panels][cols][16]`).
+    /// The packed floats (see [`PackedGemv`] for the layout).
     pub fn data(&self) -> &[f32] {
         &self.data
     }
@@ -134,8 +139,9 @@ pub fn gemv_with(
 }
 
 /// Runs `group` over the panels [`GROUP`] at a time and applies the bias / accumulation to
-/// its sums: `group(panels, n, x, acc)` gets `n` (1..=GROUP) consecutive panels and writes
-/// the `n * PANEL` row sums to `acc`. Sizes were checked by the caller.
+/// its sums: `group(panels, n, x, acc)` gets one group of `n` (1..=GROUP) interleaved panels
+/// (`[k][n][16]`) and writes the `n * PANEL` row sums to `acc`. Sizes were checked by the
+/// caller.
 #[inline(always)]
 pub(crate) fn drive(
     w: &PackedGemv,
@@ -182,11 +188,10 @@ pub(crate) fn drive(
 /// The portable group kernel: 16-lane accumulators per panel, which LLVM vectorizes.
 #[inline(always)]
 pub(crate) fn group_portable(panels: &[f32], n: usize, x: &[f32], acc: &mut [f32; GROUP_ROWS]) {
-    let k = x.len();
-    for (p, out) in acc.chunks_exact_mut(PANEL).take(n).enumerate() {
-        let panel = &panels[p * k * PANEL..(p + 1) * k * PANEL];
+    for (q, out) in acc.chunks_exact_mut(PANEL).take(n).enumerate() {
         let mut a = [0f32; PANEL];
-        for (col, &xv) in panel.chunks_exact(PANEL).zip(x) {
+        for (col, &xv) in panels.chunks_exact(n * PANEL).zip(x) {
+            let col = &col[q * PANEL..(q + 1) * PANEL];
             for l in 0..PANEL {
                 a[l] += xv * col[l];
             }
@@ -279,18 +284,22 @@ mod tests {
         }
     }
 
-    /// The packed layout itself: row i, column c sits at panel i/16, offset (c * 16 + i % 16);
-    /// padding rows are zero. A transposed (strided) source and `hcat` pack the same way.
+    /// The packed layout itself: 85 rows are a full group of 4 panels and a group of 2 (the
+    /// second partly padding); row i, column c sits in group i/64 with n panels at offset
+    /// (c * n + (i % 64) / 16) * 16 + i % 16; padding rows are zero. A transposed (strided)
+    /// source and `hcat` pack the same way.
     #[test]
     fn packing_layout_is_column_panels() {
-        let (m, k) = (21, 5);
+        let (m, k) = (85, 5);
         let w: Vec<f32> = (0..m * k).map(|v| v as f32 + 1.0).collect();
         let pw = PackedGemv::new(MatRef::row_major(&w, m, k)).unwrap();
-        assert_eq!(pw.panels(), 2);
-        assert_eq!(pw.data().len(), 2 * k * PANEL);
-        for i in 0..32 {
+        assert_eq!(pw.panels(), 6);
+        assert_eq!(pw.data().len(), 6 * k * PANEL);
+        for i in 0..96 {
+            let n = if i < 64 { 4 } else { 2 };
             for c in 0..k {
-                let got = pw.data()[(i / PANEL) * k * PANEL + c * PANEL + i % PANEL];
+                let at = (i / 64) * 64 * k + (c * n + (i % 64) / 16) * 16 + i % 16;
+                let got = pw.data()[at];
                 let want = if i < m { w[i * k + c] } else { 0.0 };
                 assert_eq!(got, want, "row {i} col {c}");
             }

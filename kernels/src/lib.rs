@@ -17,7 +17,9 @@ pub mod gemm;
 pub mod gemv;
 pub mod packed;
 pub mod qgemm;
+pub mod rnn;
 #[cfg(target_arch = "x86_64")]
 mod simd;
+pub mod vmath;
 
 pub use dispatch::dispatch_summary;

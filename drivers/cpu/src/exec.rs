@@ -163,7 +163,9 @@ impl Executor {
             .iter()
             .map(|node| {
                 let r = node.inputs.get(2).copied().flatten()?;
-                RnnPlan::new(node, graph.initializers.get(&r)?)
+                let w = node.inputs.get(1).copied().flatten();
+                let w = w.and_then(|w| graph.initializers.get(&w));
+                RnnPlan::new(node, graph.initializers.get(&r)?, w)
             })
             .collect();
         let mut inits = vec![None; graph.values.len()];

@@ -332,7 +332,7 @@ unsafe fn gemv_neon(w: &PackedGemv, x: &[f32], y: &mut [f32], add: GemvAdd<'_>) 
     });
 }
 
-/// Row sums of `n` (1..=4) panels of `[k][16]` floats at `p` times `x`: four q registers per
+/// Row sums of `n` (1..=4) interleaved panels (`[k][n][16]` floats at `p`) times `x`: four q registers per
 /// panel (16 accumulators for four panels); fewer panels also split even and odd columns.
 ///
 /// # Safety
@@ -346,7 +346,8 @@ unsafe fn gemv_group_neon(
     x: *const f32,
     acc: &mut [f32; GROUP_ROWS],
 ) {
-    let stride = k * PANEL;
+    // Column stride: the n panels of a group are interleaved column by column.
+    let cs = n * PANEL;
     let z = vdupq_n_f32(0.0);
     // SAFETY (all blocks below): every column read is c < k of a panel q < n, so within the
     // caller's n * k * 16 floats; x reads are below k; acc holds 4 * 16 floats.
@@ -357,7 +358,7 @@ unsafe fn gemv_group_neon(
             unsafe {
                 let xv = *x.add(c);
                 for (q, aq) in a.iter_mut().enumerate() {
-                    let pq = p.add(q * stride + c * PANEL);
+                    let pq = p.add(c * GROUP_ROWS + q * PANEL);
                     for (l, al) in aq.iter_mut().enumerate() {
                         *al = vfmaq_n_f32(*al, vld1q_f32(pq.add(4 * l)), xv);
                     }
@@ -374,7 +375,7 @@ unsafe fn gemv_group_neon(
     }
     for q in 0..n {
         // SAFETY: within the bounds noted at the top of this function.
-        let pq = unsafe { p.add(q * stride) };
+        let pq = unsafe { p.add(q * PANEL) };
         let mut a = [[z; 4]; 2];
         let mut c = 0;
         while c + 2 <= k {
@@ -382,7 +383,7 @@ unsafe fn gemv_group_neon(
             unsafe {
                 for (u, au) in a.iter_mut().enumerate() {
                     let xv = *x.add(c + u);
-                    let pc = pq.add((c + u) * PANEL);
+                    let pc = pq.add((c + u) * cs);
                     for (l, al) in au.iter_mut().enumerate() {
                         *al = vfmaq_n_f32(*al, vld1q_f32(pc.add(4 * l)), xv);
                     }
@@ -394,7 +395,7 @@ unsafe fn gemv_group_neon(
             // SAFETY: within the bounds noted at the top of this function.
             unsafe {
                 let xv = *x.add(c);
-                let pc = pq.add(c * PANEL);
+                let pc = pq.add(c * cs);
                 for (l, al) in a[0].iter_mut().enumerate() {
                     *al = vfmaq_n_f32(*al, vld1q_f32(pc.add(4 * l)), xv);
                 }

@@ -354,7 +354,7 @@ unsafe fn gemv_avx512(w: &PackedGemv, x: &[f32], y: &mut [f32], add: GemvAdd<'_>
     });
 }
 
-/// Row sums of `n` (1..=4) panels of `[k][16]` floats at `p` times `x`: with four panels, 8 zmm
+/// Row sums of `n` (1..=4) interleaved panels (`[k][n][16]` floats at `p`) times `x`: with four panels, 8 zmm
 /// accumulators (even and odd columns apart); fewer, 4 per panel (columns mod 4).
 ///
 /// # Safety
@@ -368,7 +368,8 @@ unsafe fn gemv_group_avx512(
     x: *const f32,
     acc: &mut [f32; GROUP_ROWS],
 ) {
-    let stride = k * PANEL;
+    // Column stride: the n panels of a group are interleaved column by column.
+    let cs = n * PANEL;
     let z = _mm512_setzero_ps();
     // SAFETY (all blocks below): every column read is c < k of a panel q < n, so within the
     // caller's n * k * 16 floats; x reads are below k; acc holds 4 * 16 floats.
@@ -382,9 +383,9 @@ unsafe fn gemv_group_avx512(
                 let x1 = _mm512_set1_ps(*x.add(c + 1));
                 let [a0, a1] = &mut a;
                 for (q, (a0q, a1q)) in a0.iter_mut().zip(a1.iter_mut()).enumerate() {
-                    let pq = p.add(q * stride + c * PANEL);
+                    let pq = p.add(c * GROUP_ROWS + q * PANEL);
                     *a0q = _mm512_fmadd_ps(x0, _mm512_loadu_ps(pq), *a0q);
-                    *a1q = _mm512_fmadd_ps(x1, _mm512_loadu_ps(pq.add(PANEL)), *a1q);
+                    *a1q = _mm512_fmadd_ps(x1, _mm512_loadu_ps(pq.add(GROUP_ROWS)), *a1q);
                 }
             }
             c += 2;
@@ -394,7 +395,7 @@ unsafe fn gemv_group_avx512(
             unsafe {
                 let x0 = _mm512_set1_ps(*x.add(c));
                 for (q, a0q) in a[0].iter_mut().enumerate() {
-                    let pq = p.add(q * stride + c * PANEL);
+                    let pq = p.add(c * GROUP_ROWS + q * PANEL);
                     *a0q = _mm512_fmadd_ps(x0, _mm512_loadu_ps(pq), *a0q);
                 }
             }
@@ -407,7 +408,7 @@ unsafe fn gemv_group_avx512(
     }
     for q in 0..n {
         // SAFETY: within the bounds noted at the top of this function.
-        let pq = unsafe { p.add(q * stride) };
+        let pq = unsafe { p.add(q * PANEL) };
         let mut a = [z; 4];
         let mut c = 0;
         while c + 4 <= k {
@@ -415,7 +416,7 @@ unsafe fn gemv_group_avx512(
             unsafe {
                 for (u, au) in a.iter_mut().enumerate() {
                     let xv = _mm512_set1_ps(*x.add(c + u));
-                    *au = _mm512_fmadd_ps(xv, _mm512_loadu_ps(pq.add((c + u) * PANEL)), *au);
+                    *au = _mm512_fmadd_ps(xv, _mm512_loadu_ps(pq.add((c + u) * cs)), *au);
                 }
             }
             c += 4;
@@ -424,7 +425,7 @@ unsafe fn gemv_group_avx512(
             // SAFETY: within the bounds noted at the top of this function.
             unsafe {
                 let xv = _mm512_set1_ps(*x.add(c));
-                a[0] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(pq.add(c * PANEL)), a[0]);
+                a[0] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(pq.add(c * cs)), a[0]);
             }
             c += 1;
         }
@@ -447,7 +448,7 @@ unsafe fn gemv_avx2(w: &PackedGemv, x: &[f32], y: &mut [f32], add: GemvAdd<'_>) 
     });
 }
 
-/// Row sums of `n` (1..=4) panels of `[k][16]` floats at `p` times `x`: two ymm per panel;
+/// Row sums of `n` (1..=4) interleaved panels (`[k][n][16]` floats at `p`) times `x`: two ymm per panel;
 /// with four panels 8 accumulators, fewer panels also split even and odd columns.
 ///
 /// # Safety
@@ -461,7 +462,8 @@ unsafe fn gemv_group_avx2(
     x: *const f32,
     acc: &mut [f32; GROUP_ROWS],
 ) {
-    let stride = k * PANEL;
+    // Column stride: the n panels of a group are interleaved column by column.
+    let cs = n * PANEL;
     let z = _mm256_setzero_ps();
     // SAFETY (all blocks below): every column read is c < k of a panel q < n, so within the
     // caller's n * k * 16 floats; x reads are below k; acc holds 4 * 16 floats.
@@ -472,7 +474,7 @@ unsafe fn gemv_group_avx2(
             unsafe {
                 let xv = _mm256_broadcast_ss(&*x.add(c));
                 for (q, aq) in a.iter_mut().enumerate() {
-                    let pq = p.add(q * stride + c * PANEL);
+                    let pq = p.add(c * GROUP_ROWS + q * PANEL);
                     aq[0] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(pq), aq[0]);
                     aq[1] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(pq.add(8)), aq[1]);
                 }
@@ -489,7 +491,7 @@ unsafe fn gemv_group_avx2(
     }
     for q in 0..n {
         // SAFETY: within the bounds noted at the top of this function.
-        let pq = unsafe { p.add(q * stride) };
+        let pq = unsafe { p.add(q * PANEL) };
         let mut a = [[z; 2]; 2];
         let mut c = 0;
         while c + 2 <= k {
@@ -497,7 +499,7 @@ unsafe fn gemv_group_avx2(
             unsafe {
                 for (u, au) in a.iter_mut().enumerate() {
                     let xv = _mm256_broadcast_ss(&*x.add(c + u));
-                    let pc = pq.add((c + u) * PANEL);
+                    let pc = pq.add((c + u) * cs);
                     au[0] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(pc), au[0]);
                     au[1] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(pc.add(8)), au[1]);
                 }
@@ -508,7 +510,7 @@ unsafe fn gemv_group_avx2(
             // SAFETY: within the bounds noted at the top of this function.
             unsafe {
                 let xv = _mm256_broadcast_ss(&*x.add(c));
-                let pc = pq.add(c * PANEL);
+                let pc = pq.add(c * cs);
                 a[0][0] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(pc), a[0][0]);
                 a[0][1] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(pc.add(8)), a[0][1]);
             }
