@@ -21,7 +21,8 @@ const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23
 #[inline(always)]
 pub fn exp1(x: f32) -> f32 {
     let x = x.clamp(-87.3, 88.7);
-    let nf = (x * LOG2E + ROUND) - ROUND;
+    let t = x * LOG2E + ROUND;
+    let nf = t - ROUND;
     let r = (x - nf * LN2_HI) - nf * LN2_LO;
     let p = 1.0
         + r * (1.0
@@ -30,7 +31,9 @@ pub fn exp1(x: f32) -> f32 {
                     + r * (1.0 / 24.0
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     // n is in [-126, 128]; 2^128 is split as 2 * 2^127 so the exponent field stays valid.
-    let n = nf as i32;
+    // n = nf, read from t's low mantissa bits (t = 1.5 * 2^23 + n, spaced 1 apart): an integer
+    // subtraction, where `nf as i32` (a saturating conversion) would not vectorize.
+    let n = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
     let half = n >> 1;
     let s1 = f32::from_bits(((half + 127) as u32) << 23);
     let s2 = f32::from_bits(((n - half + 127) as u32) << 23);
