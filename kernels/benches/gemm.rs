@@ -1,4 +1,4 @@
-//! sgemm GFLOP/s per kernel variant, next to a peak-FMA microbenchmark.
+//! sgemm and gemv GFLOP/s per kernel variant, next to a peak-FMA microbenchmark.
 //!
 //! `cargo bench -p edgehal-kernels --bench gemm` (single thread). Criterion reports time per
 //! iteration and, through `Throughput::Elements(flops)`, "elem/s" = FLOP/s.
@@ -6,6 +6,7 @@
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use edgehal_kernels::dispatch;
 use edgehal_kernels::gemm::{sgemm_with, MatRef};
+use edgehal_kernels::gemv::{gemv_with, GemvAdd, PackedGemv};
 
 fn data(len: usize, seed: u32) -> Vec<f32> {
     let mut s = seed;
@@ -64,11 +65,44 @@ fn gemm(c: &mut Criterion) {
     }
 }
 
+/// Matrix-vector products with a packed matrix: the LSTM recurrent step of lstm_kws (512 x
+/// 128), its input + recurrent product joined (512 x 168), and one too big for L2.
+fn gemv(c: &mut Criterion) {
+    for &(m, k) in &[(512, 128), (512, 168), (1024, 1024)] {
+        let w = data(m * k, 3);
+        let x = data(k, 4);
+        let mut y = vec![0f32; m];
+        let pw = PackedGemv::new(MatRef::row_major(&w, m, k)).unwrap();
+        let mut g = c.benchmark_group(format!("gemv_{m}x{k}"));
+        g.throughput(Throughput::Elements((2 * m * k) as u64));
+        for v in dispatch::detected().into_iter().filter(|v| !v.is_int8()) {
+            g.bench_function(v.name(), |bch| {
+                bch.iter(|| gemv_with(v, &pw, black_box(&x), &mut y, GemvAdd::default()))
+            });
+        }
+        // The sgemm it replaces at batch 1: one row times W^T.
+        g.bench_function("sgemm_1_row", |bch| {
+            bch.iter(|| {
+                sgemm_with(
+                    dispatch::selected(),
+                    1.0,
+                    MatRef::row_major(black_box(&x), 1, k),
+                    MatRef::row_major(&w, m, k).t(),
+                    0.0,
+                    &mut y,
+                    m,
+                )
+            })
+        });
+        g.finish();
+    }
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(std::time::Duration::from_secs(1))
         .measurement_time(std::time::Duration::from_secs(3));
-    targets = peak, gemm
+    targets = peak, gemm, gemv
 }
 criterion_main!(benches);

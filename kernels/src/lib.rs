@@ -14,9 +14,12 @@ mod arch;
 pub mod conv;
 pub mod dispatch;
 pub mod gemm;
+pub mod gemv;
 pub mod packed;
 pub mod qgemm;
+pub mod rnn;
 #[cfg(target_arch = "x86_64")]
 mod simd;
+pub mod vmath;
 
 pub use dispatch::dispatch_summary;

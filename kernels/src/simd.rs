@@ -483,3 +483,40 @@ wide!(
     (p: &conv::WinoOutput<'_>, y: &mut [f32]),
     conv::wino_output_body(p, y)
 );
+
+/// Runs the fused LSTM step of [`crate::rnn`] compiled for `variant` when it is an x86 SIMD
+/// variant this CPU has; `false` (touching nothing) otherwise. Lengths were checked.
+pub(crate) fn lstm_cell(
+    variant: Variant,
+    args: &crate::rnn::CellArgs<'_>,
+    c: &mut [f32],
+    h: &mut [f32],
+) -> bool {
+    match variant {
+        Variant::Avx512 if has_avx512() => {
+            // SAFETY: AVX-512F was detected just above.
+            unsafe { lstm_cell_avx512(args, c, h) };
+            true
+        }
+        Variant::Avx2 if has_avx2() => {
+            // SAFETY: AVX2 and FMA were detected just above.
+            unsafe { lstm_cell_avx2(args, c, h) };
+            true
+        }
+        _ => false,
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX-512F.
+#[target_feature(enable = "avx512f")]
+unsafe fn lstm_cell_avx512(args: &crate::rnn::CellArgs<'_>, c: &mut [f32], h: &mut [f32]) {
+    crate::rnn::lstm_cell_loop(args, c, h);
+}
+
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn lstm_cell_avx2(args: &crate::rnn::CellArgs<'_>, c: &mut [f32], h: &mut [f32]) {
+    crate::rnn::lstm_cell_loop(args, c, h);
+}

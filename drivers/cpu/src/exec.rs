@@ -15,6 +15,7 @@ use edgehal_core::{DType, Error, Result, Tensor};
 
 use crate::arena::{Pool, RunScope};
 use crate::conv_plan::{ConvPlan, FUSED_CONV, FUSED_DOMAIN};
+use crate::ops::nn::GemvPlan;
 use crate::ops::rnn::RnnPlan;
 use crate::ops::{OpCtx, OpFn, OutputDest, Registry};
 
@@ -78,6 +79,10 @@ pub struct Executor {
     /// Per node: a recurrent layer with constant `R`, transposed once (see
     /// [`crate::ops::rnn::RnnPlan`]).
     rnn: Vec<Option<RnnPlan>>,
+    /// Per node: a `Gemm` with constant `B`, packed once for single-row products (see
+    /// [`crate::ops::nn::GemvPlan`]); nodes sharing `B`, `C` and attributes (an unrolled
+    /// recurrent layer's steps) share one plan.
+    gemv: Vec<Option<Arc<GemvPlan>>>,
     /// Threads the prepared kernels may use (1: everything on the caller's thread).
     threads: usize,
     /// Buffers reused across runs (see [`crate::arena`]), when `pooling`.
@@ -163,7 +168,37 @@ impl Executor {
             .iter()
             .map(|node| {
                 let r = node.inputs.get(2).copied().flatten()?;
-                RnnPlan::new(node, graph.initializers.get(&r)?)
+                let w = node.inputs.get(1).copied().flatten();
+                let w = w.and_then(|w| graph.initializers.get(&w));
+                RnnPlan::new(node, graph.initializers.get(&r)?, w)
+            })
+            .collect();
+        let mut shared = std::collections::HashMap::new();
+        let gemv = graph
+            .nodes
+            .iter()
+            .map(|node| {
+                if node.op != "Gemm" {
+                    return None;
+                }
+                let init = |k: usize| node.inputs.get(k).copied().flatten();
+                let (bid, cid) = (init(1)?, init(2));
+                let b = graph.initializers.get(&bid)?;
+                let c = match cid {
+                    Some(c) => Some(graph.initializers.get(&c)?),
+                    None => None,
+                };
+                let key = (
+                    bid,
+                    cid,
+                    node.domain.clone(),
+                    ["transA", "transB"].map(|a| node.attr_i(a)),
+                    ["alpha", "beta"].map(|a| node.attr_f(a).map(f32::to_bits)),
+                );
+                shared
+                    .entry(key)
+                    .or_insert_with(|| GemvPlan::new(node, b, c).map(Arc::new))
+                    .clone()
             })
             .collect();
         let mut inits = vec![None; graph.values.len()];
@@ -175,6 +210,7 @@ impl Executor {
         Ok(Executor {
             inits,
             rnn,
+            gemv,
             graph: graph.clone(),
             order,
             ops,
@@ -340,10 +376,13 @@ impl Executor {
                     .map(|d| d as &dyn OutputDest),
             };
             let t0 = self.profile.as_ref().map(|_| std::time::Instant::now());
-            let outs = match (&self.prepared[n], &self.rnn[n]) {
-                (Some(plan), _) => plan.run_threads(&ctx, &ins, self.threads),
-                (None, Some(plan)) => plan.run(&ctx, &ins),
-                (None, None) => (self.ops[n])(&ctx, &ins),
+            let outs = match (&self.prepared[n], &self.rnn[n], &self.gemv[n]) {
+                (Some(plan), _, _) => plan.run_threads(&ctx, &ins, self.threads),
+                (None, Some(plan), _) => plan.run(&ctx, &ins),
+                (None, None, Some(plan)) => plan
+                    .run(&ctx, &ins)
+                    .unwrap_or_else(|| (self.ops[n])(&ctx, &ins)),
+                (None, None, None) => (self.ops[n])(&ctx, &ins),
             }
             .map_err(|e| match e {
                 Error::Op { .. } => e,

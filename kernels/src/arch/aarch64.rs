@@ -1,7 +1,8 @@
 //! aarch64 kernels: a NEON sgemm micro-kernel (8x12 tile, 24 q accumulators, `fmla` by
 //! lane) and int8 register tiles for [`crate::qgemm`] with `sdot` (dotprod, 8x12) and `smmla`
-//! (i8mm, 8x8). Packing and the C update are the safe code in `gemm::packed_with` and
-//! `qgemm`; only the register tiles are unsafe.
+//! (i8mm, 8x8); the [`crate::gemv`] panel kernel (64 rows a call, 16 q accumulators).
+//! Packing and the C update are the safe code in `gemm::packed_with` and `qgemm`; only the
+//! register tiles are unsafe.
 //!
 //! The `sdot` / `smmla` intrinsics are not stable Rust yet, so those two instructions are
 //! written as one-instruction `asm!` blocks on register operands (the compiler still
@@ -18,6 +19,7 @@ use std::arch::asm;
 
 use crate::dispatch::Variant;
 use crate::gemm::{axpy_rows, packed_with, Blocking, MatRef, MR as PORTABLE_MR};
+use crate::gemv::{drive as gemv_drive, GemvAdd, PackedGemv, GROUP, GROUP_ROWS, PANEL};
 
 const NEON_MR: usize = 8;
 const NEON_NR: usize = 12;
@@ -294,6 +296,119 @@ unsafe fn qtile_i8mm(groups: usize, a: *const u8, b: *const u8, acc: *mut i32) {
                 *acc.add((2 * ip + 1) * 8 + 2 * jp) = v[2];
                 *acc.add((2 * ip + 1) * 8 + 2 * jp + 1) = v[3];
             }
+        }
+    }
+}
+
+/// Runs [`crate::gemv`] with `variant` when it is the NEON variant and the CPU has it;
+/// returns `false` (touching nothing) otherwise. Sizes were checked by the caller.
+pub(crate) fn gemv(
+    variant: Variant,
+    w: &PackedGemv,
+    x: &[f32],
+    y: &mut [f32],
+    add: GemvAdd<'_>,
+) -> bool {
+    match variant {
+        Variant::Neon if std::arch::is_aarch64_feature_detected!("neon") => {
+            // SAFETY: NEON was detected on this CPU just above.
+            unsafe { gemv_neon(w, x, y, add) };
+            true
+        }
+        _ => false,
+    }
+}
+
+/// # Safety
+/// The CPU must support NEON.
+#[target_feature(enable = "neon")]
+unsafe fn gemv_neon(w: &PackedGemv, x: &[f32], y: &mut [f32], add: GemvAdd<'_>) {
+    gemv_drive(w, x, y, add, |panels, n, x, acc| {
+        let k = x.len();
+        assert!((1..=GROUP).contains(&n) && panels.len() >= n * k * PANEL);
+        // SAFETY: compiled for NEON and reached only when the CPU has it; `panels` holds n
+        // panels of k * 16 floats and `x` k floats (checked above).
+        unsafe { gemv_group_neon(panels.as_ptr(), n, k, x.as_ptr(), acc) }
+    });
+}
+
+/// Row sums of `n` (1..=4) interleaved panels (`[k][n][16]` floats at `p`) times `x`: four q registers per
+/// panel (16 accumulators for four panels); fewer panels also split even and odd columns.
+///
+/// # Safety
+/// The CPU must support NEON; `p` must be valid for `n * k * 16` reads, `x` for `k`.
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn gemv_group_neon(
+    p: *const f32,
+    n: usize,
+    k: usize,
+    x: *const f32,
+    acc: &mut [f32; GROUP_ROWS],
+) {
+    // Column stride: the n panels of a group are interleaved column by column.
+    let cs = n * PANEL;
+    let z = vdupq_n_f32(0.0);
+    // SAFETY (all blocks below): every column read is c < k of a panel q < n, so within the
+    // caller's n * k * 16 floats; x reads are below k; acc holds 4 * 16 floats.
+    if n == GROUP {
+        let mut a = [[z; 4]; GROUP];
+        for c in 0..k {
+            // SAFETY: within the bounds noted at the top of this function.
+            unsafe {
+                let xv = *x.add(c);
+                for (q, aq) in a.iter_mut().enumerate() {
+                    let pq = p.add(c * GROUP_ROWS + q * PANEL);
+                    for (l, al) in aq.iter_mut().enumerate() {
+                        *al = vfmaq_n_f32(*al, vld1q_f32(pq.add(4 * l)), xv);
+                    }
+                }
+            }
+        }
+        for (q, aq) in a.iter().enumerate() {
+            for (l, al) in aq.iter().enumerate() {
+                // SAFETY: within the bounds noted at the top of this function.
+                unsafe { vst1q_f32(acc.as_mut_ptr().add(q * PANEL + 4 * l), *al) };
+            }
+        }
+        return;
+    }
+    for q in 0..n {
+        // SAFETY: within the bounds noted at the top of this function.
+        let pq = unsafe { p.add(q * PANEL) };
+        let mut a = [[z; 4]; 2];
+        let mut c = 0;
+        while c + 2 <= k {
+            // SAFETY: within the bounds noted at the top of this function.
+            unsafe {
+                for (u, au) in a.iter_mut().enumerate() {
+                    let xv = *x.add(c + u);
+                    let pc = pq.add((c + u) * cs);
+                    for (l, al) in au.iter_mut().enumerate() {
+                        *al = vfmaq_n_f32(*al, vld1q_f32(pc.add(4 * l)), xv);
+                    }
+                }
+            }
+            c += 2;
+        }
+        if c < k {
+            // SAFETY: within the bounds noted at the top of this function.
+            unsafe {
+                let xv = *x.add(c);
+                let pc = pq.add(c * cs);
+                for (l, al) in a[0].iter_mut().enumerate() {
+                    *al = vfmaq_n_f32(*al, vld1q_f32(pc.add(4 * l)), xv);
+                }
+            }
+        }
+        for (l, (a0l, a1l)) in a[0].iter().zip(&a[1]).enumerate() {
+            // SAFETY: within the bounds noted at the top of this function.
+            unsafe {
+                vst1q_f32(
+                    acc.as_mut_ptr().add(q * PANEL + 4 * l),
+                    vaddq_f32(*a0l, *a1l),
+                )
+            };
         }
     }
 }

@@ -1,6 +1,7 @@
 //! x86_64 sgemm micro-kernels with `std::arch` intrinsics: AVX2+FMA (6x16 tile, 12 ymm
 //! accumulators) and AVX-512F (12x32 tile, 24 zmm accumulators; a Zen 4 core needs about 16
-//! independent FMA chains to stay busy). Packing and the C update are the safe code in
+//! independent FMA chains to stay busy); the [`crate::gemv`] panel kernels (64 rows a call,
+//! 8 accumulators). Packing and the C update are the safe code in
 //! `gemm::packed_with`; only the register tile is unsafe.
 //!
 //! Soundness: the `#[target_feature]` functions are reached only through [`sgemm`], which
@@ -13,6 +14,7 @@ use std::arch::x86_64::*;
 
 use crate::dispatch::Variant;
 use crate::gemm::{axpy_rows, packed_with, Blocking, MatRef, MR as PORTABLE_MR};
+use crate::gemv::{drive as gemv_drive, GemvAdd, PackedGemv, GROUP, GROUP_ROWS, PANEL};
 
 const AVX2_MR: usize = 6;
 const AVX2_NR: usize = 16;
@@ -311,6 +313,218 @@ unsafe fn qtile_avxvnni(groups: usize, a: *const u8, b: *const u8, acc: *mut i32
         unsafe {
             _mm256_storeu_si256(acc.add(i * 16) as *mut __m256i, ri[0]);
             _mm256_storeu_si256(acc.add(i * 16 + 8) as *mut __m256i, ri[1]);
+        }
+    }
+}
+
+/// Runs [`crate::gemv`] with `variant` when it is an x86 SIMD variant this CPU has; returns
+/// `false` (touching nothing) otherwise. Sizes were checked by the caller.
+pub(crate) fn gemv(
+    variant: Variant,
+    w: &PackedGemv,
+    x: &[f32],
+    y: &mut [f32],
+    add: GemvAdd<'_>,
+) -> bool {
+    match variant {
+        Variant::Avx512 if is_x86_feature_detected!("avx512f") => {
+            // SAFETY: AVX-512F was detected on this CPU just above.
+            unsafe { gemv_avx512(w, x, y, add) };
+            true
+        }
+        Variant::Avx2 if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") => {
+            // SAFETY: AVX2 and FMA were detected on this CPU just above.
+            unsafe { gemv_avx2(w, x, y, add) };
+            true
+        }
+        _ => false,
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX-512F.
+#[target_feature(enable = "avx512f")]
+unsafe fn gemv_avx512(w: &PackedGemv, x: &[f32], y: &mut [f32], add: GemvAdd<'_>) {
+    gemv_drive(w, x, y, add, |panels, n, x, acc| {
+        let k = x.len();
+        assert!((1..=GROUP).contains(&n) && panels.len() >= n * k * PANEL);
+        // SAFETY: compiled for AVX-512F and reached only when the CPU has it; `panels` holds
+        // n panels of k * 16 floats and `x` k floats (checked above).
+        unsafe { gemv_group_avx512(panels.as_ptr(), n, k, x.as_ptr(), acc) }
+    });
+}
+
+/// Row sums of `n` (1..=4) interleaved panels (`[k][n][16]` floats at `p`) times `x`: with four panels, 8 zmm
+/// accumulators (even and odd columns apart); fewer, 4 per panel (columns mod 4).
+///
+/// # Safety
+/// The CPU must support AVX-512F; `p` must be valid for `n * k * 16` reads, `x` for `k`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn gemv_group_avx512(
+    p: *const f32,
+    n: usize,
+    k: usize,
+    x: *const f32,
+    acc: &mut [f32; GROUP_ROWS],
+) {
+    // Column stride: the n panels of a group are interleaved column by column.
+    let cs = n * PANEL;
+    let z = _mm512_setzero_ps();
+    // SAFETY (all blocks below): every column read is c < k of a panel q < n, so within the
+    // caller's n * k * 16 floats; x reads are below k; acc holds 4 * 16 floats.
+    if n == GROUP {
+        let mut a = [[z; GROUP]; 2];
+        let mut c = 0;
+        while c + 2 <= k {
+            // SAFETY: within the bounds noted at the top of this function.
+            unsafe {
+                let x0 = _mm512_set1_ps(*x.add(c));
+                let x1 = _mm512_set1_ps(*x.add(c + 1));
+                let [a0, a1] = &mut a;
+                for (q, (a0q, a1q)) in a0.iter_mut().zip(a1.iter_mut()).enumerate() {
+                    let pq = p.add(c * GROUP_ROWS + q * PANEL);
+                    *a0q = _mm512_fmadd_ps(x0, _mm512_loadu_ps(pq), *a0q);
+                    *a1q = _mm512_fmadd_ps(x1, _mm512_loadu_ps(pq.add(GROUP_ROWS)), *a1q);
+                }
+            }
+            c += 2;
+        }
+        if c < k {
+            // SAFETY: within the bounds noted at the top of this function.
+            unsafe {
+                let x0 = _mm512_set1_ps(*x.add(c));
+                for (q, a0q) in a[0].iter_mut().enumerate() {
+                    let pq = p.add(c * GROUP_ROWS + q * PANEL);
+                    *a0q = _mm512_fmadd_ps(x0, _mm512_loadu_ps(pq), *a0q);
+                }
+            }
+        }
+        for (q, (a0q, a1q)) in a[0].iter().zip(&a[1]).enumerate() {
+            // SAFETY: within the bounds noted at the top of this function.
+            unsafe { _mm512_storeu_ps(acc.as_mut_ptr().add(q * PANEL), _mm512_add_ps(*a0q, *a1q)) };
+        }
+        return;
+    }
+    for q in 0..n {
+        // SAFETY: within the bounds noted at the top of this function.
+        let pq = unsafe { p.add(q * PANEL) };
+        let mut a = [z; 4];
+        let mut c = 0;
+        while c + 4 <= k {
+            // SAFETY: within the bounds noted at the top of this function.
+            unsafe {
+                for (u, au) in a.iter_mut().enumerate() {
+                    let xv = _mm512_set1_ps(*x.add(c + u));
+                    *au = _mm512_fmadd_ps(xv, _mm512_loadu_ps(pq.add((c + u) * cs)), *au);
+                }
+            }
+            c += 4;
+        }
+        while c < k {
+            // SAFETY: within the bounds noted at the top of this function.
+            unsafe {
+                let xv = _mm512_set1_ps(*x.add(c));
+                a[0] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(pq.add(c * cs)), a[0]);
+            }
+            c += 1;
+        }
+        let s = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+        // SAFETY: within the bounds noted at the top of this function.
+        unsafe { _mm512_storeu_ps(acc.as_mut_ptr().add(q * PANEL), s) };
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gemv_avx2(w: &PackedGemv, x: &[f32], y: &mut [f32], add: GemvAdd<'_>) {
+    gemv_drive(w, x, y, add, |panels, n, x, acc| {
+        let k = x.len();
+        assert!((1..=GROUP).contains(&n) && panels.len() >= n * k * PANEL);
+        // SAFETY: compiled for AVX2+FMA and reached only when the CPU has them; `panels`
+        // holds n panels of k * 16 floats and `x` k floats (checked above).
+        unsafe { gemv_group_avx2(panels.as_ptr(), n, k, x.as_ptr(), acc) }
+    });
+}
+
+/// Row sums of `n` (1..=4) interleaved panels (`[k][n][16]` floats at `p`) times `x`: two ymm per panel;
+/// with four panels 8 accumulators, fewer panels also split even and odd columns.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `p` must be valid for `n * k * 16` reads, `x` for `k`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn gemv_group_avx2(
+    p: *const f32,
+    n: usize,
+    k: usize,
+    x: *const f32,
+    acc: &mut [f32; GROUP_ROWS],
+) {
+    // Column stride: the n panels of a group are interleaved column by column.
+    let cs = n * PANEL;
+    let z = _mm256_setzero_ps();
+    // SAFETY (all blocks below): every column read is c < k of a panel q < n, so within the
+    // caller's n * k * 16 floats; x reads are below k; acc holds 4 * 16 floats.
+    if n == GROUP {
+        let mut a = [[z; 2]; GROUP];
+        for c in 0..k {
+            // SAFETY: within the bounds noted at the top of this function.
+            unsafe {
+                let xv = _mm256_broadcast_ss(&*x.add(c));
+                for (q, aq) in a.iter_mut().enumerate() {
+                    let pq = p.add(c * GROUP_ROWS + q * PANEL);
+                    aq[0] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(pq), aq[0]);
+                    aq[1] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(pq.add(8)), aq[1]);
+                }
+            }
+        }
+        for (q, aq) in a.iter().enumerate() {
+            // SAFETY: within the bounds noted at the top of this function.
+            unsafe {
+                _mm256_storeu_ps(acc.as_mut_ptr().add(q * PANEL), aq[0]);
+                _mm256_storeu_ps(acc.as_mut_ptr().add(q * PANEL + 8), aq[1]);
+            }
+        }
+        return;
+    }
+    for q in 0..n {
+        // SAFETY: within the bounds noted at the top of this function.
+        let pq = unsafe { p.add(q * PANEL) };
+        let mut a = [[z; 2]; 2];
+        let mut c = 0;
+        while c + 2 <= k {
+            // SAFETY: within the bounds noted at the top of this function.
+            unsafe {
+                for (u, au) in a.iter_mut().enumerate() {
+                    let xv = _mm256_broadcast_ss(&*x.add(c + u));
+                    let pc = pq.add((c + u) * cs);
+                    au[0] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(pc), au[0]);
+                    au[1] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(pc.add(8)), au[1]);
+                }
+            }
+            c += 2;
+        }
+        if c < k {
+            // SAFETY: within the bounds noted at the top of this function.
+            unsafe {
+                let xv = _mm256_broadcast_ss(&*x.add(c));
+                let pc = pq.add(c * cs);
+                a[0][0] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(pc), a[0][0]);
+                a[0][1] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(pc.add(8)), a[0][1]);
+            }
+        }
+        // SAFETY: within the bounds noted at the top of this function.
+        unsafe {
+            _mm256_storeu_ps(
+                acc.as_mut_ptr().add(q * PANEL),
+                _mm256_add_ps(a[0][0], a[1][0]),
+            );
+            _mm256_storeu_ps(
+                acc.as_mut_ptr().add(q * PANEL + 8),
+                _mm256_add_ps(a[0][1], a[1][1]),
+            );
         }
     }
 }

@@ -13,6 +13,7 @@ use edgehal_core::half::{bf16, f16};
 use edgehal_core::tensor::View;
 use edgehal_core::{DType, Error, Result, Tensor};
 use edgehal_kernels::gemm::{sgemm, MatRef};
+use edgehal_kernels::gemv::{gemv, GemvAdd, PackedGemv};
 
 use super::{input, map_float, norm_axis, opt_input, OpCtx, Registry};
 
@@ -526,6 +527,87 @@ fn gemm(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         sgemm_par(alpha, am, bm, use_beta, out, n)
     };
     Ok(vec![ctx.f32_output(a.dtype(), vec![m, n], fill)?])
+}
+
+/// A `Gemm` whose `B` (and `C`, when given) are constants, packed once per session for
+/// [`gemv`]: a single-row `A` (a fully connected layer at batch 1, e.g. the unrolled LSTM of a
+/// TFLite model) is then one matrix-vector product with `alpha` folded into the packed matrix
+/// and `beta * C` as its bias. Any other `A` runs the op.
+pub struct GemvPlan {
+    k: usize,
+    n: usize,
+    w: PackedGemv,
+    bias: Option<Vec<f32>>,
+}
+
+impl GemvPlan {
+    /// A plan for a `Gemm` node (`transA = 0`) with float `B` and `C`; `None` otherwise.
+    pub fn new(node: &edgehal_core::Node, b: &Tensor, c: Option<&Tensor>) -> Option<GemvPlan> {
+        let onnx = node.domain.is_empty() || node.domain == "ai.onnx";
+        if node.op != "Gemm" || !onnx || node.attr_i("transA").unwrap_or(0) != 0 {
+            return None;
+        }
+        if !b.dtype().is_float() || b.rank() != 2 {
+            return None;
+        }
+        let alpha = node.attr_f("alpha").unwrap_or(1.0);
+        let beta = node.attr_f("beta").unwrap_or(1.0);
+        let mut bv = b.to_f32().into_owned();
+        if alpha != 1.0 {
+            bv.iter_mut().for_each(|v| *v *= alpha);
+        }
+        let bm = MatRef::row_major(&bv, b.shape()[0], b.shape()[1]);
+        // W = B^T (n x k), or B itself when transB.
+        let w = if node.attr_i("transB").unwrap_or(0) != 0 {
+            bm
+        } else {
+            bm.t()
+        };
+        let (n, k) = (w.rows, w.cols);
+        let bias = match c {
+            None => None,
+            Some(c) if c.dtype().is_float() => {
+                let view = View::contiguous(c.to_f32(), c.shape().to_vec())
+                    .broadcast_to(&[1, n])
+                    .ok()?;
+                Some(view.iter().map(|v| beta * v).collect())
+            }
+            Some(_) => return None,
+        };
+        Some(GemvPlan {
+            k,
+            n,
+            w: PackedGemv::new(w)?,
+            bias,
+        })
+    }
+
+    /// Runs the node when `A` is one f32 row of the prepared width; `None` (nothing done)
+    /// otherwise, for the caller to run the op.
+    pub fn run(&self, ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Option<Result<Vec<Tensor>>> {
+        let a = ins.first().copied().flatten()?;
+        if a.dtype() != DType::F32 || a.shape() != [1, self.k] {
+            return None;
+        }
+        let av = match fvec(a, "Gemm A") {
+            Ok(v) => v,
+            Err(e) => return Some(Err(e)),
+        };
+        let add = GemvAdd {
+            bias: self.bias.as_deref(),
+            accumulate: false,
+        };
+        Some(
+            ctx.f32_output(DType::F32, vec![1, self.n], |out| {
+                if gemv(&self.w, &av, out, add) {
+                    Ok(())
+                } else {
+                    Err(Error::arg("Gemm: A does not fit the prepared B"))
+                }
+            })
+            .map(|t| vec![t]),
+        )
+    }
 }
 
 /// Multiply-adds below which a product runs on one thread.

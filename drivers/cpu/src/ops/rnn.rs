@@ -10,10 +10,10 @@
 use edgehal_core::graph::Attr;
 use edgehal_core::{Error, Result, Tensor};
 use edgehal_kernels::gemm::{sgemm, MatRef};
+use edgehal_kernels::gemv::{gemv, GemvAdd, PackedGemv};
 
 use super::nn::{ftensor, fvec};
 use super::{input, opt_input, OpCtx, Registry};
-use crate::vmath;
 
 /// Register this module's ops.
 pub fn register(r: &mut Registry) {
@@ -208,43 +208,25 @@ fn expect_shape(t: &Tensor, want: &[usize], what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Recurrent weights prepared once per session: `R` per direction in panels of [`PANEL`] gate
-/// rows, so each step's `H * R^T` (batch <= 4) is a register-blocked matrix-vector product
-/// streaming contiguous memory instead of an sgemm over a transposed view.
+/// Weights prepared once per session: `R` per direction packed for [`gemv`], so each step's
+/// `H * R^T` (batch <= 4) is a matrix-vector product per batch entry streaming contiguous
+/// panels instead of an sgemm over a transposed view; for an LSTM whose `W` is constant too,
+/// `[W | R]` per direction, so at batch 1 a step is one product of the joined matrix with
+/// `[x_t; h]` and no input-projection GEMM runs at all.
 pub struct RnnPlan {
     kind: Kind,
     /// `R` of the node as the plan saw it, to check the run-time input is the same shape.
     r_shape: Vec<usize>,
-    /// `R` per direction in panels of [`PANEL`] gate rows: `[gh / PANEL][hid][PANEL]`
-    /// (the last panel zero-padded), for [`gemv_panels`].
-    panels: Vec<f32>,
-}
-
-/// Gate rows per panel of [`RnnPlan::panels`]: 32 accumulators stay in vector registers.
-const PANEL: usize = 32;
-
-/// `y[j] = sum_k x[k] * R[j][k]` for `j < y.len()` from `R` in panels (see
-/// [`RnnPlan::panels`]); `false` when a slice is too short.
-fn gemv_panels(panels: &[f32], x: &[f32], y: &mut [f32]) -> bool {
-    let k = x.len();
-    for (pi, yb) in y.chunks_mut(PANEL).enumerate() {
-        let Some(p) = panels.get(pi * k * PANEL..(pi + 1) * k * PANEL) else {
-            return false;
-        };
-        let mut acc = [0f32; PANEL];
-        for (row, &xv) in p.chunks_exact(PANEL).zip(x) {
-            for l in 0..PANEL {
-                acc[l] += xv * row[l];
-            }
-        }
-        yb.copy_from_slice(&acc[..yb.len()]);
-    }
-    true
+    /// `R` per direction.
+    r: Vec<PackedGemv>,
+    /// `W`'s shape and `[W | R]` per direction (LSTM with a constant `W`).
+    wr: Option<(Vec<usize>, Vec<PackedGemv>)>,
 }
 
 impl RnnPlan {
-    /// A plan for an RNN/GRU/LSTM node whose `R` is a float initializer; `None` otherwise.
-    pub fn new(node: &edgehal_core::Node, r: &Tensor) -> Option<RnnPlan> {
+    /// A plan for an RNN/GRU/LSTM node whose `R` is a float initializer (`w`: its `W` when
+    /// that is an initializer too); `None` otherwise.
+    pub fn new(node: &edgehal_core::Node, r: &Tensor, w: Option<&Tensor>) -> Option<RnnPlan> {
         let kind = match node.op.as_str() {
             "RNN" => Kind::Rnn,
             "GRU" => Kind::Gru,
@@ -261,26 +243,39 @@ impl RnnPlan {
         if rv.len() != ndir.checked_mul(gh)?.checked_mul(hid)? {
             return None;
         }
-        let np = gh.div_ceil(PANEL);
-        let mut panels = vec![0f32; ndir.checked_mul(np * PANEL)?.checked_mul(hid)?];
-        for d in 0..ndir {
-            let src = &rv[d * gh * hid..(d + 1) * gh * hid];
-            let dst = &mut panels[d * np * PANEL * hid..(d + 1) * np * PANEL * hid];
-            for g in 0..gh {
-                let (pi, l) = (g / PANEL, g % PANEL);
-                for k in 0..hid {
-                    dst[(pi * hid + k) * PANEL + l] = src[g * hid + k];
+        let rd = |d: usize| MatRef::row_major(&rv[d * gh * hid..(d + 1) * gh * hid], gh, hid);
+        let packed = (0..ndir)
+            .map(|d| PackedGemv::new(rd(d)))
+            .collect::<Option<Vec<_>>>()?;
+        let wr = match (kind, w) {
+            (Kind::Lstm, Some(w)) if w.dtype().is_float() && w.rank() == 3 => {
+                let [wn, wg, inp] = *w.shape() else {
+                    return None;
+                };
+                let wv = w.to_f32();
+                if wn != ndir || wg != gh || wv.len() != ndir * gh * inp {
+                    None
+                } else {
+                    (0..ndir)
+                        .map(|d| {
+                            let wd = &wv[d * gh * inp..(d + 1) * gh * inp];
+                            PackedGemv::hcat(&[MatRef::row_major(wd, gh, inp), rd(d)])
+                        })
+                        .collect::<Option<Vec<_>>>()
+                        .map(|v| (w.shape().to_vec(), v))
                 }
             }
-        }
+            _ => None,
+        };
         Some(RnnPlan {
             kind,
             r_shape: r.shape().to_vec(),
-            panels,
+            r: packed,
+            wr,
         })
     }
 
-    /// Run the node with the prepared `R^T`.
+    /// Run the node with the prepared weights.
     pub fn run(&self, ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         let r = input(ins, 2)?;
         if r.shape() != self.r_shape.as_slice() {
@@ -291,7 +286,7 @@ impl RnnPlan {
                 self.r_shape
             )));
         }
-        run_with(self.kind, ctx, ins, Some(&self.panels))
+        run_with(self.kind, ctx, ins, Some(self))
     }
 }
 
@@ -299,12 +294,12 @@ fn run(kind: Kind, ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tenso
     run_with(kind, ctx, ins, None)
 }
 
-/// The recurrence; `panels` is `R` in panels when prepared (see [`RnnPlan`]).
+/// The recurrence, with the prepared weights when there is a plan (see [`RnnPlan`]).
 fn run_with(
     kind: Kind,
     ctx: &OpCtx<'_>,
     ins: &[Option<&Tensor>],
-    panels: Option<&[f32]>,
+    plan: Option<&RnnPlan>,
 ) -> Result<Vec<Tensor>> {
     let name = kind.name();
     let x = input(ins, 0)?;
@@ -415,7 +410,26 @@ fn run_with(
     let mut y = vec![0f32; seq * ndir * batch * hid];
     let mut yh = vec![0f32; ndir * batch * hid];
     let mut yc = vec![0f32; ndir * batch * hid];
-    let mut xw = vec![0f32; seq * batch * gh];
+    // Batch 1 with `[W | R]` prepared: one joined product per step (see `RnnPlan`).
+    let joined = match plan.and_then(|p| p.wr.as_ref()) {
+        Some((ws, wr))
+            if lstm_fast
+                && batch == 1
+                && ws.as_slice() == w.shape()
+                && std::env::var("XJ").is_err() =>
+        {
+            Some(wr)
+        }
+        _ => None,
+    };
+    let mut xw = vec![
+        0f32;
+        if joined.is_some() {
+            0
+        } else {
+            seq * batch * gh
+        }
+    ];
     let mut hr = vec![0f32; batch * gh];
     for d in 0..ndir {
         let reverse = direction == "reverse" || d == 1;
@@ -425,6 +439,36 @@ fn run_with(
         let rb = &bv[d * 2 * gh + gh..(d + 1) * 2 * gh];
         let pd = &pv[d * 3 * hid..(d + 1) * 3 * hid];
         let acts = &acts[d * kind.n_act()..(d + 1) * kind.n_act()];
+        if let Some(wr) = joined {
+            let bias: Vec<f32> = wb.iter().zip(rb).map(|(a, b)| a + b).collect();
+            let mut h = h0[d * hid..(d + 1) * hid].to_vec();
+            let mut c = c0[d * hid..(d + 1) * hid].to_vec();
+            let mut xh = vec![0f32; inp + hid];
+            let len = lens[0];
+            for step in 0..len {
+                let t = if reverse { len - 1 - step } else { step };
+                xh[..inp].copy_from_slice(&xv[t * inp..(t + 1) * inp]);
+                xh[inp..].copy_from_slice(&h);
+                let ok = gemv(&wr[d], &xh, &mut hr, GemvAdd::default())
+                    && edgehal_kernels::rnn::lstm_cell(
+                        &hr,
+                        &bias,
+                        pd,
+                        clip,
+                        input_forget,
+                        &mut c,
+                        &mut h,
+                    );
+                if !ok {
+                    return Err(Error::arg(format!("{name}: W, R and X do not fit")));
+                }
+                let yo = (t * ndir + d) * hid;
+                y[yo..yo + hid].copy_from_slice(&h);
+            }
+            yh[d * hid..(d + 1) * hid].copy_from_slice(&h);
+            yc[d * hid..(d + 1) * hid].copy_from_slice(&c);
+            continue;
+        }
         if !sgemm(
             1.0,
             MatRef::row_major(&xv, seq * batch, inp),
@@ -450,17 +494,14 @@ fn run_with(
             Vec::new()
         };
         let mut tmp = vec![0f32; hid];
-        let mut gates = vec![0f32; gh];
         let (mut z, mut rg) = (vec![0f32; hid], vec![0f32; hid]);
         for step in 0..seq {
-            let np = gh.div_ceil(PANEL) * PANEL * hid;
-            let prepared = panels.and_then(|p| p.get(d * np..(d + 1) * np));
-            let ok = match prepared {
-                // Few rows: one register-blocked matrix-vector product per batch entry.
-                Some(pd) if batch <= 4 => h
+            let ok = match plan.and_then(|p| p.r.get(d)) {
+                // Few rows: one matrix-vector product per batch entry.
+                Some(pr) if batch <= 4 => h
                     .chunks_exact(hid)
                     .zip(hr.chunks_exact_mut(gh))
-                    .all(|(hb, ob)| gemv_panels(pd, hb, ob)),
+                    .all(|(hb, ob)| gemv(pr, hb, ob, GemvAdd::default())),
                 _ => sgemm(
                     1.0,
                     MatRef::row_major(&h, batch, hid),
@@ -521,7 +562,10 @@ fn run_with(
                     }
                     Kind::Lstm if lstm_fast => {
                         let cb = &mut c[b * hid..(b + 1) * hid];
-                        lstm_cell(xg, hg, pd, clip, input_forget, &mut gates, cb, hb);
+                        if !edgehal_kernels::rnn::lstm_cell(xg, hg, pd, clip, input_forget, cb, hb)
+                        {
+                            return Err(Error::arg(format!("{name}: gate sizes do not fit")));
+                        }
                     }
                     Kind::Lstm => {
                         // gates i, o, f, c; peepholes i, o, f
@@ -593,65 +637,6 @@ fn run_with(
     Ok(out)
 }
 
-/// One LSTM step for one batch entry with the default activations (sigmoid, tanh, tanh):
-/// `xg` is the input projection with both biases added, `hg` is `H * R^T`, both `4 * hid` in
-/// gate order i, o, f, c; `p` the peepholes (i, o, f); `c` and `h` the state, updated in place.
-#[allow(clippy::too_many_arguments)]
-fn lstm_cell(
-    xg: &[f32],
-    hg: &[f32],
-    p: &[f32],
-    clip: Option<f32>,
-    input_forget: bool,
-    gates: &mut [f32],
-    c: &mut [f32],
-    h: &mut [f32],
-) {
-    let hid = c.len();
-    for ((g, &a), &b) in gates.iter_mut().zip(xg).zip(hg) {
-        *g = a + b;
-    }
-    let (gi, rest) = gates.split_at_mut(hid);
-    let (go, rest) = rest.split_at_mut(hid);
-    let (gf, gc) = rest.split_at_mut(hid);
-    let (pi, rest) = p.split_at(hid);
-    let (po, pf) = rest.split_at(hid);
-    for j in 0..hid {
-        gi[j] += pi[j] * c[j];
-        gf[j] += pf[j] * c[j];
-    }
-    if let Some(cl) = clip {
-        for v in gi.iter_mut().chain(gf.iter_mut()).chain(gc.iter_mut()) {
-            *v = v.clamp(-cl, cl);
-        }
-    }
-    vmath::sigmoid_inplace(gi);
-    if input_forget {
-        for (f, &i) in gf.iter_mut().zip(gi.iter()) {
-            *f = 1.0 - i;
-        }
-    } else {
-        vmath::sigmoid_inplace(gf);
-    }
-    vmath::tanh_inplace(gc);
-    for j in 0..hid {
-        let cn = gf[j] * c[j] + gi[j] * gc[j];
-        c[j] = cn;
-        go[j] += po[j] * cn;
-    }
-    if let Some(cl) = clip {
-        for v in go.iter_mut() {
-            *v = v.clamp(-cl, cl);
-        }
-    }
-    vmath::sigmoid_inplace(go);
-    h.copy_from_slice(c);
-    vmath::tanh_inplace(h);
-    for (hv, &o) in h.iter_mut().zip(go.iter()) {
-        *hv *= o;
-    }
-}
-
 fn rnn(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     run(Kind::Rnn, ctx, ins)
 }
@@ -711,8 +696,16 @@ mod tests {
                 .map(|i| ((i * s + 1) % 23) as f32 * 0.05 - 0.55)
                 .collect()
         };
-        // hid 37 leaves a partly filled panel; batch 2 takes the panel GEMV, batch 6 the sgemm.
-        for (batch, dir, clip) in [(2, "forward", None), (6, "bidirectional", Some(0.8f32))] {
+        // hid 37 leaves a partly filled panel; batch 1 takes the joined [W | R] product (also
+        // with a short sequence_lens), batch 2 the R GEMV, batch 6 the sgemm.
+        let cases = [
+            (1, "bidirectional", Some(0.8f32), None),
+            (1, "reverse", None, Some(3i64)),
+            (1, "forward", None, Some(4)),
+            (2, "forward", None, None),
+            (6, "bidirectional", Some(0.8), None),
+        ];
+        for (batch, dir, clip, len) in cases {
             let (seq, inp, hid) = (5, 9, 37);
             let nd = if dir == "bidirectional" { 2 } else { 1 };
             let x = t(&[seq, batch, inp], &vals(seq * batch * inp, 3));
@@ -729,12 +722,13 @@ mod tests {
             if let Some(c) = clip {
                 attrs.push(("clip", Attr::Float(c)));
             }
+            let lens = len.map(|l| edgehal_core::Tensor::from_vec(vec![1], vec![l]).unwrap());
             let ins = [
                 Some(&x),
                 Some(&w),
                 Some(&r),
                 Some(&b),
-                None,
+                lens.as_ref(),
                 Some(&h0),
                 Some(&c0),
                 Some(&p),
@@ -745,7 +739,8 @@ mod tests {
                 attrs: attrs.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
                 ..Default::default()
             };
-            let plan = super::RnnPlan::new(&node, &r).expect("plan");
+            let plan = super::RnnPlan::new(&node, &r, Some(&w)).expect("plan");
+            assert!(plan.wr.is_some());
             let ctx = super::OpCtx {
                 node: &node,
                 opset: 14,
@@ -762,34 +757,6 @@ mod tests {
             let mut bad = ins;
             bad[2] = Some(&r2);
             assert!(plan.run(&ctx, &bad).is_err());
-        }
-    }
-
-    #[test]
-    fn lstm_fast_cell_matches_scalar_formulas() {
-        // hid 3, one step, peepholes and clip, against the formulas written out in f64.
-        let (xg, hg) = (
-            [
-                0.3f32, -1.2, 2.5, 0.1, 0.7, -0.4, 1.1, -2.2, 0.05, 3.0, -0.6, 0.9,
-            ],
-            [0.1f32; 12],
-        );
-        let p = [0.2f32, -0.1, 0.3, 0.05, 0.4, -0.2, 0.1, 0.1, 0.1];
-        let (mut c, mut h, mut g) = ([0.5f32, -0.3, 0.8], [0f32; 3], [0f32; 12]);
-        let c_prev = c;
-        super::lstm_cell(&xg, &hg, &p, Some(2.0), false, &mut g, &mut c, &mut h);
-        let sig = |v: f64| 1.0 / (1.0 + (-v).exp());
-        let cl = |v: f64| v.clamp(-2.0, 2.0);
-        for j in 0..3 {
-            let pre = |k: usize| (xg[k] + hg[k]) as f64;
-            let cp = c_prev[j] as f64;
-            let i = sig(cl(pre(j) + p[j] as f64 * cp));
-            let f = sig(cl(pre(6 + j) + p[6 + j] as f64 * cp));
-            let cc = cl(pre(9 + j)).tanh();
-            let cn = f * cp + i * cc;
-            let o = sig(cl(pre(3 + j) + p[3 + j] as f64 * cn));
-            assert!((c[j] as f64 - cn).abs() < 1e-6, "c[{j}]");
-            assert!((h[j] as f64 - o * cn.tanh()).abs() < 1e-6, "h[{j}]");
         }
     }
 

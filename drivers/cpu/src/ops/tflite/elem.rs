@@ -59,6 +59,14 @@ fn float_binary(
     b: &Tensor,
     f: impl Fn(f32, f32) -> f32,
 ) -> Result<Tensor> {
+    // Same-shape f32 (the unrolled recurrent cells' gate arithmetic): one pass, no broadcast
+    // index walk.
+    if a.dtype() == DType::F32 && b.dtype() == DType::F32 && a.shape() == b.shape() {
+        let (av, bv) = (float_in(a)?, float_in(b)?);
+        let mut v: Vec<f32> = av.iter().zip(bv.iter()).map(|(&x, &y)| f(x, y)).collect();
+        act_f32(&act(ctx), &mut v)?;
+        return Tensor::from_vec(a.shape().to_vec(), v);
+    }
     let (a, b) = (a.cast(DType::F32)?, b.cast(DType::F32)?);
     let t = broadcast_binary::<f32, f32>(&a, &b, f)?;
     let mut v = t.to_vec::<f32>()?;
@@ -262,11 +270,30 @@ fn unary(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>], f: impl Fn(f32) -> f32) -> Re
     Ok(vec![Tensor::from_vec(x.shape().to_vec(), v)?])
 }
 
+/// A float unary op on a whole slice (the vectorized `vmath` forms); other types go to `other`.
+fn unary_slice(
+    ins: &[Option<&Tensor>],
+    f: fn(&mut [f32]),
+    other: impl FnOnce() -> Result<Vec<Tensor>>,
+) -> Result<Vec<Tensor>> {
+    let x = input(ins, 0)?;
+    if x.dtype() != DType::F32 {
+        return other();
+    }
+    let mut v = float_in(x)?.into_owned();
+    f(&mut v);
+    Ok(vec![Tensor::from_vec(x.shape().to_vec(), v)?])
+}
+
 fn logistic(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
-    unary(ctx, ins, |x| 1.0 / (1.0 + (-x).exp()))
+    unary_slice(ins, crate::vmath::sigmoid_inplace, || {
+        unary(ctx, ins, |x| 1.0 / (1.0 + (-x).exp()))
+    })
 }
 fn tanh(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
-    unary(ctx, ins, f32::tanh)
+    unary_slice(ins, crate::vmath::tanh_inplace, || {
+        unary(ctx, ins, f32::tanh)
+    })
 }
 fn relu(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     unary(ctx, ins, |x| x.max(0.0))
