@@ -15,6 +15,7 @@ pub mod conv;
 pub mod dispatch;
 pub mod gemm;
 pub mod packed;
+pub mod qconv;
 pub mod qgemm;
 #[cfg(target_arch = "x86_64")]
 mod simd;

@@ -17,6 +17,7 @@ use crate::arena::{Pool, RunScope};
 use crate::conv_plan::{ConvPlan, FUSED_CONV, FUSED_DOMAIN};
 use crate::ops::rnn::RnnPlan;
 use crate::ops::{OpCtx, OpFn, OutputDest, Registry};
+use crate::qconv_plan::QConvPlan;
 
 /// A graph output of [`Executor::run_into`].
 #[derive(Clone, Debug)]
@@ -71,13 +72,10 @@ pub struct Executor {
     /// computed into in place: a value no node reads and that is listed once as an output.
     dest_of: Vec<Option<usize>>,
     registry: Registry,
-    /// Per node: a convolution with constant weights, packed once (see [`crate::conv_plan`]).
-    prepared: Vec<Option<ConvPlan>>,
+    /// Per node: its prepared state when it has constant weights (see [`Plan`]).
+    plans: Vec<Option<Plan>>,
     /// Initializers by value id, looked up in place rather than copied into each run's slots.
     inits: Vec<Option<Tensor>>,
-    /// Per node: a recurrent layer with constant `R`, transposed once (see
-    /// [`crate::ops::rnn::RnnPlan`]).
-    rnn: Vec<Option<RnnPlan>>,
     /// Threads the prepared kernels may use (1: everything on the caller's thread).
     threads: usize,
     /// Buffers reused across runs (see [`crate::arena`]), when `pooling`.
@@ -153,18 +151,10 @@ impl Executor {
                 dest_of[n] = Some(*i);
             }
         }
-        let prepared = graph
+        let plans = graph
             .nodes
             .iter()
-            .map(|node| prepare(graph, node))
-            .collect();
-        let rnn = graph
-            .nodes
-            .iter()
-            .map(|node| {
-                let r = node.inputs.get(2).copied().flatten()?;
-                RnnPlan::new(node, graph.initializers.get(&r)?)
-            })
+            .map(|node| Plan::new(graph, node))
             .collect();
         let mut inits = vec![None; graph.values.len()];
         for (id, t) in &graph.initializers {
@@ -174,14 +164,13 @@ impl Executor {
         }
         Ok(Executor {
             inits,
-            rnn,
             graph: graph.clone(),
             order,
             ops,
             release,
             dest_of,
             registry: registry.clone(),
-            prepared,
+            plans,
             threads: 1,
             pool: Arc::new(Pool::default()),
             pooling: crate::arena::pooling_enabled(),
@@ -340,10 +329,11 @@ impl Executor {
                     .map(|d| d as &dyn OutputDest),
             };
             let t0 = self.profile.as_ref().map(|_| std::time::Instant::now());
-            let outs = match (&self.prepared[n], &self.rnn[n]) {
-                (Some(plan), _) => plan.run_threads(&ctx, &ins, self.threads),
-                (None, Some(plan)) => plan.run(&ctx, &ins),
-                (None, None) => (self.ops[n])(&ctx, &ins),
+            let outs = match &self.plans[n] {
+                Some(Plan::Conv(plan)) => plan.run_threads(&ctx, &ins, self.threads),
+                Some(Plan::QConv(plan)) => plan.run(&ctx, &ins, self.threads),
+                Some(Plan::Rnn(plan)) => plan.run(&ctx, &ins),
+                None => (self.ops[n])(&ctx, &ins),
             }
             .map_err(|e| match e {
                 Error::Op { .. } => e,
@@ -400,6 +390,29 @@ impl Executor {
                     })
             })
             .collect()
+    }
+}
+
+/// A node's state prepared once per session from its constant inputs.
+enum Plan {
+    /// A float convolution with packed weights ([`crate::conv_plan`]).
+    Conv(ConvPlan),
+    /// A quantized TFLite convolution / fully connected layer ([`crate::qconv_plan`]).
+    QConv(QConvPlan),
+    /// A recurrent layer with constant `R`, transposed once ([`crate::ops::rnn::RnnPlan`]).
+    Rnn(RnnPlan),
+}
+
+impl Plan {
+    fn new(graph: &Graph, node: &edgehal_core::Node) -> Option<Plan> {
+        if let Some(p) = prepare(graph, node) {
+            return Some(Plan::Conv(p));
+        }
+        if let Some(p) = QConvPlan::prepare(graph, node) {
+            return Some(Plan::QConv(p));
+        }
+        let r = node.inputs.get(2).copied().flatten()?;
+        RnnPlan::new(node, graph.initializers.get(&r)?).map(Plan::Rnn)
     }
 }
 

@@ -54,7 +54,7 @@ fn out_and_pad(
     Ok((out, total / 2))
 }
 
-fn dims4(t: &Tensor, what: &str) -> Result<[usize; 4]> {
+pub(crate) fn dims4(t: &Tensor, what: &str) -> Result<[usize; 4]> {
     match t.shape() {
         &[a, b, c, d] => Ok([a, b, c, d]),
         s => Err(Error::arg(format!(
@@ -64,25 +64,25 @@ fn dims4(t: &Tensor, what: &str) -> Result<[usize; 4]> {
 }
 
 /// Spatial geometry shared by convolutions and pools.
-struct Geo {
-    n: usize,
-    ih: usize,
-    iw: usize,
-    ic: usize,
-    oh: usize,
-    ow: usize,
-    kh: usize,
-    kw: usize,
-    sh: usize,
-    sw: usize,
-    dh: usize,
-    dw: usize,
-    pt: usize,
-    pl: usize,
+pub(crate) struct Geo {
+    pub n: usize,
+    pub ih: usize,
+    pub iw: usize,
+    pub ic: usize,
+    pub oh: usize,
+    pub ow: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub sh: usize,
+    pub sw: usize,
+    pub dh: usize,
+    pub dw: usize,
+    pub pt: usize,
+    pub pl: usize,
 }
 
 impl Geo {
-    fn new(ctx: &OpCtx<'_>, x: [usize; 4], kh: usize, kw: usize) -> Result<Geo> {
+    pub(crate) fn new(ctx: &OpCtx<'_>, x: [usize; 4], kh: usize, kw: usize) -> Result<Geo> {
         let pad = ctx.s("padding", "VALID");
         let sh = ctx.i("stride_h", 1).max(0) as usize;
         let sw = ctx.i("stride_w", 1).max(0) as usize;
@@ -121,7 +121,7 @@ impl Geo {
             .filter(|&v| v < self.iw)
     }
     /// im2col of image `b`: rows are output pixels, columns `(ky, kx, c)`; `fill` in padding.
-    fn im2col<T: Copy>(&self, x: &[T], b: usize, fill: T) -> Vec<T> {
+    pub(crate) fn im2col<T: Copy>(&self, x: &[T], b: usize, fill: T) -> Vec<T> {
         let cols = self.kh * self.kw * self.ic;
         let mut p = vec![fill; self.oh * self.ow * cols];
         let img = &x[b * self.ih * self.iw * self.ic..(b + 1) * self.ih * self.iw * self.ic];
@@ -141,27 +141,37 @@ impl Geo {
         }
         p
     }
-    fn is_pointwise(&self) -> bool {
+    pub(crate) fn is_pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.sh == 1 && self.sw == 1 && self.pt == 0 && self.pl == 0
     }
 }
 
 /// Per-output-channel requantization of an integer convolution / fully connected layer.
-struct Requant {
-    mult: Vec<Multiplier>,
-    out_zp: i32,
-    lo: i32,
-    hi: i32,
-    dtype: DType,
-    quant: Quant,
+pub(crate) struct Requant {
+    pub mult: Vec<Multiplier>,
+    pub out_zp: i32,
+    pub lo: i32,
+    pub hi: i32,
+    pub dtype: DType,
+    pub quant: Quant,
 }
 
 impl Requant {
     fn new(ctx: &OpCtx<'_>, x: &Tensor, w: &Tensor, channels: usize) -> Result<Requant> {
-        let (xs, _) = qparams(ctx, "in0", Some(x))?;
+        Self::with_input(ctx, Some(x), x.dtype(), w, channels)
+    }
+    /// From the node's attributes (`x` is the fallback for the input's parameters).
+    pub(crate) fn with_input(
+        ctx: &OpCtx<'_>,
+        x: Option<&Tensor>,
+        x_dtype: DType,
+        w: &Tensor,
+        channels: usize,
+    ) -> Result<Requant> {
+        let (xs, _) = qparams(ctx, "in0", x)?;
         let wq = quant_of(ctx, "in1", Some(w))
             .ok_or_else(|| Error::arg("quantized weights without scale"))?;
-        let out_t = out_dtype(ctx, 0, x.dtype());
+        let out_t = out_dtype(ctx, 0, x_dtype);
         let (os, oz) = qparams(ctx, "out0", None)?;
         if wq.scale.len() != 1 && wq.scale.len() != channels {
             return Err(Error::arg(format!(
@@ -196,7 +206,7 @@ impl Requant {
 }
 
 /// Weight zero points per output channel (0 for symmetric int8 weights).
-fn weight_zps(ctx: &OpCtx<'_>, w: &Tensor, channels: usize) -> Vec<i32> {
+pub(crate) fn weight_zps(ctx: &OpCtx<'_>, w: &Tensor, channels: usize) -> Vec<i32> {
     let zp = quant_of(ctx, "in1", Some(w))
         .map(|q| q.zero_point)
         .unwrap_or_default();
@@ -205,7 +215,7 @@ fn weight_zps(ctx: &OpCtx<'_>, w: &Tensor, channels: usize) -> Vec<i32> {
         .collect()
 }
 
-fn bias_i32(b: Option<&Tensor>, channels: usize) -> Result<Vec<i32>> {
+pub(crate) fn bias_i32(b: Option<&Tensor>, channels: usize) -> Result<Vec<i32>> {
     match b {
         None => Ok(vec![0; channels]),
         Some(b) => {
@@ -308,7 +318,7 @@ fn qgemm_q8<'a, T: Q8Elem + 'a>(
     Ok(out)
 }
 
-fn conv2d(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+pub(crate) fn conv2d(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let x = input(ins, 0)?;
     let w = input(ins, 1)?;
     let b = opt_input(ins, 2);
@@ -413,7 +423,7 @@ fn conv2d(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     Ok(vec![f32_out(shape, out)?])
 }
 
-fn depthwise(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+pub(crate) fn depthwise(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let x = input(ins, 0)?;
     let w = input(ins, 1)?;
     let b = opt_input(ins, 2);
@@ -607,7 +617,7 @@ fn transpose_conv(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor
     Ok(vec![f32_out(shape, out)?])
 }
 
-fn fully_connected(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+pub(crate) fn fully_connected(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let x = input(ins, 0)?;
     let w = input(ins, 1)?;
     let b = opt_input(ins, 2);
