@@ -99,20 +99,15 @@ impl Requant {
 }
 
 /// `MultiplyByQuantizedMultiplier` for one lane (`m != i32::MIN`, so the high multiply never
-/// saturates): `x << l`, `(x * m + nudge) / 2^31` truncated, then a rounding shift right by
+/// saturates): `x << l`, the rounding doubling high multiply, then a rounding shift right by
 /// `r` (half away from zero). Only shifts, adds and one 32x32->64 multiply: vectorizes.
 #[inline(always)]
 fn lane(x: i32, m: i32, l: u32, r: u32, mask: i32) -> i32 {
     let x = x.wrapping_shl(l);
-    let ab = x as i64 * m as i64;
-    let nudge = if ab >= 0 {
-        1i64 << 30
-    } else {
-        1 - (1i64 << 30)
-    };
-    let v = ab + nudge;
-    // Division by 2^31 truncating toward zero.
-    let hi = ((v + ((v >> 63) & ((1i64 << 31) - 1))) >> 31) as i32;
+    // gemmlowp adds 2^30 (ab >= 0) or 1 - 2^30 (ab < 0) and divides by 2^31 truncating;
+    // for ab < 0 that is ceil((ab + 1 - 2^30) / 2^31) = floor((ab + 2^30) / 2^31), so both
+    // cases are one add and an arithmetic shift.
+    let hi = ((x as i64 * m as i64 + (1i64 << 30)) >> 31) as i32;
     let rem = hi & mask;
     let threshold = (mask >> 1) + i32::from(hi < 0);
     (hi >> r) + i32::from(rem > threshold)
@@ -307,20 +302,23 @@ pub(crate) fn qgemm_requant_body(p: &QgemmRq<'_>, out: &mut [u8], ldc: usize) {
     let bdata = pb.data();
     for i0 in (0..m).step_by(t.mr) {
         let h = t.mr.min(m - i0);
-        // Pack rows i0..i0+h: per group of ku depths, mr x ku bytes.
-        apanel.fill(0);
+        // Pack rows i0..i0+h: per group of ku depths, mr x ku bytes. Padding (depths past
+        // k, rows past h) meets zero weights or is never stored, so it is left as is.
         for i in 0..h {
             let row = &p.a.data[(i0 + i) * p.a.rs..][..k];
-            let mut s = 0i32;
-            for (g, chunk) in row.chunks(t.ku).enumerate() {
-                let dst = &mut apanel[g * t.mr * t.ku + i * t.ku..][..chunk.len()];
-                for (d, &x) in dst.iter_mut().zip(chunk) {
-                    let c = x ^ p.flip;
-                    *d = c;
-                    s += if t.a_signed { c as i8 as i32 } else { c as i32 };
-                }
+            match t.ku {
+                4 => pack_row::<4>(row, i, t.mr, &mut apanel),
+                8 => pack_row::<8>(row, i, t.mr, &mut apanel),
+                _ => pack_row::<1>(row, i, t.mr, &mut apanel),
             }
-            rsum[i] = s;
+            rsum[i] = if t.a_signed {
+                row.iter().fold(0i32, |s, &x| s + (x ^ p.flip) as i8 as i32)
+            } else {
+                row.iter().fold(0i32, |s, &x| s + (x ^ p.flip) as i32)
+            };
+        }
+        if p.flip != 0 {
+            apanel.iter_mut().for_each(|x| *x ^= p.flip);
         }
         for (jp, bpanel) in bdata.chunks_exact(kp * t.nr).enumerate() {
             let j0 = jp * t.nr;
@@ -339,6 +337,21 @@ pub(crate) fn qgemm_requant_body(p: &QgemmRq<'_>, out: &mut [u8], ldc: usize) {
                 requant_row_body(p.rq, j0, &acc[i * t.nr..][..w], addr, o);
             }
         }
+    }
+}
+
+/// Copies row `i` of a panel into its place in every group of `KU` depths.
+#[inline(always)]
+fn pack_row<const KU: usize>(row: &[u8], i: usize, mr: usize, panel: &mut [u8]) {
+    let mut groups = row.chunks_exact(KU);
+    let stride = mr * KU;
+    for (g, c) in groups.by_ref().enumerate() {
+        panel[g * stride + i * KU..][..KU].copy_from_slice(c);
+    }
+    let rest = groups.remainder();
+    if !rest.is_empty() {
+        let g = row.len() / KU;
+        panel[g * stride + i * KU..][..rest.len()].copy_from_slice(rest);
     }
 }
 

@@ -1,6 +1,7 @@
 //! Elementwise ops: arithmetic with broadcasting, activations, QUANTIZE / DEQUANTIZE / CAST.
 
 use edgehal_core::{DType, Error, Quant, Result, Tensor};
+use edgehal_kernels::qconv;
 
 use super::qmath::{act_range_q, type_range, Multiplier};
 use super::{
@@ -104,6 +105,35 @@ fn q_add_sub(ctx: &OpCtx<'_>, a: &Tensor, b: &Tensor, negate: bool) -> Result<Te
     let m1 = Multiplier::new(s1 as f64 / twice_max);
     let m2 = Multiplier::new(s2 as f64 / twice_max);
     let mo = Multiplier::new(twice_max / ((1i64 << left_shift) as f64 * so as f64));
+    // Same-shape 8-bit operands: the vectorized kernel (same integers as the loop below).
+    let same8 = a.shape() == b.shape()
+        && a.dtype() == b.dtype()
+        && dt == a.dtype()
+        && matches!(dt, DType::I8 | DType::U8);
+    if same8 {
+        let p = qconv::AddParams {
+            z1,
+            z2,
+            m1: (m1.m, m1.shift),
+            m2: (m2.m, m2.shift),
+            left_shift: left_shift as u32,
+            negate,
+            out: qconv::Requant::new(&[(mo.m, mo.shift)], zo, lo, hi)
+                .ok_or_else(|| Error::arg("quantized ADD: bad output multiplier"))?,
+        };
+        let mut out = vec![0u8; a.len()];
+        if qconv::add(
+            &p,
+            dt == DType::I8,
+            &a.bytes()[..],
+            &b.bytes()[..],
+            &mut out,
+        ) {
+            let mut t = Tensor::from_vec_dtype(dt, a.shape().to_vec(), out)?;
+            t.quant = Some(Quant::per_tensor(so, zo));
+            return Ok(t);
+        }
+    }
     let t = broadcast_binary::<i32, i32>(&i32_tensor(a)?, &i32_tensor(b)?, |x, y| {
         let x = m1.apply((x - z1).wrapping_mul(1 << left_shift));
         let y = m2.apply((y - z2).wrapping_mul(1 << left_shift));
