@@ -325,16 +325,17 @@ pub(crate) fn qgemm_requant_body(p: &QgemmRq<'_>, out: &mut [u8], ldc: usize) {
             let w = t.nr.min(n - j0);
             qgemm::run_tile(pb.variant(), t, groups, &apanel, bpanel, &mut acc);
             for i in 0..h {
-                let addr = &mut add[..w];
+                let o = &mut out[(i0 + i) * ldc + j0..][..w];
+                let a = &acc[i * t.nr..][..w];
                 if p.zb_any {
+                    let addr = &mut add[..w];
                     for ((d, &c), &z) in addr.iter_mut().zip(&p.colc[j0..]).zip(&zb[j0..]) {
                         *d = c.wrapping_sub(z.wrapping_mul(rsum[i]));
                     }
+                    requant_row_body(p.rq, j0, a, addr, o);
                 } else {
-                    addr.copy_from_slice(&p.colc[j0..j0 + w]);
+                    requant_row_body(p.rq, j0, a, &p.colc[j0..j0 + w], o);
                 }
-                let o = &mut out[(i0 + i) * ldc + j0..][..w];
-                requant_row_body(p.rq, j0, &acc[i * t.nr..][..w], addr, o);
             }
         }
     }
@@ -421,10 +422,6 @@ pub fn depthwise_with(
     true
 }
 
-/// Channels per block: 64 i32 accumulators (four zmm, eight ymm) stay in registers while the
-/// taps are summed.
-const DW_BLOCK: usize = 64;
-
 #[inline(always)]
 pub(crate) fn depthwise_body(p: &Depthwise<'_>, rows: Range<usize>, out: &mut [u8]) {
     if p.signed {
@@ -447,57 +444,89 @@ fn widen<const S: bool>(b: u8) -> i32 {
 fn depthwise_t<const S: bool>(p: &Depthwise<'_>, rows: Range<usize>, out: &mut [u8]) {
     let c = p.c;
     let mut taps: Vec<(usize, usize)> = Vec::with_capacity(p.kh * p.kw);
-    let zero = [0i32; DW_BLOCK];
+    let zero = [0i32; 16];
+    // Offsets of every tap from the pixel's top-left input, for pixels whose window lies
+    // inside the image.
+    let all: Vec<(usize, usize)> = (0..p.kh)
+        .flat_map(|ky| {
+            (0..p.kw).map(move |kx| ((ky * p.dh * p.iw + kx * p.dw) * c, (ky * p.kw + kx) * c))
+        })
+        .collect();
+    let (ey, ex) = ((p.kh - 1) * p.dh, (p.kw - 1) * p.dw);
     for (r, oy) in rows.enumerate() {
         for ox in 0..p.ow {
-            taps.clear();
-            for ky in 0..p.kh {
-                let Some(iy) = (oy * p.sh + ky * p.dh)
-                    .checked_sub(p.pt)
-                    .filter(|&v| v < p.ih)
-                else {
-                    continue;
-                };
-                for kx in 0..p.kw {
-                    let Some(ix) = (ox * p.sw + kx * p.dw)
-                        .checked_sub(p.pl)
-                        .filter(|&v| v < p.iw)
+            let (y0, x0) = (oy * p.sh, ox * p.sw);
+            if y0 >= p.pt && x0 >= p.pl && y0 - p.pt + ey < p.ih && x0 - p.pl + ex < p.iw {
+                let base = ((y0 - p.pt) * p.iw + (x0 - p.pl)) * c;
+                taps.clear();
+                taps.extend(all.iter().map(|&(xo, wo)| (base + xo, wo)));
+            } else {
+                taps.clear();
+                for ky in 0..p.kh {
+                    let Some(iy) = (oy * p.sh + ky * p.dh)
+                        .checked_sub(p.pt)
+                        .filter(|&v| v < p.ih)
                     else {
                         continue;
                     };
-                    taps.push(((iy * p.iw + ix) * c, (ky * p.kw + kx) * c));
+                    for kx in 0..p.kw {
+                        let Some(ix) = (ox * p.sw + kx * p.dw)
+                            .checked_sub(p.pl)
+                            .filter(|&v| v < p.iw)
+                        else {
+                            continue;
+                        };
+                        taps.push(((iy * p.iw + ix) * c, (ky * p.kw + kx) * c));
+                    }
                 }
             }
             let o = &mut out[(r * p.ow + ox) * c..][..c];
             let mut c0 = 0;
-            while c0 < c {
-                let nb = DW_BLOCK.min(c - c0);
-                let mut acc = [0i32; DW_BLOCK];
-                acc[..nb].copy_from_slice(&p.bias[c0..c0 + nb]);
-                if nb == DW_BLOCK {
-                    for &(xo, wo) in &taps {
-                        let xs = &p.x[xo + c0..][..DW_BLOCK];
-                        let ws = &p.w[wo + c0..][..DW_BLOCK];
-                        for j in 0..DW_BLOCK {
-                            acc[j] =
-                                acc[j].wrapping_add((widen::<S>(xs[j]) - p.xz).wrapping_mul(ws[j]));
-                        }
-                    }
-                } else {
-                    for &(xo, wo) in &taps {
-                        let xs = &p.x[xo + c0..][..nb];
-                        let ws = &p.w[wo + c0..][..nb];
-                        for j in 0..nb {
-                            acc[j] =
-                                acc[j].wrapping_add((widen::<S>(xs[j]) - p.xz).wrapping_mul(ws[j]));
-                        }
+            while c0 + 64 <= c {
+                dw_block::<S, 64>(p, &taps, c0, o);
+                c0 += 64;
+            }
+            while c0 + 16 <= c {
+                dw_block::<S, 16>(p, &taps, c0, o);
+                c0 += 16;
+            }
+            if c0 < c {
+                let nb = c - c0;
+                let mut acc = [0i32; 16];
+                acc[..nb].copy_from_slice(&p.bias[c0..c]);
+                for &(xo, wo) in taps.iter() {
+                    let xs = &p.x[xo + c0..][..nb];
+                    let ws = &p.w[wo + c0..][..nb];
+                    for j in 0..nb {
+                        acc[j] =
+                            acc[j].wrapping_add((widen::<S>(xs[j]) - p.xz).wrapping_mul(ws[j]));
                     }
                 }
-                requant_row_body(p.rq, c0, &acc[..nb], &zero[..nb], &mut o[c0..c0 + nb]);
-                c0 += nb;
+                requant_row_body(p.rq, c0, &acc[..nb], &zero[..nb], &mut o[c0..]);
             }
         }
     }
+}
+
+/// `N` channels from `c0` of one output pixel: the accumulators stay in registers while the
+/// taps are summed.
+#[inline(always)]
+fn dw_block<const S: bool, const N: usize>(
+    p: &Depthwise<'_>,
+    taps: &[(usize, usize)],
+    c0: usize,
+    o: &mut [u8],
+) {
+    let mut acc = [0i32; N];
+    acc.copy_from_slice(&p.bias[c0..c0 + N]);
+    for &(xo, wo) in taps {
+        let xs: &[u8; N] = p.x[xo + c0..][..N].try_into().expect("N bytes");
+        let ws: &[i32; N] = p.w[wo + c0..][..N].try_into().expect("N weights");
+        for j in 0..N {
+            acc[j] = acc[j].wrapping_add((widen::<S>(xs[j]) - p.xz).wrapping_mul(ws[j]));
+        }
+    }
+    requant_row_body(p.rq, c0, &acc, &[0; N], &mut o[c0..c0 + N]);
 }
 
 /// The definition, for tests: every output as a plain sum over in-bounds taps, requantized

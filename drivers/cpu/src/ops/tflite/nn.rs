@@ -134,7 +134,13 @@ impl Geo {
                         let Some(ix) = self.ix(ox, kx) else { continue };
                         let src = (iy * self.iw + ix) * self.ic;
                         let dst = (ky * self.kw + kx) * self.ic;
-                        row[dst..dst + self.ic].copy_from_slice(&img[src..src + self.ic]);
+                        let (d, s) = (&mut row[dst..dst + self.ic], &img[src..src + self.ic]);
+                        if self.ic < 8 {
+                            // A few channels (an RGB input): no memcpy call per tap.
+                            d.iter_mut().zip(s).for_each(|(d, s)| *d = *s);
+                        } else {
+                            d.copy_from_slice(s);
+                        }
                     }
                 }
             }
