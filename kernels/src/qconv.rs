@@ -304,17 +304,19 @@ pub(crate) fn qgemm_requant_body(p: &QgemmRq<'_>, out: &mut [u8], ldc: usize) {
         let h = t.mr.min(m - i0);
         // Pack rows i0..i0+h: per group of ku depths, mr x ku bytes. Padding (depths past
         // k, rows past h) meets zero weights or is never stored, so it is left as is.
-        for i in 0..h {
+        for (i, rs) in rsum.iter_mut().enumerate().take(h) {
             let row = &p.a.data[(i0 + i) * p.a.rs..][..k];
             match t.ku {
                 4 => pack_row::<4>(row, i, t.mr, &mut apanel),
                 8 => pack_row::<8>(row, i, t.mr, &mut apanel),
                 _ => pack_row::<1>(row, i, t.mr, &mut apanel),
             }
-            rsum[i] = if t.a_signed {
-                row.iter().fold(0i32, |s, &x| s + (x ^ p.flip) as i8 as i32)
+            *rs = if t.a_signed {
+                row.iter()
+                    .fold(0i32, |s, &x| s.wrapping_add((x ^ p.flip) as i8 as i32))
             } else {
-                row.iter().fold(0i32, |s, &x| s + (x ^ p.flip) as i32)
+                row.iter()
+                    .fold(0i32, |s, &x| s.wrapping_add((x ^ p.flip) as i32))
             };
         }
         if p.flip != 0 {
@@ -657,6 +659,53 @@ pub fn add_reference(p: &AddParams, signed: bool, a: &[u8], b: &[u8]) -> Vec<u8>
         .collect()
 }
 
+/// TFLite QUANTIZE of f32 values to 8 bits: `clamp(round(v / scale) + zp, lo, hi)` with
+/// rounding half away from zero and NaN as 0 (the driver's `quant1`), as bytes.
+pub fn quantize_f32(x: &[f32], scale: f32, zp: i32, lo: i32, hi: i32, out: &mut [u8]) -> bool {
+    quantize_f32_with(dispatch::selected(), x, scale, zp, lo, hi, out)
+}
+
+/// [`quantize_f32`] compiled for the float-family `variant`.
+pub fn quantize_f32_with(
+    variant: Variant,
+    x: &[f32],
+    scale: f32,
+    zp: i32,
+    lo: i32,
+    hi: i32,
+    out: &mut [u8],
+) -> bool {
+    if x.len() != out.len() || lo > hi {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::quantize_f32(variant, x, scale, zp, lo, hi, out) {
+        return true;
+    }
+    let _ = variant;
+    quantize_f32_body(x, scale, zp, lo, hi, out);
+    true
+}
+
+/// One value of [`quantize_f32`], the definition.
+#[inline(always)]
+pub fn quantize1(v: f32, scale: f32, zp: i32, lo: i32, hi: i32) -> i32 {
+    let q = (v / scale).round();
+    let q = if q.is_nan() {
+        0
+    } else {
+        q.clamp(-2e9, 2e9) as i32
+    };
+    q.saturating_add(zp).clamp(lo, hi)
+}
+
+#[inline(always)]
+pub(crate) fn quantize_f32_body(x: &[f32], scale: f32, zp: i32, lo: i32, hi: i32, out: &mut [u8]) {
+    for (d, &v) in out.iter_mut().zip(x) {
+        *d = quantize1(v, scale, zp, lo, hi) as u8;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -936,6 +985,47 @@ mod tests {
                 let mut out = vec![0u8; n];
                 assert!(add_with(v, &p, signed, &a, &b, &mut out));
                 assert_eq!(out, want, "{v:?} signed={signed} negate={negate}");
+            }
+        }
+    }
+
+    #[test]
+    fn quantize_matches_the_definition() {
+        let mut r = Rng(23);
+        let mut x: Vec<f32> = (0..999)
+            .map(|_| (r.i(-3_000_000, 3_000_000) as f32) * 1e-4)
+            .collect();
+        // Exact halves (round away from zero), huge values, NaN, infinities.
+        x.extend([
+            0.5,
+            -0.5,
+            1.5,
+            -1.5,
+            2.5,
+            -2.5,
+            1e30,
+            -1e30,
+            f32::NAN,
+            f32::INFINITY,
+        ]);
+        x.extend([f32::NEG_INFINITY, 0.49999997, -0.49999997, 8388609.0, -0.0]);
+        for (scale, zp, lo, hi) in [
+            (1.0, 0, -128, 127),
+            (0.0078125, -3, -128, 127),
+            (0.37, 128, 0, 255),
+        ] {
+            let want: Vec<u8> = x
+                .iter()
+                .map(|&v| quantize1(v, scale, zp, lo, hi) as u8)
+                .collect();
+            // The definition by hand on a few values.
+            if scale == 1.0 {
+                assert_eq!(want[999..1005], [1, 255, 2, 254, 3, 253]);
+            }
+            for v in float_variants() {
+                let mut out = vec![0u8; x.len()];
+                assert!(quantize_f32_with(v, &x, scale, zp, lo, hi, &mut out));
+                assert_eq!(out, want, "{v:?}");
             }
         }
     }

@@ -546,3 +546,11 @@ wide_int!(
     (p: &qconv::AddParams, signed: bool, a: &[u8], b: &[u8], out: &mut [u8]),
     qconv::add_body(p, signed, a, b, out)
 );
+
+wide_int!(
+    quantize_f32,
+    quantize_f32_avx512,
+    quantize_f32_avx2,
+    (x: &[f32], scale: f32, zp: i32, lo: i32, hi: i32, out: &mut [u8]),
+    qconv::quantize_f32_body(x, scale, zp, lo, hi, out)
+);

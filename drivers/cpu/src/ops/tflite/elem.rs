@@ -44,13 +44,7 @@ fn i32_tensor(t: &Tensor) -> Result<Tensor> {
 /// Quantize one float to `(scale, zp)` in `[lo, hi]` (round half away from zero).
 #[inline]
 fn quant1(v: f32, scale: f32, zp: i32, lo: i32, hi: i32) -> i32 {
-    let q = (v / scale).round();
-    let q = if q.is_nan() {
-        0
-    } else {
-        q.clamp(-2e9, 2e9) as i32
-    };
-    q.saturating_add(zp).clamp(lo, hi)
+    qconv::quantize1(v, scale, zp, lo, hi)
 }
 
 /// Float binary op with broadcasting and the fused activation.
@@ -356,6 +350,18 @@ fn quantize(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let q =
         quant_of(ctx, "out0", None).ok_or_else(|| Error::arg("Quantize: output has no scale"))?;
     let (lo, hi) = type_range(dt);
+    let per_tensor = q.axis.is_none() || q.scale.len() <= 1;
+    if x.dtype() == DType::F32 && matches!(dt, DType::I8 | DType::U8) && per_tensor {
+        // The vectorized kernel: the same rounding as `quant1`.
+        let (s, z) = qparams(ctx, "out0", None)?;
+        let xv = x.as_slice::<f32>()?;
+        let mut out = vec![0u8; xv.len()];
+        if qconv::quantize_f32(&xv, s, z, lo, hi, &mut out) {
+            let mut t = Tensor::from_vec_dtype(dt, x.shape().to_vec(), out)?;
+            t.quant = Some(q);
+            return Ok(vec![t]);
+        }
+    }
     let out: Vec<i32> = if x.dtype().is_float() {
         let xv = float_in(x)?;
         match q.axis {
