@@ -23,6 +23,13 @@ use crate::par::for_parts;
 /// Multiply-adds below which a layer stays on one thread.
 const MIN_PARALLEL_MACS: usize = 1 << 18;
 
+/// Whether plans are built (`EDGEHAL_QPLAN=0` turns them off, for comparisons: the op
+/// functions run instead).
+fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("EDGEHAL_QPLAN").map_or(true, |v| v != "0"))
+}
+
 enum Kind {
     /// `Conv2D` (`[oc, kh, kw, ic]` weights) or `FullyConnected` (`kh = kw = 0`).
     Gemm {
@@ -54,7 +61,7 @@ impl QConvPlan {
     /// A plan for `node` when it is a quantized TFLite Conv2D / DepthwiseConv2D /
     /// FullyConnected whose weights (and bias) are initializers and whose input is 8-bit.
     pub fn prepare(graph: &Graph, node: &Node) -> Option<QConvPlan> {
-        if node.domain != DOMAIN {
+        if node.domain != DOMAIN || !enabled() {
             return None;
         }
         let fallback: crate::ops::OpFn = match node.op.as_str() {
