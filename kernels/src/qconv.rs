@@ -26,6 +26,8 @@ use crate::qgemm::{self, PackedB};
 #[derive(Clone, Debug)]
 pub struct Requant {
     /// Q31 significands (`[2^30, 2^31)` or 0).
+    /// Channels; the vectors below hold `LANES` more (unused) entries.
+    n: usize,
     mult: Vec<i32>,
     /// Left shift before the high multiply (TFLite's positive exponent, at most 30).
     lshift: Vec<u32>,
@@ -46,17 +48,19 @@ impl Requant {
         if mults.is_empty() || mults.iter().any(|&(m, _)| m == i32::MIN) || lo > hi {
             return None;
         }
-        let lshift = mults.iter().map(|&(_, s)| s.clamp(0, 30) as u32).collect();
-        let rshift: Vec<u32> = mults
+        // LANES unused channels past the end, so a block of LANES lanes can always be read.
+        let all: Vec<(i32, i32)> = mults
             .iter()
-            .map(|&(_, s)| (-s).clamp(0, 31) as u32)
+            .copied()
+            .chain(std::iter::repeat_n((0, 0), LANES))
             .collect();
-        let rmask = rshift.iter().map(|&r| ((1i64 << r) - 1) as i32).collect();
+        let rshift: Vec<u32> = all.iter().map(|&(_, s)| (-s).clamp(0, 31) as u32).collect();
         Some(Requant {
-            mult: mults.iter().map(|&(m, _)| m).collect(),
-            lshift,
+            n: mults.len(),
+            mult: all.iter().map(|&(m, _)| m).collect(),
+            lshift: all.iter().map(|&(_, s)| s.clamp(0, 30) as u32).collect(),
+            rmask: rshift.iter().map(|&r| ((1i64 << r) - 1) as i32).collect(),
             rshift,
-            rmask,
             zp,
             lo,
             hi,
@@ -65,22 +69,17 @@ impl Requant {
 
     /// Channels (1 means one multiplier for every channel).
     pub fn channels(&self) -> usize {
-        self.mult.len()
+        self.n
     }
 
     /// The multiplier list widened to `n` channels (a per-tensor multiplier repeated).
     pub fn widen(&self, n: usize) -> Requant {
-        if self.mult.len() == n {
+        if self.n == n {
             return self.clone();
         }
-        let rep = |v: &Vec<i32>| vec![v[0]; n];
-        Requant {
-            mult: rep(&self.mult),
-            lshift: vec![self.lshift[0]; n],
-            rshift: vec![self.rshift[0]; n],
-            rmask: rep(&self.rmask),
-            ..*self
-        }
+        let one = (self.mult[0], self.lshift[0] as i32 - self.rshift[0] as i32);
+        Requant::new(&vec![one; n.max(1)], self.zp, self.lo, self.hi)
+            .unwrap_or_else(|| self.clone())
     }
 
     /// One value, channel `c`: the lane function of [`requant_row`].
@@ -137,18 +136,58 @@ pub fn requant_ref(acc: i32, m: i32, shift: i32, zp: i32, lo: i32, hi: i32) -> i
     r.wrapping_add(zp).clamp(lo, hi)
 }
 
-/// `out[j] = requant(acc[j] + add[j], channel c0 + j)` as 8-bit bytes.
+/// Lanes per requantization block (one zmm of i32).
+const LANES: usize = 16;
+
+/// `out[j] = requant(acc[j] + add[j], channel c0 + j)` as 8-bit bytes, in blocks of
+/// [`LANES`] (a short tail goes through a padded block: no scalar remainder loop).
 #[inline(always)]
 pub(crate) fn requant_row_body(rq: &Requant, c0: usize, acc: &[i32], add: &[i32], out: &mut [u8]) {
     let n = out.len().min(acc.len()).min(add.len());
-    let (m, l, r, k) = (
-        &rq.mult[c0..c0 + n],
-        &rq.lshift[c0..c0 + n],
-        &rq.rshift[c0..c0 + n],
-        &rq.rmask[c0..c0 + n],
-    );
+    let mut j = 0;
+    while j + LANES <= n {
+        let o: &mut [u8; LANES] = (&mut out[j..j + LANES]).try_into().expect("16 bytes");
+        requant_block(rq, c0 + j, &acc[j..j + LANES], &add[j..j + LANES], o);
+        j += LANES;
+    }
+    if j < n {
+        let r = n - j;
+        let (mut a, mut b, mut o) = ([0i32; LANES], [0i32; LANES], [0u8; LANES]);
+        a[..r].copy_from_slice(&acc[j..n]);
+        b[..r].copy_from_slice(&add[j..n]);
+        requant_block(rq, c0 + j, &a, &b, &mut o);
+        out[j..n].copy_from_slice(&o[..r]);
+    }
+}
+
+/// [`requant_row_body`] for callers whose `acc` and `add` can be read [`LANES`] at a time past
+/// `out.len()` (the lanes past it are computed and dropped): no input copies for a tail.
+#[inline(always)]
+fn requant_row_padded(rq: &Requant, c0: usize, acc: &[i32], add: &[i32], out: &mut [u8]) {
+    let n = out.len();
+    let mut j = 0;
+    while j + LANES <= n {
+        let o: &mut [u8; LANES] = (&mut out[j..j + LANES]).try_into().expect("16 bytes");
+        requant_block(rq, c0 + j, &acc[j..j + LANES], &add[j..j + LANES], o);
+        j += LANES;
+    }
+    if j < n {
+        let mut o = [0u8; LANES];
+        requant_block(rq, c0 + j, &acc[j..j + LANES], &add[j..j + LANES], &mut o);
+        out[j..n].copy_from_slice(&o[..n - j]);
+    }
+}
+
+#[inline(always)]
+fn requant_block(rq: &Requant, c0: usize, acc: &[i32], add: &[i32], out: &mut [u8; LANES]) {
+    let m: &[i32; LANES] = rq.mult[c0..c0 + LANES].try_into().expect("lanes");
+    let l: &[u32; LANES] = rq.lshift[c0..c0 + LANES].try_into().expect("lanes");
+    let r: &[u32; LANES] = rq.rshift[c0..c0 + LANES].try_into().expect("lanes");
+    let k: &[i32; LANES] = rq.rmask[c0..c0 + LANES].try_into().expect("lanes");
+    let acc: &[i32; LANES] = acc.try_into().expect("lanes");
+    let add: &[i32; LANES] = add.try_into().expect("lanes");
     let (zp, lo, hi) = (rq.zp, rq.lo, rq.hi);
-    for j in 0..n {
+    for j in 0..LANES {
         let v = lane(acc[j].wrapping_add(add[j]), m[j], l[j], r[j], k[j]);
         out[j] = v.wrapping_add(zp).clamp(lo, hi) as u8;
     }
@@ -267,6 +306,7 @@ pub fn qgemm_requant_with(
                 .wrapping_sub(za_c.wrapping_mul(csum[j]))
                 .wrapping_add(kz.wrapping_mul(za_c).wrapping_mul(zb[j]))
         })
+        .chain(std::iter::repeat_n(0, LANES))
         .collect();
     let p = QgemmRq {
         a,
@@ -296,8 +336,9 @@ pub(crate) fn qgemm_requant_body(p: &QgemmRq<'_>, out: &mut [u8], ldc: usize) {
     let groups = kp / t.ku;
     let mut apanel = vec![0u8; kp * t.mr];
     let mut rsum = vec![0i32; t.mr];
-    let mut acc = vec![0i32; t.mr * t.nr];
-    let mut add = vec![0i32; t.nr];
+    // LANES spare accumulators and column constants: the epilogue reads whole blocks.
+    let mut acc = vec![0i32; t.mr * t.nr + LANES];
+    let mut add = vec![0i32; t.nr + LANES];
     let zb = pb.sums().1;
     let bdata = pb.data();
     for i0 in (0..m).step_by(t.mr) {
@@ -328,15 +369,14 @@ pub(crate) fn qgemm_requant_body(p: &QgemmRq<'_>, out: &mut [u8], ldc: usize) {
             qgemm::run_tile(pb.variant(), t, groups, &apanel, bpanel, &mut acc);
             for i in 0..h {
                 let o = &mut out[(i0 + i) * ldc + j0..][..w];
-                let a = &acc[i * t.nr..][..w];
+                let a = &acc[i * t.nr..];
                 if p.zb_any {
-                    let addr = &mut add[..w];
-                    for ((d, &c), &z) in addr.iter_mut().zip(&p.colc[j0..]).zip(&zb[j0..]) {
+                    for ((d, &c), &z) in add.iter_mut().zip(&p.colc[j0..j0 + w]).zip(&zb[j0..]) {
                         *d = c.wrapping_sub(z.wrapping_mul(rsum[i]));
                     }
-                    requant_row_body(p.rq, j0, a, addr, o);
+                    requant_row_padded(p.rq, j0, a, &add, o);
                 } else {
-                    requant_row_body(p.rq, j0, a, &p.colc[j0..j0 + w], o);
+                    requant_row_padded(p.rq, j0, a, &p.colc[j0..], o);
                 }
             }
         }
