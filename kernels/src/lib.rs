@@ -16,6 +16,7 @@ pub mod dispatch;
 pub mod gemm;
 pub mod gemv;
 pub mod packed;
+pub mod qconv;
 pub mod qgemm;
 pub mod rnn;
 #[cfg(target_arch = "x86_64")]

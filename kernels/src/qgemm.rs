@@ -229,6 +229,14 @@ impl PackedB {
     pub fn n(&self) -> usize {
         self.n
     }
+    /// Canonical column sums and zero points (see the module doc).
+    pub(crate) fn sums(&self) -> (&[i32], &[i32]) {
+        (&self.col_sum, &self.zb)
+    }
+    /// The packed panels.
+    pub(crate) fn data(&self) -> &[u8] {
+        &self.data
+    }
 }
 
 /// `C[i*c_rs + j*c_cs] = sum_p (A[i][p] - za[i]) * (B[p][j] - zb[j])` (wrapping i32) for
@@ -312,7 +320,7 @@ pub fn qgemm(
 }
 
 /// One register tile: `acc[i*nr + j] = sum_p a'[i][p] * b'[j][p]` over `groups` packed groups.
-fn run_tile(v: Variant, t: Tile, groups: usize, a: &[u8], b: &[u8], acc: &mut [i32]) {
+pub(crate) fn run_tile(v: Variant, t: Tile, groups: usize, a: &[u8], b: &[u8], acc: &mut [i32]) {
     #[cfg(target_arch = "x86_64")]
     if crate::arch::x86_64::qtile(v, groups, a, b, acc) {
         return;

@@ -16,6 +16,7 @@ use crate::conv;
 use crate::dispatch::Variant;
 use crate::gemm::MatRef;
 use crate::packed::{drive, Activation, Epilogue, PackedA};
+use crate::qconv;
 
 fn has_avx512() -> bool {
     is_x86_feature_detected!("avx512f")
@@ -520,3 +521,73 @@ unsafe fn lstm_cell_avx512(args: &crate::rnn::CellArgs<'_>, c: &mut [f32], h: &m
 unsafe fn lstm_cell_avx2(args: &crate::rnn::CellArgs<'_>, c: &mut [f32], h: &mut [f32]) {
     crate::rnn::lstm_cell_loop(args, c, h);
 }
+
+/// Like `wide!`, for the int8 loops of [`crate::qconv`] (byte and 32-bit integer lanes).
+macro_rules! wide_int {
+    ($name:ident, $avx512:ident, $avx2:ident, ($($arg:ident : $ty:ty),*), $body:expr) => {
+        /// # Safety
+        /// The CPU must support AVX-512F and AVX-512BW.
+        #[target_feature(enable = "avx512f,avx512bw")]
+        unsafe fn $avx512($($arg: $ty),*) { $body }
+        /// # Safety
+        /// The CPU must support AVX2.
+        #[target_feature(enable = "avx2")]
+        unsafe fn $avx2($($arg: $ty),*) { $body }
+        /// Returns `false` (doing nothing) when `variant` is not an x86 SIMD variant this CPU has.
+        pub(crate) fn $name(variant: Variant, $($arg: $ty),*) -> bool {
+            match variant {
+                Variant::Avx512 if has_avx512() && is_x86_feature_detected!("avx512bw") => {
+                    // SAFETY: AVX-512F and AVX-512BW were detected just above.
+                    unsafe { $avx512($($arg),*) };
+                    true
+                }
+                Variant::Avx2 | Variant::Avx512 if is_x86_feature_detected!("avx2") => {
+                    // SAFETY: AVX2 was detected just above.
+                    unsafe { $avx2($($arg),*) };
+                    true
+                }
+                _ => false,
+            }
+        }
+    };
+}
+
+wide_int!(
+    requant_row,
+    requant_row_avx512,
+    requant_row_avx2,
+    (rq: &qconv::Requant, c0: usize, acc: &[i32], add: &[i32], out: &mut [u8]),
+    qconv::requant_row_body(rq, c0, acc, add, out)
+);
+
+wide_int!(
+    qgemm_requant,
+    qgemm_requant_avx512,
+    qgemm_requant_avx2,
+    (p: &qconv::QgemmRq<'_>, out: &mut [u8], ldc: usize),
+    qconv::qgemm_requant_body(p, out, ldc)
+);
+
+wide_int!(
+    depthwise_q8,
+    depthwise_q8_avx512,
+    depthwise_q8_avx2,
+    (p: &qconv::Depthwise<'_>, rows: Range<usize>, out: &mut [u8]),
+    qconv::depthwise_body(p, rows, out)
+);
+
+wide_int!(
+    add_q8,
+    add_q8_avx512,
+    add_q8_avx2,
+    (p: &qconv::AddParams, signed: bool, a: &[u8], b: &[u8], out: &mut [u8]),
+    qconv::add_body(p, signed, a, b, out)
+);
+
+wide_int!(
+    quantize_f32,
+    quantize_f32_avx512,
+    quantize_f32_avx2,
+    (x: &[f32], scale: f32, zp: i32, lo: i32, hi: i32, out: &mut [u8]),
+    qconv::quantize_f32_body(x, scale, zp, lo, hi, out)
+);

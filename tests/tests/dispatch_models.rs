@@ -12,7 +12,11 @@ use std::path::PathBuf;
 
 use edgehal::{DType, Model, Session, SessionOptions, Tensor};
 
-const MODELS: &[&str] = &["person_detect_cnn_int8.tflite", "mobilenet_v2_int8.onnx"];
+const MODELS: &[&str] = &[
+    "person_detect_cnn_int8.tflite",
+    "mobilenet_v2_keras_int8.tflite",
+    "mobilenet_v2_int8.onnx",
+];
 
 fn seeded_input(dtype: DType, shape: &[usize], seed: u32) -> Tensor {
     let n: usize = shape.iter().product();

@@ -18,6 +18,7 @@ use crate::conv_plan::{ConvPlan, FUSED_CONV, FUSED_DOMAIN};
 use crate::ops::nn::GemvPlan;
 use crate::ops::rnn::RnnPlan;
 use crate::ops::{OpCtx, OpFn, OutputDest, Registry};
+use crate::qconv_plan::QConvPlan;
 
 /// A graph output of [`Executor::run_into`].
 #[derive(Clone, Debug)]
@@ -72,17 +73,10 @@ pub struct Executor {
     /// computed into in place: a value no node reads and that is listed once as an output.
     dest_of: Vec<Option<usize>>,
     registry: Registry,
-    /// Per node: a convolution with constant weights, packed once (see [`crate::conv_plan`]).
-    prepared: Vec<Option<ConvPlan>>,
+    /// Per node: its prepared state when it has constant weights (see [`Plan`]).
+    plans: Vec<Option<Plan>>,
     /// Initializers by value id, looked up in place rather than copied into each run's slots.
     inits: Vec<Option<Tensor>>,
-    /// Per node: a recurrent layer with constant `R`, transposed once (see
-    /// [`crate::ops::rnn::RnnPlan`]).
-    rnn: Vec<Option<RnnPlan>>,
-    /// Per node: a `Gemm` with constant `B`, packed once for single-row products (see
-    /// [`crate::ops::nn::GemvPlan`]); nodes sharing `B`, `C` and attributes (an unrolled
-    /// recurrent layer's steps) share one plan.
-    gemv: Vec<Option<Arc<GemvPlan>>>,
     /// Threads the prepared kernels may use (1: everything on the caller's thread).
     threads: usize,
     /// Buffers reused across runs (see [`crate::arena`]), when `pooling`.
@@ -158,48 +152,11 @@ impl Executor {
                 dest_of[n] = Some(*i);
             }
         }
-        let prepared = graph
+        let mut shared = HashMap::new();
+        let plans = graph
             .nodes
             .iter()
-            .map(|node| prepare(graph, node))
-            .collect();
-        let rnn = graph
-            .nodes
-            .iter()
-            .map(|node| {
-                let r = node.inputs.get(2).copied().flatten()?;
-                let w = node.inputs.get(1).copied().flatten();
-                let w = w.and_then(|w| graph.initializers.get(&w));
-                RnnPlan::new(node, graph.initializers.get(&r)?, w)
-            })
-            .collect();
-        let mut shared = std::collections::HashMap::new();
-        let gemv = graph
-            .nodes
-            .iter()
-            .map(|node| {
-                if node.op != "Gemm" {
-                    return None;
-                }
-                let init = |k: usize| node.inputs.get(k).copied().flatten();
-                let (bid, cid) = (init(1)?, init(2));
-                let b = graph.initializers.get(&bid)?;
-                let c = match cid {
-                    Some(c) => Some(graph.initializers.get(&c)?),
-                    None => None,
-                };
-                let key = (
-                    bid,
-                    cid,
-                    node.domain.clone(),
-                    ["transA", "transB"].map(|a| node.attr_i(a)),
-                    ["alpha", "beta"].map(|a| node.attr_f(a).map(f32::to_bits)),
-                );
-                shared
-                    .entry(key)
-                    .or_insert_with(|| GemvPlan::new(node, b, c).map(Arc::new))
-                    .clone()
-            })
+            .map(|node| Plan::new(graph, node, &mut shared))
             .collect();
         let mut inits = vec![None; graph.values.len()];
         for (id, t) in &graph.initializers {
@@ -209,15 +166,13 @@ impl Executor {
         }
         Ok(Executor {
             inits,
-            rnn,
-            gemv,
             graph: graph.clone(),
             order,
             ops,
             release,
             dest_of,
             registry: registry.clone(),
-            prepared,
+            plans,
             threads: 1,
             pool: Arc::new(Pool::default()),
             pooling: crate::arena::pooling_enabled(),
@@ -376,13 +331,14 @@ impl Executor {
                     .map(|d| d as &dyn OutputDest),
             };
             let t0 = self.profile.as_ref().map(|_| std::time::Instant::now());
-            let outs = match (&self.prepared[n], &self.rnn[n], &self.gemv[n]) {
-                (Some(plan), _, _) => plan.run_threads(&ctx, &ins, self.threads),
-                (None, Some(plan), _) => plan.run(&ctx, &ins),
-                (None, None, Some(plan)) => plan
+            let outs = match &self.plans[n] {
+                Some(Plan::Conv(plan)) => plan.run_threads(&ctx, &ins, self.threads),
+                Some(Plan::QConv(plan)) => plan.run(&ctx, &ins, self.threads),
+                Some(Plan::Rnn(plan)) => plan.run(&ctx, &ins),
+                Some(Plan::Gemv(plan)) => plan
                     .run(&ctx, &ins)
                     .unwrap_or_else(|| (self.ops[n])(&ctx, &ins)),
-                (None, None, None) => (self.ops[n])(&ctx, &ins),
+                None => (self.ops[n])(&ctx, &ins),
             }
             .map_err(|e| match e {
                 Error::Op { .. } => e,
@@ -439,6 +395,77 @@ impl Executor {
                     })
             })
             .collect()
+    }
+}
+
+/// A node's state prepared once per session from its constant inputs.
+enum Plan {
+    /// A float convolution with packed weights ([`crate::conv_plan`]).
+    Conv(ConvPlan),
+    /// A quantized TFLite convolution / fully connected layer ([`crate::qconv_plan`]).
+    QConv(QConvPlan),
+    /// A recurrent layer with constant `R` packed once for `gemv`, and `[W | R]` when `W` is
+    /// constant too ([`crate::ops::rnn::RnnPlan`]).
+    Rnn(RnnPlan),
+    /// A `Gemm` with constant `B`, packed once for single-row products
+    /// ([`crate::ops::nn::GemvPlan`]); nodes sharing `B`, `C` and attributes (an unrolled
+    /// recurrent layer's steps) share one plan.
+    Gemv(Arc<GemvPlan>),
+}
+
+/// Key of a shared [`GemvPlan`]: `B`, `C`, domain, `transA`/`transB`, `alpha`/`beta` bits.
+type GemvKey = (
+    usize,
+    Option<usize>,
+    String,
+    [Option<i64>; 2],
+    [Option<u32>; 2],
+);
+
+impl Plan {
+    fn new(
+        graph: &Graph,
+        node: &edgehal_core::Node,
+        shared: &mut HashMap<GemvKey, Option<Arc<GemvPlan>>>,
+    ) -> Option<Plan> {
+        if let Some(p) = prepare(graph, node) {
+            return Some(Plan::Conv(p));
+        }
+        if let Some(p) = QConvPlan::prepare(graph, node) {
+            return Some(Plan::QConv(p));
+        }
+        if node.op == "Gemm" {
+            return Self::gemv(graph, node, shared).map(Plan::Gemv);
+        }
+        let r = node.inputs.get(2).copied().flatten()?;
+        let w = node.inputs.get(1).copied().flatten();
+        let w = w.and_then(|w| graph.initializers.get(&w));
+        RnnPlan::new(node, graph.initializers.get(&r)?, w).map(Plan::Rnn)
+    }
+
+    fn gemv(
+        graph: &Graph,
+        node: &edgehal_core::Node,
+        shared: &mut HashMap<GemvKey, Option<Arc<GemvPlan>>>,
+    ) -> Option<Arc<GemvPlan>> {
+        let init = |k: usize| node.inputs.get(k).copied().flatten();
+        let (bid, cid) = (init(1)?, init(2));
+        let b = graph.initializers.get(&bid)?;
+        let c = match cid {
+            Some(c) => Some(graph.initializers.get(&c)?),
+            None => None,
+        };
+        let key = (
+            bid,
+            cid,
+            node.domain.clone(),
+            ["transA", "transB"].map(|a| node.attr_i(a)),
+            ["alpha", "beta"].map(|a| node.attr_f(a).map(f32::to_bits)),
+        );
+        shared
+            .entry(key)
+            .or_insert_with(|| GemvPlan::new(node, b, c).map(Arc::new))
+            .clone()
     }
 }
 

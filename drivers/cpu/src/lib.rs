@@ -14,6 +14,7 @@ pub mod exec;
 pub mod ops;
 pub mod par;
 pub mod profile;
+pub mod qconv_plan;
 pub mod vmath;
 
 pub use exec::{Executor, Produced};

@@ -1,6 +1,7 @@
 //! Elementwise ops: arithmetic with broadcasting, activations, QUANTIZE / DEQUANTIZE / CAST.
 
 use edgehal_core::{DType, Error, Quant, Result, Tensor};
+use edgehal_kernels::qconv;
 
 use super::qmath::{act_range_q, type_range, Multiplier};
 use super::{
@@ -43,13 +44,7 @@ fn i32_tensor(t: &Tensor) -> Result<Tensor> {
 /// Quantize one float to `(scale, zp)` in `[lo, hi]` (round half away from zero).
 #[inline]
 fn quant1(v: f32, scale: f32, zp: i32, lo: i32, hi: i32) -> i32 {
-    let q = (v / scale).round();
-    let q = if q.is_nan() {
-        0
-    } else {
-        q.clamp(-2e9, 2e9) as i32
-    };
-    q.saturating_add(zp).clamp(lo, hi)
+    qconv::quantize1(v, scale, zp, lo, hi)
 }
 
 /// Float binary op with broadcasting and the fused activation.
@@ -112,6 +107,35 @@ fn q_add_sub(ctx: &OpCtx<'_>, a: &Tensor, b: &Tensor, negate: bool) -> Result<Te
     let m1 = Multiplier::new(s1 as f64 / twice_max);
     let m2 = Multiplier::new(s2 as f64 / twice_max);
     let mo = Multiplier::new(twice_max / ((1i64 << left_shift) as f64 * so as f64));
+    // Same-shape 8-bit operands: the vectorized kernel (same integers as the loop below).
+    let same8 = a.shape() == b.shape()
+        && a.dtype() == b.dtype()
+        && dt == a.dtype()
+        && matches!(dt, DType::I8 | DType::U8);
+    if same8 {
+        let p = qconv::AddParams {
+            z1,
+            z2,
+            m1: (m1.m, m1.shift),
+            m2: (m2.m, m2.shift),
+            left_shift: left_shift as u32,
+            negate,
+            out: qconv::Requant::new(&[(mo.m, mo.shift)], zo, lo, hi)
+                .ok_or_else(|| Error::arg("quantized ADD: bad output multiplier"))?,
+        };
+        let mut out = vec![0u8; a.len()];
+        if qconv::add(
+            &p,
+            dt == DType::I8,
+            &a.bytes()[..],
+            &b.bytes()[..],
+            &mut out,
+        ) {
+            let mut t = Tensor::from_vec_dtype(dt, a.shape().to_vec(), out)?;
+            t.quant = Some(Quant::per_tensor(so, zo));
+            return Ok(t);
+        }
+    }
     let t = broadcast_binary::<i32, i32>(&i32_tensor(a)?, &i32_tensor(b)?, |x, y| {
         let x = m1.apply((x - z1).wrapping_mul(1 << left_shift));
         let y = m2.apply((y - z2).wrapping_mul(1 << left_shift));
@@ -353,6 +377,18 @@ fn quantize(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let q =
         quant_of(ctx, "out0", None).ok_or_else(|| Error::arg("Quantize: output has no scale"))?;
     let (lo, hi) = type_range(dt);
+    let per_tensor = q.axis.is_none() || q.scale.len() <= 1;
+    if x.dtype() == DType::F32 && matches!(dt, DType::I8 | DType::U8) && per_tensor {
+        // The vectorized kernel: the same rounding as `quant1`.
+        let (s, z) = qparams(ctx, "out0", None)?;
+        let xv = x.as_slice::<f32>()?;
+        let mut out = vec![0u8; xv.len()];
+        if qconv::quantize_f32(&xv, s, z, lo, hi, &mut out) {
+            let mut t = Tensor::from_vec_dtype(dt, x.shape().to_vec(), out)?;
+            t.quant = Some(q);
+            return Ok(vec![t]);
+        }
+    }
     let out: Vec<i32> = if x.dtype().is_float() {
         let xv = float_in(x)?;
         match q.axis {

@@ -54,7 +54,7 @@ fn out_and_pad(
     Ok((out, total / 2))
 }
 
-fn dims4(t: &Tensor, what: &str) -> Result<[usize; 4]> {
+pub(crate) fn dims4(t: &Tensor, what: &str) -> Result<[usize; 4]> {
     match t.shape() {
         &[a, b, c, d] => Ok([a, b, c, d]),
         s => Err(Error::arg(format!(
@@ -64,25 +64,25 @@ fn dims4(t: &Tensor, what: &str) -> Result<[usize; 4]> {
 }
 
 /// Spatial geometry shared by convolutions and pools.
-struct Geo {
-    n: usize,
-    ih: usize,
-    iw: usize,
-    ic: usize,
-    oh: usize,
-    ow: usize,
-    kh: usize,
-    kw: usize,
-    sh: usize,
-    sw: usize,
-    dh: usize,
-    dw: usize,
-    pt: usize,
-    pl: usize,
+pub(crate) struct Geo {
+    pub n: usize,
+    pub ih: usize,
+    pub iw: usize,
+    pub ic: usize,
+    pub oh: usize,
+    pub ow: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub sh: usize,
+    pub sw: usize,
+    pub dh: usize,
+    pub dw: usize,
+    pub pt: usize,
+    pub pl: usize,
 }
 
 impl Geo {
-    fn new(ctx: &OpCtx<'_>, x: [usize; 4], kh: usize, kw: usize) -> Result<Geo> {
+    pub(crate) fn new(ctx: &OpCtx<'_>, x: [usize; 4], kh: usize, kw: usize) -> Result<Geo> {
         let pad = ctx.s("padding", "VALID");
         let sh = ctx.i("stride_h", 1).max(0) as usize;
         let sw = ctx.i("stride_w", 1).max(0) as usize;
@@ -121,47 +121,72 @@ impl Geo {
             .filter(|&v| v < self.iw)
     }
     /// im2col of image `b`: rows are output pixels, columns `(ky, kx, c)`; `fill` in padding.
-    fn im2col<T: Copy>(&self, x: &[T], b: usize, fill: T) -> Vec<T> {
+    pub(crate) fn im2col<T: Copy>(&self, x: &[T], b: usize, fill: T) -> Vec<T> {
         let cols = self.kh * self.kw * self.ic;
         let mut p = vec![fill; self.oh * self.ow * cols];
         let img = &x[b * self.ih * self.iw * self.ic..(b + 1) * self.ih * self.iw * self.ic];
+        let ic = self.ic;
         for oy in 0..self.oh {
-            for ox in 0..self.ow {
-                let row = &mut p[(oy * self.ow + ox) * cols..(oy * self.ow + ox + 1) * cols];
-                for ky in 0..self.kh {
-                    let Some(iy) = self.iy(oy, ky) else { continue };
-                    for kx in 0..self.kw {
-                        let Some(ix) = self.ix(ox, kx) else { continue };
-                        let src = (iy * self.iw + ix) * self.ic;
-                        let dst = (ky * self.kw + kx) * self.ic;
-                        row[dst..dst + self.ic].copy_from_slice(&img[src..src + self.ic]);
+            for ky in 0..self.kh {
+                let Some(iy) = self.iy(oy, ky) else { continue };
+                for kx in 0..self.kw {
+                    // Output columns whose tap kx falls inside the row:
+                    // pl <= ox * sw + off < iw + pl.
+                    let off = kx * self.dw;
+                    let lo = self.pl.saturating_sub(off).div_ceil(self.sw);
+                    let hi = if self.iw + self.pl > off {
+                        ((self.iw + self.pl - off - 1) / self.sw + 1).min(self.ow)
+                    } else {
+                        0
+                    };
+                    let dst = (ky * self.kw + kx) * ic;
+                    for ox in lo..hi {
+                        let ix = ox * self.sw + off - self.pl;
+                        let src = &img[(iy * self.iw + ix) * ic..][..ic];
+                        let d = &mut p[(oy * self.ow + ox) * cols + dst..][..ic];
+                        if ic < 8 {
+                            // A few channels (an RGB or gray input): no memcpy call per tap.
+                            d.iter_mut().zip(src).for_each(|(d, s)| *d = *s);
+                        } else {
+                            d.copy_from_slice(src);
+                        }
                     }
                 }
             }
         }
         p
     }
-    fn is_pointwise(&self) -> bool {
+    pub(crate) fn is_pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.sh == 1 && self.sw == 1 && self.pt == 0 && self.pl == 0
     }
 }
 
 /// Per-output-channel requantization of an integer convolution / fully connected layer.
-struct Requant {
-    mult: Vec<Multiplier>,
-    out_zp: i32,
-    lo: i32,
-    hi: i32,
-    dtype: DType,
-    quant: Quant,
+pub(crate) struct Requant {
+    pub mult: Vec<Multiplier>,
+    pub out_zp: i32,
+    pub lo: i32,
+    pub hi: i32,
+    pub dtype: DType,
+    pub quant: Quant,
 }
 
 impl Requant {
     fn new(ctx: &OpCtx<'_>, x: &Tensor, w: &Tensor, channels: usize) -> Result<Requant> {
-        let (xs, _) = qparams(ctx, "in0", Some(x))?;
+        Self::with_input(ctx, Some(x), x.dtype(), w, channels)
+    }
+    /// From the node's attributes (`x` is the fallback for the input's parameters).
+    pub(crate) fn with_input(
+        ctx: &OpCtx<'_>,
+        x: Option<&Tensor>,
+        x_dtype: DType,
+        w: &Tensor,
+        channels: usize,
+    ) -> Result<Requant> {
+        let (xs, _) = qparams(ctx, "in0", x)?;
         let wq = quant_of(ctx, "in1", Some(w))
             .ok_or_else(|| Error::arg("quantized weights without scale"))?;
-        let out_t = out_dtype(ctx, 0, x.dtype());
+        let out_t = out_dtype(ctx, 0, x_dtype);
         let (os, oz) = qparams(ctx, "out0", None)?;
         if wq.scale.len() != 1 && wq.scale.len() != channels {
             return Err(Error::arg(format!(
@@ -196,7 +221,7 @@ impl Requant {
 }
 
 /// Weight zero points per output channel (0 for symmetric int8 weights).
-fn weight_zps(ctx: &OpCtx<'_>, w: &Tensor, channels: usize) -> Vec<i32> {
+pub(crate) fn weight_zps(ctx: &OpCtx<'_>, w: &Tensor, channels: usize) -> Vec<i32> {
     let zp = quant_of(ctx, "in1", Some(w))
         .map(|q| q.zero_point)
         .unwrap_or_default();
@@ -205,7 +230,7 @@ fn weight_zps(ctx: &OpCtx<'_>, w: &Tensor, channels: usize) -> Vec<i32> {
         .collect()
 }
 
-fn bias_i32(b: Option<&Tensor>, channels: usize) -> Result<Vec<i32>> {
+pub(crate) fn bias_i32(b: Option<&Tensor>, channels: usize) -> Result<Vec<i32>> {
     match b {
         None => Ok(vec![0; channels]),
         Some(b) => {
@@ -308,7 +333,7 @@ fn qgemm_q8<'a, T: Q8Elem + 'a>(
     Ok(out)
 }
 
-fn conv2d(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+pub(crate) fn conv2d(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let x = input(ins, 0)?;
     let w = input(ins, 1)?;
     let b = opt_input(ins, 2);
@@ -413,7 +438,7 @@ fn conv2d(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     Ok(vec![f32_out(shape, out)?])
 }
 
-fn depthwise(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+pub(crate) fn depthwise(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let x = input(ins, 0)?;
     let w = input(ins, 1)?;
     let b = opt_input(ins, 2);
@@ -607,7 +632,7 @@ fn transpose_conv(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor
     Ok(vec![f32_out(shape, out)?])
 }
 
-fn fully_connected(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+pub(crate) fn fully_connected(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let x = input(ins, 0)?;
     let w = input(ins, 1)?;
     let b = opt_input(ins, 2);
@@ -725,6 +750,22 @@ fn pool(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>], max: bool) -> Result<Vec<Tenso
     let g = Geo::new(ctx, xd, kh, kw)?;
     let c = g.ic;
     let shape = vec![g.n, g.oh, g.ow, c];
+    if max && matches!(x.dtype(), DType::I8 | DType::U8) {
+        // 8-bit max pooling straight on the stored values (max commutes with the monotone
+        // dequantization), channels innermost.
+        let (s, z) = qparams(ctx, "out0", Some(x))?;
+        let (lo, hi) = act_range_q(&act(ctx), s, z, x.dtype());
+        let q = quant_of(ctx, "out0", Some(x));
+        let mut t = if x.dtype() == DType::I8 {
+            let xv = x.as_slice::<i8>()?;
+            Tensor::from_vec(shape, max_pool_8(&g, &xv, lo as i8, hi as i8))?
+        } else {
+            let xv = x.as_slice::<u8>()?;
+            Tensor::from_vec(shape, max_pool_8(&g, &xv, lo as u8, hi as u8))?
+        };
+        t.quant = q;
+        return Ok(vec![t]);
+    }
     // Visit each output pixel's in-bounds window.
     let mut windows = Vec::with_capacity(g.n * g.oh * g.ow);
     for n in 0..g.n {
@@ -784,6 +825,34 @@ fn pool(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>], max: bool) -> Result<Vec<Tenso
     }
     act_f32(&act(ctx), &mut out)?;
     Ok(vec![f32_out(shape, out)?])
+}
+
+/// Max over each in-bounds window (`lo` for an empty one), clamped to `lo..=hi`.
+fn max_pool_8<T: Copy + Ord + Default>(g: &Geo, xv: &[T], lo: T, hi: T) -> Vec<T> {
+    let c = g.ic;
+    let mut out = vec![T::default(); g.n * g.oh * g.ow * c];
+    for (p, o) in out.chunks_exact_mut(c.max(1)).enumerate() {
+        let (n, oy, ox) = (p / (g.oh * g.ow), p / g.ow % g.oh, p % g.ow);
+        let mut first = true;
+        for ky in 0..g.kh {
+            let Some(iy) = g.iy(oy, ky) else { continue };
+            for kx in 0..g.kw {
+                let Some(ix) = g.ix(ox, kx) else { continue };
+                let src = &xv[((n * g.ih + iy) * g.iw + ix) * c..][..c];
+                if first {
+                    o.copy_from_slice(src);
+                    first = false;
+                } else {
+                    o.iter_mut().zip(src).for_each(|(d, &v)| *d = (*d).max(v));
+                }
+            }
+        }
+        if first {
+            o.fill(lo);
+        }
+        o.iter_mut().for_each(|d| *d = (*d).clamp(lo, hi));
+    }
+    out
 }
 
 fn max_pool(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
@@ -1026,6 +1095,62 @@ pub fn lstm(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn im2col_matches_the_tap_definition() {
+        for &(ih, iw, ic, k, st, d, pad) in &[
+            (7, 9, 1, 3, 2, 1, "SAME"),
+            (8, 8, 3, 3, 1, 1, "SAME"),
+            (9, 6, 10, 3, 2, 2, "SAME"),
+            (6, 7, 2, 2, 1, 1, "VALID"),
+            (5, 5, 4, 5, 3, 1, "SAME"),
+        ] {
+            let (oh, pt) = out_and_pad(pad, ih, k, st, d).unwrap();
+            let (ow, pl) = out_and_pad(pad, iw, k, st, d).unwrap();
+            let g = Geo {
+                n: 2,
+                ih,
+                iw,
+                ic,
+                oh,
+                ow,
+                kh: k,
+                kw: k,
+                sh: st,
+                sw: st,
+                dh: d,
+                dw: d,
+                pt,
+                pl,
+            };
+            let x: Vec<i32> = (0..2 * ih * iw * ic).map(|v| v as i32 + 1).collect();
+            for b in 0..2 {
+                let got = g.im2col(&x, b, -7);
+                let cols = k * k * ic;
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                for c in 0..ic {
+                                    let want = match (g.iy(oy, ky), g.ix(ox, kx)) {
+                                        (Some(iy), Some(ix)) => {
+                                            x[((b * ih + iy) * iw + ix) * ic + c]
+                                        }
+                                        _ => -7,
+                                    };
+                                    let at = (oy * ow + ox) * cols + (ky * k + kx) * ic + c;
+                                    assert_eq!(
+                                        got[at], want,
+                                        "{ih}x{iw}x{ic} k{k} s{st} d{d} {pad}"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn same_padding_matches_tflite() {

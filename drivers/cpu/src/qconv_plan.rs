@@ -1,0 +1,473 @@
+//! Prepared quantized TFLite layers: `Conv2D`, `DepthwiseConv2D` and `FullyConnected` with
+//! constant 8-bit weights and 8-bit activations.
+//!
+//! A [`QConvPlan`] is built once when the executor is created: the weights packed for the int8
+//! GEMM ([`PackedB`], with their column sums and zero points) or, for depthwise layers, widened
+//! to i32 with the zero point subtracted; the bias; the per-channel requantization multipliers
+//! ([`Requant`]) and the fused activation's clamp. A run packs only the activations and writes
+//! 8-bit outputs straight from the kernels ([`qconv::qgemm_requant`], [`qconv::depthwise`]),
+//! bit for bit what the op functions in [`crate::ops::tflite::nn`] compute (TFLite's reference
+//! rounding). Anything the plan was not built for (another input type, a depth multiplier)
+//! runs the op function instead.
+
+use edgehal_core::graph::Graph;
+use edgehal_core::{DType, Node, Quant, Result, Tensor};
+use edgehal_kernels::qconv::{self, Depthwise, Requant, Rows};
+use edgehal_kernels::qgemm::{PackedB, QMat};
+
+use crate::ops::tflite::nn::{self, bias_i32, dims4, weight_zps, Geo};
+use crate::ops::tflite::{is_quant, qparams, DOMAIN};
+use crate::ops::{input, opt_input, OpCtx};
+use crate::par::for_parts;
+
+/// Multiply-adds below which a layer stays on one thread.
+const MIN_PARALLEL_MACS: usize = 1 << 18;
+
+/// Whether plans are built (`EDGEHAL_QPLAN=0` turns them off, for comparisons: the op
+/// functions run instead).
+fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("EDGEHAL_QPLAN").map_or(true, |v| v != "0"))
+}
+
+enum Kind {
+    /// `Conv2D` (`[oc, kh, kw, ic]` weights) or `FullyConnected` (`kh = kw = 0`).
+    Gemm {
+        kh: usize,
+        kw: usize,
+        packed: PackedB,
+    },
+    /// `DepthwiseConv2D` with depth multiplier 1: `[kh][kw][c]` weights minus their zero points.
+    Depthwise { kh: usize, kw: usize, w: Vec<i32> },
+}
+
+/// One prepared quantized layer (see the module doc).
+pub struct QConvPlan {
+    kind: Kind,
+    /// The input type the plan was built for, its zero point.
+    x_dtype: DType,
+    xz: i32,
+    /// Output channels.
+    oc: usize,
+    bias: Vec<i32>,
+    rq: Requant,
+    out_dtype: DType,
+    out_quant: Quant,
+    /// The op function, for inputs the plan was not built for.
+    fallback: crate::ops::OpFn,
+}
+
+impl QConvPlan {
+    /// A plan for `node` when it is a quantized TFLite Conv2D / DepthwiseConv2D /
+    /// FullyConnected whose weights (and bias) are initializers and whose input is 8-bit.
+    pub fn prepare(graph: &Graph, node: &Node) -> Option<QConvPlan> {
+        if node.domain != DOMAIN || !enabled() {
+            return None;
+        }
+        let fallback: crate::ops::OpFn = match node.op.as_str() {
+            "Conv2D" => nn::conv2d,
+            "DepthwiseConv2D" => nn::depthwise,
+            "FullyConnected" => nn::fully_connected,
+            _ => return None,
+        };
+        let init = |k: usize| -> Option<Option<&Tensor>> {
+            match node.inputs.get(k).copied().flatten() {
+                None => Some(None),
+                Some(v) => graph.initializers.get(&v).map(Some),
+            }
+        };
+        let w = init(1)??;
+        let b = init(2)?;
+        let x = node.inputs.first().copied().flatten()?;
+        let x_dtype = graph.values.get(x)?.dtype?;
+        if !matches!(x_dtype, DType::I8 | DType::U8) || !matches!(w.dtype(), DType::I8 | DType::U8)
+        {
+            return None;
+        }
+        let ctx = OpCtx {
+            node,
+            opset: 1,
+            subgraph: None,
+            dest: None,
+        };
+        let (_, xz) = qparams(&ctx, "in0", None).ok()?;
+        let ws = w.shape();
+        let (oc, kind) = match (node.op.as_str(), ws) {
+            ("Conv2D", &[oc, kh, kw, ic]) => {
+                let k = kh * kw * ic;
+                (oc, Some((kh, kw, k)))
+            }
+            ("FullyConnected", &[o, k]) => (o, Some((0, 0, k))),
+            ("DepthwiseConv2D", &[1, _, _, c]) => (c, None),
+            _ => return None,
+        };
+        let r = nn::Requant::with_input(&ctx, None, x_dtype, w, oc).ok()?;
+        if !matches!(r.dtype, DType::I8 | DType::U8) {
+            return None;
+        }
+        let mults: Vec<(i32, i32)> = r.mult.iter().map(|m| (m.m, m.shift)).collect();
+        let rq = Requant::new(&mults, r.out_zp, r.lo, r.hi)?;
+        let bias = bias_i32(b, oc).ok()?;
+        let wz = weight_zps(&ctx, w, oc);
+        let kind = match kind {
+            Some((kh, kw, k)) => {
+                let wm = match w.dtype() {
+                    DType::I8 => QMat::i8(bytemuck::cast_slice(&w.bytes()[..]), oc, k),
+                    _ => QMat::u8(&w.bytes()[..], oc, k),
+                };
+                let packed = PackedB::new(wm.t(), &wz)?;
+                Kind::Gemm { kh, kw, packed }
+            }
+            None => {
+                let wv = crate::ops::tflite::q_to_i32(w).ok()?;
+                let w = wv
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| v - wz[i % oc])
+                    .collect();
+                Kind::Depthwise {
+                    kh: ws[1],
+                    kw: ws[2],
+                    w,
+                }
+            }
+        };
+        Some(QConvPlan {
+            kind,
+            x_dtype,
+            xz,
+            oc,
+            bias,
+            rq: rq.widen(oc),
+            out_dtype: r.dtype,
+            out_quant: r.quant,
+            fallback,
+        })
+    }
+
+    /// Runs the layer on `threads` threads (1: the caller's only).
+    pub fn run(
+        &self,
+        ctx: &OpCtx<'_>,
+        ins: &[Option<&Tensor>],
+        threads: usize,
+    ) -> Result<Vec<Tensor>> {
+        let x = input(ins, 0)?;
+        // Computed weights or another input type: the op function.
+        if x.dtype() != self.x_dtype || !is_quant(x.dtype()) || opt_input(ins, 1).is_none() {
+            return (self.fallback)(ctx, ins);
+        }
+        let xb: &[u8] = &x.bytes()[..];
+        let signed = self.x_dtype == DType::I8;
+        let oc = self.oc;
+        let (shape, out) = match &self.kind {
+            Kind::Gemm { kh: 0, packed, .. } => {
+                let k = packed.k();
+                if k == 0 || x.len() % k != 0 {
+                    return (self.fallback)(ctx, ins);
+                }
+                let rows = x.len() / k;
+                let shape = if ctx.i("keep_num_dims", 0) != 0 {
+                    let mut s = x.shape().to_vec();
+                    if let Some(l) = s.last_mut() {
+                        *l = oc;
+                    }
+                    s
+                } else {
+                    vec![rows, oc]
+                };
+                let mut out = vec![0u8; rows * oc];
+                self.gemm(xb, signed, rows, k, packed, &mut out, threads)?;
+                (shape, out)
+            }
+            Kind::Gemm { kh, kw, packed } => {
+                let xd = dims4(x, "input")?;
+                let k = packed.k();
+                if kh * kw * xd[3] != k {
+                    return (self.fallback)(ctx, ins);
+                }
+                let g = Geo::new(ctx, xd, *kh, *kw)?;
+                let rows = g.oh * g.ow;
+                let mut out = vec![0u8; g.n * rows * oc];
+                let img = g.ih * g.iw * g.ic;
+                for (n, o) in out.chunks_exact_mut((rows * oc).max(1)).enumerate() {
+                    if g.is_pointwise() {
+                        let a = &xb[n * img..(n + 1) * img];
+                        self.gemm(a, signed, rows, k, packed, o, threads)?;
+                    } else {
+                        let a = g.im2col(xb, n, self.xz as u8);
+                        self.gemm(&a, signed, rows, k, packed, o, threads)?;
+                    }
+                }
+                (vec![g.n, g.oh, g.ow, oc], out)
+            }
+            Kind::Depthwise { kh, kw, w } => {
+                let xd = dims4(x, "input")?;
+                if xd[3] != oc {
+                    return (self.fallback)(ctx, ins);
+                }
+                let g = Geo::new(ctx, xd, *kh, *kw)?;
+                let mut out = vec![0u8; g.n * g.oh * g.ow * oc];
+                let img = g.ih * g.iw * g.ic;
+                let row = g.ow * oc;
+                let macs = g.oh * row * kh * kw;
+                let t = if macs >= MIN_PARALLEL_MACS {
+                    threads
+                } else {
+                    1
+                };
+                for (n, o) in out.chunks_exact_mut((g.oh * row).max(1)).enumerate() {
+                    let p = Depthwise {
+                        x: &xb[n * img..(n + 1) * img],
+                        signed,
+                        xz: self.xz,
+                        ih: g.ih,
+                        iw: g.iw,
+                        c: oc,
+                        oh: g.oh,
+                        ow: g.ow,
+                        kh: *kh,
+                        kw: *kw,
+                        sh: g.sh,
+                        sw: g.sw,
+                        dh: g.dh,
+                        dw: g.dw,
+                        pt: g.pt,
+                        pl: g.pl,
+                        w,
+                        bias: &self.bias,
+                        rq: &self.rq,
+                    };
+                    for_parts(t, g.oh, row, o, |r, part| {
+                        if qconv::depthwise(&p, r, part) {
+                            Ok(())
+                        } else {
+                            Err(edgehal_core::Error::arg(
+                                "DepthwiseConv2D: operand sizes do not match",
+                            ))
+                        }
+                    })?;
+                }
+                (vec![g.n, g.oh, g.ow, oc], out)
+            }
+        };
+        let mut t = Tensor::from_vec_dtype(self.out_dtype, shape, out)?;
+        t.quant = Some(self.out_quant.clone());
+        Ok(vec![t])
+    }
+
+    /// `out (rows x oc) = requant(a (rows x k) * W + bias)`, rows split across threads.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        a: &[u8],
+        signed: bool,
+        rows: usize,
+        k: usize,
+        packed: &PackedB,
+        out: &mut [u8],
+        threads: usize,
+    ) -> Result<()> {
+        const BLOCK: usize = 16;
+        let oc = self.oc;
+        let t = if rows * k * oc >= MIN_PARALLEL_MACS {
+            threads
+        } else {
+            1
+        };
+        for_parts(t, rows.div_ceil(BLOCK), BLOCK * oc, out, |r, part| {
+            let r0 = r.start * BLOCK;
+            let r1 = (r.end * BLOCK).min(rows);
+            let rows = Rows {
+                data: a.get(r0 * k..r1 * k).unwrap_or_default(),
+                signed,
+                rows: r1 - r0,
+                k,
+                rs: k,
+            };
+            if qconv::qgemm_requant(rows, self.xz, packed, &self.bias, &self.rq, part, oc) {
+                Ok(())
+            } else {
+                Err(edgehal_core::Error::arg(
+                    "quantized GEMM: operand sizes do not match",
+                ))
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgehal_core::graph::ValueInfo;
+    use edgehal_core::Attr;
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u32 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) as u32
+        }
+        fn bytes(&mut self, n: usize) -> Vec<u8> {
+            (0..n).map(|_| self.next() as u8).collect()
+        }
+    }
+
+    /// A graph with one quantized layer: x (8-bit, `xs`) and constant w, b.
+    #[allow(clippy::too_many_arguments)]
+    fn layer(
+        op: &str,
+        dt: DType,
+        xs: &[usize],
+        w: Tensor,
+        b: Tensor,
+        oc: usize,
+        attrs: &[(&str, Attr)],
+        r: &mut Rng,
+    ) -> (Graph, Node) {
+        let mut g = Graph::new("q");
+        let (x, wv, bv, y) = (
+            g.value_id("x"),
+            g.value_id("w"),
+            g.value_id("b"),
+            g.value_id("y"),
+        );
+        g.values[x] = ValueInfo {
+            name: "x".into(),
+            dtype: Some(dt),
+            shape: None,
+        };
+        g.initializers.insert(wv, w);
+        g.initializers.insert(bv, b);
+        g.inputs = vec![x];
+        g.outputs = vec![y];
+        let _ = xs;
+        let mut node = Node {
+            op: op.into(),
+            domain: DOMAIN.into(),
+            inputs: vec![Some(x), Some(wv), Some(bv)],
+            outputs: vec![Some(y)],
+            ..Default::default()
+        };
+        let (zlo, zhi) = if dt == DType::I8 {
+            (-20, 20)
+        } else {
+            (100, 150)
+        };
+        let z = |r: &mut Rng| (zlo + (r.next() % (zhi - zlo) as u32) as i32) as i64;
+        let a = &mut node.attrs;
+        a.insert("in0_scale".into(), Attr::Floats(vec![0.02]));
+        a.insert("in0_zp".into(), Attr::Ints(vec![z(r)]));
+        let ws: Vec<f32> = (0..oc)
+            .map(|_| 0.001 + (r.next() % 1000) as f32 * 1e-5)
+            .collect();
+        a.insert("in1_scale".into(), Attr::Floats(ws));
+        a.insert("in1_zp".into(), Attr::Ints(vec![0; oc]));
+        a.insert("out0_scale".into(), Attr::Floats(vec![0.05]));
+        a.insert("out0_zp".into(), Attr::Ints(vec![z(r)]));
+        for (k, v) in attrs {
+            a.insert((*k).into(), v.clone());
+        }
+        g.nodes.push(node.clone());
+        (g, node)
+    }
+
+    fn s(v: &str) -> Attr {
+        Attr::String(v.as_bytes().to_vec())
+    }
+
+    /// The plan gives the op function's bytes (the reference semantics) at 1 and 3 threads.
+    #[test]
+    fn plans_match_the_op_functions() {
+        let mut r = Rng(21);
+        type Case<'a> = (&'a str, Vec<usize>, Vec<usize>, Vec<(&'a str, Attr)>);
+        let cases: Vec<Case<'_>> = vec![
+            // (op, x shape, w shape, attrs)
+            ("Conv2D", vec![1, 9, 11, 24], vec![40, 1, 1, 24], vec![]),
+            (
+                "Conv2D",
+                vec![2, 13, 12, 3],
+                vec![32, 3, 3, 3],
+                vec![
+                    ("padding", s("SAME")),
+                    ("stride_h", Attr::Int(2)),
+                    ("stride_w", Attr::Int(2)),
+                    ("fused_activation_function", s("RELU6")),
+                ],
+            ),
+            (
+                "Conv2D",
+                vec![1, 40, 40, 8],
+                vec![16, 3, 3, 8],
+                vec![
+                    ("padding", s("SAME")),
+                    ("fused_activation_function", s("RELU")),
+                ],
+            ),
+            ("FullyConnected", vec![3, 70], vec![10, 70], vec![]),
+            (
+                "DepthwiseConv2D",
+                vec![1, 21, 19, 48],
+                vec![1, 3, 3, 48],
+                vec![
+                    ("padding", s("SAME")),
+                    ("fused_activation_function", s("RELU6")),
+                ],
+            ),
+            (
+                "DepthwiseConv2D",
+                vec![2, 60, 60, 72],
+                vec![1, 3, 3, 72],
+                vec![
+                    ("padding", s("SAME")),
+                    ("stride_h", Attr::Int(2)),
+                    ("stride_w", Attr::Int(2)),
+                ],
+            ),
+        ];
+        for dt in [DType::I8, DType::U8] {
+            for (op, xs, wsh, attrs) in &cases {
+                let oc = if *op == "DepthwiseConv2D" {
+                    wsh[3]
+                } else {
+                    wsh[0]
+                };
+                let wn: usize = wsh.iter().product();
+                let w: Vec<i8> = r
+                    .bytes(wn)
+                    .into_iter()
+                    .map(|b| (b as i8).max(-127))
+                    .collect();
+                let w = Tensor::from_vec(wsh.clone(), w).unwrap();
+                let b: Vec<i32> = (0..oc).map(|_| (r.next() % 4000) as i32 - 2000).collect();
+                let b = Tensor::from_vec(vec![oc], b).unwrap();
+                let (g, node) = layer(op, dt, xs, w.clone(), b.clone(), oc, attrs, &mut r);
+                let plan = QConvPlan::prepare(&g, &node).expect("a plan");
+                let xn: usize = xs.iter().product();
+                let x = Tensor::from_vec_dtype(dt, xs.clone(), r.bytes(xn)).unwrap();
+                let ctx = OpCtx {
+                    node: &node,
+                    opset: 1,
+                    subgraph: None,
+                    dest: None,
+                };
+                let ins = [Some(&x), Some(&w), Some(&b)];
+                let want = (plan.fallback)(&ctx, &ins).unwrap();
+                for threads in [1, 3] {
+                    let got = plan.run(&ctx, &ins, threads).unwrap();
+                    assert_eq!(got[0].shape(), want[0].shape(), "{op}");
+                    assert_eq!(got[0].dtype(), want[0].dtype(), "{op}");
+                    assert_eq!(
+                        &got[0].bytes()[..],
+                        &want[0].bytes()[..],
+                        "{op} {dt} {xs:?} threads {threads}"
+                    );
+                    assert_eq!(got[0].quant, want[0].quant);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,1072 @@
+//! int8 layers with TFLite's integer semantics, 8-bit in and 8-bit out:
+//!
+//! - [`Requant`]: per-channel requantization of i32 accumulators (a Q31 multiplier and a
+//!   power-of-two shift, gemmlowp's `SaturatingRoundingDoublingHighMul` then
+//!   `RoundingDivideByPOT`, exactly as TFLite's reference `MultiplyByQuantizedMultiplier`),
+//!   plus the output zero point and the fused activation's clamp, written so one channel is
+//!   one vector lane ([`requant_row`]).
+//! - [`qgemm_requant`]: the int8 GEMM of [`crate::qgemm`] with packed weights, the zero-point
+//!   compensation, bias and requantization applied to each register tile before the 8-bit
+//!   store (no i32 matrix in memory).
+//! - [`depthwise`]: direct NHWC depthwise convolution (any kernel size, stride, dilation;
+//!   depth multiplier 1), channels vectorized.
+//! - [`add`]: TFLite's quantized ADD / SUB of two same-shape tensors.
+//!
+//! Bytes in and out are the tensors' raw 8-bit values; `signed` says whether they are i8 or
+//! u8. Every function has a scalar reference ([`requant_ref`], [`depthwise_reference`],
+//! [`add_reference`]) and the x86 builds run the same safe loops compiled for AVX-512 / AVX2
+//! (`simd.rs`); the tests compare them bit for bit.
+
+use std::ops::Range;
+
+use crate::dispatch::{self, Variant};
+use crate::qgemm::{self, PackedB};
+
+/// Per-channel requantization: `clamp(mbqm(acc, mult[c], shift[c]) + zp, lo, hi)`.
+#[derive(Clone, Debug)]
+pub struct Requant {
+    /// Q31 significands (`[2^30, 2^31)` or 0).
+    /// Channels; the vectors below hold `LANES` more (unused) entries.
+    n: usize,
+    mult: Vec<i32>,
+    /// Left shift before the high multiply (TFLite's positive exponent, at most 30).
+    lshift: Vec<u32>,
+    /// Right shift after it (the negative exponent, at most 31) and its rounding mask.
+    rshift: Vec<u32>,
+    rmask: Vec<i32>,
+    /// Output zero point and the clamp (type range narrowed by the fused activation).
+    pub zp: i32,
+    pub lo: i32,
+    pub hi: i32,
+}
+
+impl Requant {
+    /// From `(significand, exponent)` pairs as TFLite's `QuantizeMultiplier` gives them (one
+    /// per channel), the output zero point and the clamp. `None` for a significand of
+    /// `i32::MIN` (never produced by `QuantizeMultiplier`) or an empty list.
+    pub fn new(mults: &[(i32, i32)], zp: i32, lo: i32, hi: i32) -> Option<Requant> {
+        if mults.is_empty() || mults.iter().any(|&(m, _)| m == i32::MIN) || lo > hi {
+            return None;
+        }
+        // LANES unused channels past the end, so a block of LANES lanes can always be read.
+        let all: Vec<(i32, i32)> = mults
+            .iter()
+            .copied()
+            .chain(std::iter::repeat_n((0, 0), LANES))
+            .collect();
+        let rshift: Vec<u32> = all.iter().map(|&(_, s)| (-s).clamp(0, 31) as u32).collect();
+        Some(Requant {
+            n: mults.len(),
+            mult: all.iter().map(|&(m, _)| m).collect(),
+            lshift: all.iter().map(|&(_, s)| s.clamp(0, 30) as u32).collect(),
+            rmask: rshift.iter().map(|&r| ((1i64 << r) - 1) as i32).collect(),
+            rshift,
+            zp,
+            lo,
+            hi,
+        })
+    }
+
+    /// Channels (1 means one multiplier for every channel).
+    pub fn channels(&self) -> usize {
+        self.n
+    }
+
+    /// The multiplier list widened to `n` channels (a per-tensor multiplier repeated).
+    pub fn widen(&self, n: usize) -> Requant {
+        if self.n == n {
+            return self.clone();
+        }
+        let one = (self.mult[0], self.lshift[0] as i32 - self.rshift[0] as i32);
+        Requant::new(&vec![one; n.max(1)], self.zp, self.lo, self.hi)
+            .unwrap_or_else(|| self.clone())
+    }
+
+    /// One value, channel `c`: the lane function of [`requant_row`].
+    #[inline(always)]
+    pub fn apply(&self, acc: i32, c: usize) -> i32 {
+        lane(
+            acc,
+            self.mult[c],
+            self.lshift[c],
+            self.rshift[c],
+            self.rmask[c],
+        )
+        .wrapping_add(self.zp)
+        .clamp(self.lo, self.hi)
+    }
+}
+
+/// `MultiplyByQuantizedMultiplier` for one lane (`m != i32::MIN`, so the high multiply never
+/// saturates): `x << l`, the rounding doubling high multiply, then a rounding shift right by
+/// `r` (half away from zero). Only shifts, adds and one 32x32->64 multiply: vectorizes.
+#[inline(always)]
+fn lane(x: i32, m: i32, l: u32, r: u32, mask: i32) -> i32 {
+    let x = x.wrapping_shl(l);
+    // gemmlowp adds 2^30 (ab >= 0) or 1 - 2^30 (ab < 0) and divides by 2^31 truncating;
+    // for ab < 0 that is ceil((ab + 1 - 2^30) / 2^31) = floor((ab + 2^30) / 2^31), so both
+    // cases are one add and an arithmetic shift.
+    let hi = ((x as i64 * m as i64 + (1i64 << 30)) >> 31) as i32;
+    let rem = hi & mask;
+    let threshold = (mask >> 1) + i32::from(hi < 0);
+    (hi >> r) + i32::from(rem > threshold)
+}
+
+/// The definition, for tests: gemmlowp's functions as written (saturating high multiply with
+/// an i64 division, `RoundingDivideByPOT` with its mask and threshold).
+pub fn requant_ref(acc: i32, m: i32, shift: i32, zp: i32, lo: i32, hi: i32) -> i32 {
+    let left = shift.clamp(0, 30);
+    let right = (-shift).clamp(0, 31);
+    let a = acc.wrapping_mul(1i32 << left);
+    let h = if a == i32::MIN && m == i32::MIN {
+        i32::MAX
+    } else {
+        let ab = a as i64 * m as i64;
+        let nudge = if ab >= 0 {
+            1i64 << 30
+        } else {
+            1 - (1i64 << 30)
+        };
+        ((ab + nudge) / (1i64 << 31)) as i32
+    };
+    let mask = ((1i64 << right) - 1) as i32;
+    let remainder = h & mask;
+    let threshold = (mask >> 1) + i32::from(h < 0);
+    let r = (h >> right) + i32::from(remainder > threshold);
+    r.wrapping_add(zp).clamp(lo, hi)
+}
+
+/// Lanes per requantization block (one zmm of i32).
+const LANES: usize = 16;
+
+/// `out[j] = requant(acc[j] + add[j], channel c0 + j)` as 8-bit bytes, in blocks of
+/// [`LANES`] (a short tail goes through a padded block: no scalar remainder loop).
+#[inline(always)]
+pub(crate) fn requant_row_body(rq: &Requant, c0: usize, acc: &[i32], add: &[i32], out: &mut [u8]) {
+    let n = out.len().min(acc.len()).min(add.len());
+    let mut j = 0;
+    while j + LANES <= n {
+        let o: &mut [u8; LANES] = (&mut out[j..j + LANES]).try_into().expect("16 bytes");
+        requant_block(rq, c0 + j, &acc[j..j + LANES], &add[j..j + LANES], o);
+        j += LANES;
+    }
+    if j < n {
+        let r = n - j;
+        let (mut a, mut b, mut o) = ([0i32; LANES], [0i32; LANES], [0u8; LANES]);
+        a[..r].copy_from_slice(&acc[j..n]);
+        b[..r].copy_from_slice(&add[j..n]);
+        requant_block(rq, c0 + j, &a, &b, &mut o);
+        out[j..n].copy_from_slice(&o[..r]);
+    }
+}
+
+/// [`requant_row_body`] for callers whose `acc` and `add` can be read [`LANES`] at a time past
+/// `out.len()` (the lanes past it are computed and dropped): no input copies for a tail.
+#[inline(always)]
+fn requant_row_padded(rq: &Requant, c0: usize, acc: &[i32], add: &[i32], out: &mut [u8]) {
+    let n = out.len();
+    let mut j = 0;
+    while j + LANES <= n {
+        let o: &mut [u8; LANES] = (&mut out[j..j + LANES]).try_into().expect("16 bytes");
+        requant_block(rq, c0 + j, &acc[j..j + LANES], &add[j..j + LANES], o);
+        j += LANES;
+    }
+    if j < n {
+        let mut o = [0u8; LANES];
+        requant_block(rq, c0 + j, &acc[j..j + LANES], &add[j..j + LANES], &mut o);
+        out[j..n].copy_from_slice(&o[..n - j]);
+    }
+}
+
+#[inline(always)]
+fn requant_block(rq: &Requant, c0: usize, acc: &[i32], add: &[i32], out: &mut [u8; LANES]) {
+    let m: &[i32; LANES] = rq.mult[c0..c0 + LANES].try_into().expect("lanes");
+    let l: &[u32; LANES] = rq.lshift[c0..c0 + LANES].try_into().expect("lanes");
+    let r: &[u32; LANES] = rq.rshift[c0..c0 + LANES].try_into().expect("lanes");
+    let k: &[i32; LANES] = rq.rmask[c0..c0 + LANES].try_into().expect("lanes");
+    let acc: &[i32; LANES] = acc.try_into().expect("lanes");
+    let add: &[i32; LANES] = add.try_into().expect("lanes");
+    let (zp, lo, hi) = (rq.zp, rq.lo, rq.hi);
+    for j in 0..LANES {
+        let v = lane(acc[j].wrapping_add(add[j]), m[j], l[j], r[j], k[j]);
+        out[j] = v.wrapping_add(zp).clamp(lo, hi) as u8;
+    }
+}
+
+/// Requantizes `acc[j] + add[j]` for channels `c0..c0 + out.len()` into 8-bit `out` (the
+/// bytes of i8 or u8 values: `lo..=hi` lies in the output type's range).
+pub fn requant_row(rq: &Requant, c0: usize, acc: &[i32], add: &[i32], out: &mut [u8]) {
+    requant_row_with(dispatch::selected(), rq, c0, acc, add, out)
+}
+
+/// [`requant_row`] compiled for the float-family `variant` (Portable: the plain loop).
+pub fn requant_row_with(
+    variant: Variant,
+    rq: &Requant,
+    c0: usize,
+    acc: &[i32],
+    add: &[i32],
+    out: &mut [u8],
+) {
+    assert!(
+        c0 + out.len() <= rq.channels() && acc.len() >= out.len() && add.len() >= out.len(),
+        "requant_row: sizes"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::requant_row(variant, rq, c0, acc, add, out) {
+        return;
+    }
+    let _ = variant;
+    requant_row_body(rq, c0, acc, add, out)
+}
+
+/// 8-bit matrix rows for [`qgemm_requant`]: `rows x k`, row `i` at `data[i * rs..][..k]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Rows<'a> {
+    pub data: &'a [u8],
+    pub signed: bool,
+    pub rows: usize,
+    pub k: usize,
+    pub rs: usize,
+}
+
+/// Shared per-call state of the fused GEMM: per-column constant (bias and the zero-point
+/// terms that do not depend on the row) and the geometry.
+pub(crate) struct QgemmRq<'a> {
+    pub a: Rows<'a>,
+    /// Canonical bytes of A are `x ^ flip`.
+    pub flip: u8,
+    pub pb: &'a PackedB,
+    pub colc: Vec<i32>,
+    pub rq: &'a Requant,
+    pub zb_any: bool,
+}
+
+/// `out[i * ldc + j] = requant_j(bias[j] + sum_p (a[i][p] - za) * (b[p][j] - zb[j]))` for the
+/// 8-bit rows `a` and packed weights `pb` (`k x n`), as 8-bit bytes; `rq` has one multiplier
+/// per column (or one for all). Returns `false` (touching nothing) on a size mismatch.
+pub fn qgemm_requant(
+    a: Rows<'_>,
+    za: i32,
+    pb: &PackedB,
+    bias: &[i32],
+    rq: &Requant,
+    out: &mut [u8],
+    ldc: usize,
+) -> bool {
+    qgemm_requant_with(dispatch::selected(), a, za, pb, bias, rq, out, ldc)
+}
+
+/// [`qgemm_requant`] with the epilogue compiled for the float-family `variant` (the register
+/// tile is the one `pb` was packed for).
+#[allow(clippy::too_many_arguments)]
+pub fn qgemm_requant_with(
+    variant: Variant,
+    a: Rows<'_>,
+    za: i32,
+    pb: &PackedB,
+    bias: &[i32],
+    rq: &Requant,
+    out: &mut [u8],
+    ldc: usize,
+) -> bool {
+    let (m, k, n) = (a.rows, a.k, pb.n());
+    if k != pb.k() || bias.len() != n || rq.channels() != n || ldc < n {
+        return false;
+    }
+    if m == 0 || n == 0 {
+        return true;
+    }
+    let fits = (m - 1)
+        .checked_mul(a.rs)
+        .and_then(|v| v.checked_add(k))
+        .is_some_and(|l| l <= a.data.len());
+    let ofits = (m - 1)
+        .checked_mul(ldc)
+        .and_then(|v| v.checked_add(n))
+        .is_some_and(|l| l <= out.len());
+    if !fits || !ofits {
+        return false;
+    }
+    let t = qgemm::tile_of(pb.variant());
+    // Canonical A: u8 for x86 VNNI / portable tiles, i8 for aarch64's; x ^ 0x80 converts.
+    let flip = if a.signed != t.a_signed { 0x80u8 } else { 0 };
+    let za_c = if flip == 0 {
+        za
+    } else if a.signed {
+        za + 128
+    } else {
+        za - 128
+    };
+    let (csum, zb) = pb.sums();
+    let kz = k as i32;
+    let colc = (0..n)
+        .map(|j| {
+            bias[j]
+                .wrapping_sub(za_c.wrapping_mul(csum[j]))
+                .wrapping_add(kz.wrapping_mul(za_c).wrapping_mul(zb[j]))
+        })
+        .chain(std::iter::repeat_n(0, LANES))
+        .collect();
+    let p = QgemmRq {
+        a,
+        flip,
+        pb,
+        colc,
+        rq,
+        zb_any: zb.iter().any(|&z| z != 0),
+    };
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::qgemm_requant(variant, &p, out, ldc) {
+        return true;
+    }
+    let _ = variant;
+    qgemm_requant_body(&p, out, ldc);
+    true
+}
+
+/// The loop of [`qgemm_requant`]: per panel of `mr` rows, pack it (canonical bytes and row
+/// sums), then per panel of `nr` columns run the register tile and requantize it.
+#[inline(always)]
+pub(crate) fn qgemm_requant_body(p: &QgemmRq<'_>, out: &mut [u8], ldc: usize) {
+    let pb = p.pb;
+    let t = qgemm::tile_of(pb.variant());
+    let (m, k, n) = (p.a.rows, p.a.k, pb.n());
+    let kp = k.div_ceil(t.ku) * t.ku;
+    let groups = kp / t.ku;
+    let mut apanel = vec![0u8; kp * t.mr];
+    let mut rsum = vec![0i32; t.mr];
+    // LANES spare accumulators and column constants: the epilogue reads whole blocks.
+    let mut acc = vec![0i32; t.mr * t.nr + LANES];
+    let mut add = vec![0i32; t.nr + LANES];
+    let zb = pb.sums().1;
+    let bdata = pb.data();
+    for i0 in (0..m).step_by(t.mr) {
+        let h = t.mr.min(m - i0);
+        // Pack rows i0..i0+h: per group of ku depths, mr x ku bytes. Padding (depths past
+        // k, rows past h) meets zero weights or is never stored, so it is left as is.
+        for (i, rs) in rsum.iter_mut().enumerate().take(h) {
+            let row = &p.a.data[(i0 + i) * p.a.rs..][..k];
+            match t.ku {
+                4 => pack_row::<4>(row, i, t.mr, &mut apanel),
+                8 => pack_row::<8>(row, i, t.mr, &mut apanel),
+                _ => pack_row::<1>(row, i, t.mr, &mut apanel),
+            }
+            *rs = if t.a_signed {
+                row.iter()
+                    .fold(0i32, |s, &x| s.wrapping_add((x ^ p.flip) as i8 as i32))
+            } else {
+                row.iter()
+                    .fold(0i32, |s, &x| s.wrapping_add((x ^ p.flip) as i32))
+            };
+        }
+        if p.flip != 0 {
+            apanel.iter_mut().for_each(|x| *x ^= p.flip);
+        }
+        for (jp, bpanel) in bdata.chunks_exact(kp * t.nr).enumerate() {
+            let j0 = jp * t.nr;
+            let w = t.nr.min(n - j0);
+            qgemm::run_tile(pb.variant(), t, groups, &apanel, bpanel, &mut acc);
+            for i in 0..h {
+                let o = &mut out[(i0 + i) * ldc + j0..][..w];
+                let a = &acc[i * t.nr..];
+                if p.zb_any {
+                    for ((d, &c), &z) in add.iter_mut().zip(&p.colc[j0..j0 + w]).zip(&zb[j0..]) {
+                        *d = c.wrapping_sub(z.wrapping_mul(rsum[i]));
+                    }
+                    requant_row_padded(p.rq, j0, a, &add, o);
+                } else {
+                    requant_row_padded(p.rq, j0, a, &p.colc[j0..], o);
+                }
+            }
+        }
+    }
+}
+
+/// Copies row `i` of a panel into its place in every group of `KU` depths.
+#[inline(always)]
+fn pack_row<const KU: usize>(row: &[u8], i: usize, mr: usize, panel: &mut [u8]) {
+    let mut groups = row.chunks_exact(KU);
+    let stride = mr * KU;
+    for (g, c) in groups.by_ref().enumerate() {
+        panel[g * stride + i * KU..][..KU].copy_from_slice(c);
+    }
+    let rest = groups.remainder();
+    if !rest.is_empty() {
+        let g = row.len() / KU;
+        panel[g * stride + i * KU..][..rest.len()].copy_from_slice(rest);
+    }
+}
+
+/// Geometry and operands of a depthwise convolution (NHWC, one image, depth multiplier 1).
+#[derive(Clone, Copy, Debug)]
+pub struct Depthwise<'a> {
+    /// Input bytes `ih x iw x c`.
+    pub x: &'a [u8],
+    pub signed: bool,
+    pub xz: i32,
+    pub ih: usize,
+    pub iw: usize,
+    pub c: usize,
+    pub oh: usize,
+    pub ow: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub sh: usize,
+    pub sw: usize,
+    pub dh: usize,
+    pub dw: usize,
+    pub pt: usize,
+    pub pl: usize,
+    /// Weights `[kh][kw][c]` with their zero points already subtracted.
+    pub w: &'a [i32],
+    pub bias: &'a [i32],
+    pub rq: &'a Requant,
+}
+
+impl Depthwise<'_> {
+    fn valid(&self) -> bool {
+        let taps = self.kh * self.kw;
+        self.x.len() >= self.ih * self.iw * self.c
+            && self.w.len() >= taps * self.c
+            && self.bias.len() >= self.c
+            && self.rq.channels() >= self.c
+            && self.sh > 0
+            && self.sw > 0
+            && self.dh > 0
+            && self.dw > 0
+    }
+}
+
+/// Output rows `rows` of the depthwise convolution into `out` (`rows.len() x ow x c` bytes).
+/// Padding taps contribute nothing (TFLite pads with the input zero point). Returns `false`
+/// (touching nothing) on a size mismatch.
+pub fn depthwise(p: &Depthwise<'_>, rows: Range<usize>, out: &mut [u8]) -> bool {
+    depthwise_with(dispatch::selected(), p, rows, out)
+}
+
+/// [`depthwise`] compiled for the float-family `variant`.
+pub fn depthwise_with(
+    variant: Variant,
+    p: &Depthwise<'_>,
+    rows: Range<usize>,
+    out: &mut [u8],
+) -> bool {
+    if !p.valid() || rows.end > p.oh || out.len() < rows.len() * p.ow * p.c {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::depthwise_q8(variant, p, rows.clone(), out) {
+        return true;
+    }
+    let _ = variant;
+    depthwise_body(p, rows, out);
+    true
+}
+
+#[inline(always)]
+pub(crate) fn depthwise_body(p: &Depthwise<'_>, rows: Range<usize>, out: &mut [u8]) {
+    if p.signed {
+        depthwise_t::<true>(p, rows, out)
+    } else {
+        depthwise_t::<false>(p, rows, out)
+    }
+}
+
+#[inline(always)]
+fn widen<const S: bool>(b: u8) -> i32 {
+    if S {
+        b as i8 as i32
+    } else {
+        b as i32
+    }
+}
+
+#[inline(always)]
+fn depthwise_t<const S: bool>(p: &Depthwise<'_>, rows: Range<usize>, out: &mut [u8]) {
+    let c = p.c;
+    let mut taps: Vec<(usize, usize)> = Vec::with_capacity(p.kh * p.kw);
+    let zero = [0i32; 16];
+    // Offsets of every tap from the pixel's top-left input, for pixels whose window lies
+    // inside the image.
+    let all: Vec<(usize, usize)> = (0..p.kh)
+        .flat_map(|ky| {
+            (0..p.kw).map(move |kx| ((ky * p.dh * p.iw + kx * p.dw) * c, (ky * p.kw + kx) * c))
+        })
+        .collect();
+    let (ey, ex) = ((p.kh - 1) * p.dh, (p.kw - 1) * p.dw);
+    for (r, oy) in rows.enumerate() {
+        for ox in 0..p.ow {
+            let (y0, x0) = (oy * p.sh, ox * p.sw);
+            if y0 >= p.pt && x0 >= p.pl && y0 - p.pt + ey < p.ih && x0 - p.pl + ex < p.iw {
+                let base = ((y0 - p.pt) * p.iw + (x0 - p.pl)) * c;
+                taps.clear();
+                taps.extend(all.iter().map(|&(xo, wo)| (base + xo, wo)));
+            } else {
+                taps.clear();
+                for ky in 0..p.kh {
+                    let Some(iy) = (oy * p.sh + ky * p.dh)
+                        .checked_sub(p.pt)
+                        .filter(|&v| v < p.ih)
+                    else {
+                        continue;
+                    };
+                    for kx in 0..p.kw {
+                        let Some(ix) = (ox * p.sw + kx * p.dw)
+                            .checked_sub(p.pl)
+                            .filter(|&v| v < p.iw)
+                        else {
+                            continue;
+                        };
+                        taps.push(((iy * p.iw + ix) * c, (ky * p.kw + kx) * c));
+                    }
+                }
+            }
+            let o = &mut out[(r * p.ow + ox) * c..][..c];
+            let mut c0 = 0;
+            while c0 + 64 <= c {
+                dw_block::<S, 64>(p, &taps, c0, o);
+                c0 += 64;
+            }
+            while c0 + 16 <= c {
+                dw_block::<S, 16>(p, &taps, c0, o);
+                c0 += 16;
+            }
+            if c0 < c {
+                let nb = c - c0;
+                let mut acc = [0i32; 16];
+                acc[..nb].copy_from_slice(&p.bias[c0..c]);
+                for &(xo, wo) in taps.iter() {
+                    let xs = &p.x[xo + c0..][..nb];
+                    let ws = &p.w[wo + c0..][..nb];
+                    for j in 0..nb {
+                        acc[j] =
+                            acc[j].wrapping_add((widen::<S>(xs[j]) - p.xz).wrapping_mul(ws[j]));
+                    }
+                }
+                requant_row_body(p.rq, c0, &acc[..nb], &zero[..nb], &mut o[c0..]);
+            }
+        }
+    }
+}
+
+/// `N` channels from `c0` of one output pixel: the accumulators stay in registers while the
+/// taps are summed.
+#[inline(always)]
+fn dw_block<const S: bool, const N: usize>(
+    p: &Depthwise<'_>,
+    taps: &[(usize, usize)],
+    c0: usize,
+    o: &mut [u8],
+) {
+    let mut acc = [0i32; N];
+    acc.copy_from_slice(&p.bias[c0..c0 + N]);
+    for &(xo, wo) in taps {
+        let xs: &[u8; N] = p.x[xo + c0..][..N].try_into().expect("N bytes");
+        let ws: &[i32; N] = p.w[wo + c0..][..N].try_into().expect("N weights");
+        for j in 0..N {
+            acc[j] = acc[j].wrapping_add((widen::<S>(xs[j]) - p.xz).wrapping_mul(ws[j]));
+        }
+    }
+    requant_row_body(p.rq, c0, &acc, &[0; N], &mut o[c0..c0 + N]);
+}
+
+/// The definition, for tests: every output as a plain sum over in-bounds taps, requantized
+/// with [`requant_ref`] (`mults` as given to [`Requant::new`]).
+pub fn depthwise_reference(p: &Depthwise<'_>, mults: &[(i32, i32)]) -> Vec<u8> {
+    let c = p.c;
+    let mut out = Vec::with_capacity(p.oh * p.ow * c);
+    for oy in 0..p.oh {
+        for ox in 0..p.ow {
+            for ch in 0..c {
+                let mut s = p.bias[ch];
+                for ky in 0..p.kh {
+                    for kx in 0..p.kw {
+                        let iy = (oy * p.sh + ky * p.dh) as isize - p.pt as isize;
+                        let ix = (ox * p.sw + kx * p.dw) as isize - p.pl as isize;
+                        if iy < 0 || ix < 0 || iy >= p.ih as isize || ix >= p.iw as isize {
+                            continue;
+                        }
+                        let b = p.x[(iy as usize * p.iw + ix as usize) * c + ch];
+                        let xv = if p.signed { b as i8 as i32 } else { b as i32 };
+                        s = s
+                            .wrapping_add((xv - p.xz).wrapping_mul(p.w[(ky * p.kw + kx) * c + ch]));
+                    }
+                }
+                let (m, sh) = mults[ch.min(mults.len() - 1)];
+                out.push(requant_ref(s, m, sh, p.rq.zp, p.rq.lo, p.rq.hi) as u8);
+            }
+        }
+    }
+    out
+}
+
+/// TFLite's quantized ADD (or SUB) of two same-shape 8-bit tensors: both inputs shifted left by
+/// `left_shift` (20 for 8-bit), rescaled by their multipliers to a common grid, summed, and
+/// requantized by `out`'s multiplier (`out` holds one channel).
+#[derive(Clone, Debug)]
+pub struct AddParams {
+    pub z1: i32,
+    pub z2: i32,
+    pub m1: (i32, i32),
+    pub m2: (i32, i32),
+    pub left_shift: u32,
+    pub negate: bool,
+    pub out: Requant,
+}
+
+/// `out = add(a, b)` elementwise (same length); `false` on a size mismatch.
+pub fn add(p: &AddParams, signed: bool, a: &[u8], b: &[u8], out: &mut [u8]) -> bool {
+    add_with(dispatch::selected(), p, signed, a, b, out)
+}
+
+/// [`add`] compiled for the float-family `variant`.
+pub fn add_with(
+    variant: Variant,
+    p: &AddParams,
+    signed: bool,
+    a: &[u8],
+    b: &[u8],
+    out: &mut [u8],
+) -> bool {
+    if a.len() != b.len() || out.len() != a.len() || p.out.channels() != 1 || p.left_shift > 30 {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::add_q8(variant, p, signed, a, b, out) {
+        return true;
+    }
+    let _ = variant;
+    add_body(p, signed, a, b, out);
+    true
+}
+
+#[inline(always)]
+pub(crate) fn add_body(p: &AddParams, signed: bool, a: &[u8], b: &[u8], out: &mut [u8]) {
+    if signed {
+        add_t::<true>(p, a, b, out)
+    } else {
+        add_t::<false>(p, a, b, out)
+    }
+}
+
+/// A multiplier as lane parameters.
+fn lane_params((m, s): (i32, i32)) -> (i32, u32, u32, i32) {
+    let r = (-s).clamp(0, 31) as u32;
+    (m, s.clamp(0, 30) as u32, r, ((1i64 << r) - 1) as i32)
+}
+
+#[inline(always)]
+fn add_t<const S: bool>(p: &AddParams, a: &[u8], b: &[u8], out: &mut [u8]) {
+    let (m1, l1, r1, k1) = lane_params(p.m1);
+    let (m2, l2, r2, k2) = lane_params(p.m2);
+    let o = &p.out;
+    let (mo, lo_, ro, ko) = (o.mult[0], o.lshift[0], o.rshift[0], o.rmask[0]);
+    let (z1, z2, ls) = (p.z1, p.z2, p.left_shift);
+    let sign = if p.negate { -1 } else { 1 };
+    for ((d, &x), &y) in out.iter_mut().zip(a).zip(b) {
+        let x = lane((widen::<S>(x) - z1) << ls, m1, l1, r1, k1);
+        let y = lane((widen::<S>(y) - z2) << ls, m2, l2, r2, k2);
+        let v = lane(x.wrapping_add(y.wrapping_mul(sign)), mo, lo_, ro, ko);
+        *d = v.wrapping_add(o.zp).clamp(o.lo, o.hi) as u8;
+    }
+}
+
+/// The definition, for tests.
+pub fn add_reference(p: &AddParams, signed: bool, a: &[u8], b: &[u8]) -> Vec<u8> {
+    let w = |v: u8| if signed { v as i8 as i32 } else { v as i32 };
+    let one = |x: i32, (m, s): (i32, i32)| requant_ref(x, m, s, 0, i32::MIN, i32::MAX);
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| {
+            let x = one((w(x) - p.z1).wrapping_mul(1 << p.left_shift), p.m1);
+            let y = one((w(y) - p.z2).wrapping_mul(1 << p.left_shift), p.m2);
+            let raw = if p.negate {
+                x.wrapping_sub(y)
+            } else {
+                x.wrapping_add(y)
+            };
+            let o = &p.out;
+            requant_ref(
+                raw,
+                o.mult[0],
+                o.lshift[0] as i32 - o.rshift[0] as i32,
+                o.zp,
+                o.lo,
+                o.hi,
+            ) as u8
+        })
+        .collect()
+}
+
+/// TFLite QUANTIZE of f32 values to 8 bits: `clamp(round(v / scale) + zp, lo, hi)` with
+/// rounding half away from zero and NaN as 0 (the driver's `quant1`), as bytes.
+pub fn quantize_f32(x: &[f32], scale: f32, zp: i32, lo: i32, hi: i32, out: &mut [u8]) -> bool {
+    quantize_f32_with(dispatch::selected(), x, scale, zp, lo, hi, out)
+}
+
+/// [`quantize_f32`] compiled for the float-family `variant`.
+pub fn quantize_f32_with(
+    variant: Variant,
+    x: &[f32],
+    scale: f32,
+    zp: i32,
+    lo: i32,
+    hi: i32,
+    out: &mut [u8],
+) -> bool {
+    if x.len() != out.len() || lo > hi {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::quantize_f32(variant, x, scale, zp, lo, hi, out) {
+        return true;
+    }
+    let _ = variant;
+    quantize_f32_body(x, scale, zp, lo, hi, out);
+    true
+}
+
+/// One value of [`quantize_f32`], the definition.
+#[inline(always)]
+pub fn quantize1(v: f32, scale: f32, zp: i32, lo: i32, hi: i32) -> i32 {
+    let q = (v / scale).round();
+    let q = if q.is_nan() {
+        0
+    } else {
+        q.clamp(-2e9, 2e9) as i32
+    };
+    q.saturating_add(zp).clamp(lo, hi)
+}
+
+#[inline(always)]
+pub(crate) fn quantize_f32_body(x: &[f32], scale: f32, zp: i32, lo: i32, hi: i32, out: &mut [u8]) {
+    for (d, &v) in out.iter_mut().zip(x) {
+        *d = quantize1(v, scale, zp, lo, hi) as u8;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qgemm::{qgemm_reference, QMat};
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u32 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) as u32
+        }
+        fn i(&mut self, lo: i32, hi: i32) -> i32 {
+            lo + (self.next() % (hi - lo + 1) as u32) as i32
+        }
+        fn bytes(&mut self, n: usize) -> Vec<u8> {
+            (0..n).map(|_| self.next() as u8).collect()
+        }
+        /// A multiplier as QuantizeMultiplier gives: Q31 significand, exponent -20..=3.
+        fn mult(&mut self) -> (i32, i32) {
+            (self.i(1 << 30, i32::MAX), self.i(-20, 3))
+        }
+    }
+
+    fn float_variants() -> Vec<Variant> {
+        dispatch::detected()
+    }
+
+    #[test]
+    fn lane_matches_the_reference_definition() {
+        let mut r = Rng(3);
+        let mut xs: Vec<i32> = vec![0, 1, -1, i32::MIN, i32::MAX, 1 << 20, -(1 << 20)];
+        for _ in 0..2000 {
+            xs.push(r.next() as i32);
+            xs.push(r.i(-100_000, 100_000));
+        }
+        let mut ms = vec![
+            (1 << 30, 0),
+            (i32::MAX, -31),
+            (1 << 30, 30),
+            (0, 0),
+            (1 << 30, -1),
+        ];
+        for _ in 0..40 {
+            ms.push(r.mult());
+        }
+        for &(m, s) in &ms {
+            let rq = Requant::new(&[(m, s)], 0, i32::MIN, i32::MAX).unwrap();
+            for &x in &xs {
+                assert_eq!(
+                    rq.apply(x, 0),
+                    requant_ref(x, m, s, 0, i32::MIN, i32::MAX),
+                    "x={x} m={m} s={s}"
+                );
+            }
+        }
+        // Negative halves: -2.5 -> -3 after the shift, -7 * 0.5 -> -3 in the high multiply.
+        assert_eq!(requant_ref(-5, 1 << 30, 0, 0, -99, 99), -2);
+        assert_eq!(requant_ref(10, 1 << 30, -1, 0, -99, 99), 3);
+        assert_eq!(requant_ref(-10, 1 << 30, -1, 0, -99, 99), -3);
+    }
+
+    #[test]
+    fn requant_row_variants_match_the_reference() {
+        let mut r = Rng(5);
+        let n = 77;
+        let mults: Vec<(i32, i32)> = (0..n).map(|_| r.mult()).collect();
+        let rq = Requant::new(&mults, -3, -128, 100).unwrap();
+        let acc: Vec<i32> = (0..n).map(|_| r.i(-3_000_000, 3_000_000)).collect();
+        let add: Vec<i32> = (0..n).map(|_| r.i(-50_000, 50_000)).collect();
+        let want: Vec<u8> = (0..n)
+            .map(|j| {
+                let (m, s) = mults[j];
+                requant_ref(acc[j].wrapping_add(add[j]), m, s, -3, -128, 100) as u8
+            })
+            .collect();
+        for v in float_variants() {
+            for c0 in [0, 5] {
+                let mut out = vec![0u8; n - c0];
+                requant_row_with(v, &rq, c0, &acc[c0..], &add[c0..], &mut out);
+                assert_eq!(out, want[c0..], "{v:?}");
+            }
+        }
+    }
+
+    /// Every int8 tile x every epilogue build against qgemm_reference + requant_ref: odd
+    /// sizes, u8/i8 activations, u8/i8 weights with zero points, row strides.
+    #[test]
+    fn qgemm_requant_matches_the_reference() {
+        let mut r = Rng(9);
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (9, 33, 27),
+            (17, 16, 96),
+            (8, 32, 4),
+            (30, 70, 13),
+            (3, 5, 200),
+        ] {
+            let rs = k + 3;
+            let ab = r.bytes(m * rs);
+            let wb = r.bytes(n * k);
+            let mults: Vec<(i32, i32)> = (0..n)
+                .map(|_| (r.i(1 << 30, i32::MAX), r.i(-14, -6)))
+                .collect();
+            let bias: Vec<i32> = (0..n).map(|_| r.i(-20_000, 20_000)).collect();
+            for (a_signed, w_signed) in [(true, true), (false, true), (false, false), (true, false)]
+            {
+                let za = if a_signed { -5 } else { 131 };
+                let zb: Vec<i32> = if w_signed {
+                    vec![0]
+                } else {
+                    (0..n).map(|_| r.i(100, 150)).collect()
+                };
+                let ai: Vec<i8> = ab.iter().map(|&x| x as i8).collect();
+                let wi: Vec<i8> = wb.iter().map(|&x| x as i8).collect();
+                let am = if a_signed {
+                    QMat {
+                        data: crate::qgemm::QData::I8(&ai),
+                        rows: m,
+                        cols: k,
+                        rs,
+                        cs: 1,
+                    }
+                } else {
+                    QMat {
+                        data: crate::qgemm::QData::U8(&ab),
+                        rows: m,
+                        cols: k,
+                        rs,
+                        cs: 1,
+                    }
+                };
+                let wm = if w_signed {
+                    QMat::i8(&wi, n, k).t()
+                } else {
+                    QMat::u8(&wb, n, k).t()
+                };
+                let mut c = vec![0i32; m * n];
+                assert!(qgemm_reference(am, &[za], wm, &zb, &mut c, n));
+                let (zp, lo, hi) = if a_signed {
+                    (-7, -128, 127)
+                } else {
+                    (9, 9, 200)
+                };
+                let want: Vec<u8> = (0..m * n)
+                    .map(|i| {
+                        let j = i % n;
+                        let (mm, s) = mults[j];
+                        requant_ref(c[i].wrapping_add(bias[j]), mm, s, zp, lo, hi) as u8
+                    })
+                    .collect();
+                let rq = Requant::new(&mults, zp, lo, hi).unwrap();
+                let rows = Rows {
+                    data: &ab,
+                    signed: a_signed,
+                    rows: m,
+                    k,
+                    rs,
+                };
+                for iv in dispatch::detected_int8() {
+                    let pb = PackedB::with_variant(iv, wm, &zb).unwrap();
+                    for fv in float_variants() {
+                        let ldc = n + 2;
+                        let mut out = vec![0xAAu8; m * ldc];
+                        assert!(qgemm_requant_with(
+                            fv, rows, za, &pb, &bias, &rq, &mut out, ldc
+                        ));
+                        for i in 0..m {
+                            assert_eq!(
+                                out[i * ldc..i * ldc + n],
+                                want[i * n..(i + 1) * n],
+                                "{iv:?} {fv:?} m={m} n={n} k={k} signed={a_signed},{w_signed}"
+                            );
+                            assert_eq!(out[i * ldc + n..i * ldc + ldc], [0xAA, 0xAA]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn depthwise_matches_the_reference() {
+        let mut r = Rng(13);
+        // (ih, iw, c, k, stride, dilation, pad)
+        let cases = [
+            (7, 9, 16, 3, 1, 1, 1),
+            (8, 8, 70, 3, 2, 1, 0),
+            (9, 6, 133, 3, 2, 1, 1),
+            (5, 5, 3, 5, 1, 1, 2),
+            (10, 7, 64, 3, 1, 2, 2),
+            (4, 4, 1, 1, 1, 1, 0),
+        ];
+        for &(ih, iw, c, kk, s, d, pad) in &cases {
+            let eff = (kk - 1) * d + 1;
+            let oh = (ih + 2 * pad - eff) / s + 1;
+            let ow = (iw + 2 * pad - eff) / s + 1;
+            let x = r.bytes(ih * iw * c);
+            let w: Vec<i32> = (0..kk * kk * c).map(|_| r.i(-127, 127)).collect();
+            let bias: Vec<i32> = (0..c).map(|_| r.i(-30_000, 30_000)).collect();
+            let mults: Vec<(i32, i32)> = (0..c)
+                .map(|_| (r.i(1 << 30, i32::MAX), r.i(-12, -5)))
+                .collect();
+            for signed in [true, false] {
+                let (xz, zp, lo, hi) = if signed {
+                    (-3, 4, -128, 127)
+                } else {
+                    (128, 0, 0, 255)
+                };
+                let rq = Requant::new(&mults, zp, lo, hi).unwrap();
+                let p = Depthwise {
+                    x: &x,
+                    signed,
+                    xz,
+                    ih,
+                    iw,
+                    c,
+                    oh,
+                    ow,
+                    kh: kk,
+                    kw: kk,
+                    sh: s,
+                    sw: s,
+                    dh: d,
+                    dw: d,
+                    pt: pad,
+                    pl: pad,
+                    w: &w,
+                    bias: &bias,
+                    rq: &rq,
+                };
+                let want = depthwise_reference(&p, &mults);
+                for v in float_variants() {
+                    let mut out = vec![0u8; oh * ow * c];
+                    assert!(depthwise_with(v, &p, 0..oh, &mut out));
+                    assert_eq!(
+                        out, want,
+                        "{v:?} {ih}x{iw}x{c} k{kk} s{s} d{d} signed={signed}"
+                    );
+                    // A band of rows lands where the whole run put it.
+                    if oh > 2 {
+                        let mut band = vec![0u8; (oh - 2) * ow * c];
+                        assert!(depthwise_with(v, &p, 1..oh - 1, &mut band));
+                        assert_eq!(band, want[ow * c..(oh - 1) * ow * c]);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn add_matches_the_reference() {
+        let mut r = Rng(17);
+        let n = 1000;
+        let a = r.bytes(n);
+        let b = r.bytes(n);
+        for (signed, negate) in [(true, false), (false, false), (true, true)] {
+            let p = AddParams {
+                z1: if signed { -3 } else { 120 },
+                z2: if signed { 7 } else { 133 },
+                m1: (r.i(1 << 30, i32::MAX), -1),
+                m2: (r.i(1 << 30, i32::MAX), -2),
+                left_shift: 20,
+                negate,
+                out: Requant::new(
+                    &[(r.i(1 << 30, i32::MAX), -18)],
+                    5,
+                    if signed { -128 } else { 0 },
+                    if signed { 127 } else { 255 },
+                )
+                .unwrap(),
+            };
+            let want = add_reference(&p, signed, &a, &b);
+            for v in float_variants() {
+                let mut out = vec![0u8; n];
+                assert!(add_with(v, &p, signed, &a, &b, &mut out));
+                assert_eq!(out, want, "{v:?} signed={signed} negate={negate}");
+            }
+        }
+    }
+
+    #[test]
+    fn quantize_matches_the_definition() {
+        let mut r = Rng(23);
+        let mut x: Vec<f32> = (0..999)
+            .map(|_| (r.i(-3_000_000, 3_000_000) as f32) * 1e-4)
+            .collect();
+        // Exact halves (round away from zero), huge values, NaN, infinities.
+        x.extend([
+            0.5,
+            -0.5,
+            1.5,
+            -1.5,
+            2.5,
+            -2.5,
+            1e30,
+            -1e30,
+            f32::NAN,
+            f32::INFINITY,
+        ]);
+        x.extend([f32::NEG_INFINITY, 0.49999997, -0.49999997, 8388609.0, -0.0]);
+        for (scale, zp, lo, hi) in [
+            (1.0, 0, -128, 127),
+            (0.0078125, -3, -128, 127),
+            (0.37, 128, 0, 255),
+        ] {
+            let want: Vec<u8> = x
+                .iter()
+                .map(|&v| quantize1(v, scale, zp, lo, hi) as u8)
+                .collect();
+            // The definition by hand on a few values.
+            if scale == 1.0 {
+                assert_eq!(want[999..1005], [1, 255, 2, 254, 3, 253]);
+            }
+            for v in float_variants() {
+                let mut out = vec![0u8; x.len()];
+                assert!(quantize_f32_with(v, &x, scale, zp, lo, hi, &mut out));
+                assert_eq!(out, want, "{v:?}");
+            }
+        }
+    }
+}
