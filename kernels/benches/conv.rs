@@ -62,7 +62,13 @@ fn packed(c: &mut Criterion) {
 }
 
 fn depthwise(c: &mut Criterion) {
-    for &(ch, hw, s) in &[(32, 112, 1), (96, 112, 2), (576, 14, 1)] {
+    for &(ch, hw, s) in &[
+        (32, 112, 1),
+        (96, 112, 2),
+        (576, 14, 1),
+        (960, 7, 1),
+        (144, 56, 2),
+    ] {
         let out = (hw + 2 - 3) / s + 1;
         let x = data(ch * hw * hw, 1);
         let w = data(ch * 9, 2);

@@ -60,6 +60,10 @@ pub fn depthwise3x3_with(variant: Variant, p: &Dw3x3<'_>, y: &mut [f32]) -> bool
         return false;
     }
     #[cfg(target_arch = "x86_64")]
+    if crate::simd::depthwise3x3_rows(variant, p, y) {
+        return true;
+    }
+    #[cfg(target_arch = "x86_64")]
     if crate::simd::depthwise3x3(variant, p, y) {
         return true;
     }
@@ -605,6 +609,12 @@ mod tests {
             (2, 5, 4, 1, 2),
             (1, 1, 1, 1, 2),
             (3, 14, 14, 1, 1),
+            // Rows wider than one and two 16-lane vectors, with partial last vectors.
+            (2, 5, 37, 1, 1),
+            (2, 6, 37, 2, 1),
+            (2, 4, 16, 1, 1),
+            (2, 4, 32, 2, 1),
+            (2, 7, 33, 2, 0),
         ] {
             let oh = (h + 2 * pad - 3) / s + 1;
             let ow = (w + 2 * pad - 3) / s + 1;
@@ -641,6 +651,47 @@ mod tests {
                 let bad = Dw3x3 { stride: 3, ..p };
                 assert!(!depthwise3x3_with(v, &bad, &mut y));
                 assert!(!depthwise3x3_with(v, &p, &mut y[1..]));
+            }
+        }
+    }
+
+    /// TFLite SAME padding with stride 2 on even sizes: no padding before, one row and column
+    /// after (outputs read past the input's end), every variant, no bias, Relu and a
+    /// non-fused activation.
+    #[test]
+    fn depthwise_same_stride2_pads_after() {
+        let mut sd = 9u32;
+        for &(c, h, w) in &[(3usize, 8usize, 8usize), (2, 14, 34), (2, 2, 2)] {
+            let (oh, ow) = (h.div_ceil(2), w.div_ceil(2));
+            let x: Vec<f32> = (0..c * h * w).map(|_| rnd(&mut sd)).collect();
+            let wt: Vec<f32> = (0..c * 9).map(|_| rnd(&mut sd)).collect();
+            let want = naive(&x, c, h, w, &wt, c, c, 2, 0, oh, ow);
+            for act in [Activation::Relu, Activation::HardSwish] {
+                for v in dispatch::detected() {
+                    let p = Dw3x3 {
+                        x: &x,
+                        c,
+                        h,
+                        w,
+                        stride: 2,
+                        pad_top: 0,
+                        pad_left: 0,
+                        out_h: oh,
+                        out_w: ow,
+                        weight: &wt,
+                        bias: None,
+                        act,
+                    };
+                    let mut y = vec![f32::NAN; c * oh * ow];
+                    assert!(depthwise3x3_with(v, &p, &mut y));
+                    for (k, (a, b)) in y.iter().zip(&want).enumerate() {
+                        let b = act.apply(*b);
+                        assert!(
+                            (a - b).abs() < 1e-5,
+                            "{v:?} {act:?} c{c} {h}x{w} [{k}] {a} vs {b}"
+                        );
+                    }
+                }
             }
         }
     }

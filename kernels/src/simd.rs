@@ -591,3 +591,138 @@ wide_int!(
     (x: &[f32], scale: f32, zp: i32, lo: i32, hi: i32, out: &mut [u8]),
     qconv::quantize_f32_body(x, scale, zp, lo, hi, out)
 );
+
+/// Depthwise 3x3 straight from the NCHW input, AVX-512: each output row is computed 16
+/// outputs at a time in one register (bias, the nine taps, Relu/Clip, one masked store), the
+/// padding handled by the masks of the loads (lanes outside the input read nothing and count
+/// as zero). Stride 2 loads 32 consecutive inputs per tap and keeps the even ones
+/// (`vpermt2ps`). No padded copies and no per-row copies: on MobileNet's 7x7 and 14x14 maps the
+/// plane kernel's copies cost more than its multiply-adds.
+///
+/// Returns `false` (doing nothing) unless `variant` is AVX-512 and this CPU has it. Sizes were
+/// checked by the caller ([`crate::conv::depthwise3x3_with`]).
+pub(crate) fn depthwise3x3_rows(variant: Variant, p: &conv::Dw3x3<'_>, y: &mut [f32]) -> bool {
+    if variant != Variant::Avx512 || !has_avx512() {
+        return false;
+    }
+    // SAFETY: AVX-512F was detected just above.
+    unsafe { dw3x3_rows_avx512(p, y) };
+    true
+}
+
+/// The lanes `j < len` of a load starting at input column `base` that fall inside `0..w`, as
+/// a bit mask (`len <= 32`).
+#[inline(always)]
+fn dw_mask(base: isize, len: usize, w: usize) -> u32 {
+    let lo = (-base).clamp(0, len as isize) as u32;
+    let hi = (w as isize - base).clamp(0, len as isize) as u32;
+    if hi <= lo {
+        return 0;
+    }
+    let upto = |n: u32| if n >= 32 { u32::MAX } else { (1u32 << n) - 1 };
+    upto(hi) & !upto(lo)
+}
+
+/// Output rows computed together by [`dw3x3_rows_avx512`]: each input row's taps are loaded
+/// once for all of them, and their accumulators are independent FMA chains (one chain of nine
+/// dependent FMAs per vector leaves the FMA pipes mostly idle).
+const DW_ROWS: usize = 8;
+
+/// # Safety
+/// The CPU must support AVX-512F; `p` and `y` must have passed the size checks of
+/// [`crate::conv::depthwise3x3_with`].
+#[target_feature(enable = "avx512f")]
+unsafe fn dw3x3_rows_avx512(p: &conv::Dw3x3<'_>, y: &mut [f32]) {
+    let (h, w, s) = (p.h, p.w, p.stride);
+    let (oh, ow) = (p.out_h, p.out_w);
+    let (pt, pl) = (p.pad_top as isize, p.pad_left as isize);
+    let (lo, hi, post) = match p.act {
+        Activation::Identity => (f32::NEG_INFINITY, f32::INFINITY, false),
+        Activation::Relu => (0.0, f32::INFINITY, false),
+        Activation::Clip { lo, hi } => (lo, hi, false),
+        _ => (f32::NEG_INFINITY, f32::INFINITY, true),
+    };
+    let clamp = lo != f32::NEG_INFINITY || hi != f32::INFINITY;
+    let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+    let evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    for ch in 0..p.c {
+        let xc = &p.x[ch * h * w..(ch + 1) * h * w];
+        let kw = &p.weight[ch * 9..ch * 9 + 9];
+        let mut kv = [_mm512_setzero_ps(); 9];
+        for (v, &k) in kv.iter_mut().zip(kw) {
+            *v = _mm512_set1_ps(k);
+        }
+        let bv = _mm512_set1_ps(p.bias.map_or(0.0, |b| b[ch]));
+        let yc = &mut y[ch * oh * ow..(ch + 1) * oh * ow];
+        for oy0 in (0..oh).step_by(DW_ROWS) {
+            let rows = DW_ROWS.min(oh - oy0);
+            // Input rows the block reads, clipped to the input (padding rows add nothing).
+            let first = ((oy0 * s) as isize - pt).max(0);
+            let last = (((oy0 + rows - 1) * s + 3) as isize - pt).min(h as isize);
+            let mut x0 = 0;
+            while x0 < ow {
+                let n = (ow - x0).min(16);
+                let base = (x0 * s) as isize - pl;
+                let mut acc = [bv; DW_ROWS];
+                for iy in first..last {
+                    let row = &xc[iy as usize * w..(iy as usize + 1) * w];
+                    let rp = row.as_ptr();
+                    let t = if s == 1 {
+                        let ld = |b: isize| {
+                            let m = dw_mask(b, n, w) as u16;
+                            // SAFETY: the mask keeps only lanes whose columns b + j lie in
+                            // 0..w, i.e. inside `row`; masked-off lanes are not accessed.
+                            unsafe { _mm512_maskz_loadu_ps(m, rp.wrapping_offset(b)) }
+                        };
+                        [ld(base), ld(base + 1), ld(base + 2)]
+                    } else {
+                        // Columns base + 2j (kx 0), + 1 (kx 1), + 2 (kx 2), j < n.
+                        let ld2 = |b: isize| {
+                            let m = dw_mask(b, 2 * n, w);
+                            // SAFETY: as above, the mask keeps only lanes inside `row` (bits
+                            // 0..16 for the first load, 16..32 for the second).
+                            unsafe {
+                                (
+                                    _mm512_maskz_loadu_ps(m as u16, rp.wrapping_offset(b)),
+                                    _mm512_maskz_loadu_ps(
+                                        (m >> 16) as u16,
+                                        rp.wrapping_offset(b + 16),
+                                    ),
+                                )
+                            }
+                        };
+                        let (a0, a1) = ld2(base);
+                        let (c0, c1) = ld2(base + 2);
+                        [
+                            _mm512_permutex2var_ps(a0, evens, a1),
+                            _mm512_permutex2var_ps(a0, odds, a1),
+                            _mm512_permutex2var_ps(c0, evens, c1),
+                        ]
+                    };
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let ky = iy + pt - ((oy0 + r) * s) as isize;
+                        if r < rows && (0..3).contains(&ky) {
+                            let k = &kv[ky as usize * 3..ky as usize * 3 + 3];
+                            *a = _mm512_fmadd_ps(t[0], k[0], *a);
+                            *a = _mm512_fmadd_ps(t[1], k[1], *a);
+                            *a = _mm512_fmadd_ps(t[2], k[2], *a);
+                        }
+                    }
+                }
+                for (r, mut a) in acc.into_iter().enumerate().take(rows) {
+                    if clamp {
+                        a = _mm512_min_ps(_mm512_max_ps(a, vlo), vhi);
+                    }
+                    let dst = &mut yc[(oy0 + r) * ow + x0..(oy0 + r) * ow + x0 + n];
+                    // SAFETY: the mask keeps the first n lanes, which `dst` holds.
+                    unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr(), ((1u32 << n) - 1) as u16, a) };
+                }
+                x0 += 16;
+            }
+        }
+        if post {
+            p.act.apply_slice(yc);
+        }
+    }
+}
