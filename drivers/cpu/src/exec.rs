@@ -469,6 +469,19 @@ impl Plan {
     }
 }
 
+/// Input `k` of `node` when it is absent (`Some(None)`) or an initializer (`Some(Some(_))`);
+/// `None` when it is computed at run time (no plan can be prepared for the node).
+pub(crate) fn const_input<'g>(
+    graph: &'g Graph,
+    node: &edgehal_core::Node,
+    k: usize,
+) -> Option<Option<&'g Tensor>> {
+    match node.inputs.get(k).copied().flatten() {
+        None => Some(None),
+        Some(v) => graph.initializers.get(&v).map(Some),
+    }
+}
+
 /// A prepared plan for a float convolution whose weight (and bias) are initializers, with the
 /// weights packed for the input shape shape inference found. `None` for anything else, and
 /// where preparing fails (the op then reports the problem at run time).
@@ -478,14 +491,8 @@ fn prepare(graph: &Graph, node: &edgehal_core::Node) -> Option<ConvPlan> {
     if !is_conv {
         return None;
     }
-    let init = |k: usize| -> Option<Option<&Tensor>> {
-        match node.inputs.get(k).copied().flatten() {
-            None => Some(None),
-            Some(v) => graph.initializers.get(&v).map(Some),
-        }
-    };
-    let w = init(1)??;
-    let b = init(2)?;
+    let w = const_input(graph, node, 1)??;
+    let b = const_input(graph, node, 2)?;
     if !w.dtype().is_float() {
         return None;
     }

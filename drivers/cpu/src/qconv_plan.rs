@@ -70,14 +70,8 @@ impl QConvPlan {
             "FullyConnected" => nn::fully_connected,
             _ => return None,
         };
-        let init = |k: usize| -> Option<Option<&Tensor>> {
-            match node.inputs.get(k).copied().flatten() {
-                None => Some(None),
-                Some(v) => graph.initializers.get(&v).map(Some),
-            }
-        };
-        let w = init(1)??;
-        let b = init(2)?;
+        let w = crate::exec::const_input(graph, node, 1)??;
+        let b = crate::exec::const_input(graph, node, 2)?;
         let x = node.inputs.first().copied().flatten()?;
         let x_dtype = graph.values.get(x)?.dtype?;
         if !matches!(x_dtype, DType::I8 | DType::U8) || !matches!(w.dtype(), DType::I8 | DType::U8)
