@@ -5,7 +5,8 @@
 //! - Every kernel has a portable reference; SIMD variants are picked at run time (once per
 //!   process, see [`dispatch`]) and tested against the reference.
 //! - `unsafe` is allowed only in `arch/` and `simd.rs` (intrinsics and `#[target_feature]`
-//!   entry points); everything else is safe Rust.
+//!   entry points) and `pool.rs` (the worker pool hands a lifetime-erased job to its threads);
+//!   everything else is safe Rust.
 
 #![deny(unsafe_code)]
 
@@ -16,6 +17,8 @@ pub mod dispatch;
 pub mod gemm;
 pub mod gemv;
 pub mod packed;
+#[allow(unsafe_code)]
+pub mod pool;
 pub mod qconv;
 pub mod qgemm;
 pub mod rnn;

@@ -24,7 +24,7 @@ use edgehal_kernels::dispatch;
 use edgehal_kernels::gemm::MatRef;
 use edgehal_kernels::packed::{gemm_packed, gemm_packed_panels, Activation, Epilogue, PackedA};
 
-use crate::ops::nn::{ftensor, fvec, geom, im2col, numel, zeros_f32, Geom};
+use crate::ops::nn::{ftensor, fvec, geom, im2col, numel, take_f32, Geom};
 use crate::ops::{input, opt_input, OpCtx};
 use crate::par::for_parts;
 
@@ -320,7 +320,10 @@ impl ConvPlan {
         if xv.len() != n * c * in_total {
             return Err(Error::arg("Conv: X has the wrong number of elements"));
         }
-        let mut out = zeros_f32(total)?;
+        // Every path below writes each output element (the kernels' tests check it on
+        // NaN-filled outputs), so the buffer is not zeroed first: on the early layers of a
+        // MobileNet that memset was as much memory traffic as the convolution's own stores.
+        let mut out = take_f32(total)?;
         let per_img = self.m * p;
         let variant = dispatch::selected();
         match self.path(c, &g) {
@@ -371,8 +374,8 @@ impl ConvPlan {
                 let packs = self.wino_packed()?;
                 let (ty, tx) = (kconv::wino_tiles(g.out[0]), kconv::wino_tiles(g.out[1]));
                 let t = ty * tx;
-                let mut v = zeros_f32(36 * c * t)?;
-                let mut mm = zeros_f32(36 * self.m * t)?;
+                let mut v = take_f32(36 * c * t)?;
+                let mut mm = take_f32(36 * self.m * t)?;
                 for b in 0..n {
                     let pin = WinoInput {
                         x: &xv[b * c * in_total..(b + 1) * c * in_total],
@@ -421,13 +424,15 @@ impl ConvPlan {
                         Ok(())
                     })?;
                 }
+                crate::arena::recycle(v);
+                crate::arena::recycle(mm);
             }
             Path::Winograd2 => {
                 let packs = self.wino2_packed()?;
                 let (ty, tx) = (kconv::wino2_tiles(g.out[0]), kconv::wino2_tiles(g.out[1]));
                 let t = ty * tx;
-                let mut v = zeros_f32(16 * c * t)?;
-                let mut mm = zeros_f32(16 * self.m * t)?;
+                let mut v = take_f32(16 * c * t)?;
+                let mut mm = take_f32(16 * self.m * t)?;
                 for b in 0..n {
                     let pin = WinoInput {
                         x: &xv[b * c * in_total..(b + 1) * c * in_total],
@@ -476,6 +481,8 @@ impl ConvPlan {
                         Ok(())
                     })?;
                 }
+                crate::arena::recycle(v);
+                crate::arena::recycle(mm);
             }
             Path::Gemm => {
                 let packs = self.gemm_packed()?;
@@ -489,7 +496,7 @@ impl ConvPlan {
                     if direct {
                         Vec::new()
                     } else {
-                        zeros_f32(kk.checked_mul(p).ok_or_else(|| {
+                        take_f32(kk.checked_mul(p).ok_or_else(|| {
                             Error::TooLarge("Conv im2col buffer overflows".into())
                         })?)?
                     };
@@ -500,7 +507,13 @@ impl ConvPlan {
                         let bsrc: &[f32] = if direct {
                             xg
                         } else {
-                            im2col(xg, self.cg, in_sp, &g, &mut col);
+                            // Channel by channel, the im2col rows are independent.
+                            let (cg, kp) = (self.cg, kt * p);
+                            for_parts::<f32, Error>(threads, cg, kp, &mut col, |chs, part| {
+                                let xs = &xg[chs.start * in_total..chs.end * in_total];
+                                im2col(xs, chs.len(), in_sp, &g, part);
+                                Ok(())
+                            })?;
                             &col
                         };
                         let o0 = (b * self.m + gi * mg) * p;
@@ -522,6 +535,7 @@ impl ConvPlan {
                         })?;
                     }
                 }
+                crate::arena::recycle(col);
             }
         }
         Ok(vec![ftensor(x.dtype(), shape, out)?])

@@ -2,34 +2,12 @@
 //!
 //! Work is cut into contiguous ranges of "units" (row panels, channels, Winograd positions)
 //! whose outputs are disjoint slices, so each thread gets `&mut` to its own part in safe Rust.
-//! One thread runs inline on the caller (no spawn, no synchronisation); more run on a
-//! persistent worker pool per thread count (rayon's, built once per process), so a network of
-//! a hundred small convolutions does not pay a thread spawn per op.
+//! One thread runs inline on the caller (no hand-off); more run on the persistent spinning
+//! worker pool of `edgehal_kernels::pool` (one per thread count, built once per process), so a
+//! network of a hundred small convolutions pays neither a thread spawn nor a wake-up per op.
 
-use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::{Arc, Mutex, OnceLock};
-
-/// The pool of `threads` workers, built on first use and kept for the process.
-fn pool(threads: usize) -> Option<Arc<rayon::ThreadPool>> {
-    static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
-    let mut pools = POOLS
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    if let Some(p) = pools.get(&threads) {
-        return Some(p.clone());
-    }
-    let p = Arc::new(
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("edgehal-cpu-{i}"))
-            .build()
-            .ok()?,
-    );
-    pools.insert(threads, p.clone());
-    Some(p)
-}
+use std::sync::Mutex;
 
 /// The thread count for a requested number: 0 means one per available core.
 pub fn resolve_threads(requested: usize) -> usize {
@@ -69,31 +47,23 @@ pub fn for_parts<T: Send, E: Send>(
     // The caller runs the first part itself; the others go to a pool of `parts - 1` workers,
     // so `threads` threads work in all and the caller never sleeps while a worker wakes up to
     // run what it could have run.
-    let Some(pool) = pool(parts - 1) else {
-        // No pool could be built (thread limit): run the parts one after another.
-        for (r, c) in chunks {
-            f(r, c)?;
-        }
-        return Ok(());
-    };
+    type Slot<'a, T> = Mutex<Option<(Range<usize>, &'a mut [T])>>;
+    let slots: Vec<Slot<'_, T>> = chunks.into_iter().map(|c| Mutex::new(Some(c))).collect();
     let results: Vec<Mutex<Option<Result<(), E>>>> =
-        (0..chunks.len()).map(|_| Mutex::new(None)).collect();
-    let mut chunks = chunks.into_iter().zip(&results);
-    let first = chunks.next();
-    pool.in_place_scope(|s| {
-        for ((r, c), slot) in chunks {
-            let f = &f;
-            s.spawn(move |_| {
-                let r = f(r, c);
-                *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
-            });
+        (0..slots.len()).map(|_| Mutex::new(None)).collect();
+    let part = |i: usize| {
+        let taken = slots[i].lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some((r, c)) = taken {
+            let res = f(r, c);
+            *results[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(res);
         }
-        if let Some(((r, c), slot)) = first {
-            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(f(r, c));
-        }
-    });
-    // The first error in part order; a part that never reported (its worker panicked, which
-    // rayon re-raises from `scope`) cannot reach here.
+    };
+    let pooled = edgehal_kernels::pool::run_parts(slots.len(), &part);
+    if !pooled {
+        // No pool (thread limit) or it is busy (nested or concurrent use): run the parts here.
+        (0..slots.len()).for_each(part);
+    }
+    // The first error in part order; a part that panicked was re-raised by `run`.
     for slot in results {
         if let Some(Err(e)) = slot.into_inner().unwrap_or_else(|p| p.into_inner()) {
             return Err(e);

@@ -99,6 +99,12 @@ pub(crate) fn zeros_f32(n: usize) -> Result<Vec<f32>> {
     Ok(crate::arena::take_zeroed(n))
 }
 
+/// `n` floats with unspecified contents (a reused buffer) for a caller that writes them all.
+pub(crate) fn take_f32(n: usize) -> Result<Vec<f32>> {
+    edgehal_core::tensor::checked_numel(&[n], DType::F32)?;
+    Ok(crate::arena::take_any(n))
+}
+
 /// Apply `f` (computed in f64) to every element of a float tensor.
 fn unary(ins: &[Option<&Tensor>], f: impl Fn(f64) -> f64 + Sync) -> Result<Vec<Tensor>> {
     let x = input(ins, 0)?;
