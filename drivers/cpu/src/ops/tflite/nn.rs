@@ -139,16 +139,27 @@ impl Geo {
                     } else {
                         0
                     };
+                    if lo >= hi {
+                        continue;
+                    }
                     let dst = (ky * self.kw + kx) * ic;
-                    for ox in lo..hi {
-                        let ix = ox * self.sw + off - self.pl;
-                        let src = &img[(iy * self.iw + ix) * ic..][..ic];
-                        let d = &mut p[(oy * self.ow + ox) * cols + dst..][..ic];
-                        if ic < 8 {
-                            // A few channels (an RGB or gray input): no memcpy call per tap.
-                            d.iter_mut().zip(src).for_each(|(d, s)| *d = *s);
-                        } else {
-                            d.copy_from_slice(src);
+                    let ix0 = lo * self.sw + off - self.pl;
+                    // Destination rows `cols` apart, source pixels `sw * ic` apart.
+                    let dsts = p[(oy * self.ow + lo) * cols + dst..].chunks_mut(cols);
+                    let srcs = img[(iy * self.iw + ix0) * ic..].chunks(self.sw * ic);
+                    if ic == 1 {
+                        // A gray input: one byte per tap, no slice per pixel.
+                        for (d, s) in dsts.zip(srcs).take(hi - lo) {
+                            d[0] = s[0];
+                        }
+                    } else if ic < 8 {
+                        // A few channels (RGB): no memcpy call per tap.
+                        for (d, s) in dsts.zip(srcs).take(hi - lo) {
+                            d.iter_mut().zip(&s[..ic]).for_each(|(d, s)| *d = *s);
+                        }
+                    } else {
+                        for (d, s) in dsts.zip(srcs).take(hi - lo) {
+                            d[..ic].copy_from_slice(&s[..ic]);
                         }
                     }
                 }
