@@ -538,6 +538,7 @@ fn missing_op(ctx: &OpCtx<'_>, _: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
 mod tests {
     use super::*;
     use edgehal_core::graph::{Dim, Node, ValueInfo};
+    use edgehal_core::Attr;
 
     /// y = Gemm(x, w) with x [1,2], w [2,2]; z = Relu(y) also an output when `relu_out`.
     fn gemm_graph(relu_out: bool) -> Graph {
@@ -654,6 +655,58 @@ mod tests {
         assert!(matches!(&out[0], Produced::Tensor(t) if t.to_f32().as_ref() == [-2.0, -2.0]));
         assert!(matches!(&out[1], Produced::Tensor(t) if t.to_f32().as_ref() == [0.0, 0.0]));
         assert_eq!((a, b), (vec![0, 0], vec![0, 0]));
+    }
+
+    #[test]
+    fn a_large_single_row_gemm_is_split_in_row_blocks_exactly() {
+        // k x n large enough for the blocked GemvPlan (several row blocks, the last short),
+        // with transB, alpha and a bias: every thread count gives the reference product.
+        let (k, n) = (300, 1003);
+        let mut g = Graph::new("head");
+        let (x, w, c, y) = (
+            g.value_id("x"),
+            g.value_id("w"),
+            g.value_id("c"),
+            g.value_id("y"),
+        );
+        g.inputs = vec![x];
+        g.opsets.insert(String::new(), 17);
+        let wv: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7) % 13) as f32 * 0.125 - 0.75)
+            .collect();
+        let cv: Vec<f32> = (0..n).map(|j| (j % 5) as f32 - 2.0).collect();
+        g.initializers
+            .insert(w, Tensor::from_vec(vec![n, k], wv.clone()).expect("w"));
+        g.initializers
+            .insert(c, Tensor::from_vec(vec![n], cv.clone()).expect("c"));
+        let mut attrs = std::collections::BTreeMap::new();
+        attrs.insert("transB".to_string(), Attr::Int(1));
+        attrs.insert("alpha".to_string(), Attr::Float(0.5));
+        g.nodes.push(Node {
+            op: "Gemm".into(),
+            inputs: vec![Some(x), Some(w), Some(c)],
+            outputs: vec![Some(y)],
+            attrs,
+            ..Default::default()
+        });
+        g.outputs = vec![y];
+        let xv: Vec<f32> = (0..k).map(|i| ((i * 3) % 7) as f32 * 0.25 - 0.5).collect();
+        // Products of multiples of 1/32 stay exact in f32 whatever the summation order.
+        let want: Vec<f32> = (0..n)
+            .map(|j| 0.5 * (0..k).map(|i| xv[i] * wv[j * k + i]).sum::<f32>() + cv[j])
+            .collect();
+        for threads in [1, 2, 3] {
+            let mut ex = Executor::new(&g, &Registry::new()).expect("executor");
+            ex.set_threads(threads);
+            let input = vec![(x, Tensor::from_vec(vec![1, k], xv.clone()).expect("x"))];
+            let out = ex.run(&input).expect("run");
+            assert_eq!(out[0].shape(), &[1, n]);
+            assert_eq!(
+                out[0].to_f32().as_ref(),
+                want.as_slice(),
+                "{threads} threads"
+            );
+        }
     }
 
     /// x [1, n] -> Sigmoid -> Add(x) -> Gemm(w [n, 3]) -> y, with Mul(x, 2) also an output.

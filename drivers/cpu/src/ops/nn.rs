@@ -542,9 +542,16 @@ fn gemm(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
 pub struct GemvPlan {
     k: usize,
     n: usize,
-    w: PackedGemv,
+    /// `W` in row blocks of `block` rows (the last may be shorter), packed separately so
+    /// threads can take whole blocks: a classifier head streams megabytes of weights per
+    /// run, and each core's share of the memory bandwidth then works on its own rows.
+    w: Vec<PackedGemv>,
+    block: usize,
     bias: Option<Vec<f32>>,
 }
+
+/// Most row blocks a [`GemvPlan`] splits `W` into (threads take whole blocks).
+const GEMV_BLOCKS: usize = 8;
 
 impl GemvPlan {
     /// A plan for a `Gemm` node (`transA = 0`) with float `B` and `C`; `None` otherwise.
@@ -580,10 +587,28 @@ impl GemvPlan {
             }
             Some(_) => return None,
         };
+        // One block when the product is too small to be worth a second thread.
+        let blocks = if n.saturating_mul(k) >= MIN_PARALLEL_MACS {
+            GEMV_BLOCKS
+        } else {
+            1
+        };
+        let block = n.div_ceil(blocks).div_ceil(16).max(1) * 16;
+        let mut packs = Vec::new();
+        for r0 in (0..n.max(1)).step_by(block) {
+            let rows = block.min(n - r0.min(n));
+            let part = MatRef {
+                data: w.data.get(r0 * w.rs..).unwrap_or_default(),
+                rows,
+                ..w
+            };
+            packs.push(PackedGemv::new(part)?);
+        }
         Some(GemvPlan {
             k,
             n,
-            w: PackedGemv::new(w)?,
+            w: packs,
+            block,
             bias,
         })
     }
@@ -599,17 +624,24 @@ impl GemvPlan {
             Ok(v) => v,
             Err(e) => return Some(Err(e)),
         };
-        let add = GemvAdd {
-            bias: self.bias.as_deref(),
-            accumulate: false,
-        };
+        let threads = crate::arena::threads();
         Some(
             ctx.f32_output(DType::F32, vec![1, self.n], |out| {
-                if gemv(&self.w, &av, out, add) {
+                crate::par::for_parts(threads, self.w.len(), self.block, out, |bs, o| {
+                    for (i, b) in bs.enumerate() {
+                        let r0 = b * self.block;
+                        let rows = self.block.min(self.n - r0);
+                        let add = GemvAdd {
+                            bias: self.bias.as_deref().map(|bv| &bv[r0..r0 + rows]),
+                            accumulate: false,
+                        };
+                        let y = &mut o[i * self.block..i * self.block + rows];
+                        if !gemv(&self.w[b], &av, y, add) {
+                            return Err(Error::arg("Gemm: A does not fit the prepared B"));
+                        }
+                    }
                     Ok(())
-                } else {
-                    Err(Error::arg("Gemm: A does not fit the prepared B"))
-                }
+                })
             })
             .map(|t| vec![t]),
         )
