@@ -412,14 +412,7 @@ fn run_with(
     let mut yc = vec![0f32; ndir * batch * hid];
     // Batch 1 with `[W | R]` prepared: one joined product per step (see `RnnPlan`).
     let joined = match plan.and_then(|p| p.wr.as_ref()) {
-        Some((ws, wr))
-            if lstm_fast
-                && batch == 1
-                && ws.as_slice() == w.shape()
-                && std::env::var("XJ").is_err() =>
-        {
-            Some(wr)
-        }
+        Some((ws, wr)) if lstm_fast && batch == 1 && ws.as_slice() == w.shape() => Some(wr),
         _ => None,
     };
     let mut xw = vec![
