@@ -34,6 +34,9 @@ pub struct Requant {
     /// Right shift after it (the negative exponent, at most 31) and its rounding mask.
     rshift: Vec<u32>,
     rmask: Vec<i32>,
+    /// Float mode (onnxruntime's `QLinearConv` requantization): per-channel f32 scales, empty
+    /// in the fixed-point mode. `clamp(rne(f32(acc) * scale[c]) + zp, lo, hi)`.
+    fscale: Vec<f32>,
     /// Output zero point and the clamp (type range narrowed by the fused activation).
     pub zp: i32,
     pub lo: i32,
@@ -61,10 +64,32 @@ impl Requant {
             lshift: all.iter().map(|&(_, s)| s.clamp(0, 30) as u32).collect(),
             rmask: rshift.iter().map(|&r| ((1i64 << r) - 1) as i32).collect(),
             rshift,
+            fscale: Vec::new(),
             zp,
             lo,
             hi,
         })
+    }
+
+    /// The float mode: `clamp(rne(f32(acc) * scales[c]) + zp, lo, hi)` with the product
+    /// rounded to f32 first and ties to even (what onnxruntime's `MlasRequantizeOutput` does
+    /// for `QLinearConv`). `None` for an empty list, a non-finite scale or `lo > hi`.
+    pub fn new_float(scales: &[f32], zp: i32, lo: i32, hi: i32) -> Option<Requant> {
+        if scales.is_empty() || scales.iter().any(|s| !s.is_finite()) || lo > hi {
+            return None;
+        }
+        let mut r = Requant::new(&vec![(0, 0); scales.len()], zp, lo, hi)?;
+        r.fscale = scales
+            .iter()
+            .copied()
+            .chain(std::iter::repeat_n(0.0, LANES))
+            .collect();
+        Some(r)
+    }
+
+    /// Whether this is the float mode ([`Requant::new_float`]).
+    pub fn is_float(&self) -> bool {
+        !self.fscale.is_empty()
     }
 
     /// Channels (1 means one multiplier for every channel).
@@ -77,6 +102,10 @@ impl Requant {
         if self.n == n {
             return self.clone();
         }
+        if self.is_float() {
+            return Requant::new_float(&vec![self.fscale[0]; n.max(1)], self.zp, self.lo, self.hi)
+                .unwrap_or_else(|| self.clone());
+        }
         let one = (self.mult[0], self.lshift[0] as i32 - self.rshift[0] as i32);
         Requant::new(&vec![one; n.max(1)], self.zp, self.lo, self.hi)
             .unwrap_or_else(|| self.clone())
@@ -85,6 +114,9 @@ impl Requant {
     /// One value, channel `c`: the lane function of [`requant_row`].
     #[inline(always)]
     pub fn apply(&self, acc: i32, c: usize) -> i32 {
+        if self.is_float() {
+            return float_lane(acc, self.fscale[c], self.zp, self.lo, self.hi);
+        }
         lane(
             acc,
             self.mult[c],
@@ -110,6 +142,25 @@ fn lane(x: i32, m: i32, l: u32, r: u32, mask: i32) -> i32 {
     let rem = hi & mask;
     let threshold = (mask >> 1) + i32::from(hi < 0);
     (hi >> r) + i32::from(rem > threshold)
+}
+
+/// The float mode's lane: the product clamped to the output range less the zero point (the
+/// bounds are integers, so clamping before rounding equals clamping after), rounded half to
+/// even, plus the zero point.
+#[inline(always)]
+fn float_lane(acc: i32, s: f32, zp: i32, lo: i32, hi: i32) -> i32 {
+    let lo = lo.saturating_sub(zp) as f32;
+    let hi = hi.saturating_sub(zp) as f32;
+    let v = (acc as f32 * s).max(lo).min(hi).round_ties_even();
+    (v as i32).wrapping_add(zp)
+}
+
+/// The float mode's definition, for tests: f64 arithmetic on the f32-rounded product.
+pub fn requant_float_ref(acc: i32, s: f32, zp: i32, lo: i32, hi: i32) -> i32 {
+    let p = (acc as f32 * s) as f64;
+    let r = p.round_ties_even();
+    let r = if r.is_nan() { 0.0 } else { r };
+    ((r as i64).saturating_add(zp as i64)).clamp(lo as i64, hi as i64) as i32
 }
 
 /// The definition, for tests: gemmlowp's functions as written (saturating high multiply with
@@ -187,6 +238,13 @@ fn requant_block(rq: &Requant, c0: usize, acc: &[i32], add: &[i32], out: &mut [u
     let acc: &[i32; LANES] = acc.try_into().expect("lanes");
     let add: &[i32; LANES] = add.try_into().expect("lanes");
     let (zp, lo, hi) = (rq.zp, rq.lo, rq.hi);
+    if rq.is_float() {
+        let s: &[f32; LANES] = rq.fscale[c0..c0 + LANES].try_into().expect("lanes");
+        for j in 0..LANES {
+            out[j] = float_lane(acc[j].wrapping_add(add[j]), s[j], zp, lo, hi) as u8;
+        }
+        return;
+    }
     for j in 0..LANES {
         let v = lane(acc[j].wrapping_add(add[j]), m[j], l[j], r[j], k[j]);
         out[j] = v.wrapping_add(zp).clamp(lo, hi) as u8;
@@ -833,6 +891,47 @@ mod tests {
         }
     }
 
+    #[test]
+    fn float_requant_variants_match_the_reference() {
+        let mut r = Rng(8);
+        let n = 83;
+        let scales: Vec<f32> = (0..n).map(|_| r.i(1, 100_000) as f32 * 1e-6).collect();
+        let mut acc: Vec<i32> = (0..n).map(|_| r.i(-3_000_000, 3_000_000)).collect();
+        // Exact halves (tie to even) and huge values (clamped).
+        acc[0] = 5;
+        acc[1] = 7;
+        acc[2] = i32::MAX;
+        acc[3] = i32::MIN;
+        let mut scales = scales;
+        scales[0] = 0.5;
+        scales[1] = 0.5;
+        let add: Vec<i32> = (0..n).map(|_| r.i(-50_000, 50_000)).collect();
+        let mut add = add;
+        add[..4].fill(0);
+        for (zp, lo, hi) in [(-3, -128, 127), (131, 0, 255), (0, 10, 200)] {
+            let rq = Requant::new_float(&scales, zp, lo, hi).unwrap();
+            let want: Vec<u8> = (0..n)
+                .map(|j| {
+                    requant_float_ref(acc[j].wrapping_add(add[j]), scales[j], zp, lo, hi) as u8
+                })
+                .collect();
+            assert_eq!(
+                [want[0], want[1]],
+                [(2 + zp).clamp(lo, hi) as u8, (4 + zp).clamp(lo, hi) as u8]
+            );
+            for j in 0..n {
+                assert_eq!(rq.apply(acc[j].wrapping_add(add[j]), j) as u8, want[j]);
+            }
+            for v in float_variants() {
+                for c0 in [0, 5] {
+                    let mut out = vec![0u8; n - c0];
+                    requant_row_with(v, &rq, c0, &acc[c0..], &add[c0..], &mut out);
+                    assert_eq!(out, want[c0..], "{v:?}");
+                }
+            }
+        }
+    }
+
     /// Every int8 tile x every epilogue build against qgemm_reference + requant_ref: odd
     /// sizes, u8/i8 activations, u8/i8 weights with zero points, row strides.
     #[test]
@@ -899,7 +998,16 @@ mod tests {
                         requant_ref(c[i].wrapping_add(bias[j]), mm, s, zp, lo, hi) as u8
                     })
                     .collect();
+                // The float mode (onnxruntime's QLinearConv rounding) on the same products.
+                let scales: Vec<f32> = (0..n).map(|_| r.i(1, 4000) as f32 * 1.7e-5).collect();
+                let wantf: Vec<u8> = (0..m * n)
+                    .map(|i| {
+                        let j = i % n;
+                        requant_float_ref(c[i].wrapping_add(bias[j]), scales[j], zp, lo, hi) as u8
+                    })
+                    .collect();
                 let rq = Requant::new(&mults, zp, lo, hi).unwrap();
+                let rqf = Requant::new_float(&scales, zp, lo, hi).unwrap();
                 let rows = Rows {
                     data: &ab,
                     signed: a_signed,
@@ -910,6 +1018,11 @@ mod tests {
                 for iv in dispatch::detected_int8() {
                     let pb = PackedB::with_variant(iv, wm, &zb).unwrap();
                     for fv in float_variants() {
+                        let mut out = vec![0u8; m * n];
+                        assert!(qgemm_requant_with(
+                            fv, rows, za, &pb, &bias, &rqf, &mut out, n
+                        ));
+                        assert_eq!(out, wantf, "float mode {iv:?} {fv:?} m={m} n={n} k={k}");
                         let ldc = n + 2;
                         let mut out = vec![0xAAu8; m * ldc];
                         assert!(qgemm_requant_with(

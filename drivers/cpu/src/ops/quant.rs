@@ -801,7 +801,7 @@ fn conv_integer(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>>
     Ok(vec![Tensor::from_vec(shape, out)?])
 }
 
-fn qlinear_conv(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+pub(crate) fn qlinear_conv(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let x = input(ins, 0)?;
     let x_s = input(ins, 1)?;
     let w = input(ins, 3)?;
@@ -846,13 +846,21 @@ fn qlinear_conv(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>>
     let muls: Vec<f64> = (0..m)
         .map(|oc| multiplier(dt, xsv[0], pick(&wsv, oc), ysv[0]))
         .collect();
+    // f32 scales: the product is rounded to f32 before rounding half to even, as
+    // onnxruntime's QLinearConv (MlasRequantizeOutput) computes `float(acc + bias) * scale`.
+    let f32_product = dt == DType::F32;
     let mut vals = vec![0i64; n * m * p];
     for b in 0..n {
         for oc in 0..m {
             let base = (b * m + oc) * p;
             for j in 0..p {
                 let a = acc[base + j] as i64 + bias[oc];
-                vals[base + j] = rne(a as f64 * muls[oc]).saturating_add(yz);
+                let v = if f32_product {
+                    (a as f32 * muls[oc] as f32) as f64
+                } else {
+                    a as f64 * muls[oc]
+                };
+                vals[base + j] = rne(v).saturating_add(yz);
             }
         }
     }
