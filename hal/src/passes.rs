@@ -14,7 +14,7 @@
 use edgehal_core::graph::{Dim, Graph, NodeId, ValueId};
 use edgehal_core::{Attr, DType, Error, Node, Result, Tensor};
 use edgehal_cpu::conv_plan::{FUSED_CONV, FUSED_DOMAIN};
-use edgehal_cpu::qdq_plan::QCONV_NHWC;
+use edgehal_cpu::qdq_plan::{QCONV_NHWC, QDQ_ADD};
 use edgehal_cpu::{OpCtx, Registry};
 
 /// Ops never folded: their result is not a function of their inputs alone.
@@ -466,6 +466,25 @@ pub fn fuse_qdq(g: &mut Graph) -> usize {
     let mut added: Vec<Node> = Vec::new();
     let mut count = 0;
     for ci in order {
+        if let Some((mut node, q_node)) = qdq_add(g, ci, &uses, &consumer, &producer) {
+            // NHWC when both inputs have that form (outputs of fused nodes), else as they are.
+            let qout = g.nodes[q_node].outputs[0].expect("Q output");
+            let (a, b) = (node.inputs[0].expect("a"), node.inputs[3].expect("b"));
+            if let (Some(&an), Some(&bn)) = (nhwc.get(&a), nhwc.get(&b)) {
+                let yn = transposed(g, qout, [0, 2, 3, 1], "_nhwc");
+                node.inputs[0] = Some(an);
+                node.inputs[3] = Some(bn);
+                node.outputs = vec![Some(yn)];
+                added.push(transpose_node(yn, qout, [0, 3, 1, 2]));
+                nhwc.insert(qout, yn);
+            } else {
+                node.outputs = vec![Some(qout)];
+            }
+            g.nodes[ci] = node;
+            removed[q_node] = true;
+            count += 1;
+            continue;
+        }
         let Some((node, q_node)) = qdq_conv(g, ci, &uses, &consumer, &producer) else {
             continue;
         };
@@ -527,6 +546,100 @@ fn transpose_node(x: ValueId, y: ValueId, perm: [usize; 4]) -> Node {
         Attr::Ints(perm.iter().map(|&p| p as i64).collect()),
     );
     n
+}
+
+/// The QuantizeLinear (scalar constant scale, 8-bit scalar constant zero point) that is the
+/// only reader of `y`, a value that is no graph output.
+fn private_q(
+    g: &Graph,
+    y: ValueId,
+    uses: &[usize],
+    consumer: &[Option<NodeId>],
+) -> Option<(NodeId, ValueId, Option<ValueId>)> {
+    if uses[y] != 1 {
+        return None;
+    }
+    let qn = consumer[y]?;
+    let q = &g.nodes[qn];
+    if !is_onnx(q, "QuantizeLinear")
+        || q.inputs.first().copied().flatten() != Some(y)
+        || q.outputs.len() != 1
+        || q.outputs[0].is_none()
+    {
+        return None;
+    }
+    let ys = q.inputs.get(1).copied().flatten()?;
+    scalar_init(g, Some(ys))?;
+    let yz = q.inputs.get(2).copied().flatten();
+    if let Some(z) = yz {
+        let t = g.initializers.get(&z)?;
+        if t.len() != 1 || !matches!(t.dtype(), DType::U8 | DType::I8) {
+            return None;
+        }
+    }
+    Some((qn, ys, yz))
+}
+
+/// A DequantizeLinear input with per-tensor constant parameters: (quantized value, scale,
+/// zero point, 8-bit type).
+fn dq_input(
+    g: &Graph,
+    producer: &[Option<NodeId>],
+    v: ValueId,
+) -> Option<(ValueId, ValueId, Option<ValueId>, DType)> {
+    let (q, s, z, _) = dq_producer(g, producer, v)?;
+    scalar_init(g, Some(s))?;
+    let dt = match z {
+        Some(z) => {
+            let t = g.initializers.get(&z)?;
+            (t.len() == 1).then_some(t.dtype())?
+        }
+        None => g.values[q].dtype?,
+    };
+    if !matches!(dt, DType::U8 | DType::I8) || g.values[q].dtype.is_some_and(|d| d != dt) {
+        return None;
+    }
+    Some((q, s, z, dt))
+}
+
+/// `edgehal.QdqAdd` for Add `ai` when both inputs are per-tensor DequantizeLinear outputs of
+/// one 8-bit type and one fixed shape, and the sum's only reader is a QuantizeLinear.
+fn qdq_add(
+    g: &Graph,
+    ai: NodeId,
+    uses: &[usize],
+    consumer: &[Option<NodeId>],
+    producer: &[Option<NodeId>],
+) -> Option<(Node, NodeId)> {
+    let add = &g.nodes[ai];
+    if !is_onnx(add, "Add") || add.inputs.len() != 2 || add.outputs.len() != 1 {
+        return None;
+    }
+    let (aq, as_, az, adt) = dq_input(g, producer, add.inputs[0]?)?;
+    let (bq, bs, bz, bdt) = dq_input(g, producer, add.inputs[1]?)?;
+    let shape = dims_of(g, aq)?;
+    if adt != bdt || dims_of(g, bq)? != shape || shape.len() != 4 {
+        return None;
+    }
+    let (qn, ys, yz) = private_q(g, add.outputs[0]?, uses, consumer)?;
+    let node = Node {
+        op: QDQ_ADD.into(),
+        domain: FUSED_DOMAIN.into(),
+        name: add.name.clone(),
+        inputs: vec![
+            Some(aq),
+            Some(as_),
+            az,
+            Some(bq),
+            Some(bs),
+            bz,
+            Some(ys),
+            yz,
+        ],
+        outputs: vec![],
+        ..Default::default()
+    };
+    Some((node, qn))
 }
 
 /// The fused node for Conv `ci` when it has the QDQ pattern of [`fuse_qdq`], and the index of
@@ -618,28 +731,7 @@ fn qdq_conv(
         }
     };
     // y: the Conv output's only reader is a QuantizeLinear with scalar scale / zero point.
-    let y = conv.outputs[0]?;
-    if uses[y] != 1 {
-        return None;
-    }
-    let qn = consumer[y]?;
-    let q = &g.nodes[qn];
-    if !is_onnx(q, "QuantizeLinear")
-        || q.inputs.first().copied().flatten() != Some(y)
-        || q.outputs.len() != 1
-        || q.outputs[0].is_none()
-    {
-        return None;
-    }
-    let ys = q.inputs.get(1).copied().flatten()?;
-    scalar_init(g, Some(ys))?;
-    let yz = q.inputs.get(2).copied().flatten();
-    if let Some(z) = yz {
-        let t = init(Some(z))?;
-        if t.len() != 1 || !matches!(t.dtype(), DType::U8 | DType::I8) {
-            return None;
-        }
-    }
+    let (qn, ys, yz) = private_q(g, conv.outputs[0]?, uses, consumer)?;
     if dims_of(g, xq).is_some_and(|s| s.len() != 4) {
         return None;
     }

@@ -804,6 +804,121 @@ pub(crate) fn quantize_f32_body(x: &[f32], scale: f32, zp: i32, lo: i32, hi: i32
     }
 }
 
+/// ONNX `QuantizeLinear` of f32 to 8 bits: `clamp(rne(v / scale) + zp, lo, hi)` (ties to
+/// even, unlike [`quantize_f32`]'s TFLite rounding), as the bytes of the values.
+pub fn quantize_f32_even(x: &[f32], scale: f32, zp: i32, lo: i32, hi: i32, out: &mut [u8]) -> bool {
+    quantize_f32_even_with(dispatch::selected(), x, scale, zp, lo, hi, out)
+}
+
+/// [`quantize_f32_even`] compiled for the float-family `variant`.
+pub fn quantize_f32_even_with(
+    variant: Variant,
+    x: &[f32],
+    scale: f32,
+    zp: i32,
+    lo: i32,
+    hi: i32,
+    out: &mut [u8],
+) -> bool {
+    if x.len() != out.len() || lo > hi {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::quantize_f32_even(variant, x, scale, zp, lo, hi, out) {
+        return true;
+    }
+    let _ = variant;
+    quantize_f32_even_body(x, scale, zp, lo, hi, out);
+    true
+}
+
+/// One value of [`quantize_f32_even`], the definition (NaN gives the zero point).
+#[inline(always)]
+pub fn quantize_even1(v: f32, scale: f32, zp: i32, lo: i32, hi: i32) -> i32 {
+    // Clamped to the integer bounds less the zero point before rounding (the same result as
+    // after, for integer bounds), so the conversion never saturates; NaN counts as 0, as the
+    // saturating casts of the unfused ops make it.
+    let q = v / scale;
+    let q = if q.is_nan() { 0.0 } else { q };
+    let lo = lo.saturating_sub(zp) as f32;
+    let hi = hi.saturating_sub(zp) as f32;
+    (q.max(lo).min(hi).round_ties_even() as i32).wrapping_add(zp)
+}
+
+#[inline(always)]
+pub(crate) fn quantize_f32_even_body(
+    x: &[f32],
+    scale: f32,
+    zp: i32,
+    lo: i32,
+    hi: i32,
+    out: &mut [u8],
+) {
+    for (d, &v) in out.iter_mut().zip(x) {
+        *d = quantize_even1(v, scale, zp, lo, hi) as u8;
+    }
+}
+
+/// ONNX `DequantizeLinear(a)`, `DequantizeLinear(b)` -> `Add` -> `QuantizeLinear` of two
+/// same-shape 8-bit tensors with per-tensor parameters, in one pass and with the composed ops'
+/// exact f32 arithmetic: `clamp(rne(((a - za) * sa + (b - zb) * sb) / sy) + zy, lo, hi)`.
+#[derive(Clone, Copy, Debug)]
+pub struct QdqAdd {
+    /// Whether the inputs are i8 (else u8); both have one type.
+    pub signed: bool,
+    pub sa: f32,
+    pub za: i32,
+    pub sb: f32,
+    pub zb: i32,
+    pub sy: f32,
+    pub zy: i32,
+    /// The output type's range.
+    pub lo: i32,
+    pub hi: i32,
+}
+
+/// [`QdqAdd`] over `a`, `b` into `out` (all the same length). `false` on a size mismatch.
+pub fn qdq_add(p: &QdqAdd, a: &[u8], b: &[u8], out: &mut [u8]) -> bool {
+    qdq_add_with(dispatch::selected(), p, a, b, out)
+}
+
+/// [`qdq_add`] compiled for the float-family `variant`.
+pub fn qdq_add_with(variant: Variant, p: &QdqAdd, a: &[u8], b: &[u8], out: &mut [u8]) -> bool {
+    if a.len() != b.len() || out.len() != a.len() || p.lo > p.hi {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::qdq_add(variant, p, a, b, out) {
+        return true;
+    }
+    let _ = variant;
+    qdq_add_body(p, a, b, out);
+    true
+}
+
+/// One value of [`QdqAdd`], the definition.
+#[inline(always)]
+pub fn qdq_add1(p: &QdqAdd, a: i32, b: i32) -> i32 {
+    let v = (a - p.za) as f32 * p.sa + (b - p.zb) as f32 * p.sb;
+    quantize_even1(v, p.sy, p.zy, p.lo, p.hi)
+}
+
+#[inline(always)]
+pub(crate) fn qdq_add_body(p: &QdqAdd, a: &[u8], b: &[u8], out: &mut [u8]) {
+    if p.signed {
+        qdq_add_t::<true>(p, a, b, out)
+    } else {
+        qdq_add_t::<false>(p, a, b, out)
+    }
+}
+
+#[inline(always)]
+fn qdq_add_t<const S: bool>(p: &QdqAdd, a: &[u8], b: &[u8], out: &mut [u8]) {
+    for ((d, &x), &y) in out.iter_mut().zip(a).zip(b) {
+        *d = qdq_add1(p, widen::<S>(x), widen::<S>(y)) as u8;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -887,6 +1002,65 @@ mod tests {
                 let mut out = vec![0u8; n - c0];
                 requant_row_with(v, &rq, c0, &acc[c0..], &add[c0..], &mut out);
                 assert_eq!(out, want[c0..], "{v:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn quantize_even_and_qdq_add_variants_match_the_definitions() {
+        let mut r = Rng(17);
+        let n = 1000;
+        let mut x: Vec<f32> = (0..n).map(|_| r.i(-40_000, 40_000) as f32 * 0.01).collect();
+        // Exact ties at scale 0.5: 1.25 / 0.5 = 2.5 -> 2, 1.75 / 0.5 = 3.5 -> 4; NaN; huge.
+        x[..5].copy_from_slice(&[1.25, 1.75, -1.25, f32::NAN, 1e30]);
+        for (zp, lo, hi) in [(128, 0, 255), (-5, -128, 127), (0, 0, 255)] {
+            let want: Vec<u8> = x
+                .iter()
+                .map(|&v| quantize_even1(v, 0.5, zp, lo, hi) as u8)
+                .collect();
+            assert_eq!(
+                want[..5],
+                [2 + zp, 4 + zp, (-2 + zp).max(lo), zp, hi].map(|v| v as u8)
+            );
+            for v in float_variants() {
+                let mut out = vec![0u8; n];
+                assert!(quantize_f32_even_with(v, &x, 0.5, zp, lo, hi, &mut out));
+                assert_eq!(out, want, "{v:?}");
+            }
+        }
+        let a = r.bytes(n);
+        let b = r.bytes(n);
+        for signed in [false, true] {
+            let (za, zb, zy, lo, hi) = if signed {
+                (-3, 7, 1, -128, 127)
+            } else {
+                (120, 131, 128, 0, 255)
+            };
+            let p = QdqAdd {
+                signed,
+                sa: 0.031,
+                za,
+                sb: 0.017,
+                zb,
+                sy: 0.043,
+                zy,
+                lo,
+                hi,
+            };
+            let w = |x: u8| if signed { x as i8 as i32 } else { x as i32 };
+            let want: Vec<u8> = (0..n)
+                .map(|i| qdq_add1(&p, w(a[i]), w(b[i])) as u8)
+                .collect();
+            // The definition is the composed DequantizeLinear / Add / QuantizeLinear.
+            for i in 0..n {
+                let v = (w(a[i]) - za) as f32 * 0.031 + (w(b[i]) - zb) as f32 * 0.017;
+                let q = ((v / 0.043).round_ties_even() as i32 + zy).clamp(lo, hi);
+                assert_eq!(want[i], q as u8);
+            }
+            for v in float_variants() {
+                let mut out = vec![0u8; n];
+                assert!(qdq_add_with(v, &p, &a, &b, &mut out));
+                assert_eq!(out, want, "{v:?} signed={signed}");
             }
         }
     }

@@ -27,6 +27,11 @@ use crate::par::for_parts;
 /// The op type of the NHWC quantized convolution (domain `edgehal`).
 pub const QCONV_NHWC: &str = "QLinearConvNhwc";
 
+/// The op type of the fused `DequantizeLinear` x2 -> `Add` -> `QuantizeLinear` (domain
+/// `edgehal`; inputs `a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale,
+/// y_zero_point`, per-tensor, same shapes, any layout): [`qconv::QdqAdd`].
+pub const QDQ_ADD: &str = "QdqAdd";
+
 /// Multiply-adds below which a layer stays on one thread.
 const MIN_PARALLEL_MACS: usize = 1 << 18;
 
@@ -39,6 +44,70 @@ pub fn enabled() -> bool {
 
 pub(crate) fn register(r: &mut Registry) {
     r.add_domain(FUSED_DOMAIN, QCONV_NHWC, qconv_nhwc);
+    r.add_domain(FUSED_DOMAIN, QDQ_ADD, qdq_add);
+}
+
+/// A per-tensor f32 scale and its 8-bit zero point (absent: 0 of `dt`).
+fn qparam(ins: &[Option<&Tensor>], k: usize, dt: DType) -> Result<(f32, i32, DType)> {
+    let s = input(ins, k)?;
+    let sv = f32s(s).filter(|v| v.len() == 1);
+    let z = crate::ops::opt_input(ins, k + 1);
+    let zv = match z {
+        Some(z) => ints(z).filter(|v| v.len() == 1),
+        None => Some(vec![0]),
+    };
+    match (sv, zv) {
+        (Some(s), Some(zv)) => Ok((s[0], zv[0], z.map_or(dt, |t| t.dtype()))),
+        _ => Err(Error::arg(format!(
+            "{QDQ_ADD}: scales must be f32 scalars and zero points 8-bit scalars"
+        ))),
+    }
+}
+
+/// `DequantizeLinear(a) + DequantizeLinear(b)` quantized again, per-tensor parameters, `a`
+/// and `b` of one shape and 8-bit type ([`qconv::qdq_add`]).
+pub fn qdq_add(_: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let a = input(ins, 0)?;
+    let b = input(ins, 3)?;
+    let signed = match a.dtype() {
+        DType::U8 => false,
+        DType::I8 => true,
+        d => return Err(Error::arg(format!("{QDQ_ADD}: 8-bit inputs, got {d}"))),
+    };
+    if a.shape() != b.shape() || a.dtype() != b.dtype() {
+        return Err(Error::arg(format!(
+            "{QDQ_ADD}: inputs {:?} {} and {:?} {} differ",
+            a.shape(),
+            a.dtype(),
+            b.shape(),
+            b.dtype()
+        )));
+    }
+    let (sa, za, _) = qparam(ins, 1, a.dtype())?;
+    let (sb, zb, _) = qparam(ins, 4, b.dtype())?;
+    // QuantizeLinear without a zero point gives u8.
+    let (sy, zy, dt) = qparam(ins, 6, DType::U8)?;
+    let (lo, hi) = match dt {
+        DType::U8 => (0, 255),
+        DType::I8 => (-128, 127),
+        d => return Err(Error::arg(format!("{QDQ_ADD}: 8-bit output, got {d}"))),
+    };
+    let p = qconv::QdqAdd {
+        signed,
+        sa,
+        za,
+        sb,
+        zb,
+        sy,
+        zy,
+        lo,
+        hi,
+    };
+    let mut out = vec![0u8; a.len()];
+    if !qconv::qdq_add(&p, &a.bytes()[..], &b.bytes()[..], &mut out) {
+        return Err(Error::arg(format!("{QDQ_ADD}: operand sizes")));
+    }
+    Ok(vec![Tensor::from_vec_dtype(dt, a.shape().to_vec(), out)?])
 }
 
 /// 8-bit `[a, b, c, d]` bytes permuted by `perm` (a 4-d transpose of one-byte elements).

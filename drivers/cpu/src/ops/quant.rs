@@ -14,6 +14,7 @@
 use edgehal_core::half::f16;
 use edgehal_core::{DType, Error, Result, Tensor};
 use edgehal_kernels::gemm::igemm_i32;
+use edgehal_kernels::qconv;
 use edgehal_kernels::qgemm::{qgemm, PackedB, QData, QMat};
 use std::borrow::Cow;
 
@@ -299,6 +300,19 @@ fn quantize_8bit(
         DType::U8 | DType::I8 => qrange(dt)?,
         _ => return Ok(None),
     };
+    // Zero points outside the type's range stay on the i64 path below.
+    if zv.iter().all(|&z| (lo..=hi).contains(&z)) {
+        let mut q = vec![0u8; xv.len()];
+        let ok = param_runs(layout, xv.len(), |r, k| {
+            let (s, z) = (sv[k], zv[k] as i32);
+            // Vectorized; `clamp(rne(v / s) + z, lo, hi)` with NaN as 0, as below.
+            qconv::quantize_f32_even(&xv[r.clone()], s, z, lo as i32, hi as i32, &mut q[r]);
+        });
+        if !ok {
+            return Ok(None);
+        }
+        return Ok(Some(Tensor::from_vec_dtype(dt, shape.to_vec(), q)?));
+    }
     let mut q = vec![0i16; xv.len()];
     let ok = param_runs(layout, xv.len(), |r, k| {
         let (s, z) = (sv[k], zv[k]);
