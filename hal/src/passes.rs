@@ -436,7 +436,12 @@ fn dims_of(g: &Graph, v: ValueId) -> Option<Vec<usize>> {
 /// Layout: a fused node reads the NHWC form of its input — the previous fused node's output
 /// directly, else a Transpose inserted once per value — and every fused output also gets a
 /// Transpose back to the original NCHW value, which dead-node removal drops when only fused
-/// convolutions read it. Returns the number of convolutions rewritten.
+/// convolutions read it.
+///
+/// `DQ(a)`, `DQ(b)` (per-tensor constants, one 8-bit type, one fixed shape) -> `Add` -> `Q` whose
+/// sum has no other reader becomes `edgehal.QdqAdd` (the composed ops' arithmetic in one
+/// pass), in NHWC when both inputs come from fused nodes. Returns the number of nodes
+/// rewritten.
 pub fn fuse_qdq(g: &mut Graph) -> usize {
     if g.nodes.iter().any(|n| {
         n.attrs
@@ -618,7 +623,7 @@ fn qdq_add(
     let (aq, as_, az, adt) = dq_input(g, producer, add.inputs[0]?)?;
     let (bq, bs, bz, bdt) = dq_input(g, producer, add.inputs[1]?)?;
     let shape = dims_of(g, aq)?;
-    if adt != bdt || dims_of(g, bq)? != shape || shape.len() != 4 {
+    if adt != bdt || dims_of(g, bq)? != shape {
         return None;
     }
     let (qn, ys, yz) = private_q(g, add.outputs[0]?, uses, consumer)?;
@@ -1057,6 +1062,74 @@ mod tests {
             assert!((a - b).abs() <= 0.05 * 1.001, "{a} vs {b}");
         }
         assert!(want.iter().zip(&got).filter(|(a, b)| a == b).count() * 10 >= want.len() * 9);
+    }
+
+    /// DQ(a) + DQ(b) -> Q of two u8 inputs becomes one QdqAdd with the unfused ops' bytes; a
+    /// sum that is also a graph output is left alone.
+    #[test]
+    fn qdq_add_is_bit_exact() {
+        let build = || {
+            let mut g = Graph::new("qadd");
+            g.opsets.insert(String::new(), 13);
+            init(&mut g, "as", vec![], vec![0.031]);
+            qinit(&mut g, "az", vec![], vec![120u8]);
+            init(&mut g, "bs", vec![], vec![0.017]);
+            qinit(&mut g, "bz", vec![], vec![131u8]);
+            init(&mut g, "ys", vec![], vec![0.043]);
+            qinit(&mut g, "yz", vec![], vec![128u8]);
+            node(
+                &mut g,
+                "DequantizeLinear",
+                &["a", "as", "az"],
+                &["ad"],
+                vec![],
+            );
+            node(
+                &mut g,
+                "DequantizeLinear",
+                &["b", "bs", "bz"],
+                &["bd"],
+                vec![],
+            );
+            node(&mut g, "Add", &["ad", "bd"], &["s"], vec![]);
+            node(&mut g, "QuantizeLinear", &["s", "ys", "yz"], &["y"], vec![]);
+            for name in ["a", "b"] {
+                let v = g.value_id(name);
+                g.values[v].dtype = Some(DType::U8);
+                g.values[v].shape = Some([1, 6, 5, 7].map(Dim::Fixed).to_vec());
+                g.inputs.push(v);
+            }
+            g.outputs = vec![g.value_id("y")];
+            edgehal_core::infer::infer_shapes(&mut g);
+            g
+        };
+        let plain = build();
+        let mut g = build();
+        assert_eq!(fuse_qdq(&mut g), 1);
+        g.remove_dead_nodes();
+        let ops: Vec<&str> = g.nodes.iter().map(|n| n.op.as_str()).collect();
+        assert_eq!(ops, [QDQ_ADD]);
+        let mut s = 9u32;
+        let mut bytes = || -> Tensor {
+            let v: Vec<u8> = rnd(&mut s, 210)
+                .iter()
+                .map(|x| ((x + 0.5) * 255.0) as u8)
+                .collect();
+            Tensor::from_vec(vec![1, 6, 5, 7], v).unwrap()
+        };
+        let (a, b) = (bytes(), bytes());
+        let reg = Registry::new();
+        let run = |g: &Graph| {
+            let feed = vec![(g.inputs[0], a.clone()), (g.inputs[1], b.clone())];
+            Executor::new(g, &reg).unwrap().run(&feed).unwrap()[0].clone()
+        };
+        let (want, got) = (run(&plain), run(&g));
+        assert_eq!(want.dtype(), got.dtype());
+        assert_eq!(&want.bytes()[..], &got.bytes()[..]);
+        let mut g = build();
+        let sum = g.value_id("s");
+        g.outputs.push(sum);
+        assert_eq!(fuse_qdq(&mut g), 0);
     }
 
     #[test]

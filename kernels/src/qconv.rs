@@ -73,9 +73,16 @@ impl Requant {
 
     /// The float mode: `clamp(rne(f32(acc) * scales[c]) + zp, lo, hi)` with the product
     /// rounded to f32 first and ties to even (what onnxruntime's `MlasRequantizeOutput` does
-    /// for `QLinearConv`). `None` for an empty list, a non-finite scale or `lo > hi`.
+    /// for `QLinearConv`). `None` for an empty list, a non-finite scale, `lo > hi` or bounds
+    /// more than 2^22 from the zero point (8-bit outputs are far inside).
     pub fn new_float(scales: &[f32], zp: i32, lo: i32, hi: i32) -> Option<Requant> {
-        if scales.is_empty() || scales.iter().any(|s| !s.is_finite()) || lo > hi {
+        let small = |b: i32| (b as i64 - zp as i64).abs() <= RNE_SMALL_MAX;
+        if scales.is_empty()
+            || scales.iter().any(|s| !s.is_finite())
+            || lo > hi
+            || !small(lo)
+            || !small(hi)
+        {
             return None;
         }
         let mut r = Requant::new(&vec![(0, 0); scales.len()], zp, lo, hi)?;
@@ -149,11 +156,23 @@ fn lane(x: i32, m: i32, l: u32, r: u32, mask: i32) -> i32 {
 /// even, plus the zero point.
 #[inline(always)]
 fn float_lane(acc: i32, s: f32, zp: i32, lo: i32, hi: i32) -> i32 {
-    let lo = lo.saturating_sub(zp) as f32;
-    let hi = hi.saturating_sub(zp) as f32;
-    let v = (acc as f32 * s).max(lo).min(hi).round_ties_even();
-    (v as i32).wrapping_add(zp)
+    let lo = lo.wrapping_sub(zp) as f32;
+    let hi = hi.wrapping_sub(zp) as f32;
+    rne_small((acc as f32 * s).max(lo).min(hi)).wrapping_add(zp)
 }
+
+/// `v` rounded half to even, for `|v| <= 2^22`: adding `1.5 * 2^23` leaves no fraction bits,
+/// so the add itself rounds (to nearest even in the default mode) and the low mantissa bits
+/// are the integer. Unlike `round_ties_even() as i32` (a saturating conversion, which LLVM
+/// leaves scalar), this is two vector instructions.
+#[inline(always)]
+fn rne_small(v: f32) -> i32 {
+    const MAGIC: f32 = 12_582_912.0;
+    ((v + MAGIC).to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32)
+}
+
+/// The largest clamp bound (less the zero point) [`rne_small`] rounds exactly.
+const RNE_SMALL_MAX: i64 = 1 << 22;
 
 /// The float mode's definition, for tests: f64 arithmetic on the f32-rounded product.
 pub fn requant_float_ref(acc: i32, s: f32, zp: i32, lo: i32, hi: i32) -> i32 {
@@ -845,6 +864,15 @@ pub fn quantize_even1(v: f32, scale: f32, zp: i32, lo: i32, hi: i32) -> i32 {
     (q.max(lo).min(hi).round_ties_even() as i32).wrapping_add(zp)
 }
 
+/// [`quantize_even1`] for bounds within 2^22 of the zero point, without the saturating
+/// conversion (see [`rne_small`]).
+#[inline(always)]
+fn quantize_even_lane(v: f32, scale: f32, zp: i32, lo: f32, hi: f32) -> i32 {
+    let q = v / scale;
+    let q = if q.is_nan() { 0.0 } else { q };
+    rne_small(q.max(lo).min(hi)).wrapping_add(zp)
+}
+
 #[inline(always)]
 pub(crate) fn quantize_f32_even_body(
     x: &[f32],
@@ -854,8 +882,16 @@ pub(crate) fn quantize_f32_even_body(
     hi: i32,
     out: &mut [u8],
 ) {
+    let small = |b: i32| (b as i64 - zp as i64).abs() <= RNE_SMALL_MAX;
+    if !small(lo) || !small(hi) {
+        for (d, &v) in out.iter_mut().zip(x) {
+            *d = quantize_even1(v, scale, zp, lo, hi) as u8;
+        }
+        return;
+    }
+    let (flo, fhi) = (lo.wrapping_sub(zp) as f32, hi.wrapping_sub(zp) as f32);
     for (d, &v) in out.iter_mut().zip(x) {
-        *d = quantize_even1(v, scale, zp, lo, hi) as u8;
+        *d = quantize_even_lane(v, scale, zp, flo, fhi) as u8;
     }
 }
 
@@ -914,8 +950,21 @@ pub(crate) fn qdq_add_body(p: &QdqAdd, a: &[u8], b: &[u8], out: &mut [u8]) {
 
 #[inline(always)]
 fn qdq_add_t<const S: bool>(p: &QdqAdd, a: &[u8], b: &[u8], out: &mut [u8]) {
+    // 8-bit output bounds: always within 2^22 of an 8-bit zero point.
+    let small = |b: i32| (b as i64 - p.zy as i64).abs() <= RNE_SMALL_MAX;
+    if !small(p.lo) || !small(p.hi) {
+        for ((d, &x), &y) in out.iter_mut().zip(a).zip(b) {
+            *d = qdq_add1(p, widen::<S>(x), widen::<S>(y)) as u8;
+        }
+        return;
+    }
+    let (lo, hi) = (
+        p.lo.wrapping_sub(p.zy) as f32,
+        p.hi.wrapping_sub(p.zy) as f32,
+    );
     for ((d, &x), &y) in out.iter_mut().zip(a).zip(b) {
-        *d = qdq_add1(p, widen::<S>(x), widen::<S>(y)) as u8;
+        let v = (widen::<S>(x) - p.za) as f32 * p.sa + (widen::<S>(y) - p.zb) as f32 * p.sb;
+        *d = quantize_even_lane(v, p.sy, p.zy, lo, hi) as u8;
     }
 }
 
