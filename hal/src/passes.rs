@@ -14,7 +14,7 @@
 use edgehal_core::graph::{Dim, Graph, NodeId, ValueId};
 use edgehal_core::{Attr, DType, Error, Node, Result, Tensor};
 use edgehal_cpu::conv_plan::{FUSED_CONV, FUSED_DOMAIN};
-use edgehal_cpu::qdq_plan::{QCONV_NHWC, QDQ_ADD};
+use edgehal_cpu::qdq_plan::{INPUT_NCHW, QCONV_NHWC, QDQ_ADD};
 use edgehal_cpu::{OpCtx, Registry};
 
 /// Ops never folded: their result is not a function of their inputs alone.
@@ -434,7 +434,8 @@ fn dims_of(g: &Graph, v: ValueId) -> Option<Vec<usize>> {
 /// single consumer is that QuantizeLinear (not a graph output); DequantizeLinear nodes whose
 /// output has other consumers stay for them (the fused node reads their quantized input).
 /// Layout: a fused node reads the NHWC form of its input — the previous fused node's output
-/// directly, else a Transpose inserted once per value — and every fused output also gets a
+/// directly; else a group-1 convolution reads the NCHW value itself (`input_nchw`) and a
+/// depthwise one a Transpose inserted once per value — and every fused output also gets a
 /// Transpose back to the original NCHW value, which dead-node removal drops when only fused
 /// convolutions read it.
 ///
@@ -495,8 +496,14 @@ pub fn fuse_qdq(g: &mut Graph) -> usize {
         };
         let x = node.inputs[0].expect("x");
         let qout = g.nodes[q_node].outputs[0].expect("Q output");
+        let mut node = node;
         let xn = match nhwc.get(&x) {
             Some(&v) => v,
+            // A group-1 convolution gathers its patches from NCHW as cheaply: no transpose.
+            None if node.attr_i("group").unwrap_or(1) == 1 => {
+                node.attrs.insert(INPUT_NCHW.into(), Attr::Int(1));
+                x
+            }
             None => {
                 let v = transposed(g, x, [0, 2, 3, 1], "_nhwc");
                 added.push(transpose_node(x, v, [0, 2, 3, 1]));
@@ -505,7 +512,6 @@ pub fn fuse_qdq(g: &mut Graph) -> usize {
             }
         };
         let yn = transposed(g, qout, [0, 2, 3, 1], "_nhwc");
-        let mut node = node;
         node.inputs[0] = Some(xn);
         node.outputs = vec![Some(yn)];
         g.nodes[ci] = node;
@@ -1041,8 +1047,8 @@ mod tests {
         g.validate().unwrap();
         let mut ops: Vec<&str> = g.nodes.iter().map(|n| n.op.as_str()).collect();
         ops.sort();
-        // One transpose into NHWC after the input's Q, one back before the last DQ; the
-        // weights' DQs and the middle Q/DQ/transposes are gone.
+        // The first conv reads the input's Q (NCHW) directly, one transpose back before the
+        // last DQ; the weights' DQs and the middle Q/DQ/transposes are gone.
         assert_eq!(
             ops,
             [
@@ -1050,9 +1056,15 @@ mod tests {
                 QCONV_NHWC,
                 QCONV_NHWC,
                 "QuantizeLinear",
-                "Transpose",
                 "Transpose"
             ]
+        );
+        assert_eq!(
+            g.nodes
+                .iter()
+                .filter(|n| n.attr_i(INPUT_NCHW) == Some(1))
+                .count(),
+            1
         );
         let (want, got) = (run_y(&plain), run_y(&g));
         assert_eq!(want.len(), got.len());

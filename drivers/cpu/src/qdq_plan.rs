@@ -23,9 +23,14 @@ use edgehal_kernels::qgemm::{PackedB, QMat};
 use crate::conv_plan::FUSED_DOMAIN;
 use crate::ops::{input, OpCtx, Registry};
 use crate::par::for_parts;
+use std::ops::Range;
 
 /// The op type of the NHWC quantized convolution (domain `edgehal`).
 pub const QCONV_NHWC: &str = "QLinearConvNhwc";
+
+/// Attribute of [`QCONV_NHWC`]: 1 when `x` is NCHW (a graph's first convolution reads the
+/// quantized input as it is instead of after a transpose; group 1 only).
+pub const INPUT_NCHW: &str = "input_nchw";
 
 /// The op type of the fused `DequantizeLinear` x2 -> `Add` -> `QuantizeLinear` (domain
 /// `edgehal`; inputs `a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale,
@@ -136,12 +141,17 @@ fn permute4(t: &Tensor, perm: [usize; 4]) -> Result<Tensor> {
     Tensor::from_vec_dtype(t.dtype(), os, out)
 }
 
-/// The reference semantics: `QLinearConv` on the NCHW view of `x`, the result back in NHWC.
+/// The reference semantics: `QLinearConv` on the NCHW view of `x` (`x` itself with
+/// [`INPUT_NCHW`]), the result in NHWC.
 pub fn qconv_nhwc(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
-    let x = permute4(input(ins, 0)?, [0, 3, 1, 2])?;
-    let mut v: Vec<Option<&Tensor>> = ins.to_vec();
-    v[0] = Some(&x);
-    let y = crate::ops::quant::qlinear_conv(ctx, &v)?;
+    let y = if ctx.i(INPUT_NCHW, 0) != 0 {
+        crate::ops::quant::qlinear_conv(ctx, ins)?
+    } else {
+        let x = permute4(input(ins, 0)?, [0, 3, 1, 2])?;
+        let mut v: Vec<Option<&Tensor>> = ins.to_vec();
+        v[0] = Some(&x);
+        crate::ops::quant::qlinear_conv(ctx, &v)?
+    };
     Ok(vec![permute4(&y[0], [0, 2, 3, 1])?])
 }
 
@@ -182,7 +192,13 @@ pub struct QdqConvPlan {
     bias: Vec<i32>,
     rq: Requant,
     out_dtype: DType,
+    /// `x` is NCHW ([`INPUT_NCHW`]).
+    nchw_in: bool,
 }
+
+/// Output rows per im2col chunk (a multiple of the GEMM's 16-row blocks): the patches of one
+/// chunk stay in cache between im2col and the GEMM.
+const IM2COL_ROWS: usize = 128;
 
 impl QdqConvPlan {
     /// A plan for a [`QCONV_NHWC`] node with constant weights, scales, zero points and bias,
@@ -315,6 +331,7 @@ impl QdqConvPlan {
             bias,
             rq: rq.widen(m),
             out_dtype,
+            nchw_in: node.attr_i(INPUT_NCHW).unwrap_or(0) != 0,
         })
     }
 
@@ -327,10 +344,15 @@ impl QdqConvPlan {
         threads: usize,
     ) -> Result<Vec<Tensor>> {
         let x = input(ins, 0)?;
-        let &[n, ih, iw, c] = x.shape() else {
-            return qconv_nhwc(ctx, ins);
+        let (n, ih, iw, c) = match (x.shape(), self.nchw_in) {
+            (&[n, h, w, c], false) => (n, h, w, c),
+            (&[n, c, h, w], true) => (n, h, w, c),
+            _ => return qconv_nhwc(ctx, ins),
         };
         if x.dtype() != self.x_dtype || c != self.c {
+            return qconv_nhwc(ctx, ins);
+        }
+        if self.nchw_in && !matches!(self.kind, Kind::Gemm(_)) {
             return qconv_nhwc(ctx, ins);
         }
         let (kh, kw, m) = (self.kh, self.kw, self.m);
@@ -350,12 +372,12 @@ impl QdqConvPlan {
             let xi = &xb[b * img..(b + 1) * img];
             match &self.kind {
                 Kind::Gemm(pb) => {
-                    let pointwise = kh == 1 && kw == 1 && self.s == [1, 1] && self.p == [0; 4];
+                    let pointwise =
+                        kh == 1 && kw == 1 && self.s == [1, 1] && self.p == [0; 4] && !self.nchw_in;
                     if pointwise {
                         self.gemm(xi, signed, oh * ow, c, pb, o, threads)?;
                     } else {
-                        let a = self.im2col(xi, ih, iw, oh, ow);
-                        self.gemm(&a, signed, oh * ow, kh * kw * c, pb, o, threads)?;
+                        self.gemm_im2col(xi, signed, [ih, iw, ow], oh * ow, pb, o, threads)?;
                     }
                 }
                 Kind::Depthwise(w) => {
@@ -403,35 +425,96 @@ impl QdqConvPlan {
         )?])
     }
 
-    /// `oh*ow x (kh*kw*c)` patches of one NHWC image, padding with the zero point's byte.
-    fn im2col(&self, x: &[u8], ih: usize, iw: usize, oh: usize, ow: usize) -> Vec<u8> {
+    /// Patches (`kh*kw*c` bytes each, `[ky][kx][c]` order) of output pixels `rows` of one
+    /// image into `dst`, padding with the zero point's byte. NHWC: one copy per tap, one per
+    /// kernel row when its taps are in bounds and adjacent; NCHW: gathered per channel.
+    fn im2col(&self, x: &[u8], [ih, iw, ow]: [usize; 3], rows: Range<usize>, dst: &mut [u8]) {
         let (kh, kw, c) = (self.kh, self.kw, self.c);
         let k = kh * kw * c;
-        let mut a = vec![self.xz as u8; oh * ow * k];
-        for oy in 0..oh {
-            for ox in 0..ow {
-                let dst = &mut a[(oy * ow + ox) * k..][..k];
-                for ky in 0..kh {
-                    let Some(iy) = (oy * self.s[0] + ky * self.d[0])
-                        .checked_sub(self.p[0])
-                        .filter(|&v| v < ih)
+        dst.fill(self.xz as u8);
+        let plane = ih * iw;
+        for (r, d) in rows.zip(dst.chunks_exact_mut(k)) {
+            let (oy, ox) = (r / ow, r % ow);
+            for ky in 0..kh {
+                let Some(iy) = (oy * self.s[0] + ky * self.d[0])
+                    .checked_sub(self.p[0])
+                    .filter(|&v| v < ih)
+                else {
+                    continue;
+                };
+                let x0 = ox * self.s[1];
+                let whole = self.d[1] == 1 && x0 >= self.p[1] && x0 - self.p[1] + kw <= iw;
+                if whole && !self.nchw_in {
+                    let src = (iy * iw + x0 - self.p[1]) * c;
+                    d[ky * kw * c..][..kw * c].copy_from_slice(&x[src..][..kw * c]);
+                    continue;
+                }
+                for kx in 0..kw {
+                    let Some(ix) = (x0 + kx * self.d[1])
+                        .checked_sub(self.p[1])
+                        .filter(|&v| v < iw)
                     else {
                         continue;
                     };
-                    for kx in 0..kw {
-                        let Some(ix) = (ox * self.s[1] + kx * self.d[1])
-                            .checked_sub(self.p[1])
-                            .filter(|&v| v < iw)
-                        else {
-                            continue;
-                        };
-                        dst[(ky * kw + kx) * c..][..c]
-                            .copy_from_slice(&x[(iy * iw + ix) * c..][..c]);
+                    let o = &mut d[(ky * kw + kx) * c..][..c];
+                    if self.nchw_in {
+                        let src = iy * iw + ix;
+                        for (ci, v) in o.iter_mut().enumerate() {
+                            *v = x[ci * plane + src];
+                        }
+                    } else {
+                        o.copy_from_slice(&x[(iy * iw + ix) * c..][..c]);
                     }
                 }
             }
         }
-        a
+    }
+
+    /// The GEMM on im2col patches: rows split across threads, each thread building and
+    /// multiplying [`IM2COL_ROWS`] patches at a time.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_im2col(
+        &self,
+        x: &[u8],
+        signed: bool,
+        geo: [usize; 3],
+        rows: usize,
+        packed: &PackedB,
+        out: &mut [u8],
+        threads: usize,
+    ) -> Result<()> {
+        let (m, k) = (self.m, packed.k());
+        let t = if rows * k * m >= MIN_PARALLEL_MACS {
+            threads
+        } else {
+            1
+        };
+        for_parts(
+            t,
+            rows.div_ceil(IM2COL_ROWS),
+            IM2COL_ROWS * m,
+            out,
+            |r, part| {
+                let mut a = vec![0u8; IM2COL_ROWS * k];
+                for (ci, o) in r.zip(part.chunks_mut(IM2COL_ROWS * m)) {
+                    let r0 = ci * IM2COL_ROWS;
+                    let r1 = (r0 + IM2COL_ROWS).min(rows);
+                    let a = &mut a[..(r1 - r0) * k];
+                    self.im2col(x, geo, r0..r1, a);
+                    let rows = Rows {
+                        data: a,
+                        signed,
+                        rows: r1 - r0,
+                        k,
+                        rs: k,
+                    };
+                    if !qconv::qgemm_requant(rows, self.xz, packed, &self.bias, &self.rq, o, m) {
+                        return Err(Error::arg(format!("{QCONV_NHWC}: operand sizes")));
+                    }
+                }
+                Ok(())
+            },
+        )
     }
 
     /// `out (rows x m) = requant(a (rows x k) * W + bias)`, rows split across threads.
@@ -646,31 +729,43 @@ mod tests {
                 (DType::I8, DType::I8, DType::I8),
                 (DType::U8, DType::U8, DType::I8),
             ] {
-                let (g, node) = layer(c, x_dt, w_dt, y_dt, &mut r);
-                let plan = QdqConvPlan::prepare(&g, &node).expect("a plan");
-                let xn: usize = c.x.iter().product();
-                let x = Tensor::from_vec_dtype(x_dt, c.x.to_vec(), r.bytes(xn)).unwrap();
-                let ctx = OpCtx {
-                    node: &node,
-                    opset: 1,
-                    subgraph: None,
-                    dest: None,
-                };
-                let init = |k: usize| node.inputs[k].and_then(|v| g.initializers.get(&v));
-                let mut ins: Vec<Option<&Tensor>> = vec![Some(&x)];
-                ins.extend((1..9).map(init));
-                let want = qconv_nhwc(&ctx, &ins).unwrap();
-                for threads in [1, 3] {
-                    let got = plan.run(&ctx, &ins, threads).unwrap();
-                    assert_eq!(got[0].shape(), want[0].shape());
-                    assert_eq!(got[0].dtype(), want[0].dtype());
-                    assert_eq!(
-                        &got[0].bytes()[..],
-                        &want[0].bytes()[..],
-                        "{:?} {:?} {x_dt} {w_dt} {y_dt} threads {threads}",
-                        c.x,
-                        c.w
-                    );
+                for nchw in [false, true] {
+                    if nchw && c.group != 1 {
+                        continue;
+                    }
+                    let (mut g, mut node) = layer(c, x_dt, w_dt, y_dt, &mut r);
+                    let xs = if nchw {
+                        node.attrs.insert(INPUT_NCHW.into(), Attr::Int(1));
+                        g.nodes[0] = node.clone();
+                        vec![c.x[0], c.x[3], c.x[1], c.x[2]]
+                    } else {
+                        c.x.to_vec()
+                    };
+                    let plan = QdqConvPlan::prepare(&g, &node).expect("a plan");
+                    let xn: usize = c.x.iter().product();
+                    let x = Tensor::from_vec_dtype(x_dt, xs, r.bytes(xn)).unwrap();
+                    let ctx = OpCtx {
+                        node: &node,
+                        opset: 1,
+                        subgraph: None,
+                        dest: None,
+                    };
+                    let init = |k: usize| node.inputs[k].and_then(|v| g.initializers.get(&v));
+                    let mut ins: Vec<Option<&Tensor>> = vec![Some(&x)];
+                    ins.extend((1..9).map(init));
+                    let want = qconv_nhwc(&ctx, &ins).unwrap();
+                    for threads in [1, 3] {
+                        let got = plan.run(&ctx, &ins, threads).unwrap();
+                        assert_eq!(got[0].shape(), want[0].shape());
+                        assert_eq!(got[0].dtype(), want[0].dtype());
+                        assert_eq!(
+                            &got[0].bytes()[..],
+                            &want[0].bytes()[..],
+                            "{:?} {:?} {x_dt} {w_dt} {y_dt} nchw {nchw} threads {threads}",
+                            c.x,
+                            c.w
+                        );
+                    }
                 }
             }
         }
