@@ -158,7 +158,19 @@ fn lane(x: i32, m: i32, l: u32, r: u32, mask: i32) -> i32 {
 fn float_lane(acc: i32, s: f32, zp: i32, lo: i32, hi: i32) -> i32 {
     let lo = lo.wrapping_sub(zp) as f32;
     let hi = hi.wrapping_sub(zp) as f32;
-    rne_small((acc as f32 * s).max(lo).min(hi)).wrapping_add(zp)
+    rne_small(clamp_f(acc as f32 * s, lo, hi)).wrapping_add(zp)
+}
+
+/// `v` clamped to `[lo, hi]` as two compares-and-selects (`vmaxps` / `vminps`; a NaN `v`
+/// gives `hi`), not `f32::max`/`min`'s NaN-aware sequences.
+#[inline(always)]
+fn clamp_f(v: f32, lo: f32, hi: f32) -> f32 {
+    let v = if v > lo { v } else { lo };
+    if v < hi {
+        v
+    } else {
+        hi
+    }
 }
 
 /// `v` rounded half to even, for `|v| <= 2^22`: adding `1.5 * 2^23` leaves no fraction bits,
@@ -870,7 +882,7 @@ pub fn quantize_even1(v: f32, scale: f32, zp: i32, lo: i32, hi: i32) -> i32 {
 fn quantize_even_lane(v: f32, scale: f32, zp: i32, lo: f32, hi: f32) -> i32 {
     let q = v / scale;
     let q = if q.is_nan() { 0.0 } else { q };
-    rne_small(q.max(lo).min(hi)).wrapping_add(zp)
+    rne_small(clamp_f(q, lo, hi)).wrapping_add(zp)
 }
 
 #[inline(always)]
