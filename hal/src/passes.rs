@@ -141,7 +141,7 @@ fn optimize_with(g: &mut Graph, registry: &Registry, cpu_fusion: bool) -> Result
     let (bn, fused) = fuse_convolutions_with(g, cpu_fusion);
     Ok(format!(
         "folded {folded} constant nodes, removed {dead} dead nodes, folded {bn} batch norms, \
-         fused {fused} convolutions, {qdq} QDQ convolutions to int8"
+         fused {fused} convolutions, rewrote {qdq} QDQ convolutions and adds to int8"
     ))
 }
 
