@@ -5,10 +5,16 @@
 //! constant weights and replaces Conv [+ Add] [+ activation] chains by one
 //! `edgehal.FusedConv` node, which the CPU driver runs with the add and activation in its
 //! kernel epilogue. It runs last, so the other passes see only ONNX ops.
+//!
+//! QDQ fusion ([`fuse_qdq`]) runs first, on the graph as imported: quantized ONNX convolutions
+//! written as DequantizeLinear -> Conv -> QuantizeLinear become int8 NHWC convolutions
+//! (`edgehal.QLinearConvNhwc`, see `edgehal_cpu::qdq_plan`) before constant folding would turn
+//! their weights' DequantizeLinear into float initializers.
 
 use edgehal_core::graph::{Dim, Graph, NodeId, ValueId};
 use edgehal_core::{Attr, DType, Error, Node, Result, Tensor};
 use edgehal_cpu::conv_plan::{FUSED_CONV, FUSED_DOMAIN};
+use edgehal_cpu::qdq_plan::{INPUT_NCHW, QCONV_NHWC, QDQ_ADD};
 use edgehal_cpu::{OpCtx, Registry};
 
 /// Ops never folded: their result is not a function of their inputs alone.
@@ -118,6 +124,14 @@ pub fn optimize_portable(g: &mut Graph, registry: &Registry) -> Result<String> {
 }
 
 fn optimize_with(g: &mut Graph, registry: &Registry, cpu_fusion: bool) -> Result<String> {
+    let mut qdq = 0;
+    if cpu_fusion && edgehal_cpu::qdq_plan::enabled() {
+        edgehal_core::infer::infer_shapes(g);
+        qdq = fuse_qdq(g);
+        if qdq > 0 {
+            g.remove_dead_nodes();
+        }
+    }
     let folded = fold_constants(g, registry)?;
     let dead = g.remove_dead_nodes();
     edgehal_core::infer::infer_shapes(g);
@@ -127,7 +141,7 @@ fn optimize_with(g: &mut Graph, registry: &Registry, cpu_fusion: bool) -> Result
     let (bn, fused) = fuse_convolutions_with(g, cpu_fusion);
     Ok(format!(
         "folded {folded} constant nodes, removed {dead} dead nodes, folded {bn} batch norms, \
-         fused {fused} convolutions"
+         fused {fused} convolutions, rewrote {qdq} QDQ convolutions and adds to int8"
     ))
 }
 
@@ -382,6 +396,382 @@ pub fn fuse_convolutions_with(g: &mut Graph, cpu_fusion: bool) -> (usize, usize)
     (bns, fused)
 }
 
+/// An initializer that is a float scalar (or a one-element tensor).
+fn scalar_init(g: &Graph, v: Option<ValueId>) -> Option<f32> {
+    let t = g.initializers.get(&v?)?;
+    (t.dtype() == DType::F32 && t.len() == 1).then(|| t.to_f32()[0])
+}
+
+/// The DequantizeLinear (ONNX domain, one output) producing `v`: its quantized input, scale and
+/// zero point (absent: `None`).
+fn dq_producer(
+    g: &Graph,
+    producer: &[Option<NodeId>],
+    v: ValueId,
+) -> Option<(ValueId, ValueId, Option<ValueId>, NodeId)> {
+    let n = producer.get(v).copied().flatten()?;
+    let node = &g.nodes[n];
+    if !is_onnx(node, "DequantizeLinear") || node.outputs.len() != 1 {
+        return None;
+    }
+    let q = node.inputs.first().copied().flatten()?;
+    let s = node.inputs.get(1).copied().flatten()?;
+    Some((q, s, node.inputs.get(2).copied().flatten(), n))
+}
+
+fn dims_of(g: &Graph, v: ValueId) -> Option<Vec<usize>> {
+    g.values[v].fixed_shape()
+}
+
+/// Rewrites quantized convolutions written in QDQ form into int8 NHWC convolutions
+/// (`edgehal.QLinearConvNhwc`: `QLinearConv`'s inputs and rounding with NHWC activations):
+///
+/// `DQ(x: u8/i8, scalar scale/zp)`, `DQ(W: const i8/u8, per-tensor or per-output-channel on
+/// axis 0)`, optional `DQ(B: const i32, zero point 0, scale = x_scale * w_scale)` -> `Conv`
+/// (2-d, group 1 or depthwise) -> `QuantizeLinear(scalar scale/zp)`.
+///
+/// Only when every scale, zero point, weight and bias is an initializer and the Conv output's
+/// single consumer is that QuantizeLinear (not a graph output); DequantizeLinear nodes whose
+/// output has other consumers stay for them (the fused node reads their quantized input).
+/// Layout: a fused node reads the NHWC form of its input — the previous fused node's output
+/// directly; else a group-1 convolution reads the NCHW value itself (`input_nchw`) and a
+/// depthwise one a Transpose inserted once per value — and every fused output also gets a
+/// Transpose back to the original NCHW value, which dead-node removal drops when only fused
+/// convolutions read it.
+///
+/// `DQ(a)`, `DQ(b)` (per-tensor constants, one 8-bit type, one fixed shape) -> `Add` -> `Q` whose
+/// sum has no other reader becomes `edgehal.QdqAdd` (the composed ops' arithmetic in one
+/// pass), in NHWC when both inputs come from fused nodes. Returns the number of nodes
+/// rewritten.
+pub fn fuse_qdq(g: &mut Graph) -> usize {
+    if g.nodes.iter().any(|n| {
+        n.attrs
+            .values()
+            .any(|a| matches!(a, Attr::Graph(_) | Attr::Graphs(_)))
+    }) {
+        return 0;
+    }
+    let Ok(order) = g.topo_order() else { return 0 };
+    let mut uses = vec![0usize; g.values.len()];
+    let mut consumer: Vec<Option<NodeId>> = vec![None; g.values.len()];
+    let mut producer: Vec<Option<NodeId>> = vec![None; g.values.len()];
+    for (i, n) in g.nodes.iter().enumerate() {
+        for &v in n.inputs.iter().flatten() {
+            uses[v] += 1;
+            consumer[v] = Some(i);
+        }
+        for &o in n.outputs.iter().flatten() {
+            producer[o] = Some(i);
+        }
+    }
+    for &o in &g.outputs {
+        uses[o] += 1;
+    }
+    let mut nhwc: std::collections::HashMap<ValueId, ValueId> = Default::default();
+    let mut removed = vec![false; g.nodes.len()];
+    let mut added: Vec<Node> = Vec::new();
+    let mut count = 0;
+    for ci in order {
+        if let Some((mut node, q_node)) = qdq_add(g, ci, &uses, &consumer, &producer) {
+            // NHWC when both inputs have that form (outputs of fused nodes), else as they are.
+            let qout = g.nodes[q_node].outputs[0].expect("Q output");
+            let (a, b) = (node.inputs[0].expect("a"), node.inputs[3].expect("b"));
+            if let (Some(&an), Some(&bn)) = (nhwc.get(&a), nhwc.get(&b)) {
+                let yn = transposed(g, qout, [0, 2, 3, 1], "_nhwc");
+                node.inputs[0] = Some(an);
+                node.inputs[3] = Some(bn);
+                node.outputs = vec![Some(yn)];
+                added.push(transpose_node(yn, qout, [0, 3, 1, 2]));
+                nhwc.insert(qout, yn);
+            } else {
+                node.outputs = vec![Some(qout)];
+            }
+            g.nodes[ci] = node;
+            removed[q_node] = true;
+            count += 1;
+            continue;
+        }
+        let Some((node, q_node)) = qdq_conv(g, ci, &uses, &consumer, &producer) else {
+            continue;
+        };
+        let x = node.inputs[0].expect("x");
+        let qout = g.nodes[q_node].outputs[0].expect("Q output");
+        let mut node = node;
+        let xn = match nhwc.get(&x) {
+            Some(&v) => v,
+            // A group-1 convolution gathers its patches from NCHW as cheaply: no transpose.
+            None if node.attr_i("group").unwrap_or(1) == 1 => {
+                node.attrs.insert(INPUT_NCHW.into(), Attr::Int(1));
+                x
+            }
+            None => {
+                let v = transposed(g, x, [0, 2, 3, 1], "_nhwc");
+                added.push(transpose_node(x, v, [0, 2, 3, 1]));
+                nhwc.insert(x, v);
+                v
+            }
+        };
+        let yn = transposed(g, qout, [0, 2, 3, 1], "_nhwc");
+        node.inputs[0] = Some(xn);
+        node.outputs = vec![Some(yn)];
+        g.nodes[ci] = node;
+        added.push(transpose_node(yn, qout, [0, 3, 1, 2]));
+        nhwc.insert(qout, yn);
+        removed[q_node] = true;
+        count += 1;
+    }
+    let mut k = 0;
+    g.nodes.retain(|_| {
+        let keep = !removed[k];
+        k += 1;
+        keep
+    });
+    for n in added {
+        g.add_node(n);
+    }
+    count
+}
+
+/// A new value for `v` permuted by `perm` (shape and dtype carried over when known).
+fn transposed(g: &mut Graph, v: ValueId, perm: [usize; 4], suffix: &str) -> ValueId {
+    let name = format!("{}{suffix}", g.value_name(v));
+    let id = g.new_value(&name);
+    g.values[id].dtype = g.values[v].dtype;
+    if let Some(s) = g.values[v].shape.clone() {
+        if s.len() == 4 {
+            g.values[id].shape = Some(perm.iter().map(|&p| s[p].clone()).collect());
+        }
+    }
+    id
+}
+
+fn transpose_node(x: ValueId, y: ValueId, perm: [usize; 4]) -> Node {
+    let mut n = Node {
+        op: "Transpose".into(),
+        inputs: vec![Some(x)],
+        outputs: vec![Some(y)],
+        ..Default::default()
+    };
+    n.attrs.insert(
+        "perm".into(),
+        Attr::Ints(perm.iter().map(|&p| p as i64).collect()),
+    );
+    n
+}
+
+/// The QuantizeLinear (scalar constant scale, 8-bit scalar constant zero point) that is the
+/// only reader of `y`, a value that is no graph output.
+fn private_q(
+    g: &Graph,
+    y: ValueId,
+    uses: &[usize],
+    consumer: &[Option<NodeId>],
+) -> Option<(NodeId, ValueId, Option<ValueId>)> {
+    if uses[y] != 1 {
+        return None;
+    }
+    let qn = consumer[y]?;
+    let q = &g.nodes[qn];
+    if !is_onnx(q, "QuantizeLinear")
+        || q.inputs.first().copied().flatten() != Some(y)
+        || q.outputs.len() != 1
+        || q.outputs[0].is_none()
+    {
+        return None;
+    }
+    let ys = q.inputs.get(1).copied().flatten()?;
+    scalar_init(g, Some(ys))?;
+    let yz = q.inputs.get(2).copied().flatten();
+    if let Some(z) = yz {
+        let t = g.initializers.get(&z)?;
+        if t.len() != 1 || !matches!(t.dtype(), DType::U8 | DType::I8) {
+            return None;
+        }
+    }
+    Some((qn, ys, yz))
+}
+
+/// A DequantizeLinear input with per-tensor constant parameters: (quantized value, scale,
+/// zero point, 8-bit type).
+fn dq_input(
+    g: &Graph,
+    producer: &[Option<NodeId>],
+    v: ValueId,
+) -> Option<(ValueId, ValueId, Option<ValueId>, DType)> {
+    let (q, s, z, _) = dq_producer(g, producer, v)?;
+    scalar_init(g, Some(s))?;
+    let dt = match z {
+        Some(z) => {
+            let t = g.initializers.get(&z)?;
+            (t.len() == 1).then_some(t.dtype())?
+        }
+        None => g.values[q].dtype?,
+    };
+    if !matches!(dt, DType::U8 | DType::I8) || g.values[q].dtype.is_some_and(|d| d != dt) {
+        return None;
+    }
+    Some((q, s, z, dt))
+}
+
+/// `edgehal.QdqAdd` for Add `ai` when both inputs are per-tensor DequantizeLinear outputs of
+/// one 8-bit type and one fixed shape, and the sum's only reader is a QuantizeLinear.
+fn qdq_add(
+    g: &Graph,
+    ai: NodeId,
+    uses: &[usize],
+    consumer: &[Option<NodeId>],
+    producer: &[Option<NodeId>],
+) -> Option<(Node, NodeId)> {
+    let add = &g.nodes[ai];
+    if !is_onnx(add, "Add") || add.inputs.len() != 2 || add.outputs.len() != 1 {
+        return None;
+    }
+    let (aq, as_, az, adt) = dq_input(g, producer, add.inputs[0]?)?;
+    let (bq, bs, bz, bdt) = dq_input(g, producer, add.inputs[1]?)?;
+    let shape = dims_of(g, aq)?;
+    if adt != bdt || dims_of(g, bq)? != shape {
+        return None;
+    }
+    let (qn, ys, yz) = private_q(g, add.outputs[0]?, uses, consumer)?;
+    let node = Node {
+        op: QDQ_ADD.into(),
+        domain: FUSED_DOMAIN.into(),
+        name: add.name.clone(),
+        inputs: vec![
+            Some(aq),
+            Some(as_),
+            az,
+            Some(bq),
+            Some(bs),
+            bz,
+            Some(ys),
+            yz,
+        ],
+        outputs: vec![],
+        ..Default::default()
+    };
+    Some((node, qn))
+}
+
+/// The fused node for Conv `ci` when it has the QDQ pattern of [`fuse_qdq`], and the index of
+/// the QuantizeLinear it absorbs.
+fn qdq_conv(
+    g: &Graph,
+    ci: NodeId,
+    uses: &[usize],
+    consumer: &[Option<NodeId>],
+    producer: &[Option<NodeId>],
+) -> Option<(Node, NodeId)> {
+    let conv = &g.nodes[ci];
+    if !is_onnx(conv, "Conv") || conv.outputs.len() != 1 || conv.inputs.len() < 2 {
+        return None;
+    }
+    let auto = conv.attr_s("auto_pad").unwrap_or_default();
+    if !(auto.is_empty() || auto == "NOTSET") {
+        return None;
+    }
+    let init = |v: Option<ValueId>| v.and_then(|v| g.initializers.get(&v));
+    // x: DQ with scalar scale / zero point.
+    let (xq, xs, xz, _) = dq_producer(g, producer, conv.inputs[0]?)?;
+    let xsv = scalar_init(g, Some(xs))?;
+    let x_dt = match xz {
+        Some(z) => {
+            let t = init(Some(z))?;
+            (t.len() == 1).then_some(t.dtype())?
+        }
+        None => g.values[xq].dtype?,
+    };
+    if !matches!(x_dt, DType::U8 | DType::I8) || g.values[xq].dtype.is_some_and(|d| d != x_dt) {
+        return None;
+    }
+    // W: constant 8-bit, per-tensor or per-output-channel (axis 0).
+    let (wq, ws, wz, wn) = dq_producer(g, producer, conv.inputs[1]?)?;
+    let w = init(Some(wq))?;
+    let &[m, cg, _, _] = w.shape() else {
+        return None;
+    };
+    if !matches!(w.dtype(), DType::I8 | DType::U8) {
+        return None;
+    }
+    let wsv = init(Some(ws))?;
+    if wsv.dtype() != DType::F32 || !(wsv.len() == 1 || wsv.len() == m) {
+        return None;
+    }
+    if wsv.len() > 1 && !matches!(g.nodes[wn].attr_i("axis").unwrap_or(1), 0 | -4) {
+        return None;
+    }
+    if let Some(z) = wz {
+        let t = init(Some(z))?;
+        if t.dtype() != w.dtype() || t.len() != wsv.len() {
+            return None;
+        }
+    }
+    let group = conv.attr_i("group").unwrap_or(1);
+    let depthwise = cg == 1 && group as usize == m && m > 1;
+    if group != 1 && !depthwise {
+        return None;
+    }
+    // B: constant i32, zero point 0, scale x_scale * w_scale (what QLinearConv assumes).
+    let b = match conv.inputs.get(2).copied().flatten() {
+        None => None,
+        Some(bv) => {
+            let (bq, bs, bz, _) = dq_producer(g, producer, bv)?;
+            let t = init(Some(bq))?;
+            if t.dtype() != DType::I32 || t.len() != m {
+                return None;
+            }
+            if let Some(z) = bz {
+                let zt = init(Some(z))?;
+                if zt.dtype() != DType::I32 || zt.to_vec::<i32>().ok()?.iter().any(|&z| z != 0) {
+                    return None;
+                }
+            }
+            let bsv = init(Some(bs))?;
+            if bsv.dtype() != DType::F32 || bsv.len() != wsv.len() && bsv.len() != 1 {
+                return None;
+            }
+            let (bsv, wsf) = (bsv.to_f32(), wsv.to_f32());
+            for o in 0..m {
+                let want = xsv * wsf[if wsf.len() == 1 { 0 } else { o }];
+                let got = bsv[if bsv.len() == 1 { 0 } else { o }];
+                if (got - want).abs() > want.abs() * 1e-5 {
+                    return None;
+                }
+            }
+            Some(bq)
+        }
+    };
+    // y: the Conv output's only reader is a QuantizeLinear with scalar scale / zero point.
+    let (qn, ys, yz) = private_q(g, conv.outputs[0]?, uses, consumer)?;
+    if dims_of(g, xq).is_some_and(|s| s.len() != 4) {
+        return None;
+    }
+    let mut node = Node {
+        op: QCONV_NHWC.into(),
+        domain: FUSED_DOMAIN.into(),
+        name: conv.name.clone(),
+        inputs: vec![
+            Some(xq),
+            Some(xs),
+            xz,
+            Some(wq),
+            Some(ws),
+            wz,
+            Some(ys),
+            yz,
+            b,
+        ],
+        outputs: vec![],
+        ..Default::default()
+    };
+    for k in ["strides", "pads", "dilations", "group", "kernel_shape"] {
+        if let Some(a) = conv.attrs.get(k) {
+            node.attrs.insert(k.to_string(), a.clone());
+        }
+    }
+    Some((node, qn))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -505,6 +895,278 @@ mod tests {
                 assert!((a - b).abs() < 1e-5, "{a} vs {b}");
             }
         }
+    }
+
+    fn qinit<T: edgehal_core::dtype::Elem>(
+        g: &mut Graph,
+        name: &str,
+        shape: Vec<usize>,
+        v: Vec<T>,
+    ) {
+        let t = Tensor::from_vec(shape.clone(), v).unwrap();
+        let id = g.value_id(name);
+        g.values[id].dtype = Some(t.dtype());
+        g.values[id].shape = Some(shape.iter().map(|&d| Dim::Fixed(d)).collect());
+        g.initializers.insert(id, t);
+    }
+
+    /// x (f32) -> Q(u8) -> DQ -> Conv 3x3 (DQ'd per-channel i8 W, i32 B) -> Q -> DQ ->
+    /// depthwise Conv 3x3 stride 2 -> Q -> DQ -> y, as onnxruntime's quantizer writes it.
+    fn qdq_graph() -> Graph {
+        let mut s = 3u32;
+        let mut g = Graph::new("qdq");
+        g.opsets.insert(String::new(), 13);
+        let mut bytes =
+            |n: usize| -> Vec<i8> { rnd(&mut s, n).iter().map(|v| (v * 250.0) as i8).collect() };
+        let axis0 = || vec![("axis", Attr::Int(0))];
+        init(&mut g, "xs", vec![], vec![0.02]);
+        qinit(&mut g, "xz", vec![], vec![128u8]);
+        qinit(&mut g, "w1", vec![6, 4, 3, 3], bytes(6 * 36));
+        init(
+            &mut g,
+            "w1s",
+            vec![6],
+            (0..6).map(|i| 0.004 + i as f32 * 1e-3).collect(),
+        );
+        qinit(&mut g, "w1z", vec![6], vec![0i8; 6]);
+        qinit(&mut g, "b1", vec![6], vec![-300i32, 20, 0, 7, 900, -5]);
+        let b1s: Vec<f32> = (0..6)
+            .map(|i| 0.02f32 * (0.004 + i as f32 * 1e-3))
+            .collect();
+        init(&mut g, "b1s", vec![6], b1s);
+        qinit(&mut g, "b1z", vec![6], vec![0i32; 6]);
+        init(&mut g, "ys", vec![], vec![0.03]);
+        qinit(&mut g, "yz", vec![], vec![10u8]);
+        qinit(&mut g, "w2", vec![6, 1, 3, 3], bytes(6 * 9));
+        init(&mut g, "w2s", vec![6], vec![0.01; 6]);
+        qinit(&mut g, "w2z", vec![6], vec![0i8; 6]);
+        init(&mut g, "zs", vec![], vec![0.05]);
+        qinit(&mut g, "zz", vec![], vec![0u8]);
+        node(
+            &mut g,
+            "QuantizeLinear",
+            &["x", "xs", "xz"],
+            &["xq"],
+            vec![],
+        );
+        node(
+            &mut g,
+            "DequantizeLinear",
+            &["xq", "xs", "xz"],
+            &["xd"],
+            vec![],
+        );
+        node(
+            &mut g,
+            "DequantizeLinear",
+            &["w1", "w1s", "w1z"],
+            &["w1d"],
+            axis0(),
+        );
+        node(
+            &mut g,
+            "DequantizeLinear",
+            &["b1", "b1s", "b1z"],
+            &["b1d"],
+            axis0(),
+        );
+        let pads = || ("pads", Attr::Ints(vec![1, 1, 1, 1]));
+        node(&mut g, "Conv", &["xd", "w1d", "b1d"], &["c1"], vec![pads()]);
+        node(
+            &mut g,
+            "QuantizeLinear",
+            &["c1", "ys", "yz"],
+            &["c1q"],
+            vec![],
+        );
+        node(
+            &mut g,
+            "DequantizeLinear",
+            &["c1q", "ys", "yz"],
+            &["c1d"],
+            vec![],
+        );
+        node(
+            &mut g,
+            "DequantizeLinear",
+            &["w2", "w2s", "w2z"],
+            &["w2d"],
+            axis0(),
+        );
+        node(
+            &mut g,
+            "Conv",
+            &["c1d", "w2d"],
+            &["c2"],
+            vec![
+                pads(),
+                ("group", Attr::Int(6)),
+                ("strides", Attr::Ints(vec![2, 2])),
+            ],
+        );
+        node(
+            &mut g,
+            "QuantizeLinear",
+            &["c2", "zs", "zz"],
+            &["c2q"],
+            vec![],
+        );
+        node(
+            &mut g,
+            "DequantizeLinear",
+            &["c2q", "zs", "zz"],
+            &["y"],
+            vec![],
+        );
+        let x = g.value_id("x");
+        g.values[x].dtype = Some(DType::F32);
+        g.values[x].shape = Some([1, 4, 9, 9].map(Dim::Fixed).to_vec());
+        g.inputs = vec![x];
+        g.outputs = vec![g.value_id("y")];
+        edgehal_core::infer::infer_shapes(&mut g);
+        g
+    }
+
+    fn run_y(g: &Graph) -> Vec<f32> {
+        let mut s = 5u32;
+        let x = Tensor::from_vec(vec![1, 4, 9, 9], rnd(&mut s, 4 * 81)).unwrap();
+        let reg = Registry::new();
+        let out = Executor::new(g, &reg)
+            .unwrap()
+            .run(&[(g.inputs[0], x)])
+            .unwrap();
+        out[0].to_f32().into_owned()
+    }
+
+    #[test]
+    fn qdq_convolutions_become_int8_nhwc() {
+        let plain = qdq_graph();
+        let mut g = qdq_graph();
+        assert_eq!(fuse_qdq(&mut g), 2);
+        g.remove_dead_nodes();
+        g.validate().unwrap();
+        let mut ops: Vec<&str> = g.nodes.iter().map(|n| n.op.as_str()).collect();
+        ops.sort();
+        // The first conv reads the input's Q (NCHW) directly, one transpose back before the
+        // last DQ; the weights' DQs and the middle Q/DQ/transposes are gone.
+        assert_eq!(
+            ops,
+            [
+                "DequantizeLinear",
+                QCONV_NHWC,
+                QCONV_NHWC,
+                "QuantizeLinear",
+                "Transpose"
+            ]
+        );
+        assert_eq!(
+            g.nodes
+                .iter()
+                .filter(|n| n.attr_i(INPUT_NCHW) == Some(1))
+                .count(),
+            1
+        );
+        let (want, got) = (run_y(&plain), run_y(&g));
+        assert_eq!(want.len(), got.len());
+        // Float conv + Q against integer accumulation + float requantization: the same
+        // quantized value up to a rounding tie, at most one step (0.05) apart.
+        for (a, b) in want.iter().zip(&got) {
+            assert!((a - b).abs() <= 0.05 * 1.001, "{a} vs {b}");
+        }
+        assert!(want.iter().zip(&got).filter(|(a, b)| a == b).count() * 10 >= want.len() * 9);
+    }
+
+    /// DQ(a) + DQ(b) -> Q of two u8 inputs becomes one QdqAdd with the unfused ops' bytes; a
+    /// sum that is also a graph output is left alone.
+    #[test]
+    fn qdq_add_is_bit_exact() {
+        let build = || {
+            let mut g = Graph::new("qadd");
+            g.opsets.insert(String::new(), 13);
+            init(&mut g, "as", vec![], vec![0.031]);
+            qinit(&mut g, "az", vec![], vec![120u8]);
+            init(&mut g, "bs", vec![], vec![0.017]);
+            qinit(&mut g, "bz", vec![], vec![131u8]);
+            init(&mut g, "ys", vec![], vec![0.043]);
+            qinit(&mut g, "yz", vec![], vec![128u8]);
+            node(
+                &mut g,
+                "DequantizeLinear",
+                &["a", "as", "az"],
+                &["ad"],
+                vec![],
+            );
+            node(
+                &mut g,
+                "DequantizeLinear",
+                &["b", "bs", "bz"],
+                &["bd"],
+                vec![],
+            );
+            node(&mut g, "Add", &["ad", "bd"], &["s"], vec![]);
+            node(&mut g, "QuantizeLinear", &["s", "ys", "yz"], &["y"], vec![]);
+            for name in ["a", "b"] {
+                let v = g.value_id(name);
+                g.values[v].dtype = Some(DType::U8);
+                g.values[v].shape = Some([1, 6, 5, 7].map(Dim::Fixed).to_vec());
+                g.inputs.push(v);
+            }
+            g.outputs = vec![g.value_id("y")];
+            edgehal_core::infer::infer_shapes(&mut g);
+            g
+        };
+        let plain = build();
+        let mut g = build();
+        assert_eq!(fuse_qdq(&mut g), 1);
+        g.remove_dead_nodes();
+        let ops: Vec<&str> = g.nodes.iter().map(|n| n.op.as_str()).collect();
+        assert_eq!(ops, [QDQ_ADD]);
+        let mut s = 9u32;
+        let mut bytes = || -> Tensor {
+            let v: Vec<u8> = rnd(&mut s, 210)
+                .iter()
+                .map(|x| ((x + 0.5) * 255.0) as u8)
+                .collect();
+            Tensor::from_vec(vec![1, 6, 5, 7], v).unwrap()
+        };
+        let (a, b) = (bytes(), bytes());
+        let reg = Registry::new();
+        let run = |g: &Graph| {
+            let feed = vec![(g.inputs[0], a.clone()), (g.inputs[1], b.clone())];
+            Executor::new(g, &reg).unwrap().run(&feed).unwrap()[0].clone()
+        };
+        let (want, got) = (run(&plain), run(&g));
+        assert_eq!(want.dtype(), got.dtype());
+        assert_eq!(&want.bytes()[..], &got.bytes()[..]);
+        let mut g = build();
+        let sum = g.value_id("s");
+        g.outputs.push(sum);
+        assert_eq!(fuse_qdq(&mut g), 0);
+    }
+
+    #[test]
+    fn qdq_fusion_needs_a_private_conv_output_and_constant_weights() {
+        // The first Conv's float output is also a graph output: only the second is fused.
+        let mut g = qdq_graph();
+        let c1 = g.value_id("c1");
+        g.outputs.push(c1);
+        assert_eq!(fuse_qdq(&mut g), 1);
+        assert!(g.nodes.iter().any(|n| n.op == "Conv"));
+        // The second Conv's weights come from a graph input: only the first is fused.
+        let mut g = qdq_graph();
+        let w2 = g.value_id("w2");
+        let t = g.initializers.remove(&w2).unwrap();
+        g.inputs.push(w2);
+        assert_eq!(fuse_qdq(&mut g), 1);
+        drop(t);
+        let conv = g.nodes.iter().find(|n| n.op == "Conv").unwrap();
+        assert_eq!(conv.attr_i("group"), Some(6));
+        // A bias whose scale is not x_scale * w_scale: not QLinearConv's bias, left alone.
+        let mut g = qdq_graph();
+        let b1s = g.value_id("b1s");
+        g.initializers
+            .insert(b1s, Tensor::from_vec(vec![6], vec![1e-4f32; 6]).unwrap());
+        assert_eq!(fuse_qdq(&mut g), 1);
     }
 
     #[test]

@@ -34,6 +34,9 @@ pub struct Requant {
     /// Right shift after it (the negative exponent, at most 31) and its rounding mask.
     rshift: Vec<u32>,
     rmask: Vec<i32>,
+    /// Float mode (onnxruntime's `QLinearConv` requantization): per-channel f32 scales, empty
+    /// in the fixed-point mode. `clamp(rne(f32(acc) * scale[c]) + zp, lo, hi)`.
+    fscale: Vec<f32>,
     /// Output zero point and the clamp (type range narrowed by the fused activation).
     pub zp: i32,
     pub lo: i32,
@@ -61,10 +64,39 @@ impl Requant {
             lshift: all.iter().map(|&(_, s)| s.clamp(0, 30) as u32).collect(),
             rmask: rshift.iter().map(|&r| ((1i64 << r) - 1) as i32).collect(),
             rshift,
+            fscale: Vec::new(),
             zp,
             lo,
             hi,
         })
+    }
+
+    /// The float mode: `clamp(rne(f32(acc) * scales[c]) + zp, lo, hi)` with the product
+    /// rounded to f32 first and ties to even (what onnxruntime's `MlasRequantizeOutput` does
+    /// for `QLinearConv`). `None` for an empty list, a non-finite scale, `lo > hi` or bounds
+    /// more than 2^22 from the zero point (8-bit outputs are far inside).
+    pub fn new_float(scales: &[f32], zp: i32, lo: i32, hi: i32) -> Option<Requant> {
+        let small = |b: i32| (b as i64 - zp as i64).abs() <= RNE_SMALL_MAX;
+        if scales.is_empty()
+            || scales.iter().any(|s| !s.is_finite())
+            || lo > hi
+            || !small(lo)
+            || !small(hi)
+        {
+            return None;
+        }
+        let mut r = Requant::new(&vec![(0, 0); scales.len()], zp, lo, hi)?;
+        r.fscale = scales
+            .iter()
+            .copied()
+            .chain(std::iter::repeat_n(0.0, LANES))
+            .collect();
+        Some(r)
+    }
+
+    /// Whether this is the float mode ([`Requant::new_float`]).
+    pub fn is_float(&self) -> bool {
+        !self.fscale.is_empty()
     }
 
     /// Channels (1 means one multiplier for every channel).
@@ -77,6 +109,10 @@ impl Requant {
         if self.n == n {
             return self.clone();
         }
+        if self.is_float() {
+            return Requant::new_float(&vec![self.fscale[0]; n.max(1)], self.zp, self.lo, self.hi)
+                .unwrap_or_else(|| self.clone());
+        }
         let one = (self.mult[0], self.lshift[0] as i32 - self.rshift[0] as i32);
         Requant::new(&vec![one; n.max(1)], self.zp, self.lo, self.hi)
             .unwrap_or_else(|| self.clone())
@@ -85,6 +121,9 @@ impl Requant {
     /// One value, channel `c`: the lane function of [`requant_row`].
     #[inline(always)]
     pub fn apply(&self, acc: i32, c: usize) -> i32 {
+        if self.is_float() {
+            return float_lane(acc, self.fscale[c], self.zp, self.lo, self.hi);
+        }
         lane(
             acc,
             self.mult[c],
@@ -110,6 +149,49 @@ fn lane(x: i32, m: i32, l: u32, r: u32, mask: i32) -> i32 {
     let rem = hi & mask;
     let threshold = (mask >> 1) + i32::from(hi < 0);
     (hi >> r) + i32::from(rem > threshold)
+}
+
+/// The float mode's lane: the product clamped to the output range less the zero point (the
+/// bounds are integers, so clamping before rounding equals clamping after), rounded half to
+/// even, plus the zero point.
+#[inline(always)]
+fn float_lane(acc: i32, s: f32, zp: i32, lo: i32, hi: i32) -> i32 {
+    let lo = lo.wrapping_sub(zp) as f32;
+    let hi = hi.wrapping_sub(zp) as f32;
+    rne_small(clamp_f(acc as f32 * s, lo, hi)).wrapping_add(zp)
+}
+
+/// `v` clamped to `[lo, hi]` as two compares-and-selects (`vmaxps` / `vminps`; a NaN `v`
+/// gives `hi`), not `f32::max`/`min`'s NaN-aware sequences.
+#[inline(always)]
+fn clamp_f(v: f32, lo: f32, hi: f32) -> f32 {
+    let v = if v > lo { v } else { lo };
+    if v < hi {
+        v
+    } else {
+        hi
+    }
+}
+
+/// `v` rounded half to even, for `|v| <= 2^22`: adding `1.5 * 2^23` leaves no fraction bits,
+/// so the add itself rounds (to nearest even in the default mode) and the low mantissa bits
+/// are the integer. Unlike `round_ties_even() as i32` (a saturating conversion, which LLVM
+/// leaves scalar), this is two vector instructions.
+#[inline(always)]
+fn rne_small(v: f32) -> i32 {
+    const MAGIC: f32 = 12_582_912.0;
+    ((v + MAGIC).to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32)
+}
+
+/// The largest clamp bound (less the zero point) [`rne_small`] rounds exactly.
+const RNE_SMALL_MAX: i64 = 1 << 22;
+
+/// The float mode's definition, for tests: f64 arithmetic on the f32-rounded product.
+pub fn requant_float_ref(acc: i32, s: f32, zp: i32, lo: i32, hi: i32) -> i32 {
+    let p = (acc as f32 * s) as f64;
+    let r = p.round_ties_even();
+    let r = if r.is_nan() { 0.0 } else { r };
+    ((r as i64).saturating_add(zp as i64)).clamp(lo as i64, hi as i64) as i32
 }
 
 /// The definition, for tests: gemmlowp's functions as written (saturating high multiply with
@@ -187,6 +269,13 @@ fn requant_block(rq: &Requant, c0: usize, acc: &[i32], add: &[i32], out: &mut [u
     let acc: &[i32; LANES] = acc.try_into().expect("lanes");
     let add: &[i32; LANES] = add.try_into().expect("lanes");
     let (zp, lo, hi) = (rq.zp, rq.lo, rq.hi);
+    if rq.is_float() {
+        let s: &[f32; LANES] = rq.fscale[c0..c0 + LANES].try_into().expect("lanes");
+        for j in 0..LANES {
+            out[j] = float_lane(acc[j].wrapping_add(add[j]), s[j], zp, lo, hi) as u8;
+        }
+        return;
+    }
     for j in 0..LANES {
         let v = lane(acc[j].wrapping_add(add[j]), m[j], l[j], r[j], k[j]);
         out[j] = v.wrapping_add(zp).clamp(lo, hi) as u8;
@@ -753,6 +842,151 @@ pub(crate) fn quantize_f32_body(x: &[f32], scale: f32, zp: i32, lo: i32, hi: i32
     }
 }
 
+/// ONNX `QuantizeLinear` of f32 to 8 bits: `clamp(rne(v / scale) + zp, lo, hi)` (ties to
+/// even, unlike [`quantize_f32`]'s TFLite rounding), as the bytes of the values.
+pub fn quantize_f32_even(x: &[f32], scale: f32, zp: i32, lo: i32, hi: i32, out: &mut [u8]) -> bool {
+    quantize_f32_even_with(dispatch::selected(), x, scale, zp, lo, hi, out)
+}
+
+/// [`quantize_f32_even`] compiled for the float-family `variant`.
+pub fn quantize_f32_even_with(
+    variant: Variant,
+    x: &[f32],
+    scale: f32,
+    zp: i32,
+    lo: i32,
+    hi: i32,
+    out: &mut [u8],
+) -> bool {
+    if x.len() != out.len() || lo > hi {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::quantize_f32_even(variant, x, scale, zp, lo, hi, out) {
+        return true;
+    }
+    let _ = variant;
+    quantize_f32_even_body(x, scale, zp, lo, hi, out);
+    true
+}
+
+/// One value of [`quantize_f32_even`], the definition (NaN gives the zero point).
+#[inline(always)]
+pub fn quantize_even1(v: f32, scale: f32, zp: i32, lo: i32, hi: i32) -> i32 {
+    // Clamped to the integer bounds less the zero point before rounding (the same result as
+    // after, for integer bounds), so the conversion never saturates; NaN counts as 0, as the
+    // saturating casts of the unfused ops make it.
+    let q = v / scale;
+    let q = if q.is_nan() { 0.0 } else { q };
+    let lo = lo.saturating_sub(zp) as f32;
+    let hi = hi.saturating_sub(zp) as f32;
+    (q.max(lo).min(hi).round_ties_even() as i32).wrapping_add(zp)
+}
+
+/// [`quantize_even1`] for bounds within 2^22 of the zero point, without the saturating
+/// conversion (see [`rne_small`]).
+#[inline(always)]
+fn quantize_even_lane(v: f32, scale: f32, zp: i32, lo: f32, hi: f32) -> i32 {
+    let q = v / scale;
+    let q = if q.is_nan() { 0.0 } else { q };
+    rne_small(clamp_f(q, lo, hi)).wrapping_add(zp)
+}
+
+#[inline(always)]
+pub(crate) fn quantize_f32_even_body(
+    x: &[f32],
+    scale: f32,
+    zp: i32,
+    lo: i32,
+    hi: i32,
+    out: &mut [u8],
+) {
+    let small = |b: i32| (b as i64 - zp as i64).abs() <= RNE_SMALL_MAX;
+    if !small(lo) || !small(hi) {
+        for (d, &v) in out.iter_mut().zip(x) {
+            *d = quantize_even1(v, scale, zp, lo, hi) as u8;
+        }
+        return;
+    }
+    let (flo, fhi) = (lo.wrapping_sub(zp) as f32, hi.wrapping_sub(zp) as f32);
+    for (d, &v) in out.iter_mut().zip(x) {
+        *d = quantize_even_lane(v, scale, zp, flo, fhi) as u8;
+    }
+}
+
+/// ONNX `DequantizeLinear(a)`, `DequantizeLinear(b)` -> `Add` -> `QuantizeLinear` of two
+/// same-shape 8-bit tensors with per-tensor parameters, in one pass and with the composed ops'
+/// exact f32 arithmetic: `clamp(rne(((a - za) * sa + (b - zb) * sb) / sy) + zy, lo, hi)`.
+#[derive(Clone, Copy, Debug)]
+pub struct QdqAdd {
+    /// Whether the inputs are i8 (else u8); both have one type.
+    pub signed: bool,
+    pub sa: f32,
+    pub za: i32,
+    pub sb: f32,
+    pub zb: i32,
+    pub sy: f32,
+    pub zy: i32,
+    /// The output type's range.
+    pub lo: i32,
+    pub hi: i32,
+}
+
+/// [`QdqAdd`] over `a`, `b` into `out` (all the same length). `false` on a size mismatch.
+pub fn qdq_add(p: &QdqAdd, a: &[u8], b: &[u8], out: &mut [u8]) -> bool {
+    qdq_add_with(dispatch::selected(), p, a, b, out)
+}
+
+/// [`qdq_add`] compiled for the float-family `variant`.
+pub fn qdq_add_with(variant: Variant, p: &QdqAdd, a: &[u8], b: &[u8], out: &mut [u8]) -> bool {
+    if a.len() != b.len() || out.len() != a.len() || p.lo > p.hi {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::qdq_add(variant, p, a, b, out) {
+        return true;
+    }
+    let _ = variant;
+    qdq_add_body(p, a, b, out);
+    true
+}
+
+/// One value of [`QdqAdd`], the definition.
+#[inline(always)]
+pub fn qdq_add1(p: &QdqAdd, a: i32, b: i32) -> i32 {
+    let v = (a - p.za) as f32 * p.sa + (b - p.zb) as f32 * p.sb;
+    quantize_even1(v, p.sy, p.zy, p.lo, p.hi)
+}
+
+#[inline(always)]
+pub(crate) fn qdq_add_body(p: &QdqAdd, a: &[u8], b: &[u8], out: &mut [u8]) {
+    if p.signed {
+        qdq_add_t::<true>(p, a, b, out)
+    } else {
+        qdq_add_t::<false>(p, a, b, out)
+    }
+}
+
+#[inline(always)]
+fn qdq_add_t<const S: bool>(p: &QdqAdd, a: &[u8], b: &[u8], out: &mut [u8]) {
+    // 8-bit output bounds: always within 2^22 of an 8-bit zero point.
+    let small = |b: i32| (b as i64 - p.zy as i64).abs() <= RNE_SMALL_MAX;
+    if !small(p.lo) || !small(p.hi) {
+        for ((d, &x), &y) in out.iter_mut().zip(a).zip(b) {
+            *d = qdq_add1(p, widen::<S>(x), widen::<S>(y)) as u8;
+        }
+        return;
+    }
+    let (lo, hi) = (
+        p.lo.wrapping_sub(p.zy) as f32,
+        p.hi.wrapping_sub(p.zy) as f32,
+    );
+    for ((d, &x), &y) in out.iter_mut().zip(a).zip(b) {
+        let v = (widen::<S>(x) - p.za) as f32 * p.sa + (widen::<S>(y) - p.zb) as f32 * p.sb;
+        *d = quantize_even_lane(v, p.sy, p.zy, lo, hi) as u8;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -840,6 +1074,106 @@ mod tests {
         }
     }
 
+    #[test]
+    fn quantize_even_and_qdq_add_variants_match_the_definitions() {
+        let mut r = Rng(17);
+        let n = 1000;
+        let mut x: Vec<f32> = (0..n).map(|_| r.i(-40_000, 40_000) as f32 * 0.01).collect();
+        // Exact ties at scale 0.5: 1.25 / 0.5 = 2.5 -> 2, 1.75 / 0.5 = 3.5 -> 4; NaN; huge.
+        x[..5].copy_from_slice(&[1.25, 1.75, -1.25, f32::NAN, 1e30]);
+        for (zp, lo, hi) in [(128, 0, 255), (-5, -128, 127), (0, 0, 255)] {
+            let want: Vec<u8> = x
+                .iter()
+                .map(|&v| quantize_even1(v, 0.5, zp, lo, hi) as u8)
+                .collect();
+            assert_eq!(
+                want[..5],
+                [2 + zp, 4 + zp, (-2 + zp).max(lo), zp, hi].map(|v| v as u8)
+            );
+            for v in float_variants() {
+                let mut out = vec![0u8; n];
+                assert!(quantize_f32_even_with(v, &x, 0.5, zp, lo, hi, &mut out));
+                assert_eq!(out, want, "{v:?}");
+            }
+        }
+        let a = r.bytes(n);
+        let b = r.bytes(n);
+        for signed in [false, true] {
+            let (za, zb, zy, lo, hi) = if signed {
+                (-3, 7, 1, -128, 127)
+            } else {
+                (120, 131, 128, 0, 255)
+            };
+            let p = QdqAdd {
+                signed,
+                sa: 0.031,
+                za,
+                sb: 0.017,
+                zb,
+                sy: 0.043,
+                zy,
+                lo,
+                hi,
+            };
+            let w = |x: u8| if signed { x as i8 as i32 } else { x as i32 };
+            let want: Vec<u8> = (0..n)
+                .map(|i| qdq_add1(&p, w(a[i]), w(b[i])) as u8)
+                .collect();
+            // The definition is the composed DequantizeLinear / Add / QuantizeLinear.
+            for i in 0..n {
+                let v = (w(a[i]) - za) as f32 * 0.031 + (w(b[i]) - zb) as f32 * 0.017;
+                let q = ((v / 0.043).round_ties_even() as i32 + zy).clamp(lo, hi);
+                assert_eq!(want[i], q as u8);
+            }
+            for v in float_variants() {
+                let mut out = vec![0u8; n];
+                assert!(qdq_add_with(v, &p, &a, &b, &mut out));
+                assert_eq!(out, want, "{v:?} signed={signed}");
+            }
+        }
+    }
+
+    #[test]
+    fn float_requant_variants_match_the_reference() {
+        let mut r = Rng(8);
+        let n = 83;
+        let scales: Vec<f32> = (0..n).map(|_| r.i(1, 100_000) as f32 * 1e-6).collect();
+        let mut acc: Vec<i32> = (0..n).map(|_| r.i(-3_000_000, 3_000_000)).collect();
+        // Exact halves (tie to even) and huge values (clamped).
+        acc[0] = 5;
+        acc[1] = 7;
+        acc[2] = i32::MAX;
+        acc[3] = i32::MIN;
+        let mut scales = scales;
+        scales[0] = 0.5;
+        scales[1] = 0.5;
+        let add: Vec<i32> = (0..n).map(|_| r.i(-50_000, 50_000)).collect();
+        let mut add = add;
+        add[..4].fill(0);
+        for (zp, lo, hi) in [(-3, -128, 127), (131, 0, 255), (0, 10, 200)] {
+            let rq = Requant::new_float(&scales, zp, lo, hi).unwrap();
+            let want: Vec<u8> = (0..n)
+                .map(|j| {
+                    requant_float_ref(acc[j].wrapping_add(add[j]), scales[j], zp, lo, hi) as u8
+                })
+                .collect();
+            assert_eq!(
+                [want[0], want[1]],
+                [(2 + zp).clamp(lo, hi) as u8, (4 + zp).clamp(lo, hi) as u8]
+            );
+            for j in 0..n {
+                assert_eq!(rq.apply(acc[j].wrapping_add(add[j]), j) as u8, want[j]);
+            }
+            for v in float_variants() {
+                for c0 in [0, 5] {
+                    let mut out = vec![0u8; n - c0];
+                    requant_row_with(v, &rq, c0, &acc[c0..], &add[c0..], &mut out);
+                    assert_eq!(out, want[c0..], "{v:?}");
+                }
+            }
+        }
+    }
+
     /// Every int8 tile x every epilogue build against qgemm_reference + requant_ref: odd
     /// sizes, u8/i8 activations, u8/i8 weights with zero points, row strides.
     #[test]
@@ -906,7 +1240,16 @@ mod tests {
                         requant_ref(c[i].wrapping_add(bias[j]), mm, s, zp, lo, hi) as u8
                     })
                     .collect();
+                // The float mode (onnxruntime's QLinearConv rounding) on the same products.
+                let scales: Vec<f32> = (0..n).map(|_| r.i(1, 4000) as f32 * 1.7e-5).collect();
+                let wantf: Vec<u8> = (0..m * n)
+                    .map(|i| {
+                        let j = i % n;
+                        requant_float_ref(c[i].wrapping_add(bias[j]), scales[j], zp, lo, hi) as u8
+                    })
+                    .collect();
                 let rq = Requant::new(&mults, zp, lo, hi).unwrap();
+                let rqf = Requant::new_float(&scales, zp, lo, hi).unwrap();
                 let rows = Rows {
                     data: &ab,
                     signed: a_signed,
@@ -917,6 +1260,11 @@ mod tests {
                 for iv in dispatch::detected_int8() {
                     let pb = PackedB::with_variant(iv, wm, &zb).unwrap();
                     for fv in float_variants() {
+                        let mut out = vec![0u8; m * n];
+                        assert!(qgemm_requant_with(
+                            fv, rows, za, &pb, &bias, &rqf, &mut out, n
+                        ));
+                        assert_eq!(out, wantf, "float mode {iv:?} {fv:?} m={m} n={n} k={k}");
                         let ldc = n + 2;
                         let mut out = vec![0xAAu8; m * ldc];
                         assert!(qgemm_requant_with(

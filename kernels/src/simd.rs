@@ -592,6 +592,22 @@ wide_int!(
     qconv::quantize_f32_body(x, scale, zp, lo, hi, out)
 );
 
+wide_int!(
+    quantize_f32_even,
+    quantize_f32_even_avx512,
+    quantize_f32_even_avx2,
+    (x: &[f32], scale: f32, zp: i32, lo: i32, hi: i32, out: &mut [u8]),
+    qconv::quantize_f32_even_body(x, scale, zp, lo, hi, out)
+);
+
+wide_int!(
+    qdq_add,
+    qdq_add_avx512,
+    qdq_add_avx2,
+    (p: &qconv::QdqAdd, a: &[u8], b: &[u8], out: &mut [u8]),
+    qconv::qdq_add_body(p, a, b, out)
+);
+
 /// Depthwise 3x3 straight from the NCHW input, AVX-512: each output row is computed 16
 /// outputs at a time in one register (bias, the nine taps, Relu/Clip, one masked store), the
 /// padding handled by the masks of the loads (lanes outside the input read nothing and count

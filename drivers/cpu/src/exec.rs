@@ -19,6 +19,7 @@ use crate::ops::nn::GemvPlan;
 use crate::ops::rnn::RnnPlan;
 use crate::ops::{OpCtx, OpFn, OutputDest, Registry};
 use crate::qconv_plan::QConvPlan;
+use crate::qdq_plan::QdqConvPlan;
 
 /// A graph output of [`Executor::run_into`].
 #[derive(Clone, Debug)]
@@ -334,6 +335,7 @@ impl Executor {
             let outs = match &self.plans[n] {
                 Some(Plan::Conv(plan)) => plan.run_threads(&ctx, &ins, self.threads),
                 Some(Plan::QConv(plan)) => plan.run(&ctx, &ins, self.threads),
+                Some(Plan::QdqConv(plan)) => plan.run(&ctx, &ins, self.threads),
                 Some(Plan::Rnn(plan)) => plan.run(&ctx, &ins),
                 Some(Plan::Gemv(plan)) => plan
                     .run(&ctx, &ins)
@@ -404,6 +406,8 @@ enum Plan {
     Conv(ConvPlan),
     /// A quantized TFLite convolution / fully connected layer ([`crate::qconv_plan`]).
     QConv(QConvPlan),
+    /// A QDQ-fused int8 ONNX convolution in NHWC ([`crate::qdq_plan`]).
+    QdqConv(QdqConvPlan),
     /// A recurrent layer with constant `R` packed once for `gemv`, and `[W | R]` when `W` is
     /// constant too ([`crate::ops::rnn::RnnPlan`]).
     Rnn(RnnPlan),
@@ -433,6 +437,9 @@ impl Plan {
         }
         if let Some(p) = QConvPlan::prepare(graph, node) {
             return Some(Plan::QConv(p));
+        }
+        if let Some(p) = QdqConvPlan::prepare(graph, node) {
+            return Some(Plan::QdqConv(p));
         }
         if node.op == "Gemm" {
             return Self::gemv(graph, node, shared).map(Plan::Gemv);

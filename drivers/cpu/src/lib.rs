@@ -15,6 +15,7 @@ pub mod ops;
 pub mod par;
 pub mod profile;
 pub mod qconv_plan;
+pub mod qdq_plan;
 pub mod vmath;
 
 pub use exec::{Executor, Produced};

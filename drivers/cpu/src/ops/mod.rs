@@ -153,6 +153,7 @@ impl Registry {
         shape::register(&mut r);
         tflite::register(&mut r);
         training::register(&mut r);
+        crate::qdq_plan::register(&mut r);
         r
     }
     /// Register an op of the default domain.

@@ -14,6 +14,7 @@
 use edgehal_core::half::f16;
 use edgehal_core::{DType, Error, Result, Tensor};
 use edgehal_kernels::gemm::igemm_i32;
+use edgehal_kernels::qconv;
 use edgehal_kernels::qgemm::{qgemm, PackedB, QData, QMat};
 use std::borrow::Cow;
 
@@ -299,6 +300,19 @@ fn quantize_8bit(
         DType::U8 | DType::I8 => qrange(dt)?,
         _ => return Ok(None),
     };
+    // Zero points outside the type's range stay on the i64 path below.
+    if zv.iter().all(|&z| (lo..=hi).contains(&z)) {
+        let mut q = vec![0u8; xv.len()];
+        let ok = param_runs(layout, xv.len(), |r, k| {
+            let (s, z) = (sv[k], zv[k] as i32);
+            // Vectorized; `clamp(rne(v / s) + z, lo, hi)` with NaN as 0, as below.
+            qconv::quantize_f32_even(&xv[r.clone()], s, z, lo as i32, hi as i32, &mut q[r]);
+        });
+        if !ok {
+            return Ok(None);
+        }
+        return Ok(Some(Tensor::from_vec_dtype(dt, shape.to_vec(), q)?));
+    }
     let mut q = vec![0i16; xv.len()];
     let ok = param_runs(layout, xv.len(), |r, k| {
         let (s, z) = (sv[k], zv[k]);
@@ -801,7 +815,7 @@ fn conv_integer(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>>
     Ok(vec![Tensor::from_vec(shape, out)?])
 }
 
-fn qlinear_conv(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+pub(crate) fn qlinear_conv(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let x = input(ins, 0)?;
     let x_s = input(ins, 1)?;
     let w = input(ins, 3)?;
@@ -846,13 +860,21 @@ fn qlinear_conv(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>>
     let muls: Vec<f64> = (0..m)
         .map(|oc| multiplier(dt, xsv[0], pick(&wsv, oc), ysv[0]))
         .collect();
+    // f32 scales: the product is rounded to f32 before rounding half to even, as
+    // onnxruntime's QLinearConv (MlasRequantizeOutput) computes `float(acc + bias) * scale`.
+    let f32_product = dt == DType::F32;
     let mut vals = vec![0i64; n * m * p];
     for b in 0..n {
         for oc in 0..m {
             let base = (b * m + oc) * p;
             for j in 0..p {
                 let a = acc[base + j] as i64 + bias[oc];
-                vals[base + j] = rne(a as f64 * muls[oc]).saturating_add(yz);
+                let v = if f32_product {
+                    (a as f32 * muls[oc] as f32) as f64
+                } else {
+                    a as f64 * muls[oc]
+                };
+                vals[base + j] = rne(v).saturating_add(yz);
             }
         }
     }
