@@ -262,14 +262,48 @@ impl QConvPlan {
         out: &mut [u8],
         threads: usize,
     ) -> Result<()> {
+        let op = QGemmOp {
+            xz: self.xz,
+            packed,
+            bias: &self.bias,
+            rq: &self.rq,
+            n: self.oc,
+        };
+        op.run(a, signed, rows, k, out, threads)
+    }
+}
+
+/// One quantized GEMM with fused requantization, as the TFLite and the ONNX QDQ plans run it.
+pub(crate) struct QGemmOp<'a> {
+    /// The activations' zero point.
+    pub xz: i32,
+    pub packed: &'a PackedB,
+    pub bias: &'a [i32],
+    pub rq: &'a Requant,
+    /// Output channels.
+    pub n: usize,
+}
+
+impl QGemmOp<'_> {
+    /// `out (rows x n) = requant(a (rows x k) * W + bias)`, rows split across threads in
+    /// blocks of 16 (one thread below [`MIN_PARALLEL_MACS`]).
+    pub(crate) fn run(
+        &self,
+        a: &[u8],
+        signed: bool,
+        rows: usize,
+        k: usize,
+        out: &mut [u8],
+        threads: usize,
+    ) -> Result<()> {
         const BLOCK: usize = 16;
-        let oc = self.oc;
-        let t = if rows * k * oc >= MIN_PARALLEL_MACS {
+        let n = self.n;
+        let t = if rows * k * n >= MIN_PARALLEL_MACS {
             threads
         } else {
             1
         };
-        for_parts(t, rows.div_ceil(BLOCK), BLOCK * oc, out, |r, part| {
+        for_parts(t, rows.div_ceil(BLOCK), BLOCK * n, out, |r, part| {
             let r0 = r.start * BLOCK;
             let r1 = (r.end * BLOCK).min(rows);
             let rows = Rows {
@@ -279,7 +313,7 @@ impl QConvPlan {
                 k,
                 rs: k,
             };
-            if qconv::qgemm_requant(rows, self.xz, packed, &self.bias, &self.rq, part, oc) {
+            if qconv::qgemm_requant(rows, self.xz, self.packed, self.bias, self.rq, part, n) {
                 Ok(())
             } else {
                 Err(edgehal_core::Error::arg(

@@ -529,29 +529,14 @@ impl QdqConvPlan {
         out: &mut [u8],
         threads: usize,
     ) -> Result<()> {
-        const BLOCK: usize = 16;
-        let m = self.m;
-        let t = if rows * k * m >= MIN_PARALLEL_MACS {
-            threads
-        } else {
-            1
+        let op = crate::qconv_plan::QGemmOp {
+            xz: self.xz,
+            packed,
+            bias: &self.bias,
+            rq: &self.rq,
+            n: self.m,
         };
-        for_parts(t, rows.div_ceil(BLOCK), BLOCK * m, out, |r, part| {
-            let r0 = r.start * BLOCK;
-            let r1 = (r.end * BLOCK).min(rows);
-            let rows = Rows {
-                data: a.get(r0 * k..r1 * k).unwrap_or_default(),
-                signed,
-                rows: r1 - r0,
-                k,
-                rs: k,
-            };
-            if qconv::qgemm_requant(rows, self.xz, packed, &self.bias, &self.rq, part, m) {
-                Ok(())
-            } else {
-                Err(Error::arg(format!("{QCONV_NHWC}: operand sizes")))
-            }
-        })
+        op.run(a, signed, rows, k, out, threads)
     }
 }
 
