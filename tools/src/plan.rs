@@ -201,6 +201,9 @@ pub fn run(a: PlanArgs) -> Result<()> {
             "segments": segments,
             "transfers": transfers,
             "request_overhead_ms": plan.request_ms,
+            "dispatch_ms": prof.devices.iter().zip(&prof.dispatch_ms)
+                .map(|(d, ms)| (d.clone(), json!(ms)))
+                .collect::<serde_json::Map<String, serde_json::Value>>(),
             "predicted_ms": plan.predicted_ms,
             "measured_ms": measured,
             "measured_runs": a.runs,
@@ -234,6 +237,18 @@ pub fn run(a: PlanArgs) -> Result<()> {
         if let Some(n) = note {
             println!("note: {n}");
         }
+        let hand_offs: Vec<String> = prof
+            .devices
+            .iter()
+            .zip(&prof.dispatch_ms)
+            .map(|(d, ms)| format!("{d} {ms:.4} ms"))
+            .collect();
+        println!(
+            "scheduler overheads (measured through the scheduler): {:.4} ms per request; \
+             per segment hand-off {}",
+            prof.request_ms,
+            hand_offs.join(", ")
+        );
         for (d, pass) in prof.passes.iter().enumerate() {
             if let Some((total, sum)) = pass {
                 println!(
