@@ -7,7 +7,8 @@
 //! plus each segment's fixed cost (a segment is a maximal run of the topological order on one
 //! device; [`Problem::segment_ms`]), plus, for every value, one transfer from where it is produced to each *distinct* place that
 //! reads it. Graph inputs start on, and graph outputs end on, the host (location
-//! `n_devices`).
+//! `n_devices`). The request's fixed cost (the same for every assignment) is added by the
+//! plan, not here.
 //!
 //! Search: chains are solved exactly by a Viterbi-style dynamic programme over the topological
 //! order. For DAGs the same programme is run with path-dependent edge costs (each state keeps

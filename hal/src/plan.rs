@@ -18,7 +18,8 @@ pub struct Segment {
     pub device: usize,
     pub nodes: Vec<NodeId>,
     pub sub: Subgraph,
-    /// Sum of the nodes' measured times plus the device's fixed cost of a segment.
+    /// Sum of the nodes' measured times plus the device's fixed cost of a segment (submission
+    /// and the scheduler's hand-offs).
     pub predicted_ms: f64,
 }
 
@@ -54,9 +55,15 @@ pub struct Plan {
     pub transfers: Vec<Transfer>,
     /// In topological order.
     pub nodes: Vec<NodeChoice>,
+    /// Nodes + segments + transfers + [`Plan::request_ms`].
     pub predicted_ms: f64,
-    /// Fixed cost of one segment per device (ms), included in the predictions.
+    /// Fixed cost of one segment per device (ms: the device's submission and completion plus
+    /// [`Plan::dispatch_ms`]), included in the predictions.
     pub segment_ms: Vec<f64>,
+    /// Of `segment_ms`, what the scheduler's hand-offs add per segment (ms, per device).
+    pub dispatch_ms: Vec<f64>,
+    /// Fixed cost of one request through the scheduler (ms), included in `predicted_ms`.
+    pub request_ms: f64,
     /// `exact`, `chain-dp`, `dp+refine` or `single-device`.
     pub method: String,
 }
@@ -167,7 +174,7 @@ impl Plan {
             if let Some(&first) = run.first() {
                 let device = assign[first];
                 let predicted_ms = run.iter().filter_map(|&n| p.times[n][device]).sum::<f64>()
-                    + p.segment_ms.get(device).copied().unwrap_or(0.0);
+                    + p.segment_cost(device);
                 segments.push(Segment {
                     device,
                     sub: Subgraph::extract(g, run)?,
@@ -232,8 +239,10 @@ impl Plan {
             segments,
             transfers,
             nodes,
-            predicted_ms: sol.cost,
-            segment_ms: p.segment_ms.clone(),
+            predicted_ms: sol.cost + p.request_ms,
+            segment_ms: (0..p.devices.len()).map(|d| p.segment_cost(d)).collect(),
+            dispatch_ms: p.dispatch_ms.clone(),
+            request_ms: p.request_ms,
             method: sol.method.to_string(),
         })
     }
@@ -284,11 +293,15 @@ impl Plan {
         for (i, seg) in self.segments.iter().enumerate() {
             let _ = writeln!(
                 s,
-                "  {i}: {} nodes on {} (predicted {:.3} ms, of which {:.3} ms segment overhead)",
+                "  {i}: {} nodes on {} (predicted {:.3} ms, of which {:.4} ms segment overhead: \
+                 {:.4} ms submission, {:.4} ms scheduler hand-offs)",
                 seg.nodes.len(),
                 self.devices[seg.device],
                 seg.predicted_ms,
+                self.segment_ms.get(seg.device).copied().unwrap_or(0.0),
                 self.segment_ms.get(seg.device).copied().unwrap_or(0.0)
+                    - self.dispatch_ms.get(seg.device).copied().unwrap_or(0.0),
+                self.dispatch_ms.get(seg.device).copied().unwrap_or(0.0)
             );
         }
         let _ = writeln!(s, "transfers ({}):", self.transfers.len());
@@ -299,6 +312,11 @@ impl Plan {
                 t.value, t.from, t.to, t.bytes, t.predicted_ms
             );
         }
+        let _ = writeln!(
+            s,
+            "request overhead {:.4} ms (inputs bound, caller woken, outputs collected; measured)",
+            self.request_ms
+        );
         let _ = writeln!(
             s,
             "predicted total {:.3} ms ({})",

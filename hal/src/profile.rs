@@ -23,6 +23,14 @@
 //! - Per device, the fixed cost of one segment (submit + completion of a subgraph with no
 //!   nodes) is measured too: it is subtracted from every node's time (each node ran as its
 //!   own segment) and charged once per segment of a plan instead.
+//! - Per device, what the *scheduler* adds per segment (handing the segment to the device's
+//!   worker thread, its completion back through the reactor) and per request (binding the
+//!   inputs, waking the caller, collecting the outputs) is measured by
+//!   [`crate::scheduler::measure_overheads`] through the scheduler itself, with a plan of one
+//!   and of two empty segments, and cached with the node times ([`cached_overheads`]):
+//!   [`Profile::dispatch_ms`] and [`Profile::request_ms`]. Without them a plan's nodes and
+//!   segments added up to a run of the segment as the profiler submits it, which is 0.1 ms
+//!   (lstm_kws) under a run through the scheduler.
 //! - Transfers: zero between locations that share a memory domain (host and host-imported
 //!   memory reach every device here); otherwise a staged copy through host memory, timed at
 //!   two sizes and fitted as fixed + per-byte cost.
@@ -48,7 +56,8 @@ use crate::partition::{Problem, TransferCost, Value};
 use crate::{Error, Result};
 
 /// Version of the cache file format (bump when the meaning of an entry changes).
-pub const CACHE_FORMAT: u32 = 3;
+/// 4: the scheduler's overheads per device ([`cached_overheads`]) joined the node times.
+pub const CACHE_FORMAT: u32 = 4;
 
 /// Where the latency cache lives: `$EDGEHAL_CACHE_DIR`, else `~/.cache/edgehal`.
 pub fn default_cache_dir() -> Option<PathBuf> {
@@ -117,6 +126,12 @@ pub struct Profile {
     /// Fixed cost of one segment (submit + completion) per device, in ms; not part of
     /// `times`.
     pub segment_ms: Vec<f64>,
+    /// Per device, what the scheduler adds to each segment beyond `segment_ms` (the worker's
+    /// and the reactor's hand-offs), in ms; charged once per segment of a plan.
+    pub dispatch_ms: Vec<f64>,
+    /// Fixed cost of one request through the scheduler (inputs bound, caller woken, outputs
+    /// collected), in ms; charged once per plan.
+    pub request_ms: f64,
     /// Per device, when its nodes were timed in sequence now: the median total of one pass
     /// and the sum of the nodes' times (both with every node's submission included).
     pub passes: Vec<Option<(f64, f64)>>,
@@ -284,6 +299,52 @@ impl CacheFile {
         std::fs::rename(&tmp, &self.path)
             .map_err(|e| Error::io(format!("renaming to {}", self.path.display()), e))
     }
+}
+
+/// The scheduler's measured overheads on one device (see [`Profile::dispatch_ms`] and
+/// [`Profile::request_ms`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Overheads {
+    /// Fixed cost of one request, ms.
+    pub request_ms: f64,
+    /// Cost of one more segment through the scheduler beyond the device's own submission and
+    /// completion, ms.
+    pub dispatch_ms: f64,
+}
+
+/// Cache keys of [`Overheads`] (in the same file as the node times; op signatures hash to
+/// other values).
+fn overhead_keys() -> (u64, u64) {
+    (
+        fnv64(b"edgehal.scheduler request_ms"),
+        fnv64(b"edgehal.scheduler dispatch_ms"),
+    )
+}
+
+/// The overheads cached for `info` under `dir`, if the device's cache file is current and
+/// both entries pass their checksums.
+pub fn cached_overheads(dir: &Path, info: &DeviceInfo) -> Option<Overheads> {
+    let c = CacheFile::open(dir, info);
+    let (rk, dk) = overhead_keys();
+    Some(Overheads {
+        request_ms: *c.entries.get(&rk)?,
+        dispatch_ms: *c.entries.get(&dk)?,
+    })
+}
+
+/// Store `o` for `info` under `dir` (the device's other entries are kept; a stale file is
+/// rewritten with these alone).
+pub fn store_overheads(dir: &Path, info: &DeviceInfo, o: Overheads) -> Result<()> {
+    let ok = |x: f64| x.is_finite() && x >= 0.0;
+    if !ok(o.request_ms) || !ok(o.dispatch_ms) {
+        return Err(Error::arg(format!("overheads {o:?} are not durations")));
+    }
+    let mut c = CacheFile::open(dir, info);
+    let (rk, dk) = overhead_keys();
+    c.entries.insert(rk, o.request_ms);
+    c.entries.insert(dk, o.dispatch_ms);
+    c.dirty = true;
+    c.save()
 }
 
 /// Seeded values for the graph inputs (floats in [-1, 1), everything else zeros; symbolic
@@ -957,6 +1018,8 @@ pub fn profile(g: &Graph, devices: &[Arc<dyn Device>], opts: &ProfileOptions) ->
         times,
         reasons,
         value_bytes,
+        dispatch_ms: vec![0.0; nd],
+        request_ms: 0.0,
         segment_ms,
         passes,
         calibration,
@@ -967,6 +1030,13 @@ pub fn profile(g: &Graph, devices: &[Arc<dyn Device>], opts: &ProfileOptions) ->
 }
 
 impl Profile {
+    /// What one segment on device `d` costs beyond its nodes: the device's submission and
+    /// completion plus the scheduler's hand-offs.
+    pub fn segment_cost(&self, d: usize) -> f64 {
+        self.segment_ms.get(d).copied().unwrap_or(0.0)
+            + self.dispatch_ms.get(d).copied().unwrap_or(0.0)
+    }
+
     /// The partitioning problem for `g` (nodes renumbered in [`Profile::order`]); devices with
     /// `allowed[d] == false` are excluded and pinned nodes may only go where they are pinned.
     pub fn problem(&self, g: &Graph, allowed: &[bool], pins: &HashMap<NodeId, usize>) -> Problem {
@@ -1018,7 +1088,7 @@ impl Profile {
             cost,
             values,
             transfer: self.transfer.clone(),
-            segment_ms: self.segment_ms.clone(),
+            segment_ms: (0..nd).map(|d| self.segment_cost(d)).collect(),
         }
     }
 }
@@ -1048,5 +1118,96 @@ mod tests {
         assert_eq!(run_scale(1.0, 2.0, 20.0), 1.0);
         assert_eq!(run_scale(5.0, 0.0, 0.0), 1.0);
         assert_eq!(run_scale(f64::NAN, 0.0, 3.0), 1.0);
+    }
+
+    fn overhead_dir(tag: &str) -> PathBuf {
+        let d =
+            std::env::temp_dir().join(format!("edgehal-overheads-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    fn null_info() -> DeviceInfo {
+        DeviceInfo::new(
+            "null0",
+            edgehal_core::driver::DeviceKind::Other,
+            "null",
+            vec![MemoryDomain::Host],
+        )
+    }
+
+    #[test]
+    fn overheads_are_cached_and_bad_or_stale_entries_are_not_trusted() {
+        let dir = overhead_dir("cache");
+        let info = null_info();
+        assert_eq!(cached_overheads(&dir, &info), None, "nothing cached yet");
+        let o = Overheads {
+            request_ms: 0.0165,
+            dispatch_ms: 0.0125,
+        };
+        store_overheads(&dir, &info, o).unwrap();
+        assert_eq!(cached_overheads(&dir, &info), Some(o));
+        // Another device has its own file.
+        let mut other = null_info();
+        other.name = "null1".into();
+        assert_eq!(cached_overheads(&dir, &other), None);
+        let file = dir.join(format!("profile-{:016x}.txt", device_fingerprint(&info)));
+        let text = std::fs::read_to_string(&file).unwrap();
+        // A flipped digit in one entry fails its checksum: not trusted.
+        let mut lines: Vec<String> = text.lines().map(String::from).collect();
+        let mid = lines[1].find(' ').unwrap() + 3;
+        let ch = lines[1].as_bytes()[mid];
+        let flipped = if ch == b'0' { "1" } else { "0" };
+        lines[1].replace_range(mid..mid + 1, flipped);
+        std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+        assert_eq!(cached_overheads(&dir, &info), None, "corrupt entry");
+        // A file of the previous format (before the overheads were part of it) is stale.
+        std::fs::write(
+            &file,
+            text.replacen(
+                &format!("edgehal-profile {CACHE_FORMAT} "),
+                &format!("edgehal-profile {} ", CACHE_FORMAT - 1),
+                1,
+            ),
+        )
+        .unwrap();
+        assert_eq!(cached_overheads(&dir, &info), None, "stale format");
+        // Storing again rewrites the stale file.
+        store_overheads(&dir, &info, o).unwrap();
+        assert_eq!(cached_overheads(&dir, &info), Some(o));
+        assert!(store_overheads(
+            &dir,
+            &info,
+            Overheads {
+                request_ms: f64::NAN,
+                dispatch_ms: 0.0
+            }
+        )
+        .is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn segment_cost_adds_submission_and_dispatch() {
+        let p = Profile {
+            devices: vec!["a".into(), "b".into()],
+            domains: vec![vec![MemoryDomain::Host]; 2],
+            order: vec![],
+            times: vec![],
+            reasons: vec![],
+            value_bytes: vec![],
+            transfer: vec![vec![TransferCost::ZERO; 3]; 3],
+            segment_ms: vec![0.5, 0.25],
+            dispatch_ms: vec![0.125, 2.0],
+            request_ms: 1.0,
+            passes: vec![None; 2],
+            calibration: vec![None; 2],
+            measured: 0,
+            cached: 0,
+            rebuilt: 0,
+        };
+        assert_eq!(p.segment_cost(0), 0.625);
+        assert_eq!(p.segment_cost(1), 2.25);
+        assert_eq!(p.segment_cost(2), 0.0);
     }
 }

@@ -21,7 +21,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use edgehal_core::buffer::CopyCounter;
+use edgehal_core::buffer::{CopyCounter, MemoryDomain};
 use edgehal_core::driver::{
     Bindings, Device, DeviceInfo, Driver, Executable, SysRoot, TensorBuffer,
 };
@@ -29,7 +29,7 @@ use edgehal_core::graph::Graph;
 use edgehal_core::Tensor;
 
 use crate::plan::{Plan, PlanConstraints};
-use crate::profile::{profile, Profile, ProfileOptions};
+use crate::profile::{profile, Overheads, Profile, ProfileOptions};
 use crate::reactor::{Backend, Reactor};
 use crate::{Error, Result};
 
@@ -430,7 +430,34 @@ impl Scheduler {
         if devices.is_empty() {
             return Err(Error::arg("the scheduler needs at least one device"));
         }
-        let prof = profile(graph, &devices, &opts.profile)?;
+        let mut prof = profile(graph, &devices, &opts.profile)?;
+        let mut request = None;
+        for (d, dev) in devices.iter().enumerate() {
+            let cached = opts
+                .profile
+                .cache_dir
+                .as_ref()
+                .and_then(|dir| crate::profile::cached_overheads(dir, dev.info()));
+            let o = match cached {
+                Some(o) => Some(o),
+                None => {
+                    let o = measure_overheads(dev, opts);
+                    if let (Some(o), Some(dir)) = (o, &opts.profile.cache_dir) {
+                        // Not saved costs a measurement next time, not correctness.
+                        if let Err(e) = crate::profile::store_overheads(dir, dev.info(), o) {
+                            eprintln!("edgehal: scheduler overheads not cached: {e}");
+                        }
+                    }
+                    o
+                }
+            };
+            if let Some(o) = o {
+                prof.dispatch_ms[d] = o.dispatch_ms;
+                request.get_or_insert(o.request_ms);
+            }
+        }
+        // The request's own cost does not depend on the device: the first device's stands.
+        prof.request_ms = request.unwrap_or(0.0);
         Self::with_profile(graph, devices, prof, opts)
     }
 
@@ -469,6 +496,8 @@ impl Scheduler {
                 nodes: vec![],
                 predicted_ms: 0.0,
                 segment_ms: vec![],
+                dispatch_ms: vec![],
+                request_ms: 0.0,
                 method: String::new(),
             },
             exes: vec![],
@@ -580,6 +609,150 @@ impl Scheduler {
     pub fn run(&self, feeds: Vec<(String, Tensor)>, timeout: Option<Duration>) -> Result<Outputs> {
         self.submit(feeds)?.wait(timeout)
     }
+}
+
+/// What the scheduler itself costs on `dev` (see [`Overheads`]). A graph of two trivial
+/// nodes (`Identity`, else `Relu` or `Abs`, on one float) is compiled as one segment and as
+/// two; in each round both plans run as requests through a scheduler over `dev` alone (`t1`,
+/// `t2`) and their segments are submitted to `dev` directly (`d1`, `d2`: the devices' own
+/// work and submissions, nodes included). With `R` the request's cost and `D` the scheduler's
+/// per segment, `t1 = R + D + d1` and `t2 = R + 2 D + d2`, so from the medians
+/// `D = (t2 - d2) - (t1 - d1)` and `R = (t1 - d1) - D` (clamped at 0). 5 warm-up rounds, then
+/// 101 (at least 21 when rounds are slow, e.g. a null device's set latency). `None` where
+/// the device runs none of those ops or a run fails.
+pub fn measure_overheads(dev: &Arc<dyn Device>, opts: &SchedulerOptions) -> Option<Overheads> {
+    let [t1, t2, d1, d2] = time_one_and_two_segments(dev, opts)?;
+    Some(overheads_from(t1, t2, d1, d2))
+}
+
+/// [`Overheads`] from the median times of requests of one segment (`t1`) and of two (`t2`)
+/// and of the same segments submitted directly (`d1`, `d2`); see [`measure_overheads`].
+pub fn overheads_from(t1: f64, t2: f64, d1: f64, d2: f64) -> Overheads {
+    let per_segment = (t2 - d2) - (t1 - d1);
+    let clamp = |x: f64| if x.is_finite() { x.max(0.0) } else { 0.0 };
+    Overheads {
+        request_ms: clamp(t1 - d1 - per_segment),
+        dispatch_ms: clamp(per_segment),
+    }
+}
+
+fn time_one_and_two_segments(dev: &Arc<dyn Device>, opts: &SchedulerOptions) -> Option<[f64; 4]> {
+    use edgehal_core::driver::Subgraph;
+    use edgehal_core::graph::{Dim, Node};
+    use edgehal_core::DType;
+    let mut g = Graph::new("edgehal-overheads");
+    g.opsets.insert(String::new(), 17);
+    let mut ids = Vec::new();
+    for name in ["x", "a", "y"] {
+        let v = g.value_id(name);
+        g.values[v].dtype = Some(DType::F32);
+        g.values[v].shape = Some(vec![Dim::Fixed(1)]);
+        ids.push(v);
+    }
+    g.inputs = vec![ids[0]];
+    g.outputs = vec![ids[2]];
+    let op = ["Identity", "Relu", "Abs"].into_iter().find(|op| {
+        let probe = Node {
+            op: (*op).into(),
+            inputs: vec![Some(ids[0])],
+            outputs: vec![Some(ids[1])],
+            ..Default::default()
+        };
+        dev.supports(&probe, &g).is_yes()
+    })?;
+    for k in 0..2 {
+        g.add_node(Node {
+            name: format!("n{k}"),
+            op: op.into(),
+            inputs: vec![Some(ids[k])],
+            outputs: vec![Some(ids[k + 1])],
+            ..Default::default()
+        });
+    }
+    let host = [MemoryDomain::Host, MemoryDomain::HostImported];
+    let transfer = if dev.memory().iter().any(|d| host.contains(d)) {
+        vec![vec![crate::partition::TransferCost::ZERO; 2]; 2]
+    } else {
+        crate::profile::transfer_table(&[dev.memory().to_vec()]).ok()?
+    };
+    let prof = Profile {
+        devices: vec![dev.info().name.clone()],
+        domains: vec![dev.memory().to_vec()],
+        order: vec![0, 1],
+        times: vec![vec![Some(0.0)]; 2],
+        reasons: vec![vec![None]; 2],
+        value_bytes: vec![4; g.values.len()],
+        transfer,
+        segment_ms: vec![0.0],
+        dispatch_ms: vec![0.0],
+        request_ms: 0.0,
+        passes: vec![None],
+        calibration: vec![None],
+        measured: 0,
+        cached: 0,
+        rebuilt: 0,
+    };
+    let sopts = SchedulerOptions {
+        force_threads: opts.force_threads,
+        ..SchedulerOptions::default()
+    };
+    let s = Scheduler::with_profile(&g, vec![Arc::clone(dev)], prof, &sopts).ok()?;
+    let one = Arc::clone(&lock(&s.inner.current));
+    if one.plan.segments.len() != 1 {
+        return None;
+    }
+    let mut split = one.plan.clone();
+    split.segments = (0..2)
+        .map(|n| {
+            Ok(crate::plan::Segment {
+                device: 0,
+                nodes: vec![n],
+                sub: Subgraph::extract(&g, &[n])?,
+                predicted_ms: 0.0,
+            })
+        })
+        .collect::<Result<_>>()
+        .ok()?;
+    let two = s.inner.compile_plan(split).ok()?;
+    let x = Tensor::from_vec(vec![1], vec![0.5f32]).ok()?;
+    let feeds = vec![("x".to_string(), x.clone())];
+    let timeout = Some(opts.profile.run_timeout);
+    let counter = CopyCounter::new();
+    // Submit `c`'s segments to the device directly, each reading the previous one's output.
+    let direct = |c: &Compiled| -> Result<f64> {
+        let mut cur = TensorBuffer::from_tensor(&x, &counter);
+        let t0 = Instant::now();
+        for exe in &c.exes {
+            let b = Bindings::new(vec![cur], vec![None], &counter);
+            dev.submit(exe.as_ref(), &b)?.wait(timeout)?;
+            cur = b
+                .output(0)
+                .ok_or_else(|| Error::arg("segment made no output"))?;
+        }
+        Ok(t0.elapsed().as_secs_f64() * 1e3)
+    };
+    let mut t: [Vec<f64>; 4] = Default::default();
+    let start = Instant::now();
+    for i in 0..106 {
+        if i >= 26 && start.elapsed() > Duration::from_millis(300) {
+            break;
+        }
+        for (k, c) in [&one, &two].into_iter().enumerate() {
+            *lock(&s.inner.current) = Arc::clone(c);
+            let t0 = Instant::now();
+            s.run(feeds.clone(), timeout).ok()?;
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            let d = direct(c).ok()?;
+            if i >= 5 {
+                t[k].push(ms);
+                t[k + 2].push(d);
+            }
+        }
+    }
+    Some(t.map(|mut v| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    }))
 }
 
 /// Configuration of null devices opened by name, from `EDGEHAL_NULL_CONFIG`:
@@ -756,4 +929,28 @@ pub fn open_devices_with(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod overhead_tests {
+    use super::*;
+
+    #[test]
+    fn overheads_recover_request_and_dispatch_costs() {
+        // A request costs R = 0.02 ms, each segment D = 0.015 ms through the scheduler; the
+        // device's own segments cost 0.004 ms as one and 0.0075 ms as two (nodes included).
+        let (r, d, d1, d2) = (0.02, 0.015, 0.004, 0.0075);
+        let o = overheads_from(r + d + d1, r + 2.0 * d + d2, d1, d2);
+        assert!((o.request_ms - r).abs() < 1e-12, "{o:?}");
+        assert!((o.dispatch_ms - d).abs() < 1e-12, "{o:?}");
+        // Noise that makes a difference negative is clamped, not charged as a gain.
+        let o = overheads_from(0.03, 0.025, 0.004, 0.0075);
+        assert_eq!(o.dispatch_ms, 0.0);
+        assert!(o.request_ms > 0.0);
+        let o = overheads_from(0.01, 0.05, 0.0, 0.0);
+        assert_eq!(o.request_ms, 0.0);
+        assert!((o.dispatch_ms - 0.04).abs() < 1e-12);
+        let o = overheads_from(f64::NAN, 0.05, 0.0, 0.0);
+        assert_eq!((o.request_ms, o.dispatch_ms), (0.0, 0.0));
+    }
 }

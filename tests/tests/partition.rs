@@ -271,6 +271,8 @@ fn fake_profile(times: Vec<Vec<Option<f64>>>, devices: &[&str]) -> Profile {
         value_bytes: vec![128; 6],
         transfer: vec![vec![TransferCost::ZERO; nd + 1]; nd + 1],
         segment_ms: vec![0.0; nd],
+        dispatch_ms: vec![0.0; nd],
+        request_ms: 0.0,
         passes: vec![None; nd],
         calibration: vec![None; nd],
         measured: 0,
@@ -311,6 +313,48 @@ fn segment_costs_are_charged_once_per_segment() {
         "{}",
         plan.predicted_ms
     );
+}
+
+#[test]
+fn request_and_dispatch_overheads_are_in_the_prediction() {
+    let g = small_graph();
+    let times = vec![
+        vec![Some(5.0), Some(1.0)],
+        vec![Some(5.0), Some(1.0)],
+        vec![Some(1.0), Some(5.0)],
+        vec![Some(5.0), Some(1.0)],
+    ];
+    // Submission 0.5 ms per segment, the scheduler's hand-offs 0.25 ms more on cpu and
+    // 0.125 ms more on null0, and 0.75 ms per request: the split (3 segments) predicts
+    // 4 ms of nodes + (0.5 + 0.125) x 2 + (0.5 + 0.25) + 0.75.
+    let mut p = fake_profile(times, &["cpu", "null0"]);
+    p.segment_ms = vec![0.5, 0.5];
+    p.dispatch_ms = vec![0.25, 0.125];
+    p.request_ms = 0.75;
+    let plan = Plan::choose(&g, &p, &PlanConstraints::default()).unwrap();
+    assert_eq!(plan.assign, vec![1, 1, 0, 1]);
+    let want = 4.0 + 0.625 * 2.0 + 0.75 + 0.75;
+    assert!(
+        (plan.predicted_ms - want).abs() < 1e-9,
+        "{}",
+        plan.predicted_ms
+    );
+    assert_eq!(plan.request_ms, 0.75);
+    assert_eq!(plan.segment_ms, vec![0.75, 0.625]);
+    assert_eq!(plan.dispatch_ms, vec![0.25, 0.125]);
+    // Segments carry their own overheads, the plan adds the request once.
+    let seg_sum: f64 = plan.segments.iter().map(|s| s.predicted_ms).sum();
+    assert!((seg_sum + 0.75 - want).abs() < 1e-9, "{seg_sum}");
+    assert!(plan.table().contains("request overhead 0.7500 ms"));
+    // Single-device plans include them too.
+    let single = Plan::single_device(&g, &p, 1).unwrap();
+    assert!((single.predicted_ms - (8.0 + 0.625 + 0.75)).abs() < 1e-9);
+    // Dear hand-offs on null0 (3 ms a segment) make the split lose to null0 alone
+    // (8 + 3.5) against 4 + 2 x 3.5 + 0.75; the request's cost never changes the choice.
+    p.dispatch_ms = vec![0.25, 3.0];
+    let plan = Plan::choose(&g, &p, &PlanConstraints::default()).unwrap();
+    assert_eq!(plan.assign, vec![1, 1, 1, 1]);
+    assert!((plan.predicted_ms - (8.0 + 3.5 + 0.75)).abs() < 1e-9);
 }
 
 #[test]

@@ -99,6 +99,8 @@ fn made_up_profile(times: Vec<Vec<Option<f64>>>, devices: &[&str]) -> Profile {
         value_bytes: vec![128; 6],
         transfer: vec![vec![TransferCost::ZERO; nd + 1]; nd + 1],
         segment_ms: vec![0.0; nd],
+        dispatch_ms: vec![0.0; nd],
+        request_ms: 0.0,
         passes: vec![None; nd],
         calibration: vec![None; nd],
         measured: 0,
@@ -332,6 +334,85 @@ fn failure_with_no_device_left_is_an_error_not_a_hang() {
     assert!(s.run(vec![("x".into(), bad_i)], T).is_err());
     assert!(s.lost_devices().is_empty());
     check(&s.run(vec![("x".into(), input(1))], T).unwrap(), &input(1));
+}
+
+#[test]
+fn measured_scheduler_overheads_are_in_the_prediction_and_cached() {
+    use std::collections::HashMap;
+    let dir = std::env::temp_dir().join(format!("edgehal-overheads-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let g = graph();
+    let ms = |x: f64| Duration::from_secs_f64(x / 1e3);
+    let devs: Vec<Arc<dyn Device>> = vec![
+        null(
+            "null0",
+            NullConfig {
+                default_latency: ms(0.2),
+                op_latency: HashMap::from([("Exp".to_string(), ms(3.0))]),
+                ..NullConfig::default()
+            },
+        ),
+        null(
+            "null1",
+            NullConfig {
+                default_latency: ms(1.0),
+                op_latency: HashMap::from([("Exp".to_string(), ms(0.1))]),
+                ..NullConfig::default()
+            },
+        ),
+    ];
+    let opts = SchedulerOptions {
+        profile: ProfileOptions {
+            cache_dir: Some(dir.clone()),
+            ..quick()
+        },
+        ..SchedulerOptions::default()
+    };
+    let s = Scheduler::new(&g, devs.clone(), &opts).unwrap();
+    let p = s.profile();
+    let plan = s.plan();
+    assert!(p.request_ms.is_finite() && p.request_ms >= 0.0);
+    assert!(p.dispatch_ms.iter().all(|d| d.is_finite() && *d >= 0.0));
+    // A request through the scheduler costs more than its segments submitted directly, so
+    // the two terms cannot both come out as nothing.
+    assert!(
+        p.request_ms + p.dispatch_ms[0] > 0.0,
+        "request {} dispatch {:?}",
+        p.request_ms,
+        p.dispatch_ms
+    );
+    // The prediction is the nodes' times on their devices, each segment's submission and
+    // hand-offs, the transfers and the request's cost, exactly.
+    let nodes: f64 = plan
+        .nodes
+        .iter()
+        .map(|n| p.times[n.node][n.device].unwrap())
+        .sum();
+    let segs: f64 = plan
+        .segments
+        .iter()
+        .map(|sg| p.segment_ms[sg.device] + p.dispatch_ms[sg.device])
+        .sum();
+    let moves: f64 = plan.transfers.iter().map(|t| t.predicted_ms).sum();
+    let want = nodes + segs + moves + p.request_ms;
+    assert!(
+        (plan.predicted_ms - want).abs() < 1e-9,
+        "predicted {} want {want}:\n{}",
+        plan.predicted_ms,
+        plan.table()
+    );
+    assert_eq!(plan.request_ms, p.request_ms);
+    assert_eq!(plan.dispatch_ms, p.dispatch_ms);
+    // (Null devices compute zeros: only that the plan runs.)
+    s.run(vec![("x".into(), input(0))], T).unwrap();
+    let (request, dispatch) = (p.request_ms, p.dispatch_ms.clone());
+    drop(s);
+    // A second scheduler takes nodes and overheads from the cache, bit for bit.
+    let s2 = Scheduler::new(&g, devs, &opts).unwrap();
+    assert_eq!(s2.profile().measured, 0);
+    assert_eq!(s2.profile().request_ms, request);
+    assert_eq!(s2.profile().dispatch_ms, dispatch);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -96,8 +96,8 @@ enum Cmd {
         /// Write the plan as an SVG picture.
         #[arg(long, value_name = "FILE")]
         svg: Option<std::path::PathBuf>,
-        /// Timed runs of each measured plan.
-        #[arg(long, default_value_t = 10)]
+        /// Timed runs of each measured plan (the median is reported).
+        #[arg(long, default_value_t = 30)]
         runs: usize,
         /// Pin nodes to devices: comma-separated WHAT=DEVICE, where WHAT is an op type (every
         /// node of it: `Relu=example0`), a node index or a node name.

@@ -67,9 +67,15 @@ fn feeds_for(g: &Graph) -> Result<Vec<(String, Tensor)>> {
         .collect())
 }
 
-/// Median wall time of `runs` runs of the scheduler's current plan (after one warm-up).
+/// Warm-up runs before each measured plan: the first run after a plan change compiles
+/// nothing but meets cold caches, fresh allocations and sleeping pool threads.
+const WARMUP: usize = 3;
+
+/// Median wall time of `runs` runs of the scheduler's current plan (after [`WARMUP`] runs).
 fn measure(s: &Scheduler, feeds: &[(String, Tensor)], runs: usize) -> Result<f64> {
-    s.run(feeds.to_vec(), None).map_err(|e| anyhow!("{e}"))?;
+    for _ in 0..WARMUP {
+        s.run(feeds.to_vec(), None).map_err(|e| anyhow!("{e}"))?;
+    }
     let mut t = Vec::new();
     for _ in 0..runs.max(1) {
         let t0 = Instant::now();
@@ -170,7 +176,9 @@ pub fn run(a: PlanArgs) -> Result<()> {
             .iter()
             .map(|sg| {
                 json!({"device": plan.devices[sg.device], "nodes": sg.nodes,
-                             "predicted_ms": sg.predicted_ms})
+                       "predicted_ms": sg.predicted_ms,
+                       "segment_overhead_ms": plan.segment_ms.get(sg.device),
+                       "scheduler_dispatch_ms": plan.dispatch_ms.get(sg.device)})
             })
             .collect();
         let transfers: Vec<_> = plan
@@ -192,8 +200,14 @@ pub fn run(a: PlanArgs) -> Result<()> {
             "nodes": nodes,
             "segments": segments,
             "transfers": transfers,
+            "request_overhead_ms": plan.request_ms,
+            "dispatch_ms": prof.devices.iter().zip(&prof.dispatch_ms)
+                .map(|(d, ms)| (d.clone(), json!(ms)))
+                .collect::<serde_json::Map<String, serde_json::Value>>(),
             "predicted_ms": plan.predicted_ms,
             "measured_ms": measured,
+            "measured_runs": a.runs,
+            "warmup_runs": WARMUP,
             "prediction_error_pct": err_pct,
             "single_device": single,
             "note": note,
@@ -210,7 +224,8 @@ pub fn run(a: PlanArgs) -> Result<()> {
     } else {
         print!("{}", plan.table());
         println!(
-            "measured total  {measured:.3} ms (median of {} runs; prediction off by {err_pct:+.1}%)",
+            "measured total  {measured:.3} ms (median of {} runs after {WARMUP} warm-up; \
+             prediction off by {err_pct:+.1}%)",
             a.runs
         );
         for (n, p, ms) in &singles {
@@ -222,6 +237,18 @@ pub fn run(a: PlanArgs) -> Result<()> {
         if let Some(n) = note {
             println!("note: {n}");
         }
+        let hand_offs: Vec<String> = prof
+            .devices
+            .iter()
+            .zip(&prof.dispatch_ms)
+            .map(|(d, ms)| format!("{d} {ms:.4} ms"))
+            .collect();
+        println!(
+            "scheduler overheads (measured through the scheduler): {:.4} ms per request; \
+             per segment hand-off {}",
+            prof.request_ms,
+            hand_offs.join(", ")
+        );
         for (d, pass) in prof.passes.iter().enumerate() {
             if let Some((total, sum)) = pass {
                 println!(
@@ -288,9 +315,10 @@ pub fn svg(g: &Graph, plan: &Plan, measured_ms: f64) -> String {
     );
     let _ = writeln!(
         s,
-        r#"<text x="10" y="20" font-size="14" font-weight="bold">{} — predicted {:.3} ms, measured {:.3} ms ({})</text>"#,
+        r#"<text x="10" y="20" font-size="14" font-weight="bold">{} — predicted {:.3} ms (request overhead {:.3} ms), measured {:.3} ms ({})</text>"#,
         esc(&g.name),
         plan.predicted_ms,
+        plan.request_ms,
         measured_ms,
         esc(&plan.method)
     );
