@@ -34,12 +34,18 @@ const MAX_FOLD_BYTES: usize = 64 << 20;
 /// Replace every node whose inputs are all constants by its outputs as initializers.
 /// Returns the number of nodes folded.
 pub fn fold_constants(g: &mut Graph, registry: &Registry) -> Result<usize> {
+    fold_constants_keeping(g, registry, &[])
+}
+
+/// [`fold_constants`] leaving the nodes in `keep` as they are.
+fn fold_constants_keeping(g: &mut Graph, registry: &Registry, keep: &[NodeId]) -> Result<usize> {
     let order = g.topo_order()?;
     let mut folded = vec![false; g.nodes.len()];
     let mut count = 0;
     for n in order {
         let node = &g.nodes[n];
-        if NONDETERMINISTIC.contains(&node.op.as_str())
+        if keep.contains(&n)
+            || NONDETERMINISTIC.contains(&node.op.as_str())
             || node.attrs.values().any(|a| {
                 matches!(
                     a,
@@ -123,6 +129,90 @@ pub fn optimize_portable(g: &mut Graph, registry: &Registry) -> Result<String> {
     optimize_with(g, registry, false)
 }
 
+/// DequantizeLinear nodes of constant 8-bit/32-bit tensors read only as the weight or bias
+/// of a Conv whose input is itself a DequantizeLinear output (a QDQ convolution).
+fn qdq_weight_dequantizers(g: &Graph) -> Vec<NodeId> {
+    let producers = g.producers();
+    let mut readers = vec![0usize; g.values.len()];
+    for n in &g.nodes {
+        for &v in n.inputs.iter().flatten() {
+            readers[v] += 1;
+        }
+    }
+    let is_dq = |v: ValueId| -> Option<NodeId> {
+        let p = producers.get(v).copied().flatten()?;
+        is_onnx(&g.nodes[p], "DequantizeLinear").then_some(p)
+    };
+    let mut keep = Vec::new();
+    for conv in &g.nodes {
+        if !is_onnx(conv, "Conv")
+            || conv
+                .inputs
+                .first()
+                .copied()
+                .flatten()
+                .and_then(is_dq)
+                .is_none()
+        {
+            continue;
+        }
+        for v in conv.inputs.iter().skip(1).flatten() {
+            let Some(p) = is_dq(*v) else { continue };
+            let src = g.nodes[p].inputs.first().copied().flatten();
+            if readers[*v] == 1
+                && !g.outputs.contains(v)
+                && src.is_some_and(|s| g.initializers.contains_key(&s))
+            {
+                keep.push(p);
+            }
+        }
+    }
+    keep
+}
+
+/// Whether planned CPU segments get the CPU's own fusion ([`compile_segment`]);
+/// `EDGEHAL_SEGMENT_FUSION=0` turns it off (to compare, or to rule it out).
+fn segment_fusion() -> bool {
+    std::env::var("EDGEHAL_SEGMENT_FUSION").map_or(true, |v| v != "0")
+}
+
+/// Compiles a planned segment on `dev`. A segment for the CPU driver first gets the CPU-only
+/// rewrites [`optimize_portable`] leaves out (QDQ int8 convolutions, `edgehal.FusedConv`), so
+/// nodes that run together on the CPU run as fast as in a CPU-only session: without it,
+/// adding a second device to mobilenet_v2_int8.onnx left the CPU running its QDQ chains in
+/// float, 2.6x slower. The profiler compiles its calibration runs the same way, so their
+/// times (and the node times scaled to them) include the fusion. Other devices, one-node
+/// segments, and segments whose rewrite would not keep the inputs and outputs (same names,
+/// same order) compile as given.
+pub fn compile_segment(
+    dev: &dyn edgehal_core::driver::Device,
+    sub: &edgehal_core::driver::Subgraph,
+) -> Result<Box<dyn edgehal_core::driver::Executable>> {
+    let info = dev.info();
+    let cpu = info.kind == edgehal_core::driver::DeviceKind::Cpu && info.driver == "cpu";
+    if cpu && sub.graph.nodes.len() > 1 && segment_fusion() {
+        if let Some(fused) = cpu_segment(sub) {
+            return dev.compile(&fused);
+        }
+    }
+    dev.compile(sub)
+}
+
+/// `sub` with the CPU fusion passes applied, or `None` when they fail or change its interface.
+fn cpu_segment(sub: &edgehal_core::driver::Subgraph) -> Option<edgehal_core::driver::Subgraph> {
+    let mut g = sub.graph.clone();
+    optimize(&mut g, &Registry::new()).ok()?;
+    let names = |g: &Graph, vs: &[ValueId]| -> Vec<String> {
+        vs.iter().map(|&v| g.value_name(v).to_string()).collect()
+    };
+    let same = names(&g, &g.inputs) == names(&sub.graph, &sub.graph.inputs)
+        && names(&g, &g.outputs) == names(&sub.graph, &sub.graph.outputs);
+    same.then(|| edgehal_core::driver::Subgraph {
+        graph: g,
+        parent_nodes: sub.parent_nodes.clone(),
+    })
+}
+
 fn optimize_with(g: &mut Graph, registry: &Registry, cpu_fusion: bool) -> Result<String> {
     let mut qdq = 0;
     if cpu_fusion && edgehal_cpu::qdq_plan::enabled() {
@@ -132,7 +222,15 @@ fn optimize_with(g: &mut Graph, registry: &Registry, cpu_fusion: bool) -> Result
             g.remove_dead_nodes();
         }
     }
-    let folded = fold_constants(g, registry)?;
+    // A shared graph keeps the DequantizeLinear of QDQ convolutions' weights and biases: a
+    // planned CPU segment then still finds whole DQ -> Conv -> Q chains to run as int8
+    // (compile_segment); folded, they would be float weights for good.
+    let keep = if !cpu_fusion && edgehal_cpu::qdq_plan::enabled() && segment_fusion() {
+        qdq_weight_dequantizers(g)
+    } else {
+        Vec::new()
+    };
+    let folded = fold_constants_keeping(g, registry, &keep)?;
     let dead = g.remove_dead_nodes();
     edgehal_core::infer::infer_shapes(g);
     crate::passes_layout::tflite_to_nchw(g)?;

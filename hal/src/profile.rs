@@ -458,7 +458,7 @@ pub fn time_subgraph(
     inputs: &[Tensor],
     opts: &ProfileOptions,
 ) -> Result<f64> {
-    let exe = dev.compile(sub)?;
+    let exe = crate::passes::compile_segment(dev, sub)?;
     let counter = CopyCounter::new();
     let ins: Vec<TensorBuffer> = inputs
         .iter()
@@ -671,7 +671,7 @@ fn profile_in_sequence(
     let mut out: Vec<GroupTiming> = Vec::new();
     for (gi, nodes) in groups.iter().enumerate() {
         let compiled = Subgraph::extract(g, nodes).and_then(|sub| {
-            let exe = dev.compile(&sub)?;
+            let exe = crate::passes::compile_segment(dev, &sub)?;
             Ok((sub, exe))
         });
         match compiled {

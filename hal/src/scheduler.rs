@@ -212,7 +212,10 @@ impl Inner {
                 .devices
                 .get(s.device)
                 .ok_or_else(|| Error::arg("plan names a device the scheduler does not have"))?;
-            exes.push(Arc::from(dev.compile(&s.sub)?));
+            exes.push(Arc::from(crate::passes::compile_segment(
+                dev.as_ref(),
+                &s.sub,
+            )?));
         }
         Ok(Arc::new(Compiled { plan, exes }))
     }
