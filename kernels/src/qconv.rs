@@ -94,6 +94,35 @@ impl Requant {
         Some(r)
     }
 
+    /// The parameters of channels `0..n` repeated across [`LANES`] channels (lane `l` gets
+    /// channel `l % n`), for requantizing rows of `n` outputs (`n` divides `LANES`) as one
+    /// stream, `LANES` at a time.
+    fn tiled(&self, n: usize) -> Requant {
+        let pick = |l: usize| l % n;
+        let rep = |v: &[i32]| -> Vec<i32> { (0..2 * LANES).map(|l| v[pick(l % LANES)]).collect() };
+        Requant {
+            n: LANES,
+            mult: rep(&self.mult),
+            lshift: (0..2 * LANES)
+                .map(|l| self.lshift[pick(l % LANES)])
+                .collect(),
+            rshift: (0..2 * LANES)
+                .map(|l| self.rshift[pick(l % LANES)])
+                .collect(),
+            rmask: rep(&self.rmask),
+            fscale: if self.is_float() {
+                (0..2 * LANES)
+                    .map(|l| self.fscale[pick(l % LANES)])
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            zp: self.zp,
+            lo: self.lo,
+            hi: self.hi,
+        }
+    }
+
     /// Whether this is the float mode ([`Requant::new_float`]).
     pub fn is_float(&self) -> bool {
         !self.fscale.is_empty()
@@ -256,6 +285,24 @@ fn requant_row_padded(rq: &Requant, c0: usize, acc: &[i32], add: &[i32], out: &m
     if j < n {
         let mut o = [0u8; LANES];
         requant_block(rq, c0 + j, &acc[j..j + LANES], &add[j..j + LANES], &mut o);
+        out[j..n].copy_from_slice(&o[..n - j]);
+    }
+}
+
+/// `out[e] = requant(acc[e] + add[e], channel e % LANES)` for a [`Requant::tiled`] `rq`;
+/// `acc` and `add` can be read [`LANES`] at a time past `out.len()`.
+#[inline(always)]
+fn requant_stream(rq: &Requant, acc: &[i32], add: &[i32], out: &mut [u8]) {
+    let n = out.len();
+    let mut j = 0;
+    while j + LANES <= n {
+        let o: &mut [u8; LANES] = (&mut out[j..j + LANES]).try_into().expect("16 bytes");
+        requant_block(rq, 0, &acc[j..j + LANES], &add[j..j + LANES], o);
+        j += LANES;
+    }
+    if j < n {
+        let mut o = [0u8; LANES];
+        requant_block(rq, 0, &acc[j..j + LANES], &add[j..j + LANES], &mut o);
         out[j..n].copy_from_slice(&o[..n - j]);
     }
 }
@@ -430,6 +477,18 @@ pub(crate) fn qgemm_requant_body(p: &QgemmRq<'_>, out: &mut [u8], ldc: usize) {
     let mut add = vec![0i32; t.nr + LANES];
     let zb = pb.sums().1;
     let bdata = pb.data();
+    // Narrow outputs (one column panel, `n` divides LANES, rows back to back in `out`, as
+    // in a first convolution with 8 output channels): the tile's rows are requantized as
+    // one stream, LANES lanes at a time with the channel parameters repeated every `n`
+    // lanes, instead of one padded LANES block per row (8 of 16 lanes wasted, and a copy).
+    let narrow = n <= t.nr && LANES.is_multiple_of(n) && ldc == n;
+    let tiled = narrow.then(|| p.rq.tiled(n));
+    let (mut flat, mut flat_add) = if narrow {
+        let add: Vec<i32> = (0..t.mr * n + LANES).map(|e| p.colc[e % n]).collect();
+        (vec![0i32; t.mr * n + LANES], add)
+    } else {
+        (Vec::new(), Vec::new())
+    };
     for i0 in (0..m).step_by(t.mr) {
         let h = t.mr.min(m - i0);
         // Pack rows i0..i0+h: per group of ku depths, mr x ku bytes. Padding (depths past
@@ -441,7 +500,10 @@ pub(crate) fn qgemm_requant_body(p: &QgemmRq<'_>, out: &mut [u8], ldc: usize) {
                 8 => pack_row::<8>(row, i, t.mr, &mut apanel),
                 _ => pack_row::<1>(row, i, t.mr, &mut apanel),
             }
-            *rs = if t.a_signed {
+            // Row sums only meet weights with a zero point.
+            *rs = if !p.zb_any {
+                0
+            } else if t.a_signed {
                 row.iter()
                     .fold(0i32, |s, &x| s.wrapping_add((x ^ p.flip) as i8 as i32))
             } else {
@@ -456,6 +518,19 @@ pub(crate) fn qgemm_requant_body(p: &QgemmRq<'_>, out: &mut [u8], ldc: usize) {
             let j0 = jp * t.nr;
             let w = t.nr.min(n - j0);
             qgemm::run_tile(pb.variant(), t, groups, &apanel, bpanel, &mut acc);
+            if let Some(rq) = &tiled {
+                for i in 0..h {
+                    flat[i * n..(i + 1) * n].copy_from_slice(&acc[i * t.nr..][..n]);
+                    if p.zb_any {
+                        for j in 0..n {
+                            flat_add[i * n + j] =
+                                p.colc[j].wrapping_sub(zb[j].wrapping_mul(rsum[i]));
+                        }
+                    }
+                }
+                requant_stream(rq, &flat, &flat_add, &mut out[i0 * n..(i0 + h) * n]);
+                continue;
+            }
             for i in 0..h {
                 let o = &mut out[(i0 + i) * ldc + j0..][..w];
                 let a = &acc[i * t.nr..];
@@ -477,8 +552,14 @@ pub(crate) fn qgemm_requant_body(p: &QgemmRq<'_>, out: &mut [u8], ldc: usize) {
 fn pack_row<const KU: usize>(row: &[u8], i: usize, mr: usize, panel: &mut [u8]) {
     let mut groups = row.chunks_exact(KU);
     let stride = mr * KU;
-    for (g, c) in groups.by_ref().enumerate() {
-        panel[g * stride + i * KU..][..KU].copy_from_slice(c);
+    // One panel group per KU depths: the slot's bounds are the same in every group, so the
+    // check leaves the loop.
+    for (dst, c) in panel.chunks_exact_mut(stride).zip(groups.by_ref()) {
+        let c: &[u8; KU] = c.try_into().expect("KU bytes");
+        let d: &mut [u8; KU] = (&mut dst[i * KU..(i + 1) * KU])
+            .try_into()
+            .expect("KU bytes");
+        *d = *c;
     }
     let rest = groups.remainder();
     if !rest.is_empty() {
@@ -1186,6 +1267,10 @@ mod tests {
             (8, 32, 4),
             (30, 70, 13),
             (3, 5, 200),
+            // Narrow outputs (n divides 16): requantized as one stream when ldc == n.
+            (21, 8, 9),
+            (13, 4, 5),
+            (40, 2, 18),
         ] {
             let rs = k + 3;
             let ab = r.bytes(m * rs);
@@ -1278,6 +1363,11 @@ mod tests {
                             );
                             assert_eq!(out[i * ldc + n..i * ldc + ldc], [0xAA, 0xAA]);
                         }
+                        let mut out = vec![0u8; m * n];
+                        assert!(qgemm_requant_with(
+                            fv, rows, za, &pb, &bias, &rq, &mut out, n
+                        ));
+                        assert_eq!(out, want, "ldc = n: {iv:?} {fv:?} m={m} n={n} k={k}");
                     }
                 }
             }
