@@ -199,15 +199,28 @@ pub struct WinoInput<'a> {
 /// Runs the input transform. Returns `false` when a slice is too short.
 pub fn wino_input(variant: Variant, p: &WinoInput<'_>, v: &mut [f32]) -> bool {
     let t = p.tiles_y * p.tiles_x;
-    if p.x.len() < p.c * p.h * p.w || v.len() < 36 * p.c * t {
+    if v.len() < 36 * p.c * t || p.c * t == 0 {
+        return p.c * t == 0 && p.x.len() >= p.c * p.h * p.w;
+    }
+    let mut planes: Vec<&mut [f32]> = v[..36 * p.c * t].chunks_exact_mut(p.c * t).collect();
+    wino_input_planes(variant, p, &mut planes)
+}
+
+/// [`wino_input`] into 36 separate planes (`planes[k]`: `[c][T]` of transform position `k`),
+/// so threads can each transform a range of channels into their own parts of `[36][C][T]`
+/// (each plane split at the same channel). Returns `false` when a slice is too short.
+pub fn wino_input_planes(variant: Variant, p: &WinoInput<'_>, planes: &mut [&mut [f32]]) -> bool {
+    let t = p.tiles_y * p.tiles_x;
+    if p.x.len() < p.c * p.h * p.w || planes.len() < 36 || planes.iter().any(|q| q.len() < p.c * t)
+    {
         return false;
     }
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::wino_input(variant, p, v) {
+    if crate::simd::wino_input(variant, p, planes) {
         return true;
     }
     let _ = variant;
-    wino_input_body(p, v);
+    wino_input_body(p, planes);
     true
 }
 
@@ -231,7 +244,7 @@ fn bt6(d: [&[f32]; 6], out: &mut [f32], stride: usize, n: usize) {
 }
 
 #[inline(always)]
-pub(crate) fn wino_input_body(p: &WinoInput<'_>, v: &mut [f32]) {
+pub(crate) fn wino_input_body(p: &WinoInput<'_>, v: &mut [&mut [f32]]) {
     let (h, w) = (p.h, p.w);
     let t = p.tiles_y * p.tiles_x;
     // s[r*6 + c][tile]: the 6x6 input patch, lanes = tiles; u: after the row transform.
@@ -270,8 +283,7 @@ pub(crate) fn wino_input_body(p: &WinoInput<'_>, v: &mut [f32]) {
             let rows: [&[f32]; 6] = std::array::from_fn(|r| &u[(r * 6 + j) * t..][..t]);
             bt6(rows, &mut tmp, t, t);
             for i in 0..6 {
-                let dst = ((i * 6 + j) * p.c + ch) * t;
-                v[dst..dst + t].copy_from_slice(&tmp[i * t..(i + 1) * t]);
+                v[i * 6 + j][ch * t..(ch + 1) * t].copy_from_slice(&tmp[i * t..(i + 1) * t]);
             }
         }
     }
@@ -434,12 +446,32 @@ pub fn wino2_input(p: &WinoInput<'_>, v: &mut [f32]) -> bool {
     let Some(t) = p.tiles_y.checked_mul(p.tiles_x) else {
         return false;
     };
-    let in_len = p.c.checked_mul(p.h).and_then(|x| x.checked_mul(p.w));
     let v_len = t.checked_mul(p.c).and_then(|x| x.checked_mul(16));
-    let (Some(in_len), Some(v_len)) = (in_len, v_len) else {
+    match v_len {
+        Some(l) if v.len() >= l && l > 0 => {
+            let mut planes: Vec<&mut [f32]> = v[..l].chunks_exact_mut(p.c * t).collect();
+            wino2_input_planes(p, &mut planes)
+        }
+        Some(0) => {
+            p.c.checked_mul(p.h)
+                .and_then(|x| x.checked_mul(p.w))
+                .is_some_and(|l| p.x.len() >= l)
+        }
+        _ => false,
+    }
+}
+
+/// [`wino2_input`] into 16 separate planes (`planes[k]`: `[c][T]`), as [`wino_input_planes`].
+pub fn wino2_input_planes(p: &WinoInput<'_>, v: &mut [&mut [f32]]) -> bool {
+    let Some(t) = p.tiles_y.checked_mul(p.tiles_x) else {
         return false;
     };
-    if p.x.len() < in_len || v.len() < v_len {
+    let in_len = p.c.checked_mul(p.h).and_then(|x| x.checked_mul(p.w));
+    let plane_len = t.checked_mul(p.c);
+    let (Some(in_len), Some(plane_len)) = (in_len, plane_len) else {
+        return false;
+    };
+    if p.x.len() < in_len || v.len() < 16 || v.iter().any(|q| q.len() < plane_len) {
         return false;
     }
     let (h, w) = (p.h, p.w);
@@ -472,7 +504,7 @@ pub fn wino2_input(p: &WinoInput<'_>, v: &mut [f32]) -> bool {
                 for (i, er) in e.iter().enumerate() {
                     let out = [er[0] - er[2], er[1] + er[2], er[2] - er[1], er[1] - er[3]];
                     for (j, &val) in out.iter().enumerate() {
-                        v[((i * 4 + j) * p.c + ch) * t + tile] = val;
+                        v[i * 4 + j][ch * t + tile] = val;
                     }
                 }
             }

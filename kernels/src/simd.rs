@@ -473,7 +473,7 @@ wide!(
     wino_input,
     wino_input_avx512,
     wino_input_avx2,
-    (p: &conv::WinoInput<'_>, v: &mut [f32]),
+    (p: &conv::WinoInput<'_>, v: &mut [&mut [f32]]),
     conv::wino_input_body(p, v)
 );
 

@@ -62,6 +62,45 @@ pub fn activation_of(node: &Node) -> Result<Activation> {
     )
 }
 
+/// The Winograd input transform of `pin` into `v` (`planes` planes of `[c][T]`), its channels
+/// split across `threads` (it was a serial 9-12% of resnet18 at one thread, so most of what
+/// two threads could not halve).
+fn wino_input_threads(
+    threads: usize,
+    pin: &WinoInput<'_>,
+    v: &mut [f32],
+    planes: usize,
+    run: impl Fn(&WinoInput<'_>, &mut [&mut [f32]]) -> bool + Sync,
+) -> Result<()> {
+    let t = pin.tiles_y * pin.tiles_x;
+    let plane = pin.h * pin.w;
+    if v.len() < planes * pin.c * t || pin.x.len() < pin.c * plane {
+        return Err(Error::arg("Conv: internal Winograd size mismatch"));
+    }
+    if pin.c * t == 0 {
+        return Ok(());
+    }
+    // Few channels or tiles: one thread (a hand-off costs a few microseconds).
+    let threads = if pin.c * t * planes < crate::par::MIN_PARALLEL_ELEMS {
+        1
+    } else {
+        threads
+    };
+    let parts = crate::par::plane_parts(threads, pin.c, t, planes, v);
+    crate::par::for_items(parts, |_, (chs, mut ps)| {
+        let p = WinoInput {
+            x: &pin.x[chs.start * plane..chs.end * plane],
+            c: chs.len(),
+            ..*pin
+        };
+        if run(&p, &mut ps) {
+            Ok(())
+        } else {
+            Err(Error::arg("Conv: internal Winograd size mismatch"))
+        }
+    })
+}
+
 /// Whether Winograd may be used (`EDGEHAL_WINOGRAD=0` turns it off, for comparisons).
 fn winograd_enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
@@ -387,9 +426,9 @@ impl ConvPlan {
                         tiles_y: ty,
                         tiles_x: tx,
                     };
-                    if !kconv::wino_input(variant, &pin, &mut v) {
-                        return Err(Error::arg("Conv: internal Winograd size mismatch"));
-                    }
+                    wino_input_threads(threads, &pin, &mut v, 36, |p, planes| {
+                        kconv::wino_input_planes(variant, p, planes)
+                    })?;
                     for_parts(threads, 36, self.m * t, &mut mm, |xis, mm| {
                         for (k, xi) in xis.enumerate() {
                             let bm = MatRef::row_major(&v[xi * c * t..(xi + 1) * c * t], c, t);
@@ -444,9 +483,7 @@ impl ConvPlan {
                         tiles_y: ty,
                         tiles_x: tx,
                     };
-                    if !kconv::wino2_input(&pin, &mut v) {
-                        return Err(Error::arg("Conv: internal Winograd size mismatch"));
-                    }
+                    wino_input_threads(threads, &pin, &mut v, 16, kconv::wino2_input_planes)?;
                     for_parts(threads, 16, self.m * t, &mut mm, |xis, mm| {
                         for (k, xi) in xis.enumerate() {
                             let bm = MatRef::row_major(&v[xi * c * t..(xi + 1) * c * t], c, t);

@@ -776,4 +776,97 @@ mod tests {
             }
         }
     }
+
+    /// A 3x3 stride-1 Conv large enough for the Winograd input transform to split its
+    /// channels across threads: F(4x4) at 32x32 with 16 channels, F(2x2) at 7x7 with 128.
+    /// Every thread count gives the same bits (the split changes which thread transforms a
+    /// channel, not the arithmetic), and they match the direct sum.
+    #[test]
+    fn winograd_input_transform_split_across_threads_is_exact() {
+        for &(c, hw, m) in &[(16usize, 32usize, 8usize), (128, 7, 8)] {
+            let mut g = Graph::new("wino");
+            let (x, w, b, y) = (
+                g.value_id("x"),
+                g.value_id("w"),
+                g.value_id("b"),
+                g.value_id("y"),
+            );
+            g.inputs = vec![x];
+            g.opsets.insert(String::new(), 17);
+            let wv: Vec<f32> = (0..m * c * 9)
+                .map(|i| ((i * 5) % 9) as f32 * 0.125 - 0.5)
+                .collect();
+            let bv: Vec<f32> = (0..m).map(|j| j as f32 * 0.25).collect();
+            g.initializers.insert(
+                w,
+                Tensor::from_vec(vec![m, c, 3, 3], wv.clone()).expect("w"),
+            );
+            g.initializers
+                .insert(b, Tensor::from_vec(vec![m], bv.clone()).expect("b"));
+            let mut attrs = std::collections::BTreeMap::new();
+            attrs.insert("pads".to_string(), Attr::Ints(vec![1, 1, 1, 1]));
+            attrs.insert("kernel_shape".to_string(), Attr::Ints(vec![3, 3]));
+            g.nodes.push(Node {
+                op: "Conv".into(),
+                inputs: vec![Some(x), Some(w), Some(b)],
+                outputs: vec![Some(y)],
+                attrs,
+                ..Default::default()
+            });
+            g.outputs = vec![y];
+            let xv: Vec<f32> = (0..c * hw * hw)
+                .map(|i| ((i * 3) % 11) as f32 * 0.0625 - 0.3)
+                .collect();
+            let at = |ci: usize, yy: isize, xx: isize| -> f32 {
+                if yy < 0 || xx < 0 || yy >= hw as isize || xx >= hw as isize {
+                    0.0
+                } else {
+                    xv[(ci * hw + yy as usize) * hw + xx as usize]
+                }
+            };
+            let mut want = vec![0f32; m * hw * hw];
+            for o in 0..m {
+                for yy in 0..hw {
+                    for xx in 0..hw {
+                        let mut acc = bv[o] as f64;
+                        for ci in 0..c {
+                            for ky in 0..3 {
+                                for kx in 0..3 {
+                                    acc += wv[((o * c + ci) * 3 + ky) * 3 + kx] as f64
+                                        * at(
+                                            ci,
+                                            yy as isize + ky as isize - 1,
+                                            xx as isize + kx as isize - 1,
+                                        ) as f64;
+                                }
+                            }
+                        }
+                        want[(o * hw + yy) * hw + xx] = acc as f32;
+                    }
+                }
+            }
+            let mut first: Option<Vec<f32>> = None;
+            for threads in [1, 2, 3] {
+                let mut ex = Executor::new(&g, &Registry::new()).expect("executor");
+                ex.set_threads(threads);
+                let input = vec![(
+                    x,
+                    Tensor::from_vec(vec![1, c, hw, hw], xv.clone()).expect("x"),
+                )];
+                let out = ex.run(&input).expect("run");
+                let got = out[0].to_f32().to_vec();
+                let scale = want.iter().fold(1f32, |a, v| a.max(v.abs()));
+                for (gv, wv) in got.iter().zip(&want) {
+                    assert!(
+                        (gv - wv).abs() <= 1e-4 * scale,
+                        "c={c} {threads} threads: {gv} vs {wv}"
+                    );
+                }
+                match &first {
+                    None => first = Some(got),
+                    Some(f) => assert_eq!(f, &got, "c={c}: {threads} threads differ from 1"),
+                }
+            }
+        }
+    }
 }

@@ -72,6 +72,69 @@ pub fn for_parts<T: Send, E: Send>(
     Ok(())
 }
 
+/// Runs `f(i, item)` for every item of `items`, one item per thread (the caller runs the
+/// first, pool workers the others), for work whose outputs are not one contiguous slice
+/// (e.g. a channel range of each of the 36 Winograd planes). Returns the first error in item
+/// order.
+pub fn for_items<W: Send, E: Send>(
+    items: Vec<W>,
+    f: impl Fn(usize, W) -> Result<(), E> + Sync,
+) -> Result<(), E> {
+    if items.len() <= 1 {
+        return items.into_iter().try_for_each(|w| f(0, w));
+    }
+    let slots: Vec<Mutex<Option<W>>> = items.into_iter().map(|w| Mutex::new(Some(w))).collect();
+    let results: Vec<Mutex<Option<Result<(), E>>>> =
+        (0..slots.len()).map(|_| Mutex::new(None)).collect();
+    let part = |i: usize| {
+        let taken = slots[i].lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(w) = taken {
+            let res = f(i, w);
+            *results[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(res);
+        }
+    };
+    if !edgehal_kernels::pool::run_parts(slots.len(), &part) {
+        (0..slots.len()).for_each(part);
+    }
+    for slot in results {
+        if let Some(Err(e)) = slot.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Channel ranges of `c` channels for `threads` threads, and for each range its part of every
+/// plane of `v` (`planes` planes of `[c][t]`, back to back): what a per-channel transform
+/// into `[planes][c][t]` needs to run on several threads in safe Rust.
+pub fn plane_parts(
+    threads: usize,
+    c: usize,
+    t: usize,
+    planes: usize,
+    v: &mut [f32],
+) -> Vec<(Range<usize>, Vec<&mut [f32]>)> {
+    let parts = threads.clamp(1, c.max(1));
+    let per = c.div_ceil(parts).max(1);
+    let ranges: Vec<Range<usize>> = (0..c).step_by(per).map(|s| s..(s + per).min(c)).collect();
+    let mut out: Vec<(Range<usize>, Vec<&mut [f32]>)> = ranges
+        .iter()
+        .map(|r| (r.clone(), Vec::with_capacity(planes)))
+        .collect();
+    if c * t == 0 {
+        return out;
+    }
+    for plane in v[..planes * c * t].chunks_exact_mut(c * t) {
+        let mut rest = plane;
+        for (r, ps) in out.iter_mut() {
+            let (head, tail) = rest.split_at_mut(r.len() * t);
+            ps.push(head);
+            rest = tail;
+        }
+    }
+    out
+}
+
 /// Elements below which splitting an elementwise loop across threads costs more than it saves
 /// (a hand-off to a pool worker is a few microseconds; measured with `EDGEHAL_OP_PROFILE`).
 pub const MIN_PARALLEL_ELEMS: usize = 1 << 15;
