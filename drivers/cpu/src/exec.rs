@@ -869,4 +869,63 @@ mod tests {
             }
         }
     }
+
+    /// MaxPool 3x3 stride 2 pad 1 on 8 channels of 128x128 (an output large enough to split
+    /// across threads): every thread count gives the window maxima.
+    #[test]
+    fn max_pool_split_across_threads_is_exact() {
+        let (c, hw) = (8usize, 128usize);
+        let mut g = Graph::new("pool");
+        let (x, y) = (g.value_id("x"), g.value_id("y"));
+        g.inputs = vec![x];
+        g.opsets.insert(String::new(), 17);
+        let mut attrs = std::collections::BTreeMap::new();
+        attrs.insert("pads".to_string(), Attr::Ints(vec![1, 1, 1, 1]));
+        attrs.insert("kernel_shape".to_string(), Attr::Ints(vec![3, 3]));
+        attrs.insert("strides".to_string(), Attr::Ints(vec![2, 2]));
+        g.nodes.push(Node {
+            op: "MaxPool".into(),
+            inputs: vec![Some(x)],
+            outputs: vec![Some(y)],
+            attrs,
+            ..Default::default()
+        });
+        g.outputs = vec![y];
+        let xv: Vec<f32> = (0..c * hw * hw)
+            .map(|i| ((i * 7919) % 1009) as f32 - 500.0)
+            .collect();
+        let oh = hw / 2;
+        let mut want = vec![f32::NEG_INFINITY; c * oh * oh];
+        for ch in 0..c {
+            for oy in 0..oh {
+                for ox in 0..oh {
+                    for ky in 0..3 {
+                        for kx in 0..3 {
+                            let (iy, ix) = ((oy * 2 + ky) as isize - 1, (ox * 2 + kx) as isize - 1);
+                            if iy >= 0 && ix >= 0 && (iy as usize) < hw && (ix as usize) < hw {
+                                let v = xv[(ch * hw + iy as usize) * hw + ix as usize];
+                                let o = &mut want[(ch * oh + oy) * oh + ox];
+                                *o = o.max(v);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for threads in [1, 2, 3] {
+            let mut ex = Executor::new(&g, &Registry::new()).expect("executor");
+            ex.set_threads(threads);
+            let input = vec![(
+                x,
+                Tensor::from_vec(vec![1, c, hw, hw], xv.clone()).expect("x"),
+            )];
+            let out = ex.run(&input).expect("run");
+            assert_eq!(out[0].shape(), &[1, c, oh, oh]);
+            assert_eq!(
+                out[0].to_f32().as_ref(),
+                want.as_slice(),
+                "{threads} threads"
+            );
+        }
+    }
 }
