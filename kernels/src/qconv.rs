@@ -672,8 +672,40 @@ fn depthwise_t<const S: bool>(p: &Depthwise<'_>, rows: Range<usize>, out: &mut [
         })
         .collect();
     let (ey, ex) = ((p.kh - 1) * p.dh, (p.kw - 1) * p.dw);
+    // 3x3 windows over a multiple of 16 channels: pixels whose window lies inside the image
+    // go through dw3x3_interior (weights held across the row, zero point folded into the
+    // bias); the rest, and every other shape, one pixel at a time below.
+    let fast = p.kh == 3 && p.kw == 3 && c.is_multiple_of(16) && c > 0;
+    // Output columns whose window is inside horizontally: ox*sw >= pl, ox*sw - pl + ex < iw.
+    let ox_lo = p.pl.div_ceil(p.sw).min(p.ow);
+    let ox_hi = if p.iw + p.pl > ex {
+        ((p.iw + p.pl - ex - 1) / p.sw + 1).min(p.ow).max(ox_lo)
+    } else {
+        ox_lo
+    };
+    let offs: [usize; 9] = std::array::from_fn(|t| all.get(t).map_or(0, |&(xo, _)| xo));
+    let badj: Vec<i32> = if fast {
+        (0..c)
+            .map(|j| {
+                let sw: i32 = (0..9).fold(0i32, |a, t| a.wrapping_add(p.w[t * c + j]));
+                p.bias[j].wrapping_sub(p.xz.wrapping_mul(sw))
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     for (r, oy) in rows.enumerate() {
-        for ox in 0..p.ow {
+        let y0 = oy * p.sh;
+        let row_inside = y0 >= p.pt && y0 - p.pt + ey < p.ih;
+        let interior = if fast && row_inside && ox_lo < ox_hi {
+            let o = &mut out[(r * p.ow + ox_lo) * c..(r * p.ow + ox_hi) * c];
+            let base = ((y0 - p.pt) * p.iw + (ox_lo * p.sw - p.pl)) * c;
+            dw3x3_interior::<S>(p, &offs, &badj, base, ox_hi - ox_lo, o);
+            ox_lo..ox_hi
+        } else {
+            0..0
+        };
+        for ox in (0..p.ow).filter(|ox| !interior.contains(ox)) {
             let (y0, x0) = (oy * p.sh, ox * p.sw);
             if y0 >= p.pt && x0 >= p.pl && y0 - p.pt + ey < p.ih && x0 - p.pl + ex < p.iw {
                 let base = ((y0 - p.pt) * p.iw + (x0 - p.pl)) * c;
@@ -723,6 +755,41 @@ fn depthwise_t<const S: bool>(p: &Depthwise<'_>, rows: Range<usize>, out: &mut [
                 }
                 requant_row_body(p.rq, c0, &acc[..nb], &zero[..nb], &mut o[c0..]);
             }
+        }
+    }
+}
+
+/// `n` consecutive output pixels of a 3x3 depthwise convolution whose windows lie inside the
+/// image, the first window's top-left input at `base`, `offs` the taps' offsets from it:
+/// per block of 16 channels, the nine weight vectors stay in registers across the pixels and
+/// `badj` (bias less the input zero point times the weight sum) starts each sum, so a tap
+/// is one widening load, one multiply and one add. Equal to the per-pixel sum modulo 2^32.
+#[inline(always)]
+fn dw3x3_interior<const S: bool>(
+    p: &Depthwise<'_>,
+    offs: &[usize; 9],
+    badj: &[i32],
+    base: usize,
+    n: usize,
+    out: &mut [u8],
+) {
+    let c = p.c;
+    let zero = [0i32; 16];
+    let step = p.sw * c;
+    for c0 in (0..c).step_by(16) {
+        let w: [[i32; 16]; 9] =
+            std::array::from_fn(|t| p.w[t * c + c0..][..16].try_into().expect("16 weights"));
+        let b: &[i32; 16] = badj[c0..c0 + 16].try_into().expect("16 lanes");
+        for i in 0..n {
+            let at = base + i * step + c0;
+            let mut acc = *b;
+            for t in 0..9 {
+                let xs: &[u8; 16] = p.x[at + offs[t]..][..16].try_into().expect("16 bytes");
+                for j in 0..16 {
+                    acc[j] = acc[j].wrapping_add(widen::<S>(xs[j]).wrapping_mul(w[t][j]));
+                }
+            }
+            requant_row_body(p.rq, c0, &acc, &zero, &mut out[i * c + c0..][..16]);
         }
     }
 }
@@ -1385,6 +1452,10 @@ mod tests {
             (5, 5, 3, 5, 1, 1, 2),
             (10, 7, 64, 3, 1, 2, 2),
             (4, 4, 1, 1, 1, 1, 0),
+            // 3x3 over multiples of 16 channels: the interior rows' fast path.
+            (12, 11, 32, 3, 2, 1, 1),
+            (6, 13, 48, 3, 1, 1, 0),
+            (9, 10, 16, 3, 2, 1, 0),
         ];
         for &(ih, iw, c, kk, s, d, pad) in &cases {
             let eff = (kk - 1) * d + 1;
