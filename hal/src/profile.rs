@@ -109,6 +109,9 @@ impl Default for ProfileOptions {
 /// Fewest timed passes of the calibration runs (see [`profile`]).
 const CALIBRATION_MIN_PASSES: usize = 15;
 
+/// Time after which calibration passes past the first three stop (see [`profile`]).
+const CALIBRATION_BUDGET: Duration = Duration::from_secs(2);
+
 /// What the profiler found.
 #[derive(Clone, Debug)]
 pub struct Profile {
@@ -976,9 +979,15 @@ pub fn profile(g: &Graph, devices: &[Arc<dyn Device>], opts: &ProfileOptions) ->
             // Every node time is scaled by these passes, so they get more of them than the
             // node passes' minimum: five passes that all fell in a slow second of a shared
             // machine once predicted mobilenet_v2_int8 38% high.
+            // On a slow device (the null device's 5 ms per node over 1461 nodes: 7 s a
+            // pass) the extra passes stop after about two seconds, as long as three ran.
+            let cal_nodes: usize = runs.iter().map(|r| r.len()).sum();
             let cal_opts = ProfileOptions {
                 min_runs: opts.min_runs.max(CALIBRATION_MIN_PASSES),
                 max_runs: opts.max_runs.max(CALIBRATION_MIN_PASSES),
+                budget: opts.budget.min(
+                    CALIBRATION_BUDGET / u32::try_from(cal_nodes.max(1)).unwrap_or(u32::MAX),
+                ),
                 ..opts.clone()
             };
             let (seg_results, _) =
