@@ -985,9 +985,9 @@ pub fn profile(g: &Graph, devices: &[Arc<dyn Device>], opts: &ProfileOptions) ->
             let cal_opts = ProfileOptions {
                 min_runs: opts.min_runs.max(CALIBRATION_MIN_PASSES),
                 max_runs: opts.max_runs.max(CALIBRATION_MIN_PASSES),
-                budget: opts.budget.min(
-                    CALIBRATION_BUDGET / u32::try_from(cal_nodes.max(1)).unwrap_or(u32::MAX),
-                ),
+                budget: opts
+                    .budget
+                    .min(CALIBRATION_BUDGET / u32::try_from(cal_nodes.max(1)).unwrap_or(u32::MAX)),
                 ..opts.clone()
             };
             let (seg_results, _) =
