@@ -133,37 +133,23 @@ pub fn optimize_portable(g: &mut Graph, registry: &Registry) -> Result<String> {
 /// of a Conv whose input is itself a DequantizeLinear output (a QDQ convolution).
 fn qdq_weight_dequantizers(g: &Graph) -> Vec<NodeId> {
     let producers = g.producers();
-    let mut readers = vec![0usize; g.values.len()];
-    for n in &g.nodes {
-        for &v in n.inputs.iter().flatten() {
-            readers[v] += 1;
-        }
-    }
-    let is_dq = |v: ValueId| -> Option<NodeId> {
-        let p = producers.get(v).copied().flatten()?;
-        is_onnx(&g.nodes[p], "DequantizeLinear").then_some(p)
-    };
+    let consumers = g.consumers();
     let mut keep = Vec::new();
-    for conv in &g.nodes {
-        if !is_onnx(conv, "Conv")
-            || conv
-                .inputs
-                .first()
-                .copied()
-                .flatten()
-                .and_then(is_dq)
-                .is_none()
-        {
+    for conv in g.nodes.iter().filter(|n| is_onnx(n, "Conv")) {
+        let Some(x) = conv.inputs.first().copied().flatten() else {
+            continue;
+        };
+        if dq_producer(g, &producers, x).is_none() {
             continue;
         }
-        for v in conv.inputs.iter().skip(1).flatten() {
-            let Some(p) = is_dq(*v) else { continue };
-            let src = g.nodes[p].inputs.first().copied().flatten();
-            if readers[*v] == 1
-                && !g.outputs.contains(v)
-                && src.is_some_and(|s| g.initializers.contains_key(&s))
-            {
-                keep.push(p);
+        for &v in conv.inputs.iter().skip(1).flatten() {
+            if let Some((q, _, _, dq)) = dq_producer(g, &producers, v) {
+                if consumers[v].len() == 1
+                    && !g.outputs.contains(&v)
+                    && g.initializers.contains_key(&q)
+                {
+                    keep.push(dq);
+                }
             }
         }
     }
@@ -173,7 +159,8 @@ fn qdq_weight_dequantizers(g: &Graph) -> Vec<NodeId> {
 /// Whether planned CPU segments get the CPU's own fusion ([`compile_segment`]);
 /// `EDGEHAL_SEGMENT_FUSION=0` turns it off (to compare, or to rule it out).
 fn segment_fusion() -> bool {
-    std::env::var("EDGEHAL_SEGMENT_FUSION").map_or(true, |v| v != "0")
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("EDGEHAL_SEGMENT_FUSION").map_or(true, |v| v != "0"))
 }
 
 /// Compiles a planned segment on `dev`. A segment for the CPU driver first gets the CPU-only

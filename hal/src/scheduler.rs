@@ -529,9 +529,20 @@ impl Scheduler {
 
     /// Run later requests with `plan` instead (e.g. a single-device plan for comparison).
     pub fn use_plan(&self, plan: Plan) -> Result<()> {
-        let c = self.inner.compile_plan(plan)?;
-        *lock(&self.inner.current) = c;
+        let c = self.compile(plan)?;
+        self.use_compiled(&c);
         Ok(())
+    }
+
+    /// `plan` compiled for this scheduler's devices, to install later with
+    /// [`Scheduler::use_compiled`] (switching between plans then compiles nothing).
+    pub fn compile(&self, plan: Plan) -> Result<Arc<Compiled>> {
+        self.inner.compile_plan(plan)
+    }
+
+    /// Run later requests with a plan from [`Scheduler::compile`].
+    pub fn use_compiled(&self, compiled: &Arc<Compiled>) {
+        *lock(&self.inner.current) = Arc::clone(compiled);
     }
 
     /// The profile the plans come from.

@@ -198,11 +198,12 @@ pub struct WinoInput<'a> {
 
 /// Runs the input transform. Returns `false` when a slice is too short.
 pub fn wino_input(variant: Variant, p: &WinoInput<'_>, v: &mut [f32]) -> bool {
-    let t = p.tiles_y * p.tiles_x;
-    if v.len() < 36 * p.c * t || p.c * t == 0 {
-        return p.c * t == 0 && p.x.len() >= p.c * p.h * p.w;
+    let plane = p.c * p.tiles_y * p.tiles_x;
+    if v.len() < 36 * plane {
+        return false;
     }
-    let mut planes: Vec<&mut [f32]> = v[..36 * p.c * t].chunks_exact_mut(p.c * t).collect();
+    let mut planes: Vec<&mut [f32]> = v.chunks_mut(plane.max(1)).take(36).collect();
+    planes.resize_with(36, Default::default);
     wino_input_planes(variant, p, &mut planes)
 }
 
@@ -443,22 +444,16 @@ pub fn wino2_tiles(out: usize) -> usize {
 /// The F(2x2, 3x3) input transform `V = B^T d B` of one image (tiles of 2x2 outputs read 4x4
 /// input patches) into `v`, `[16][c][T]`. Returns `false` when a slice is too short.
 pub fn wino2_input(p: &WinoInput<'_>, v: &mut [f32]) -> bool {
-    let Some(t) = p.tiles_y.checked_mul(p.tiles_x) else {
+    let plane = p
+        .tiles_y
+        .checked_mul(p.tiles_x)
+        .and_then(|t| t.checked_mul(p.c));
+    let Some(plane) = plane.filter(|&l| l.checked_mul(16).is_some_and(|n| v.len() >= n)) else {
         return false;
     };
-    let v_len = t.checked_mul(p.c).and_then(|x| x.checked_mul(16));
-    match v_len {
-        Some(l) if v.len() >= l && l > 0 => {
-            let mut planes: Vec<&mut [f32]> = v[..l].chunks_exact_mut(p.c * t).collect();
-            wino2_input_planes(p, &mut planes)
-        }
-        Some(0) => {
-            p.c.checked_mul(p.h)
-                .and_then(|x| x.checked_mul(p.w))
-                .is_some_and(|l| p.x.len() >= l)
-        }
-        _ => false,
-    }
+    let mut planes: Vec<&mut [f32]> = v.chunks_mut(plane.max(1)).take(16).collect();
+    planes.resize_with(16, Default::default);
+    wino2_input_planes(p, &mut planes)
 }
 
 /// [`wino2_input`] into 16 separate planes (`planes[k]`: `[c][T]`), as [`wino_input_planes`].

@@ -98,22 +98,18 @@ impl Requant {
     /// channel `l % n`), for requantizing rows of `n` outputs (`n` divides `LANES`) as one
     /// stream, `LANES` at a time.
     fn tiled(&self, n: usize) -> Requant {
-        let pick = |l: usize| l % n;
-        let rep = |v: &[i32]| -> Vec<i32> { (0..2 * LANES).map(|l| v[pick(l % LANES)]).collect() };
+        // LANES channels and LANES spare ones, as every Requant holds.
+        fn rep<T: Copy>(v: &[T], n: usize) -> Vec<T> {
+            (0..2 * LANES).map(|l| v[l % LANES % n]).collect()
+        }
         Requant {
             n: LANES,
-            mult: rep(&self.mult),
-            lshift: (0..2 * LANES)
-                .map(|l| self.lshift[pick(l % LANES)])
-                .collect(),
-            rshift: (0..2 * LANES)
-                .map(|l| self.rshift[pick(l % LANES)])
-                .collect(),
-            rmask: rep(&self.rmask),
+            mult: rep(&self.mult, n),
+            lshift: rep(&self.lshift, n),
+            rshift: rep(&self.rshift, n),
+            rmask: rep(&self.rmask, n),
             fscale: if self.is_float() {
-                (0..2 * LANES)
-                    .map(|l| self.fscale[pick(l % LANES)])
-                    .collect()
+                rep(&self.fscale, n)
             } else {
                 Vec::new()
             },

@@ -47,3 +47,33 @@ pub fn scratch(name: &str) -> PathBuf {
     let _ = std::fs::create_dir_all(&d);
     d
 }
+
+/// A made-up profile for planner and scheduler tests: `times[node][device]` in ms, nodes in
+/// index order, `values` values of 128 bytes each, host memory only, no transfer costs and
+/// no scheduler overheads.
+pub fn made_up_profile(
+    times: Vec<Vec<Option<f64>>>,
+    devices: &[&str],
+    values: usize,
+) -> edgehal::profile::Profile {
+    use edgehal::partition::TransferCost;
+    use edgehal_core::buffer::MemoryDomain;
+    let nd = devices.len();
+    edgehal::profile::Profile {
+        devices: devices.iter().map(|s| s.to_string()).collect(),
+        domains: vec![vec![MemoryDomain::Host]; nd],
+        order: (0..times.len()).collect(),
+        reasons: vec![vec![None; nd]; times.len()],
+        times,
+        value_bytes: vec![128; values],
+        transfer: vec![vec![TransferCost::ZERO; nd + 1]; nd + 1],
+        segment_ms: vec![0.0; nd],
+        dispatch_ms: vec![0.0; nd],
+        request_ms: 0.0,
+        passes: vec![None; nd],
+        calibration: vec![None; nd],
+        measured: 0,
+        cached: 0,
+        rebuilt: 0,
+    }
+}

@@ -8,13 +8,14 @@ use std::sync::Arc;
 
 use edgehal::partition::{self, Problem, TransferCost, Value};
 use edgehal::plan::{Plan, PlanConstraints};
-use edgehal::profile::{profile, Profile, ProfileOptions};
+use edgehal::profile::{profile, ProfileOptions};
 use edgehal_core::buffer::MemoryDomain;
 use edgehal_core::driver::Device;
 use edgehal_core::graph::{Dim, Graph, Node, ValueInfo};
 use edgehal_core::{DType, Tensor};
 use edgehal_cpu::device::CpuDevice;
 use edgehal_null::{NullConfig, NullDevice};
+use edgehal_tests::made_up_profile;
 
 struct Rng(u64);
 impl Rng {
@@ -260,27 +261,6 @@ pub fn small_graph() -> Graph {
     g
 }
 
-fn fake_profile(times: Vec<Vec<Option<f64>>>, devices: &[&str]) -> Profile {
-    let nd = devices.len();
-    Profile {
-        devices: devices.iter().map(|s| s.to_string()).collect(),
-        domains: vec![vec![MemoryDomain::Host]; nd],
-        order: (0..times.len()).collect(),
-        reasons: vec![vec![None; nd]; times.len()],
-        times,
-        value_bytes: vec![128; 6],
-        transfer: vec![vec![TransferCost::ZERO; nd + 1]; nd + 1],
-        segment_ms: vec![0.0; nd],
-        dispatch_ms: vec![0.0; nd],
-        request_ms: 0.0,
-        passes: vec![None; nd],
-        calibration: vec![None; nd],
-        measured: 0,
-        cached: 0,
-        rebuilt: 0,
-    }
-}
-
 #[test]
 fn segment_costs_are_charged_once_per_segment() {
     let g = small_graph();
@@ -291,7 +271,7 @@ fn segment_costs_are_charged_once_per_segment() {
         vec![Some(5.0), Some(1.0)],
     ];
     // Cheap segments: split around node 2 (3 segments), 4 ms of nodes + 3 x 0.5.
-    let mut p = fake_profile(times.clone(), &["cpu", "null0"]);
+    let mut p = made_up_profile(times.clone(), &["cpu", "null0"], 6);
     p.segment_ms = vec![0.5, 0.5];
     let plan = Plan::choose(&g, &p, &PlanConstraints::default()).unwrap();
     assert_eq!(plan.assign, vec![1, 1, 0, 1]);
@@ -327,7 +307,7 @@ fn request_and_dispatch_overheads_are_in_the_prediction() {
     // Submission 0.5 ms per segment, the scheduler's hand-offs 0.25 ms more on cpu and
     // 0.125 ms more on null0, and 0.75 ms per request: the split (3 segments) predicts
     // 4 ms of nodes + (0.5 + 0.125) x 2 + (0.5 + 0.25) + 0.75.
-    let mut p = fake_profile(times, &["cpu", "null0"]);
+    let mut p = made_up_profile(times, &["cpu", "null0"], 6);
     p.segment_ms = vec![0.5, 0.5];
     p.dispatch_ms = vec![0.25, 0.125];
     p.request_ms = 0.75;
@@ -360,7 +340,7 @@ fn request_and_dispatch_overheads_are_in_the_prediction() {
 #[test]
 fn pins_and_exclusions_are_obeyed() {
     let g = small_graph();
-    let p = fake_profile(
+    let p = made_up_profile(
         vec![
             vec![Some(5.0), Some(1.0)],
             vec![Some(5.0), Some(1.0)],
@@ -368,6 +348,7 @@ fn pins_and_exclusions_are_obeyed() {
             vec![Some(5.0), Some(1.0)],
         ],
         &["cpu", "null0"],
+        6,
     );
     let free = Plan::choose(&g, &p, &PlanConstraints::default()).unwrap();
     assert_eq!(free.assign, vec![1, 1, 0, 1]);
@@ -395,7 +376,7 @@ fn pins_and_exclusions_are_obeyed() {
     assert_eq!(excl.assign, vec![0, 0, 0, 0]);
     assert_eq!(excl.used_devices(), vec!["cpu"]);
     // Excluding the only device that runs a node is an error naming the node.
-    let only = fake_profile(
+    let only = made_up_profile(
         vec![
             vec![None, Some(1.0)],
             vec![Some(5.0), Some(1.0)],
@@ -403,6 +384,7 @@ fn pins_and_exclusions_are_obeyed() {
             vec![Some(5.0), Some(1.0)],
         ],
         &["cpu", "null0"],
+        6,
     );
     let e = Plan::choose(
         &g,

@@ -10,9 +10,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use edgehal::partition::TransferCost;
 use edgehal::plugin::load_all;
-use edgehal::profile::{profile, Profile, ProfileOptions};
+use edgehal::profile::{profile, ProfileOptions};
 use edgehal::reactor::{Backend, Reactor};
 use edgehal::scheduler::{Scheduler, SchedulerOptions};
 use edgehal_core::buffer::{page_size, MemoryDomain};
@@ -23,6 +22,7 @@ use edgehal_core::graph::{Dim, Graph, Node, ValueInfo};
 use edgehal_core::{DType, Error, Result, Tensor};
 use edgehal_cpu::device::CpuDevice;
 use edgehal_null::{NullConfig, NullDevice};
+use edgehal_tests::made_up_profile;
 
 const T: Option<Duration> = Some(Duration::from_secs(20));
 
@@ -88,27 +88,6 @@ fn check(out: &[(String, Tensor)], x: &Tensor) {
     }
 }
 
-fn made_up_profile(times: Vec<Vec<Option<f64>>>, devices: &[&str]) -> Profile {
-    let nd = devices.len();
-    Profile {
-        devices: devices.iter().map(|s| s.to_string()).collect(),
-        domains: vec![vec![MemoryDomain::Host]; nd],
-        order: (0..times.len()).collect(),
-        reasons: vec![vec![None; nd]; times.len()],
-        times,
-        value_bytes: vec![128; 6],
-        transfer: vec![vec![TransferCost::ZERO; nd + 1]; nd + 1],
-        segment_ms: vec![0.0; nd],
-        dispatch_ms: vec![0.0; nd],
-        request_ms: 0.0,
-        passes: vec![None; nd],
-        calibration: vec![None; nd],
-        measured: 0,
-        cached: 0,
-        rebuilt: 0,
-    }
-}
-
 fn null(name: &str, cfg: NullConfig) -> Arc<NullDevice> {
     let info = DeviceInfo::new(name, DeviceKind::Other, "null", vec![MemoryDomain::Host]);
     Arc::new(NullDevice::new(info, cfg))
@@ -158,6 +137,7 @@ fn many_in_flight(force_threads: bool) {
             vec![Some(1.0), None],
         ],
         &["cpu", "null0"],
+        6,
     );
     prof.value_bytes = vec![128; g.values.len()];
     let opts = SchedulerOptions {
@@ -244,6 +224,7 @@ fn lost_null_device_is_replanned_onto_the_cpu_with_correct_results() {
             vec![Some(1.0), Some(5.0)],
         ],
         &["cpu", "null0"],
+        6,
     );
     let s = Scheduler::with_profile(&g, devs, prof, &SchedulerOptions::default()).unwrap();
     assert_eq!(s.plan().assign, vec![0, 1, 1, 0]);
@@ -287,6 +268,7 @@ fn device_lost_while_many_requests_are_in_flight() {
             vec![Some(1.0), None],
         ],
         &["cpu", "null0"],
+        6,
     );
     let s = Scheduler::with_profile(&g, devs, prof, &SchedulerOptions::default()).unwrap();
     let pos = |k: usize| {
@@ -310,7 +292,7 @@ fn failure_with_no_device_left_is_an_error_not_a_hang() {
         ..NullConfig::default()
     };
     let devs: Vec<Arc<dyn Device>> = vec![null("null0", cfg)];
-    let prof = made_up_profile(vec![vec![Some(1.0)]; 4], &["null0"]);
+    let prof = made_up_profile(vec![vec![Some(1.0)]; 4], &["null0"], 6);
     let s = Scheduler::with_profile(&g, devs, prof, &SchedulerOptions::default()).unwrap();
     let e = s
         .run(vec![("x".into(), input(0))], T)
@@ -548,6 +530,7 @@ fn failing_plugin_device_is_replanned_onto_the_cpu() {
             vec![Some(5.0), Some(1.0)],
         ],
         &["cpu", "example0"],
+        6,
     );
     let s = Scheduler::with_profile(&g, devs, prof, &SchedulerOptions::default()).unwrap();
     assert_eq!(s.plan().assign, vec![0, 1, 0, 1]);

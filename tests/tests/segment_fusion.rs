@@ -8,7 +8,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgehal::partition::TransferCost;
 use edgehal::plan::PlanConstraints;
 use edgehal::profile::{seeded_inputs, Profile};
 use edgehal::scheduler::{Scheduler, SchedulerOptions};
@@ -34,25 +33,10 @@ fn model_graph(name: &str) -> Option<Graph> {
 
 /// A profile where every node costs `cost[d]` on device `d` (no transfers, no overheads).
 fn flat_profile(g: &Graph, devices: &[&str], cost: &[f64]) -> Profile {
-    let nd = devices.len();
-    let n = g.nodes.len();
-    Profile {
-        devices: devices.iter().map(|s| s.to_string()).collect(),
-        domains: vec![vec![MemoryDomain::Host]; nd],
-        order: g.topo_order().expect("order"),
-        reasons: vec![vec![None; nd]; n],
-        times: vec![cost.iter().map(|&c| Some(c)).collect(); n],
-        value_bytes: vec![1024; g.values.len()],
-        transfer: vec![vec![TransferCost::ZERO; nd + 1]; nd + 1],
-        segment_ms: vec![0.0; nd],
-        dispatch_ms: vec![0.0; nd],
-        request_ms: 0.0,
-        passes: vec![None; nd],
-        calibration: vec![None; nd],
-        measured: 0,
-        cached: 0,
-        rebuilt: 0,
-    }
+    let times = vec![cost.iter().map(|&c| Some(c)).collect(); g.nodes.len()];
+    let mut p = edgehal_tests::made_up_profile(times, devices, g.values.len());
+    p.order = g.topo_order().expect("order");
+    p
 }
 
 /// A second CPU-backed device from another driver: it computes real results but gets no
@@ -67,7 +51,7 @@ fn run(
     devices: Vec<Arc<dyn Device>>,
     prof: Profile,
     pins: &[(String, String)],
-) -> Vec<(String, Tensor)> {
+) -> (Vec<(String, Tensor)>, usize) {
     let opts = SchedulerOptions {
         constraints: PlanConstraints {
             exclude: Vec::new(),
@@ -81,7 +65,8 @@ fn run(
         .into_iter()
         .map(|(id, t)| (g.value_name(id).to_string(), t))
         .collect();
-    s.run(feeds, T).expect("run")
+    let segments = s.plan().segments.len();
+    (s.run(feeds, T).expect("run"), segments)
 }
 
 /// The CPU-only session's outputs: the graph with every CPU rewrite, one CPU segment.
@@ -89,7 +74,7 @@ fn cpu_only(g: &Graph) -> Vec<(String, Tensor)> {
     let mut full = g.clone();
     edgehal::passes::optimize(&mut full, &Registry::new()).expect("optimize");
     let prof = flat_profile(&full, &["cpu"], &[1.0]);
-    run(&full, vec![Arc::new(CpuDevice::new())], prof, &[])
+    run(&full, vec![Arc::new(CpuDevice::new())], prof, &[]).0
 }
 
 fn portable(g: &Graph) -> Graph {
@@ -111,12 +96,13 @@ fn an_all_cpu_plan_on_the_shared_graph_gives_the_cpu_only_bytes() {
         "portable graph lost its DequantizeLinear nodes"
     );
     let prof = flat_profile(&p, &["cpu", "cpu2"], &[1.0, 5.0]);
-    let got = run(
+    let (got, segments) = run(
         &p,
         vec![Arc::new(CpuDevice::new()), other_device()],
         prof,
         &[],
     );
+    assert_eq!(segments, 1, "expected the whole graph as one CPU segment");
     assert_eq!(got.len(), want.len());
     for ((gn, gt), (wn, wt)) in got.iter().zip(&want) {
         assert_eq!(gn, wn);
@@ -157,12 +143,13 @@ fn a_plan_that_cuts_a_qdq_chain_runs_and_agrees() {
     let pinned = qconvs[qconvs.len() / 2];
     let prof = flat_profile(&p, &["cpu", "cpu2"], &[1.0, 5.0]);
     let pins = vec![(pinned.to_string(), "cpu2".to_string())];
-    let got = run(
+    let (got, segments) = run(
         &p,
         vec![Arc::new(CpuDevice::new()), other_device()],
         prof,
         &pins,
     );
+    assert_eq!(segments, 3, "the pinned convolution did not split the plan");
     for ((gn, gt), (_, wt)) in got.iter().zip(&want) {
         let (a, b) = (gt.to_f32().to_vec(), wt.to_f32().to_vec());
         assert_eq!(a.len(), b.len());

@@ -88,6 +88,11 @@ fn measure_all(
     runs: usize,
 ) -> Result<Vec<f64>> {
     let runs = runs.max(1);
+    // Compiled once: switching plans between rounds must not repack every weight.
+    let compiled = plans
+        .iter()
+        .map(|p| s.compile(p.clone()).map_err(|e| anyhow!("{e}")))
+        .collect::<Result<Vec<_>>>()?;
     let mut samples: Vec<Vec<f64>> = vec![Vec::with_capacity(runs); plans.len()];
     for round in 0..ROUNDS {
         // Runs of this round: the total split as evenly as it goes.
@@ -95,8 +100,8 @@ fn measure_all(
         if n == 0 {
             continue;
         }
-        for (p, t) in plans.iter().zip(samples.iter_mut()) {
-            s.use_plan(p.clone()).map_err(|e| anyhow!("{e}"))?;
+        for (c, t) in compiled.iter().zip(samples.iter_mut()) {
+            s.use_compiled(c);
             // The first installation meets fresh allocations and cold pool threads; later
             // ones only a cold cache.
             for _ in 0..if round == 0 { WARMUP } else { 1 } {

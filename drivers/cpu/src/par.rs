@@ -44,38 +44,14 @@ pub fn for_parts<T: Send, E: Send>(
         rest = tail;
         u = end;
     }
-    // The caller runs the first part itself; the others go to a pool of `parts - 1` workers,
-    // so `threads` threads work in all and the caller never sleeps while a worker wakes up to
-    // run what it could have run.
-    type Slot<'a, T> = Mutex<Option<(Range<usize>, &'a mut [T])>>;
-    let slots: Vec<Slot<'_, T>> = chunks.into_iter().map(|c| Mutex::new(Some(c))).collect();
-    let results: Vec<Mutex<Option<Result<(), E>>>> =
-        (0..slots.len()).map(|_| Mutex::new(None)).collect();
-    let part = |i: usize| {
-        let taken = slots[i].lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some((r, c)) = taken {
-            let res = f(r, c);
-            *results[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(res);
-        }
-    };
-    let pooled = edgehal_kernels::pool::run_parts(slots.len(), &part);
-    if !pooled {
-        // No pool (thread limit) or it is busy (nested or concurrent use): run the parts here.
-        (0..slots.len()).for_each(part);
-    }
-    // The first error in part order; a part that panicked was re-raised by `run`.
-    for slot in results {
-        if let Some(Err(e)) = slot.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            return Err(e);
-        }
-    }
-    Ok(())
+    for_items(chunks, |_, (r, c)| f(r, c))
 }
 
-/// Runs `f(i, item)` for every item of `items`, one item per thread (the caller runs the
-/// first, pool workers the others), for work whose outputs are not one contiguous slice
-/// (e.g. a channel range of each of the 36 Winograd planes). Returns the first error in item
-/// order.
+/// Runs `f(i, item)` for every item of `items`, one item per thread: the caller runs the
+/// first itself and a pool of `items.len() - 1` workers the others, so the caller never
+/// sleeps while a worker wakes up to run what it could have run. [`for_parts`] hands it the
+/// slices of one output; other callers, items that are not one contiguous slice (a channel
+/// range of each of the 36 Winograd planes). Returns the first error in item order.
 pub fn for_items<W: Send, E: Send>(
     items: Vec<W>,
     f: impl Fn(usize, W) -> Result<(), E> + Sync,
@@ -94,8 +70,10 @@ pub fn for_items<W: Send, E: Send>(
         }
     };
     if !edgehal_kernels::pool::run_parts(slots.len(), &part) {
+        // No pool (thread limit) or it is busy (nested or concurrent use): run them here.
         (0..slots.len()).for_each(part);
     }
+    // A part that panicked was re-raised by the pool after all parts finished.
     for slot in results {
         if let Some(Err(e)) = slot.into_inner().unwrap_or_else(|p| p.into_inner()) {
             return Err(e);
