@@ -71,16 +71,28 @@ fn feeds_for(g: &Graph) -> Result<Vec<(String, Tensor)>> {
 /// nothing but meets cold caches, fresh allocations and sleeping pool threads.
 const WARMUP: usize = 3;
 
-/// Rounds the measured plans take turns in (see [`measure_all`]); [`WARMUP`] runs before the
-/// first round's timed runs of a plan, one before the later rounds'.
-const ROUNDS: usize = 3;
+/// Rounds the measured plans take turns in (see [`measure_all`]).
+const ROUNDS: usize = 10;
+
+/// A plan whose runs take at least this long gets no warm-up run after its first: a cold
+/// cache is lost in its time (a null device's plan of 5 ms per node takes seconds).
+const WARM_LONG_MS: f64 = 50.0;
+
+/// A long plan (see [`WARM_LONG_MS`]) at least this many times slower than the fastest one
+/// takes its later runs after the rounds, not between them.
+const DEFER_RATIO: f64 = 10.0;
 
 /// Median wall time of each plan in `plans`: `runs` timed runs each, taken in [`ROUNDS`]
-/// rounds in which every plan runs in turn (after untimed runs whenever it is installed), so
-/// the plans compared, and the measured total set against the prediction,
-/// share the machine's state. On this shared 2-vCPU machine a plan measured all at once right
-/// after profiling could land in a slow second: the same all-CPU plan measured 10.8 ms as the
-/// chosen plan and 7.9 ms as "cpu alone" a moment later.
+/// rounds in which every plan runs in turn (after untimed runs whenever it is installed:
+/// [`WARMUP`] the first time, then one unless its runs are long), so the plans compared, and
+/// the measured total set against the prediction, share the machine's state. On this shared
+/// 2-vCPU machine the same code runs 1.5 times slower for stretches of 0.1 s to seconds:
+/// with the runs in three blocks one such stretch could take a third of a plan's samples and
+/// shift its median (the all-CPU plan of mobilenet_v2_int8 measured 8.4 ms as the chosen plan
+/// and 6.0 ms as "cpu alone" in the same call). A plan far slower than the others (a null
+/// device's, seconds a run) runs in the first round only and takes its other runs at the
+/// end: between the rounds it spread the fast plans' samples over a minute of mostly idle
+/// time instead of the second they need.
 fn measure_all(
     s: &Scheduler,
     plans: &[Plan],
@@ -93,25 +105,60 @@ fn measure_all(
         .iter()
         .map(|p| s.compile(p.clone()).map_err(|e| anyhow!("{e}")))
         .collect::<Result<Vec<_>>>()?;
+    let median = |t: &[f64]| summarize(&mut t.to_vec()).0;
+    let timed = |c, t: &mut Vec<f64>, n: usize| -> Result<()> {
+        s.use_compiled(c);
+        // The first installation meets fresh allocations and cold pool threads; later ones
+        // only a cold cache.
+        let warm = if t.is_empty() {
+            WARMUP
+        } else if median(t) >= WARM_LONG_MS {
+            0
+        } else {
+            1
+        };
+        for _ in 0..warm {
+            s.run(feeds.to_vec(), None).map_err(|e| anyhow!("{e}"))?;
+        }
+        for _ in 0..n {
+            let t0 = Instant::now();
+            s.run(feeds.to_vec(), None).map_err(|e| anyhow!("{e}"))?;
+            t.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok(())
+    };
     let mut samples: Vec<Vec<f64>> = vec![Vec::with_capacity(runs); plans.len()];
+    let mut deferred = vec![false; plans.len()];
     for round in 0..ROUNDS {
         // Runs of this round: the total split as evenly as it goes.
         let n = runs * (round + 1) / ROUNDS - runs * round / ROUNDS;
         if n == 0 {
             continue;
         }
-        for (c, t) in compiled.iter().zip(samples.iter_mut()) {
-            s.use_compiled(c);
-            // The first installation meets fresh allocations and cold pool threads; later
-            // ones only a cold cache.
-            for _ in 0..if round == 0 { WARMUP } else { 1 } {
-                s.run(feeds.to_vec(), None).map_err(|e| anyhow!("{e}"))?;
+        let first = samples[0].is_empty();
+        for ((c, t), _) in compiled
+            .iter()
+            .zip(samples.iter_mut())
+            .zip(&deferred)
+            .filter(|(_, d)| !**d)
+        {
+            timed(c, t, n)?;
+        }
+        if first {
+            let fastest = samples
+                .iter()
+                .map(|t| median(t))
+                .fold(f64::INFINITY, f64::min);
+            for (d, t) in deferred.iter_mut().zip(&samples) {
+                let m = median(t);
+                *d = m >= WARM_LONG_MS && m >= DEFER_RATIO * fastest;
             }
-            for _ in 0..n {
-                let t0 = Instant::now();
-                s.run(feeds.to_vec(), None).map_err(|e| anyhow!("{e}"))?;
-                t.push(t0.elapsed().as_secs_f64() * 1e3);
-            }
+        }
+    }
+    for (c, t) in compiled.iter().zip(samples.iter_mut()) {
+        if t.len() < runs {
+            let n = runs - t.len();
+            timed(c, t, n)?;
         }
     }
     Ok(samples.iter_mut().map(|t| summarize(t).0).collect())
