@@ -112,6 +112,11 @@ const CALIBRATION_MIN_PASSES: usize = 15;
 /// Time after which calibration passes past the first three stop (see [`profile`]).
 const CALIBRATION_BUDGET: Duration = Duration::from_secs(2);
 
+/// Shortest time the calibration passes of a device take, and the most passes that may fill
+/// it (see [`profile`]).
+const CALIBRATION_MIN_TIME: Duration = Duration::from_millis(250);
+const CALIBRATION_MAX_PASSES: usize = 2000;
+
 /// What the profiler found.
 #[derive(Clone, Debug)]
 pub struct Profile {
@@ -653,20 +658,20 @@ type GroupTiming = (usize, std::result::Result<f64, String>);
 /// cache and outputs are freshly allocated. Passes repeat until the pass totals are stable
 /// (see [`ProfileOptions`]; the time cap is per node); every group keeps its mean over the
 /// central passes. Returns per group its time or why it failed, and (median pass total, sum
-/// of the group times). `bar` advances once per node when `bar_steps`.
+/// of the group times). `bar`, if given, advances once per node.
 fn profile_in_sequence(
     g: &Graph,
     dev: &dyn Device,
     groups: &[Vec<NodeId>],
     values: &HashMap<ValueId, Tensor>,
     opts: &ProfileOptions,
-    bar: &mut Bar,
-    bar_steps: bool,
+    min_time: Duration,
+    mut bar: Option<&mut Bar>,
 ) -> (Vec<GroupTiming>, Option<(f64, f64)>) {
     let counter = CopyCounter::new();
     let name = dev.info().name.clone();
-    let step = |bar: &mut Bar, nodes: &[NodeId]| {
-        if bar_steps {
+    let step = |bar: &mut Option<&mut Bar>, nodes: &[NodeId]| {
+        if let Some(bar) = bar {
             for &n in nodes {
                 bar.step(&format!("{} on {name}", g.describe_node(n)));
             }
@@ -683,7 +688,7 @@ fn profile_in_sequence(
         match compiled {
             Ok((sub, exe)) => live.push((gi, sub, exe)),
             Err(e) => {
-                step(bar, nodes);
+                step(&mut bar, nodes);
                 out.push((gi, Err(format!("failed while profiling: {e}"))));
             }
         }
@@ -715,7 +720,7 @@ fn profile_in_sequence(
         let mut total = 0.0;
         for (k, (gi, sub, exe)) in live.iter().enumerate() {
             if pass_no == 0 {
-                step(bar, &groups[*gi]);
+                step(&mut bar, &groups[*gi]);
             }
             if failed[k].is_some() {
                 continue;
@@ -763,9 +768,10 @@ fn profile_in_sequence(
         }
         pass_no += 1;
         let m = totals.len();
+        let elapsed = start.elapsed();
         if m >= opts.max_runs.max(1)
-            || (m >= opts.min_runs && rel_mad(&totals) < opts.target_mad)
-            || (m >= 3 && start.elapsed() > budget)
+            || (m >= opts.min_runs && rel_mad(&totals) < opts.target_mad && elapsed >= min_time)
+            || (m >= 3 && elapsed > budget)
         {
             break;
         }
@@ -947,8 +953,15 @@ pub fn profile(g: &Graph, devices: &[Arc<dyn Device>], opts: &ProfileOptions) ->
             continue;
         }
         let singles: Vec<Vec<NodeId>> = fresh.iter().map(|&n| vec![n]).collect();
-        let (results, pass) =
-            profile_in_sequence(g, dev.as_ref(), &singles, &values, opts, &mut bar, true);
+        let (results, pass) = profile_in_sequence(
+            g,
+            dev.as_ref(),
+            &singles,
+            &values,
+            opts,
+            Duration::ZERO,
+            Some(&mut bar),
+        );
         passes[d] = pass;
         let mut alone: HashMap<NodeId, f64> = HashMap::new();
         for (gi, r) in results {
@@ -980,18 +993,27 @@ pub fn profile(g: &Graph, devices: &[Arc<dyn Device>], opts: &ProfileOptions) ->
             // node passes' minimum: five passes that all fell in a slow second of a shared
             // machine once predicted mobilenet_v2_int8 38% high.
             // On a slow device (the null device's 5 ms per node over 1461 nodes: 7 s a
-            // pass) the extra passes stop after about two seconds, as long as three ran.
+            // pass) the extra passes stop after about two seconds, as long as three ran. On
+            // a fast model they go on for a quarter of a second: fifteen passes of a 0.5 ms
+            // model are 8 ms, short enough to fall in one slow stretch of this machine
+            // whole (person_detect predicted 0.61 ms, measured 0.44 ms). Callers that cap
+            // the passes below the default (quick profiles in tests) keep a cap.
             let cal_nodes: usize = runs.iter().map(|r| r.len()).sum();
+            let (max_runs, min_time) = if opts.max_runs >= ProfileOptions::default().max_runs {
+                (CALIBRATION_MAX_PASSES, CALIBRATION_MIN_TIME)
+            } else {
+                (opts.max_runs.max(CALIBRATION_MIN_PASSES), Duration::ZERO)
+            };
             let cal_opts = ProfileOptions {
                 min_runs: opts.min_runs.max(CALIBRATION_MIN_PASSES),
-                max_runs: opts.max_runs.max(CALIBRATION_MIN_PASSES),
+                max_runs,
                 budget: opts
                     .budget
                     .min(CALIBRATION_BUDGET / u32::try_from(cal_nodes.max(1)).unwrap_or(u32::MAX)),
                 ..opts.clone()
             };
             let (seg_results, _) =
-                profile_in_sequence(g, dev.as_ref(), &runs, &values, &cal_opts, &mut bar, false);
+                profile_in_sequence(g, dev.as_ref(), &runs, &values, &cal_opts, min_time, None);
             let mut scale = vec![1.0; runs.len()];
             for (ri, r) in seg_results {
                 if let (Ok(total), Some(run)) = (r, runs.get(ri)) {

@@ -318,6 +318,97 @@ fn failure_with_no_device_left_is_an_error_not_a_hang() {
     check(&s.run(vec![("x".into(), input(1))], T).unwrap(), &input(1));
 }
 
+/// A CPU device that records on which threads it was submitted to and how many submissions
+/// overlapped.
+struct Watched {
+    inner: CpuDevice,
+    threads: std::sync::Mutex<Vec<std::thread::ThreadId>>,
+    now: AtomicUsize,
+    most: AtomicUsize,
+}
+
+impl Device for Watched {
+    fn info(&self) -> &DeviceInfo {
+        self.inner.info()
+    }
+    fn supports(&self, node: &Node, g: &Graph) -> Support {
+        self.inner.supports(node, g)
+    }
+    fn memory(&self) -> &[MemoryDomain] {
+        self.inner.memory()
+    }
+    fn compile(&self, sub: &Subgraph) -> Result<Box<dyn Executable>> {
+        self.inner.compile(sub)
+    }
+    fn submit(&self, exe: &dyn Executable, b: &Bindings) -> Result<Fence> {
+        let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(n, Ordering::SeqCst);
+        self.threads
+            .lock()
+            .unwrap()
+            .push(std::thread::current().id());
+        // Long enough for submissions from other threads to overlap if nothing stopped them.
+        std::thread::sleep(Duration::from_micros(300));
+        let r = self.inner.submit(exe, b);
+        self.now.fetch_sub(1, Ordering::SeqCst);
+        r
+    }
+}
+
+#[test]
+fn blocking_runs_use_the_cpu_on_the_calling_thread_one_segment_at_a_time() {
+    let g = graph();
+    let cpu = Arc::new(Watched {
+        inner: CpuDevice::new(),
+        threads: Default::default(),
+        now: AtomicUsize::new(0),
+        most: AtomicUsize::new(0),
+    });
+    let devs: Vec<Arc<dyn Device>> = vec![cpu.clone()];
+    let prof = made_up_profile(vec![vec![Some(1.0)]; 4], &["cpu"], 6);
+    let s = Scheduler::with_profile(&g, devs, prof, &SchedulerOptions::default()).unwrap();
+    let me = std::thread::current().id();
+    check(&s.run(vec![("x".into(), input(1))], T).unwrap(), &input(1));
+    assert_eq!(*cpu.threads.lock().unwrap(), vec![me], "run: on the caller");
+    check(
+        &s.submit(vec![("x".into(), input(2))])
+            .unwrap()
+            .wait(T)
+            .unwrap(),
+        &input(2),
+    );
+    assert_ne!(
+        cpu.threads.lock().unwrap()[1],
+        me,
+        "submit: on the device's worker"
+    );
+    // Requests in flight on the worker and blocking runs from two threads at once: every
+    // result right, and the device never had two submissions at a time.
+    let handles: Vec<_> = (0..12)
+        .map(|k| (k, s.submit(vec![("x".into(), input(k))]).unwrap()))
+        .collect();
+    std::thread::scope(|sc| {
+        for t in 0..2 {
+            let s = &s;
+            sc.spawn(move || {
+                for k in 0..6 {
+                    let x = input(100 + 10 * t + k);
+                    check(&s.run(vec![("x".into(), x.clone())], T).unwrap(), &x);
+                }
+            });
+        }
+    });
+    for (k, h) in handles {
+        check(&h.wait(T).unwrap(), &input(k));
+    }
+    assert_eq!(cpu.threads.lock().unwrap().len(), 2 + 12 + 12);
+    assert_eq!(
+        cpu.most.load(Ordering::SeqCst),
+        1,
+        "overlapping submissions"
+    );
+}
+
 #[test]
 fn measured_scheduler_overheads_are_in_the_prediction_and_cached() {
     use std::collections::HashMap;

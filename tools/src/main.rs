@@ -96,7 +96,8 @@ enum Cmd {
         /// Write the plan as an SVG picture.
         #[arg(long, value_name = "FILE")]
         svg: Option<std::path::PathBuf>,
-        /// Timed runs of each measured plan (the median is reported).
+        /// Timed runs of each measured plan, at least (a fast plan runs for 0.25 s; the median
+        /// is reported).
         #[arg(long, default_value_t = 30)]
         runs: usize,
         /// Pin nodes to devices: comma-separated WHAT=DEVICE, where WHAT is an op type (every

@@ -78,11 +78,18 @@ const ROUNDS: usize = 10;
 /// cache is lost in its time (a null device's plan of 5 ms per node takes seconds).
 const WARM_LONG_MS: f64 = 50.0;
 
+/// Shortest span of a plan's timed runs in [`measure_all`]: a fast plan takes more runs than
+/// asked (30 runs of a 0.5 ms model are 15 ms, which one slow stretch of this machine covers
+/// whole), at most [`MAX_RUNS_FACTOR`] times as many.
+const MIN_MEASURE_MS: f64 = 250.0;
+const MAX_RUNS_FACTOR: usize = 20;
+
 /// A long plan (see [`WARM_LONG_MS`]) at least this many times slower than the fastest one
 /// takes its later runs after the rounds, not between them.
 const DEFER_RATIO: f64 = 10.0;
 
-/// Median wall time of each plan in `plans`: `runs` timed runs each, taken in [`ROUNDS`]
+/// Median wall time of each plan in `plans`: `runs` timed runs each (more for a fast plan,
+/// see [`MIN_MEASURE_MS`]), taken in [`ROUNDS`]
 /// rounds in which every plan runs in turn (after untimed runs whenever it is installed:
 /// [`WARMUP`] the first time, then one unless its runs are long), so the plans compared, and
 /// the measured total set against the prediction, share the machine's state. On this shared
@@ -98,7 +105,7 @@ fn measure_all(
     plans: &[Plan],
     feeds: &[(String, Tensor)],
     runs: usize,
-) -> Result<Vec<f64>> {
+) -> Result<Vec<(f64, usize)>> {
     let runs = runs.max(1);
     // Compiled once: switching plans between rounds must not repack every weight.
     let compiled = plans
@@ -127,31 +134,36 @@ fn measure_all(
         }
         Ok(())
     };
+    // First round: every plan, a tenth of its runs.
+    let first = runs.div_ceil(ROUNDS);
     let mut samples: Vec<Vec<f64>> = vec![Vec::with_capacity(runs); plans.len()];
-    let mut deferred = vec![false; plans.len()];
-    for round in 0..ROUNDS {
-        // Runs of this round: the total split as evenly as it goes.
-        let n = runs * (round + 1) / ROUNDS - runs * round / ROUNDS;
-        if n == 0 {
-            continue;
-        }
-        let first = samples[0].is_empty();
-        for ((c, t), _) in compiled
-            .iter()
-            .zip(samples.iter_mut())
-            .zip(&deferred)
-            .filter(|(_, d)| !**d)
-        {
-            timed(c, t, n)?;
-        }
-        if first {
-            let fastest = samples
-                .iter()
-                .map(|t| median(t))
-                .fold(f64::INFINITY, f64::min);
-            for (d, t) in deferred.iter_mut().zip(&samples) {
-                let m = median(t);
-                *d = m >= WARM_LONG_MS && m >= DEFER_RATIO * fastest;
+    for (c, t) in compiled.iter().zip(samples.iter_mut()) {
+        timed(c, t, first)?;
+    }
+    let medians: Vec<f64> = samples.iter().map(|t| median(t)).collect();
+    let fastest = medians.iter().copied().fold(f64::INFINITY, f64::min);
+    let deferred: Vec<bool> = medians
+        .iter()
+        .map(|&m| m >= WARM_LONG_MS && m >= DEFER_RATIO * fastest)
+        .collect();
+    // Runs in all: `runs`, more for a fast plan, so its samples span [`MIN_MEASURE_MS`].
+    let target: Vec<usize> = medians
+        .iter()
+        .map(|&m| {
+            let by_time = (MIN_MEASURE_MS / m.max(1e-3)).ceil() as usize;
+            by_time.clamp(runs, runs * MAX_RUNS_FACTOR)
+        })
+        .collect();
+    // The other rounds share what is left of the fast plans' runs.
+    for round in 1..ROUNDS {
+        for (i, (c, t)) in compiled.iter().zip(samples.iter_mut()).enumerate() {
+            if deferred[i] {
+                continue;
+            }
+            let left = target[i].saturating_sub(first);
+            let n = left * round / (ROUNDS - 1) - left * (round - 1) / (ROUNDS - 1);
+            if n > 0 {
+                timed(c, t, n)?;
             }
         }
     }
@@ -161,7 +173,10 @@ fn measure_all(
             timed(c, t, n)?;
         }
     }
-    Ok(samples.iter_mut().map(|t| summarize(t).0).collect())
+    Ok(samples
+        .iter_mut()
+        .map(|t| (summarize(t).0, t.len()))
+        .collect())
 }
 
 /// Run `edgehal plan`.
@@ -201,12 +216,12 @@ pub fn run(a: PlanArgs) -> Result<()> {
         }
     }
     let times = measure_all(&s, &plans, &feeds, a.runs)?;
-    let chosen_ms = times[0];
-    let singles: Vec<(String, Plan, f64)> = single_names
+    let (chosen_ms, chosen_runs) = times[0];
+    let singles: Vec<(String, Plan, f64, usize)> = single_names
         .into_iter()
         .zip(plans.into_iter().skip(1))
         .zip(times.into_iter().skip(1))
-        .map(|((n, p), ms)| (n, p, ms))
+        .map(|((n, p), (ms, k))| (n, p, ms, k))
         .collect();
     // The chosen plan must not measure slower than the best single device; if it does (the
     // prediction missed), the single device wins and we say so. Pinned plans are kept: the
@@ -215,16 +230,17 @@ pub fn run(a: PlanArgs) -> Result<()> {
     let best_single = singles
         .iter()
         .min_by(|x, y| x.2.total_cmp(&y.2))
-        .map(|(n, p, ms)| (n.clone(), p.clone(), *ms));
-    let (plan, measured, note) = match &best_single {
-        Some((n, p, ms)) if !pinned && *ms < chosen_ms && p.assign != chosen.assign => (
+        .map(|(n, p, ms, k)| (n.clone(), p.clone(), *ms, *k));
+    let (plan, measured, measured_runs, note) = match &best_single {
+        Some((n, p, ms, k)) if !pinned && *ms < chosen_ms && p.assign != chosen.assign => (
             p.clone(),
             *ms,
+            *k,
             Some(format!(
                 "the partitioned plan measured {chosen_ms:.3} ms, slower than {n} alone; using {n}"
             )),
         ),
-        _ => (chosen.clone(), chosen_ms, None),
+        _ => (chosen.clone(), chosen_ms, chosen_runs, None),
     };
     let prof = s.profile();
     if let Some(path) = &a.svg {
@@ -277,7 +293,10 @@ pub fn run(a: PlanArgs) -> Result<()> {
             .collect();
         let single: Vec<_> = singles
             .iter()
-            .map(|(n, p, ms)| json!({"device": n, "predicted_ms": p.predicted_ms, "measured_ms": ms}))
+            .map(|(n, p, ms, k)| {
+                json!({"device": n, "predicted_ms": p.predicted_ms,
+                "measured_ms": ms, "measured_runs": k})
+            })
             .collect();
         let doc = json!({
             "model": a.model.display().to_string(),
@@ -292,7 +311,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
                 .collect::<serde_json::Map<String, serde_json::Value>>(),
             "predicted_ms": plan.predicted_ms,
             "measured_ms": measured,
-            "measured_runs": a.runs,
+            "measured_runs": measured_runs,
             "warmup_runs": WARMUP,
             "measure_rounds": ROUNDS,
             "prediction_error_pct": err_pct,
@@ -314,9 +333,9 @@ pub fn run(a: PlanArgs) -> Result<()> {
             "measured total  {measured:.3} ms (median of {} runs in {ROUNDS} rounds taken in \
              turn with the single-device plans, after warm-up runs; prediction off by \
              {err_pct:+.1}%)",
-            a.runs
+            measured_runs
         );
-        for (n, p, ms) in &singles {
+        for (n, p, ms, _) in &singles {
             println!(
                 "  {n} alone: predicted {:.3} ms, measured {ms:.3} ms",
                 p.predicted_ms
