@@ -570,6 +570,177 @@ pub fn wino2_output(p: &WinoOutput<'_>, y: &mut [f32]) -> bool {
     true
 }
 
+/// Lanes of one output block of [`conv3x3s2_body`] and output channels per block.
+const S2_LANES: usize = 16;
+const S2_OCB: usize = 8;
+
+/// The zero-padded input of a dense 3x3 stride-2 convolution split into its even and odd
+/// columns ([`s2_planes`]): for channel `ci` and padded row `r`, the even columns
+/// `0, 2, 4, ..` then the odd ones, so the three taps of a kernel row for 16 neighbouring
+/// outputs are three contiguous loads.
+pub struct S2Planes {
+    data: Vec<f32>,
+    c: usize,
+    rows: usize,
+    row: usize,
+}
+
+/// [`S2Planes`] of `x` (`[c, h, w]`) for outputs `out_h x out_w` with the given top/left
+/// padding (the bottom/right padding is what the output extent reads past the input).
+/// `None` when `x` is too short.
+#[allow(clippy::too_many_arguments)]
+pub fn s2_planes(
+    x: &[f32],
+    c: usize,
+    h: usize,
+    w: usize,
+    pad_top: usize,
+    pad_left: usize,
+    out_h: usize,
+    out_w: usize,
+) -> Option<S2Planes> {
+    if x.len() < c.checked_mul(h)?.checked_mul(w)? {
+        return None;
+    }
+    let rows = 2 * out_h + 1;
+    // Even columns are read up to index out_w (rounded up to whole blocks) + 1.
+    let row = out_w.div_ceil(S2_LANES) * S2_LANES + 1;
+    let mut data = vec![0f32; c.checked_mul(rows)?.checked_mul(2 * row)?];
+    for ci in 0..c {
+        for r in pad_top..(pad_top + h).min(rows) {
+            let src = &x[(ci * h + r - pad_top) * w..][..w];
+            let base = (ci * rows + r) * 2 * row;
+            for (q, &v) in src.iter().enumerate() {
+                let col = q + pad_left;
+                let (phase, j) = (col % 2, col / 2);
+                if j < row {
+                    data[base + phase * row + j] = v;
+                }
+            }
+        }
+    }
+    Some(S2Planes { data, c, rows, row })
+}
+
+/// A dense 3x3 stride-2 convolution read from [`S2Planes`]: output channels
+/// `weight.len() / (9 c)` (the weights `[m, c, 3, 3]`), bias and activation applied.
+pub struct Conv3x3S2<'a> {
+    pub planes: &'a S2Planes,
+    pub out_h: usize,
+    pub out_w: usize,
+    pub weight: &'a [f32],
+    pub bias: Option<&'a [f32]>,
+    pub act: Activation,
+}
+
+/// [`Conv3x3S2`] into `y` (`[m, out_h, out_w]`), compiled for `variant`. Returns `false`
+/// (touching nothing) when a size disagrees. Meant for layers with few input channels (a
+/// CNN's first layer): the output is computed directly, 8 channels x 16 pixels at a time,
+/// with no im2col matrix and no packing.
+pub fn conv3x3s2_with(variant: Variant, p: &Conv3x3S2<'_>, y: &mut [f32]) -> bool {
+    let pl = p.planes;
+    let k = 9 * pl.c;
+    if k == 0 || !p.weight.len().is_multiple_of(k) {
+        return false;
+    }
+    let m = p.weight.len() / k;
+    let Some(out_len) = m.checked_mul(p.out_h).and_then(|v| v.checked_mul(p.out_w)) else {
+        return false;
+    };
+    if y.len() < out_len
+        || pl.rows < 2 * p.out_h + 1
+        || pl.row < p.out_w.div_ceil(S2_LANES) * S2_LANES + 1
+        || p.bias.is_some_and(|b| b.len() < m)
+    {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::conv3x3s2(variant, p, y) {
+        return true;
+    }
+    let _ = variant;
+    conv3x3s2_body::<false>(p, y);
+    true
+}
+
+/// [`conv3x3s2_with`] for the selected variant.
+pub fn conv3x3s2(p: &Conv3x3S2<'_>, y: &mut [f32]) -> bool {
+    conv3x3s2_with(dispatch::selected(), p, y)
+}
+
+/// `a + w * v` lane by lane, by value (kept in registers).
+#[inline(always)]
+fn fma_lanes<const FMA: bool>(a: [f32; S2_LANES], w: f32, v: &[f32; S2_LANES]) -> [f32; S2_LANES] {
+    std::array::from_fn(|j| {
+        if FMA {
+            w.mul_add(v[j], a[j])
+        } else {
+            a[j] + w * v[j]
+        }
+    })
+}
+
+#[inline(always)]
+pub(crate) fn conv3x3s2_body<const FMA: bool>(p: &Conv3x3S2<'_>, y: &mut [f32]) {
+    let pl = p.planes;
+    let (c, rows, row) = (pl.c, pl.rows, pl.row);
+    let m = p.weight.len() / (9 * c);
+    let (oh, ow) = (p.out_h, p.out_w);
+    let plane = oh * ow;
+    let mut o0 = 0;
+    while o0 < m {
+        let ob = (m - o0).min(S2_OCB);
+        // wb[ci * 9 + tap][k]: the block's weights, zero past its last channel.
+        let mut wb = vec![[0f32; S2_OCB]; 9 * c];
+        for (k, oc) in (o0..o0 + ob).enumerate() {
+            for (t, &wv) in wb.iter_mut().zip(&p.weight[oc * 9 * c..(oc + 1) * 9 * c]) {
+                t[k] = wv;
+            }
+        }
+        let mut b0 = [0f32; S2_OCB];
+        if let Some(b) = p.bias {
+            b0[..ob].copy_from_slice(&b[o0..o0 + ob]);
+        }
+        for oy in 0..oh {
+            let mut x0 = 0;
+            while x0 < ow {
+                let mut acc = [[0f32; S2_LANES]; S2_OCB];
+                for (a, &b) in acc.iter_mut().zip(&b0) {
+                    *a = [b; S2_LANES];
+                }
+                for ci in 0..c {
+                    for ky in 0..3 {
+                        let base = ((ci * rows + 2 * oy + ky) * 2) * row + x0;
+                        let even: &[f32; S2_LANES + 1] = pl.data[base..base + S2_LANES + 1]
+                            .try_into()
+                            .expect("lanes");
+                        let odd: &[f32; S2_LANES] = pl.data[base + row..base + row + S2_LANES]
+                            .try_into()
+                            .expect("lanes");
+                        let left: &[f32; S2_LANES] = even[..S2_LANES].try_into().expect("lanes");
+                        let right: &[f32; S2_LANES] = even[1..].try_into().expect("lanes");
+                        let taps: [&[f32; S2_LANES]; 3] = [left, odd, right];
+                        for (kx, v) in taps.into_iter().enumerate() {
+                            let wv = &wb[ci * 9 + ky * 3 + kx];
+                            for k in 0..S2_OCB {
+                                acc[k] = fma_lanes::<FMA>(acc[k], wv[k], v);
+                            }
+                        }
+                    }
+                }
+                let n = (ow - x0).min(S2_LANES);
+                for (k, a) in acc.iter().enumerate().take(ob) {
+                    let dst = &mut y[(o0 + k) * plane + oy * ow + x0..][..n];
+                    dst.copy_from_slice(&a[..n]);
+                    p.act.apply_slice(dst);
+                }
+                x0 += S2_LANES;
+            }
+        }
+        o0 += S2_OCB;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -619,6 +790,61 @@ mod tests {
             }
         }
         y
+    }
+
+    #[test]
+    fn dense_3x3_stride_2_matches_naive_for_every_variant() {
+        let mut sd = 11u32;
+        // (c, h, w, m, pad): symmetric pad 1 (ONNX), and pad 0 with outputs reaching one
+        // past the input (TensorFlow SAME on even sizes: padding only at the bottom/right);
+        // output widths below, at and past 16 lanes, channel counts past one 8-block.
+        for &(c, h, w, m, pad, same) in &[
+            (3usize, 224usize, 224usize, 32usize, 1usize, false),
+            (3, 16, 16, 32, 0, true),
+            (1, 9, 9, 5, 1, false),
+            (4, 7, 35, 17, 1, false),
+            (2, 10, 66, 8, 0, true),
+            (3, 5, 3, 3, 0, false),
+        ] {
+            let (oh, ow) = if same {
+                (h.div_ceil(2), w.div_ceil(2))
+            } else {
+                ((h + 2 * pad - 3) / 2 + 1, (w + 2 * pad - 3) / 2 + 1)
+            };
+            let x: Vec<f32> = (0..c * h * w).map(|_| rnd(&mut sd)).collect();
+            let wt: Vec<f32> = (0..m * c * 9).map(|_| rnd(&mut sd)).collect();
+            let bias: Vec<f32> = (0..m).map(|_| rnd(&mut sd)).collect();
+            let mut want = naive(&x, c, h, w, &wt, m, 1, 2, pad, oh, ow);
+            for (i, v) in want.iter_mut().enumerate() {
+                *v = (*v + bias[i / (oh * ow)]).clamp(0.0, 0.6);
+            }
+            let planes = s2_planes(&x, c, h, w, pad, pad, oh, ow).unwrap();
+            for v in dispatch::detected() {
+                let p = Conv3x3S2 {
+                    planes: &planes,
+                    out_h: oh,
+                    out_w: ow,
+                    weight: &wt,
+                    bias: Some(&bias),
+                    act: Activation::Clip { lo: 0.0, hi: 0.6 },
+                };
+                let mut y = vec![f32::NAN; m * oh * ow];
+                assert!(conv3x3s2_with(v, &p, &mut y));
+                for (k, (a, b)) in y.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - b).abs() < 1e-4,
+                        "{v:?} c{c} {h}x{w} m{m} [{k}] {a} vs {b}"
+                    );
+                }
+                assert!(!conv3x3s2_with(v, &p, &mut y[1..]), "short output");
+                let bad = Conv3x3S2 {
+                    weight: &wt[1..],
+                    ..p
+                };
+                assert!(!conv3x3s2_with(v, &bad, &mut y), "ragged weights");
+            }
+        }
+        assert!(s2_planes(&[0.0; 5], 1, 2, 3, 0, 0, 1, 1).is_none());
     }
 
     #[test]

@@ -470,6 +470,14 @@ wide!(
 );
 
 wide!(
+    conv3x3s2,
+    conv3x3s2_avx512,
+    conv3x3s2_avx2,
+    (p: &conv::Conv3x3S2<'_>, y: &mut [f32]),
+    conv::conv3x3s2_body::<true>(p, y)
+);
+
+wide!(
     wino_input,
     wino_input_avx512,
     wino_input_avx2,

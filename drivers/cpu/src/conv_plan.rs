@@ -65,6 +65,9 @@ pub fn activation_of(node: &Node) -> Result<Activation> {
 /// The Winograd input transform of `pin` into `v` (`planes` planes of `[c][T]`), its channels
 /// split across `threads` (it was a serial 9-12% of resnet18 at one thread, so most of what
 /// two threads could not halve).
+/// Most input channels of [`Path::DenseS2`].
+const DENSE_S2_MAX_C: usize = 4;
+
 fn wino_input_threads(
     threads: usize,
     pin: &WinoInput<'_>,
@@ -129,6 +132,9 @@ pub struct ConvPlan {
 
 enum Path {
     Depthwise,
+    /// Dense 3x3 stride 2 over at most [`DENSE_S2_MAX_C`] input channels (a CNN's first layer),
+    /// computed directly: the im2col matrix and its packing cost several times the multiplies.
+    DenseS2,
     Winograd,
     Winograd2,
     Gemm,
@@ -207,7 +213,7 @@ impl ConvPlan {
         }
         let g = geom(ctx, &x_shape[2..], &self.kernel, false)?;
         match self.path(x_shape[1], &g) {
-            Path::Depthwise => {}
+            Path::Depthwise | Path::DenseS2 => {}
             Path::Winograd => {
                 self.wino_packed()?;
             }
@@ -231,6 +237,9 @@ impl ConvPlan {
             && (g.s[0] == 1 || g.s[0] == 2)
         {
             return Path::Depthwise;
+        }
+        if two_d_3x3 && self.group == 1 && g.s == [2, 2] && c <= DENSE_S2_MAX_C {
+            return Path::DenseS2;
         }
         if two_d_3x3 && self.group == 1 && g.s == [1, 1] && winograd_enabled() {
             // GEMM columns are padded to the tile width (32 with AVX-512): Winograd does 36
@@ -365,7 +374,37 @@ impl ConvPlan {
         let mut out = take_f32(total)?;
         let per_img = self.m * p;
         let variant = dispatch::selected();
-        match self.path(c, &g) {
+        let path = match self.path(c, &g) {
+            // The direct kernel has no residual epilogue.
+            Path::DenseS2 if residual.is_some() => Path::Gemm,
+            p => p,
+        };
+        match path {
+            Path::DenseS2 => {
+                let weight = fvec(&self.weight, "Conv W")?;
+                let (oh, ow) = (g.out[0], g.out[1]);
+                for b in 0..n {
+                    let xb = &xv[b * c * in_total..(b + 1) * c * in_total];
+                    let planes =
+                        kconv::s2_planes(xb, c, in_sp[0], in_sp[1], g.pb[0], g.pb[1], oh, ow)
+                            .ok_or_else(|| Error::arg("Conv: input is too short"))?;
+                    let y = &mut out[b * per_img..(b + 1) * per_img];
+                    for_parts(threads, self.m, oh * ow, y, |ocs, y| {
+                        let p = kconv::Conv3x3S2 {
+                            planes: &planes,
+                            out_h: oh,
+                            out_w: ow,
+                            weight: &weight[ocs.start * c * 9..ocs.end * c * 9],
+                            bias: self.bias.as_deref().map(|bv| &bv[ocs.clone()]),
+                            act: self.act,
+                        };
+                        if !kconv::conv3x3s2_with(variant, &p, y) {
+                            return Err(Error::arg("Conv: internal size mismatch"));
+                        }
+                        Ok(())
+                    })?;
+                }
+            }
             Path::Depthwise => {
                 let weight = fvec(&self.weight, "Conv W")?;
                 if weight.len() < c * 9 {
