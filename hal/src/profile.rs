@@ -230,6 +230,11 @@ struct CacheFile {
     bad: usize,
 }
 
+/// The cache file of `info` under `dir`.
+fn cache_path(dir: &Path, info: &DeviceInfo) -> PathBuf {
+    dir.join(format!("profile-{:016x}.txt", device_fingerprint(info)))
+}
+
 fn entry_checksum(key: u64, ms: f64) -> u64 {
     fnv64(format!("{key:016x} {:016x}", ms.to_bits()).as_bytes())
 }
@@ -237,7 +242,7 @@ fn entry_checksum(key: u64, ms: f64) -> u64 {
 impl CacheFile {
     fn open(dir: &Path, info: &DeviceInfo) -> CacheFile {
         let fp = device_fingerprint(info);
-        let path = dir.join(format!("profile-{fp:016x}.txt"));
+        let path = cache_path(dir, info);
         let stamp = format!(
             "edgehal-profile {CACHE_FORMAT} {fp:016x} {}",
             driver_version(info)
@@ -330,6 +335,15 @@ fn overhead_keys() -> (u64, u64) {
         fnv64(b"edgehal.scheduler request_ms"),
         fnv64(b"edgehal.scheduler dispatch_ms"),
     )
+}
+
+/// Drops everything cached for `info` under `dir` (node times and overheads), so the next
+/// profile measures the device again. Nothing cached is not an error.
+pub fn forget_cached(dir: &Path, info: &DeviceInfo) -> std::io::Result<()> {
+    match std::fs::remove_file(cache_path(dir, info)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// The overheads cached for `info` under `dir`, if the device's cache file is current and

@@ -179,6 +179,33 @@ fn measure_all(
         .collect())
 }
 
+/// Prediction error limit beyond which [`speed_shift`] suspects the profile.
+const SHIFT_LIMIT: f64 = 0.15;
+
+/// The device carrying most of `chosen`'s predicted time and its prediction error (percent,
+/// `(predicted - measured) / measured`), when the chosen plan and that device's single-device
+/// plan both missed by more than [`SHIFT_LIMIT`] in the same direction: the device's profile
+/// no longer matches how fast it runs. `times[i]` is the measured median of `plans[i]`;
+/// `single_of[d]` the index of device `d`'s single-device plan.
+fn speed_shift(
+    chosen: &Plan,
+    plans: &[Plan],
+    times: &[(f64, usize)],
+    single_of: &[Option<usize>],
+) -> Option<(usize, f64)> {
+    let err = |i: usize| (plans[i].predicted_ms - times[i].0) / times[i].0;
+    let mut per_device = vec![0.0; single_of.len()];
+    for seg in &chosen.segments {
+        if let Some(t) = per_device.get_mut(seg.device) {
+            *t += seg.predicted_ms;
+        }
+    }
+    let d = (0..per_device.len()).max_by(|&a, &b| per_device[a].total_cmp(&per_device[b]))?;
+    let (c, e) = (err(0), err(single_of[d]?));
+    (c.abs() > SHIFT_LIMIT && e.abs() > SHIFT_LIMIT && c.signum() == e.signum())
+        .then_some((d, e * 100.0))
+}
+
 /// Run `edgehal plan`.
 pub fn run(a: PlanArgs) -> Result<()> {
     let model = Model::load(&a.model).map_err(|e| anyhow!("{e}"))?;
@@ -204,18 +231,44 @@ pub fn run(a: PlanArgs) -> Result<()> {
         },
         ..SchedulerOptions::default()
     };
-    let s = Scheduler::new(&graph, devices, &opts).map_err(|e| anyhow!("{}: {e}", model.name))?;
     let feeds = feeds_for(&graph)?;
-    let chosen = s.plan();
-    let mut plans = vec![chosen.clone()];
-    let mut single_names = Vec::new();
-    for (d, name) in names.iter().enumerate() {
-        if let Some(p) = Plan::single_device(&graph, s.profile(), d) {
-            plans.push(p);
-            single_names.push(name.clone());
+    // A profile taken while the machine ran at another speed (a shared host's slow minute,
+    // or a cache from before a change) predicts every plan off by the same factor. Then the
+    // device's cached timings are dropped and it is profiled and measured once more.
+    let mut reprofiled: Option<String> = None;
+    let (s, chosen, plans, single_names, times) = loop {
+        let s = Scheduler::new(&graph, devices.clone(), &opts)
+            .map_err(|e| anyhow!("{}: {e}", model.name))?;
+        let chosen = s.plan();
+        let mut plans = vec![chosen.clone()];
+        let mut single_names = Vec::new();
+        let mut single_of = vec![None; names.len()];
+        for (d, name) in names.iter().enumerate() {
+            if let Some(p) = Plan::single_device(&graph, s.profile(), d) {
+                single_of[d] = Some(plans.len());
+                plans.push(p);
+                single_names.push(name.clone());
+            }
         }
-    }
-    let times = measure_all(&s, &plans, &feeds, a.runs)?;
+        let times = measure_all(&s, &plans, &feeds, a.runs)?;
+        if reprofiled.is_none() {
+            if let Some((d, pct)) = speed_shift(&chosen, &plans, &times, &single_of) {
+                let why = format!(
+                    "every plan on {} measured {:+.0}% off its prediction: the device ran at \
+                     another speed than when it was profiled; profiled it again",
+                    names[d], -pct
+                );
+                eprintln!("edgehal: {why}");
+                if let Some(dir) = &opts.profile.cache_dir {
+                    edgehal::profile::forget_cached(dir, devices[d].info())
+                        .map_err(|e| anyhow!("dropping the cached profile of {}: {e}", names[d]))?;
+                }
+                reprofiled = Some(why);
+                continue;
+            }
+        }
+        break (s, chosen, plans, single_names, times);
+    };
     let (chosen_ms, chosen_runs) = times[0];
     let singles: Vec<(String, Plan, f64, usize)> = single_names
         .into_iter()
@@ -315,6 +368,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
             "warmup_runs": WARMUP,
             "measure_rounds": ROUNDS,
             "prediction_error_pct": err_pct,
+            "reprofiled": reprofiled,
             "single_device": single,
             "note": note,
             "calibration": prof.devices.iter().zip(&prof.calibration)
@@ -343,6 +397,9 @@ pub fn run(a: PlanArgs) -> Result<()> {
         }
         if let Some(n) = note {
             println!("note: {n}");
+        }
+        if let Some(r) = &reprofiled {
+            println!("note: {r}");
         }
         let hand_offs: Vec<String> = prof
             .devices
