@@ -98,13 +98,16 @@ impl Default for ProfileOptions {
             progress: true,
             warmup: 2,
             min_runs: 5,
-            max_runs: 50,
+            max_runs: DEFAULT_MAX_RUNS,
             target_mad: 0.05,
             budget: Duration::from_millis(300),
             run_timeout: Duration::from_secs(30),
         }
     }
 }
+
+/// [`ProfileOptions::max_runs`] by default.
+const DEFAULT_MAX_RUNS: usize = 50;
 
 /// Fewest timed passes of the calibration runs (see [`profile`]).
 const CALIBRATION_MIN_PASSES: usize = 15;
@@ -230,9 +233,9 @@ struct CacheFile {
     bad: usize,
 }
 
-/// The cache file of `info` under `dir`.
-fn cache_path(dir: &Path, info: &DeviceInfo) -> PathBuf {
-    dir.join(format!("profile-{:016x}.txt", device_fingerprint(info)))
+/// The cache file of the device with fingerprint `fp` under `dir`.
+fn cache_path(dir: &Path, fp: u64) -> PathBuf {
+    dir.join(format!("profile-{fp:016x}.txt"))
 }
 
 fn entry_checksum(key: u64, ms: f64) -> u64 {
@@ -242,7 +245,7 @@ fn entry_checksum(key: u64, ms: f64) -> u64 {
 impl CacheFile {
     fn open(dir: &Path, info: &DeviceInfo) -> CacheFile {
         let fp = device_fingerprint(info);
-        let path = cache_path(dir, info);
+        let path = cache_path(dir, fp);
         let stamp = format!(
             "edgehal-profile {CACHE_FORMAT} {fp:016x} {}",
             driver_version(info)
@@ -340,7 +343,7 @@ fn overhead_keys() -> (u64, u64) {
 /// Drops everything cached for `info` under `dir` (node times and overheads), so the next
 /// profile measures the device again. Nothing cached is not an error.
 pub fn forget_cached(dir: &Path, info: &DeviceInfo) -> std::io::Result<()> {
-    match std::fs::remove_file(cache_path(dir, info)) {
+    match std::fs::remove_file(cache_path(dir, device_fingerprint(info))) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
     }
@@ -1013,7 +1016,7 @@ pub fn profile(g: &Graph, devices: &[Arc<dyn Device>], opts: &ProfileOptions) ->
             // whole (person_detect predicted 0.61 ms, measured 0.44 ms). Callers that cap
             // the passes below the default (quick profiles in tests) keep a cap.
             let cal_nodes: usize = runs.iter().map(|r| r.len()).sum();
-            let (max_runs, min_time) = if opts.max_runs >= ProfileOptions::default().max_runs {
+            let (max_runs, min_time) = if opts.max_runs >= DEFAULT_MAX_RUNS {
                 (CALIBRATION_MAX_PASSES, CALIBRATION_MIN_TIME)
             } else {
                 (opts.max_runs.max(CALIBRATION_MIN_PASSES), Duration::ZERO)

@@ -250,11 +250,12 @@ fn advance(req: &Arc<Request>, mut i: usize) {
             compiled: Arc::clone(&c),
             seg: i,
         };
-        let inner = &req.sched;
-        if req.inline && inner.devices[seg.device].info().kind == DeviceKind::Cpu {
-            // Synchronous: the fence comes back signalled and nothing waits on the reactor.
-            let dev = Arc::clone(&inner.devices[seg.device]);
-            let _ = execute(job, &dev, inner.reactor, &inner.gates[seg.device]);
+        if req.inline && req.sched.devices[seg.device].info().kind == DeviceKind::Cpu {
+            // The CPU's fence comes back signalled; should one not, this caller waits for it
+            // as the device's worker would before its next segment.
+            if let Some(idle) = execute(job) {
+                let _ = idle.recv();
+            }
             return;
         }
         let sent = req
@@ -384,13 +385,10 @@ fn recover(job: Job, e: Error) {
     }
 }
 
-fn worker(dev: Arc<dyn Device>, reactor: &'static Reactor, rx: mpsc::Receiver<Job>) {
-    let name = dev.info().name.clone();
+fn worker(name: String, rx: mpsc::Receiver<Job>) {
     for job in rx {
-        let inner = Arc::clone(&job.req.sched);
-        let d = job.compiled.plan.segments[job.seg].device;
         // The next segment waits until the reactor has taken this one's completion.
-        if let Some(idle) = execute(job, &dev, reactor, &inner.gates[d]) {
+        if let Some(idle) = execute(job) {
             if idle.recv().is_err() {
                 eprintln!("edgehal: {name}: completion lost");
             }
@@ -398,17 +396,14 @@ fn worker(dev: Arc<dyn Device>, reactor: &'static Reactor, rx: mpsc::Receiver<Jo
     }
 }
 
-/// Binds `job`'s inputs and submits its segment to `dev` while holding `gate`. A fence
-/// signalled at submit (the CPU runs the segment inside `submit`) completes the segment here,
-/// on this thread; a pending one goes to the reactor, and the returned receiver gets a
-/// message once the reactor has taken its completion.
-fn execute(
-    job: Job,
-    dev: &Arc<dyn Device>,
-    reactor: &'static Reactor,
-    gate: &Mutex<()>,
-) -> Option<mpsc::Receiver<()>> {
+/// Binds `job`'s inputs and submits its segment to its device while holding the device's
+/// gate. A fence signalled at submit (the CPU runs the segment inside `submit`) completes the
+/// segment here, on this thread; a pending one goes to the reactor, and the returned receiver
+/// gets a message once the reactor has taken its completion.
+fn execute(job: Job) -> Option<mpsc::Receiver<()>> {
+    let inner = Arc::clone(&job.req.sched);
     let seg = &job.compiled.plan.segments[job.seg];
+    let (dev, gate) = (&inner.devices[seg.device], &inner.gates[seg.device]);
     let exe = Arc::clone(&job.compiled.exes[job.seg]);
     let inputs: Result<Vec<TensorBuffer>> = {
         let v = lock(&job.req.values);
@@ -429,8 +424,11 @@ fn execute(
             return None;
         }
     };
-    let counter = job.req.sched.counter.clone();
-    let b = Bindings::new(inputs, vec![None; seg.sub.graph.outputs.len()], &counter);
+    let b = Bindings::new(
+        inputs,
+        vec![None; seg.sub.graph.outputs.len()],
+        &inner.counter,
+    );
     let submitted = {
         let _g = lock(gate);
         dev.submit(exe.as_ref(), &b)
@@ -451,7 +449,7 @@ fn execute(
     let (idle_tx, idle_rx) = mpsc::channel::<()>();
     let slot = Arc::new(Mutex::new(Some((job, b.clone(), idle_tx))));
     let s2 = Arc::clone(&slot);
-    let watched = reactor.watch(&fence, move |r| {
+    let watched = inner.reactor.watch(&fence, move |r| {
         if let Some((job, b, idle)) = lock(&s2).take() {
             let _ = idle.send(());
             on_segment_done(job, b, r);
@@ -525,10 +523,10 @@ impl Scheduler {
         let mut senders = Vec::new();
         for dev in &devices {
             let (tx, rx) = mpsc::channel();
-            let d = Arc::clone(dev);
+            let name = dev.info().name.clone();
             std::thread::Builder::new()
-                .name(format!("edgehal-{}", dev.info().name))
-                .spawn(move || worker(d, reactor, rx))
+                .name(format!("edgehal-{name}"))
+                .spawn(move || worker(name, rx))
                 .map_err(|e| Error::io("spawning a device worker", e))?;
             senders.push(Mutex::new(tx));
         }

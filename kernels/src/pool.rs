@@ -164,8 +164,7 @@ impl Pool {
         let epoch = (epoch + 1) & 0xffff_ffff;
         // Part 0 is the caller's from the start: a spinning worker would otherwise often
         // claim it first, and which thread wrote which part of a layer's output would change
-        // from layer to layer (the next layer's part 0 then reads what another core wrote;
-        // on mobilenet_v2 at two threads the large early layers ran slower than on one).
+        // from layer to layer (the next layer's part 0 then reading what another core wrote).
         s.state.store(pack(epoch, parts as u64, 1), SeqCst);
         if s.sleeping.load(SeqCst) > 0 {
             let _g = s.lock.lock().unwrap_or_else(|p| p.into_inner());

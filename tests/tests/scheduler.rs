@@ -318,16 +318,17 @@ fn failure_with_no_device_left_is_an_error_not_a_hang() {
     check(&s.run(vec![("x".into(), input(1))], T).unwrap(), &input(1));
 }
 
-/// A CPU device that records on which threads it was submitted to and how many submissions
-/// overlapped.
-struct Watched {
-    inner: CpuDevice,
-    threads: std::sync::Mutex<Vec<std::thread::ThreadId>>,
-    now: AtomicUsize,
-    most: AtomicUsize,
+/// A device that forwards to `inner`, its submissions going through `hook(inner, exe, b)`:
+/// failure injection (the plugin ABI v1 has none of its own) and watching submissions.
+struct Hooked<F> {
+    inner: Arc<dyn Device>,
+    hook: F,
 }
 
-impl Device for Watched {
+impl<F> Device for Hooked<F>
+where
+    F: Fn(&dyn Device, &dyn Executable, &Bindings) -> Result<Fence> + Send + Sync,
+{
     fn info(&self) -> &DeviceInfo {
         self.inner.info()
     }
@@ -341,35 +342,50 @@ impl Device for Watched {
         self.inner.compile(sub)
     }
     fn submit(&self, exe: &dyn Executable, b: &Bindings) -> Result<Fence> {
-        let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
-        self.most.fetch_max(n, Ordering::SeqCst);
-        self.threads
-            .lock()
-            .unwrap()
-            .push(std::thread::current().id());
-        // Long enough for submissions from other threads to overlap if nothing stopped them.
-        std::thread::sleep(Duration::from_micros(300));
-        let r = self.inner.submit(exe, b);
-        self.now.fetch_sub(1, Ordering::SeqCst);
-        r
+        (self.hook)(self.inner.as_ref(), exe, b)
     }
+}
+
+/// On which threads a device was submitted to, and the most submissions that overlapped.
+#[derive(Default)]
+struct SubmitLog {
+    threads: std::sync::Mutex<Vec<std::thread::ThreadId>>,
+    now: AtomicUsize,
+    most: AtomicUsize,
 }
 
 #[test]
 fn blocking_runs_use_the_cpu_on_the_calling_thread_one_segment_at_a_time() {
     let g = graph();
-    let cpu = Arc::new(Watched {
-        inner: CpuDevice::new(),
-        threads: Default::default(),
-        now: AtomicUsize::new(0),
-        most: AtomicUsize::new(0),
-    });
-    let devs: Vec<Arc<dyn Device>> = vec![cpu.clone()];
+    let seen = Arc::new(SubmitLog::default());
+    let log = Arc::clone(&seen);
+    let watched = Hooked {
+        inner: Arc::new(CpuDevice::new()),
+        hook: move |dev: &dyn Device, exe: &dyn Executable, b: &Bindings| {
+            let n = log.now.fetch_add(1, Ordering::SeqCst) + 1;
+            log.most.fetch_max(n, Ordering::SeqCst);
+            log.threads
+                .lock()
+                .unwrap()
+                .push(std::thread::current().id());
+            // Long enough for submissions from other threads to overlap if nothing stopped
+            // them.
+            std::thread::sleep(Duration::from_micros(300));
+            let r = dev.submit(exe, b);
+            log.now.fetch_sub(1, Ordering::SeqCst);
+            r
+        },
+    };
+    let devs: Vec<Arc<dyn Device>> = vec![Arc::new(watched)];
     let prof = made_up_profile(vec![vec![Some(1.0)]; 4], &["cpu"], 6);
     let s = Scheduler::with_profile(&g, devs, prof, &SchedulerOptions::default()).unwrap();
     let me = std::thread::current().id();
     check(&s.run(vec![("x".into(), input(1))], T).unwrap(), &input(1));
-    assert_eq!(*cpu.threads.lock().unwrap(), vec![me], "run: on the caller");
+    assert_eq!(
+        *seen.threads.lock().unwrap(),
+        vec![me],
+        "run: on the caller"
+    );
     check(
         &s.submit(vec![("x".into(), input(2))])
             .unwrap()
@@ -378,7 +394,7 @@ fn blocking_runs_use_the_cpu_on_the_calling_thread_one_segment_at_a_time() {
         &input(2),
     );
     assert_ne!(
-        cpu.threads.lock().unwrap()[1],
+        seen.threads.lock().unwrap()[1],
         me,
         "submit: on the device's worker"
     );
@@ -401,9 +417,9 @@ fn blocking_runs_use_the_cpu_on_the_calling_thread_one_segment_at_a_time() {
     for (k, h) in handles {
         check(&h.wait(T).unwrap(), &input(k));
     }
-    assert_eq!(cpu.threads.lock().unwrap().len(), 2 + 12 + 12);
+    assert_eq!(seen.threads.lock().unwrap().len(), 2 + 12 + 12);
     assert_eq!(
-        cpu.most.load(Ordering::SeqCst),
+        seen.most.load(Ordering::SeqCst),
         1,
         "overlapping submissions"
     );
@@ -543,40 +559,25 @@ fn plugin_device() -> Arc<dyn Device> {
     d.open(&infos[0]).unwrap()
 }
 
-/// A device that forwards to another and fails every submit from the Nth on (the plugin
-/// ABI v1 has no failure injection of its own).
-struct Failing {
-    inner: Arc<dyn Device>,
-    from: u64,
-    n: AtomicU64,
-}
-
-impl Device for Failing {
-    fn info(&self) -> &DeviceInfo {
-        self.inner.info()
-    }
-    fn supports(&self, node: &Node, g: &Graph) -> Support {
-        self.inner.supports(node, g)
-    }
-    fn memory(&self) -> &[MemoryDomain] {
-        self.inner.memory()
-    }
-    fn compile(&self, sub: &Subgraph) -> Result<Box<dyn Executable>> {
-        self.inner.compile(sub)
-    }
-    fn submit(&self, exe: &dyn Executable, b: &Bindings) -> Result<Fence> {
-        let n = self.n.fetch_add(1, Ordering::SeqCst) + 1;
-        if n >= self.from {
-            return Fence::done(
-                &self.info().name,
-                Err(Error::Device {
-                    device: self.info().name.clone(),
-                    msg: "device lost (unplugged)".into(),
-                }),
-            );
-        }
-        self.inner.submit(exe, b)
-    }
+/// `inner` with every submit from the `from`-th on failing as if unplugged.
+fn failing(inner: Arc<dyn Device>, from: u64) -> Arc<dyn Device> {
+    let n = AtomicU64::new(0);
+    Arc::new(Hooked {
+        inner,
+        hook: move |dev: &dyn Device, exe: &dyn Executable, b: &Bindings| {
+            if n.fetch_add(1, Ordering::SeqCst) + 1 >= from {
+                let name = &dev.info().name;
+                return Fence::done(
+                    name,
+                    Err(Error::Device {
+                        device: name.clone(),
+                        msg: "device lost (unplugged)".into(),
+                    }),
+                );
+            }
+            dev.submit(exe, b)
+        },
+    })
 }
 
 #[test]
@@ -607,12 +608,7 @@ fn cpu_and_plugin_profiled_planned_and_run() {
 #[test]
 fn failing_plugin_device_is_replanned_onto_the_cpu() {
     let g = graph();
-    let failing: Arc<dyn Device> = Arc::new(Failing {
-        inner: plugin_device(),
-        from: 2,
-        n: AtomicU64::new(0),
-    });
-    let devs: Vec<Arc<dyn Device>> = vec![Arc::new(CpuDevice::new()), failing];
+    let devs: Vec<Arc<dyn Device>> = vec![Arc::new(CpuDevice::new()), failing(plugin_device(), 2)];
     let prof = made_up_profile(
         vec![
             vec![Some(1.0), None],

@@ -184,8 +184,8 @@ fn measure_all(
 /// Prediction error limit beyond which [`speed_shift`] suspects the profile.
 const SHIFT_LIMIT: f64 = 0.15;
 
-/// The device carrying most of `chosen`'s predicted time and its prediction error (percent,
-/// `(predicted - measured) / measured`), when the chosen plan and that device's single-device
+/// The device carrying most of `chosen`'s predicted time and how far its single-device plan
+/// measured from its prediction (`measured / predicted - 1`), when the chosen plan and that device's single-device
 /// plan both missed by more than [`SHIFT_LIMIT`] in the same direction: the device's profile
 /// no longer matches how fast it runs. `times[i]` is the measured median of `plans[i]`;
 /// `single_of[d]` the index of device `d`'s single-device plan.
@@ -205,7 +205,7 @@ fn speed_shift(
     let d = (0..per_device.len()).max_by(|&a, &b| per_device[a].total_cmp(&per_device[b]))?;
     let (c, e) = (err(0), err(single_of[d]?));
     (c.abs() > SHIFT_LIMIT && e.abs() > SHIFT_LIMIT && c.signum() == e.signum())
-        .then_some((d, e * 100.0))
+        .then_some((d, 1.0 / (1.0 + e) - 1.0))
 }
 
 /// Run `edgehal plan`.
@@ -254,11 +254,13 @@ pub fn run(a: PlanArgs) -> Result<()> {
         }
         let times = measure_all(&s, &plans, &feeds, a.runs)?;
         if reprofiled.is_none() {
-            if let Some((d, pct)) = speed_shift(&chosen, &plans, &times, &single_of) {
+            if let Some((d, off)) = speed_shift(&chosen, &plans, &times, &single_of) {
                 let why = format!(
-                    "every plan on {} measured {:+.0}% off its prediction: the device ran at \
-                     another speed than when it was profiled; profiled it again",
-                    names[d], -pct
+                    "the chosen plan and {0} alone both measured {1:+.0}% against their \
+                     predictions: {0} ran at another speed than when it was profiled; \
+                     profiled it again",
+                    names[d],
+                    off * 100.0
                 );
                 eprintln!("edgehal: {why}");
                 if let Some(dir) = &opts.profile.cache_dir {

@@ -62,12 +62,12 @@ pub fn activation_of(node: &Node) -> Result<Activation> {
     )
 }
 
-/// The Winograd input transform of `pin` into `v` (`planes` planes of `[c][T]`), its channels
-/// split across `threads` (it was a serial 9-12% of resnet18 at one thread, so most of what
-/// two threads could not halve).
 /// Most input channels of [`Path::DenseS2`].
 const DENSE_S2_MAX_C: usize = 4;
 
+/// The Winograd input transform of `pin` into `v` (`planes` planes of `[c][T]`), its channels
+/// split across `threads` (it was a serial 9-12% of resnet18 at one thread, so most of what
+/// two threads could not halve).
 fn wino_input_threads(
     threads: usize,
     pin: &WinoInput<'_>,
