@@ -466,7 +466,17 @@ pub(crate) fn qgemm_requant_body(p: &QgemmRq<'_>, out: &mut [u8], ldc: usize) {
     let (m, k, n) = (p.a.rows, p.a.k, pb.n());
     let kp = k.div_ceil(t.ku) * t.ku;
     let groups = kp / t.ku;
-    let mut apanel = vec![0u8; kp * t.mr];
+    // x86 VNNI tiles read A's rows in place when no packing is needed for sums or padding:
+    // packing a panel of rows cost about as much as the tile itself on narrow layers.
+    #[cfg(target_arch = "x86_64")]
+    let direct = !p.zb_any
+        && k.is_multiple_of(t.ku)
+        && t.ku == 4
+        && crate::arch::x86_64::qtile_rows_supported(pb.variant());
+    #[cfg(not(target_arch = "x86_64"))]
+    let direct = false;
+    let mut starts = vec![0usize; t.mr];
+    let mut apanel = vec![0u8; if direct { 0 } else { kp * t.mr }];
     let mut rsum = vec![0i32; t.mr];
     // LANES spare accumulators and column constants: the epilogue reads whole blocks.
     let mut acc = vec![0i32; t.mr * t.nr + LANES];
@@ -487,9 +497,15 @@ pub(crate) fn qgemm_requant_body(p: &QgemmRq<'_>, out: &mut [u8], ldc: usize) {
     };
     for i0 in (0..m).step_by(t.mr) {
         let h = t.mr.min(m - i0);
+        if direct {
+            // Rows past the last one repeat it; their outputs are never stored.
+            for (i, st) in starts.iter_mut().enumerate() {
+                *st = (i0 + i.min(h - 1)) * p.a.rs;
+            }
+        }
         // Pack rows i0..i0+h: per group of ku depths, mr x ku bytes. Padding (depths past
         // k, rows past h) meets zero weights or is never stored, so it is left as is.
-        for (i, rs) in rsum.iter_mut().enumerate().take(h) {
+        for (i, rs) in rsum.iter_mut().enumerate().take(if direct { 0 } else { h }) {
             let row = &p.a.data[(i0 + i) * p.a.rs..][..k];
             match t.ku {
                 4 => pack_row::<4>(row, i, t.mr, &mut apanel),
@@ -507,13 +523,29 @@ pub(crate) fn qgemm_requant_body(p: &QgemmRq<'_>, out: &mut [u8], ldc: usize) {
                     .fold(0i32, |s, &x| s.wrapping_add((x ^ p.flip) as i32))
             };
         }
-        if p.flip != 0 {
+        if p.flip != 0 && !direct {
             apanel.iter_mut().for_each(|x| *x ^= p.flip);
         }
         for (jp, bpanel) in bdata.chunks_exact(kp * t.nr).enumerate() {
             let j0 = jp * t.nr;
             let w = t.nr.min(n - j0);
-            qgemm::run_tile(pb.variant(), t, groups, &apanel, bpanel, &mut acc);
+            if !direct {
+                qgemm::run_tile(pb.variant(), t, groups, &apanel, bpanel, &mut acc);
+            } else {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    let ran = crate::arch::x86_64::qtile_rows(
+                        pb.variant(),
+                        groups,
+                        p.a.data,
+                        &starts,
+                        p.flip,
+                        bpanel,
+                        &mut acc,
+                    );
+                    assert!(ran, "qgemm_requant: direct rows fit (checked on entry)");
+                }
+            }
             if let Some(rq) = &tiled {
                 for i in 0..h {
                     flat[i * n..(i + 1) * n].copy_from_slice(&acc[i * t.nr..][..n]);
@@ -1334,6 +1366,9 @@ mod tests {
             (21, 8, 9),
             (13, 4, 5),
             (40, 2, 18),
+            // Depths a multiple of 4 without weight zero points: x86 VNNI reads A in place.
+            (21, 8, 12),
+            (19, 48, 32),
         ] {
             let rs = k + 3;
             let ab = r.bytes(m * rs);

@@ -285,6 +285,91 @@ unsafe fn qtile_avx512vnni(groups: usize, a: *const u8, b: *const u8, acc: *mut 
     }
 }
 
+/// Whether [`qtile_rows`] runs `variant` on this CPU.
+pub(crate) fn qtile_rows_supported(variant: Variant) -> bool {
+    match variant {
+        Variant::Avx512Vnni => {
+            is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni")
+        }
+        // The AVX-VNNI tile keeps its packed panel: no machine here has AVX-VNNI to test
+        // an in-place variant on.
+        _ => false,
+    }
+}
+
+/// [`qtile`] reading A in place instead of from a packed panel: row `i` of the tile is the
+/// `groups * 4` bytes at `a[starts[i]..]`, each byte XORed with `flip` (0x80 turns i8 into
+/// the u8 `vpdpbusd` multiplies; the caller corrects the constant terms). Each row's 4 bytes
+/// are broadcast straight from the activations, as the packed panel's would be, so packing A
+/// (a pass over every row per output panel of `mr` rows) is skipped. Returns `false`
+/// (touching nothing) for other variants or bad lengths.
+pub(crate) fn qtile_rows(
+    variant: Variant,
+    groups: usize,
+    a: &[u8],
+    starts: &[usize],
+    flip: u8,
+    b: &[u8],
+    acc: &mut [i32],
+) -> bool {
+    let t = crate::qgemm::tile_of(variant);
+    let rows_fit = starts.len() >= t.mr
+        && starts[..t.mr]
+            .iter()
+            .all(|&s| s.checked_add(groups * 4).is_some_and(|e| e <= a.len()));
+    if !rows_fit || b.len() < groups * t.nr * 4 || acc.len() < t.mr * t.nr {
+        return false;
+    }
+    if !qtile_rows_supported(variant) {
+        return false;
+    }
+    let x = i32::from_ne_bytes([flip; 4]);
+    let r: [*const u8; 8] = std::array::from_fn(|i| a[starts[i]..].as_ptr());
+    // SAFETY: the variant is Avx512Vnni and the CPU has AVX-512F and AVX-512 VNNI
+    // (qtile_rows_supported); each row holds groups * 4 bytes, B and the accumulator were
+    // checked against the 8x32 tile just above.
+    unsafe { qtile_rows_avx512vnni(groups, &r, x, b.as_ptr(), acc.as_mut_ptr()) };
+    true
+}
+
+/// [`qtile_avx512vnni`] with A's rows read in place (see [`qtile_rows`]).
+///
+/// # Safety
+/// The CPU must support AVX-512F and AVX-512 VNNI; each `rows[i]` must be valid for
+/// `groups * 4` reads, `b` for `groups * 128` reads and `acc` for 256 i32 writes.
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn qtile_rows_avx512vnni(
+    groups: usize,
+    rows: &[*const u8; 8],
+    flip: i32,
+    b: *const u8,
+    acc: *mut i32,
+) {
+    let mut r = [[_mm512_setzero_si512(); 2]; 8];
+    let f = _mm512_set1_epi32(flip);
+    for g in 0..groups {
+        // SAFETY: g < groups: the 128 bytes at b + g*128 and the 4 at rows[i] + g*4 are in
+        // bounds (the caller's lengths).
+        unsafe {
+            let b0 = _mm512_loadu_si512(b.add(g * 128) as *const _);
+            let b1 = _mm512_loadu_si512(b.add(g * 128 + 64) as *const _);
+            for (ri, &row) in r.iter_mut().zip(rows) {
+                let v = (row.add(g * 4) as *const i32).read_unaligned();
+                let x = _mm512_xor_si512(_mm512_set1_epi32(v), f);
+                ri[0] = _mm512_dpbusd_epi32(ri[0], x, b0);
+                ri[1] = _mm512_dpbusd_epi32(ri[1], x, b1);
+            }
+        }
+    }
+    for (i, ri) in r.iter().enumerate() {
+        // SAFETY: row i of the 8x32 accumulator is acc[i*32 .. i*32+32] (caller's length).
+        unsafe {
+            _mm512_storeu_si512(acc.add(i * 32) as *mut _, ri[0]);
+            _mm512_storeu_si512(acc.add(i * 32 + 16) as *mut _, ri[1]);
+        }
+    }
+}
+
 /// 6x16 int8 tile with AVX-VNNI (`vpdpbusd` on ymm): 12 ymm accumulators.
 ///
 /// # Safety
