@@ -285,6 +285,22 @@ unsafe fn qtile_avx512vnni(groups: usize, a: *const u8, b: *const u8, acc: *mut 
     }
 }
 
+/// `b` unchanged, after the compiler had to hold it in an xmm register (see
+/// `qconv::store_bytes`: keeps a narrowing from being folded into its store).
+#[inline(always)]
+pub(crate) fn in_register(b: [u8; 16]) -> [u8; 16] {
+    // SAFETY: [u8; 16] and __m128i have the same size, and every bit pattern is valid for
+    // both.
+    let mut x = unsafe { std::mem::transmute::<[u8; 16], __m128i>(b) };
+    // SAFETY: an empty template: the asm reads and writes nothing but `x`'s register (SSE2
+    // registers exist on every x86_64 CPU).
+    unsafe {
+        std::arch::asm!("/* {0} */", inout(xmm_reg) x, options(pure, nomem, nostack, preserves_flags));
+    }
+    // SAFETY: as for the first transmute.
+    unsafe { std::mem::transmute::<__m128i, [u8; 16]>(x) }
+}
+
 /// Whether [`qtile_rows`] runs `variant` on this CPU.
 pub(crate) fn qtile_rows_supported(variant: Variant) -> bool {
     match variant {
