@@ -211,7 +211,8 @@ fn rne_small(v: f32) -> i32 {
 /// The largest clamp bound (less the zero point) [`rne_small`] rounds exactly.
 const RNE_SMALL_MAX: i64 = 1 << 22;
 
-/// The float mode's definition, for tests: f64 arithmetic on the f32-rounded product.
+/// The float mode's definition, one value at a time (the tests' reference and the TFLite op
+/// functions' scalar path): f64 arithmetic on the f32-rounded product.
 pub fn requant_float_ref(acc: i32, s: f32, zp: i32, lo: i32, hi: i32) -> i32 {
     let p = (acc as f32 * s) as f64;
     let r = p.round_ties_even();

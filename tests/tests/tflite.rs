@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use edgehal::Model;
 use edgehal_core::{Error, Tensor};
-use edgehal_cpu::{Executor, Registry};
+use edgehal_cpu::{Executor, Registry, Rounding, ROUNDING_ATTR};
 
 /// Runs tests/py/litert_ref.py, saving the `tensors` named too; None (after a SKIP line) when
 /// the reference is unavailable and the run is not strict. LiteRT's reference kernels are tried
@@ -17,10 +17,20 @@ use edgehal_cpu::{Executor, Registry};
 /// MobileNet aborts in their prepare step), the optimized kernels without delegates, which
 /// requantize convolutions the same way.
 fn reference(model: &Path, name: &str, tensors: &[String]) -> Option<(PathBuf, &'static str)> {
-    let dir = edgehal_tests::scratch(&format!("litert-{name}"));
+    reference_with(model, name, tensors, &["ref", "builtin"])
+}
+
+/// [`reference`] with the resolvers to try, in order (`auto`: with the XNNPACK delegate).
+fn reference_with(
+    model: &Path,
+    name: &str,
+    tensors: &[String],
+    resolvers: &[&'static str],
+) -> Option<(PathBuf, &'static str)> {
+    let dir = edgehal_tests::scratch(&format!("litert-{name}-{}", resolvers[0]));
     let script = edgehal_tests::repo_root().join("tests/py/litert_ref.py");
     let mut why = String::new();
-    for resolver in ["ref", "builtin"] {
+    for &resolver in resolvers {
         let out = std::process::Command::new(edgehal_tests::python())
             .arg(&script)
             .arg(model)
@@ -179,7 +189,29 @@ fn isolated(name: &str, g: &edgehal_core::Graph, dir: &Path, probe_ids: &[usize]
     }
 }
 
-fn agree(name: &str) -> Option<Agreement> {
+/// `g` with every node's int8 requantization set to `rounding`.
+fn with_rounding(g: &edgehal_core::Graph, rounding: Rounding) -> edgehal_core::Graph {
+    let mut g = g.clone();
+    let v = match rounding {
+        Rounding::Float => "float",
+        Rounding::Reference => "reference",
+    };
+    for n in &mut g.nodes {
+        n.attrs.insert(
+            ROUNDING_ATTR.to_string(),
+            edgehal_core::Attr::String(v.as_bytes().to_vec()),
+        );
+    }
+    g
+}
+
+/// Agreement with LiteRT's reference kernels (or, where they refuse the model, its optimized
+/// kernels without delegates) with int8 outputs requantized as `rounding` says. The fixed
+/// point of [`Rounding::Reference`] is asserted within one step on every intermediate
+/// against the reference kernels; [`Rounding::Float`] (XNNPACK's arithmetic, the default)
+/// differs from them by single steps that compound through the network, so its
+/// intermediates are printed and each op is asserted alone on LiteRT's inputs.
+fn agree(name: &str, rounding: Rounding) -> Option<Agreement> {
     let path = edgehal_tests::model(name);
     if !path.exists() {
         assert!(!edgehal_tests::strict(), "{} is missing", path.display());
@@ -187,7 +219,7 @@ fn agree(name: &str) -> Option<Agreement> {
         return None;
     }
     let model = Model::load(&path).unwrap_or_else(|e| panic!("{name}: load: {e}"));
-    let g = &model.graph;
+    let g = &with_rounding(&model.graph, rounding);
     let probe_ids = probes(g);
     let probe_names: Vec<String> = probe_ids
         .iter()
@@ -223,7 +255,7 @@ fn agree(name: &str) -> Option<Agreement> {
                 diff <= 1e-4 * max_ref.max(1e-30),
                 "{name}: '{pname}' differs by {diff} (max {max_ref})"
             );
-        } else if resolver == "ref" {
+        } else if resolver == "ref" && rounding == Rounding::Reference {
             assert!(
                 diff <= 1.0,
                 "{name}: '{pname}' differs by {diff} quantization steps"
@@ -245,13 +277,13 @@ fn agree(name: &str) -> Option<Agreement> {
         }
     }
     worst.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let how = if resolver == "ref" {
+    let how = if (resolver == "ref" && rounding == Rounding::Reference) || n_q == 0 {
         "agree"
     } else {
-        "compared (chained; not asserted against optimized kernels)"
+        "compared (chained; quantized ones not asserted)"
     };
     println!(
-        "{name}: {} intermediates {how}; {n_exact} of {n_q} quantized ones bit-exact",
+        "{name} ({rounding:?} rounding, LiteRT '{resolver}'): {} intermediates {how}; {n_exact} of {n_q} quantized ones bit-exact",
         probe_names.len()
     );
     for (exact, pname) in worst.iter().take(3).filter(|w| w.0 < 1.0) {
@@ -276,7 +308,7 @@ fn agree(name: &str) -> Option<Agreement> {
 }
 
 fn float_model(name: &str) {
-    if let Some(a) = agree(name) {
+    if let Some(a) = agree(name, Rounding::Float) {
         assert!(
             a.max_diff <= 1e-4 * a.max_ref,
             "{name}: max diff {} exceeds 1e-4 * {}",
@@ -286,19 +318,63 @@ fn float_model(name: &str) {
     }
 }
 
+/// Both roundings within one output step of LiteRT's kernels, and the default (float) one
+/// within one step of LiteRT as it runs by default (the XNNPACK delegate).
 fn int8_model(name: &str) {
-    if let Some(a) = agree(name) {
+    for rounding in [Rounding::Reference, Rounding::Float] {
+        let Some(a) = agree(name, rounding) else {
+            return;
+        };
         let step = a.step.expect("int8 model output comes from DEQUANTIZE") as f64;
         assert!(
             a.max_diff <= step * 1.0001,
-            "{name}: max diff {} exceeds one quantization step {step}",
+            "{name} ({rounding:?}): max diff {} exceeds one quantization step {step}",
             a.max_diff
         );
         println!(
-            "{name}: {:.1}% of outputs exactly equal (step {step:.3e})",
+            "{name} ({rounding:?} rounding): {:.1}% of outputs exactly equal to LiteRT's kernels (step {step:.3e})",
             a.exact * 100.0
         );
     }
+    let path = edgehal_tests::model(name);
+    let Some((dir, _)) = reference_with(&path, name, &[], &["auto"]) else {
+        return;
+    };
+    let model = Model::load(&path).unwrap_or_else(|e| panic!("{name}: load: {e}"));
+    let g = &model.graph;
+    let ex = Executor::new(g, &Registry::new()).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let feeds: Vec<(usize, Tensor)> = g
+        .inputs
+        .iter()
+        .enumerate()
+        .map(|(k, &id)| (id, load_npy(&dir.join(format!("input_{k}.npy")))))
+        .collect();
+    let outs = ex
+        .run(&feeds)
+        .unwrap_or_else(|e| panic!("{name}: run: {e}"));
+    let want = load_npy(&dir.join("output_0.npy"));
+    let (max_diff, _, exact) = compare(
+        &outs[0],
+        &want,
+        "output 0 (default rounding) vs XNNPACK",
+        true,
+    );
+    let out_id = g.outputs[0];
+    let step = g
+        .nodes
+        .iter()
+        .find(|n| n.op == "Dequantize" && n.outputs.first().copied().flatten() == Some(out_id))
+        .and_then(|n| n.attr_floats("in0_scale"))
+        .and_then(|s| s.first().copied())
+        .expect("int8 model output comes from DEQUANTIZE") as f64;
+    assert!(
+        max_diff <= step * 1.0001,
+        "{name}: default rounding differs from LiteRT/XNNPACK by {max_diff} (step {step})"
+    );
+    println!(
+        "{name}: default rounding: {:.1}% of outputs exactly equal to LiteRT with XNNPACK",
+        exact * 100.0
+    );
 }
 
 #[test]

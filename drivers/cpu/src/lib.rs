@@ -19,4 +19,5 @@ pub mod qdq_plan;
 pub mod vmath;
 
 pub use exec::{Executor, Produced};
+pub use ops::tflite::nn::{Rounding, ROUNDING_ATTR};
 pub use ops::{OpCtx, OpFn, Registry};

@@ -100,7 +100,10 @@ impl QConvPlan {
             return None;
         }
         let mults: Vec<(i32, i32)> = r.mult.iter().map(|m| (m.m, m.shift)).collect();
-        let rq = Requant::new(&mults, r.out_zp, r.lo, r.hi)?;
+        let rq = match r.rounding {
+            nn::Rounding::Float => Requant::new_float(&r.fscale, r.out_zp, r.lo, r.hi)?,
+            nn::Rounding::Reference => Requant::new(&mults, r.out_zp, r.lo, r.hi)?,
+        };
         let bias = bias_i32(b, oc).ok()?;
         let wz = weight_zps(&ctx, w, oc);
         let kind = match kind {
@@ -456,6 +459,7 @@ mod tests {
                 ],
             ),
         ];
+        let mut differing = 0;
         for dt in [DType::I8, DType::U8] {
             for (op, xs, wsh, attrs) in &cases {
                 let oc = if *op == "DepthwiseConv2D" {
@@ -473,29 +477,56 @@ mod tests {
                 let b: Vec<i32> = (0..oc).map(|_| (r.next() % 4000) as i32 - 2000).collect();
                 let b = Tensor::from_vec(vec![oc], b).unwrap();
                 let (g, node) = layer(op, dt, xs, w.clone(), b.clone(), oc, attrs, &mut r);
-                let plan = QConvPlan::prepare(&g, &node).expect("a plan");
                 let xn: usize = xs.iter().product();
                 let x = Tensor::from_vec_dtype(dt, xs.clone(), r.bytes(xn)).unwrap();
-                let ctx = OpCtx {
-                    node: &node,
-                    opset: 1,
-                    subgraph: None,
-                    dest: None,
-                };
                 let ins = [Some(&x), Some(&w), Some(&b)];
-                let want = (plan.fallback)(&ctx, &ins).unwrap();
-                for threads in [1, 3] {
-                    let got = plan.run(&ctx, &ins, threads).unwrap();
-                    assert_eq!(got[0].shape(), want[0].shape(), "{op}");
-                    assert_eq!(got[0].dtype(), want[0].dtype(), "{op}");
-                    assert_eq!(
-                        &got[0].bytes()[..],
-                        &want[0].bytes()[..],
-                        "{op} {dt} {xs:?} threads {threads}"
+                let mut by_rounding = Vec::new();
+                for rounding in ["reference", "float"] {
+                    let mut node = node.clone();
+                    node.attrs.insert(
+                        crate::ROUNDING_ATTR.to_string(),
+                        Attr::String(rounding.as_bytes().to_vec()),
                     );
-                    assert_eq!(got[0].quant, want[0].quant);
+                    let plan = QConvPlan::prepare(&g, &node).expect("a plan");
+                    let ctx = OpCtx {
+                        node: &node,
+                        opset: 1,
+                        subgraph: None,
+                        dest: None,
+                    };
+                    let want = (plan.fallback)(&ctx, &ins).unwrap();
+                    for threads in [1, 3] {
+                        let got = plan.run(&ctx, &ins, threads).unwrap();
+                        assert_eq!(got[0].shape(), want[0].shape(), "{op}");
+                        assert_eq!(got[0].dtype(), want[0].dtype(), "{op}");
+                        assert_eq!(
+                            &got[0].bytes()[..],
+                            &want[0].bytes()[..],
+                            "{op} {dt} {xs:?} threads {threads} {rounding}"
+                        );
+                        assert_eq!(got[0].quant, want[0].quant);
+                    }
+                    by_rounding.push(want[0].bytes().to_vec());
                 }
+                // The two roundings are within one step of each other and not identical.
+                let (fixed, float) = (&by_rounding[0], &by_rounding[1]);
+                let wide = |v: u8| {
+                    if dt == DType::I8 {
+                        v as i8 as i32
+                    } else {
+                        v as i32
+                    }
+                };
+                assert!(
+                    fixed
+                        .iter()
+                        .zip(float)
+                        .all(|(&a, &b)| (wide(a) - wide(b)).abs() <= 1),
+                    "{op} {dt}: roundings more than one step apart"
+                );
+                differing += fixed.iter().zip(float).filter(|(a, b)| a != b).count();
             }
         }
+        assert!(differing > 0, "the rounding attribute changed nothing");
     }
 }
