@@ -949,29 +949,43 @@ fn pool(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>], max: bool) -> Result<Vec<Tenso
 /// Max over each in-bounds window (`lo` for an empty one), clamped to `lo..=hi`.
 fn max_pool_8<T: Copy + Ord + Default>(g: &Geo, xv: &[T], lo: T, hi: T) -> Vec<T> {
     let c = g.ic;
-    let mut out = vec![T::default(); g.n * g.oh * g.ow * c];
-    for (p, o) in out.chunks_exact_mut(c.max(1)).enumerate() {
-        let (n, oy, ox) = (p / (g.oh * g.ow), p / g.ow % g.oh, p % g.ow);
-        let mut first = true;
+    let mut out = vec![lo; g.n * g.oh * g.ow * c];
+    if c == 0 {
+        return out;
+    }
+    // max(lo, window...) then min(hi) is the window's max clamped to lo..=hi, and lo for an
+    // empty window. One output row at a time, in channel runs of 8: no per-pixel division
+    // or memcpy call (this was 10% of person_detect with 8 channels).
+    for (r, orow) in out.chunks_exact_mut(g.ow * c).enumerate() {
+        let (n, oy) = (r / g.oh, r % g.oh);
         for ky in 0..g.kh {
             let Some(iy) = g.iy(oy, ky) else { continue };
-            for kx in 0..g.kw {
-                let Some(ix) = g.ix(ox, kx) else { continue };
-                let src = &xv[((n * g.ih + iy) * g.iw + ix) * c..][..c];
-                if first {
-                    o.copy_from_slice(src);
-                    first = false;
-                } else {
-                    o.iter_mut().zip(src).for_each(|(d, &v)| *d = (*d).max(v));
+            let irow = &xv[(n * g.ih + iy) * g.iw * c..][..g.iw * c];
+            for (ox, o) in orow.chunks_exact_mut(c).enumerate() {
+                for kx in 0..g.kw {
+                    let Some(ix) = g.ix(ox, kx) else { continue };
+                    max_into(o, &irow[ix * c..][..c]);
                 }
             }
         }
-        if first {
-            o.fill(lo);
-        }
-        o.iter_mut().for_each(|d| *d = (*d).clamp(lo, hi));
+        orow.iter_mut().for_each(|d| *d = (*d).min(hi));
     }
     out
+}
+
+/// `d[i] = max(d[i], s[i])`, eight lanes at a time.
+#[inline(always)]
+fn max_into<T: Copy + Ord>(d: &mut [T], s: &[T]) {
+    let mut dc = d.chunks_exact_mut(8);
+    let mut sc = s.chunks_exact(8);
+    for (d8, s8) in (&mut dc).zip(&mut sc) {
+        for (a, &b) in d8.iter_mut().zip(s8) {
+            *a = (*a).max(b);
+        }
+    }
+    for (a, &b) in dc.into_remainder().iter_mut().zip(sc.remainder()) {
+        *a = (*a).max(b);
+    }
 }
 
 fn max_pool(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {

@@ -21,16 +21,12 @@ pub fn register(r: &mut Registry) {
 /// shape (with or without kept dims) and the number of elements per output.
 fn plan(shape: &[usize], axes_t: &Tensor, keep: bool) -> Result<(Vec<usize>, Vec<usize>, usize)> {
     let rank = shape.len();
-    let mut red = vec![false; rank];
-    for a in axes_t.to_i64_vec() {
-        red[norm_axis(a, rank)?] = true;
-    }
-    let mut out_keep = shape.to_vec();
-    for (d, r) in out_keep.iter_mut().zip(&red) {
-        if *r {
-            *d = 1;
-        }
-    }
+    let (red, out_shape, count) = plan_shape(shape, axes_t, keep)?;
+    let out_keep: Vec<usize> = shape
+        .iter()
+        .zip(&red)
+        .map(|(&d, &r)| if r { 1 } else { d })
+        .collect();
     let n: usize = shape.iter().product();
     let mut map = Vec::with_capacity(n);
     let mut idx = vec![0usize; rank];
@@ -48,6 +44,27 @@ fn plan(shape: &[usize], axes_t: &Tensor, keep: bool) -> Result<(Vec<usize>, Vec
             idx[ax] = 0;
         }
     }
+    Ok((map, out_shape, count))
+}
+
+/// Which axes `axes_t` reduces, the output shape (with or without kept dims) and the number of
+/// elements per output.
+fn plan_shape(
+    shape: &[usize],
+    axes_t: &Tensor,
+    keep: bool,
+) -> Result<(Vec<bool>, Vec<usize>, usize)> {
+    let rank = shape.len();
+    let mut red = vec![false; rank];
+    for a in axes_t.to_i64_vec() {
+        red[norm_axis(a, rank)?] = true;
+    }
+    let out_keep: Vec<usize> = shape
+        .iter()
+        .zip(&red)
+        .map(|(&d, &r)| if r { 1 } else { d })
+        .collect();
+    let n: usize = shape.iter().product();
     let out_n: usize = out_keep.iter().product();
     let count = n.checked_div(out_n).unwrap_or(0);
     let out_shape = if keep {
@@ -60,7 +77,95 @@ fn plan(shape: &[usize], axes_t: &Tensor, keep: bool) -> Result<(Vec<usize>, Vec
             .map(|(d, _)| *d)
             .collect()
     };
-    Ok((map, out_shape, count))
+    Ok((red, out_shape, count))
+}
+
+/// The reduced axes of `shape` when they are one run of adjacent dims: the element counts
+/// before, inside and after that run.
+fn block(shape: &[usize], axes_t: &Tensor) -> Option<(usize, usize, usize)> {
+    let rank = shape.len();
+    let mut red = vec![false; rank];
+    for a in axes_t.to_i64_vec() {
+        red[norm_axis(a, rank).ok()?] = true;
+    }
+    let first = red.iter().position(|&r| r)?;
+    let last = red.iter().rposition(|&r| r)?;
+    red[first..=last].iter().all(|&r| r).then(|| {
+        (
+            shape[..first].iter().product(),
+            shape[first..=last].iter().product(),
+            shape[last + 1..].iter().product(),
+        )
+    })
+}
+
+/// TFLite's integer MEAN from the sums of `q - zp_in`: rescaled by the fixed-point `m`, divided
+/// by `count` rounding half away from zero, plus the output zero point, clamped.
+fn mean_out(
+    acc: Vec<i32>,
+    m: super::qmath::Multiplier,
+    count: usize,
+    zo: i32,
+    lo: i32,
+    hi: i32,
+) -> Vec<i32> {
+    let n = count.max(1) as i32;
+    acc.into_iter()
+        .map(|a| {
+            let a = m.apply(a);
+            let a = if a > 0 {
+                (a + n / 2) / n
+            } else {
+                (a - n / 2) / n
+            };
+            a.saturating_add(zo).clamp(lo, hi)
+        })
+        .collect()
+}
+
+/// The 8-bit MEAN when its axes are adjacent dims (a global average pool over H and W): rows
+/// of the input summed straight from its bytes, without the per-element index map and i32
+/// copy of the general path. `None` for other axes.
+fn mean_q8_block(ctx: &OpCtx<'_>, x: &Tensor, axes: &Tensor, keep: bool) -> Result<Option<Tensor>> {
+    let Some((outer, mid, inner)) = block(x.shape(), axes).filter(|b| b.1 > 0 && b.2 > 0) else {
+        return Ok(None);
+    };
+    let mut acc = match x.dtype() {
+        DType::I8 => sum_block(&x.as_slice::<i8>()?, outer, mid, inner),
+        DType::U8 => sum_block(&x.as_slice::<u8>()?, outer, mid, inner),
+        _ => return Ok(None),
+    };
+    let (si, zi) = qparams(ctx, "in0", Some(x))?;
+    let (so, zo) = qparams(ctx, "out0", None)?;
+    let z = zi.wrapping_mul(mid as i32);
+    acc.iter_mut().for_each(|a| *a = a.wrapping_sub(z));
+    let dt = out_dtype(ctx, 0, x.dtype());
+    let (lo, hi) = type_range(dt);
+    let m = super::qmath::Multiplier::new(si as f64 / so as f64);
+    let out = mean_out(acc, m, mid, zo, lo, hi);
+    let (_, out_shape, _) = plan_shape(x.shape(), axes, keep)?;
+    Ok(Some(q_from_i32(
+        dt,
+        out_shape,
+        out,
+        Some(Quant::per_tensor(so, zo)),
+    )?))
+}
+
+/// `acc[o * inner + i] = sum over m of x[(o * mid + m) * inner + i]` (wrapping).
+fn sum_block<T: Copy + Into<i32>>(x: &[T], outer: usize, mid: usize, inner: usize) -> Vec<i32> {
+    let mut acc = vec![0i32; outer * inner];
+    if inner == 0 {
+        return acc;
+    }
+    for (a, xo) in acc.chunks_exact_mut(inner).zip(x.chunks_exact(mid * inner)) {
+        for row in xo.chunks_exact(inner) {
+            for (d, &v) in a.iter_mut().zip(row) {
+                *d = d.wrapping_add(v.into());
+            }
+        }
+    }
+    acc
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -75,6 +180,11 @@ fn reduce(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>], kind: Kind) -> Result<Vec<Te
     let x = input(ins, 0)?;
     let axes = input(ins, 1)?;
     let keep = ctx.i("keep_dims", 0) != 0;
+    if kind == Kind::Mean && matches!(x.dtype(), DType::I8 | DType::U8) {
+        if let Some(out) = mean_q8_block(ctx, x, axes, keep)? {
+            return Ok(vec![out]);
+        }
+    }
     let (map, out_shape, count) = plan(x.shape(), axes, keep)?;
     let out_n: usize = out_shape.iter().product();
     if is_quant(x.dtype()) {
@@ -108,19 +218,7 @@ fn reduce(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>], kind: Kind) -> Result<Vec<Te
             for (v, &o) in xv.iter().zip(&map) {
                 acc[o] = acc[o].wrapping_add(*v - zi);
             }
-            let n = count.max(1) as i32;
-            let out: Vec<i32> = acc
-                .into_iter()
-                .map(|a| {
-                    let a = m.apply(a);
-                    let a = if a > 0 {
-                        (a + n / 2) / n
-                    } else {
-                        (a - n / 2) / n
-                    };
-                    a.saturating_add(zo).clamp(lo, hi)
-                })
-                .collect();
+            let out = mean_out(acc, m, count, zo, lo, hi);
             return Ok(vec![q_from_i32(
                 dt,
                 out_shape,
@@ -319,4 +417,40 @@ fn softmax(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
 }
 fn log_softmax(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     softmax_impl(ctx, ins, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The adjacent-axes fast path sums what the general index map sends to each output.
+    #[test]
+    fn block_sums_match_the_index_map() {
+        for (shape, axes) in [
+            (vec![1usize, 12, 12, 32], vec![1i64, 2]),
+            (vec![2, 3, 4, 5], vec![1]),
+            (vec![2, 3, 4, 5], vec![-1]),
+            (vec![2, 3, 4, 5], vec![0, 1]),
+            (vec![3, 7], vec![0, 1]),
+            (vec![2, 3, 4, 5], vec![2, 1, 3]),
+        ] {
+            let n: usize = shape.iter().product();
+            let x: Vec<i8> = (0..n).map(|i| (i * 37 % 251) as u8 as i8).collect();
+            let axes_t = Tensor::from_vec(vec![axes.len()], axes.clone()).unwrap();
+            let (outer, mid, inner) = block(&shape, &axes_t).expect("adjacent axes");
+            let got = sum_block(&x, outer, mid, inner);
+            let (map, _, count) = plan(&shape, &axes_t, false).unwrap();
+            let mut want = vec![0i32; got.len()];
+            for (v, &o) in x.iter().zip(&map) {
+                want[o] += *v as i32;
+            }
+            assert_eq!(got, want, "{shape:?} {axes:?}");
+            assert_eq!(count, mid, "{shape:?} {axes:?}");
+        }
+        let t = Tensor::from_vec(vec![2], vec![0i64, 2]).unwrap();
+        assert!(
+            block(&[2, 3, 4], &t).is_none(),
+            "axes 0 and 2 are not adjacent"
+        );
+    }
 }
