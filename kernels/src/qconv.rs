@@ -480,12 +480,16 @@ pub(crate) fn qgemm_requant_body(p: &QgemmRq<'_>, out: &mut [u8], ldc: usize) {
     let (m, k, n) = (p.a.rows, p.a.k, pb.n());
     let kp = k.div_ceil(t.ku) * t.ku;
     let groups = kp / t.ku;
-    // x86 VNNI tiles read A's rows in place when no packing is needed for sums or padding:
-    // packing a panel of rows cost about as much as the tile itself on narrow layers.
+    // x86 VNNI tiles read A's rows in place when no packing is needed for row sums: packing
+    // a panel of rows cost about as much as the tile itself on narrow layers. Each row is
+    // read for `kp` bytes; past `k` they meet B's zero padding, so they only need to be
+    // readable (a caller's row stride padded to a multiple of 4, or the next row).
     #[cfg(target_arch = "x86_64")]
     let direct = !p.zb_any
-        && k.is_multiple_of(t.ku)
         && t.ku == 4
+        && (m.saturating_sub(1) * p.a.rs)
+            .checked_add(kp)
+            .is_some_and(|e| e <= p.a.data.len())
         && crate::arch::x86_64::qtile_rows_supported(pb.variant());
     #[cfg(not(target_arch = "x86_64"))]
     let direct = false;
@@ -1384,6 +1388,9 @@ mod tests {
             (21, 8, 12),
             (19, 48, 32),
         ] {
+            // Rows 3 random bytes apart past k: the depth rounded up to 4 is readable in
+            // place, so k = 27, 13, 9, 5 also take x86's in-place path, their slack bytes
+            // meeting B's zero padding.
             let rs = k + 3;
             let ab = r.bytes(m * rs);
             let wb = r.bytes(n * k);

@@ -191,9 +191,21 @@ impl QConvPlan {
                     if g.is_pointwise() {
                         let a = &xb[n * img..(n + 1) * img];
                         self.gemm(a, signed, rows, k, packed, o, threads)?;
-                    } else {
+                    } else if g.ic < 4 {
+                        // A few channels (a gray or RGB image): the whole-image im2col's
+                        // strided copies beat per-pixel runs of 3 to 9 bytes.
                         let a = g.im2col(xb, n, self.xz as u8);
                         self.gemm(&a, signed, rows, k, packed, o, threads)?;
+                    } else {
+                        let op = QGemmOp {
+                            xz: self.xz,
+                            packed,
+                            bias: &self.bias,
+                            rq: &self.rq,
+                            n: oc,
+                        };
+                        let img = &xb[n * img..(n + 1) * img];
+                        op.run_im2col(&g, img, signed, o, threads)?;
                     }
                 }
                 (vec![g.n, g.oh, g.ow, oc], out)
@@ -326,6 +338,64 @@ impl QGemmOp<'_> {
         })
     }
 }
+
+impl QGemmOp<'_> {
+    /// A KxK convolution of one NHWC image as [`QGemmOp::run`] with the im2col done inside
+    /// each thread's part, [`IM2COL_ROWS`] output pixels at a time: the copy runs on every
+    /// thread instead of before them, and the rows are still in cache when the GEMM reads
+    /// them. Rows are padded to a multiple of 4 bytes (zero weights meet the slack), so the
+    /// x86 VNNI tile reads them in place even when `kh * kw * ic` is not (a 3x3 conv of a
+    /// gray image: 9).
+    pub(crate) fn run_im2col(
+        &self,
+        g: &Geo,
+        img: &[u8],
+        signed: bool,
+        out: &mut [u8],
+        threads: usize,
+    ) -> Result<()> {
+        const BLOCK: usize = 16;
+        let (n, k) = (self.n, self.packed.k());
+        let rows = g.oh * g.ow;
+        let rs = k.next_multiple_of(4);
+        let t = if rows * k * n >= MIN_PARALLEL_MACS {
+            threads
+        } else {
+            1
+        };
+        let fill = self.xz as u8;
+        for_parts(t, rows.div_ceil(BLOCK), BLOCK * n, out, |r, part| {
+            let (r0, r1) = (r.start * BLOCK, (r.end * BLOCK).min(rows));
+            let mut buf = vec![fill; IM2COL_ROWS.min(r1 - r0) * rs];
+            for (c, o) in (r0..r1)
+                .step_by(IM2COL_ROWS)
+                .zip(part.chunks_mut(IM2COL_ROWS * n))
+            {
+                let h = IM2COL_ROWS.min(r1 - c);
+                let buf = &mut buf[..h * rs];
+                buf.fill(fill);
+                g.im2col_rows(img, c..c + h, rs, buf);
+                let a = Rows {
+                    data: buf,
+                    signed,
+                    rows: h,
+                    k,
+                    rs,
+                };
+                if !qconv::qgemm_requant(a, self.xz, self.packed, self.bias, self.rq, o, n) {
+                    return Err(edgehal_core::Error::arg(
+                        "quantized GEMM: operand sizes do not match",
+                    ));
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Output pixels per im2col chunk of [`QGemmOp::run_im2col`] (a multiple of the GEMM tile's
+/// 8 rows; 256 pixels of a 3x3x16 conv are 37 KiB).
+const IM2COL_ROWS: usize = 256;
 
 #[cfg(test)]
 mod tests {

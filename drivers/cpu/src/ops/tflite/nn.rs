@@ -173,6 +173,48 @@ impl Geo {
         }
         p
     }
+    /// im2col of output pixels `pixels` of one image `img` (`ih x iw x ic`) into `buf`, row `p`
+    /// at `buf[(p - pixels.start) * rs..]`: only the taps inside the image are written, so
+    /// `buf` must hold `fill` (the zero point) wherever padding or the row's slack past
+    /// `kh * kw * ic` is to be read.
+    pub(crate) fn im2col_rows<T: Copy>(
+        &self,
+        img: &[T],
+        pixels: std::ops::Range<usize>,
+        rs: usize,
+        buf: &mut [T],
+    ) {
+        let ic = self.ic;
+        if self.ow == 0 || ic == 0 {
+            return;
+        }
+        let (mut oy, mut ox) = (pixels.start / self.ow, pixels.start % self.ow);
+        // Taps of one kernel row are adjacent pixels (kw * ic bytes in a row) when the
+        // dilation is 1 and they all fall inside the image.
+        let run = self.kw * ic;
+        for row in buf.chunks_mut(rs).take(pixels.len()) {
+            let ix0 = (ox * self.sw).checked_sub(self.pl);
+            let whole = self.dw == 1 && ix0.is_some_and(|x| x + self.kw <= self.iw);
+            for ky in 0..self.kh {
+                let Some(iy) = self.iy(oy, ky) else { continue };
+                if let (true, Some(ix0)) = (whole, ix0) {
+                    let src = &img[(iy * self.iw + ix0) * ic..][..run];
+                    copy_short(&mut row[ky * run..][..run], src);
+                    continue;
+                }
+                for kx in 0..self.kw {
+                    let Some(ix) = self.ix(ox, kx) else { continue };
+                    let src = &img[(iy * self.iw + ix) * ic..][..ic];
+                    copy_short(&mut row[(ky * self.kw + kx) * ic..][..ic], src);
+                }
+            }
+            ox += 1;
+            if ox == self.ow {
+                ox = 0;
+                oy += 1;
+            }
+        }
+    }
     pub(crate) fn is_pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.sh == 1 && self.sw == 1 && self.pt == 0 && self.pl == 0
     }
@@ -1259,6 +1301,25 @@ mod tests {
             let x: Vec<i32> = (0..2 * ih * iw * ic).map(|v| v as i32 + 1).collect();
             for b in 0..2 {
                 let got = g.im2col(&x, b, -7);
+                // Any run of pixels, rows padded to a multiple of 4, equals the same rows.
+                let cols = k * k * ic;
+                let rs = cols.next_multiple_of(4);
+                let img = &x[b * ih * iw * ic..(b + 1) * ih * iw * ic];
+                let rows = oh * ow;
+                for (p0, p1) in [(0, rows), (1, rows.min(5)), (rows / 2, rows)] {
+                    let mut buf = vec![-7; (p1 - p0) * rs];
+                    g.im2col_rows(img, p0..p1, rs, &mut buf);
+                    for p in p0..p1 {
+                        assert_eq!(
+                            buf[(p - p0) * rs..][..cols],
+                            got[p * cols..][..cols],
+                            "rows {p0}..{p1}, pixel {p}: {ih}x{iw}x{ic} k{k} s{st} d{d} {pad}"
+                        );
+                        assert!(buf[(p - p0) * rs + cols..][..rs - cols]
+                            .iter()
+                            .all(|&v| v == -7));
+                    }
+                }
                 let cols = k * k * ic;
                 for oy in 0..oh {
                     for ox in 0..ow {
