@@ -191,9 +191,9 @@ impl QConvPlan {
                     if g.is_pointwise() {
                         let a = &xb[n * img..(n + 1) * img];
                         self.gemm(a, signed, rows, k, packed, o, threads)?;
-                    } else if g.ic < 4 {
-                        // A few channels (a gray or RGB image): the whole-image im2col's
-                        // strided copies beat per-pixel runs of 3 to 9 bytes.
+                    } else if g.ic < 3 {
+                        // One or two channels (a gray image): the whole-image im2col's
+                        // strided copies beat per-pixel runs of 3 bytes.
                         let a = g.im2col(xb, n, self.xz as u8);
                         self.gemm(&a, signed, rows, k, packed, o, threads)?;
                     } else {
