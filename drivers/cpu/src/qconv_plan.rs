@@ -344,8 +344,8 @@ impl QGemmOp<'_> {
     /// each thread's part, [`IM2COL_ROWS`] output pixels at a time: the copy runs on every
     /// thread instead of before them, and the rows are still in cache when the GEMM reads
     /// them. Rows are padded to a multiple of 4 bytes (zero weights meet the slack), so the
-    /// x86 VNNI tile reads them in place even when `kh * kw * ic` is not (a 3x3 conv of a
-    /// gray image: 9).
+    /// x86 VNNI tile reads them in place even when `kh * kw * ic` is not (a 3x3 conv of an
+    /// RGB image: 27).
     pub(crate) fn run_im2col(
         &self,
         g: &Geo,

@@ -185,7 +185,7 @@ impl Geo {
         buf: &mut [T],
     ) {
         let ic = self.ic;
-        if self.ow == 0 || ic == 0 {
+        if self.ow == 0 || ic == 0 || rs == 0 {
             return;
         }
         let (mut oy, mut ox) = (pixels.start / self.ow, pixels.start % self.ow);
