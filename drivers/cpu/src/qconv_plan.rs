@@ -194,7 +194,9 @@ impl QConvPlan {
                     } else if g.ic < 3 {
                         // One or two channels (a gray image): the whole-image im2col's
                         // strided copies beat per-pixel runs of 3 bytes.
-                        let a = g.im2col(xb, n, self.xz as u8);
+                        let mut a = g.im2col(xb, n, self.xz as u8);
+                        // Slack for the last row's depth rounded up to 4 (see QGemmOp::run).
+                        a.resize(a.len() + 3, self.xz as u8);
                         self.gemm(&a, signed, rows, k, packed, o, threads)?;
                     } else {
                         let op = QGemmOp {
@@ -321,8 +323,11 @@ impl QGemmOp<'_> {
         for_parts(t, rows.div_ceil(BLOCK), BLOCK * n, out, |r, part| {
             let r0 = r.start * BLOCK;
             let r1 = (r.end * BLOCK).min(rows);
+            // Bytes past the last row's k, where `a` has them: the x86 VNNI tile reads each
+            // row for k rounded up to 4 in place when that much is readable.
+            let end = (r1 * k + (k.next_multiple_of(4) - k)).min(a.len());
             let rows = Rows {
-                data: a.get(r0 * k..r1 * k).unwrap_or_default(),
+                data: a.get(r0 * k..end.max(r1 * k)).unwrap_or_default(),
                 signed,
                 rows: r1 - r0,
                 k,
@@ -488,6 +493,13 @@ mod tests {
         let cases: Vec<Case<'_>> = vec![
             // (op, x shape, w shape, attrs)
             ("Conv2D", vec![1, 9, 11, 24], vec![40, 1, 1, 24], vec![]),
+            // A gray image (whole-image im2col, depth 9 read in place as 12).
+            (
+                "Conv2D",
+                vec![1, 40, 37, 1],
+                vec![8, 3, 3, 1],
+                vec![("padding", s("SAME"))],
+            ),
             (
                 "Conv2D",
                 vec![2, 13, 12, 3],

@@ -124,7 +124,11 @@ impl Geo {
     /// im2col of image `b`: rows are output pixels, columns `(ky, kx, c)`; `fill` in padding.
     pub(crate) fn im2col<T: Copy>(&self, x: &[T], b: usize, fill: T) -> Vec<T> {
         let cols = self.kh * self.kw * self.ic;
-        let mut p = vec![fill; self.oh * self.ow * cols];
+        // Spare capacity for a caller's few bytes of slack after the last row (see
+        // qconv_plan: the VNNI tile reads depths rounded up to 4).
+        let len = self.oh * self.ow * cols;
+        let mut p = Vec::with_capacity(len + 4);
+        p.resize(len, fill);
         let img = &x[b * self.ih * self.iw * self.ic..(b + 1) * self.ih * self.iw * self.ic];
         let ic = self.ic;
         for oy in 0..self.oh {
