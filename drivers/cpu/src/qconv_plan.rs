@@ -346,11 +346,7 @@ impl QGemmOp<'_> {
 
 impl QGemmOp<'_> {
     /// A KxK convolution of one NHWC image as [`QGemmOp::run`] with the im2col done inside
-    /// each thread's part, [`IM2COL_ROWS`] output pixels at a time: the copy runs on every
-    /// thread instead of before them, and the rows are still in cache when the GEMM reads
-    /// them. Rows are padded to a multiple of 4 bytes (zero weights meet the slack), so the
-    /// x86 VNNI tile reads them in place even when `kh * kw * ic` is not (a 3x3 conv of an
-    /// RGB image: 27).
+    /// each thread's part (see [`QGemmOp::run_patches`]).
     pub(crate) fn run_im2col(
         &self,
         g: &Geo,
@@ -359,9 +355,29 @@ impl QGemmOp<'_> {
         out: &mut [u8],
         threads: usize,
     ) -> Result<()> {
+        let rows = g.oh * g.ow;
+        self.run_patches(rows, signed, out, threads, |pixels, rs, buf| {
+            g.im2col_rows(img, pixels, rs, buf)
+        })
+    }
+
+    /// `out (rows x n) = requant(A * W + bias)` where `patches(rows, rs, buf)` writes rows
+    /// `rows` of A into `buf` (row `r` at `(r - rows.start) * rs`; `buf` holds the zero point's
+    /// byte beforehand, for padding and slack). Each thread's part builds [`IM2COL_ROWS`] rows
+    /// at a time: the copy runs on every thread instead of before them, and the rows are in
+    /// cache when the GEMM reads them. Rows are padded to a multiple of 4 bytes (zero weights
+    /// meet the slack), so the x86 VNNI tile reads them in place even when the depth is not
+    /// (a 3x3 conv of an RGB image: 27).
+    pub(crate) fn run_patches(
+        &self,
+        rows: usize,
+        signed: bool,
+        out: &mut [u8],
+        threads: usize,
+        patches: impl Fn(std::ops::Range<usize>, usize, &mut [u8]) + Sync,
+    ) -> Result<()> {
         const BLOCK: usize = 16;
         let (n, k) = (self.n, self.packed.k());
-        let rows = g.oh * g.ow;
         let rs = k.next_multiple_of(4);
         let t = if rows * k * n >= MIN_PARALLEL_MACS {
             threads
@@ -379,7 +395,7 @@ impl QGemmOp<'_> {
                 let h = IM2COL_ROWS.min(r1 - c);
                 let buf = &mut buf[..h * rs];
                 buf.fill(fill);
-                g.im2col_rows(img, c..c + h, rs, buf);
+                patches(c..c + h, rs, buf);
                 let a = Rows {
                     data: buf,
                     signed,
@@ -398,7 +414,7 @@ impl QGemmOp<'_> {
     }
 }
 
-/// Output pixels per im2col chunk of [`QGemmOp::run_im2col`] (a multiple of the GEMM tile's
+/// Output pixels per im2col chunk of [`QGemmOp::run_patches`] (a multiple of the GEMM tile's
 /// 8 rows; 256 pixels of a 3x3x16 conv are 37 KiB).
 const IM2COL_ROWS: usize = 256;
 

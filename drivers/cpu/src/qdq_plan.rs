@@ -17,7 +17,7 @@
 
 use edgehal_core::graph::Graph;
 use edgehal_core::{DType, Error, Node, Result, Tensor};
-use edgehal_kernels::qconv::{self, Depthwise, Requant, Rows};
+use edgehal_kernels::qconv::{self, Depthwise, Requant};
 use edgehal_kernels::qgemm::{PackedB, QMat};
 
 use crate::conv_plan::FUSED_DOMAIN;
@@ -195,10 +195,6 @@ pub struct QdqConvPlan {
     /// `x` is NCHW ([`INPUT_NCHW`]).
     nchw_in: bool,
 }
-
-/// Output rows per im2col chunk (a multiple of the GEMM's 16-row blocks): the patches of one
-/// chunk stay in cache between im2col and the GEMM.
-const IM2COL_ROWS: usize = 128;
 
 impl QdqConvPlan {
     /// A plan for a [`QCONV_NHWC`] node with constant weights, scales, zero points and bias,
@@ -425,15 +421,24 @@ impl QdqConvPlan {
         )?])
     }
 
-    /// Patches (`kh*kw*c` bytes each, `[ky][kx][c]` order) of output pixels `rows` of one
-    /// image into `dst`, padding with the zero point's byte. NHWC: one copy per tap, one per
-    /// kernel row when its taps are in bounds and adjacent; NCHW: gathered per channel.
-    fn im2col(&self, x: &[u8], [ih, iw, ow]: [usize; 3], rows: Range<usize>, dst: &mut [u8]) {
+    /// Patches (`kh*kw*c` bytes each, `[ky][kx][c]` order, rows `rs` apart) of output pixels
+    /// `rows` of one image into `dst`; taps in the padding are not written (`dst` holds the
+    /// zero point's byte already). NHWC: one copy per tap, one per kernel row when its taps
+    /// are in bounds and adjacent; NCHW: gathered per channel.
+    fn im2col(
+        &self,
+        x: &[u8],
+        [ih, iw, ow]: [usize; 3],
+        rows: Range<usize>,
+        rs: usize,
+        dst: &mut [u8],
+    ) {
         let (kh, kw, c) = (self.kh, self.kw, self.c);
-        let k = kh * kw * c;
-        dst.fill(self.xz as u8);
+        if rs == 0 {
+            return;
+        }
         let plane = ih * iw;
-        for (r, d) in rows.zip(dst.chunks_exact_mut(k)) {
+        for (r, d) in rows.zip(dst.chunks_exact_mut(rs)) {
             let (oy, ox) = (r / ow, r % ow);
             for ky in 0..kh {
                 let Some(iy) = (oy * self.s[0] + ky * self.d[0])
@@ -470,8 +475,8 @@ impl QdqConvPlan {
         }
     }
 
-    /// The GEMM on im2col patches: rows split across threads, each thread building and
-    /// multiplying [`IM2COL_ROWS`] patches at a time.
+    /// The GEMM on im2col patches, built inside each thread's part
+    /// ([`crate::qconv_plan::QGemmOp::run_patches`]).
     #[allow(clippy::too_many_arguments)]
     fn gemm_im2col(
         &self,
@@ -483,38 +488,10 @@ impl QdqConvPlan {
         out: &mut [u8],
         threads: usize,
     ) -> Result<()> {
-        let (m, k) = (self.m, packed.k());
-        let t = if rows * k * m >= MIN_PARALLEL_MACS {
-            threads
-        } else {
-            1
-        };
-        for_parts(
-            t,
-            rows.div_ceil(IM2COL_ROWS),
-            IM2COL_ROWS * m,
-            out,
-            |r, part| {
-                let mut a = vec![0u8; IM2COL_ROWS * k];
-                for (ci, o) in r.zip(part.chunks_mut(IM2COL_ROWS * m)) {
-                    let r0 = ci * IM2COL_ROWS;
-                    let r1 = (r0 + IM2COL_ROWS).min(rows);
-                    let a = &mut a[..(r1 - r0) * k];
-                    self.im2col(x, geo, r0..r1, a);
-                    let rows = Rows {
-                        data: a,
-                        signed,
-                        rows: r1 - r0,
-                        k,
-                        rs: k,
-                    };
-                    if !qconv::qgemm_requant(rows, self.xz, packed, &self.bias, &self.rq, o, m) {
-                        return Err(Error::arg(format!("{QCONV_NHWC}: operand sizes")));
-                    }
-                }
-                Ok(())
-            },
-        )
+        self.op(packed)
+            .run_patches(rows, signed, out, threads, |r, rs, buf| {
+                self.im2col(x, geo, r, rs, buf)
+            })
     }
 
     /// `out (rows x m) = requant(a (rows x k) * W + bias)`, rows split across threads.
@@ -529,14 +506,18 @@ impl QdqConvPlan {
         out: &mut [u8],
         threads: usize,
     ) -> Result<()> {
-        let op = crate::qconv_plan::QGemmOp {
+        self.op(packed).run(a, signed, rows, k, out, threads)
+    }
+
+    /// The fused GEMM with this plan's bias and requantization over `packed`.
+    fn op<'a>(&'a self, packed: &'a PackedB) -> crate::qconv_plan::QGemmOp<'a> {
+        crate::qconv_plan::QGemmOp {
             xz: self.xz,
             packed,
             bias: &self.bias,
             rq: &self.rq,
             n: self.m,
-        };
-        op.run(a, signed, rows, k, out, threads)
+        }
     }
 }
 
