@@ -40,6 +40,24 @@ pub fn strict() -> bool {
         .unwrap_or(false)
 }
 
+/// A tensor from a `.npy` file; panics naming the file on any error.
+pub fn load_npy(p: &std::path::Path) -> edgehal_core::Tensor {
+    let bytes = std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    edgehal::npy::from_npy(bytes.into()).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// A reference script's inputs (`dir/input_K.npy`, in `g`'s input order) as feeds by value id.
+pub fn reference_feeds(
+    g: &edgehal_core::Graph,
+    dir: &std::path::Path,
+) -> Vec<(usize, edgehal_core::Tensor)> {
+    g.inputs
+        .iter()
+        .enumerate()
+        .map(|(k, &id)| (id, load_npy(&dir.join(format!("input_{k}.npy")))))
+        .collect()
+}
+
 /// A fresh scratch directory under the target dir.
 pub fn scratch(name: &str) -> PathBuf {
     let d = repo_root().join("target").join("test-scratch").join(name);

@@ -32,10 +32,7 @@ fn reference(model: &Path, name: &str) -> Option<std::path::PathBuf> {
     }
 }
 
-fn load_npy(p: &Path) -> Tensor {
-    let bytes = std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    edgehal::npy::from_npy(bytes.into()).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
+use edgehal_tests::load_npy;
 
 /// Runs `name` through edgehal and onnxruntime; returns (max abs diff, max |reference|,
 /// fraction of elements within 1e-6, output scale if quantized).

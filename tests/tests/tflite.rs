@@ -50,9 +50,23 @@ fn reference_with(
     None
 }
 
-fn load_npy(p: &Path) -> Tensor {
-    let bytes = std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    edgehal::npy::from_npy(bytes.into()).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+use edgehal_tests::load_npy;
+
+/// `g` run on the CPU executor with the reference script's inputs from `dir`.
+fn run_on_reference(g: &edgehal_core::Graph, dir: &Path, what: &str) -> Vec<Tensor> {
+    let ex = Executor::new(g, &Registry::new()).unwrap_or_else(|e| panic!("{what}: prepare: {e}"));
+    ex.run(&edgehal_tests::reference_feeds(g, dir))
+        .unwrap_or_else(|e| panic!("{what}: run: {e}"))
+}
+
+/// The quantization step of an int8 model's output: the scale of the DEQUANTIZE producing it.
+fn output_step(g: &edgehal_core::Graph) -> Option<f32> {
+    let out_id = g.outputs[0];
+    g.nodes
+        .iter()
+        .find(|n| n.op == "Dequantize" && n.outputs.first().copied().flatten() == Some(out_id))
+        .and_then(|n| n.attr_floats("in0_scale"))
+        .and_then(|s| s.first().copied())
 }
 
 struct Agreement {
@@ -230,17 +244,7 @@ fn agree(name: &str, rounding: Rounding) -> Option<Agreement> {
     // Run with the probes as extra outputs.
     let mut g2 = g.clone();
     g2.outputs.extend(&probe_ids);
-    let ex =
-        Executor::new(&g2, &Registry::new()).unwrap_or_else(|e| panic!("{name}: prepare: {e}"));
-    let feeds: Vec<(usize, Tensor)> = g
-        .inputs
-        .iter()
-        .enumerate()
-        .map(|(k, &id)| (id, load_npy(&dir.join(format!("input_{k}.npy")))))
-        .collect();
-    let outs = ex
-        .run(&feeds)
-        .unwrap_or_else(|e| panic!("{name}: run: {e}"));
+    let outs = run_on_reference(&g2, &dir, name);
     // Every intermediate: floats within 1e-4 of the tensor's largest magnitude, quantized
     // tensors within one step; the least exact ones are printed.
     let mut worst: Vec<(f64, String)> = Vec::new();
@@ -292,13 +296,7 @@ fn agree(name: &str, rounding: Rounding) -> Option<Agreement> {
     isolated(name, g, &dir, &probe_ids);
     let want = load_npy(&dir.join("output_0.npy"));
     let (max_diff, max_ref, exact) = compare(&outs[0], &want, "output 0", true);
-    let out_id = g.outputs[0];
-    let step = g
-        .nodes
-        .iter()
-        .find(|n| n.op == "Dequantize" && n.outputs.first().copied().flatten() == Some(out_id))
-        .and_then(|n| n.attr_floats("in0_scale"))
-        .and_then(|s| s.first().copied());
+    let step = output_step(g);
     Some(Agreement {
         max_diff,
         max_ref,
@@ -342,16 +340,7 @@ fn int8_model(name: &str) {
     };
     let model = Model::load(&path).unwrap_or_else(|e| panic!("{name}: load: {e}"));
     let g = &model.graph;
-    let ex = Executor::new(g, &Registry::new()).unwrap_or_else(|e| panic!("{name}: {e}"));
-    let feeds: Vec<(usize, Tensor)> = g
-        .inputs
-        .iter()
-        .enumerate()
-        .map(|(k, &id)| (id, load_npy(&dir.join(format!("input_{k}.npy")))))
-        .collect();
-    let outs = ex
-        .run(&feeds)
-        .unwrap_or_else(|e| panic!("{name}: run: {e}"));
+    let outs = run_on_reference(g, &dir, name);
     let want = load_npy(&dir.join("output_0.npy"));
     let (max_diff, _, exact) = compare(
         &outs[0],
@@ -359,14 +348,7 @@ fn int8_model(name: &str) {
         "output 0 (default rounding) vs XNNPACK",
         true,
     );
-    let out_id = g.outputs[0];
-    let step = g
-        .nodes
-        .iter()
-        .find(|n| n.op == "Dequantize" && n.outputs.first().copied().flatten() == Some(out_id))
-        .and_then(|n| n.attr_floats("in0_scale"))
-        .and_then(|s| s.first().copied())
-        .expect("int8 model output comes from DEQUANTIZE") as f64;
+    let step = output_step(g).expect("int8 model output comes from DEQUANTIZE") as f64;
     assert!(
         max_diff <= step * 1.0001,
         "{name}: default rounding differs from LiteRT/XNNPACK by {max_diff} (step {step})"
@@ -1070,16 +1052,7 @@ fn check_one(case: &str, tensors: &[Ts], op: &OneOp) -> Option<(usize, usize)> {
     let (rdir, _) = reference(&path, &format!("op-{case}"), &[])?;
     let model = Model::load(&path).unwrap_or_else(|e| panic!("{case}: load: {e}"));
     let g = &model.graph;
-    let ex = Executor::new(g, &Registry::new()).unwrap_or_else(|e| panic!("{case}: prepare: {e}"));
-    let feeds: Vec<(usize, Tensor)> = g
-        .inputs
-        .iter()
-        .enumerate()
-        .map(|(k, &id)| (id, load_npy(&rdir.join(format!("input_{k}.npy")))))
-        .collect();
-    let outs = ex
-        .run(&feeds)
-        .unwrap_or_else(|e| panic!("{case}: run: {e}"));
+    let outs = run_on_reference(g, &rdir, case);
     let (mut eq, mut n) = (0, 0);
     for (k, got) in outs.iter().enumerate() {
         let want = load_npy(&rdir.join(format!("output_{k}.npy")));

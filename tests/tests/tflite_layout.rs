@@ -32,10 +32,7 @@ fn litert(model: &Path, name: &str, tensors: &[String]) -> Option<PathBuf> {
     }
 }
 
-fn load_npy(p: &Path) -> Tensor {
-    let bytes = std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    edgehal::npy::from_npy(bytes.into()).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
+use edgehal_tests::load_npy;
 
 fn load(name: &str) -> Option<(PathBuf, Model)> {
     let path = edgehal_tests::model(name);
@@ -167,12 +164,7 @@ fn intermediates_agree(
     g.outputs.extend(checks.iter().map(|c| c.1));
     let ex = edgehal_cpu::Executor::new(&g, &Registry::new())
         .unwrap_or_else(|e| panic!("{name}: prepare: {e}"));
-    let feeds: Vec<(usize, Tensor)> = g
-        .inputs
-        .iter()
-        .enumerate()
-        .map(|(k, &id)| (id, load_npy(&dir.join(format!("input_{k}.npy")))))
-        .collect();
+    let feeds = edgehal_tests::reference_feeds(&g, &dir);
     let outs = ex
         .run(&feeds)
         .unwrap_or_else(|e| panic!("{name}: run: {e}"));

@@ -199,15 +199,8 @@ impl QConvPlan {
                         a.resize(a.len() + 3, self.xz as u8);
                         self.gemm(&a, signed, rows, k, packed, o, threads)?;
                     } else {
-                        let op = QGemmOp {
-                            xz: self.xz,
-                            packed,
-                            bias: &self.bias,
-                            rq: &self.rq,
-                            n: oc,
-                        };
                         let img = &xb[n * img..(n + 1) * img];
-                        op.run_im2col(&g, img, signed, o, threads)?;
+                        self.op(packed).run_im2col(&g, img, signed, o, threads)?;
                     }
                 }
                 (vec![g.n, g.oh, g.ow, oc], out)
@@ -279,14 +272,18 @@ impl QConvPlan {
         out: &mut [u8],
         threads: usize,
     ) -> Result<()> {
-        let op = QGemmOp {
+        self.op(packed).run(a, signed, rows, k, out, threads)
+    }
+
+    /// The fused GEMM with this plan's bias and requantization over `packed`.
+    fn op<'a>(&'a self, packed: &'a PackedB) -> QGemmOp<'a> {
+        QGemmOp {
             xz: self.xz,
             packed,
             bias: &self.bias,
             rq: &self.rq,
             n: self.oc,
-        };
-        op.run(a, signed, rows, k, out, threads)
+        }
     }
 }
 

@@ -22,11 +22,7 @@ pub fn register(r: &mut Registry) {
 fn plan(shape: &[usize], axes_t: &Tensor, keep: bool) -> Result<(Vec<usize>, Vec<usize>, usize)> {
     let rank = shape.len();
     let (red, out_shape, count) = plan_shape(shape, axes_t, keep)?;
-    let out_keep: Vec<usize> = shape
-        .iter()
-        .zip(&red)
-        .map(|(&d, &r)| if r { 1 } else { d })
-        .collect();
+    let out_keep = kept(shape, &red);
     let n: usize = shape.iter().product();
     let mut map = Vec::with_capacity(n);
     let mut idx = vec![0usize; rank];
@@ -54,16 +50,8 @@ fn plan_shape(
     axes_t: &Tensor,
     keep: bool,
 ) -> Result<(Vec<bool>, Vec<usize>, usize)> {
-    let rank = shape.len();
-    let mut red = vec![false; rank];
-    for a in axes_t.to_i64_vec() {
-        red[norm_axis(a, rank)?] = true;
-    }
-    let out_keep: Vec<usize> = shape
-        .iter()
-        .zip(&red)
-        .map(|(&d, &r)| if r { 1 } else { d })
-        .collect();
+    let red = reduced(shape.len(), axes_t)?;
+    let out_keep = kept(shape, &red);
     let n: usize = shape.iter().product();
     let out_n: usize = out_keep.iter().product();
     let count = n.checked_div(out_n).unwrap_or(0);
@@ -80,14 +68,27 @@ fn plan_shape(
     Ok((red, out_shape, count))
 }
 
-/// The reduced axes of `shape` when they are one run of adjacent dims: the element counts
-/// before, inside and after that run.
-fn block(shape: &[usize], axes_t: &Tensor) -> Option<(usize, usize, usize)> {
-    let rank = shape.len();
+/// Which of `rank` axes `axes_t` names (negative counting from the end).
+fn reduced(rank: usize, axes_t: &Tensor) -> Result<Vec<bool>> {
     let mut red = vec![false; rank];
     for a in axes_t.to_i64_vec() {
-        red[norm_axis(a, rank).ok()?] = true;
+        red[norm_axis(a, rank)?] = true;
     }
+    Ok(red)
+}
+
+/// `shape` with the reduced axes kept as 1.
+fn kept(shape: &[usize], red: &[bool]) -> Vec<usize> {
+    shape
+        .iter()
+        .zip(red)
+        .map(|(&d, &r)| if r { 1 } else { d })
+        .collect()
+}
+
+/// The reduced axes `red` of `shape` when they are one run of adjacent dims: the element
+/// counts before, inside and after that run.
+fn block(shape: &[usize], red: &[bool]) -> Option<(usize, usize, usize)> {
     let first = red.iter().position(|&r| r)?;
     let last = red.iter().rposition(|&r| r)?;
     red[first..=last].iter().all(|&r| r).then(|| {
@@ -127,7 +128,8 @@ fn mean_out(
 /// of the input summed straight from its bytes, without the per-element index map and i32
 /// copy of the general path. `None` for other axes.
 fn mean_q8_block(ctx: &OpCtx<'_>, x: &Tensor, axes: &Tensor, keep: bool) -> Result<Option<Tensor>> {
-    let Some((outer, mid, inner)) = block(x.shape(), axes).filter(|b| b.1 > 0 && b.2 > 0) else {
+    let (red, out_shape, _) = plan_shape(x.shape(), axes, keep)?;
+    let Some((outer, mid, inner)) = block(x.shape(), &red).filter(|b| b.1 > 0 && b.2 > 0) else {
         return Ok(None);
     };
     let mut acc = match x.dtype() {
@@ -143,7 +145,6 @@ fn mean_q8_block(ctx: &OpCtx<'_>, x: &Tensor, axes: &Tensor, keep: bool) -> Resu
     let (lo, hi) = type_range(dt);
     let m = super::qmath::Multiplier::new(si as f64 / so as f64);
     let out = mean_out(acc, m, mid, zo, lo, hi);
-    let (_, out_shape, _) = plan_shape(x.shape(), axes, keep)?;
     Ok(Some(q_from_i32(
         dt,
         out_shape,
@@ -437,7 +438,8 @@ mod tests {
             let n: usize = shape.iter().product();
             let x: Vec<i8> = (0..n).map(|i| (i * 37 % 251) as u8 as i8).collect();
             let axes_t = Tensor::from_vec(vec![axes.len()], axes.clone()).unwrap();
-            let (outer, mid, inner) = block(&shape, &axes_t).expect("adjacent axes");
+            let red = reduced(shape.len(), &axes_t).unwrap();
+            let (outer, mid, inner) = block(&shape, &red).expect("adjacent axes");
             let got = sum_block(&x, outer, mid, inner);
             let (map, _, count) = plan(&shape, &axes_t, false).unwrap();
             let mut want = vec![0i32; got.len()];
@@ -449,7 +451,7 @@ mod tests {
         }
         let t = Tensor::from_vec(vec![2], vec![0i64, 2]).unwrap();
         assert!(
-            block(&[2, 3, 4], &t).is_none(),
+            block(&[2, 3, 4], &reduced(3, &t).unwrap()).is_none(),
             "axes 0 and 2 are not adjacent"
         );
     }
