@@ -989,6 +989,113 @@ pub fn add_reference(p: &AddParams, signed: bool, a: &[u8], b: &[u8]) -> Vec<u8>
         .collect()
 }
 
+/// Quantized ADD of two same-shape 8-bit tensors as LiteRT's default (XNNPACK) kernels run
+/// it: each input's scale over the output's, `sa / so` and `sb / so` in f32, becomes an
+/// integer multiplier of at most 21 bits, `round_even(s * 2^shift)` with `shift` chosen so the
+/// larger one is at least 2^20; then `out = clamp(((bias + a * ma + b * mb) >> shift) + zo)`
+/// with `bias = 2^(shift - 1) - za * ma - zb * mb`, all in 32-bit integers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AddShift {
+    pub bias: i32,
+    pub ma: i32,
+    pub mb: i32,
+    pub shift: u32,
+    pub zp: i32,
+    pub lo: i32,
+    pub hi: i32,
+}
+
+impl AddShift {
+    /// The parameters for zero points `za`, `zb`, scale ratios `sa / so`, `sb / so` and output
+    /// zero point and bounds. `None` where the kernel's integers could overflow: a ratio that
+    /// is not finite, not positive or outside `[2^-10, 2^8)` (XNNPACK's own limits), input
+    /// zero points beyond ±255 or output zero point and bounds beyond 16 bits. Within them,
+    /// `|(x - za) * ma| + |(y - zb) * mb| + 2^(shift - 1) <= 2 * 383 * 2^21 + 2^29 < 2^31`.
+    pub fn new(za: i32, zb: i32, ra: f32, rb: f32, zp: i32, lo: i32, hi: i32) -> Option<AddShift> {
+        let ok = |r: f32| r.is_finite() && (1.0 / 1024.0..256.0).contains(&r);
+        let byte = |v: i32| (-255..=255).contains(&v);
+        let small = |v: i32| (-(1 << 15)..1 << 15).contains(&v);
+        if !ok(ra) || !ok(rb) || !byte(za) || !byte(zb) || lo > hi {
+            return None;
+        }
+        if ![zp, lo, hi].into_iter().all(small) {
+            return None;
+        }
+        // The larger ratio's binary exponent e (in [-10, 7]) gives shift = 20 - e, so its
+        // multiplier lands in [2^20, 2^21].
+        let e = ((ra.max(rb).to_bits() >> 23) as i32) - 127;
+        let shift = (20 - e) as u32;
+        let mult = |r: f32| (r * (shift as f32).exp2()).round_ties_even() as i32;
+        let (ma, mb) = (mult(ra), mult(rb));
+        let bias = (1i32 << (shift - 1)) - za * ma - zb * mb;
+        Some(AddShift {
+            bias,
+            ma,
+            mb,
+            shift,
+            zp,
+            lo,
+            hi,
+        })
+    }
+
+    /// One output of the definition (`x`, `y` the input values, not their bytes), in i64 so
+    /// no step can wrap.
+    pub fn apply1(&self, x: i32, y: i32) -> i32 {
+        let acc = self.bias as i64 + x as i64 * self.ma as i64 + y as i64 * self.mb as i64;
+        ((acc >> self.shift) + self.zp as i64).clamp(self.lo as i64, self.hi as i64) as i32
+    }
+}
+
+/// `out = add(a, b)` by [`AddShift`] (same lengths); `false` on a size mismatch.
+pub fn add_shift(p: &AddShift, signed: bool, a: &[u8], b: &[u8], out: &mut [u8]) -> bool {
+    add_shift_with(dispatch::selected(), p, signed, a, b, out)
+}
+
+/// [`add_shift`] compiled for the float-family `variant`.
+pub fn add_shift_with(
+    variant: Variant,
+    p: &AddShift,
+    signed: bool,
+    a: &[u8],
+    b: &[u8],
+    out: &mut [u8],
+) -> bool {
+    if a.len() != b.len() || out.len() != a.len() {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::add_shift_q8(variant, p, signed, a, b, out) {
+        return true;
+    }
+    let _ = variant;
+    add_shift_body(p, signed, a, b, out);
+    true
+}
+
+#[inline(always)]
+pub(crate) fn add_shift_body(p: &AddShift, signed: bool, a: &[u8], b: &[u8], out: &mut [u8]) {
+    if signed {
+        add_shift_t::<true>(p, a, b, out)
+    } else {
+        add_shift_t::<false>(p, a, b, out)
+    }
+}
+
+#[inline(always)]
+fn add_shift_t<const S: bool>(p: &AddShift, a: &[u8], b: &[u8], out: &mut [u8]) {
+    // The sum fits in 32 bits for the parameters `new` gives (see there); wrapping steps keep
+    // the loop free of overflow checks.
+    let (lo, hi) = (p.lo.wrapping_sub(p.zp), p.hi.wrapping_sub(p.zp));
+    for ((d, &x), &y) in out.iter_mut().zip(a).zip(b) {
+        let acc = p
+            .bias
+            .wrapping_add(widen::<S>(x).wrapping_mul(p.ma))
+            .wrapping_add(widen::<S>(y).wrapping_mul(p.mb));
+        *d = (acc >> p.shift).clamp(lo, hi).wrapping_add(p.zp) as u8;
+    }
+}
+
 /// TFLite QUANTIZE of f32 values to 8 bits: `clamp(round(v / scale) + zp, lo, hi)` with
 /// rounding half away from zero and NaN as 0 (the driver's `quant1`), as bytes.
 pub fn quantize_f32(x: &[f32], scale: f32, zp: i32, lo: i32, hi: i32, out: &mut [u8]) -> bool {
@@ -1029,10 +1136,24 @@ pub fn quantize1(v: f32, scale: f32, zp: i32, lo: i32, hi: i32) -> i32 {
     q.saturating_add(zp).clamp(lo, hi)
 }
 
+/// [`quantize_f32`]'s loop. With bounds within 2^22 of the zero point the quotient is
+/// clamped to them first (integer bounds: the same as clamping the rounded value) and the
+/// integral result converted by [`rne_small`], so the loop has no saturating conversion,
+/// which LLVM leaves scalar.
 #[inline(always)]
 pub(crate) fn quantize_f32_body(x: &[f32], scale: f32, zp: i32, lo: i32, hi: i32, out: &mut [u8]) {
+    let small = |b: i32| (b as i64 - zp as i64).abs() <= RNE_SMALL_MAX;
+    if !small(lo) || !small(hi) {
+        for (d, &v) in out.iter_mut().zip(x) {
+            *d = quantize1(v, scale, zp, lo, hi) as u8;
+        }
+        return;
+    }
+    let (flo, fhi) = (lo.wrapping_sub(zp) as f32, hi.wrapping_sub(zp) as f32);
     for (d, &v) in out.iter_mut().zip(x) {
-        *d = quantize1(v, scale, zp, lo, hi) as u8;
+        let q = v / scale;
+        let q = if q.is_nan() { 0.0 } else { q };
+        *d = rne_small(clamp_f(q, flo, fhi).round()).wrapping_add(zp) as u8;
     }
 }
 
@@ -1598,6 +1719,54 @@ mod tests {
     }
 
     #[test]
+    fn add_shift_matches_its_definition() {
+        // The parameters by hand: ratios 0.75 and 0.3 (exponent -1): shift 21, multipliers
+        // 0.75 * 2^21 and round_even(0.3 * 2^21) = 629146.
+        let p = AddShift::new(3, -5, 0.75, 0.3, 10, -128, 127).unwrap();
+        assert_eq!((p.shift, p.ma, p.mb), (21, 1_572_864, 629_146));
+        assert_eq!(p.bias, (1 << 20) - 3 * 1_572_864 + 5 * 629_146);
+        // 0.75 * (13 - 3) + 0.3 * (-5 + 5) = 7.5: the half rounds up, then + 10.
+        assert_eq!(p.apply1(13, -5), 18);
+        // Out of range parameters are refused, not wrapped.
+        assert!(AddShift::new(300, 0, 0.5, 0.5, 0, 0, 255).is_none());
+        assert!(AddShift::new(0, 0, 256.0, 0.5, 0, 0, 255).is_none());
+        assert!(AddShift::new(0, 0, 0.5, f32::NAN, 0, 0, 255).is_none());
+        let mut r = Rng(29);
+        let n = 1003;
+        let a = r.bytes(n);
+        let b = r.bytes(n);
+        // Extreme cases included: the largest ratio, the largest zero-point distance.
+        for (signed, za, zb, ra, rb, zp, lo, hi) in [
+            (true, -3, 7, 0.61, 0.47, 5, -128, 127),
+            (false, 120, 133, 1.9, 0.004, 128, 0, 255),
+            (true, 255, -255, 255.9, 255.9, 0, -128, 127),
+            (false, 0, 255, 0.001, 0.0011, 3, 10, 200),
+        ] {
+            let p = AddShift::new(za, zb, ra, rb, zp, lo, hi).unwrap();
+            let w = |v: u8| if signed { v as i8 as i32 } else { v as i32 };
+            let want: Vec<u8> = a
+                .iter()
+                .zip(&b)
+                .map(|(&x, &y)| p.apply1(w(x), w(y)) as u8)
+                .collect();
+            for v in float_variants() {
+                let mut out = vec![0u8; n];
+                assert!(add_shift_with(v, &p, signed, &a, &b, &mut out));
+                assert_eq!(out, want, "{v:?} {p:?}");
+            }
+            // Against the real-number sum: within one step (rounding) unless clamped.
+            for (i, (&x, &y)) in a.iter().zip(&b).enumerate() {
+                let exact = ra as f64 * (w(x) - za) as f64 + rb as f64 * (w(y) - zb) as f64;
+                let e = (exact + zp as f64).clamp(lo as f64, hi as f64);
+                assert!(
+                    (p.apply1(w(x), w(y)) as f64 - e).abs() <= 0.5 + 1e-3,
+                    "{i} {p:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn quantize_matches_the_definition() {
         let mut r = Rng(23);
         let mut x: Vec<f32> = (0..999)
@@ -1621,6 +1790,8 @@ mod tests {
             (1.0, 0, -128, 127),
             (0.0078125, -3, -128, 127),
             (0.37, 128, 0, 255),
+            // Bounds far from the zero point: the loop without the clamp-first form.
+            (0.5, 0, -(1 << 24), 1 << 24),
         ] {
             let want: Vec<u8> = x
                 .iter()

@@ -593,6 +593,14 @@ wide_int!(
 );
 
 wide_int!(
+    add_shift_q8,
+    add_shift_q8_avx512,
+    add_shift_q8_avx2,
+    (p: &qconv::AddShift, signed: bool, a: &[u8], b: &[u8], out: &mut [u8]),
+    qconv::add_shift_body(p, signed, a, b, out)
+);
+
+wide_int!(
     quantize_f32,
     quantize_f32_avx512,
     quantize_f32_avx2,

@@ -1045,11 +1045,23 @@ fn one_op_model(tensors: &[Ts], op: &OneOp) -> Vec<u8> {
 /// Float outputs must agree within 1e-4 of their largest magnitude (plus 1e-6), quantized ones
 /// within one step; returns (elements exactly equal, elements).
 fn check_one(case: &str, tensors: &[Ts], op: &OneOp) -> Option<(usize, usize)> {
+    check_one_with(case, tensors, op, &["ref", "builtin"], false)
+}
+
+/// [`check_one`] against LiteRT with the given resolvers (`auto`: XNNPACK), optionally
+/// requiring every element to be equal.
+fn check_one_with(
+    case: &str,
+    tensors: &[Ts],
+    op: &OneOp,
+    resolvers: &[&'static str],
+    exact: bool,
+) -> Option<(usize, usize)> {
     let bytes = one_op_model(tensors, op);
     let dir = edgehal_tests::scratch(&format!("tflite-op-{case}"));
     let path = dir.join("model.tflite");
     std::fs::write(&path, &bytes).expect("write model");
-    let (rdir, _) = reference(&path, &format!("op-{case}"), &[])?;
+    let (rdir, _) = reference_with(&path, &format!("op-{case}"), &[], resolvers)?;
     let model = Model::load(&path).unwrap_or_else(|e| panic!("{case}: load: {e}"));
     let g = &model.graph;
     let outs = run_on_reference(g, &rdir, case);
@@ -1064,7 +1076,9 @@ fn check_one(case: &str, tensors: &[Ts], op: &OneOp) -> Option<(usize, usize)> {
             .iter()
             .zip(&wv)
             .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
-        let tol = if want.dtype().is_float() {
+        let tol = if exact {
+            0.0
+        } else if want.dtype().is_float() {
             1e-4 * max_ref + 1e-6
         } else {
             1.0
@@ -1486,5 +1500,42 @@ fn single_ops_match_litert() {
             "{ran} single-op cases agree with LiteRT; {:.2}% of elements exactly equal",
             eq as f64 / n.max(1) as f64 * 100.0
         );
+    }
+}
+
+/// The default int8 rounding is LiteRT's default kernels' (XNNPACK): quantized ADD and
+/// QUANTIZE equal them element for element, over scale ratios on both sides of one and a
+/// fused Relu.
+#[test]
+fn int8_add_and_quantize_equal_xnnpack() {
+    let cases: Vec<(&str, Vec<Ts>, OneOp)> = vec![
+        (
+            "xnn_add_int8_relu",
+            vec![
+                ti8(&[1, 24, 24, 8], 0.02, -3),
+                ti8(&[1, 24, 24, 8], 0.011, 7),
+                ti8(&[1, 24, 24, 8], 0.025, -20),
+            ],
+            op(0, 11, vec![F::I8(1)], &[0, 1], &[2]),
+        ),
+        (
+            "xnn_add_int8_wide",
+            vec![
+                ti8(&[4, 1000], 0.1, 12),
+                ti8(&[4, 1000], 0.0007, -100),
+                ti8(&[4, 1000], 0.013, 3),
+            ],
+            op(0, 11, vec![F::I8(0)], &[0, 1], &[2]),
+        ),
+        (
+            "xnn_quantize_int8",
+            vec![tf32(&[8, 500]), ti8(&[8, 500], 0.0071, -2)],
+            op(114, 0, vec![], &[0], &[1]),
+        ),
+    ];
+    for (name, tensors, o) in &cases {
+        if let Some((e, k)) = check_one_with(name, tensors, o, &["auto"], true) {
+            assert_eq!(e, k, "{name}");
+        }
     }
 }

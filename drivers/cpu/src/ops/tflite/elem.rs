@@ -3,6 +3,7 @@
 use edgehal_core::{DType, Error, Quant, Result, Tensor};
 use edgehal_kernels::qconv;
 
+use super::nn::Rounding;
 use super::qmath::{act_range_q, type_range, Multiplier};
 use super::{
     act, act_f32, float_in, is_quant, out_dtype, q_from_i32, q_to_i32, qparams, quant_of, DOMAIN,
@@ -112,6 +113,16 @@ fn q_add_sub(ctx: &OpCtx<'_>, a: &Tensor, b: &Tensor, negate: bool) -> Result<Te
         && a.dtype() == b.dtype()
         && dt == a.dtype()
         && matches!(dt, DType::I8 | DType::U8);
+    if same8 && !negate && Rounding::of(ctx.node)? == Rounding::Float {
+        // LiteRT's default kernels (XNNPACK): 21-bit multipliers and one shift.
+        if let Some(p) = qconv::AddShift::new(z1, z2, s1 / so, s2 / so, zo, lo, hi) {
+            let signed = dt == DType::I8;
+            return q8_elementwise(dt, a.len(), a.shape(), so, zo, |off, o| {
+                let r = off..off + o.len();
+                qconv::add_shift(&p, signed, &a.bytes()[r.clone()], &b.bytes()[r], o)
+            });
+        }
+    }
     if same8 {
         let p = qconv::AddParams {
             z1,
@@ -123,18 +134,11 @@ fn q_add_sub(ctx: &OpCtx<'_>, a: &Tensor, b: &Tensor, negate: bool) -> Result<Te
             out: qconv::Requant::new(&[(mo.m, mo.shift)], zo, lo, hi)
                 .ok_or_else(|| Error::arg("quantized ADD: bad output multiplier"))?,
         };
-        let mut out = vec![0u8; a.len()];
-        if qconv::add(
-            &p,
-            dt == DType::I8,
-            &a.bytes()[..],
-            &b.bytes()[..],
-            &mut out,
-        ) {
-            let mut t = Tensor::from_vec_dtype(dt, a.shape().to_vec(), out)?;
-            t.quant = Some(Quant::per_tensor(so, zo));
-            return Ok(t);
-        }
+        let signed = dt == DType::I8;
+        return q8_elementwise(dt, a.len(), a.shape(), so, zo, |off, o| {
+            let r = off..off + o.len();
+            qconv::add(&p, signed, &a.bytes()[r.clone()], &b.bytes()[r], o)
+        });
     }
     let t = broadcast_binary::<i32, i32>(&i32_tensor(a)?, &i32_tensor(b)?, |x, y| {
         let x = m1.apply((x - z1).wrapping_mul(1 << left_shift));
@@ -152,6 +156,32 @@ fn q_add_sub(ctx: &OpCtx<'_>, a: &Tensor, b: &Tensor, negate: bool) -> Result<Te
         t.to_vec::<i32>()?,
         Some(Quant::per_tensor(so, zo)),
     )
+}
+
+/// An 8-bit output of `n` values computed by `part(offset, out)` over parts of the output
+/// split across the running executor's threads (one below [`crate::par::MIN_PARALLEL_ELEMS`]);
+/// `part` returns `false` when its operands do not match.
+fn q8_elementwise(
+    dt: DType,
+    n: usize,
+    shape: &[usize],
+    scale: f32,
+    zp: i32,
+    part: impl Fn(usize, &mut [u8]) -> bool + Sync,
+) -> Result<Tensor> {
+    let mut out = vec![0u8; n];
+    crate::par::for_slices(crate::arena::threads(), &mut out, |off, o| {
+        if part(off, o) {
+            Ok(())
+        } else {
+            Err(Error::arg(
+                "quantized elementwise op: operand sizes do not match",
+            ))
+        }
+    })?;
+    let mut t = Tensor::from_vec_dtype(dt, shape.to_vec(), out)?;
+    t.quant = Some(Quant::per_tensor(scale, zp));
+    Ok(t)
 }
 
 fn add(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
@@ -382,12 +412,10 @@ fn quantize(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         // The vectorized kernel: the same rounding as `quant1`.
         let (s, z) = qparams(ctx, "out0", None)?;
         let xv = x.as_slice::<f32>()?;
-        let mut out = vec![0u8; xv.len()];
-        if qconv::quantize_f32(&xv, s, z, lo, hi, &mut out) {
-            let mut t = Tensor::from_vec_dtype(dt, x.shape().to_vec(), out)?;
-            t.quant = Some(q);
-            return Ok(vec![t]);
-        }
+        let t = q8_elementwise(dt, xv.len(), x.shape(), s, z, |off, o| {
+            qconv::quantize_f32(&xv[off..off + o.len()], s, z, lo, hi, o)
+        })?;
+        return Ok(vec![t]);
     }
     let out: Vec<i32> = if x.dtype().is_float() {
         let xv = float_in(x)?;
