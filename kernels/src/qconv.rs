@@ -501,6 +501,42 @@ pub(crate) fn qgemm_requant_body(p: &QgemmRq<'_>, out: &mut [u8], ldc: usize) {
     let mut add = vec![0i32; t.nr + LANES];
     let zb = pb.sums().1;
     let bdata = pb.data();
+    // The float mode on the in-place AVX-512 VNNI tile: tile and epilogue in one kernel.
+    #[cfg(target_arch = "x86_64")]
+    if direct
+        && p.rq.is_float()
+        && t.mr == 8
+        && crate::arch::x86_64::qgemm_rows_float_supported(pb.variant())
+    {
+        let ep = crate::arch::x86_64::FloatEpilogue {
+            colc: &p.colc,
+            scale: &p.rq.fscale,
+            zp: p.rq.zp,
+            lo: p.rq.lo.wrapping_sub(p.rq.zp) as f32,
+            hi: p.rq.hi.wrapping_sub(p.rq.zp) as f32,
+        };
+        for i0 in (0..m).step_by(t.mr) {
+            let h = t.mr.min(m - i0);
+            for (i, st) in starts.iter_mut().enumerate() {
+                *st = (i0 + i.min(h - 1)) * p.a.rs;
+            }
+            let ran = crate::arch::x86_64::qgemm_rows_float(
+                pb.variant(),
+                groups,
+                p.a.data,
+                &starts,
+                h,
+                p.flip,
+                bdata,
+                n,
+                &ep,
+                &mut out[i0 * ldc..],
+                ldc,
+            );
+            assert!(ran, "qgemm_requant: fused rows fit (checked on entry)");
+        }
+        return;
+    }
     // Narrow outputs (one column panel, `n` divides LANES, rows back to back in `out`, as
     // in a first convolution with 8 output channels): the tile's rows are requantized as
     // one stream, LANES lanes at a time with the channel parameters repeated every `n`
@@ -1590,7 +1626,16 @@ mod tests {
                             fv, rows, za, &pb, &bias, &rqf, &mut out, n
                         ));
                         assert_eq!(out, wantf, "float mode {iv:?} {fv:?} m={m} n={n} k={k}");
+                        // Rows apart in the output: the bytes between them stay untouched.
                         let ldc = n + 2;
+                        let mut out = vec![0xAAu8; m * ldc];
+                        assert!(qgemm_requant_with(
+                            fv, rows, za, &pb, &bias, &rqf, &mut out, ldc
+                        ));
+                        for i in 0..m {
+                            assert_eq!(out[i * ldc..i * ldc + n], wantf[i * n..(i + 1) * n]);
+                            assert_eq!(out[i * ldc + n..i * ldc + ldc], [0xAA, 0xAA]);
+                        }
                         let mut out = vec![0xAAu8; m * ldc];
                         assert!(qgemm_requant_with(
                             fv, rows, za, &pb, &bias, &rq, &mut out, ldc

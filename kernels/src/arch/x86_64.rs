@@ -386,6 +386,192 @@ unsafe fn qtile_rows_avx512vnni(
     }
 }
 
+/// The float-mode epilogue of [`qgemm_rows_float`]: column `j`'s output is
+/// `clamp(rne(f32(acc + colc[j]) * scale[j]), lo, hi) + zp`, `lo` and `hi` being the output
+/// bounds less the zero point (`qconv::float_lane`).
+pub(crate) struct FloatEpilogue<'a> {
+    pub colc: &'a [i32],
+    pub scale: &'a [f32],
+    pub zp: i32,
+    pub lo: f32,
+    pub hi: f32,
+}
+
+/// Whether [`qgemm_rows_float`] runs `variant` on this CPU.
+pub(crate) fn qgemm_rows_float_supported(variant: Variant) -> bool {
+    variant == Variant::Avx512Vnni
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
+}
+
+/// Up to 8 rows of a quantized GEMM against every column panel of `b`, requantized in
+/// registers: [`qtile_rows`]'s 8x32 tile (row `i` read in place at `a[starts[i]..]`) with
+/// the float-mode epilogue fused, so accumulators never go through memory and the epilogue's
+/// constants are loaded once per panel instead of once per row. Row `i < h` of the result
+/// goes to `out[i * ldc..][..n]`; rows `h..8` (which repeat a real row) are not stored.
+/// Returns `false` (touching nothing) for another variant or bad lengths.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn qgemm_rows_float(
+    variant: Variant,
+    groups: usize,
+    a: &[u8],
+    starts: &[usize],
+    h: usize,
+    flip: u8,
+    b: &[u8],
+    n: usize,
+    ep: &FloatEpilogue<'_>,
+    out: &mut [u8],
+    ldc: usize,
+) -> bool {
+    const MR: usize = 8;
+    let panels = n.div_ceil(32);
+    let rows_fit = starts.len() >= MR
+        && starts[..MR]
+            .iter()
+            .all(|&s| s.checked_add(groups * 4).is_some_and(|e| e <= a.len()));
+    let out_fits = (1..=MR).contains(&h)
+        && n <= ldc
+        && (h - 1)
+            .checked_mul(ldc)
+            .and_then(|v| v.checked_add(n))
+            .is_some_and(|e| e <= out.len());
+    if !rows_fit
+        || !out_fits
+        || panels.checked_mul(groups * 128).is_none_or(|l| b.len() < l)
+        || ep.colc.len() < n
+        || ep.scale.len() < n
+        || !qgemm_rows_float_supported(variant)
+    {
+        return false;
+    }
+    let x = i32::from_ne_bytes([flip; 4]);
+    let r: [*const u8; MR] = std::array::from_fn(|i| a[starts[i]..].as_ptr());
+    // SAFETY: the CPU has AVX-512F/BW/VL and VNNI (checked above); every row holds
+    // groups * 4 bytes, B holds `panels` panels of groups * 128 bytes, the epilogue's columns
+    // and the h stored rows of n bytes at stride ldc are in bounds (checked above).
+    unsafe {
+        qgemm_rows_float_avx512vnni(groups, &r, h, x, b.as_ptr(), n, ep, out.as_mut_ptr(), ldc)
+    };
+    true
+}
+
+/// # Safety
+/// The CPU must support AVX-512F, BW, VL and VNNI; see [`qgemm_rows_float`] for the lengths
+/// each pointer must be valid for.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn qgemm_rows_float_avx512vnni(
+    groups: usize,
+    rows: &[*const u8; 8],
+    h: usize,
+    flip: i32,
+    b: *const u8,
+    n: usize,
+    ep: &FloatEpilogue<'_>,
+    out: *mut u8,
+    ldc: usize,
+) {
+    let f = _mm512_set1_epi32(flip);
+    let (lo, hi) = (_mm512_set1_ps(ep.lo), _mm512_set1_ps(ep.hi));
+    const MAGIC: f32 = 12_582_912.0;
+    let magic = _mm512_set1_ps(MAGIC);
+    // rne_small's bias less the zero point: one subtraction gives the rounded value plus zp.
+    let unbias = _mm512_set1_epi32((MAGIC.to_bits() as i32).wrapping_sub(ep.zp));
+    for (jp, j0) in (0..n).step_by(32).enumerate() {
+        let w = (n - j0).min(32);
+        // Lanes of each half that hold real columns.
+        let m0: __mmask16 = if w >= 16 { 0xffff } else { (1u16 << w) - 1 };
+        let m1: __mmask16 = if w >= 32 {
+            0xffff
+        } else if w > 16 {
+            (1u16 << (w - 16)) - 1
+        } else {
+            0
+        };
+        // SAFETY: panel jp of B is in bounds.
+        let bp = unsafe { b.add(jp * groups * 128) };
+        // SAFETY: the masked loads read only columns j0..j0 + w, all < n.
+        let (c0, c1, s0, s1) = unsafe {
+            (
+                _mm512_maskz_loadu_epi32(m0, ep.colc.as_ptr().add(j0)),
+                _mm512_maskz_loadu_epi32(m1, ep.colc.as_ptr().add(j0 + 16)),
+                _mm512_maskz_loadu_ps(m0, ep.scale.as_ptr().add(j0)),
+                _mm512_maskz_loadu_ps(m1, ep.scale.as_ptr().add(j0 + 16)),
+            )
+        };
+        let mut r = [[_mm512_setzero_si512(); 2]; 8];
+        if m1 != 0 {
+            for g in 0..groups {
+                // SAFETY: g < groups: the 128 bytes at bp + g*128 and the 4 at rows[i] + g*4
+                // are in bounds.
+                unsafe {
+                    let b0 = _mm512_loadu_si512(bp.add(g * 128) as *const _);
+                    let b1 = _mm512_loadu_si512(bp.add(g * 128 + 64) as *const _);
+                    for (ri, &row) in r.iter_mut().zip(rows) {
+                        let v = (row.add(g * 4) as *const i32).read_unaligned();
+                        let x = _mm512_xor_si512(_mm512_set1_epi32(v), f);
+                        ri[0] = _mm512_dpbusd_epi32(ri[0], x, b0);
+                        ri[1] = _mm512_dpbusd_epi32(ri[1], x, b1);
+                    }
+                }
+            }
+        } else {
+            // At most 16 columns: the panel's second half is zero padding.
+            for g in 0..groups {
+                // SAFETY: as above.
+                unsafe {
+                    let b0 = _mm512_loadu_si512(bp.add(g * 128) as *const _);
+                    for (ri, &row) in r.iter_mut().zip(rows) {
+                        let v = (row.add(g * 4) as *const i32).read_unaligned();
+                        let x = _mm512_xor_si512(_mm512_set1_epi32(v), f);
+                        ri[0] = _mm512_dpbusd_epi32(ri[0], x, b0);
+                    }
+                }
+            }
+        }
+        let requant = |acc: __m512i, c: __m512i, s: __m512| -> __m128i {
+            let v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc, c)), s);
+            let v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+            let q = _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(v, magic)), unbias);
+            in_register_m128(_mm512_cvtepi32_epi8(q))
+        };
+        for (i, ri) in r.iter().enumerate().take(h) {
+            // SAFETY: row i < h of the output holds columns j0..j0 + w (checked by the
+            // caller); the masked stores write only those.
+            unsafe {
+                let o = out.add(i * ldc + j0);
+                let q0 = requant(ri[0], c0, s0);
+                if m0 == 0xffff {
+                    _mm_storeu_si128(o as *mut __m128i, q0);
+                } else {
+                    _mm_mask_storeu_epi8(o as *mut i8, m0, q0);
+                }
+                if m1 != 0 {
+                    let q1 = requant(ri[1], c1, s1);
+                    if m1 == 0xffff {
+                        _mm_storeu_si128(o.add(16) as *mut __m128i, q1);
+                    } else {
+                        _mm_mask_storeu_epi8(o.add(16) as *mut i8, m1, q1);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `x` unchanged, after the compiler had to hold it in a register (see [`in_register`]).
+#[inline(always)]
+fn in_register_m128(mut x: __m128i) -> __m128i {
+    // SAFETY: an empty asm block that neither reads memory nor changes the value.
+    unsafe {
+        std::arch::asm!("/* {0} */", inout(xmm_reg) x, options(pure, nomem, nostack, preserves_flags));
+    }
+    x
+}
+
 /// 6x16 int8 tile with AVX-VNNI (`vpdpbusd` on ymm): 12 ymm accumulators.
 ///
 /// # Safety
