@@ -681,6 +681,90 @@ pub struct Depthwise<'a> {
     pub w: &'a [i32],
     pub bias: &'a [i32],
     pub rq: &'a Requant,
+    /// The same layer prepared for the x86 VNNI 3x3 kernel ([`DwPack::new`]), when it
+    /// applies; interior pixels then go through it.
+    pub pack: Option<&'a DwPack>,
+}
+
+/// A 3x3 depthwise layer's weights and epilogue laid out for the AVX-512 VNNI kernel
+/// (`vpdpbusd` over the three taps of a kernel row and a zero fourth): per block of 64
+/// channels and kernel row, four vectors whose dword `4 * lane + i` holds the row's three
+/// weights of channel `16 * lane + 4 * q + i` of the block (`q` the vector); the column
+/// constants (bias less the zero-point terms) and float scales in the same order.
+#[derive(Clone, Debug)]
+pub struct DwPack {
+    pub(crate) c: usize,
+    pub(crate) w: Vec<u8>,
+    pub(crate) colc: Vec<i32>,
+    pub(crate) scale: Vec<f32>,
+    pub(crate) flip: u8,
+}
+
+impl DwPack {
+    /// For a 3x3 layer of `c` channels (`w` as in [`Depthwise::w`]) with the float-mode
+    /// requantization `rq` (one scale per channel or one for all); `None` when the kernel
+    /// does not apply: another requantization, `c` not a multiple of 16, weights beyond i8,
+    /// or a CPU without AVX-512 VNNI (BW) under the selected int8 variant.
+    pub fn new(
+        w: &[i32],
+        bias: &[i32],
+        xz: i32,
+        signed: bool,
+        rq: &Requant,
+        c: usize,
+    ) -> Option<DwPack> {
+        #[cfg(target_arch = "x86_64")]
+        let ok = crate::arch::x86_64::dw3x3_float_supported(dispatch::selected_int8());
+        #[cfg(not(target_arch = "x86_64"))]
+        let ok = false;
+        let fits = |v: i32| (-128..=127).contains(&v);
+        if !ok
+            || !rq.is_float()
+            || c == 0
+            || !c.is_multiple_of(16)
+            || w.len() < 9 * c
+            || bias.len() < c
+            || !w[..9 * c].iter().all(|&v| fits(v))
+        {
+            return None;
+        }
+        let blocks = c.div_ceil(64);
+        let scale_of = |ch: usize| rq.fscale[if rq.channels() == 1 { 0 } else { ch }];
+        // vpdpbusd multiplies unsigned activations: i8 ones are read as x ^ 0x80 = x + 128,
+        // whose extra 128 * sum(w) the column constant takes back.
+        let extra = if signed { 128 } else { 0 };
+        let mut pk = DwPack {
+            c,
+            w: vec![0u8; blocks * 3 * 4 * 64],
+            colc: vec![0i32; blocks * 64],
+            scale: vec![0f32; blocks * 64],
+            flip: if signed { 0x80 } else { 0 },
+        };
+        for blk in 0..blocks {
+            for q in 0..4 {
+                for lane in 0..4 {
+                    for i in 0..4 {
+                        let ch = blk * 64 + 16 * lane + 4 * q + i;
+                        if ch >= c {
+                            continue;
+                        }
+                        let slot = blk * 64 + q * 16 + lane * 4 + i;
+                        let sw = (0..9).fold(0i32, |a, t| a.wrapping_add(w[t * c + ch]));
+                        pk.colc[slot] =
+                            bias[ch].wrapping_sub(xz.wrapping_add(extra).wrapping_mul(sw));
+                        pk.scale[slot] = scale_of(ch);
+                        for ky in 0..3 {
+                            let at = ((blk * 3 + ky) * 4 + q) * 64 + (lane * 4 + i) * 4;
+                            for kx in 0..3 {
+                                pk.w[at + kx] = w[(ky * 3 + kx) * c + ch] as i8 as u8;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Some(pk)
+    }
 }
 
 impl Depthwise<'_> {
@@ -782,7 +866,17 @@ fn depthwise_t<const S: bool>(p: &Depthwise<'_>, rows: Range<usize>, out: &mut [
         let interior = if fast && row_inside && ox_lo < ox_hi {
             let o = &mut out[(r * p.ow + ox_lo) * c..(r * p.ow + ox_hi) * c];
             let base = ((y0 - p.pt) * p.iw + (ox_lo * p.sw - p.pl)) * c;
-            dw3x3_interior::<S>(p, &offs, &badj, base, ox_hi - ox_lo, o);
+            let step = p.sw * c;
+            #[cfg(target_arch = "x86_64")]
+            let done = p.pack.is_some_and(|pk| {
+                let rq = (p.rq.zp, p.rq.lo, p.rq.hi);
+                crate::arch::x86_64::dw3x3_float(pk, p.x, &offs, base, step, rq, o)
+            });
+            #[cfg(not(target_arch = "x86_64"))]
+            let done = false;
+            if !done {
+                dw3x3_interior::<S>(p, &offs, &badj, base, ox_hi - ox_lo, o);
+            }
             ox_lo..ox_hi
         } else {
             0..0
@@ -1712,6 +1806,7 @@ mod tests {
                     w: &w,
                     bias: &bias,
                     rq: &rq,
+                    pack: None,
                 };
                 let want = depthwise_reference(&p, &mults);
                 for v in float_variants() {
@@ -1852,5 +1947,99 @@ mod tests {
                 assert_eq!(out, want, "{v:?}");
             }
         }
+    }
+    /// The float-mode 3x3 layers through [`DwPack`] (x86 VNNI where the CPU has it) against
+    /// plain sums requantized by [`requant_float_ref`]: channel counts below, at and above a
+    /// block of 64, strides 1 and 2, dilation, u8 and i8, extreme weights.
+    #[test]
+    fn depthwise_pack_matches_the_float_reference() {
+        let mut r = Rng(31);
+        // (ih, iw, c, stride, dilation, pad)
+        let cases = [
+            (7, 9, 16, 1, 1, 1),
+            (12, 11, 96, 2, 1, 1),
+            (6, 13, 144, 1, 1, 0),
+            (10, 7, 64, 1, 2, 2),
+            (9, 10, 32, 2, 1, 0),
+        ];
+        let mut packed_runs = 0;
+        for &(ih, iw, c, s, d, pad) in &cases {
+            let eff = 2 * d + 1;
+            let oh = (ih + 2 * pad - eff) / s + 1;
+            let ow = (iw + 2 * pad - eff) / s + 1;
+            let x = r.bytes(ih * iw * c);
+            let mut w: Vec<i32> = (0..9 * c).map(|_| r.i(-127, 127)).collect();
+            w[0] = -128;
+            w[1] = 127;
+            let bias: Vec<i32> = (0..c).map(|_| r.i(-30_000, 30_000)).collect();
+            let scales: Vec<f32> = (0..c).map(|_| r.i(1, 4000) as f32 * 2.1e-5).collect();
+            for signed in [true, false] {
+                // Outputs of the other type on the second pass of a case (ONNX allows it).
+                let (xz, zp, lo, hi) = match (signed, c % 32 == 0) {
+                    (true, false) => (-3, 4, -128, 127),
+                    (true, true) => (-3, 131, 0, 255),
+                    (false, false) => (131, 7, 0, 255),
+                    (false, true) => (131, -9, -128, 127),
+                };
+                let rq = Requant::new_float(&scales, zp, lo, hi).unwrap();
+                let pack = DwPack::new(&w, &bias, xz, signed, &rq, c);
+                let p = Depthwise {
+                    x: &x,
+                    signed,
+                    xz,
+                    ih,
+                    iw,
+                    c,
+                    oh,
+                    ow,
+                    kh: 3,
+                    kw: 3,
+                    sh: s,
+                    sw: s,
+                    dh: d,
+                    dw: d,
+                    pt: pad,
+                    pl: pad,
+                    w: &w,
+                    bias: &bias,
+                    rq: &rq,
+                    pack: pack.as_ref(),
+                };
+                let mut want = Vec::new();
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        for ch in 0..c {
+                            let mut acc = bias[ch];
+                            for t in 0..9 {
+                                let iy = (oy * s + (t / 3) * d) as isize - pad as isize;
+                                let ix = (ox * s + (t % 3) * d) as isize - pad as isize;
+                                if iy < 0 || ix < 0 || iy >= ih as isize || ix >= iw as isize {
+                                    continue;
+                                }
+                                let b = x[(iy as usize * iw + ix as usize) * c + ch];
+                                let v = if signed { b as i8 as i32 } else { b as i32 };
+                                acc = acc.wrapping_add((v - xz) * w[t * c + ch]);
+                            }
+                            want.push(requant_float_ref(acc, scales[ch], zp, lo, hi) as u8);
+                        }
+                    }
+                }
+                for v in float_variants() {
+                    let mut out = vec![0xAAu8; oh * ow * c];
+                    assert!(depthwise_with(v, &p, 0..oh, &mut out));
+                    assert_eq!(out, want, "{v:?} c={c} s={s} d={d} signed={signed}");
+                }
+                packed_runs += usize::from(pack.is_some());
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if crate::arch::x86_64::dw3x3_float_supported(dispatch::selected_int8()) {
+            assert_eq!(
+                packed_runs,
+                2 * cases.len(),
+                "every case ran the packed kernel"
+            );
+        }
+        let _ = packed_runs;
     }
 }

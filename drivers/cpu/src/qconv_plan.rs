@@ -12,7 +12,7 @@
 
 use edgehal_core::graph::Graph;
 use edgehal_core::{DType, Node, Quant, Result, Tensor};
-use edgehal_kernels::qconv::{self, Depthwise, Requant, Rows};
+use edgehal_kernels::qconv::{self, Depthwise, DwPack, Requant, Rows};
 use edgehal_kernels::qgemm::{PackedB, QMat};
 
 use crate::ops::tflite::nn::{self, bias_i32, dims4, weight_zps, Geo};
@@ -37,8 +37,14 @@ enum Kind {
         kw: usize,
         packed: PackedB,
     },
-    /// `DepthwiseConv2D` with depth multiplier 1: `[kh][kw][c]` weights minus their zero points.
-    Depthwise { kh: usize, kw: usize, w: Vec<i32> },
+    /// `DepthwiseConv2D` with depth multiplier 1: `[kh][kw][c]` weights minus their zero
+    /// points; 3x3 layers also laid out for the x86 VNNI kernel where it applies.
+    Depthwise {
+        kh: usize,
+        kw: usize,
+        w: Vec<i32>,
+        pack: Option<DwPack>,
+    },
 }
 
 /// One prepared quantized layer (see the module doc).
@@ -117,16 +123,17 @@ impl QConvPlan {
             }
             None => {
                 let wv = crate::ops::tflite::q_to_i32(w).ok()?;
-                let w = wv
+                let w: Vec<i32> = wv
                     .iter()
                     .enumerate()
                     .map(|(i, &v)| v - wz[i % oc])
                     .collect();
-                Kind::Depthwise {
-                    kh: ws[1],
-                    kw: ws[2],
-                    w,
-                }
+                let (kh, kw) = (ws[1], ws[2]);
+                let signed = x_dtype == DType::I8;
+                let pack = ((kh, kw) == (3, 3))
+                    .then(|| DwPack::new(&w, &bias, xz, signed, &rq, oc))
+                    .flatten();
+                Kind::Depthwise { kh, kw, w, pack }
             }
         };
         Some(QConvPlan {
@@ -205,7 +212,7 @@ impl QConvPlan {
                 }
                 (vec![g.n, g.oh, g.ow, oc], out)
             }
-            Kind::Depthwise { kh, kw, w } => {
+            Kind::Depthwise { kh, kw, w, pack } => {
                 let xd = dims4(x, "input")?;
                 if xd[3] != oc {
                     return (self.fallback)(ctx, ins);
@@ -241,6 +248,7 @@ impl QConvPlan {
                         w,
                         bias: &self.bias,
                         rq: &self.rq,
+                        pack: pack.as_ref(),
                     };
                     for_parts(t, g.oh, row, o, |r, part| {
                         if qconv::depthwise(&p, r, part) {

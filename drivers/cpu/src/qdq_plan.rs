@@ -17,7 +17,7 @@
 
 use edgehal_core::graph::Graph;
 use edgehal_core::{DType, Error, Node, Result, Tensor};
-use edgehal_kernels::qconv::{self, Depthwise, Requant};
+use edgehal_kernels::qconv::{self, Depthwise, DwPack, Requant};
 use edgehal_kernels::qgemm::{PackedB, QMat};
 
 use crate::conv_plan::FUSED_DOMAIN;
@@ -171,8 +171,9 @@ fn f32s(t: &Tensor) -> Option<Vec<f32>> {
 enum Kind {
     /// Group 1: weights `k x m` with depth order `[kh][kw][c]`.
     Gemm(PackedB),
-    /// Depthwise (group = channels = outputs): `[kh][kw][c]` weights minus their zero points.
-    Depthwise(Vec<i32>),
+    /// Depthwise (group = channels = outputs): `[kh][kw][c]` weights minus their zero points,
+    /// and for 3x3 layers the x86 VNNI kernel's layout where it applies.
+    Depthwise(Vec<i32>, Option<DwPack>),
 }
 
 /// One prepared NHWC quantized convolution (see the module doc).
@@ -309,7 +310,11 @@ impl QdqConvPlan {
                     wd[t * m + o] = wv[o * taps + t] - z;
                 }
             }
-            (m, Kind::Depthwise(wd))
+            let rq = rq.widen(m);
+            let pack = ((kh, kw) == (3, 3))
+                .then(|| DwPack::new(&wd, &bias, xz[0], x_dtype == DType::I8, &rq, m))
+                .flatten();
+            (m, Kind::Depthwise(wd, pack))
         } else {
             return None;
         };
@@ -376,7 +381,7 @@ impl QdqConvPlan {
                         self.gemm_im2col(xi, signed, [ih, iw, ow], oh * ow, pb, o, threads)?;
                     }
                 }
-                Kind::Depthwise(w) => {
+                Kind::Depthwise(w, pack) => {
                     let p = Depthwise {
                         x: xi,
                         signed,
@@ -397,6 +402,7 @@ impl QdqConvPlan {
                         w,
                         bias: &self.bias,
                         rq: &self.rq,
+                        pack: pack.as_ref(),
                     };
                     let row = ow * c;
                     let t = if oh * row * kh * kw >= MIN_PARALLEL_MACS {

@@ -562,6 +562,166 @@ unsafe fn qgemm_rows_float_avx512vnni(
     }
 }
 
+/// Whether [`dw3x3_float`] runs under int8 `variant` on this CPU.
+pub(crate) fn dw3x3_float_supported(variant: Variant) -> bool {
+    variant == Variant::Avx512Vnni
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vnni")
+}
+
+/// `out.len() / c` consecutive output pixels of a 3x3 depthwise layer prepared as `pk`, all
+/// windows inside the image: pixel `i`'s tap `t` reads `x[base + i * step + offs[t]..]`,
+/// `c` channels. Per kernel row, the three taps' bytes are interleaved into dwords
+/// (`vpunpck*`) and meet the packed weights in one `vpdpbusd` per 16 channels; the float
+/// epilogue runs in registers and `vpack*` puts the channels back in order. `rq` is the
+/// output `(zp, lo, hi)`; `lo..=hi` inside `0..=255` makes u8 outputs, inside `-128..=127`
+/// i8 ones. Returns `false` (touching nothing) for a pack of another width, other bounds,
+/// bad lengths or an unsupported CPU.
+pub(crate) fn dw3x3_float(
+    pk: &crate::qconv::DwPack,
+    x: &[u8],
+    offs: &[usize; 9],
+    base: usize,
+    step: usize,
+    rq: (i32, i32, i32),
+    out: &mut [u8],
+) -> bool {
+    let c = pk.c;
+    let (_, lo, hi) = rq;
+    let signed = match (lo, hi) {
+        (0..=255, 0..=255) => false,
+        (-128..=127, -128..=127) => true,
+        _ => return false,
+    };
+    if c == 0 || !out.len().is_multiple_of(c) || !dw3x3_float_supported(Variant::Avx512Vnni) {
+        return false;
+    }
+    let n = out.len() / c;
+    let blocks = c.div_ceil(64);
+    let reach = offs.iter().max().copied().unwrap_or(0);
+    let fits = n == 0
+        || (n - 1)
+            .checked_mul(step)
+            .and_then(|v| v.checked_add(base))
+            .and_then(|v| v.checked_add(reach))
+            .and_then(|v| v.checked_add(c))
+            .is_some_and(|e| e <= x.len());
+    if !fits
+        || pk.w.len() < blocks * 768
+        || pk.colc.len() < blocks * 64
+        || pk.scale.len() < blocks * 64
+    {
+        return false;
+    }
+    let (zp, lo, hi) = rq;
+    let ep = (zp, lo.wrapping_sub(zp) as f32, hi.wrapping_sub(zp) as f32);
+    // SAFETY: the CPU has AVX-512F/BW and VNNI (checked above); every pixel's taps read c
+    // bytes inside x, the pack holds `blocks` blocks and out holds n pixels of c bytes
+    // (checked above).
+    unsafe {
+        dw3x3_float_avx512vnni(
+            pk,
+            x.as_ptr().add(base),
+            offs,
+            step,
+            n,
+            ep,
+            signed,
+            out.as_mut_ptr(),
+        )
+    };
+    true
+}
+
+/// # Safety
+/// The CPU must support AVX-512F, BW and VNNI; see [`dw3x3_float`] for the lengths.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dw3x3_float_avx512vnni(
+    pk: &crate::qconv::DwPack,
+    x: *const u8,
+    offs: &[usize; 9],
+    step: usize,
+    n: usize,
+    (zp, lo, hi): (i32, f32, f32),
+    signed: bool,
+    out: *mut u8,
+) {
+    let c = pk.c;
+    let flip = _mm512_set1_epi8(pk.flip as i8);
+    let (lo, hi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+    const MAGIC: f32 = 12_582_912.0;
+    let magic = _mm512_set1_ps(MAGIC);
+    let unbias = _mm512_set1_epi32((MAGIC.to_bits() as i32).wrapping_sub(zp));
+    for blk in 0..c.div_ceil(64) {
+        let cb = blk * 64;
+        let cw = (c - cb).min(64);
+        let mask: __mmask64 = if cw == 64 { !0 } else { (1u64 << cw) - 1 };
+        // SAFETY: the pack holds block blk (checked by the caller).
+        let (wv, cc, sc) = unsafe {
+            let wp = pk.w.as_ptr().add(blk * 768);
+            let wv: [[__m512i; 4]; 3] = std::array::from_fn(|ky| {
+                std::array::from_fn(|q| _mm512_loadu_si512(wp.add((ky * 4 + q) * 64) as *const _))
+            });
+            let cc: [__m512i; 4] = std::array::from_fn(|q| {
+                _mm512_loadu_si512(pk.colc.as_ptr().add(cb + q * 16) as *const _)
+            });
+            let sc: [__m512; 4] =
+                std::array::from_fn(|q| _mm512_loadu_ps(pk.scale.as_ptr().add(cb + q * 16)));
+            (wv, cc, sc)
+        };
+        for i in 0..n {
+            // SAFETY: pixel i < n: its taps' bytes cb..cb + cw are inside x, its output
+            // bytes inside out (checked by the caller); the masked loads and store touch
+            // only those.
+            unsafe {
+                let px = x.add(i * step + cb);
+                let load = |t: usize| {
+                    let v = if cw == 64 {
+                        _mm512_loadu_si512(px.add(offs[t]) as *const _)
+                    } else {
+                        _mm512_maskz_loadu_epi8(mask, px.add(offs[t]) as *const i8)
+                    };
+                    _mm512_xor_si512(v, flip)
+                };
+                let mut acc = cc;
+                for (ky, w) in wv.iter().enumerate() {
+                    let (a, b, t2) = (load(ky * 3), load(ky * 3 + 1), load(ky * 3 + 2));
+                    let ab_lo = _mm512_unpacklo_epi8(a, b);
+                    let ab_hi = _mm512_unpackhi_epi8(a, b);
+                    // The fourth byte of each dword meets a zero weight: any value will do.
+                    let c_lo = _mm512_unpacklo_epi8(t2, t2);
+                    let c_hi = _mm512_unpackhi_epi8(t2, t2);
+                    acc[0] = _mm512_dpbusd_epi32(acc[0], _mm512_unpacklo_epi16(ab_lo, c_lo), w[0]);
+                    acc[1] = _mm512_dpbusd_epi32(acc[1], _mm512_unpackhi_epi16(ab_lo, c_lo), w[1]);
+                    acc[2] = _mm512_dpbusd_epi32(acc[2], _mm512_unpacklo_epi16(ab_hi, c_hi), w[2]);
+                    acc[3] = _mm512_dpbusd_epi32(acc[3], _mm512_unpackhi_epi16(ab_hi, c_hi), w[3]);
+                }
+                let q: [__m512i; 4] = std::array::from_fn(|k| {
+                    let v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[k]), sc[k]);
+                    let v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+                    _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(v, magic)), unbias)
+                });
+                // Within each 128-bit lane the packs undo the unpacks' interleaving.
+                let w01 = _mm512_packs_epi32(q[0], q[1]);
+                let w23 = _mm512_packs_epi32(q[2], q[3]);
+                let b = if signed {
+                    _mm512_packs_epi16(w01, w23)
+                } else {
+                    _mm512_packus_epi16(w01, w23)
+                };
+                let o = out.add(i * c + cb);
+                if cw == 64 {
+                    _mm512_storeu_si512(o as *mut _, b);
+                } else {
+                    _mm512_mask_storeu_epi8(o as *mut i8, mask, b);
+                }
+            }
+        }
+    }
+}
+
 /// `x` unchanged, after the compiler had to hold it in a register (see [`in_register`]).
 #[inline(always)]
 fn in_register_m128(mut x: __m128i) -> __m128i {
