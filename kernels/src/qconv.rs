@@ -506,7 +506,7 @@ pub(crate) fn qgemm_requant_body(p: &QgemmRq<'_>, out: &mut [u8], ldc: usize) {
     if direct
         && p.rq.is_float()
         && t.mr == 8
-        && crate::arch::x86_64::qgemm_rows_float_supported(pb.variant())
+        && crate::arch::x86_64::qgemm_float_supported(pb.variant())
     {
         let ep = crate::arch::x86_64::FloatEpilogue {
             colc: &p.colc,
@@ -515,26 +515,28 @@ pub(crate) fn qgemm_requant_body(p: &QgemmRq<'_>, out: &mut [u8], ldc: usize) {
             lo: p.rq.lo.wrapping_sub(p.rq.zp) as f32,
             hi: p.rq.hi.wrapping_sub(p.rq.zp) as f32,
         };
-        for i0 in (0..m).step_by(t.mr) {
-            let h = t.mr.min(m - i0);
-            for (i, st) in starts.iter_mut().enumerate() {
-                *st = (i0 + i.min(h - 1)) * p.a.rs;
-            }
-            let ran = crate::arch::x86_64::qgemm_rows_float(
-                pb.variant(),
-                groups,
-                p.a.data,
-                &starts,
-                h,
-                p.flip,
-                bdata,
-                n,
-                &ep,
-                &mut out[i0 * ldc..],
-                ldc,
-            );
-            assert!(ran, "qgemm_requant: fused rows fit (checked on entry)");
-        }
+        let geo = crate::arch::x86_64::RowGeo {
+            per_line: usize::MAX,
+            line_step: 0,
+            col_step: p.a.rs,
+            segs: 1,
+            seg_step: 0,
+            seg_groups: groups,
+        };
+        let ran = crate::arch::x86_64::qgemm_float(
+            pb.variant(),
+            p.a.data,
+            0,
+            m,
+            &geo,
+            p.flip,
+            bdata,
+            n,
+            &ep,
+            out,
+            ldc,
+        );
+        assert!(ran, "qgemm_requant: fused rows fit (checked on entry)");
         return;
     }
     // Narrow outputs (one column panel, `n` divides LANES, rows back to back in `out`, as

@@ -386,7 +386,7 @@ unsafe fn qtile_rows_avx512vnni(
     }
 }
 
-/// The float-mode epilogue of [`qgemm_rows_float`]: column `j`'s output is
+/// The float-mode epilogue of [`qgemm_float`]: column `j`'s output is
 /// `clamp(rne(f32(acc + colc[j]) * scale[j]), lo, hi) + zp`, `lo` and `hi` being the output
 /// bounds less the zero point (`qconv::float_lane`).
 pub(crate) struct FloatEpilogue<'a> {
@@ -397,8 +397,8 @@ pub(crate) struct FloatEpilogue<'a> {
     pub hi: f32,
 }
 
-/// Whether [`qgemm_rows_float`] runs `variant` on this CPU.
-pub(crate) fn qgemm_rows_float_supported(variant: Variant) -> bool {
+/// Whether [`qgemm_float`] runs `variant` on this CPU.
+pub(crate) fn qgemm_float_supported(variant: Variant) -> bool {
     variant == Variant::Avx512Vnni
         && is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
@@ -406,19 +406,68 @@ pub(crate) fn qgemm_rows_float_supported(variant: Variant) -> bool {
         && is_x86_feature_detected!("avx512vnni")
 }
 
-/// Up to 8 rows of a quantized GEMM against every column panel of `b`, requantized in
-/// registers: [`qtile_rows`]'s 8x32 tile (row `i` read in place at `a[starts[i]..]`) with
-/// the float-mode epilogue fused, so accumulators never go through memory and the epilogue's
-/// constants are loaded once per panel instead of once per row. Row `i < h` of the result
-/// goes to `out[i * ldc..][..n]`; rows `h..8` (which repeat a real row) are not stored.
-/// Returns `false` (touching nothing) for another variant or bad lengths.
+/// Where the rows of A lie for [`qgemm_float`]: row `i` starts at
+/// `(i / per_line) * line_step + (i % per_line) * col_step`; its depth is `segs` segments of
+/// `seg_groups` groups of 4 bytes, segment `s` starting `s * seg_step` past the row's start.
+/// A plain row-major A is one line with `col_step` its row stride and one segment; an NHWC
+/// image read as its own im2col ("implicit GEMM") has one line per output row and one
+/// segment per kernel row.
+pub(crate) struct RowGeo {
+    pub per_line: usize,
+    pub line_step: usize,
+    pub col_step: usize,
+    pub segs: usize,
+    pub seg_step: usize,
+    pub seg_groups: usize,
+}
+
+impl RowGeo {
+    /// Groups of 4 depths per row.
+    pub fn groups(&self) -> usize {
+        self.segs * self.seg_groups
+    }
+
+    /// Bytes past a row's start that its groups read, `None` on overflow.
+    fn reach(&self) -> Option<usize> {
+        if self.groups() == 0 {
+            return Some(0);
+        }
+        (self.segs - 1)
+            .checked_mul(self.seg_step)?
+            .checked_add(self.seg_groups.checked_mul(4)?)
+    }
+
+    /// The largest start of rows `first..first + m` (starts grow along a line and from line
+    /// to line), `None` on overflow.
+    fn max_start(&self, first: usize, m: usize) -> Option<usize> {
+        let start = |i: usize| {
+            (i / self.per_line)
+                .checked_mul(self.line_step)?
+                .checked_add((i % self.per_line).checked_mul(self.col_step)?)
+        };
+        let last = first.checked_add(m.checked_sub(1)?)?;
+        let mut top = start(last)?;
+        let line_begin = last / self.per_line * self.per_line;
+        if line_begin > first {
+            top = top.max(start(line_begin - 1)?);
+        }
+        Some(top)
+    }
+}
+
+/// Rows `first..first + m` of a quantized GEMM (A's rows where `geo` puts them, each byte
+/// XORed with `flip`; `b` packed for the AVX-512 VNNI 8x32 tile with `geo.groups()` groups
+/// of 4 depths) against every column panel, requantized in registers with the float
+/// epilogue: accumulators never go through memory and the epilogue's constants are loaded
+/// once per panel. Row `first + i` of the result goes to `out[i * ldc..][..n]`. Returns
+/// `false` (touching nothing) for another variant or bad lengths.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn qgemm_rows_float(
+pub(crate) fn qgemm_float(
     variant: Variant,
-    groups: usize,
     a: &[u8],
-    starts: &[usize],
-    h: usize,
+    first: usize,
+    m: usize,
+    geo: &RowGeo,
     flip: u8,
     b: &[u8],
     n: usize,
@@ -426,15 +475,16 @@ pub(crate) fn qgemm_rows_float(
     out: &mut [u8],
     ldc: usize,
 ) -> bool {
-    const MR: usize = 8;
+    let groups = geo.groups();
     let panels = n.div_ceil(32);
-    let rows_fit = starts.len() >= MR
-        && starts[..MR]
-            .iter()
-            .all(|&s| s.checked_add(groups * 4).is_some_and(|e| e <= a.len()));
-    let out_fits = (1..=MR).contains(&h)
+    let rows_fit = geo.per_line > 0
+        && geo
+            .max_start(first, m)
+            .and_then(|s| s.checked_add(geo.reach()?))
+            .is_some_and(|e| e <= a.len());
+    let out_fits = m > 0
         && n <= ldc
-        && (h - 1)
+        && (m - 1)
             .checked_mul(ldc)
             .and_then(|v| v.checked_add(n))
             .is_some_and(|e| e <= out.len());
@@ -443,30 +493,90 @@ pub(crate) fn qgemm_rows_float(
         || panels.checked_mul(groups * 128).is_none_or(|l| b.len() < l)
         || ep.colc.len() < n
         || ep.scale.len() < n
-        || !qgemm_rows_float_supported(variant)
+        || !qgemm_float_supported(variant)
     {
         return false;
     }
     let x = i32::from_ne_bytes([flip; 4]);
-    let r: [*const u8; MR] = std::array::from_fn(|i| a[starts[i]..].as_ptr());
-    // SAFETY: the CPU has AVX-512F/BW/VL and VNNI (checked above); every row holds
-    // groups * 4 bytes, B holds `panels` panels of groups * 128 bytes, the epilogue's columns
-    // and the h stored rows of n bytes at stride ldc are in bounds (checked above).
+    // SAFETY: the CPU has AVX-512F/BW/VL and VNNI (checked above); every row's groups lie
+    // inside `a` (its largest start plus the farthest group, checked above), B holds `panels`
+    // panels of groups * 128 bytes, the epilogue's columns and the m stored rows of n bytes
+    // at stride ldc are in bounds (checked above).
     unsafe {
-        qgemm_rows_float_avx512vnni(groups, &r, h, x, b.as_ptr(), n, ep, out.as_mut_ptr(), ldc)
+        qgemm_float_avx512vnni(
+            a.as_ptr(),
+            first,
+            m,
+            geo,
+            x,
+            b.as_ptr(),
+            n,
+            ep,
+            out.as_mut_ptr(),
+            ldc,
+        )
     };
     true
 }
 
+/// `$body` for `$k` = 0..8 as literal indices: the accumulator array is then indexed by
+/// constants from the start and stays in registers (a loop, even one LLVM unrolls later,
+/// left it on the stack with a store after every `vpdpbusd`).
+macro_rules! each_row {
+    ($k:ident => $body:block) => {{
+        {
+            #[allow(non_upper_case_globals)]
+            const $k: usize = 0;
+            $body
+        }
+        {
+            #[allow(non_upper_case_globals)]
+            const $k: usize = 1;
+            $body
+        }
+        {
+            #[allow(non_upper_case_globals)]
+            const $k: usize = 2;
+            $body
+        }
+        {
+            #[allow(non_upper_case_globals)]
+            const $k: usize = 3;
+            $body
+        }
+        {
+            #[allow(non_upper_case_globals)]
+            const $k: usize = 4;
+            $body
+        }
+        {
+            #[allow(non_upper_case_globals)]
+            const $k: usize = 5;
+            $body
+        }
+        {
+            #[allow(non_upper_case_globals)]
+            const $k: usize = 6;
+            $body
+        }
+        {
+            #[allow(non_upper_case_globals)]
+            const $k: usize = 7;
+            $body
+        }
+    }};
+}
+
 /// # Safety
-/// The CPU must support AVX-512F, BW, VL and VNNI; see [`qgemm_rows_float`] for the lengths
-/// each pointer must be valid for.
+/// The CPU must support AVX-512F, BW, VL and VNNI; see [`qgemm_float`] for the lengths each
+/// pointer must be valid for.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn qgemm_rows_float_avx512vnni(
-    groups: usize,
-    rows: &[*const u8; 8],
-    h: usize,
+unsafe fn qgemm_float_avx512vnni(
+    a: *const u8,
+    first: usize,
+    m: usize,
+    geo: &RowGeo,
     flip: i32,
     b: *const u8,
     n: usize,
@@ -474,90 +584,129 @@ unsafe fn qgemm_rows_float_avx512vnni(
     out: *mut u8,
     ldc: usize,
 ) {
+    let groups = geo.groups();
     let f = _mm512_set1_epi32(flip);
     let (lo, hi) = (_mm512_set1_ps(ep.lo), _mm512_set1_ps(ep.hi));
     const MAGIC: f32 = 12_582_912.0;
     let magic = _mm512_set1_ps(MAGIC);
     // rne_small's bias less the zero point: one subtraction gives the rounded value plus zp.
     let unbias = _mm512_set1_epi32((MAGIC.to_bits() as i32).wrapping_sub(ep.zp));
-    for (jp, j0) in (0..n).step_by(32).enumerate() {
-        let w = (n - j0).min(32);
-        // Lanes of each half that hold real columns.
-        let m0: __mmask16 = if w >= 16 { 0xffff } else { (1u16 << w) - 1 };
-        let m1: __mmask16 = if w >= 32 {
-            0xffff
-        } else if w > 16 {
-            (1u16 << (w - 16)) - 1
-        } else {
-            0
-        };
-        // SAFETY: panel jp of B is in bounds.
-        let bp = unsafe { b.add(jp * groups * 128) };
-        // SAFETY: the masked loads read only columns j0..j0 + w, all < n.
-        let (c0, c1, s0, s1) = unsafe {
-            (
-                _mm512_maskz_loadu_epi32(m0, ep.colc.as_ptr().add(j0)),
-                _mm512_maskz_loadu_epi32(m1, ep.colc.as_ptr().add(j0 + 16)),
-                _mm512_maskz_loadu_ps(m0, ep.scale.as_ptr().add(j0)),
-                _mm512_maskz_loadu_ps(m1, ep.scale.as_ptr().add(j0 + 16)),
-            )
-        };
-        let mut r = [[_mm512_setzero_si512(); 2]; 8];
-        if m1 != 0 {
-            for g in 0..groups {
-                // SAFETY: g < groups: the 128 bytes at bp + g*128 and the 4 at rows[i] + g*4
-                // are in bounds.
-                unsafe {
-                    let b0 = _mm512_loadu_si512(bp.add(g * 128) as *const _);
-                    let b1 = _mm512_loadu_si512(bp.add(g * 128 + 64) as *const _);
-                    for (ri, &row) in r.iter_mut().zip(rows) {
-                        let v = (row.add(g * 4) as *const i32).read_unaligned();
-                        let x = _mm512_xor_si512(_mm512_set1_epi32(v), f);
-                        ri[0] = _mm512_dpbusd_epi32(ri[0], x, b0);
-                        ri[1] = _mm512_dpbusd_epi32(ri[1], x, b1);
-                    }
-                }
-            }
-        } else {
-            // At most 16 columns: the panel's second half is zero padding.
-            for g in 0..groups {
-                // SAFETY: as above.
-                unsafe {
-                    let b0 = _mm512_loadu_si512(bp.add(g * 128) as *const _);
-                    for (ri, &row) in r.iter_mut().zip(rows) {
-                        let v = (row.add(g * 4) as *const i32).read_unaligned();
-                        let x = _mm512_xor_si512(_mm512_set1_epi32(v), f);
-                        ri[0] = _mm512_dpbusd_epi32(ri[0], x, b0);
-                    }
+    let requant = |acc: __m512i, c: __m512i, s: __m512| -> __m128i {
+        let v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc, c)), s);
+        let v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+        let q = _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(v, magic)), unbias);
+        in_register_m128(_mm512_cvtepi32_epi8(q))
+    };
+    for i0 in (0..m).step_by(8) {
+        let h = (m - i0).min(8);
+        // Row pointers of this block (rows past h repeat the last; they are not stored),
+        // walking the line and column from one division.
+        let mut rows = [a; 8];
+        let (mut line, mut col) = ((first + i0) / geo.per_line, (first + i0) % geo.per_line);
+        for (k, r) in rows.iter_mut().enumerate() {
+            // SAFETY: the start of a row < first + m, at most the largest start (checked by
+            // the caller).
+            *r = unsafe { a.add(line * geo.line_step + col * geo.col_step) };
+            if k + 1 < h {
+                col += 1;
+                if col == geo.per_line {
+                    col = 0;
+                    line += 1;
                 }
             }
         }
-        let requant = |acc: __m512i, c: __m512i, s: __m512| -> __m128i {
-            let v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc, c)), s);
-            let v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
-            let q = _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(v, magic)), unbias);
-            in_register_m128(_mm512_cvtepi32_epi8(q))
-        };
-        for (i, ri) in r.iter().enumerate().take(h) {
-            // SAFETY: row i < h of the output holds columns j0..j0 + w (checked by the
-            // caller); the masked stores write only those.
-            unsafe {
-                let o = out.add(i * ldc + j0);
-                let q0 = requant(ri[0], c0, s0);
-                if m0 == 0xffff {
-                    _mm_storeu_si128(o as *mut __m128i, q0);
+        for (jp, j0) in (0..n).step_by(32).enumerate() {
+            let w = (n - j0).min(32);
+            // Lanes of each half that hold real columns.
+            let m0: __mmask16 = if w >= 16 { 0xffff } else { (1u16 << w) - 1 };
+            let m1: __mmask16 = if w >= 32 {
+                0xffff
+            } else if w > 16 {
+                (1u16 << (w - 16)) - 1
+            } else {
+                0
+            };
+            // SAFETY: panel jp of B is in bounds.
+            let bp = unsafe { b.add(jp * groups * 128) };
+            let mut r = [[_mm512_setzero_si512(); 2]; 8];
+            // One pass over the groups: `off` walks a segment 4 bytes at a time and jumps to
+            // the next segment's start.
+            let (mut off, mut seg_start, mut left) = (0usize, 0usize, geo.seg_groups);
+            let mut next = |off: &mut usize| {
+                left -= 1;
+                if left == 0 {
+                    seg_start += geo.seg_step;
+                    *off = seg_start;
+                    left = geo.seg_groups;
                 } else {
-                    _mm_mask_storeu_epi8(o as *mut i8, m0, q0);
+                    *off += 4;
                 }
-                if m1 != 0 {
-                    let q1 = requant(ri[1], c1, s1);
-                    if m1 == 0xffff {
-                        _mm_storeu_si128(o.add(16) as *mut __m128i, q1);
-                    } else {
-                        _mm_mask_storeu_epi8(o.add(16) as *mut i8, m1, q1);
+            };
+            if m1 != 0 {
+                for g in 0..groups {
+                    // SAFETY: the 128 bytes at bp + g*128 and the 4 at rows[i] + off are in
+                    // bounds (off is within the row's reach).
+                    unsafe {
+                        let b0 = _mm512_loadu_si512(bp.add(g * 128) as *const _);
+                        let b1 = _mm512_loadu_si512(bp.add(g * 128 + 64) as *const _);
+                        each_row!(k => {
+                            let v = (rows[k].add(off) as *const i32).read_unaligned();
+                            let x = _mm512_xor_si512(_mm512_set1_epi32(v), f);
+                            r[k][0] = _mm512_dpbusd_epi32(r[k][0], x, b0);
+                            r[k][1] = _mm512_dpbusd_epi32(r[k][1], x, b1);
+                        });
                     }
+                    next(&mut off);
+                }
+            } else {
+                // At most 16 columns: the panel's second half is zero padding.
+                for g in 0..groups {
+                    // SAFETY: as above.
+                    unsafe {
+                        let b0 = _mm512_loadu_si512(bp.add(g * 128) as *const _);
+                        each_row!(k => {
+                            let v = (rows[k].add(off) as *const i32).read_unaligned();
+                            let x = _mm512_xor_si512(_mm512_set1_epi32(v), f);
+                            r[k][0] = _mm512_dpbusd_epi32(r[k][0], x, b0);
+                        });
+                    }
+                    next(&mut off);
                 }
             }
+            // Loaded after the sums: 16 accumulators and the tile's operands fill most of the
+            // 32 registers, and these would push accumulators to the stack.
+            // SAFETY: the masked loads read only columns j0..j0 + w, all < n.
+            let (c0, c1, s0, s1) = unsafe {
+                (
+                    _mm512_maskz_loadu_epi32(m0, ep.colc.as_ptr().add(j0)),
+                    _mm512_maskz_loadu_epi32(m1, ep.colc.as_ptr().add(j0 + 16)),
+                    _mm512_maskz_loadu_ps(m0, ep.scale.as_ptr().add(j0)),
+                    _mm512_maskz_loadu_ps(m1, ep.scale.as_ptr().add(j0 + 16)),
+                )
+            };
+            each_row!(i => {
+                if i < h {
+                    // SAFETY: row i0 + i < m of the output holds columns j0..j0 + w (checked
+                    // by the caller); the masked stores write only those.
+                    unsafe {
+                        let o = out.add((i0 + i) * ldc + j0);
+                        let q0 = requant(r[i][0], c0, s0);
+                        if m0 == 0xffff {
+                            _mm_storeu_si128(o as *mut __m128i, q0);
+                        } else {
+                            _mm_mask_storeu_epi8(o as *mut i8, m0, q0);
+                        }
+                        if m1 != 0 {
+                            let q1 = requant(r[i][1], c1, s1);
+                            if m1 == 0xffff {
+                                _mm_storeu_si128(o.add(16) as *mut __m128i, q1);
+                            } else {
+                                _mm_mask_storeu_epi8(o.add(16) as *mut i8, m1, q1);
+                            }
+                        }
+                    }
+                }
+            });
         }
     }
 }
