@@ -471,6 +471,132 @@ pub fn qgemm_requant_with(
     true
 }
 
+/// A KxK convolution's A read straight from an NHWC image (an "implicit GEMM", no im2col):
+/// output pixel `i` (`i / ow` its row, `i % ow` its column) has its kernel row `ky` at
+/// `x[(i / ow) * line_step + (i % ow) * col_step + ky * seg_step..][..seg_bytes]`: the `kw`
+/// taps of a kernel row are adjacent pixels (dilation 1 along the width), `kw * ic` bytes,
+/// read as `seg_bytes` (that rounded up to 4; the extra bytes meet zero weights). `x` is the
+/// image padded with the zero point wherever a window leaves it. The weights are packed
+/// with depth `kh * seg_bytes` in that order ([`conv_rows_weights`]).
+#[derive(Clone, Copy, Debug)]
+pub struct ConvRows<'a> {
+    pub x: &'a [u8],
+    pub signed: bool,
+    pub ow: usize,
+    pub line_step: usize,
+    pub col_step: usize,
+    pub kh: usize,
+    pub seg_step: usize,
+    pub seg_bytes: usize,
+}
+
+/// Whether [`qgemm_conv_rows`] can run with the selected int8 variant on this CPU (the
+/// AVX-512 VNNI tile with the float epilogue).
+pub fn conv_rows_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::arch::x86_64::qgemm_float_supported(dispatch::selected_int8())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Weights `oc x (kh * kw * ic)` (rows in `[kh][kw][ic]` order) laid out for [`ConvRows`]:
+/// each kernel row's `kw * ic` bytes padded with zeros to `seg_bytes`.
+pub fn conv_rows_weights(w: &[u8], oc: usize, kh: usize, kw_ic: usize) -> Vec<u8> {
+    let seg = kw_ic.next_multiple_of(4);
+    let mut out = vec![0u8; oc * kh * seg];
+    for (o, dst) in out.chunks_exact_mut(kh * seg).enumerate() {
+        for (ky, d) in dst.chunks_exact_mut(seg).enumerate() {
+            if let Some(src) = w.get((o * kh + ky) * kw_ic..(o * kh + ky + 1) * kw_ic) {
+                d[..kw_ic].copy_from_slice(src);
+            }
+        }
+    }
+    out
+}
+
+/// Output pixels `first..first + m` of the convolution `rows` with weights `pb` (packed from
+/// [`conv_rows_weights`], no zero points), bias and float requantization `rq`, into `out`
+/// (row `i` at `out[i * ldc..][..n]`). Returns `false` (touching nothing) when it does not
+/// apply (see [`conv_rows_supported`]; weight zero points, fixed-point requantization) or
+/// sizes do not match; the caller then takes the im2col path.
+#[allow(clippy::too_many_arguments)]
+pub fn qgemm_conv_rows(
+    rows: &ConvRows<'_>,
+    first: usize,
+    m: usize,
+    za: i32,
+    pb: &PackedB,
+    bias: &[i32],
+    rq: &Requant,
+    out: &mut [u8],
+    ldc: usize,
+) -> bool {
+    let n = pb.n();
+    let t = qgemm::tile_of(pb.variant());
+    let (csum, zb) = pb.sums();
+    if !rq.is_float()
+        || rq.channels() != n
+        || bias.len() != n
+        || t.ku != 4
+        || t.mr != 8
+        || rows.ow == 0
+        || !rows.seg_bytes.is_multiple_of(4)
+        || rows.kh.checked_mul(rows.seg_bytes) != Some(pb.k())
+        || zb.iter().any(|&z| z != 0)
+    {
+        return false;
+    }
+    let flip = if rows.signed != t.a_signed { 0x80u8 } else { 0 };
+    let za_c = if flip == 0 {
+        za
+    } else if rows.signed {
+        za + 128
+    } else {
+        za - 128
+    };
+    let colc: Vec<i32> = (0..n)
+        .map(|j| bias[j].wrapping_sub(za_c.wrapping_mul(csum[j])))
+        .collect();
+    #[cfg(target_arch = "x86_64")]
+    {
+        let ep = crate::arch::x86_64::FloatEpilogue {
+            colc: &colc,
+            scale: &rq.fscale,
+            zp: rq.zp,
+            lo: rq.lo.wrapping_sub(rq.zp) as f32,
+            hi: rq.hi.wrapping_sub(rq.zp) as f32,
+        };
+        let geo = crate::arch::x86_64::RowGeo {
+            per_line: rows.ow,
+            line_step: rows.line_step,
+            col_step: rows.col_step,
+            segs: rows.kh,
+            seg_step: rows.seg_step,
+            seg_groups: rows.seg_bytes / 4,
+        };
+        crate::arch::x86_64::qgemm_float(
+            pb.variant(),
+            rows.x,
+            first,
+            m,
+            &geo,
+            flip,
+            pb.data(),
+            n,
+            &ep,
+            out,
+            ldc,
+        )
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (colc, first, m, out, ldc, flip);
+        false
+    }
+}
+
 /// The loop of [`qgemm_requant`]: per panel of `mr` rows, pack it (canonical bytes and row
 /// sums), then per panel of `nr` columns run the register tile and requantize it.
 #[inline(always)]
@@ -2043,5 +2169,92 @@ mod tests {
             );
         }
         let _ = packed_runs;
+    }
+    /// Convolutions read in place ([`ConvRows`]) against plain sums with the float
+    /// definition: 1, 3 and 8 channels, strides 1 and 2, padding, output widths that split
+    /// 8-row blocks across image rows, and rows computed in two calls (`first`).
+    #[test]
+    fn conv_rows_match_the_float_reference() {
+        let mut r = Rng(37);
+        // (ih, iw, ic, oc, k, stride, pad)
+        let cases = [
+            (9, 11, 1, 8, 3, 1, 1),
+            (13, 10, 3, 32, 3, 2, 1),
+            (7, 7, 8, 16, 3, 1, 0),
+            (10, 9, 16, 40, 3, 2, 1),
+            (6, 8, 3, 5, 5, 1, 2),
+        ];
+        for &(ih, iw, ic, oc, k, s, pad) in &cases {
+            let oh = (ih + 2 * pad - k) / s + 1;
+            let ow = (iw + 2 * pad - k) / s + 1;
+            let x = r.bytes(ih * iw * ic);
+            let kd = k * k * ic;
+            let w: Vec<u8> = (0..oc * kd).map(|_| r.i(-127, 127) as i8 as u8).collect();
+            let bias: Vec<i32> = (0..oc).map(|_| r.i(-20_000, 20_000)).collect();
+            let scales: Vec<f32> = (0..oc).map(|_| r.i(1, 4000) as f32 * 1.3e-5).collect();
+            for signed in [true, false] {
+                let (xz, zp, lo, hi) = if signed {
+                    (-5, 3, -128, 127)
+                } else {
+                    (120, 9, 0, 255)
+                };
+                let rq = Requant::new_float(&scales, zp, lo, hi).unwrap();
+                let val = |b: u8| if signed { b as i8 as i32 } else { b as i32 };
+                let mut want = vec![0u8; oh * ow * oc];
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        for o in 0..oc {
+                            let mut acc = bias[o];
+                            for ky in 0..k {
+                                for kx in 0..k {
+                                    let iy = (oy * s + ky) as isize - pad as isize;
+                                    let ix = (ox * s + kx) as isize - pad as isize;
+                                    if iy < 0 || ix < 0 || iy >= ih as isize || ix >= iw as isize {
+                                        continue;
+                                    }
+                                    for c in 0..ic {
+                                        let xv = val(x[(iy as usize * iw + ix as usize) * ic + c]);
+                                        let wv = w[o * kd + (ky * k + kx) * ic + c] as i8 as i32;
+                                        acc = acc.wrapping_add((xv - xz) * wv);
+                                    }
+                                }
+                            }
+                            want[(oy * ow + ox) * oc + o] =
+                                requant_float_ref(acc, scales[o], zp, lo, hi) as u8;
+                        }
+                    }
+                }
+                // The padded image (zero-point bytes around it, 4 bytes of slack).
+                let (ph, pw) = (ih + 2 * pad, iw + 2 * pad);
+                let mut px = vec![xz as u8; ph * pw * ic + 4];
+                for y in 0..ih {
+                    let d = ((y + pad) * pw + pad) * ic;
+                    px[d..d + iw * ic].copy_from_slice(&x[y * iw * ic..(y + 1) * iw * ic]);
+                }
+                let wr = conv_rows_weights(&w, oc, k, k * ic);
+                let wi: Vec<i8> = wr.iter().map(|&b| b as i8).collect();
+                let pb = PackedB::new(QMat::i8(&wi, oc, wr.len() / oc).t(), &[0]).unwrap();
+                let rows = ConvRows {
+                    x: &px,
+                    signed,
+                    ow,
+                    line_step: s * pw * ic,
+                    col_step: s * ic,
+                    kh: k,
+                    seg_step: pw * ic,
+                    seg_bytes: (k * ic).next_multiple_of(4),
+                };
+                let m = oh * ow;
+                let split = (m / 2).max(1).min(m);
+                let mut out = vec![0xAAu8; m * oc];
+                let (a, b) = out.split_at_mut(split * oc);
+                let ran = qgemm_conv_rows(&rows, 0, split, xz, &pb, &bias, &rq, a, oc)
+                    && qgemm_conv_rows(&rows, split, m - split, xz, &pb, &bias, &rq, b, oc);
+                assert_eq!(ran, conv_rows_supported(), "runs where supported");
+                if ran {
+                    assert_eq!(out, want, "ic={ic} oc={oc} k={k} s={s} pad={pad} {signed}");
+                }
+            }
+        }
     }
 }

@@ -36,6 +36,10 @@ enum Kind {
         kh: usize,
         kw: usize,
         packed: PackedB,
+        /// KxK layers (dilation 1 along the width) with float requantization and weights
+        /// without zero points, on CPUs with the fused VNNI GEMM: the weights laid out for
+        /// reading the image in place ([`qconv::ConvRows`]) instead of an im2col.
+        rows: Option<PackedB>,
     },
     /// `DepthwiseConv2D` with depth multiplier 1: `[kh][kw][c]` weights minus their zero
     /// points; 3x3 layers also laid out for the x86 VNNI kernel where it applies.
@@ -119,7 +123,25 @@ impl QConvPlan {
                     _ => QMat::u8(&w.bytes()[..], oc, k),
                 };
                 let packed = PackedB::new(wm.t(), &wz)?;
-                Kind::Gemm { kh, kw, packed }
+                let in_place = kh * kw > 1
+                    && ctx.i("dilation_w_factor", 1) == 1
+                    && w.dtype() == DType::I8
+                    && rq.is_float()
+                    && wz.iter().all(|&z| z == 0)
+                    && qconv::conv_rows_supported();
+                let rows = in_place
+                    .then(|| {
+                        let wr = qconv::conv_rows_weights(&w.bytes()[..], oc, kh, k / kh);
+                        let kr = wr.len() / oc.max(1);
+                        PackedB::new(QMat::i8(bytemuck::cast_slice(&wr), oc, kr).t(), &wz)
+                    })
+                    .flatten();
+                Kind::Gemm {
+                    kh,
+                    kw,
+                    packed,
+                    rows,
+                }
             }
             None => {
                 let wv = crate::ops::tflite::q_to_i32(w).ok()?;
@@ -184,7 +206,12 @@ impl QConvPlan {
                 self.gemm(xb, signed, rows, k, packed, &mut out, threads)?;
                 (shape, out)
             }
-            Kind::Gemm { kh, kw, packed } => {
+            Kind::Gemm {
+                kh,
+                kw,
+                packed,
+                rows: in_place,
+            } => {
                 let xd = dims4(x, "input")?;
                 let k = packed.k();
                 if kh * kw * xd[3] != k {
@@ -195,7 +222,10 @@ impl QConvPlan {
                 let mut out = vec![0u8; g.n * rows * oc];
                 let img = g.ih * g.iw * g.ic;
                 for (n, o) in out.chunks_exact_mut((rows * oc).max(1)).enumerate() {
-                    if g.is_pointwise() {
+                    if let (Some(pr), 1) = (in_place, g.dw) {
+                        let img = &xb[n * img..(n + 1) * img];
+                        self.conv_in_place(&g, img, signed, pr, o, threads)?;
+                    } else if g.is_pointwise() {
                         let a = &xb[n * img..(n + 1) * img];
                         self.gemm(a, signed, rows, k, packed, o, threads)?;
                     } else if g.ic < 3 {
@@ -281,6 +311,73 @@ impl QConvPlan {
         threads: usize,
     ) -> Result<()> {
         self.op(packed).run(a, signed, rows, k, out, threads)
+    }
+
+    /// A KxK convolution of one NHWC image with A read from the image in place
+    /// ([`qconv::ConvRows`]): the image is copied into a zero-point border first when a window
+    /// leaves it (or its last kernel row, rounded up to 4 bytes, would read past the end);
+    /// output pixels are split across threads in blocks of 16.
+    fn conv_in_place(
+        &self,
+        g: &Geo,
+        img: &[u8],
+        signed: bool,
+        pr: &PackedB,
+        out: &mut [u8],
+        threads: usize,
+    ) -> Result<()> {
+        const BLOCK: usize = 16;
+        let (ic, oc) = (g.ic, self.oc);
+        let seg_bytes = (g.kw * ic).next_multiple_of(4);
+        // The image extent every window needs (rows from -pt, columns from -pl).
+        let need_h = (g.oh.max(1) - 1) * g.sh + (g.kh - 1) * g.dh + 1;
+        let need_w = (g.ow.max(1) - 1) * g.sw + g.kw;
+        let (ph, pw) = ((g.ih + g.pt).max(need_h), (g.iw + g.pl).max(need_w));
+        let fits_as_is = g.pt == 0
+            && g.pl == 0
+            && ph == g.ih
+            && pw == g.iw
+            && ((need_h - 1) * g.iw + need_w - g.kw) * ic + seg_bytes <= img.len();
+        let padded;
+        let x: &[u8] = if fits_as_is {
+            img
+        } else {
+            let mut p = vec![self.xz as u8; ph * pw * ic + 4];
+            let row = g.iw * ic;
+            for (y, src) in img.chunks_exact(row.max(1)).take(g.ih).enumerate() {
+                let d = ((y + g.pt) * pw + g.pl) * ic;
+                p[d..d + row].copy_from_slice(src);
+            }
+            padded = p;
+            &padded
+        };
+        let cr = qconv::ConvRows {
+            x,
+            signed,
+            ow: g.ow,
+            line_step: g.sh * pw * ic,
+            col_step: g.sw * ic,
+            kh: g.kh,
+            seg_step: g.dh * pw * ic,
+            seg_bytes,
+        };
+        let rows = g.oh * g.ow;
+        let t = if rows * g.kh * g.kw * ic * oc >= MIN_PARALLEL_MACS {
+            threads
+        } else {
+            1
+        };
+        for_parts(t, rows.div_ceil(BLOCK), BLOCK * oc, out, |r, part| {
+            let (r0, r1) = (r.start * BLOCK, (r.end * BLOCK).min(rows));
+            let za = self.xz;
+            if qconv::qgemm_conv_rows(&cr, r0, r1 - r0, za, pr, &self.bias, &self.rq, part, oc) {
+                Ok(())
+            } else {
+                Err(edgehal_core::Error::arg(
+                    "quantized convolution: operand sizes do not match",
+                ))
+            }
+        })
     }
 
     /// The fused GEMM with this plan's bias and requantization over `packed`.
