@@ -820,6 +820,7 @@ pub struct Depthwise<'a> {
 /// weights of channel `16 * lane + 4 * q + i` of the block (`q` the vector); the column
 /// constants (bias less the zero-point terms) and float scales in the same order.
 #[derive(Clone, Debug)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub struct DwPack {
     pub(crate) c: usize,
     pub(crate) w: Vec<u8>,
@@ -994,11 +995,10 @@ fn depthwise_t<const S: bool>(p: &Depthwise<'_>, rows: Range<usize>, out: &mut [
         let interior = if fast && row_inside && ox_lo < ox_hi {
             let o = &mut out[(r * p.ow + ox_lo) * c..(r * p.ow + ox_hi) * c];
             let base = ((y0 - p.pt) * p.iw + (ox_lo * p.sw - p.pl)) * c;
-            let step = p.sw * c;
             #[cfg(target_arch = "x86_64")]
             let done = p.pack.is_some_and(|pk| {
                 let rq = (p.rq.zp, p.rq.lo, p.rq.hi);
-                crate::arch::x86_64::dw3x3_float(pk, p.x, &offs, base, step, rq, o)
+                crate::arch::x86_64::dw3x3_float(pk, p.x, &offs, base, p.sw * c, rq, o)
             });
             #[cfg(not(target_arch = "x86_64"))]
             let done = false;
