@@ -313,10 +313,7 @@ impl QConvPlan {
         self.op(packed).run(a, signed, rows, k, out, threads)
     }
 
-    /// A KxK convolution of one NHWC image with A read from the image in place
-    /// ([`qconv::ConvRows`]): the image is copied into a zero-point border first when a window
-    /// leaves it (or its last kernel row, rounded up to 4 bytes, would read past the end);
-    /// output pixels are split across threads in blocks of 16.
+    /// A KxK convolution of one NHWC image read in place ([`QGemmOp::run_in_place`]).
     fn conv_in_place(
         &self,
         g: &Geo,
@@ -326,58 +323,22 @@ impl QConvPlan {
         out: &mut [u8],
         threads: usize,
     ) -> Result<()> {
-        const BLOCK: usize = 16;
-        let (ic, oc) = (g.ic, self.oc);
-        let seg_bytes = (g.kw * ic).next_multiple_of(4);
-        // The image extent every window needs (rows from -pt, columns from -pl).
-        let need_h = (g.oh.max(1) - 1) * g.sh + (g.kh - 1) * g.dh + 1;
-        let need_w = (g.ow.max(1) - 1) * g.sw + g.kw;
-        let (ph, pw) = ((g.ih + g.pt).max(need_h), (g.iw + g.pl).max(need_w));
-        let fits_as_is = g.pt == 0
-            && g.pl == 0
-            && ph == g.ih
-            && pw == g.iw
-            && ((need_h - 1) * g.iw + need_w - g.kw) * ic + seg_bytes <= img.len();
-        let padded;
-        let x: &[u8] = if fits_as_is {
-            img
-        } else {
-            let mut p = vec![self.xz as u8; ph * pw * ic + 4];
-            let row = g.iw * ic;
-            for (y, src) in img.chunks_exact(row.max(1)).take(g.ih).enumerate() {
-                let d = ((y + g.pt) * pw + g.pl) * ic;
-                p[d..d + row].copy_from_slice(src);
-            }
-            padded = p;
-            &padded
-        };
-        let cr = qconv::ConvRows {
-            x,
-            signed,
+        let geo = InPlaceGeo {
+            ih: g.ih,
+            iw: g.iw,
+            ic: g.ic,
+            oh: g.oh,
             ow: g.ow,
-            line_step: g.sh * pw * ic,
-            col_step: g.sw * ic,
             kh: g.kh,
-            seg_step: g.dh * pw * ic,
-            seg_bytes,
+            kw: g.kw,
+            sh: g.sh,
+            sw: g.sw,
+            dh: g.dh,
+            pt: g.pt,
+            pl: g.pl,
         };
-        let rows = g.oh * g.ow;
-        let t = if rows * g.kh * g.kw * ic * oc >= MIN_PARALLEL_MACS {
-            threads
-        } else {
-            1
-        };
-        for_parts(t, rows.div_ceil(BLOCK), BLOCK * oc, out, |r, part| {
-            let (r0, r1) = (r.start * BLOCK, (r.end * BLOCK).min(rows));
-            let za = self.xz;
-            if qconv::qgemm_conv_rows(&cr, r0, r1 - r0, za, pr, &self.bias, &self.rq, part, oc) {
-                Ok(())
-            } else {
-                Err(edgehal_core::Error::arg(
-                    "quantized convolution: operand sizes do not match",
-                ))
-            }
-        })
+        self.op(pr)
+            .run_in_place(&geo, InPlaceImage::Nhwc(img), signed, out, threads)
     }
 
     /// The fused GEMM with this plan's bias and requantization over `packed`.
@@ -440,6 +401,118 @@ impl QGemmOp<'_> {
             } else {
                 Err(edgehal_core::Error::arg(
                     "quantized GEMM: operand sizes do not match",
+                ))
+            }
+        })
+    }
+}
+
+/// The geometry of a KxK convolution of one image for [`QGemmOp::run_in_place`]
+/// (dilation 1 along the width; `pt`, `pl` the top and left padding).
+pub(crate) struct InPlaceGeo {
+    pub ih: usize,
+    pub iw: usize,
+    pub ic: usize,
+    pub oh: usize,
+    pub ow: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub sh: usize,
+    pub sw: usize,
+    pub dh: usize,
+    pub pt: usize,
+    pub pl: usize,
+}
+
+/// One image's bytes for [`QGemmOp::run_in_place`].
+pub(crate) enum InPlaceImage<'a> {
+    Nhwc(&'a [u8]),
+    /// Channel planes (ONNX's layout), copied into NHWC with the border.
+    Nchw(&'a [u8]),
+}
+
+impl QGemmOp<'_> {
+    /// A KxK convolution with A read from the image in place ([`qconv::ConvRows`]); `packed`
+    /// holds the weights laid out by [`qconv::conv_rows_weights`]. The image is copied into a
+    /// zero-point border first when a window leaves it, its last kernel row rounded up to 4
+    /// bytes would read past the end, or it is NCHW; output pixels are split across threads
+    /// in blocks of 16.
+    pub(crate) fn run_in_place(
+        &self,
+        g: &InPlaceGeo,
+        img: InPlaceImage<'_>,
+        signed: bool,
+        out: &mut [u8],
+        threads: usize,
+    ) -> Result<()> {
+        const BLOCK: usize = 16;
+        let (ic, n) = (g.ic, self.n);
+        let seg_bytes = (g.kw * ic).next_multiple_of(4);
+        // The image extent every window needs (rows from -pt, columns from -pl).
+        let need_h = (g.oh.max(1) - 1) * g.sh + (g.kh.max(1) - 1) * g.dh + 1;
+        let need_w = (g.ow.max(1) - 1) * g.sw + g.kw;
+        let (ph, pw) = ((g.ih + g.pt).max(need_h), (g.iw + g.pl).max(need_w));
+        let padded;
+        let x: &[u8] = match img {
+            InPlaceImage::Nhwc(x)
+                if g.pt == 0
+                    && g.pl == 0
+                    && ph == g.ih
+                    && pw == g.iw
+                    && ((need_h - 1) * g.iw + need_w - g.kw) * ic + seg_bytes <= x.len() =>
+            {
+                x
+            }
+            img => {
+                let mut p = vec![self.xz as u8; ph * pw * ic + 4];
+                let at = |y: usize, x: usize| ((y + g.pt) * pw + g.pl + x) * ic;
+                match img {
+                    InPlaceImage::Nhwc(x) => {
+                        let row = g.iw * ic;
+                        for (y, src) in x.chunks_exact(row.max(1)).take(g.ih).enumerate() {
+                            p[at(y, 0)..at(y, 0) + row].copy_from_slice(src);
+                        }
+                    }
+                    InPlaceImage::Nchw(x) => {
+                        let plane = g.ih * g.iw;
+                        for (c, src) in x.chunks_exact(plane.max(1)).take(ic).enumerate() {
+                            for (y, line) in src.chunks_exact(g.iw.max(1)).enumerate() {
+                                let d = &mut p[at(y, 0) + c..];
+                                for (xi, &v) in line.iter().enumerate() {
+                                    d[xi * ic] = v;
+                                }
+                            }
+                        }
+                    }
+                }
+                padded = p;
+                &padded
+            }
+        };
+        let cr = qconv::ConvRows {
+            x,
+            signed,
+            ow: g.ow,
+            line_step: g.sh * pw * ic,
+            col_step: g.sw * ic,
+            kh: g.kh,
+            seg_step: g.dh * pw * ic,
+            seg_bytes,
+        };
+        let rows = g.oh * g.ow;
+        let t = if rows * g.kh * g.kw * ic * n >= MIN_PARALLEL_MACS {
+            threads
+        } else {
+            1
+        };
+        let (pb, bias, rq, za) = (self.packed, self.bias, self.rq, self.xz);
+        for_parts(t, rows.div_ceil(BLOCK), BLOCK * n, out, |r, part| {
+            let (r0, r1) = (r.start * BLOCK, (r.end * BLOCK).min(rows));
+            if qconv::qgemm_conv_rows(&cr, r0, r1 - r0, za, pb, bias, rq, part, n) {
+                Ok(())
+            } else {
+                Err(edgehal_core::Error::arg(
+                    "quantized convolution: operand sizes do not match",
                 ))
             }
         })

@@ -23,6 +23,7 @@ use edgehal_kernels::qgemm::{PackedB, QMat};
 use crate::conv_plan::FUSED_DOMAIN;
 use crate::ops::{input, OpCtx, Registry};
 use crate::par::for_parts;
+use crate::qconv_plan::{InPlaceGeo, InPlaceImage};
 use std::ops::Range;
 
 /// The op type of the NHWC quantized convolution (domain `edgehal`).
@@ -169,8 +170,9 @@ fn f32s(t: &Tensor) -> Option<Vec<f32>> {
 }
 
 enum Kind {
-    /// Group 1: weights `k x m` with depth order `[kh][kw][c]`.
-    Gemm(PackedB),
+    /// Group 1: weights `k x m` with depth order `[kh][kw][c]`; for KxK layers that can read
+    /// the image in place ([`qconv::ConvRows`]), the weights laid out for it too.
+    Gemm(PackedB, Option<PackedB>),
     /// Depthwise (group = channels = outputs): `[kh][kw][c]` weights minus their zero points,
     /// and for 3x3 layers the x86 VNNI kernel's layout where it applies.
     Depthwise(Vec<i32>, Option<DwPack>),
@@ -301,7 +303,19 @@ impl QdqConvPlan {
                 DType::I8 => QMat::i8(bytemuck::cast_slice(&wt), m, kd),
                 _ => QMat::u8(&wt, m, kd),
             };
-            (c, Kind::Gemm(PackedB::new(wm.t(), &wz)?))
+            let in_place = taps > 1
+                && d[1] == 1
+                && w.dtype() == DType::I8
+                && wz.iter().all(|&z| z == 0)
+                && qconv::conv_rows_supported();
+            let rows = in_place
+                .then(|| {
+                    let wr = qconv::conv_rows_weights(&wt, m, kh, kw * c);
+                    let kr = wr.len() / m.max(1);
+                    PackedB::new(QMat::i8(bytemuck::cast_slice(&wr), m, kr).t(), &wz)
+                })
+                .flatten();
+            (c, Kind::Gemm(PackedB::new(wm.t(), &wz)?, rows))
         } else if group == m && cg == 1 {
             let mut wd = vec![0i32; taps * m];
             for o in 0..m {
@@ -353,7 +367,7 @@ impl QdqConvPlan {
         if x.dtype() != self.x_dtype || c != self.c {
             return qconv_nhwc(ctx, ins);
         }
-        if self.nchw_in && !matches!(self.kind, Kind::Gemm(_)) {
+        if self.nchw_in && !matches!(self.kind, Kind::Gemm(..)) {
             return qconv_nhwc(ctx, ins);
         }
         let (kh, kw, m) = (self.kh, self.kw, self.m);
@@ -372,11 +386,32 @@ impl QdqConvPlan {
         for (b, o) in out.chunks_exact_mut(orow.max(1)).enumerate() {
             let xi = &xb[b * img..(b + 1) * img];
             match &self.kind {
-                Kind::Gemm(pb) => {
+                Kind::Gemm(pb, rows) => {
                     let pointwise =
                         kh == 1 && kw == 1 && self.s == [1, 1] && self.p == [0; 4] && !self.nchw_in;
                     if pointwise {
                         self.gemm(xi, signed, oh * ow, c, pb, o, threads)?;
+                    } else if let Some(pr) = rows {
+                        let geo = InPlaceGeo {
+                            ih,
+                            iw,
+                            ic: c,
+                            oh,
+                            ow,
+                            kh,
+                            kw,
+                            sh: self.s[0],
+                            sw: self.s[1],
+                            dh: self.d[0],
+                            pt: self.p[0],
+                            pl: self.p[1],
+                        };
+                        let img = if self.nchw_in {
+                            InPlaceImage::Nchw(xi)
+                        } else {
+                            InPlaceImage::Nhwc(xi)
+                        };
+                        self.op(pr).run_in_place(&geo, img, signed, o, threads)?;
                     } else {
                         self.gemm_im2col(xi, signed, [ih, iw, ow], oh * ow, pb, o, threads)?;
                     }
