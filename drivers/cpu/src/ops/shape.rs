@@ -156,8 +156,59 @@ pub(crate) fn permute(t: &Tensor, perm: &[usize]) -> Result<Tensor> {
     }
     let st = contiguous_strides(t.shape());
     let shape: Vec<usize> = perm.iter().map(|&p| t.shape()[p]).collect();
+    if let Some((rows, cols)) = as_2d_transpose(t.shape(), perm) {
+        let bits = as_bits(t)?;
+        return by_width!(t, T => {
+            let src = bits.as_slice::<T>()?;
+            ensure!(src.len() == rows * cols, "Transpose: data does not match the shape");
+            Tensor::from_vec_dtype(t.dtype(), shape, transpose_2d(&src, rows, cols))
+        });
+    }
     let strides: Vec<isize> = perm.iter().map(|&p| st[p]).collect();
     restride(t, shape, &strides, 0)
+}
+
+/// `Some((rows, cols))` when permuting `shape` by `perm` moves a `rows x cols` matrix to
+/// `cols x rows` (as NHWC to NCHW does with `rows = H*W`, `cols = C` for one image): size-1
+/// axes dropped and axes that stay adjacent merged, two groups are left, swapped.
+fn as_2d_transpose(shape: &[usize], perm: &[usize]) -> Option<(usize, usize)> {
+    // Positions of the non-unit input axes, in output order.
+    let kept: Vec<usize> = (0..shape.len()).filter(|&a| shape[a] != 1).collect();
+    let order: Vec<usize> = perm
+        .iter()
+        .filter(|&&a| shape[a] != 1)
+        .map(|&a| kept.iter().position(|&k| k == a))
+        .collect::<Option<_>>()?;
+    let mut groups: Vec<(usize, usize)> = Vec::new();
+    for &i in &order {
+        match groups.last_mut() {
+            Some(g) if g.1 + 1 == i => g.1 = i,
+            _ => groups.push((i, i)),
+        }
+    }
+    let size = |g: (usize, usize)| (g.0..=g.1).map(|i| shape[kept[i]]).product::<usize>();
+    match groups[..] {
+        [second, first] if first.0 == 0 && second.0 == first.1 + 1 => {
+            Some((size(first), size(second)))
+        }
+        _ => None,
+    }
+}
+
+/// `src` (`rows x cols`, row-major) transposed, in 16x16 tiles so both sides stay in cache.
+fn transpose_2d<T: Copy + Default>(src: &[T], rows: usize, cols: usize) -> Vec<T> {
+    const B: usize = 16;
+    let mut out = vec![T::default(); rows * cols];
+    for r0 in (0..rows).step_by(B) {
+        for c0 in (0..cols).step_by(B) {
+            for r in r0..(r0 + B).min(rows) {
+                for c in c0..(c0 + B).min(cols) {
+                    out[c * rows + r] = src[r * cols + c];
+                }
+            }
+        }
+    }
+    out
 }
 
 /// An attribute-or-input list of integers: input `i` when present, else attribute `name`.
@@ -1014,5 +1065,46 @@ pub(crate) mod tests {
         assert!(run("ConstantOfShape", vec![], &[Some(&huge)]).is_err());
         let reps = i64_tensor(vec![1 << 62, 1 << 20]);
         assert!(run("Tile", vec![], &[Some(&y), Some(&reps)]).is_err());
+    }
+    #[test]
+    fn two_dimensional_permutations_take_the_tiled_transpose() {
+        // NHWC -> NCHW of one image, the reverse, and a 3-axis rotation: 2D transposes.
+        assert_eq!(
+            as_2d_transpose(&[1, 7, 5, 33], &[0, 3, 1, 2]),
+            Some((35, 33))
+        );
+        assert_eq!(
+            as_2d_transpose(&[1, 33, 7, 5], &[0, 2, 3, 1]),
+            Some((33, 35))
+        );
+        assert_eq!(as_2d_transpose(&[4, 6], &[1, 0]), Some((4, 6)));
+        // Batched, identity, three groups: not 2D.
+        assert_eq!(as_2d_transpose(&[2, 7, 5, 3], &[0, 3, 1, 2]), None);
+        assert_eq!(as_2d_transpose(&[3, 4], &[0, 1]), None);
+        assert_eq!(as_2d_transpose(&[2, 3, 4], &[2, 1, 0]), None);
+        // Every layout against the strided copy, for 1-, 2- and 4-byte elements.
+        for (shape, perm) in [
+            (vec![1, 7, 5, 33], vec![0, 3, 1, 2]),
+            (vec![1, 33, 7, 5], vec![0, 2, 3, 1]),
+            (vec![17, 19], vec![1, 0]),
+            (vec![3, 1, 40], vec![2, 1, 0]),
+        ] {
+            let n: usize = shape.iter().product();
+            let st = contiguous_strides(&shape);
+            let oshape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+            let strides: Vec<isize> = perm.iter().map(|&p| st[p]).collect();
+            let ts = [
+                Tensor::from_vec(shape.clone(), (0..n).map(|i| i as u8).collect::<Vec<_>>()),
+                Tensor::from_vec(shape.clone(), (0..n).map(|i| i as i16).collect::<Vec<_>>()),
+                Tensor::from_vec(shape.clone(), (0..n).map(|i| i as f32).collect::<Vec<_>>()),
+            ];
+            for t in ts {
+                let t = t.unwrap();
+                let want = restride(&t, oshape.clone(), &strides, 0).unwrap();
+                let got = permute(&t, &perm).unwrap();
+                assert_eq!(got.shape(), want.shape());
+                assert_eq!(&got.bytes()[..], &want.bytes()[..], "{shape:?} {perm:?}");
+            }
+        }
     }
 }
