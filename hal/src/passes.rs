@@ -14,7 +14,7 @@
 use edgehal_core::graph::{Dim, Graph, NodeId, ValueId};
 use edgehal_core::{Attr, DType, Error, Node, Result, Tensor};
 use edgehal_cpu::conv_plan::{FUSED_CONV, FUSED_DOMAIN};
-use edgehal_cpu::qdq_plan::{INPUT_NCHW, QCONV_NHWC, QDQ_ADD};
+use edgehal_cpu::qdq_plan::{GEMM_2D, INPUT_NCHW, QCONV_NHWC, QDQ_ADD};
 use edgehal_cpu::{OpCtx, Registry};
 
 /// Ops never folded: their result is not a function of their inputs alone.
@@ -576,6 +576,21 @@ pub fn fuse_qdq(g: &mut Graph) -> usize {
             count += 1;
             continue;
         }
+        if let Some((mut node, q_node)) = qdq_gemm(g, ci, &uses, &consumer, &producer) {
+            // The weights as a 1x1 convolution's [N, K, 1, 1] (the same bytes).
+            let wq = node.inputs[3].expect("W");
+            let w = g.initializers[&wq].clone();
+            let s = w.shape().to_vec();
+            let Ok(w4) = w.reshape(vec![s[0], s[1], 1, 1]) else {
+                continue;
+            };
+            node.inputs[3] = Some(add_initializer(g, "gemm_w_1x1", w4));
+            node.outputs = vec![g.nodes[q_node].outputs[0]];
+            g.nodes[ci] = node;
+            removed[q_node] = true;
+            count += 1;
+            continue;
+        }
         let Some((node, q_node)) = qdq_conv(g, ci, &uses, &consumer, &producer) else {
             continue;
         };
@@ -738,6 +753,138 @@ fn qdq_add(
     Some((node, qn))
 }
 
+/// A quantized layer's bias: none (`Some(None)`), or `DQ(B: const i32 of `m`, zero point
+/// 0, scale x_scale * w_scale)` as QLinearConv assumes (`Some(Some(B))`); `None` otherwise.
+fn qdq_bias(
+    g: &Graph,
+    producer: &[Option<NodeId>],
+    bv: Option<ValueId>,
+    m: usize,
+    xsv: f32,
+    wsv: &Tensor,
+) -> Option<Option<ValueId>> {
+    let Some(bv) = bv else {
+        return Some(None);
+    };
+    let init = |v: ValueId| g.initializers.get(&v);
+    let (bq, bs, bz, _) = dq_producer(g, producer, bv)?;
+    let t = init(bq)?;
+    if t.dtype() != DType::I32 || t.len() != m {
+        return None;
+    }
+    if let Some(z) = bz {
+        let zt = init(z)?;
+        if zt.dtype() != DType::I32 || zt.to_vec::<i32>().ok()?.iter().any(|&z| z != 0) {
+            return None;
+        }
+    }
+    let bsv = init(bs)?;
+    if bsv.dtype() != DType::F32 || bsv.len() != wsv.len() && bsv.len() != 1 {
+        return None;
+    }
+    let (bsv, wsf) = (bsv.to_f32(), wsv.to_f32());
+    for o in 0..m {
+        let want = xsv * wsf[if wsf.len() == 1 { 0 } else { o }];
+        let got = bsv[if bsv.len() == 1 { 0 } else { o }];
+        if (got - want).abs() > want.abs() * 1e-5 {
+            return None;
+        }
+    }
+    Some(Some(bq))
+}
+
+/// The fused node for Gemm `gi` with the pattern `DQ(x: [M, K] u8/i8, scalar)`,
+/// `DQ(W: const 8-bit [N, K], per-tensor or per-row)`, optional `DQ(B)` -> `Gemm` (transB = 1,
+/// no transA, alpha = beta = 1) -> `Q(scalar)`: a 1x1 [`QCONV_NHWC`] over `M` pixels with
+/// [`GEMM_2D`] set (2-d input and output), and the QuantizeLinear it absorbs. Its weight
+/// input is still the 2-d `W`; the caller gives it the [N, K, 1, 1] shape.
+fn qdq_gemm(
+    g: &Graph,
+    gi: NodeId,
+    uses: &[usize],
+    consumer: &[Option<NodeId>],
+    producer: &[Option<NodeId>],
+) -> Option<(Node, NodeId)> {
+    let gemm = &g.nodes[gi];
+    if !is_onnx(gemm, "Gemm") || gemm.outputs.len() != 1 || gemm.inputs.len() < 2 {
+        return None;
+    }
+    let attr_f = |k: &str| gemm.attr_f(k).unwrap_or(1.0);
+    if gemm.attr_i("transA").unwrap_or(0) != 0
+        || gemm.attr_i("transB").unwrap_or(0) != 1
+        || attr_f("alpha") != 1.0
+        || attr_f("beta") != 1.0
+    {
+        return None;
+    }
+    let init = |v: Option<ValueId>| v.and_then(|v| g.initializers.get(&v));
+    let (xq, xs, xz, _) = dq_producer(g, producer, gemm.inputs[0]?)?;
+    let xsv = scalar_init(g, Some(xs))?;
+    let x_dt = match xz {
+        Some(z) => {
+            let t = init(Some(z))?;
+            (t.len() == 1).then_some(t.dtype())?
+        }
+        None => g.values[xq].dtype?,
+    };
+    if !matches!(x_dt, DType::U8 | DType::I8) || g.values[xq].dtype.is_some_and(|d| d != x_dt) {
+        return None;
+    }
+    let (wq, ws, wz, wn) = dq_producer(g, producer, gemm.inputs[1]?)?;
+    let w = init(Some(wq))?;
+    let &[n, k] = w.shape() else {
+        return None;
+    };
+    let xd = dims_of(g, xq)?;
+    if !matches!(w.dtype(), DType::I8 | DType::U8) || xd.len() != 2 || xd[1] != k {
+        return None;
+    }
+    let wsv = init(Some(ws))?;
+    if wsv.dtype() != DType::F32 || !(wsv.len() == 1 || wsv.len() == n) {
+        return None;
+    }
+    if wsv.len() > 1 && !matches!(g.nodes[wn].attr_i("axis").unwrap_or(1), 0 | -2) {
+        return None;
+    }
+    if let Some(z) = wz {
+        let t = init(Some(z))?;
+        if t.dtype() != w.dtype() || t.len() != wsv.len() {
+            return None;
+        }
+    }
+    let b = qdq_bias(
+        g,
+        producer,
+        gemm.inputs.get(2).copied().flatten(),
+        n,
+        xsv,
+        wsv,
+    )?;
+    let (qn, ys, yz) = private_q(g, gemm.outputs[0]?, uses, consumer)?;
+    let mut node = Node {
+        op: QCONV_NHWC.into(),
+        domain: FUSED_DOMAIN.into(),
+        name: gemm.name.clone(),
+        inputs: vec![
+            Some(xq),
+            Some(xs),
+            xz,
+            Some(wq),
+            Some(ws),
+            wz,
+            Some(ys),
+            yz,
+            b,
+        ],
+        outputs: vec![],
+        ..Default::default()
+    };
+    node.attrs.insert(GEMM_2D.into(), Attr::Int(1));
+    node.attrs
+        .insert("kernel_shape".into(), Attr::Ints(vec![1, 1]));
+    Some((node, qn))
+}
+
 /// The fused node for Conv `ci` when it has the QDQ pattern of [`fuse_qdq`], and the index of
 /// the QuantizeLinear it absorbs.
 fn qdq_conv(
@@ -796,36 +943,14 @@ fn qdq_conv(
     if group != 1 && !depthwise {
         return None;
     }
-    // B: constant i32, zero point 0, scale x_scale * w_scale (what QLinearConv assumes).
-    let b = match conv.inputs.get(2).copied().flatten() {
-        None => None,
-        Some(bv) => {
-            let (bq, bs, bz, _) = dq_producer(g, producer, bv)?;
-            let t = init(Some(bq))?;
-            if t.dtype() != DType::I32 || t.len() != m {
-                return None;
-            }
-            if let Some(z) = bz {
-                let zt = init(Some(z))?;
-                if zt.dtype() != DType::I32 || zt.to_vec::<i32>().ok()?.iter().any(|&z| z != 0) {
-                    return None;
-                }
-            }
-            let bsv = init(Some(bs))?;
-            if bsv.dtype() != DType::F32 || bsv.len() != wsv.len() && bsv.len() != 1 {
-                return None;
-            }
-            let (bsv, wsf) = (bsv.to_f32(), wsv.to_f32());
-            for o in 0..m {
-                let want = xsv * wsf[if wsf.len() == 1 { 0 } else { o }];
-                let got = bsv[if bsv.len() == 1 { 0 } else { o }];
-                if (got - want).abs() > want.abs() * 1e-5 {
-                    return None;
-                }
-            }
-            Some(bq)
-        }
-    };
+    let b = qdq_bias(
+        g,
+        producer,
+        conv.inputs.get(2).copied().flatten(),
+        m,
+        xsv,
+        wsv,
+    )?;
     // y: the Conv output's only reader is a QuantizeLinear with scalar scale / zero point.
     let (qn, ys, yz) = private_q(g, conv.outputs[0]?, uses, consumer)?;
     if dims_of(g, xq).is_some_and(|s| s.len() != 4) {
@@ -1159,6 +1284,114 @@ mod tests {
             assert!((a - b).abs() <= 0.05 * 1.001, "{a} vs {b}");
         }
         assert!(want.iter().zip(&got).filter(|(a, b)| a == b).count() * 10 >= want.len() * 9);
+    }
+
+    /// x (f32 [3, 40]) -> Q(i8) -> DQ -> Gemm (DQ'd per-row i8 W [24, 40] with transB, i32 B)
+    /// -> Q -> DQ -> y, as a classifier head is quantized: one QLinearConvNhwc over 2-d data,
+    /// the unfused graph's values within one step; a Gemm without transB stays float.
+    #[test]
+    fn qdq_gemm_becomes_a_one_by_one_int8_convolution() {
+        let build = |trans_b: i64| {
+            let mut s = 11u32;
+            let mut g = Graph::new("qgemm");
+            g.opsets.insert(String::new(), 13);
+            let (n, k) = (24, 40);
+            let w: Vec<i8> = rnd(&mut s, n * k)
+                .iter()
+                .map(|v| (v * 250.0) as i8)
+                .collect();
+            let wshape = if trans_b == 1 { vec![n, k] } else { vec![k, n] };
+            init(&mut g, "xs", vec![], vec![0.02]);
+            qinit(&mut g, "xz", vec![], vec![-3i8]);
+            qinit(&mut g, "w", wshape, w);
+            let wsv: Vec<f32> = (0..n).map(|i| 0.003 + i as f32 * 2e-4).collect();
+            init(&mut g, "ws", vec![n], wsv.clone());
+            qinit(&mut g, "wz", vec![n], vec![0i8; n]);
+            let bv: Vec<i32> = (0..n as i32).map(|i| i * 37 - 400).collect();
+            qinit(&mut g, "b", vec![n], bv);
+            init(
+                &mut g,
+                "bs",
+                vec![n],
+                wsv.iter().map(|w| 0.02 * w).collect(),
+            );
+            init(&mut g, "ys", vec![], vec![0.04]);
+            qinit(&mut g, "yz", vec![], vec![5i8]);
+            node(
+                &mut g,
+                "QuantizeLinear",
+                &["x", "xs", "xz"],
+                &["xq"],
+                vec![],
+            );
+            node(
+                &mut g,
+                "DequantizeLinear",
+                &["xq", "xs", "xz"],
+                &["xd"],
+                vec![],
+            );
+            let axis0 = vec![("axis", Attr::Int(0))];
+            node(
+                &mut g,
+                "DequantizeLinear",
+                &["w", "ws", "wz"],
+                &["wd"],
+                axis0.clone(),
+            );
+            node(&mut g, "DequantizeLinear", &["b", "bs"], &["bd"], axis0);
+            let gemm_attrs = vec![("transB", Attr::Int(trans_b))];
+            node(&mut g, "Gemm", &["xd", "wd", "bd"], &["g"], gemm_attrs);
+            node(
+                &mut g,
+                "QuantizeLinear",
+                &["g", "ys", "yz"],
+                &["gq"],
+                vec![],
+            );
+            node(
+                &mut g,
+                "DequantizeLinear",
+                &["gq", "ys", "yz"],
+                &["y"],
+                vec![],
+            );
+            let x = g.value_id("x");
+            g.values[x].dtype = Some(DType::F32);
+            g.values[x].shape = Some([3, 40].map(Dim::Fixed).to_vec());
+            g.inputs = vec![x];
+            g.outputs = vec![g.value_id("y")];
+            edgehal_core::infer::infer_shapes(&mut g);
+            g
+        };
+        let run = |g: &Graph| {
+            let mut s = 5u32;
+            let x = Tensor::from_vec(vec![3, 40], rnd(&mut s, 120)).unwrap();
+            let reg = Registry::new();
+            let out = Executor::new(g, &reg)
+                .unwrap()
+                .run(&[(g.inputs[0], x)])
+                .unwrap();
+            assert_eq!(out[0].shape(), [3, 24]);
+            out[0].to_f32().into_owned()
+        };
+        let plain = build(1);
+        let mut g = build(1);
+        assert_eq!(fuse_qdq(&mut g), 1);
+        g.remove_dead_nodes();
+        g.validate().unwrap();
+        let fused: Vec<&Node> = g.nodes.iter().filter(|n| n.op == QCONV_NHWC).collect();
+        assert_eq!(fused.len(), 1);
+        assert_eq!(fused[0].attr_i(GEMM_2D), Some(1));
+        assert!(!g.nodes.iter().any(|n| n.op == "Gemm"));
+        let (want, got) = (run(&plain), run(&g));
+        for (a, b) in want.iter().zip(&got) {
+            assert!((a - b).abs() <= 0.04 * 1.001, "{a} vs {b}");
+        }
+        assert!(want.iter().zip(&got).filter(|(a, b)| a == b).count() * 10 >= want.len() * 9);
+        // W as [K, N] (transB = 0): not this pattern.
+        let mut g = build(0);
+        assert_eq!(fuse_qdq(&mut g), 0);
     }
 
     /// DQ(a) + DQ(b) -> Q of two u8 inputs becomes one QdqAdd with the unfused ops' bytes; a

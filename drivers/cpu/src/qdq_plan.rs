@@ -33,6 +33,10 @@ pub const QCONV_NHWC: &str = "QLinearConvNhwc";
 /// quantized input as it is instead of after a transpose; group 1 only).
 pub const INPUT_NCHW: &str = "input_nchw";
 
+/// Attribute of [`QCONV_NHWC`]: 1 when the node is a quantized `Gemm` (`x` is `[M, K]`, the
+/// result `[M, N]`), run as a 1x1 convolution over `M` pixels.
+pub const GEMM_2D: &str = "gemm_2d";
+
 /// The op type of the fused `DequantizeLinear` x2 -> `Add` -> `QuantizeLinear` (domain
 /// `edgehal`; inputs `a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale,
 /// y_zero_point`, per-tensor, same shapes, any layout): [`qconv::QdqAdd`].
@@ -145,6 +149,26 @@ fn permute4(t: &Tensor, perm: [usize; 4]) -> Result<Tensor> {
 /// The reference semantics: `QLinearConv` on the NCHW view of `x` (`x` itself with
 /// [`INPUT_NCHW`]), the result in NHWC.
 pub fn qconv_nhwc(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    if ctx.i(GEMM_2D, 0) != 0 {
+        // [M, K] as M images of one pixel, and the result back to [M, N].
+        let x = input(ins, 0)?;
+        let &[m, k] = x.shape() else {
+            return Err(Error::arg(format!(
+                "{QCONV_NHWC} ({GEMM_2D}): input has shape {:?}, expected [M, K]",
+                x.shape()
+            )));
+        };
+        let x4 = x.reshape(vec![m, 1, 1, k])?;
+        let mut v: Vec<Option<&Tensor>> = ins.to_vec();
+        v[0] = Some(&x4);
+        let ctx4 = OpCtx {
+            node: &without_gemm_2d(ctx.node),
+            ..*ctx
+        };
+        let y = qconv_nhwc(&ctx4, &v)?;
+        let n = y[0].len() / m.max(1);
+        return Ok(vec![y[0].reshape(vec![m, n])?]);
+    }
     let y = if ctx.i(INPUT_NCHW, 0) != 0 {
         crate::ops::quant::qlinear_conv(ctx, ins)?
     } else {
@@ -154,6 +178,13 @@ pub fn qconv_nhwc(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor
         crate::ops::quant::qlinear_conv(ctx, &v)?
     };
     Ok(vec![permute4(&y[0], [0, 2, 3, 1])?])
+}
+
+/// `node` without its [`GEMM_2D`] attribute.
+fn without_gemm_2d(node: &edgehal_core::Node) -> edgehal_core::Node {
+    let mut n = node.clone();
+    n.attrs.remove(GEMM_2D);
+    n
 }
 
 fn ints(t: &Tensor) -> Option<Vec<i32>> {
@@ -197,6 +228,8 @@ pub struct QdqConvPlan {
     out_dtype: DType,
     /// `x` is NCHW ([`INPUT_NCHW`]).
     nchw_in: bool,
+    /// `x` is `[M, K]`, the result `[M, N]` ([`GEMM_2D`]).
+    gemm_2d: bool,
 }
 
 impl QdqConvPlan {
@@ -347,6 +380,7 @@ impl QdqConvPlan {
             rq: rq.widen(m),
             out_dtype,
             nchw_in: node.attr_i(INPUT_NCHW).unwrap_or(0) != 0,
+            gemm_2d: node.attr_i(GEMM_2D).unwrap_or(0) != 0,
         })
     }
 
@@ -359,9 +393,11 @@ impl QdqConvPlan {
         threads: usize,
     ) -> Result<Vec<Tensor>> {
         let x = input(ins, 0)?;
-        let (n, ih, iw, c) = match (x.shape(), self.nchw_in) {
-            (&[n, h, w, c], false) => (n, h, w, c),
-            (&[n, c, h, w], true) => (n, h, w, c),
+        let (n, ih, iw, c) = match (x.shape(), self.nchw_in, self.gemm_2d) {
+            (&[n, h, w, c], false, false) => (n, h, w, c),
+            (&[n, c, h, w], true, false) => (n, h, w, c),
+            // A Gemm's rows as the pixels of one M x 1 image.
+            (&[m, k], false, true) => (1, m, 1, k),
             _ => return qconv_nhwc(ctx, ins),
         };
         if x.dtype() != self.x_dtype || c != self.c {
@@ -455,11 +491,12 @@ impl QdqConvPlan {
                 }
             }
         }
-        Ok(vec![Tensor::from_vec_dtype(
-            self.out_dtype,
-            vec![n, oh, ow, m],
-            out,
-        )?])
+        let shape = if self.gemm_2d {
+            vec![oh * ow, m]
+        } else {
+            vec![n, oh, ow, m]
+        };
+        Ok(vec![Tensor::from_vec_dtype(self.out_dtype, shape, out)?])
     }
 
     /// Patches (`kh*kw*c` bytes each, `[ky][kx][c]` order, rows `rs` apart) of output pixels
