@@ -219,8 +219,11 @@ pub struct RnnPlan {
     r_shape: Vec<usize>,
     /// `R` per direction.
     r: Vec<PackedGemv>,
-    /// `W`'s shape and `[W | R]` per direction (LSTM with a constant `W`).
-    wr: Option<(Vec<usize>, Vec<PackedGemv>)>,
+    /// `W`'s shape and `[W | R]` per direction (LSTM with a constant `W`), cut into row
+    /// parts of [`RnnPlan::part_rows`] gates (the last may be shorter) that threads share.
+    wr: Option<(Vec<usize>, Vec<Vec<PackedGemv>>)>,
+    /// Gate rows per part of `wr`.
+    part_rows: usize,
 }
 
 impl RnnPlan {
@@ -244,6 +247,9 @@ impl RnnPlan {
             return None;
         }
         let rd = |d: usize| MatRef::row_major(&rv[d * gh * hid..(d + 1) * gh * hid], gh, hid);
+        // Up to four parts of at least 64 gate rows (a multiple of the 16-row panel).
+        let parts = (gh / 64).clamp(1, 4);
+        let part_rows = gh.div_ceil(parts).next_multiple_of(16).max(16);
         let packed = (0..ndir)
             .map(|d| PackedGemv::new(rd(d)))
             .collect::<Option<Vec<_>>>()?;
@@ -259,7 +265,19 @@ impl RnnPlan {
                     (0..ndir)
                         .map(|d| {
                             let wd = &wv[d * gh * inp..(d + 1) * gh * inp];
-                            PackedGemv::hcat(&[MatRef::row_major(wd, gh, inp), rd(d)])
+                            let rdv = &rv[d * gh * hid..(d + 1) * gh * hid];
+                            (0..gh)
+                                .step_by(part_rows)
+                                .map(|r0| {
+                                    let r1 = (r0 + part_rows).min(gh);
+                                    let wp = &wd[r0 * inp..r1 * inp];
+                                    let rp = &rdv[r0 * hid..r1 * hid];
+                                    PackedGemv::hcat(&[
+                                        MatRef::row_major(wp, r1 - r0, inp),
+                                        MatRef::row_major(rp, r1 - r0, hid),
+                                    ])
+                                })
+                                .collect::<Option<Vec<_>>>()
                         })
                         .collect::<Option<Vec<_>>>()
                         .map(|v| (w.shape().to_vec(), v))
@@ -272,6 +290,7 @@ impl RnnPlan {
             r_shape: r.shape().to_vec(),
             r: packed,
             wr,
+            part_rows,
         })
     }
 
@@ -411,9 +430,18 @@ fn run_with(
     let mut yh = vec![0f32; ndir * batch * hid];
     let mut yc = vec![0f32; ndir * batch * hid];
     // Batch 1 with `[W | R]` prepared: one joined product per step (see `RnnPlan`).
-    let joined = match plan.and_then(|p| p.wr.as_ref()) {
-        Some((ws, wr)) if lstm_fast && batch == 1 && ws.as_slice() == w.shape() => Some(wr),
+    let joined = match plan.and_then(|p| p.wr.as_ref().map(|wr| (wr, p.part_rows))) {
+        Some(((ws, wr), pr)) if lstm_fast && batch == 1 && ws.as_slice() == w.shape() => {
+            Some((wr, pr))
+        }
         _ => None,
+    };
+    // Joined steps split their gate rows across threads when a step is big enough to pay
+    // for the hand-off (two 128-unit layers: a 512 x 168 and a 512 x 256 product).
+    let step_threads = if gh * (inp + hid) >= 1 << 16 {
+        crate::arena::threads()
+    } else {
+        1
     };
     let mut xw = vec![
         0f32;
@@ -432,7 +460,7 @@ fn run_with(
         let rb = &bv[d * 2 * gh + gh..(d + 1) * 2 * gh];
         let pd = &pv[d * 3 * hid..(d + 1) * 3 * hid];
         let acts = &acts[d * kind.n_act()..(d + 1) * kind.n_act()];
-        if let Some(wr) = joined {
+        if let Some((wr, pr)) = joined {
             let bias: Vec<f32> = wb.iter().zip(rb).map(|(a, b)| a + b).collect();
             let mut h = h0[d * hid..(d + 1) * hid].to_vec();
             let mut c = c0[d * hid..(d + 1) * hid].to_vec();
@@ -442,7 +470,18 @@ fn run_with(
                 let t = if reverse { len - 1 - step } else { step };
                 xh[..inp].copy_from_slice(&xv[t * inp..(t + 1) * inp]);
                 xh[inp..].copy_from_slice(&h);
-                let ok = gemv(&wr[d], &xh, &mut hr, GemvAdd::default())
+                let parts = &wr[d];
+                let products =
+                    crate::par::for_parts(step_threads, parts.len(), pr, &mut hr, |r, o| {
+                        for (k, part) in parts[r].iter().enumerate() {
+                            let rows = &mut o[k * pr..][..part.rows()];
+                            if !gemv(part, &xh, rows, GemvAdd::default()) {
+                                return Err(());
+                            }
+                        }
+                        Ok(())
+                    });
+                let ok = products.is_ok()
                     && edgehal_kernels::rnn::lstm_cell(
                         &hr,
                         &bias,
@@ -750,6 +789,50 @@ mod tests {
             let mut bad = ins;
             bad[2] = Some(&r2);
             assert!(plan.run(&ctx, &bad).is_err());
+        }
+    }
+
+    /// A step large enough to split its joined product across threads (128 units, gate rows
+    /// in four parts): 2 and 3 threads give the 1-thread bits, and the op function's values.
+    #[test]
+    fn joined_lstm_steps_split_across_threads_exactly() {
+        use edgehal_core::Node;
+        let vals = |n: usize, s: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * s + 1) % 29) as f32 * 0.02 - 0.28)
+                .collect()
+        };
+        let (seq, inp, hid) = (6, 40, 128);
+        let x = t(&[seq, 1, inp], &vals(seq * inp, 3));
+        let w = t(&[1, 4 * hid, inp], &vals(4 * hid * inp, 5));
+        let r = t(&[1, 4 * hid, hid], &vals(4 * hid * hid, 7));
+        let b = t(&[1, 8 * hid], &vals(8 * hid, 11));
+        let attrs = vec![("hidden_size", Attr::Int(hid as i64))];
+        let ins = [Some(&x), Some(&w), Some(&r), Some(&b)];
+        let want = run_op("LSTM", 14, attrs.clone(), &ins, 3).unwrap();
+        let node = Node {
+            op: "LSTM".into(),
+            attrs: attrs.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            ..Default::default()
+        };
+        let plan = super::RnnPlan::new(&node, &r, Some(&w)).expect("plan");
+        assert_eq!(plan.wr.as_ref().map(|(_, p)| p[0].len()), Some(4));
+        let ctx = super::OpCtx {
+            node: &node,
+            opset: 14,
+            subgraph: None,
+            dest: None,
+        };
+        let one = plan.run(&ctx, &ins).unwrap();
+        for (a, b) in want.iter().zip(&one) {
+            close(&b.to_vec::<f32>().unwrap(), &a.to_vec::<f32>().unwrap());
+        }
+        for threads in [2, 3] {
+            let _scope = crate::arena::RunScope::enter(None, threads);
+            let got = plan.run(&ctx, &ins).unwrap();
+            for (a, b) in one.iter().zip(&got) {
+                assert_eq!(&a.bytes()[..], &b.bytes()[..], "{threads} threads");
+            }
         }
     }
 
