@@ -436,14 +436,7 @@ pub fn qgemm_requant_with(
     }
     let t = qgemm::tile_of(pb.variant());
     // Canonical A: u8 for x86 VNNI / portable tiles, i8 for aarch64's; x ^ 0x80 converts.
-    let flip = if a.signed != t.a_signed { 0x80u8 } else { 0 };
-    let za_c = if flip == 0 {
-        za
-    } else if a.signed {
-        za + 128
-    } else {
-        za - 128
-    };
+    let (flip, za_c) = canonical_za(a.signed, t.a_signed, za);
     let (csum, zb) = pb.sums();
     let kz = k as i32;
     let colc = (0..n)
@@ -469,6 +462,104 @@ pub fn qgemm_requant_with(
     let _ = variant;
     qgemm_requant_body(&p, out, ldc);
     true
+}
+
+/// The byte flip that turns `signed` activations into the tile's canonical signedness and
+/// the zero point `za` in those canonical bytes.
+fn canonical_za(signed: bool, a_signed: bool, za: i32) -> (u8, i32) {
+    match (signed == a_signed, signed) {
+        (true, _) => (0, za),
+        (false, true) => (0x80, za + 128),
+        (false, false) => (0x80, za - 128),
+    }
+}
+
+/// [`qgemm_requant`] for output columns `cols` only (`cols.start` a multiple of 32), into
+/// `out` holding just those columns (row `i` at `out[i * ldc..][..cols.len()]`): a GEMM with
+/// few rows and many columns (a classifier head, a 7x7 layer) split across threads by
+/// columns. Runs only on the fused float path of the x86 VNNI tile (weights without zero
+/// points, rows readable in place); returns `false` (touching nothing) otherwise or on a
+/// size mismatch, and the caller splits rows instead.
+#[allow(clippy::too_many_arguments)]
+pub fn qgemm_requant_cols(
+    a: Rows<'_>,
+    za: i32,
+    pb: &PackedB,
+    bias: &[i32],
+    rq: &Requant,
+    cols: Range<usize>,
+    out: &mut [u8],
+    ldc: usize,
+) -> bool {
+    let (m, k, n) = (a.rows, a.k, pb.n());
+    let t = qgemm::tile_of(pb.variant());
+    let kp = k.next_multiple_of(4);
+    let (csum, zb) = pb.sums();
+    let ok = m > 0
+        && k == pb.k()
+        && t.ku == 4
+        && t.mr == 8
+        && t.nr == 32
+        && rq.is_float()
+        && rq.channels() == n
+        && bias.len() == n
+        && cols.start.is_multiple_of(32)
+        && cols.start < cols.end
+        && cols.end <= n
+        && ldc >= cols.len()
+        && !zb.iter().any(|&z| z != 0)
+        && (m - 1)
+            .checked_mul(a.rs)
+            .and_then(|v| v.checked_add(kp))
+            .is_some_and(|e| e <= a.data.len());
+    if !ok {
+        return false;
+    }
+    let (flip, za_c) = canonical_za(a.signed, t.a_signed, za);
+    let colc: Vec<i32> = cols
+        .clone()
+        .map(|j| bias[j].wrapping_sub(za_c.wrapping_mul(csum[j])))
+        .collect();
+    #[cfg(target_arch = "x86_64")]
+    {
+        let ep = crate::arch::x86_64::FloatEpilogue {
+            colc: &colc,
+            scale: &rq.fscale[cols.clone()],
+            zp: rq.zp,
+            lo: rq.lo.wrapping_sub(rq.zp) as f32,
+            hi: rq.hi.wrapping_sub(rq.zp) as f32,
+        };
+        let geo = crate::arch::x86_64::RowGeo {
+            per_line: usize::MAX,
+            line_step: 0,
+            col_step: a.rs,
+            segs: 1,
+            seg_step: 0,
+            seg_groups: kp / 4,
+        };
+        let b = pb
+            .data()
+            .get(cols.start / 32 * kp * 32..)
+            .unwrap_or_default();
+        crate::arch::x86_64::qgemm_float(
+            pb.variant(),
+            a.data,
+            0,
+            m,
+            &geo,
+            flip,
+            b,
+            cols.len(),
+            &ep,
+            out,
+            ldc,
+        )
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (colc, flip, out, ldc);
+        false
+    }
 }
 
 /// A KxK convolution's A read straight from an NHWC image (an "implicit GEMM", no im2col):
@@ -548,14 +639,7 @@ pub fn qgemm_conv_rows(
     {
         return false;
     }
-    let flip = if rows.signed != t.a_signed { 0x80u8 } else { 0 };
-    let za_c = if flip == 0 {
-        za
-    } else if rows.signed {
-        za + 128
-    } else {
-        za - 128
-    };
+    let (flip, za_c) = canonical_za(rows.signed, t.a_signed, za);
     let colc: Vec<i32> = (0..n)
         .map(|j| bias[j].wrapping_sub(za_c.wrapping_mul(csum[j])))
         .collect();
@@ -2255,6 +2339,68 @@ mod tests {
                     assert_eq!(out, want, "ic={ic} oc={oc} k={k} s={s} pad={pad} {signed}");
                 }
             }
+        }
+    }
+    /// Column ranges of the fused GEMM equal the same columns of the whole product; ranges
+    /// it cannot take (weight zero points, a start off a panel) are refused untouched.
+    #[test]
+    fn qgemm_column_ranges_match_the_whole_product() {
+        let mut r = Rng(41);
+        let (m, n, k) = (11, 100, 64);
+        let ab = r.bytes(m * k);
+        let wi: Vec<i8> = r.bytes(n * k).iter().map(|&b| b as i8).collect();
+        let bias: Vec<i32> = (0..n).map(|_| r.i(-20_000, 20_000)).collect();
+        let scales: Vec<f32> = (0..n).map(|_| r.i(1, 4000) as f32 * 1.7e-5).collect();
+        let rq = Requant::new_float(&scales, -7, -128, 127).unwrap();
+        let rows = Rows {
+            data: &ab,
+            signed: true,
+            rows: m,
+            k,
+            rs: k,
+        };
+        for iv in dispatch::detected_int8() {
+            let pb = PackedB::with_variant(iv, QMat::i8(&wi, n, k).t(), &[0]).unwrap();
+            let mut whole = vec![0u8; m * n];
+            assert!(qgemm_requant(rows, -5, &pb, &bias, &rq, &mut whole, n));
+            for cols in [0..32, 32..100, 64..100, 0..100, 96..100] {
+                let w = cols.len();
+                let mut part = vec![0xAAu8; m * (w + 3)];
+                if !qgemm_requant_cols(rows, -5, &pb, &bias, &rq, cols.clone(), &mut part, w + 3) {
+                    assert!(part.iter().all(|&b| b == 0xAA), "refused untouched");
+                    continue;
+                }
+                for i in 0..m {
+                    assert_eq!(part[i * (w + 3)..][..w], whole[i * n + cols.start..][..w]);
+                    assert_eq!(part[i * (w + 3) + w..][..3], [0xAA; 3]);
+                }
+            }
+            let mut part = vec![0xAAu8; m * 50];
+            assert!(!qgemm_requant_cols(
+                rows,
+                -5,
+                &pb,
+                &bias,
+                &rq,
+                10..60,
+                &mut part,
+                50
+            ));
+        }
+        #[cfg(target_arch = "x86_64")]
+        if crate::arch::x86_64::qgemm_float_supported(dispatch::selected_int8()) {
+            let pb = PackedB::new(QMat::i8(&wi, n, k).t(), &[0]).unwrap();
+            let mut part = vec![0u8; m * 36];
+            assert!(qgemm_requant_cols(
+                rows,
+                -5,
+                &pb,
+                &bias,
+                &rq,
+                64..100,
+                &mut part,
+                36
+            ));
         }
     }
 }

@@ -383,6 +383,11 @@ impl QGemmOp<'_> {
         } else {
             1
         };
+        // Few rows (a classifier head, a 7x7 layer's 49) split by rows leave threads idle or
+        // uneven: split the columns instead, where the fused kernel can.
+        if t > 1 && rows <= 64 && n >= 64 && self.run_by_columns(a, signed, rows, k, out, t) {
+            return Ok(());
+        }
         for_parts(t, rows.div_ceil(BLOCK), BLOCK * n, out, |r, part| {
             let r0 = r.start * BLOCK;
             let r1 = (r.end * BLOCK).min(rows);
@@ -404,6 +409,58 @@ impl QGemmOp<'_> {
                 ))
             }
         })
+    }
+}
+
+impl QGemmOp<'_> {
+    /// [`QGemmOp::run`] with the output columns split across `threads` threads in whole
+    /// 32-column panels, each part computed into its own buffer and copied into place.
+    /// `false` (with `out` untouched) when the fused kernel does not take column ranges here
+    /// ([`qconv::qgemm_requant_cols`]).
+    fn run_by_columns(
+        &self,
+        a: &[u8],
+        signed: bool,
+        rows: usize,
+        k: usize,
+        out: &mut [u8],
+        threads: usize,
+    ) -> bool {
+        let n = self.n;
+        let panels = n.div_ceil(32);
+        let per = panels.div_ceil(threads.clamp(1, panels));
+        let ranges: Vec<std::ops::Range<usize>> = (0..panels)
+            .step_by(per)
+            .map(|p0| p0 * 32..((p0 + per) * 32).min(n))
+            .collect();
+        let mut bufs: Vec<Vec<u8>> = ranges.iter().map(|r| vec![0u8; rows * r.len()]).collect();
+        let a_rows = Rows {
+            data: a,
+            signed,
+            rows,
+            k,
+            rs: k,
+        };
+        let items: Vec<_> = ranges.iter().cloned().zip(bufs.iter_mut()).collect();
+        let ran = crate::par::for_items(items, |_, (cols, buf)| {
+            let w = cols.len();
+            let (pb, bias, rq) = (self.packed, self.bias, self.rq);
+            if qconv::qgemm_requant_cols(a_rows, self.xz, pb, bias, rq, cols, buf, w) {
+                Ok(())
+            } else {
+                Err(())
+            }
+        });
+        if ran.is_err() || out.len() < rows * n {
+            return false;
+        }
+        for (cols, buf) in ranges.iter().zip(&bufs) {
+            let w = cols.len();
+            for (i, src) in buf.chunks_exact(w).enumerate() {
+                out[i * n + cols.start..][..w].copy_from_slice(src);
+            }
+        }
+        true
     }
 }
 
@@ -712,6 +769,10 @@ mod tests {
                 ],
             ),
             ("FullyConnected", vec![3, 70], vec![10, 70], vec![]),
+            // Few rows, many columns: split by columns across threads (a classifier head,
+            // a 7x7 layer).
+            ("FullyConnected", vec![2, 1280], vec![200, 1280], vec![]),
+            ("Conv2D", vec![1, 7, 7, 64], vec![96, 1, 1, 64], vec![]),
             (
                 "DepthwiseConv2D",
                 vec![1, 21, 19, 48],
