@@ -469,8 +469,8 @@ pub fn qgemm_requant_with(
 fn canonical_za(signed: bool, a_signed: bool, za: i32) -> (u8, i32) {
     match (signed == a_signed, signed) {
         (true, _) => (0, za),
-        (false, true) => (0x80, za + 128),
-        (false, false) => (0x80, za - 128),
+        (false, true) => (0x80, za.wrapping_add(128)),
+        (false, false) => (0x80, za.wrapping_sub(128)),
     }
 }
 

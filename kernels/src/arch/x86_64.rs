@@ -424,7 +424,7 @@ pub(crate) struct RowGeo {
 impl RowGeo {
     /// Groups of 4 depths per row.
     pub fn groups(&self) -> usize {
-        self.segs * self.seg_groups
+        self.segs.saturating_mul(self.seg_groups)
     }
 
     /// Bytes past a row's start that its groups read, `None` on overflow.
@@ -475,7 +475,9 @@ pub(crate) fn qgemm_float(
     out: &mut [u8],
     ldc: usize,
 ) -> bool {
-    let groups = geo.groups();
+    let Some(groups) = geo.segs.checked_mul(geo.seg_groups) else {
+        return false;
+    };
     let panels = n.div_ceil(32);
     let rows_fit = geo.per_line > 0
         && geo
@@ -490,7 +492,10 @@ pub(crate) fn qgemm_float(
             .is_some_and(|e| e <= out.len());
     if !rows_fit
         || !out_fits
-        || panels.checked_mul(groups * 128).is_none_or(|l| b.len() < l)
+        || panels
+            .checked_mul(groups)
+            .and_then(|v| v.checked_mul(128))
+            .is_none_or(|l| b.len() < l)
         || ep.colc.len() < n
         || ep.scale.len() < n
         || !qgemm_float_supported(variant)
