@@ -898,6 +898,44 @@ pub struct Depthwise<'a> {
     pub pack: Option<&'a DwPack>,
 }
 
+impl<'a> Depthwise<'a> {
+    /// The input copied into a zero-point border wide enough that every window lies inside
+    /// it, with the layer's height and width: run with `x` set to it, the top and left
+    /// padding to 0 and `ih`, `iw` to those, every output pixel takes the interior kernels.
+    /// `None` when the border pixels are under a tenth of the output (the copy would cost
+    /// more than they do) or the input is short.
+    pub fn bordered(&self) -> Option<(Vec<u8>, usize, usize)> {
+        let (oh, ow, c) = (self.oh, self.ow, self.c);
+        if oh == 0 || ow == 0 || self.x.len() < self.ih * self.iw * c {
+            return None;
+        }
+        let need_h = (oh - 1) * self.sh + (self.kh - 1) * self.dh + 1;
+        let need_w = (ow - 1) * self.sw + (self.kw - 1) * self.dw + 1;
+        let (ph, pw) = (
+            (self.ih + self.pt).max(need_h),
+            (self.iw + self.pl).max(need_w),
+        );
+        // Output rows / columns whose windows lie inside the unpadded image.
+        let inside = |o: usize, s: usize, d: usize, k: usize, p: usize, i: usize| {
+            (0..o)
+                .filter(|&v| v * s >= p && v * s - p + (k - 1) * d < i)
+                .count()
+        };
+        let rows_in = inside(oh, self.sh, self.dh, self.kh, self.pt, self.ih);
+        let cols_in = inside(ow, self.sw, self.dw, self.kw, self.pl, self.iw);
+        if 10 * rows_in * cols_in >= 9 * oh * ow {
+            return None;
+        }
+        let mut buf = vec![self.xz as u8; ph * pw * c];
+        let row = self.iw * c;
+        for (y, src) in self.x.chunks_exact(row.max(1)).take(self.ih).enumerate() {
+            let d = ((y + self.pt) * pw + self.pl) * c;
+            buf[d..d + row].copy_from_slice(src);
+        }
+        Some((buf, ph, pw))
+    }
+}
+
 /// A 3x3 depthwise layer's weights and epilogue laid out for the AVX-512 VNNI kernel
 /// (`vpdpbusd` over the three taps of a kernel row and a zero fourth): per block of 64
 /// channels and kernel row, four vectors whose dword `4 * lane + i` holds the row's three
@@ -2174,7 +2212,7 @@ mod tests {
             (10, 7, 64, 1, 2, 2),
             (9, 10, 32, 2, 1, 0),
         ];
-        let mut packed_runs = 0;
+        let (mut packed_runs, mut bordered_runs) = (0, 0);
         for &(ih, iw, c, s, d, pad) in &cases {
             let eff = 2 * d + 1;
             let oh = (ih + 2 * pad - eff) / s + 1;
@@ -2241,6 +2279,21 @@ mod tests {
                     assert!(depthwise_with(v, &p, 0..oh, &mut out));
                     assert_eq!(out, want, "{v:?} c={c} s={s} d={d} signed={signed}");
                 }
+                // The same layer on a bordered copy (every pixel interior) where one is made.
+                if let Some((bx, bh, bw)) = p.bordered() {
+                    let q = Depthwise {
+                        x: &bx,
+                        ih: bh,
+                        iw: bw,
+                        pt: 0,
+                        pl: 0,
+                        ..p
+                    };
+                    let mut out = vec![0xAAu8; oh * ow * c];
+                    assert!(depthwise_with(dispatch::selected(), &q, 0..oh, &mut out));
+                    assert_eq!(out, want, "bordered c={c} s={s} d={d} signed={signed}");
+                    bordered_runs += 1;
+                }
                 packed_runs += usize::from(pack.is_some());
             }
         }
@@ -2253,6 +2306,8 @@ mod tests {
             );
         }
         let _ = packed_runs;
+        // The small padded maps (7x9 with pad 1, 10x7 with pad 2 and dilation 2) get a border.
+        assert!(bordered_runs >= 4, "{bordered_runs} bordered runs");
     }
     /// Convolutions read in place ([`ConvRows`]) against plain sums with the float
     /// definition: 1, 3 and 8 channels, strides 1 and 2, padding, output widths that split

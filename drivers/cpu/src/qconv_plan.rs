@@ -280,8 +280,20 @@ impl QConvPlan {
                         rq: &self.rq,
                         pack: pack.as_ref(),
                     };
+                    // Small maps (a 7x7's border is half its pixels): a bordered copy sends
+                    // every pixel through the packed kernel.
+                    let bordered = pack.as_ref().and_then(|_| p.bordered());
+                    let pb = bordered.as_ref().map(|(x, ih, iw)| Depthwise {
+                        x,
+                        ih: *ih,
+                        iw: *iw,
+                        pt: 0,
+                        pl: 0,
+                        ..p
+                    });
+                    let p = pb.as_ref().unwrap_or(&p);
                     for_parts(t, g.oh, row, o, |r, part| {
-                        if qconv::depthwise(&p, r, part) {
+                        if qconv::depthwise(p, r, part) {
                             Ok(())
                         } else {
                             Err(edgehal_core::Error::arg(

@@ -475,6 +475,17 @@ impl QdqConvPlan {
                         rq: &self.rq,
                         pack: pack.as_ref(),
                     };
+                    // Small maps: every pixel through the packed kernel (see the TFLite plan).
+                    let bordered = pack.as_ref().and_then(|_| p.bordered());
+                    let pb = bordered.as_ref().map(|(x, ih, iw)| Depthwise {
+                        x,
+                        ih: *ih,
+                        iw: *iw,
+                        pt: 0,
+                        pl: 0,
+                        ..p
+                    });
+                    let p = pb.as_ref().unwrap_or(&p);
                     let row = ow * c;
                     let t = if oh * row * kh * kw >= MIN_PARALLEL_MACS {
                         threads
@@ -482,7 +493,7 @@ impl QdqConvPlan {
                         1
                     };
                     for_parts(t, oh, row, o, |r, part| {
-                        if qconv::depthwise(&p, r, part) {
+                        if qconv::depthwise(p, r, part) {
                             Ok(())
                         } else {
                             Err(Error::arg(format!("{QCONV_NHWC}: operand sizes")))
