@@ -576,14 +576,7 @@ pub fn fuse_qdq(g: &mut Graph) -> usize {
             count += 1;
             continue;
         }
-        if let Some((mut node, q_node)) = qdq_gemm(g, ci, &uses, &consumer, &producer) {
-            // The weights as a 1x1 convolution's [N, K, 1, 1] (the same bytes).
-            let wq = node.inputs[3].expect("W");
-            let w = g.initializers[&wq].clone();
-            let s = w.shape().to_vec();
-            let Ok(w4) = w.reshape(vec![s[0], s[1], 1, 1]) else {
-                continue;
-            };
+        if let Some((mut node, q_node, w4)) = qdq_gemm(g, ci, &uses, &consumer, &producer) {
             node.inputs[3] = Some(add_initializer(g, "gemm_w_1x1", w4));
             node.outputs = vec![g.nodes[q_node].outputs[0]];
             g.nodes[ci] = node;
@@ -793,18 +786,110 @@ fn qdq_bias(
     Some(Some(bq))
 }
 
+/// The 8-bit operands of a layer written in QDQ form: `DQ(x: u8/i8, scalar scale / zero
+/// point)`, `DQ(W: const 8-bit of rank `w_rank`, per-tensor or per-output on axis 0)`, and
+/// the optional bias `DQ(B)` ([`qdq_bias`]).
+struct QdqOperands<'g> {
+    xq: ValueId,
+    xs: ValueId,
+    xz: Option<ValueId>,
+    w: &'g Tensor,
+    wq: ValueId,
+    ws: ValueId,
+    wz: Option<ValueId>,
+    b: Option<ValueId>,
+}
+
+fn qdq_operands<'g>(
+    g: &'g Graph,
+    producer: &[Option<NodeId>],
+    x: ValueId,
+    wv: ValueId,
+    bv: Option<ValueId>,
+    w_rank: usize,
+) -> Option<QdqOperands<'g>> {
+    let init = |v: Option<ValueId>| v.and_then(|v| g.initializers.get(&v));
+    let (xq, xs, xz, _) = dq_producer(g, producer, x)?;
+    let xsv = scalar_init(g, Some(xs))?;
+    let x_dt = match xz {
+        Some(z) => {
+            let t = init(Some(z))?;
+            (t.len() == 1).then_some(t.dtype())?
+        }
+        None => g.values[xq].dtype?,
+    };
+    if !matches!(x_dt, DType::U8 | DType::I8) || g.values[xq].dtype.is_some_and(|d| d != x_dt) {
+        return None;
+    }
+    let (wq, ws, wz, wn) = dq_producer(g, producer, wv)?;
+    let w = init(Some(wq))?;
+    if w.rank() != w_rank || !matches!(w.dtype(), DType::I8 | DType::U8) {
+        return None;
+    }
+    let m = w.shape()[0];
+    let wsv = init(Some(ws))?;
+    if wsv.dtype() != DType::F32 || !(wsv.len() == 1 || wsv.len() == m) {
+        return None;
+    }
+    let axis = g.nodes[wn].attr_i("axis").unwrap_or(1);
+    if wsv.len() > 1 && axis != 0 && axis != -(w_rank as i64) {
+        return None;
+    }
+    if let Some(z) = wz {
+        let t = init(Some(z))?;
+        if t.dtype() != w.dtype() || t.len() != wsv.len() {
+            return None;
+        }
+    }
+    let b = qdq_bias(g, producer, bv, m, xsv, wsv)?;
+    Some(QdqOperands {
+        xq,
+        xs,
+        xz,
+        w,
+        wq,
+        ws,
+        wz,
+        b,
+    })
+}
+
+/// The [`QCONV_NHWC`] node over `o` with output scale / zero point `ys`, `yz` (attributes
+/// are the caller's).
+fn qconv_node(name: &str, o: &QdqOperands<'_>, ys: ValueId, yz: Option<ValueId>) -> Node {
+    Node {
+        op: QCONV_NHWC.into(),
+        domain: FUSED_DOMAIN.into(),
+        name: name.to_string(),
+        inputs: vec![
+            Some(o.xq),
+            Some(o.xs),
+            o.xz,
+            Some(o.wq),
+            Some(o.ws),
+            o.wz,
+            Some(ys),
+            yz,
+            o.b,
+        ],
+        outputs: vec![],
+        ..Default::default()
+    }
+}
+
 /// The fused node for Gemm `gi` with the pattern `DQ(x: [M, K] u8/i8, scalar)`,
 /// `DQ(W: const 8-bit [N, K], per-tensor or per-row)`, optional `DQ(B)` -> `Gemm` (transB = 1,
 /// no transA, alpha = beta = 1) -> `Q(scalar)`: a 1x1 [`QCONV_NHWC`] over `M` pixels with
-/// [`GEMM_2D`] set (2-d input and output), and the QuantizeLinear it absorbs. Its weight
-/// input is still the 2-d `W`; the caller gives it the [N, K, 1, 1] shape.
+/// [`GEMM_2D`] set (2-d input and output), the QuantizeLinear it absorbs, and `W` with the
+/// [N, K, 1, 1] shape of a 1x1 convolution's weights (the same bytes) for the caller to add;
+/// the node's weight input is set to it then.
 fn qdq_gemm(
     g: &Graph,
     gi: NodeId,
     uses: &[usize],
     consumer: &[Option<NodeId>],
     producer: &[Option<NodeId>],
-) -> Option<(Node, NodeId)> {
+) -> Option<(Node, NodeId, Tensor)> {
     let gemm = &g.nodes[gi];
     if !is_onnx(gemm, "Gemm") || gemm.outputs.len() != 1 || gemm.inputs.len() < 2 {
         return None;
@@ -817,72 +902,21 @@ fn qdq_gemm(
     {
         return None;
     }
-    let init = |v: Option<ValueId>| v.and_then(|v| g.initializers.get(&v));
-    let (xq, xs, xz, _) = dq_producer(g, producer, gemm.inputs[0]?)?;
-    let xsv = scalar_init(g, Some(xs))?;
-    let x_dt = match xz {
-        Some(z) => {
-            let t = init(Some(z))?;
-            (t.len() == 1).then_some(t.dtype())?
-        }
-        None => g.values[xq].dtype?,
-    };
-    if !matches!(x_dt, DType::U8 | DType::I8) || g.values[xq].dtype.is_some_and(|d| d != x_dt) {
-        return None;
-    }
-    let (wq, ws, wz, wn) = dq_producer(g, producer, gemm.inputs[1]?)?;
-    let w = init(Some(wq))?;
-    let &[n, k] = w.shape() else {
+    let bv = gemm.inputs.get(2).copied().flatten();
+    let o = qdq_operands(g, producer, gemm.inputs[0]?, gemm.inputs[1]?, bv, 2)?;
+    let &[n, k] = o.w.shape() else {
         return None;
     };
-    let xd = dims_of(g, xq)?;
-    if !matches!(w.dtype(), DType::I8 | DType::U8) || xd.len() != 2 || xd[1] != k {
+    if !matches!(dims_of(g, o.xq)?[..], [_, xk] if xk == k) {
         return None;
     }
-    let wsv = init(Some(ws))?;
-    if wsv.dtype() != DType::F32 || !(wsv.len() == 1 || wsv.len() == n) {
-        return None;
-    }
-    if wsv.len() > 1 && !matches!(g.nodes[wn].attr_i("axis").unwrap_or(1), 0 | -2) {
-        return None;
-    }
-    if let Some(z) = wz {
-        let t = init(Some(z))?;
-        if t.dtype() != w.dtype() || t.len() != wsv.len() {
-            return None;
-        }
-    }
-    let b = qdq_bias(
-        g,
-        producer,
-        gemm.inputs.get(2).copied().flatten(),
-        n,
-        xsv,
-        wsv,
-    )?;
+    let w4 = o.w.reshape(vec![n, k, 1, 1]).ok()?;
     let (qn, ys, yz) = private_q(g, gemm.outputs[0]?, uses, consumer)?;
-    let mut node = Node {
-        op: QCONV_NHWC.into(),
-        domain: FUSED_DOMAIN.into(),
-        name: gemm.name.clone(),
-        inputs: vec![
-            Some(xq),
-            Some(xs),
-            xz,
-            Some(wq),
-            Some(ws),
-            wz,
-            Some(ys),
-            yz,
-            b,
-        ],
-        outputs: vec![],
-        ..Default::default()
-    };
+    let mut node = qconv_node(&gemm.name, &o, ys, yz);
     node.attrs.insert(GEMM_2D.into(), Attr::Int(1));
     node.attrs
         .insert("kernel_shape".into(), Attr::Ints(vec![1, 1]));
-    Some((node, qn))
+    Some((node, qn, w4))
 }
 
 /// The fused node for Conv `ci` when it has the QDQ pattern of [`fuse_qdq`], and the index of
@@ -902,78 +936,23 @@ fn qdq_conv(
     if !(auto.is_empty() || auto == "NOTSET") {
         return None;
     }
-    let init = |v: Option<ValueId>| v.and_then(|v| g.initializers.get(&v));
-    // x: DQ with scalar scale / zero point.
-    let (xq, xs, xz, _) = dq_producer(g, producer, conv.inputs[0]?)?;
-    let xsv = scalar_init(g, Some(xs))?;
-    let x_dt = match xz {
-        Some(z) => {
-            let t = init(Some(z))?;
-            (t.len() == 1).then_some(t.dtype())?
-        }
-        None => g.values[xq].dtype?,
-    };
-    if !matches!(x_dt, DType::U8 | DType::I8) || g.values[xq].dtype.is_some_and(|d| d != x_dt) {
-        return None;
-    }
-    // W: constant 8-bit, per-tensor or per-output-channel (axis 0).
-    let (wq, ws, wz, wn) = dq_producer(g, producer, conv.inputs[1]?)?;
-    let w = init(Some(wq))?;
-    let &[m, cg, _, _] = w.shape() else {
+    // B: constant i32, zero point 0, scale x_scale * w_scale (what QLinearConv assumes).
+    let bv = conv.inputs.get(2).copied().flatten();
+    let o = qdq_operands(g, producer, conv.inputs[0]?, conv.inputs[1]?, bv, 4)?;
+    let &[m, cg, _, _] = o.w.shape() else {
         return None;
     };
-    if !matches!(w.dtype(), DType::I8 | DType::U8) {
-        return None;
-    }
-    let wsv = init(Some(ws))?;
-    if wsv.dtype() != DType::F32 || !(wsv.len() == 1 || wsv.len() == m) {
-        return None;
-    }
-    if wsv.len() > 1 && !matches!(g.nodes[wn].attr_i("axis").unwrap_or(1), 0 | -4) {
-        return None;
-    }
-    if let Some(z) = wz {
-        let t = init(Some(z))?;
-        if t.dtype() != w.dtype() || t.len() != wsv.len() {
-            return None;
-        }
-    }
     let group = conv.attr_i("group").unwrap_or(1);
     let depthwise = cg == 1 && group as usize == m && m > 1;
     if group != 1 && !depthwise {
         return None;
     }
-    let b = qdq_bias(
-        g,
-        producer,
-        conv.inputs.get(2).copied().flatten(),
-        m,
-        xsv,
-        wsv,
-    )?;
     // y: the Conv output's only reader is a QuantizeLinear with scalar scale / zero point.
     let (qn, ys, yz) = private_q(g, conv.outputs[0]?, uses, consumer)?;
-    if dims_of(g, xq).is_some_and(|s| s.len() != 4) {
+    if dims_of(g, o.xq).is_some_and(|s| s.len() != 4) {
         return None;
     }
-    let mut node = Node {
-        op: QCONV_NHWC.into(),
-        domain: FUSED_DOMAIN.into(),
-        name: conv.name.clone(),
-        inputs: vec![
-            Some(xq),
-            Some(xs),
-            xz,
-            Some(wq),
-            Some(ws),
-            wz,
-            Some(ys),
-            yz,
-            b,
-        ],
-        outputs: vec![],
-        ..Default::default()
-    };
+    let mut node = qconv_node(&conv.name, &o, ys, yz);
     for k in ["strides", "pads", "dilations", "group", "kernel_shape"] {
         if let Some(a) = conv.attrs.get(k) {
             node.attrs.insert(k.to_string(), a.clone());

@@ -520,33 +520,108 @@ pub fn qgemm_requant_cols(
         .clone()
         .map(|j| bias[j].wrapping_sub(za_c.wrapping_mul(csum[j])))
         .collect();
+    let geo = RowGeo {
+        per_line: usize::MAX,
+        line_step: 0,
+        col_step: a.rs,
+        segs: 1,
+        seg_step: 0,
+        seg_groups: kp / 4,
+    };
+    fused_float(pb, a.data, 0..m, &geo, flip, cols, &colc, rq, out, ldc)
+}
+
+/// Where the rows of A lie for the fused GEMM (`arch::x86_64::qgemm_float`): row `i` starts at
+/// `(i / per_line) * line_step + (i % per_line) * col_step`; its depth is `segs` segments of
+/// `seg_groups` groups of 4 bytes, segment `s` starting `s * seg_step` past the row's start.
+/// A plain row-major A is one line with `col_step` its row stride and one segment; an NHWC
+/// image read as its own im2col ("implicit GEMM") has one line per output row and one
+/// segment per kernel row.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) struct RowGeo {
+    pub per_line: usize,
+    pub line_step: usize,
+    pub col_step: usize,
+    pub segs: usize,
+    pub seg_step: usize,
+    pub seg_groups: usize,
+}
+
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+impl RowGeo {
+    /// Groups of 4 depths per row.
+    pub fn groups(&self) -> usize {
+        self.segs.saturating_mul(self.seg_groups)
+    }
+
+    /// Bytes past a row's start that its groups read, `None` on overflow.
+    pub(crate) fn reach(&self) -> Option<usize> {
+        if self.groups() == 0 {
+            return Some(0);
+        }
+        (self.segs - 1)
+            .checked_mul(self.seg_step)?
+            .checked_add(self.seg_groups.checked_mul(4)?)
+    }
+
+    /// The largest start of rows `first..first + m` (starts grow along a line and from line
+    /// to line), `None` on overflow.
+    pub(crate) fn max_start(&self, first: usize, m: usize) -> Option<usize> {
+        let start = |i: usize| {
+            (i / self.per_line)
+                .checked_mul(self.line_step)?
+                .checked_add((i % self.per_line).checked_mul(self.col_step)?)
+        };
+        let last = first.checked_add(m.checked_sub(1)?)?;
+        let mut top = start(last)?;
+        let line_begin = last / self.per_line * self.per_line;
+        if line_begin > first {
+            top = top.max(start(line_begin - 1)?);
+        }
+        Some(top)
+    }
+}
+
+/// The fused float-epilogue GEMM (x86 AVX-512 VNNI, `crate::arch::x86_64::qgemm_float`) over
+/// A's rows `rows` placed by `geo`, B's columns `cols` (starting on a 32-column panel) with
+/// their constants `colc`, the float requantization `rq`, into `out`. `false` (touching
+/// nothing) where it does not run: another CPU or architecture, or sizes that do not fit.
+#[allow(clippy::too_many_arguments)]
+fn fused_float(
+    pb: &PackedB,
+    a: &[u8],
+    rows: Range<usize>,
+    geo: &RowGeo,
+    flip: u8,
+    cols: Range<usize>,
+    colc: &[i32],
+    rq: &Requant,
+    out: &mut [u8],
+    ldc: usize,
+) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
+        let Some(scale) = rq.fscale.get(cols.clone()) else {
+            return false;
+        };
         let ep = crate::arch::x86_64::FloatEpilogue {
-            colc: &colc,
-            scale: &rq.fscale[cols.clone()],
+            colc,
+            scale,
             zp: rq.zp,
             lo: rq.lo.wrapping_sub(rq.zp) as f32,
             hi: rq.hi.wrapping_sub(rq.zp) as f32,
         };
-        let geo = crate::arch::x86_64::RowGeo {
-            per_line: usize::MAX,
-            line_step: 0,
-            col_step: a.rs,
-            segs: 1,
-            seg_step: 0,
-            seg_groups: kp / 4,
-        };
+        let panel = geo.groups().saturating_mul(4 * 32);
         let b = pb
             .data()
-            .get(cols.start / 32 * kp * 32..)
+            .get((cols.start / 32).saturating_mul(panel)..)
             .unwrap_or_default();
         crate::arch::x86_64::qgemm_float(
             pb.variant(),
-            a.data,
-            0,
-            m,
-            &geo,
+            a,
+            rows.start,
+            rows.len(),
+            geo,
             flip,
             b,
             cols.len(),
@@ -557,7 +632,7 @@ pub fn qgemm_requant_cols(
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (colc, flip, out, ldc);
+        let _ = (pb, a, rows, geo, flip, cols, colc, rq, out, ldc);
         false
     }
 }
@@ -643,42 +718,26 @@ pub fn qgemm_conv_rows(
     let colc: Vec<i32> = (0..n)
         .map(|j| bias[j].wrapping_sub(za_c.wrapping_mul(csum[j])))
         .collect();
-    #[cfg(target_arch = "x86_64")]
-    {
-        let ep = crate::arch::x86_64::FloatEpilogue {
-            colc: &colc,
-            scale: &rq.fscale,
-            zp: rq.zp,
-            lo: rq.lo.wrapping_sub(rq.zp) as f32,
-            hi: rq.hi.wrapping_sub(rq.zp) as f32,
-        };
-        let geo = crate::arch::x86_64::RowGeo {
-            per_line: rows.ow,
-            line_step: rows.line_step,
-            col_step: rows.col_step,
-            segs: rows.kh,
-            seg_step: rows.seg_step,
-            seg_groups: rows.seg_bytes / 4,
-        };
-        crate::arch::x86_64::qgemm_float(
-            pb.variant(),
-            rows.x,
-            first,
-            m,
-            &geo,
-            flip,
-            pb.data(),
-            n,
-            &ep,
-            out,
-            ldc,
-        )
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (colc, first, m, out, ldc, flip);
-        false
-    }
+    let geo = RowGeo {
+        per_line: rows.ow,
+        line_step: rows.line_step,
+        col_step: rows.col_step,
+        segs: rows.kh,
+        seg_step: rows.seg_step,
+        seg_groups: rows.seg_bytes / 4,
+    };
+    fused_float(
+        pb,
+        rows.x,
+        first..first + m,
+        &geo,
+        flip,
+        0..n,
+        &colc,
+        rq,
+        out,
+        ldc,
+    )
 }
 
 /// The loop of [`qgemm_requant`]: per panel of `mr` rows, pack it (canonical bytes and row
@@ -718,14 +777,7 @@ pub(crate) fn qgemm_requant_body(p: &QgemmRq<'_>, out: &mut [u8], ldc: usize) {
         && t.mr == 8
         && crate::arch::x86_64::qgemm_float_supported(pb.variant())
     {
-        let ep = crate::arch::x86_64::FloatEpilogue {
-            colc: &p.colc,
-            scale: &p.rq.fscale,
-            zp: p.rq.zp,
-            lo: p.rq.lo.wrapping_sub(p.rq.zp) as f32,
-            hi: p.rq.hi.wrapping_sub(p.rq.zp) as f32,
-        };
-        let geo = crate::arch::x86_64::RowGeo {
+        let geo = RowGeo {
             per_line: usize::MAX,
             line_step: 0,
             col_step: p.a.rs,
@@ -733,16 +785,15 @@ pub(crate) fn qgemm_requant_body(p: &QgemmRq<'_>, out: &mut [u8], ldc: usize) {
             seg_step: 0,
             seg_groups: groups,
         };
-        let ran = crate::arch::x86_64::qgemm_float(
-            pb.variant(),
+        let ran = fused_float(
+            pb,
             p.a.data,
-            0,
-            m,
+            0..m,
             &geo,
             p.flip,
-            bdata,
-            n,
-            &ep,
+            0..n,
+            &p.colc,
+            p.rq,
             out,
             ldc,
         );

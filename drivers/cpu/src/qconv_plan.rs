@@ -223,8 +223,8 @@ impl QConvPlan {
                 let img = g.ih * g.iw * g.ic;
                 for (n, o) in out.chunks_exact_mut((rows * oc).max(1)).enumerate() {
                     if let (Some(pr), 1) = (in_place, g.dw) {
-                        let img = &xb[n * img..(n + 1) * img];
-                        self.conv_in_place(&g, img, signed, pr, o, threads)?;
+                        let img = InPlaceImage::Nhwc(&xb[n * img..(n + 1) * img]);
+                        self.op(pr).run_in_place(&g, img, signed, o, threads)?;
                     } else if g.is_pointwise() {
                         let a = &xb[n * img..(n + 1) * img];
                         self.gemm(a, signed, rows, k, packed, o, threads)?;
@@ -250,14 +250,7 @@ impl QConvPlan {
                 let g = Geo::new(ctx, xd, *kh, *kw)?;
                 let mut out = vec![0u8; g.n * g.oh * g.ow * oc];
                 let img = g.ih * g.iw * g.ic;
-                let row = g.ow * oc;
-                let macs = g.oh * row * kh * kw;
-                let t = if macs >= MIN_PARALLEL_MACS {
-                    threads
-                } else {
-                    1
-                };
-                for (n, o) in out.chunks_exact_mut((g.oh * row).max(1)).enumerate() {
+                for (n, o) in out.chunks_exact_mut((g.oh * g.ow * oc).max(1)).enumerate() {
                     let p = Depthwise {
                         x: &xb[n * img..(n + 1) * img],
                         signed,
@@ -280,27 +273,7 @@ impl QConvPlan {
                         rq: &self.rq,
                         pack: pack.as_ref(),
                     };
-                    // Small maps (a 7x7's border is half its pixels): a bordered copy sends
-                    // every pixel through the packed kernel.
-                    let bordered = pack.as_ref().and_then(|_| p.bordered());
-                    let pb = bordered.as_ref().map(|(x, ih, iw)| Depthwise {
-                        x,
-                        ih: *ih,
-                        iw: *iw,
-                        pt: 0,
-                        pl: 0,
-                        ..p
-                    });
-                    let p = pb.as_ref().unwrap_or(&p);
-                    for_parts(t, g.oh, row, o, |r, part| {
-                        if qconv::depthwise(p, r, part) {
-                            Ok(())
-                        } else {
-                            Err(edgehal_core::Error::arg(
-                                "DepthwiseConv2D: operand sizes do not match",
-                            ))
-                        }
-                    })?;
+                    run_depthwise(&p, threads, o)?;
                 }
                 (vec![g.n, g.oh, g.ow, oc], out)
             }
@@ -325,34 +298,6 @@ impl QConvPlan {
         self.op(packed).run(a, signed, rows, k, out, threads)
     }
 
-    /// A KxK convolution of one NHWC image read in place ([`QGemmOp::run_in_place`]).
-    fn conv_in_place(
-        &self,
-        g: &Geo,
-        img: &[u8],
-        signed: bool,
-        pr: &PackedB,
-        out: &mut [u8],
-        threads: usize,
-    ) -> Result<()> {
-        let geo = InPlaceGeo {
-            ih: g.ih,
-            iw: g.iw,
-            ic: g.ic,
-            oh: g.oh,
-            ow: g.ow,
-            kh: g.kh,
-            kw: g.kw,
-            sh: g.sh,
-            sw: g.sw,
-            dh: g.dh,
-            pt: g.pt,
-            pl: g.pl,
-        };
-        self.op(pr)
-            .run_in_place(&geo, InPlaceImage::Nhwc(img), signed, out, threads)
-    }
-
     /// The fused GEMM with this plan's bias and requantization over `packed`.
     fn op<'a>(&'a self, packed: &'a PackedB) -> QGemmOp<'a> {
         QGemmOp {
@@ -363,6 +308,38 @@ impl QConvPlan {
             n: self.oc,
         }
     }
+}
+
+/// A depthwise layer's output rows split across threads (one below [`MIN_PARALLEL_MACS`]), as
+/// the TFLite and the ONNX QDQ plans run it. Small maps with a packed layer (a 7x7's border is
+/// half its pixels) run on a bordered copy ([`Depthwise::bordered`]), so every pixel takes the
+/// packed kernel.
+pub(crate) fn run_depthwise(p: &Depthwise<'_>, threads: usize, out: &mut [u8]) -> Result<()> {
+    let bordered = p.pack.and_then(|_| p.bordered());
+    let pb = bordered.as_ref().map(|(x, ih, iw)| Depthwise {
+        x,
+        ih: *ih,
+        iw: *iw,
+        pt: 0,
+        pl: 0,
+        ..*p
+    });
+    let p = pb.as_ref().unwrap_or(p);
+    let row = p.ow * p.c;
+    let t = if p.oh * row * p.kh * p.kw >= MIN_PARALLEL_MACS {
+        threads
+    } else {
+        1
+    };
+    for_parts(t, p.oh, row, out, |r, part| {
+        if qconv::depthwise(p, r, part) {
+            Ok(())
+        } else {
+            Err(edgehal_core::Error::arg(
+                "depthwise convolution: operand sizes do not match",
+            ))
+        }
+    })
 }
 
 /// One quantized GEMM with fused requantization, as the TFLite and the ONNX QDQ plans run it.
@@ -476,23 +453,6 @@ impl QGemmOp<'_> {
     }
 }
 
-/// The geometry of a KxK convolution of one image for [`QGemmOp::run_in_place`]
-/// (dilation 1 along the width; `pt`, `pl` the top and left padding).
-pub(crate) struct InPlaceGeo {
-    pub ih: usize,
-    pub iw: usize,
-    pub ic: usize,
-    pub oh: usize,
-    pub ow: usize,
-    pub kh: usize,
-    pub kw: usize,
-    pub sh: usize,
-    pub sw: usize,
-    pub dh: usize,
-    pub pt: usize,
-    pub pl: usize,
-}
-
 /// One image's bytes for [`QGemmOp::run_in_place`].
 pub(crate) enum InPlaceImage<'a> {
     Nhwc(&'a [u8]),
@@ -508,7 +468,7 @@ impl QGemmOp<'_> {
     /// in blocks of 16.
     pub(crate) fn run_in_place(
         &self,
-        g: &InPlaceGeo,
+        g: &Geo,
         img: InPlaceImage<'_>,
         signed: bool,
         out: &mut [u8],

@@ -21,9 +21,9 @@ use edgehal_kernels::qconv::{self, Depthwise, DwPack, Requant};
 use edgehal_kernels::qgemm::{PackedB, QMat};
 
 use crate::conv_plan::FUSED_DOMAIN;
+use crate::ops::tflite::nn::Geo;
 use crate::ops::{input, OpCtx, Registry};
-use crate::par::for_parts;
-use crate::qconv_plan::{InPlaceGeo, InPlaceImage};
+use crate::qconv_plan::{run_depthwise, InPlaceImage};
 use std::ops::Range;
 
 /// The op type of the NHWC quantized convolution (domain `edgehal`).
@@ -41,9 +41,6 @@ pub const GEMM_2D: &str = "gemm_2d";
 /// `edgehal`; inputs `a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale,
 /// y_zero_point`, per-tensor, same shapes, any layout): [`qconv::QdqAdd`].
 pub const QDQ_ADD: &str = "QdqAdd";
-
-/// Multiply-adds below which a layer stays on one thread.
-const MIN_PARALLEL_MACS: usize = 1 << 18;
 
 /// Whether QDQ convolutions are fused and planned (`EDGEHAL_QDQ=0` turns both off, for
 /// comparisons).
@@ -428,7 +425,8 @@ impl QdqConvPlan {
                     if pointwise {
                         self.gemm(xi, signed, oh * ow, c, pb, o, threads)?;
                     } else if let Some(pr) = rows {
-                        let geo = InPlaceGeo {
+                        let geo = Geo {
+                            n: 1,
                             ih,
                             iw,
                             ic: c,
@@ -439,6 +437,7 @@ impl QdqConvPlan {
                             sh: self.s[0],
                             sw: self.s[1],
                             dh: self.d[0],
+                            dw: self.d[1],
                             pt: self.p[0],
                             pl: self.p[1],
                         };
@@ -475,30 +474,7 @@ impl QdqConvPlan {
                         rq: &self.rq,
                         pack: pack.as_ref(),
                     };
-                    // Small maps: every pixel through the packed kernel (see the TFLite plan).
-                    let bordered = pack.as_ref().and_then(|_| p.bordered());
-                    let pb = bordered.as_ref().map(|(x, ih, iw)| Depthwise {
-                        x,
-                        ih: *ih,
-                        iw: *iw,
-                        pt: 0,
-                        pl: 0,
-                        ..p
-                    });
-                    let p = pb.as_ref().unwrap_or(&p);
-                    let row = ow * c;
-                    let t = if oh * row * kh * kw >= MIN_PARALLEL_MACS {
-                        threads
-                    } else {
-                        1
-                    };
-                    for_parts(t, oh, row, o, |r, part| {
-                        if qconv::depthwise(p, r, part) {
-                            Ok(())
-                        } else {
-                            Err(Error::arg(format!("{QCONV_NHWC}: operand sizes")))
-                        }
-                    })?;
+                    run_depthwise(&p, threads, o)?;
                 }
             }
         }

@@ -15,6 +15,7 @@ use std::arch::x86_64::*;
 use crate::dispatch::Variant;
 use crate::gemm::{axpy_rows, packed_with, Blocking, MatRef, MR as PORTABLE_MR};
 use crate::gemv::{drive as gemv_drive, GemvAdd, PackedGemv, GROUP, GROUP_ROWS, PANEL};
+use crate::qconv::RowGeo;
 
 const AVX2_MR: usize = 6;
 const AVX2_NR: usize = 16;
@@ -404,55 +405,6 @@ pub(crate) fn qgemm_float_supported(variant: Variant) -> bool {
         && is_x86_feature_detected!("avx512bw")
         && is_x86_feature_detected!("avx512vl")
         && is_x86_feature_detected!("avx512vnni")
-}
-
-/// Where the rows of A lie for [`qgemm_float`]: row `i` starts at
-/// `(i / per_line) * line_step + (i % per_line) * col_step`; its depth is `segs` segments of
-/// `seg_groups` groups of 4 bytes, segment `s` starting `s * seg_step` past the row's start.
-/// A plain row-major A is one line with `col_step` its row stride and one segment; an NHWC
-/// image read as its own im2col ("implicit GEMM") has one line per output row and one
-/// segment per kernel row.
-pub(crate) struct RowGeo {
-    pub per_line: usize,
-    pub line_step: usize,
-    pub col_step: usize,
-    pub segs: usize,
-    pub seg_step: usize,
-    pub seg_groups: usize,
-}
-
-impl RowGeo {
-    /// Groups of 4 depths per row.
-    pub fn groups(&self) -> usize {
-        self.segs.saturating_mul(self.seg_groups)
-    }
-
-    /// Bytes past a row's start that its groups read, `None` on overflow.
-    fn reach(&self) -> Option<usize> {
-        if self.groups() == 0 {
-            return Some(0);
-        }
-        (self.segs - 1)
-            .checked_mul(self.seg_step)?
-            .checked_add(self.seg_groups.checked_mul(4)?)
-    }
-
-    /// The largest start of rows `first..first + m` (starts grow along a line and from line
-    /// to line), `None` on overflow.
-    fn max_start(&self, first: usize, m: usize) -> Option<usize> {
-        let start = |i: usize| {
-            (i / self.per_line)
-                .checked_mul(self.line_step)?
-                .checked_add((i % self.per_line).checked_mul(self.col_step)?)
-        };
-        let last = first.checked_add(m.checked_sub(1)?)?;
-        let mut top = start(last)?;
-        let line_begin = last / self.per_line * self.per_line;
-        if line_begin > first {
-            top = top.max(start(line_begin - 1)?);
-        }
-        Some(top)
-    }
 }
 
 /// Rows `first..first + m` of a quantized GEMM (A's rows where `geo` puts them, each byte
