@@ -283,9 +283,11 @@ thread_local! {
 /// `acc[i][j] = sum_p a_panel[p*MR + i] * b_panel[p*NR + j]`. Sizes were checked by
 /// [`gemm_packed_panels`]; `MR` must equal `pa.panel_rows()`.
 ///
-/// `full(a_panel, b_panel, tile)` may instead do a whole MR x NR tile of a single-block product
-/// (K within one KC block) in registers, epilogue included, storing straight into C; it
-/// returns `false` when it cannot (that epilogue), and the generic path runs.
+/// `full(a_panel, b_panel, tile)` may instead do the tile in registers and store it straight
+/// into C: its `rows x cols` corner (edge tiles), added to C's partial sums for a later KC
+/// block, with the epilogue on the last block; it returns `false` when it cannot (that
+/// epilogue), and the generic path runs. Both paths leave the same partial sums in C between
+/// blocks, so they may alternate.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn drive<const MR: usize, const NR: usize, T, F>(
@@ -352,18 +354,20 @@ pub(crate) fn drive<const MR: usize, const NR: usize, T, F>(
                     for ip in panels.clone() {
                         let i0 = ip * MR;
                         let h = MR.min(m - i0);
-                        if first && last && h == MR && w == NR {
-                            let off = (i0 - r0) * ldc + j0;
-                            let ft = FullTile {
-                                c: &mut c[off..],
-                                ldc,
-                                bias: epi.bias.map(|bv| &bv[i0..i0 + MR]),
-                                residual: epi.residual.map(|r| &r[off..]),
-                                act: epi.act,
-                            };
-                            if full(pa.panel(pc, kcb, ip), bpanel, ft) {
-                                continue;
-                            }
+                        let off = (i0 - r0) * ldc + j0;
+                        let ft = FullTile {
+                            c: &mut c[off..],
+                            ldc,
+                            rows: h,
+                            cols: w,
+                            accumulate: !first,
+                            finish: last,
+                            bias: epi.bias.map(|bv| &bv[i0..i0 + h]),
+                            residual: epi.residual.map(|r| &r[off..]),
+                            act: epi.act,
+                        };
+                        if full(pa.panel(pc, kcb, ip), bpanel, ft) {
+                            continue;
                         }
                         tile(pa.panel(pc, kcb, ip), bpanel, &mut acc);
                         for (i, arow) in acc.iter().enumerate().take(h) {
@@ -394,6 +398,14 @@ pub(crate) fn drive<const MR: usize, const NR: usize, T, F>(
 pub(crate) struct FullTile<'a> {
     pub c: &'a mut [f32],
     pub ldc: usize,
+    /// The rows and columns of the tile that exist in C (`<= MR`, `<= NR`).
+    pub rows: usize,
+    pub cols: usize,
+    /// Add the product to C (a later KC block) instead of overwriting it.
+    pub accumulate: bool,
+    /// The last KC block: apply bias, residual and activation.
+    pub finish: bool,
+    /// The biases of the tile's `rows` rows.
     pub bias: Option<&'a [f32]>,
     pub residual: Option<&'a [f32]>,
     pub act: Activation,
