@@ -18,6 +18,7 @@ pub mod onnx;
 pub mod partition;
 pub mod passes;
 pub mod passes_layout;
+pub mod passes_nhwc;
 pub mod plan;
 pub mod plugin;
 pub mod profile;

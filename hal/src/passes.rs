@@ -224,9 +224,17 @@ fn optimize_with(g: &mut Graph, registry: &Registry, cpu_fusion: bool) -> Result
     g.validate()
         .map_err(|e| Error::InvalidGraph(format!("after optimisation: {e}")))?;
     let (bn, fused) = fuse_convolutions_with(g, cpu_fusion);
+    let mut nhwc = 0;
+    if cpu_fusion && edgehal_cpu::nhwc_plan::enabled() {
+        nhwc = crate::passes_nhwc::float_convs_to_nhwc(g);
+        if nhwc > 0 {
+            g.remove_dead_nodes();
+        }
+    }
     Ok(format!(
         "folded {folded} constant nodes, removed {dead} dead nodes, folded {bn} batch norms, \
-         fused {fused} convolutions, rewrote {qdq} QDQ convolutions and adds to int8"
+         fused {fused} convolutions, rewrote {qdq} QDQ convolutions and adds to int8, \
+         {nhwc} float convolutions to NHWC"
     ))
 }
 
@@ -626,7 +634,7 @@ pub fn fuse_qdq(g: &mut Graph) -> usize {
 }
 
 /// A new value for `v` permuted by `perm` (shape and dtype carried over when known).
-fn transposed(g: &mut Graph, v: ValueId, perm: [usize; 4], suffix: &str) -> ValueId {
+pub(crate) fn transposed(g: &mut Graph, v: ValueId, perm: [usize; 4], suffix: &str) -> ValueId {
     let name = format!("{}{suffix}", g.value_name(v));
     let id = g.new_value(&name);
     g.values[id].dtype = g.values[v].dtype;
@@ -638,7 +646,7 @@ fn transposed(g: &mut Graph, v: ValueId, perm: [usize; 4], suffix: &str) -> Valu
     id
 }
 
-fn transpose_node(x: ValueId, y: ValueId, perm: [usize; 4]) -> Node {
+pub(crate) fn transpose_node(x: ValueId, y: ValueId, perm: [usize; 4]) -> Node {
     let mut n = Node {
         op: "Transpose".into(),
         inputs: vec![Some(x)],

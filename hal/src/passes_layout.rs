@@ -951,10 +951,10 @@ mod tests {
         let fused: Vec<Option<String>> = g
             .nodes
             .iter()
-            .filter(|n| n.op == "FusedConv")
+            .filter(|n| n.op == "FusedConv" || n.op == "FusedConvNhwc")
             .map(|n| n.attr_s("activation"))
             .collect();
-        // c1 + Clip, d1 + Relu, p2 + Add(residual) + Relu (p1 + const Add stays a Conv + Add
+        // (FusedConvNhwc where the NHWC pass took the chain over.) c1 + Clip, d1 + Relu, p2 + Add(residual) + Relu (p1 + const Add stays a Conv + Add
         // or the other way round: at least three fused).
         assert!(fused.len() >= 3, "{:?}", ops(&g));
         assert!(fused.contains(&Some("Clip".into())), "{fused:?}");

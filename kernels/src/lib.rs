@@ -16,6 +16,7 @@ pub mod conv;
 pub mod dispatch;
 pub mod gemm;
 pub mod gemv;
+pub mod nhwc;
 pub mod packed;
 #[allow(unsafe_code)]
 pub mod pool;

@@ -48,6 +48,18 @@ pub enum Activation {
 }
 
 impl Activation {
+    /// `(lo, hi)` when the activation is a clamp (Identity: infinite bounds, Relu, Clip), which
+    /// register epilogues apply as a max and a min; `None` for the others.
+    #[inline]
+    pub fn clamp_bounds(self) -> Option<(f32, f32)> {
+        match self {
+            Activation::Identity => Some((f32::NEG_INFINITY, f32::INFINITY)),
+            Activation::Relu => Some((0.0, f32::INFINITY)),
+            Activation::Clip { lo, hi } => Some((lo, hi)),
+            _ => None,
+        }
+    }
+
     /// The activation of one value (NaN stays NaN, as the ONNX ops define).
     #[inline(always)]
     pub fn apply(self, v: f32) -> f32 {

@@ -15,7 +15,8 @@ use std::ops::Range;
 use crate::conv;
 use crate::dispatch::Variant;
 use crate::gemm::MatRef;
-use crate::packed::{drive, Activation, Epilogue, FullTile, PackedA};
+use crate::nhwc;
+use crate::packed::{drive, Epilogue, FullTile, PackedA};
 use crate::qconv;
 
 fn has_avx512() -> bool {
@@ -161,11 +162,10 @@ struct TileOut {
 /// C, the residual and the bias cover the tile's `rows x cols` corner; `None` when the last
 /// block's activation is not a clamp (the generic epilogue runs instead).
 fn tile_out(ap: &[f32], bp: &[f32], ft: &mut FullTile<'_>, nr: usize) -> Option<(usize, TileOut)> {
-    let (lo, hi) = match (ft.finish, ft.act) {
-        (false, _) | (true, Activation::Identity) => (f32::NEG_INFINITY, f32::INFINITY),
-        (true, Activation::Relu) => (0.0, f32::INFINITY),
-        (true, Activation::Clip { lo, hi }) => (lo, hi),
-        _ => return None,
+    let (lo, hi) = if ft.finish {
+        ft.act.clamp_bounds()?
+    } else {
+        (f32::NEG_INFINITY, f32::INFINITY)
     };
     let kc = ap.len() / 12;
     assert!(bp.len() >= kc * nr);
@@ -634,11 +634,9 @@ unsafe fn dw3x3_rows_avx512(p: &conv::Dw3x3<'_>, y: &mut [f32]) {
     let (h, w, s) = (p.h, p.w, p.stride);
     let (oh, ow) = (p.out_h, p.out_w);
     let (pt, pl) = (p.pad_top as isize, p.pad_left as isize);
-    let (lo, hi, post) = match p.act {
-        Activation::Identity => (f32::NEG_INFINITY, f32::INFINITY, false),
-        Activation::Relu => (0.0, f32::INFINITY, false),
-        Activation::Clip { lo, hi } => (lo, hi, false),
-        _ => (f32::NEG_INFINITY, f32::INFINITY, true),
+    let ((lo, hi), post) = match p.act.clamp_bounds() {
+        Some(b) => (b, false),
+        None => ((f32::NEG_INFINITY, f32::INFINITY), true),
     };
     let clamp = lo != f32::NEG_INFINITY || hi != f32::INFINITY;
     let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
@@ -721,6 +719,444 @@ unsafe fn dw3x3_rows_avx512(p: &conv::Dw3x3<'_>, y: &mut [f32]) {
         }
         if post {
             p.act.apply_slice(yc);
+        }
+    }
+}
+
+/// The 12-pixel x 32-channel AVX-512 tile of [`crate::nhwc::pointwise`] when `variant` is
+/// AVX-512 and the CPU has it; `false` (touching nothing) otherwise. Sizes were checked.
+pub(crate) fn pointwise_nhwc(variant: Variant, p: &nhwc::Pointwise<'_>, y: &mut [f32]) -> bool {
+    match variant {
+        Variant::Avx512 if has_avx512() => {
+            // SAFETY: AVX-512F was detected just above; `nhwc::pointwise` checked that x holds
+            // pixels * k floats, y and the residual pixels * m, the bias m.
+            unsafe { pointwise_nhwc_avx512(p, y) };
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Pixels per block of the pointwise kernel: a block's input rows (`k` floats each) stay in
+/// L2 while every weight panel passes over them.
+fn pw_block(k: usize) -> usize {
+    ((192 * 1024) / (k.max(1) * 4)).max(12) / 12 * 12
+}
+
+/// The mask of the first `n` (at most 16) lanes.
+#[inline(always)]
+fn lanes(n: usize) -> __mmask16 {
+    if n >= 16 {
+        0xffff
+    } else {
+        (1u16 << n) - 1
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX-512F; `p.x` holds `pixels * k` floats, `y` and `p.residual`
+/// `pixels * m`, `p.bias` `m` (checked by `nhwc::pointwise`).
+#[target_feature(enable = "avx512f")]
+unsafe fn pointwise_nhwc_avx512(p: &nhwc::Pointwise<'_>, y: &mut [f32]) {
+    let (m, k) = (p.w.rows(), p.w.depth());
+    let ((lo, hi), other) = match p.act.clamp_bounds() {
+        Some(b) => (b, false),
+        None => ((f32::NEG_INFINITY, f32::INFINITY), true),
+    };
+    let clamp = lo != f32::NEG_INFINITY || hi != f32::INFINITY;
+    let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+    let x = p.x.as_ptr();
+    let yp = y.as_mut_ptr();
+    let res = p.residual.map(|r| r.as_ptr());
+    let blk = pw_block(k);
+    let mut b0 = 0;
+    while b0 < p.pixels {
+        let b1 = (b0 + blk).min(p.pixels);
+        for jp in 0..p.w.panels() {
+            let wp = p.w.panel(jp);
+            assert!(wp.len() >= k * 32);
+            let j0 = jp * 32;
+            let cols = 32.min(m - j0);
+            let mk = [lanes(cols), lanes(cols.saturating_sub(16))];
+            // SAFETY: the bias has m >= j0 + cols entries; the masks cover only those.
+            let bias = p.bias.map(|b| unsafe {
+                [
+                    _mm512_maskz_loadu_ps(mk[0], b.as_ptr().add(j0)),
+                    _mm512_maskz_loadu_ps(mk[1], b.as_ptr().add(j0 + 16)),
+                ]
+            });
+            let mut i = b0;
+            while i < b1 {
+                let rows = 12.min(b1 - i);
+                // SAFETY: rows i .. i + rows are within the pixels x holds; the panel holds
+                // k * 32 floats (asserted above).
+                let r = unsafe { pw_product(k, x.add(i * k), rows, wp.as_ptr()) };
+                for (ri, acc) in r.iter().enumerate().take(rows) {
+                    for v in 0..2 {
+                        if mk[v] == 0 {
+                            continue;
+                        }
+                        let at = (i + ri) * m + j0 + v * 16;
+                        let mut t = acc[v];
+                        // SAFETY: pixel i + ri < pixels and channels j0 + 16 v .. under the
+                        // mask are < m, so the masked accesses stay within y and the residual.
+                        unsafe {
+                            if let Some(b) = bias {
+                                t = _mm512_add_ps(t, b[v]);
+                            }
+                            if let Some(rp) = res {
+                                t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(mk[v], rp.add(at)));
+                            }
+                            if clamp {
+                                t = _mm512_min_ps(_mm512_max_ps(t, vlo), vhi);
+                            }
+                            _mm512_mask_storeu_ps(yp.add(at), mk[v], t);
+                        }
+                    }
+                }
+                i += rows;
+            }
+        }
+        if other {
+            p.act.apply_slice(&mut y[b0 * m..b1 * m]);
+        }
+        b0 = b1;
+    }
+}
+
+/// `r[i][v] = sum_kk x[i * k + kk] * w[kk * 32 + 16 v ..][..16]` for pixel rows `i < 12`
+/// (rows past `rows` repeat the last one and are not meant to be stored).
+///
+/// # Safety
+/// The CPU must support AVX-512F; `x` valid for `rows * k` reads (`rows >= 1`), `w` for
+/// `k * 32`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn pw_product(k: usize, x: *const f32, rows: usize, w: *const f32) -> [[__m512; 2]; 12] {
+    let mut r = [[_mm512_setzero_ps(); 2]; 12];
+    let mut xr = [x; 12];
+    for (i, p) in xr.iter_mut().enumerate() {
+        // SAFETY: row i.min(rows - 1) < rows starts within x.
+        *p = unsafe { x.add(i.min(rows - 1) * k) };
+    }
+    for kk in 0..k {
+        // SAFETY: kk < k, so the weight reads end at k * 32 and the row reads at row + k.
+        unsafe {
+            let w0 = _mm512_loadu_ps(w.add(kk * 32));
+            let w1 = _mm512_loadu_ps(w.add(kk * 32 + 16));
+            for (ri, p) in r.iter_mut().zip(&xr) {
+                let a = _mm512_set1_ps(*p.add(kk));
+                ri[0] = _mm512_fmadd_ps(a, w0, ri[0]);
+                ri[1] = _mm512_fmadd_ps(a, w1, ri[1]);
+            }
+        }
+    }
+    r
+}
+
+wide!(
+    depthwise3x3_nhwc_wide,
+    depthwise3x3_nhwc_avx512_loops,
+    depthwise3x3_nhwc_avx2,
+    (p: &nhwc::DwNhwc<'_>, rows: Range<usize>, y: &mut [f32]),
+    nhwc::dw_nhwc_body::<true>(p, rows, y)
+);
+
+wide!(
+    dense_nchw_in_wide,
+    dense_nchw_in_avx512_loops,
+    dense_nchw_in_avx2,
+    (p: &nhwc::DenseNchwIn<'_>, rows: Range<usize>, y: &mut [f32]),
+    nhwc::dense_nchw_in_body::<true>(p, rows, y)
+);
+
+/// [`nhwc::depthwise3x3_nhwc`] on x86: the AVX-512 register kernel when the channels come in
+/// whole vectors and the activation is a clamp, else the vectorized loops. Sizes were checked.
+pub(crate) fn depthwise3x3_nhwc(
+    variant: Variant,
+    p: &nhwc::DwNhwc<'_>,
+    rows: Range<usize>,
+    y: &mut [f32],
+) -> bool {
+    if variant == Variant::Avx512
+        && has_avx512()
+        && p.c.is_multiple_of(16)
+        && p.act.clamp_bounds().is_some()
+    {
+        // SAFETY: AVX-512F was detected just above; `nhwc::depthwise3x3_nhwc` checked x, y,
+        // the weights, the bias and the residual against the geometry and the row range.
+        unsafe { dw_nhwc_avx512(p, rows, y) };
+        return true;
+    }
+    depthwise3x3_nhwc_wide(variant, p, rows, y)
+}
+
+/// Depthwise 3x3 on NHWC, 16 channels at a time with the block's nine weight vectors in
+/// registers. Output rows are cut into strips of `DW_STRIP` pixels (the input lines a strip
+/// reads stay in L1 while every channel block passes over them); a strip whose windows are all
+/// inside the image runs its pixels as independent accumulator chains (one chain of nine FMAs
+/// per pixel is latency-bound), border pixels one at a time with the outside taps skipped.
+///
+/// # Safety
+/// The CPU must support AVX-512F; sizes as checked by `nhwc::depthwise3x3_nhwc`; `c % 16 == 0`.
+#[target_feature(enable = "avx512f")]
+unsafe fn dw_nhwc_avx512(p: &nhwc::DwNhwc<'_>, rows: Range<usize>, y: &mut [f32]) {
+    let (lo, hi) = p
+        .act
+        .clamp_bounds()
+        .unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
+    let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+    let (c, s) = (p.c, p.stride);
+    let (h, w) = (p.h as isize, p.w as isize);
+    let x = p.x.as_ptr();
+    let yp = y.as_mut_ptr();
+    let r0 = rows.start;
+    for oy in rows {
+        let iy0 = (oy * s) as isize - p.pad_top as isize;
+        let row_in = iy0 >= 0 && iy0 + 3 <= h;
+        for strip in (0..p.out_w).step_by(DW_STRIP) {
+            let end = (strip + DW_STRIP).min(p.out_w);
+            let ix_first = (strip * s) as isize - p.pad_left as isize;
+            let ix_last = ((end - 1) * s) as isize - p.pad_left as isize;
+            let inside = row_in && end - strip == DW_STRIP && ix_first >= 0 && ix_last + 3 <= w;
+            for cb in (0..c).step_by(16) {
+                let mut wv = [_mm512_setzero_ps(); 9];
+                for (t, v) in wv.iter_mut().enumerate() {
+                    // SAFETY: the weights hold 9 * c floats and cb + 16 <= c.
+                    *v = unsafe { _mm512_loadu_ps(p.weight.as_ptr().add(t * c + cb)) };
+                }
+                let bv = match p.bias {
+                    // SAFETY: the bias holds c floats.
+                    Some(b) => unsafe { _mm512_loadu_ps(b.as_ptr().add(cb)) },
+                    None => _mm512_setzero_ps(),
+                };
+                let finish = |ox: usize, mut acc: __m512| {
+                    let o = (oy * p.out_w + ox) * c + cb;
+                    // SAFETY: output pixel (oy, ox) is within the residual (out_h x out_w x c)
+                    // and, counted from row r0, within y.
+                    unsafe {
+                        if let Some(r) = p.residual {
+                            acc = _mm512_add_ps(acc, _mm512_loadu_ps(r.as_ptr().add(o)));
+                        }
+                        acc = _mm512_min_ps(_mm512_max_ps(acc, vlo), vhi);
+                        _mm512_storeu_ps(yp.add(o - r0 * p.out_w * c), acc);
+                    }
+                };
+                if inside {
+                    let mut acc = [bv; DW_STRIP];
+                    let base = ((iy0 * w + ix_first) as usize) * c + cb;
+                    for ty in 0..3 {
+                        for tx in 0..3 {
+                            let row = base + (ty * p.w + tx) * c;
+                            for (q, a) in acc.iter_mut().enumerate() {
+                                // SAFETY: the strip's windows are inside the image (`inside`),
+                                // so pixel (iy0 + ty, ix_first + q s + tx) is, and cb + 16 <= c.
+                                let xv = unsafe { _mm512_loadu_ps(x.add(row + q * s * c)) };
+                                *a = _mm512_fmadd_ps(xv, wv[ty * 3 + tx], *a);
+                            }
+                        }
+                    }
+                    for (q, a) in acc.into_iter().enumerate() {
+                        finish(strip + q, a);
+                    }
+                    continue;
+                }
+                for ox in strip..end {
+                    let ix0 = (ox * s) as isize - p.pad_left as isize;
+                    // One chain per kernel row, summed at the end.
+                    let mut acc = [bv, _mm512_setzero_ps(), _mm512_setzero_ps()];
+                    for ty in 0..3isize {
+                        let iy = iy0 + ty;
+                        if iy < 0 || iy >= h {
+                            continue;
+                        }
+                        for tx in 0..3isize {
+                            let ix = ix0 + tx;
+                            if ix < 0 || ix >= w {
+                                continue;
+                            }
+                            let at = ((iy * w + ix) as usize) * c + cb;
+                            // SAFETY: (iy, ix) is inside the h x w image and cb + 16 <= c.
+                            let xv = unsafe { _mm512_loadu_ps(x.add(at)) };
+                            let a = &mut acc[ty as usize];
+                            *a = _mm512_fmadd_ps(xv, wv[(ty * 3 + tx) as usize], *a);
+                        }
+                    }
+                    finish(ox, _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), acc[2]));
+                }
+            }
+        }
+    }
+}
+
+/// Output pixels per strip of [`dw_nhwc_avx512`].
+const DW_STRIP: usize = 8;
+
+/// [`nhwc::dense_nchw_in`] on x86: the AVX-512 register kernel for at most 32 output channels
+/// and a clamp activation, else the vectorized loops. Sizes were checked.
+pub(crate) fn dense_nchw_in(
+    variant: Variant,
+    p: &nhwc::DenseNchwIn<'_>,
+    rows: Range<usize>,
+    y: &mut [f32],
+) -> bool {
+    if variant == Variant::Avx512 && has_avx512() && p.m <= 32 && p.act.clamp_bounds().is_some() {
+        // SAFETY: AVX-512F was detected just above; `nhwc::dense_nchw_in` checked x, y, the
+        // weights and the bias against the geometry and the row range.
+        unsafe { dense_nchw_in_avx512(p, rows, y) };
+        return true;
+    }
+    dense_nchw_in_wide(variant, p, rows, y)
+}
+
+/// Output pixels of a row computed together by [`dense_nchw_in_avx512`].
+const DENSE_PX: usize = 8;
+
+/// The small-channel dense convolution: `DENSE_PX` output pixels x 32 channels in registers,
+/// each tap's two weight vectors loaded once for all of them; pixels whose window leaves the
+/// image take the same loop one at a time with the taps outside skipped.
+///
+/// # Safety
+/// The CPU must support AVX-512F; sizes as checked by `nhwc::dense_nchw_in`; `m <= 32`.
+#[target_feature(enable = "avx512f")]
+unsafe fn dense_nchw_in_avx512(p: &nhwc::DenseNchwIn<'_>, rows: Range<usize>, y: &mut [f32]) {
+    let (lo, hi) = p
+        .act
+        .clamp_bounds()
+        .unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
+    let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+    let m = p.m;
+    let mk = [lanes(m), lanes(m.saturating_sub(16))];
+    let (h, w) = (p.h as isize, p.w as isize);
+    let (sy, sx) = (p.stride[0] as isize, p.stride[1] as isize);
+    let yp = y.as_mut_ptr();
+    let bv = match p.bias {
+        // SAFETY: the bias holds m floats; the masks cover only those.
+        Some(b) => unsafe {
+            [
+                _mm512_maskz_loadu_ps(mk[0], b.as_ptr()),
+                _mm512_maskz_loadu_ps(mk[1], b.as_ptr().add(16)),
+            ]
+        },
+        None => [_mm512_setzero_ps(); 2],
+    };
+    let r0 = rows.start;
+    let g = DenseGeo {
+        p,
+        mk,
+        bv,
+        h,
+        w,
+        sx,
+    };
+    for oy in rows {
+        let iy0 = oy as isize * sy - p.pad[0] as isize;
+        let row_in = iy0 >= 0 && iy0 + p.kh as isize <= h;
+        let mut ox = 0;
+        while ox < p.out_w {
+            let ix0 = ox as isize * sx - p.pad[1] as isize;
+            let full = row_in
+                && ox + DENSE_PX <= p.out_w
+                && ix0 >= 0
+                && ix0 + (DENSE_PX as isize - 1) * sx + p.kw as isize <= w;
+            let o = ((oy - r0) * p.out_w + ox) * m;
+            // SAFETY: `full` means the windows of DENSE_PX pixels are inside the image; else
+            // one pixel with its taps checked; either way the pixels are within the rows y
+            // holds (sizes checked by `nhwc::dense_nchw_in`).
+            unsafe {
+                if full {
+                    let acc = dense_pixels::<DENSE_PX, false>(&g, iy0, ix0);
+                    dense_store(&acc, yp.add(o), m, mk, vlo, vhi);
+                    ox += DENSE_PX;
+                } else {
+                    let acc = dense_pixels::<1, true>(&g, iy0, ix0);
+                    dense_store(&acc, yp.add(o), m, mk, vlo, vhi);
+                    ox += 1;
+                }
+            }
+        }
+    }
+}
+
+/// What [`dense_pixels`] reads: the convolution, the lane masks of its `m <= 32` channels,
+/// the bias vectors and the image geometry.
+struct DenseGeo<'p, 'a> {
+    p: &'p nhwc::DenseNchwIn<'a>,
+    mk: [__mmask16; 2],
+    bv: [__m512; 2],
+    h: isize,
+    w: isize,
+    sx: isize,
+}
+
+/// `N` output pixels of a row from input position `(iy0, ix0)`: bias plus every tap, each
+/// tap's two weight vectors loaded once for the `N` pixels; with `CHECK` the taps outside the
+/// image are skipped.
+///
+/// # Safety
+/// The CPU must support AVX-512F; without `CHECK` every window of the `N` pixels must be inside
+/// the image; the weights hold `c * kh * kw * m` floats.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn dense_pixels<const N: usize, const CHECK: bool>(
+    g: &DenseGeo<'_, '_>,
+    iy0: isize,
+    ix0: isize,
+) -> [[__m512; 2]; N] {
+    let p = g.p;
+    let plane = p.h * p.w;
+    let mut acc = [g.bv; N];
+    for ci in 0..p.c {
+        for ty in 0..p.kh {
+            let iy = iy0 + ty as isize;
+            if CHECK && (iy < 0 || iy >= g.h) {
+                continue;
+            }
+            for tx in 0..p.kw {
+                let ix = ix0 + tx as isize;
+                if CHECK && (ix < 0 || ix >= g.w) {
+                    continue;
+                }
+                let wi = ((ci * p.kh + ty) * p.kw + tx) * p.m;
+                // SAFETY: the weights hold c * kh * kw * m floats and the masks cover this
+                // tap's m; (iy, ix + q sx) is inside the image (the caller's bound or checked).
+                unsafe {
+                    let w0 = _mm512_maskz_loadu_ps(g.mk[0], p.weight.as_ptr().add(wi));
+                    let w1 = _mm512_maskz_loadu_ps(g.mk[1], p.weight.as_ptr().add(wi + 16));
+                    let xr = p.x.as_ptr().add(ci * plane + (iy * g.w + ix) as usize);
+                    for (q, a) in acc.iter_mut().enumerate() {
+                        let xv = _mm512_set1_ps(*xr.add(q * g.sx as usize));
+                        a[0] = _mm512_fmadd_ps(xv, w0, a[0]);
+                        a[1] = _mm512_fmadd_ps(xv, w1, a[1]);
+                    }
+                }
+            }
+        }
+    }
+    acc
+}
+
+/// Clamps `N` pixels of `m` channels and stores them from `y` (pixel stride `m`).
+///
+/// # Safety
+/// The CPU must support AVX-512F; `y` valid for `N * m` floats; `mk` the lanes of `m <= 32`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn dense_store<const N: usize>(
+    acc: &[[__m512; 2]; N],
+    y: *mut f32,
+    m: usize,
+    mk: [__mmask16; 2],
+    vlo: __m512,
+    vhi: __m512,
+) {
+    for (q, a) in acc.iter().enumerate() {
+        for v in 0..2 {
+            if mk[v] != 0 {
+                let t = _mm512_min_ps(_mm512_max_ps(a[v], vlo), vhi);
+                // SAFETY: pixel q < N of y, channels under the mask are < m.
+                unsafe { _mm512_mask_storeu_ps(y.add(q * m + v * 16), mk[v], t) };
+            }
         }
     }
 }

@@ -101,17 +101,32 @@ fn mobilenet_v2_keras_runs_on_fused_nchw_convs() {
         .map(|n| format!("{}:{}", n.domain, n.op))
         .collect();
     println!("{name}: {log}; {} nodes", g.nodes.len());
-    // 35 Conv2D + 17 DepthwiseConv2D; every one becomes a Conv or FusedConv.
-    assert_eq!(count(&g, "Conv") + count(&g, "FusedConv"), 52, "{ops:?}");
-    assert!(count(&g, "FusedConv") >= 40, "{ops:?}");
+    // 35 Conv2D + 17 DepthwiseConv2D; every one becomes a Conv or FusedConv, or the NHWC
+    // FusedConvNhwc when the NHWC pass runs (AVX-512, or EDGEHAL_NHWC=1).
+    let nhwc = count(&g, "FusedConvNhwc");
+    assert_eq!(
+        count(&g, "Conv") + count(&g, "FusedConv") + nhwc,
+        52,
+        "{ops:?}"
+    );
+    assert!(count(&g, "FusedConv") + nhwc >= 40, "{ops:?}");
+    assert!(
+        nhwc == 0 || nhwc == 52,
+        "the NHWC chain covers every convolution: {ops:?}"
+    );
     assert!(
         !g.nodes
             .iter()
             .any(|n| n.domain == "tflite" && n.op.contains("Conv")),
         "{ops:?}"
     );
-    // Only the graph input is transposed; Mean over H, W gives [1, C] in both layouts.
-    assert_eq!(count(&g, "Transpose"), 1, "{ops:?}");
+    // Only the graph input is transposed (and, in NHWC, the last convolution's output back
+    // to NCHW for the Mean); Mean over H, W gives [1, C] in both layouts.
+    assert_eq!(
+        count(&g, "Transpose"),
+        if nhwc > 0 { 2 } else { 1 },
+        "{ops:?}"
+    );
     assert_eq!(g.nodes[0].op, "Transpose");
     session_agrees(name, &path, &model);
     // The softmax output of this model is nearly flat: the intermediates (the logits among
@@ -154,7 +169,11 @@ fn intermediates_agree(
         let twin = g
             .find_value(&format!("{p}_nchw"))
             .filter(|v| produced.contains(v));
-        if let Some(v) = plain {
+        // The NHWC pass's form of the NCHW twin has the TFLite tensor's own layout.
+        let back = g
+            .find_value(&format!("{p}_nchw_nhwc"))
+            .filter(|v| produced.contains(v));
+        if let Some(v) = plain.or(back) {
             checks.push((k, v, false));
         } else if let Some(v) = twin {
             checks.push((k, v, true));

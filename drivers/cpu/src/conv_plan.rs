@@ -33,6 +33,12 @@ pub const FUSED_CONV: &str = "FusedConv";
 /// The domain of edgehal-internal ops.
 pub const FUSED_DOMAIN: &str = "edgehal";
 
+/// Whether `node` is a fused convolution (with an activation and a residual input): `FusedConv`
+/// or its NHWC form ([`crate::nhwc_plan::FUSED_CONV_NHWC`]).
+fn is_fused(node: &Node) -> bool {
+    node.op == FUSED_CONV || node.op == crate::nhwc_plan::FUSED_CONV_NHWC
+}
+
 /// The activation a `FusedConv` node names in its `activation` attribute ("" or absent: none;
 /// Relu, Clip with `act_min`/`act_max`, LeakyRelu/HardSigmoid with `act_alpha`/`act_beta`,
 /// Sigmoid, HardSwish).
@@ -181,7 +187,7 @@ impl ConvPlan {
             }
             None => None,
         };
-        let act = if node.op == FUSED_CONV {
+        let act = if is_fused(node) {
             activation_of(node)?
         } else {
             Activation::Identity
@@ -353,7 +359,7 @@ impl ConvPlan {
         let in_total = numel(in_sp)?;
         let total = numel(&shape)?;
         let residual = match opt_input(ins, 3) {
-            Some(z) if ctx.node.op == FUSED_CONV => {
+            Some(z) if is_fused(ctx.node) => {
                 if z.shape() != shape.as_slice() {
                     return Err(Error::arg(format!(
                         "FusedConv: residual has shape {:?}, output is {shape:?}",

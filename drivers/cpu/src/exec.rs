@@ -15,6 +15,7 @@ use edgehal_core::{DType, Error, Result, Tensor};
 
 use crate::arena::{Pool, RunScope};
 use crate::conv_plan::{ConvPlan, FUSED_CONV, FUSED_DOMAIN};
+use crate::nhwc_plan::NhwcConvPlan;
 use crate::ops::nn::GemvPlan;
 use crate::ops::rnn::RnnPlan;
 use crate::ops::{OpCtx, OpFn, OutputDest, Registry};
@@ -336,6 +337,7 @@ impl Executor {
                 Some(Plan::Conv(plan)) => plan.run_threads(&ctx, &ins, self.threads),
                 Some(Plan::QConv(plan)) => plan.run(&ctx, &ins, self.threads),
                 Some(Plan::QdqConv(plan)) => plan.run(&ctx, &ins, self.threads),
+                Some(Plan::Nhwc(plan)) => plan.run(&ctx, &ins, self.threads),
                 Some(Plan::Rnn(plan)) => plan.run(&ctx, &ins),
                 Some(Plan::Gemv(plan)) => plan
                     .run(&ctx, &ins)
@@ -408,6 +410,8 @@ enum Plan {
     QConv(QConvPlan),
     /// A QDQ-fused int8 ONNX convolution in NHWC ([`crate::qdq_plan`]).
     QdqConv(QdqConvPlan),
+    /// A float convolution on NHWC activations ([`crate::nhwc_plan`]).
+    Nhwc(NhwcConvPlan),
     /// A recurrent layer with constant `R` packed once for `gemv`, and `[W | R]` when `W` is
     /// constant too ([`crate::ops::rnn::RnnPlan`]).
     Rnn(RnnPlan),
@@ -440,6 +444,9 @@ impl Plan {
         }
         if let Some(p) = QdqConvPlan::prepare(graph, node) {
             return Some(Plan::QdqConv(p));
+        }
+        if let Some(p) = NhwcConvPlan::prepare(graph, node) {
+            return Some(Plan::Nhwc(p));
         }
         if node.op == "Gemm" {
             return Self::gemv(graph, node, shared).map(Plan::Gemv);

@@ -11,6 +11,7 @@ pub mod arena;
 pub mod conv_plan;
 pub mod device;
 pub mod exec;
+pub mod nhwc_plan;
 pub mod ops;
 pub mod par;
 pub mod profile;

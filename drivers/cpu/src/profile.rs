@@ -87,7 +87,7 @@ impl OpProfile {
 /// The profile label of a node: its op type; for convolutions also the kind (`dw` for
 /// grouped, else the kernel size), the stride when not 1 and `+res` for a fused residual.
 fn label_of(n: &Node) -> String {
-    if n.op != "Conv" && n.op != "FusedConv" {
+    if n.op != "Conv" && n.op != "FusedConv" && n.op != "FusedConvNhwc" {
         return n.op.clone();
     }
     let mut l = n.op.clone();

@@ -154,6 +154,7 @@ impl Registry {
         tflite::register(&mut r);
         training::register(&mut r);
         crate::qdq_plan::register(&mut r);
+        crate::nhwc_plan::register(&mut r);
         r
     }
     /// Register an op of the default domain.

@@ -196,7 +196,7 @@ fn as_2d_transpose(shape: &[usize], perm: &[usize]) -> Option<(usize, usize)> {
 }
 
 /// `src` (`rows x cols`, row-major) transposed, in 16x16 tiles so both sides stay in cache.
-fn transpose_2d<T: Copy + Default>(src: &[T], rows: usize, cols: usize) -> Vec<T> {
+pub(crate) fn transpose_2d<T: Copy + Default>(src: &[T], rows: usize, cols: usize) -> Vec<T> {
     const B: usize = 16;
     let mut out = vec![T::default(); rows * cols];
     for r0 in (0..rows).step_by(B) {

@@ -1,0 +1,459 @@
+//! Float convolutions on NHWC activations: the op [`FUSED_CONV_NHWC`] (domain `edgehal`) and
+//! its prepared plan.
+//!
+//! The graph pass `float_convs_to_nhwc` (hal's `passes_nhwc.rs`) rewrites chains of float
+//! `Conv` / `FusedConv` nodes of a MobileNet shape — a small-channel 3x3 first layer reading
+//! the NCHW input, then depthwise 3x3 and 1x1 convolutions — into this op, so the chain runs
+//! on NHWC values with transposes only at its ends. The node keeps `FusedConv`'s inputs
+//! (`x, W (OIHW), B, residual`) and attributes (`strides`, `pads`, `group`, `activation`...);
+//! `x`, the residual and the result are NHWC, except that with [`INPUT_NCHW`] `x` is NCHW.
+//!
+//! The op function [`fused_conv_nhwc`] (transpose to NCHW, the reference `FusedConv`, transpose
+//! back) defines the semantics; a [`NhwcConvPlan`] built once per node runs the NHWC kernels
+//! of `edgehal_kernels::nhwc` — a 1x1 GEMM over the image in place, a depthwise 3x3 across
+//! channels, a direct small-channel first layer — split across threads by pixels or rows.
+
+use edgehal_core::graph::Graph;
+use edgehal_core::{DType, Error, Node, Result, Tensor};
+use edgehal_kernels::dispatch;
+use edgehal_kernels::nhwc::{self, DenseNchwIn, DwNhwc, PackedCols, Pointwise};
+use edgehal_kernels::packed::Activation;
+
+use crate::conv_plan::{activation_of, ConvPlan, FUSED_DOMAIN};
+use crate::exec::const_input;
+use crate::ops::nn::{ftensor, fvec, geom, take_f32};
+use crate::ops::{input, opt_input, OpCtx, Registry};
+use crate::par::for_parts;
+pub use crate::qdq_plan::INPUT_NCHW;
+
+/// The op type of the NHWC float convolution (domain `edgehal`).
+pub const FUSED_CONV_NHWC: &str = "FusedConvNhwc";
+
+/// Most input channels of the first-layer kernel ([`NhwcConvPlan`]'s NCHW-input path).
+pub const NCHW_IN_MAX_C: usize = 4;
+
+/// Whether the graph pass may rewrite float convolutions to NHWC: `EDGEHAL_NHWC=0` never,
+/// `1` always, otherwise (the default) when the float kernels run on AVX-512, where the NHWC
+/// 1x1 tile is measured faster than the NCHW packed GEMM (elsewhere the NHWC kernels are the
+/// portable loops).
+pub fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| match std::env::var("EDGEHAL_NHWC").as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => dispatch::selected() == dispatch::Variant::Avx512,
+    })
+}
+
+pub(crate) fn register(r: &mut Registry) {
+    r.add_domain(FUSED_DOMAIN, FUSED_CONV_NHWC, fused_conv_nhwc);
+}
+
+/// `t` (4-d f32) with its axes permuted NHWC -> NCHW (`to_nchw`) or NCHW -> NHWC.
+fn permuted(t: &Tensor, to_nchw: bool) -> Result<Tensor> {
+    let &[n, a, b, c] = t.shape() else {
+        return Err(Error::arg(format!(
+            "{FUSED_CONV_NHWC}: expected a 4-d tensor, got shape {:?}",
+            t.shape()
+        )));
+    };
+    let v = fvec(t, FUSED_CONV_NHWC)?;
+    // NHWC [n, a=h, b=w, c] is per image a [h*w, c] matrix; NCHW [n, a=c, b=h, c=w] a [c, h*w].
+    let (rows, cols, shape) = if to_nchw {
+        (a * b, c, vec![n, c, a, b])
+    } else {
+        (a, b * c, vec![n, b, c, a])
+    };
+    let per = rows * cols;
+    let mut out = Vec::with_capacity(v.len());
+    for img in v.chunks_exact(per.max(1)).take(n) {
+        out.extend(crate::ops::shape::transpose_2d(img, rows, cols));
+    }
+    ftensor(t.dtype(), shape, out)
+}
+
+/// The reference semantics: `FusedConv` on the NCHW views of `x` (unless [`INPUT_NCHW`]) and
+/// the residual, the result in NHWC.
+pub fn fused_conv_nhwc(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = input(ins, 0)?;
+    let mut owned: Vec<Option<Tensor>> = ins.iter().map(|t| t.cloned()).collect();
+    if ctx.i(INPUT_NCHW, 0) == 0 {
+        owned[0] = Some(permuted(x, true)?);
+    }
+    if let Some(z) = opt_input(ins, 3) {
+        owned[3] = Some(permuted(z, true)?);
+    }
+    let refs: Vec<Option<&Tensor>> = owned.iter().map(Option::as_ref).collect();
+    let y = ConvPlan::from_inputs(ctx.node, &refs)?.run(ctx, &refs)?;
+    let y = y
+        .first()
+        .ok_or_else(|| Error::arg("FusedConvNhwc: no output"))?;
+    Ok(vec![permuted(y, false)?])
+}
+
+enum Kind {
+    /// 1x1, stride 1, no padding, one group.
+    Pointwise(PackedCols),
+    /// Depthwise 3x3 (stride 1 or 2), weights `[9][c]`.
+    Depthwise(Vec<f32>),
+    /// One group, NCHW input of at most [`NCHW_IN_MAX_C`] channels, weights `[c][kh][kw][m]`.
+    DenseNchwIn(Vec<f32>),
+}
+
+/// A [`FUSED_CONV_NHWC`] node with its weights laid out once for its kernel.
+pub struct NhwcConvPlan {
+    kind: Kind,
+    /// Output channels, input channels, kernel.
+    m: usize,
+    c: usize,
+    kernel: [usize; 2],
+    bias: Option<Vec<f32>>,
+    act: Activation,
+}
+
+impl NhwcConvPlan {
+    /// The plan of `node` when it is a [`FUSED_CONV_NHWC`] with constant f32 weights (and bias)
+    /// of a shape a kernel here covers; `None` otherwise (the op function runs).
+    pub fn prepare(graph: &Graph, node: &Node) -> Option<NhwcConvPlan> {
+        if node.op != FUSED_CONV_NHWC || node.domain != FUSED_DOMAIN {
+            return None;
+        }
+        let w = const_input(graph, node, 1)??;
+        let b = const_input(graph, node, 2)?;
+        if w.dtype() != DType::F32 || b.is_some_and(|b| b.dtype() != DType::F32) {
+            return None;
+        }
+        let &[m, cg, kh, kw] = w.shape() else {
+            return None;
+        };
+        let wv = fvec(w, "W").ok()?;
+        let bias = match b {
+            Some(b) => {
+                let v = fvec(b, "B").ok()?.into_owned();
+                Some((v.len() == m).then_some(v)?)
+            }
+            None => None,
+        };
+        let ints = |name: &str, d: i64| -> Vec<i64> {
+            node.attr_ints(name)
+                .filter(|v| !v.is_empty())
+                .map_or_else(|| vec![d; 2], <[i64]>::to_vec)
+        };
+        let (strides, dil) = (ints("strides", 1), ints("dilations", 1));
+        let pads = node
+            .attr_ints("pads")
+            .filter(|v| !v.is_empty())
+            .map_or_else(|| vec![0; 4], <[i64]>::to_vec);
+        let auto = node.attr_s("auto_pad").unwrap_or_default();
+        if dil != [1, 1] || !(auto.is_empty() || auto == "NOTSET") || pads.len() != 4 {
+            return None;
+        }
+        let group = node.attr_i("group").unwrap_or(1);
+        let nchw_in = node.attr_i(INPUT_NCHW).unwrap_or(0) != 0;
+        let kind = if nchw_in {
+            if group != 1 || cg > NCHW_IN_MAX_C {
+                return None;
+            }
+            Kind::DenseNchwIn(nhwc::dense_weights_tap_major(&wv, m, cg * kh * kw)?)
+        } else if [kh, kw] == [1, 1] && group == 1 && strides == [1, 1] && pads == [0; 4] {
+            Kind::Pointwise(PackedCols::new(&wv, m, cg)?)
+        } else if [kh, kw] == [3, 3]
+            && cg == 1
+            && group == m as i64
+            && strides[0] == strides[1]
+            && (strides[0] == 1 || strides[0] == 2)
+        {
+            Kind::Depthwise(nhwc::dw_weights_tap_major(&wv, m)?)
+        } else {
+            return None;
+        };
+        let c = if group == 1 { cg } else { m };
+        Some(NhwcConvPlan {
+            kind,
+            m,
+            c,
+            kernel: [kh, kw],
+            bias,
+            act: activation_of(node).ok()?,
+        })
+    }
+
+    /// Runs the node on `threads` threads (pixels or output rows split between them).
+    pub fn run(
+        &self,
+        ctx: &OpCtx<'_>,
+        ins: &[Option<&Tensor>],
+        threads: usize,
+    ) -> Result<Vec<Tensor>> {
+        let x = input(ins, 0)?;
+        if x.dtype() != DType::F32 {
+            return fused_conv_nhwc(ctx, ins);
+        }
+        let nchw_in = matches!(self.kind, Kind::DenseNchwIn(_));
+        let &[n, a, b, cc] = x.shape() else {
+            return Err(Error::arg(format!(
+                "{FUSED_CONV_NHWC}: X has shape {:?}, expected 4-d",
+                x.shape()
+            )));
+        };
+        let (c, h, w) = if nchw_in { (a, b, cc) } else { (cc, a, b) };
+        if c != self.c {
+            return Err(Error::arg(format!(
+                "{FUSED_CONV_NHWC}: X has {c} channels, W expects {}",
+                self.c
+            )));
+        }
+        let g = geom(ctx, &[h, w], &self.kernel, false)?;
+        let (oh, ow) = (g.out[0], g.out[1]);
+        let m = self.m;
+        let shape = vec![n, oh, ow, m];
+        let img_out = oh * ow * m;
+        let total = n * img_out;
+        let residual = match opt_input(ins, 3) {
+            Some(z) => {
+                if z.shape() != shape.as_slice() {
+                    return Err(Error::arg(format!(
+                        "{FUSED_CONV_NHWC}: residual has shape {:?}, output is {shape:?}",
+                        z.shape()
+                    )));
+                }
+                Some(fvec(z, "FusedConvNhwc residual")?)
+            }
+            None => None,
+        };
+        let xv = fvec(x, "FusedConvNhwc X")?;
+        let img_in = c * h * w;
+        if xv.len() != n * img_in {
+            return Err(Error::arg(
+                "FusedConvNhwc: X has the wrong number of elements",
+            ));
+        }
+        let mut out = take_f32(total)?;
+        let variant = dispatch::selected();
+        let bias = self.bias.as_deref();
+        let bad = || Error::arg("FusedConvNhwc: internal size mismatch");
+        match &self.kind {
+            Kind::Pointwise(pw) => {
+                let pixels = n * h * w;
+                let res = residual.as_deref();
+                for_parts(threads, pixels, m, &mut out, |px, y| {
+                    let p = Pointwise {
+                        x: &xv[px.start * c..px.end * c],
+                        pixels: px.len(),
+                        w: pw,
+                        bias,
+                        residual: res.map(|r| &r[px.start * m..px.end * m]),
+                        act: self.act,
+                    };
+                    nhwc::pointwise(variant, &p, y)
+                        .then_some(())
+                        .ok_or_else(bad)
+                })?;
+            }
+            Kind::Depthwise(tw) => {
+                for bi in 0..n {
+                    let p = DwNhwc {
+                        x: &xv[bi * img_in..(bi + 1) * img_in],
+                        h,
+                        w,
+                        c,
+                        stride: g.s[0],
+                        pad_top: g.pb[0],
+                        pad_left: g.pb[1],
+                        out_h: oh,
+                        out_w: ow,
+                        weight: tw,
+                        bias,
+                        residual: residual
+                            .as_deref()
+                            .map(|r| &r[bi * img_out..(bi + 1) * img_out]),
+                        act: self.act,
+                    };
+                    let y = &mut out[bi * img_out..(bi + 1) * img_out];
+                    for_parts(threads, oh, ow * m, y, |rows, y| {
+                        nhwc::depthwise3x3_nhwc(variant, &p, rows, y)
+                            .then_some(())
+                            .ok_or_else(bad)
+                    })?;
+                }
+            }
+            Kind::DenseNchwIn(tw) => {
+                if residual.is_some() {
+                    return fused_conv_nhwc(ctx, ins);
+                }
+                for bi in 0..n {
+                    let p = DenseNchwIn {
+                        x: &xv[bi * img_in..(bi + 1) * img_in],
+                        c,
+                        h,
+                        w,
+                        kh: self.kernel[0],
+                        kw: self.kernel[1],
+                        stride: [g.s[0], g.s[1]],
+                        pad: [g.pb[0], g.pb[1]],
+                        out_h: oh,
+                        out_w: ow,
+                        m,
+                        weight: tw,
+                        bias,
+                        act: self.act,
+                    };
+                    let y = &mut out[bi * img_out..(bi + 1) * img_out];
+                    for_parts(threads, oh, ow * m, y, |rows, y| {
+                        nhwc::dense_nchw_in(variant, &p, rows, y)
+                            .then_some(())
+                            .ok_or_else(bad)
+                    })?;
+                }
+            }
+        }
+        Ok(vec![ftensor(DType::F32, shape, out)?])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgehal_core::graph::ValueInfo;
+    use edgehal_core::Attr;
+
+    fn rnd(seed: &mut u32, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+                (*seed >> 8) as f32 / (1 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    /// A graph with one [`FUSED_CONV_NHWC`] node over `x` (and the residual `z` when `res`).
+    fn layer(w: &[usize; 4], group: i64, s: i64, pads: [i64; 4], act: &str, res: bool) -> Graph {
+        let mut seed = 3u32;
+        let mut g = Graph::new("nhwc");
+        let x = g.value_id("x");
+        g.values[x] = ValueInfo {
+            name: "x".into(),
+            dtype: Some(DType::F32),
+            shape: None,
+        };
+        g.inputs = vec![x];
+        let wid = g.value_id("w");
+        let n: usize = w.iter().product();
+        g.initializers.insert(
+            wid,
+            Tensor::from_vec(w.to_vec(), rnd(&mut seed, n)).unwrap(),
+        );
+        let bid = g.value_id("b");
+        g.initializers.insert(
+            bid,
+            Tensor::from_vec(vec![w[0]], rnd(&mut seed, w[0])).unwrap(),
+        );
+        let mut inputs = vec![Some(x), Some(wid), Some(bid)];
+        if res {
+            let z = g.value_id("z");
+            g.inputs.push(z);
+            inputs.push(Some(z));
+        }
+        let y = g.value_id("y");
+        g.outputs = vec![y];
+        let mut node = Node {
+            op: FUSED_CONV_NHWC.into(),
+            domain: FUSED_DOMAIN.into(),
+            inputs,
+            outputs: vec![Some(y)],
+            ..Default::default()
+        };
+        let a = &mut node.attrs;
+        a.insert("group".into(), Attr::Int(group));
+        a.insert("strides".into(), Attr::Ints(vec![s, s]));
+        a.insert("pads".into(), Attr::Ints(pads.to_vec()));
+        a.insert(
+            "kernel_shape".into(),
+            Attr::Ints(vec![w[2] as i64, w[3] as i64]),
+        );
+        if !act.is_empty() {
+            a.insert("activation".into(), Attr::String(act.as_bytes().to_vec()));
+            a.insert("act_min".into(), Attr::Float(0.0));
+            a.insert("act_max".into(), Attr::Float(0.3));
+        }
+        if w[1] <= NCHW_IN_MAX_C && group == 1 && w[2] == 3 {
+            a.insert(INPUT_NCHW.into(), Attr::Int(1));
+        }
+        g.nodes.push(node);
+        g
+    }
+
+    /// Each kernel the plan picks (1x1, depthwise 3x3 stride 1 and 2, the NCHW-input first
+    /// layer) gives the reference op's values (transposes around `FusedConv`) at 1 and 2
+    /// threads, with clamp and non-clamp activations and a residual.
+    #[test]
+    fn plans_match_the_reference_fused_conv() {
+        // (weight, group, stride, pads, x shape as the node reads it, residual)
+        type Case = ([usize; 4], i64, i64, [i64; 4], [usize; 4], bool);
+        let cases: [Case; 6] = [
+            ([40, 24, 1, 1], 1, 1, [0; 4], [2, 7, 7, 24], true),
+            ([33, 16, 1, 1], 1, 1, [0; 4], [1, 9, 11, 16], false),
+            ([48, 1, 3, 3], 48, 1, [1; 4], [1, 10, 9, 48], true),
+            ([37, 1, 3, 3], 37, 2, [0, 1, 1, 0], [2, 11, 13, 37], false),
+            ([32, 3, 3, 3], 1, 2, [1; 4], [1, 3, 17, 15], false),
+            ([20, 2, 3, 3], 1, 1, [1, 0, 0, 1], [1, 2, 8, 6], false),
+        ];
+        let mut seed = 9u32;
+        for (w, group, s, pads, xs, res) in cases {
+            for act in ["", "Clip", "HardSwish"] {
+                let g = layer(&w, group, s, pads, act, res);
+                let node = &g.nodes[0];
+                let plan = NhwcConvPlan::prepare(&g, node).expect("a plan");
+                let x = Tensor::from_vec(xs.to_vec(), rnd(&mut seed, xs.iter().product())).unwrap();
+                let ctx = OpCtx {
+                    node,
+                    opset: 13,
+                    subgraph: None,
+                    dest: None,
+                };
+                // The output shape from the reference without a residual, then the residual.
+                let wt = &g.initializers[&g.find_value("w").unwrap()];
+                let bt = &g.initializers[&g.find_value("b").unwrap()];
+                let shape = {
+                    let mut ng = g.clone();
+                    ng.nodes[0].inputs.truncate(3);
+                    let n0 = &ng.nodes[0];
+                    let c0 = OpCtx { node: n0, ..ctx };
+                    fused_conv_nhwc(&c0, &[Some(&x), Some(wt), Some(bt)]).unwrap()[0]
+                        .shape()
+                        .to_vec()
+                };
+                let z = Tensor::from_vec(shape.clone(), rnd(&mut seed, shape.iter().product()))
+                    .unwrap();
+                let ins = [Some(&x), Some(wt), Some(bt), res.then_some(&z)];
+                let want = fused_conv_nhwc(&ctx, &ins).unwrap();
+                let want = want[0].as_slice::<f32>().unwrap();
+                for threads in [1, 2] {
+                    let got = plan.run(&ctx, &ins, threads).unwrap();
+                    assert_eq!(got[0].shape(), shape.as_slice());
+                    let got = got[0].as_slice::<f32>().unwrap();
+                    for (i, (a, b)) in got.iter().zip(want.iter()).enumerate() {
+                        assert!(
+                            (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                            "{w:?} s{s} {act} t{threads}: element {i}: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Shapes no NHWC kernel covers get no plan (the op function runs them).
+    #[test]
+    fn other_shapes_get_no_plan() {
+        // 1x1 with stride 2, 3x3 dense over many channels, depthwise 5x5.
+        for (w, group, s) in [
+            ([8, 8, 1, 1], 1, 2),
+            ([8, 8, 3, 3], 1, 1),
+            ([8, 1, 5, 5], 8, 1),
+        ] {
+            let g = layer(&w, group, s, [0; 4], "", false);
+            assert!(NhwcConvPlan::prepare(&g, &g.nodes[0]).is_none(), "{w:?}");
+        }
+    }
+}

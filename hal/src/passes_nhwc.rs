@@ -1,0 +1,279 @@
+//! Layout pass: chains of float convolutions onto NHWC (`edgehal.FusedConvNhwc`, see
+//! `edgehal_cpu::nhwc_plan`).
+//!
+//! A MobileNet is a chain of 1x1 and depthwise 3x3 convolutions after a 3x3 first layer on
+//! the RGB input. In NCHW every 1x1 layer is a GEMM whose columns are pixels (padded to the
+//! vector width: 49 -> 64 on a 7x7 map) and every depthwise row meets the image border in its
+//! vector lanes; in NHWC the 1x1 layer's pixels are rows (no padding) and depthwise vectors run
+//! across channels. This pass runs after `fuse_convolutions` (bias, activation and residual
+//! already in the nodes) and rewrites, in topological order:
+//! - a float 3x3 one-group convolution over at most `NCHW_IN_MAX_C` input channels (the first
+//!   layer): it reads the NCHW value as it is (`input_nchw`) and writes NHWC;
+//! - a float 1x1 (stride 1, no padding, one group) or depthwise 3x3 (stride 1 or 2)
+//!   convolution whose input already has an NHWC form: the output of a rewritten node;
+//!   a residual without one gets a Transpose.
+//!
+//! Every rewritten output also gets a Transpose back to the original NCHW value, which
+//! dead-node removal drops when only rewritten nodes read it; so a chain pays for one layout
+//! change at its end (before the pooling of a classifier head), and a graph without a first
+//! layer of that shape is left as it is.
+
+use std::collections::HashMap;
+
+use edgehal_core::{Attr, DType, Graph, Node, ValueId};
+use edgehal_cpu::conv_plan::{FUSED_CONV, FUSED_DOMAIN};
+use edgehal_cpu::nhwc_plan::{FUSED_CONV_NHWC, INPUT_NCHW, NCHW_IN_MAX_C};
+
+use crate::passes::{transpose_node, transposed};
+
+const TO_NHWC: [usize; 4] = [0, 2, 3, 1];
+const TO_NCHW: [usize; 4] = [0, 3, 1, 2];
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Kind {
+    FirstLayer,
+    Pointwise,
+    Depthwise,
+}
+
+/// Integer attribute list `name` (absent or empty: `None`).
+fn ints(n: &Node, name: &str) -> Option<Vec<i64>> {
+    n.attr_ints(name)
+        .filter(|v| !v.is_empty())
+        .map(<[i64]>::to_vec)
+}
+
+/// Which NHWC kernel `node` (a float Conv or FusedConv) fits, from its weight and input shapes.
+fn kind_of(g: &Graph, node: &Node) -> Option<Kind> {
+    let conv = (node.op == "Conv" && (node.domain.is_empty() || node.domain == "ai.onnx"))
+        || (node.op == FUSED_CONV && node.domain == FUSED_DOMAIN);
+    if !conv {
+        return None;
+    }
+    let f32_4d = |v: ValueId| -> Option<Vec<usize>> {
+        let s = g.values[v].fixed_shape()?;
+        (s.len() == 4 && g.values[v].dtype == Some(DType::F32)).then_some(s)
+    };
+    let x = f32_4d(node.inputs.first().copied().flatten()?)?;
+    f32_4d(node.outputs.first().copied().flatten()?)?;
+    let w = g
+        .initializers
+        .get(&node.inputs.get(1).copied().flatten()?)?;
+    if let Some(b) = node.inputs.get(2).copied().flatten() {
+        if g.initializers.get(&b)?.dtype() != DType::F32 {
+            return None;
+        }
+    }
+    let &[m, cg, kh, kw] = w.shape() else {
+        return None;
+    };
+    if w.dtype() != DType::F32 {
+        return None;
+    }
+    let auto = node.attr_s("auto_pad").unwrap_or_default();
+    let dil = ints(node, "dilations").unwrap_or_else(|| vec![1, 1]);
+    if !(auto.is_empty() || auto == "NOTSET") || dil != [1, 1] {
+        return None;
+    }
+    let strides = ints(node, "strides").unwrap_or_else(|| vec![1, 1]);
+    let pads = ints(node, "pads").unwrap_or_else(|| vec![0; 4]);
+    let group = node.attr_i("group").unwrap_or(1);
+    let c = x[1];
+    if group == 1 && [kh, kw] == [3, 3] && c == cg && c <= NCHW_IN_MAX_C {
+        return Some(Kind::FirstLayer);
+    }
+    if group == 1 && [kh, kw] == [1, 1] && c == cg && strides == [1, 1] && pads == [0; 4] {
+        return Some(Kind::Pointwise);
+    }
+    let s = strides.first().copied().unwrap_or(1);
+    if [kh, kw] == [3, 3]
+        && cg == 1
+        && group == c as i64
+        && m == c
+        && strides == [s, s]
+        && (s == 1 || s == 2)
+    {
+        return Some(Kind::Depthwise);
+    }
+    None
+}
+
+/// Rewrites float convolution chains to NHWC (see the module docs). Returns the number of
+/// convolutions rewritten; the caller removes the dead nodes left behind.
+pub fn float_convs_to_nhwc(g: &mut Graph) -> usize {
+    if g.nodes.iter().any(|n| {
+        n.attrs
+            .values()
+            .any(|a| matches!(a, Attr::Graph(_) | Attr::Graphs(_)))
+    }) {
+        return 0;
+    }
+    let Ok(order) = g.topo_order() else { return 0 };
+    let mut nhwc: HashMap<ValueId, ValueId> = HashMap::new();
+    let mut added: Vec<Node> = Vec::new();
+    let mut count = 0;
+    for ci in order {
+        let Some(kind) = kind_of(g, &g.nodes[ci]) else {
+            continue;
+        };
+        let mut node = g.nodes[ci].clone();
+        let Some(x) = node.inputs[0] else { continue };
+        if kind == Kind::FirstLayer {
+            node.attrs.insert(INPUT_NCHW.into(), Attr::Int(1));
+        } else {
+            match nhwc.get(&x) {
+                Some(&xn) => node.inputs[0] = Some(xn),
+                None => continue,
+            }
+        }
+        if let Some(z) = node.inputs.get(3).copied().flatten() {
+            let zn = match nhwc.get(&z) {
+                Some(&v) => v,
+                None => {
+                    let v = transposed(g, z, TO_NHWC, "_nhwc");
+                    added.push(transpose_node(z, v, TO_NHWC));
+                    nhwc.insert(z, v);
+                    v
+                }
+            };
+            node.inputs[3] = Some(zn);
+        }
+        let Some(y) = node.outputs[0] else { continue };
+        let yn = transposed(g, y, TO_NHWC, "_nhwc");
+        node.op = FUSED_CONV_NHWC.into();
+        node.domain = FUSED_DOMAIN.into();
+        node.outputs = vec![Some(yn)];
+        g.nodes[ci] = node;
+        added.push(transpose_node(yn, y, TO_NCHW));
+        nhwc.insert(y, yn);
+        count += 1;
+    }
+    for n in added {
+        g.add_node(n);
+    }
+    count
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgehal_core::graph::Dim;
+    use edgehal_core::Tensor;
+    use edgehal_cpu::ops::Registry;
+    use edgehal_cpu::Executor;
+
+    fn rnd(seed: &mut u32, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+                (*seed >> 8) as f32 / (1 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    fn node(g: &mut Graph, op: &str, ins: &[&str], out: &str, attrs: Vec<(&str, Attr)>) {
+        let inputs = ins.iter().map(|n| Some(g.value_id(n))).collect();
+        let outputs = vec![Some(g.value_id(out))];
+        g.add_node(Node {
+            op: op.into(),
+            inputs,
+            outputs,
+            attrs: attrs.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            ..Default::default()
+        });
+    }
+
+    fn init(g: &mut Graph, s: &mut u32, name: &str, shape: Vec<usize>) {
+        let id = g.value_id(name);
+        let n = shape.iter().product();
+        g.values[id].dtype = Some(DType::F32);
+        g.values[id].shape = Some(shape.iter().map(|&d| Dim::Fixed(d)).collect());
+        g.initializers
+            .insert(id, Tensor::from_vec(shape, rnd(s, n)).unwrap());
+    }
+
+    fn input(g: &mut Graph, name: &str, shape: [usize; 4]) {
+        let id = g.value_id(name);
+        g.values[id].dtype = Some(DType::F32);
+        g.values[id].shape = Some(shape.map(Dim::Fixed).to_vec());
+        g.inputs.push(id);
+    }
+
+    /// A MobileNet block: first layer 3x3 s2 + Clip, depthwise + Relu, 1x1 expand (also a
+    /// graph output), 1x1 project + residual, global pooling; and a 1x1 on a graph input.
+    fn graph() -> Graph {
+        let mut s = 13u32;
+        let mut g = Graph::new("nhwc");
+        g.opsets.insert(String::new(), 13);
+        input(&mut g, "x", [1, 3, 12, 10]);
+        input(&mut g, "u", [1, 16, 6, 5]);
+        init(&mut g, &mut s, "w0", vec![16, 3, 3, 3]);
+        init(&mut g, &mut s, "b0", vec![16]);
+        init(&mut g, &mut s, "wd", vec![16, 1, 3, 3]);
+        init(&mut g, &mut s, "w1", vec![24, 16, 1, 1]);
+        init(&mut g, &mut s, "w2", vec![16, 24, 1, 1]);
+        init(&mut g, &mut s, "wu", vec![8, 16, 1, 1]);
+        let lo = g.value_id("lo");
+        g.initializers
+            .insert(lo, Tensor::from_vec(vec![], vec![0.0f32]).unwrap());
+        let hi = g.value_id("hi");
+        g.initializers
+            .insert(hi, Tensor::from_vec(vec![], vec![0.25f32]).unwrap());
+        let pads = || ("pads", Attr::Ints(vec![1, 1, 1, 1]));
+        let s2 = ("strides", Attr::Ints(vec![2, 2]));
+        node(&mut g, "Conv", &["x", "w0", "b0"], "c0", vec![pads(), s2]);
+        node(&mut g, "Clip", &["c0", "lo", "hi"], "a0", vec![]);
+        let dw = vec![pads(), ("group", Attr::Int(16))];
+        node(&mut g, "Conv", &["a0", "wd"], "c1", dw);
+        node(&mut g, "Relu", &["c1"], "a1", vec![]);
+        node(&mut g, "Conv", &["a1", "w1"], "p", vec![]);
+        node(&mut g, "Conv", &["p", "w2"], "c2", vec![]);
+        node(&mut g, "Add", &["c2", "a0"], "q", vec![]);
+        node(&mut g, "GlobalAveragePool", &["q"], "y", vec![]);
+        node(&mut g, "Conv", &["u", "wu"], "v", vec![]);
+        g.outputs = vec![g.value_id("y"), g.value_id("p"), g.value_id("v")];
+        edgehal_core::infer::infer_shapes(&mut g);
+        g
+    }
+
+    #[test]
+    fn chains_run_in_nhwc_with_transposes_only_where_nchw_is_read() {
+        let plain = graph();
+        let mut g = graph();
+        crate::passes::fuse_convolutions(&mut g);
+        let n = float_convs_to_nhwc(&mut g);
+        g.remove_dead_nodes();
+        g.validate().unwrap();
+        let ops: Vec<String> = g.nodes.iter().map(|n| n.op.clone()).collect();
+        assert_eq!(n, 4, "{ops:?}");
+        let count = |op: &str| g.nodes.iter().filter(|n| n.op == op).count();
+        assert_eq!(count(FUSED_CONV_NHWC), 4, "{ops:?}");
+        // The 1x1 on a graph input stays NCHW; only p (a graph output) and the pooled q are
+        // transposed back.
+        assert_eq!(count("Conv"), 1, "{ops:?}");
+        assert_eq!(count("Transpose"), 2, "{ops:?}");
+        let first = g
+            .nodes
+            .iter()
+            .find(|n| n.attr_i(INPUT_NCHW) == Some(1))
+            .expect("the first layer reads NCHW");
+        assert_eq!(first.attr_s("activation").as_deref(), Some("Clip"));
+        let mut s = 3u32;
+        let x = Tensor::from_vec(vec![1, 3, 12, 10], rnd(&mut s, 360)).unwrap();
+        let u = Tensor::from_vec(vec![1, 16, 6, 5], rnd(&mut s, 480)).unwrap();
+        let reg = Registry::new();
+        let run = |g: &Graph| {
+            Executor::new(g, &reg)
+                .unwrap()
+                .run(&[(g.inputs[0], x.clone()), (g.inputs[1], u.clone())])
+                .unwrap()
+        };
+        let (want, got) = (run(&plain), run(&g));
+        for (w, o) in want.iter().zip(&got) {
+            assert_eq!(w.shape(), o.shape());
+            for (a, b) in w.to_f64_vec().iter().zip(o.to_f64_vec()) {
+                assert!((a - b).abs() <= 1e-5, "{a} vs {b}");
+            }
+        }
+    }
+}

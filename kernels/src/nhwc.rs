@@ -1,0 +1,748 @@
+//! Float convolutions on NHWC activations (channels innermost), the layout MobileNet-style
+//! networks run fastest in: a 1x1 convolution is a GEMM whose left operand is the image itself
+//! (`[pixels, c]`, read in place, no packing per run) and whose output rows are whole pixels,
+//! so every pixel count is computed without padding the columns to the vector width (the NCHW
+//! GEMM pads 7x7 = 49 columns to 64); a depthwise 3x3 vectorizes across channels, so borders
+//! cost no lane shuffles; and a small-channel first layer (RGB in NCHW) writes NHWC directly.
+//!
+//! Every kernel has a portable body (safe, `#[inline(always)]`, compiled again with AVX2 and
+//! AVX-512 by `simd.rs`); the 1x1 GEMM also has an AVX-512 register tile (12 pixels x 32
+//! channels). Kernels return `false`, touching nothing, when a slice is too short for the
+//! sizes given.
+
+use std::ops::Range;
+
+use crate::dispatch::Variant;
+use crate::packed::Activation;
+
+/// Output channels per packed weight panel (two AVX-512 vectors).
+pub const PANEL: usize = 32;
+
+/// 1x1 convolution weights `[m, k]` (OIHW with 1x1 kernels) packed once as `m / 32` panels
+/// of `[k][32]` (the last panel zero-padded), the column order a pixel-row tile reads.
+#[derive(Clone, Debug)]
+pub struct PackedCols {
+    m: usize,
+    k: usize,
+    data: Vec<f32>,
+}
+
+impl PackedCols {
+    /// Packs `w` (`[m, k]`, row-major); `None` when it is shorter than `m * k`.
+    pub fn new(w: &[f32], m: usize, k: usize) -> Option<PackedCols> {
+        let len = m.checked_mul(k)?;
+        if w.len() < len {
+            return None;
+        }
+        let panels = m.div_ceil(PANEL);
+        let mut data = vec![0f32; panels.checked_mul(k)?.checked_mul(PANEL)?];
+        for (jp, panel) in data.chunks_exact_mut(k * PANEL.max(1)).enumerate() {
+            for (kk, row) in panel.chunks_exact_mut(PANEL).enumerate() {
+                for (j, v) in row.iter_mut().enumerate() {
+                    let oc = jp * PANEL + j;
+                    if oc < m {
+                        *v = w[oc * k + kk];
+                    }
+                }
+            }
+        }
+        Some(PackedCols { m, k, data })
+    }
+
+    /// Output channels.
+    pub fn rows(&self) -> usize {
+        self.m
+    }
+
+    /// Input channels.
+    pub fn depth(&self) -> usize {
+        self.k
+    }
+
+    /// Panel `jp`: `k` rows of 32 output channels.
+    pub(crate) fn panel(&self, jp: usize) -> &[f32] {
+        &self.data[jp * self.k * PANEL..(jp + 1) * self.k * PANEL]
+    }
+
+    pub(crate) fn panels(&self) -> usize {
+        self.m.div_ceil(PANEL)
+    }
+}
+
+/// `y[p][j] = act(sum_k x[p * k + kk] * w[j][kk] + bias[j] + residual[p * m + j])` for the
+/// `pixels` rows of an NHWC image (`y` and the residual are `[pixels, m]`).
+pub struct Pointwise<'a> {
+    pub x: &'a [f32],
+    pub pixels: usize,
+    pub w: &'a PackedCols,
+    pub bias: Option<&'a [f32]>,
+    pub residual: Option<&'a [f32]>,
+    pub act: Activation,
+}
+
+/// Runs a [`Pointwise`] convolution into `y`; `false` when a slice is too short.
+pub fn pointwise(variant: Variant, p: &Pointwise<'_>, y: &mut [f32]) -> bool {
+    let (m, k) = (p.w.m, p.w.k);
+    let Some(out_len) = p.pixels.checked_mul(m) else {
+        return false;
+    };
+    let Some(in_len) = p.pixels.checked_mul(k) else {
+        return false;
+    };
+    if p.x.len() < in_len
+        || y.len() < out_len
+        || p.bias.is_some_and(|b| b.len() < m)
+        || p.residual.is_some_and(|r| r.len() < out_len)
+    {
+        return false;
+    }
+    if p.pixels == 0 || m == 0 {
+        return true;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::pointwise_nhwc(variant, p, y) {
+        return true;
+    }
+    let _ = variant;
+    pointwise_portable(p, y);
+    true
+}
+
+/// The reference: one output row (pixel) at a time, panel by panel.
+fn pointwise_portable(p: &Pointwise<'_>, y: &mut [f32]) {
+    let (m, k) = (p.w.m, p.w.k);
+    for px in 0..p.pixels {
+        let xr = &p.x[px * k..(px + 1) * k];
+        for jp in 0..p.w.panels() {
+            let panel = p.w.panel(jp);
+            let mut acc = [0f32; PANEL];
+            for (kk, &xv) in xr.iter().enumerate() {
+                for (a, &wv) in acc.iter_mut().zip(&panel[kk * PANEL..(kk + 1) * PANEL]) {
+                    *a += xv * wv;
+                }
+            }
+            let j0 = jp * PANEL;
+            let cols = PANEL.min(m - j0);
+            let at = px * m + j0;
+            let out = &mut y[at..at + cols];
+            for (j, (o, &a)) in out.iter_mut().zip(&acc).enumerate() {
+                let mut v = a + p.bias.map_or(0.0, |b| b[j0 + j]);
+                if let Some(r) = p.residual {
+                    v += r[at + j];
+                }
+                *o = v;
+            }
+            p.act.apply_slice(out);
+        }
+    }
+}
+
+/// A depthwise 3x3 convolution (one filter per channel, stride 1 or 2, zero padding) on an
+/// NHWC image `x` (`[h, w, c]`) into `[out_h, out_w, c]`.
+pub struct DwNhwc<'a> {
+    pub x: &'a [f32],
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+    pub stride: usize,
+    pub pad_top: usize,
+    pub pad_left: usize,
+    pub out_h: usize,
+    pub out_w: usize,
+    /// `[9][c]`: tap-major, so a tap's weights for 16 channels are one vector.
+    pub weight: &'a [f32],
+    pub bias: Option<&'a [f32]>,
+    /// Added before the activation, laid out like the output.
+    pub residual: Option<&'a [f32]>,
+    pub act: Activation,
+}
+
+/// `[c, 3, 3]` depthwise weights into the tap-major `[9][c]` form [`DwNhwc`] reads.
+pub fn dw_weights_tap_major(w: &[f32], c: usize) -> Option<Vec<f32>> {
+    if w.len() < c.checked_mul(9)? {
+        return None;
+    }
+    let mut t = vec![0f32; 9 * c];
+    for ch in 0..c {
+        for tap in 0..9 {
+            t[tap * c + ch] = w[ch * 9 + tap];
+        }
+    }
+    Some(t)
+}
+
+/// Output rows `rows` of a [`DwNhwc`] convolution into `y` (those rows only: `y` starts at
+/// row `rows.start`); `false` when a slice is too short or the stride is not 1 or 2.
+pub fn depthwise3x3_nhwc(
+    variant: Variant,
+    p: &DwNhwc<'_>,
+    rows: Range<usize>,
+    y: &mut [f32],
+) -> bool {
+    let (Some(in_len), Some(row_len)) = (
+        p.h.checked_mul(p.w).and_then(|v| v.checked_mul(p.c)),
+        p.out_w.checked_mul(p.c),
+    ) else {
+        return false;
+    };
+    let Some(out_len) = row_len.checked_mul(p.out_h) else {
+        return false;
+    };
+    if !(p.stride == 1 || p.stride == 2)
+        || rows.start > rows.end
+        || rows.end > p.out_h
+        || p.x.len() < in_len
+        || y.len() < (rows.end - rows.start) * row_len
+        || p.weight.len() < 9 * p.c
+        || p.bias.is_some_and(|b| b.len() < p.c)
+        || p.residual.is_some_and(|r| r.len() < out_len)
+    {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::depthwise3x3_nhwc(variant, p, rows.clone(), y) {
+        return true;
+    }
+    let _ = variant;
+    dw_nhwc_body::<false>(p, rows, y);
+    true
+}
+
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// Lanes of the depthwise body (one AVX-512 vector).
+const L: usize = 16;
+
+/// The depthwise body (sizes checked by the caller): per output pixel, the taps inside the
+/// image, 16 channels at a time; bias, residual and a clamp applied in registers.
+#[inline(always)]
+pub(crate) fn dw_nhwc_body<const FMA: bool>(p: &DwNhwc<'_>, rows: Range<usize>, y: &mut [f32]) {
+    let c = p.c;
+    let (lo, hi, other) = match p.act.clamp_bounds() {
+        Some((lo, hi)) => (lo, hi, false),
+        None => (f32::NEG_INFINITY, f32::INFINITY, true),
+    };
+    let full = c / L * L;
+    let r0 = rows.start;
+    for oy in rows {
+        let iy0 = (oy * p.stride) as isize - p.pad_top as isize;
+        let ky = (0.max(-iy0) as usize)..(3.min(p.h as isize - iy0).max(0) as usize);
+        for ox in 0..p.out_w {
+            let ix0 = (ox * p.stride) as isize - p.pad_left as isize;
+            let kx = (0.max(-ix0) as usize)..(3.min(p.w as isize - ix0).max(0) as usize);
+            let o = ((oy - r0) * p.out_w + ox) * c;
+            let ro = (oy * p.out_w + ox) * c;
+            let out = &mut y[o..o + c];
+            let mut ch = 0;
+            while ch < full {
+                let mut acc = [0f32; L];
+                if let Some(b) = p.bias {
+                    acc.copy_from_slice(&b[ch..ch + L]);
+                }
+                for ty in ky.clone() {
+                    let iy = (iy0 + ty as isize) as usize;
+                    for tx in kx.clone() {
+                        let ix = (ix0 + tx as isize) as usize;
+                        let xi = (iy * p.w + ix) * c + ch;
+                        let wi = (ty * 3 + tx) * c + ch;
+                        let xs: &[f32; L] = p.x[xi..xi + L].try_into().expect("16 lanes");
+                        let ws: &[f32; L] = p.weight[wi..wi + L].try_into().expect("16 lanes");
+                        for l in 0..L {
+                            acc[l] = madd::<FMA>(xs[l], ws[l], acc[l]);
+                        }
+                    }
+                }
+                if let Some(r) = p.residual {
+                    for (a, &z) in acc.iter_mut().zip(&r[ro + ch..ro + ch + L]) {
+                        *a += z;
+                    }
+                }
+                for (d, &a) in out[ch..ch + L].iter_mut().zip(&acc) {
+                    *d = a.max(lo).min(hi);
+                }
+                ch += L;
+            }
+            for (j, d) in out.iter_mut().enumerate().skip(full) {
+                let mut a = p.bias.map_or(0.0, |b| b[j]);
+                for ty in ky.clone() {
+                    let iy = (iy0 + ty as isize) as usize;
+                    for tx in kx.clone() {
+                        let ix = (ix0 + tx as isize) as usize;
+                        a = madd::<FMA>(
+                            p.x[(iy * p.w + ix) * c + j],
+                            p.weight[(ty * 3 + tx) * c + j],
+                            a,
+                        );
+                    }
+                }
+                if let Some(r) = p.residual {
+                    a += r[ro + j];
+                }
+                *d = a.max(lo).min(hi);
+            }
+            if other {
+                p.act.apply_slice(out);
+            }
+        }
+    }
+}
+
+/// A dense KxK convolution (one group) reading an NCHW image with few channels (a network's
+/// RGB input) and writing NHWC: `y[oy][ox][j]` over `[out_h, out_w, m]`.
+pub struct DenseNchwIn<'a> {
+    /// `[c, h, w]`.
+    pub x: &'a [f32],
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: [usize; 2],
+    pub pad: [usize; 2],
+    pub out_h: usize,
+    pub out_w: usize,
+    pub m: usize,
+    /// `[c][kh][kw][m]`: tap-major, a tap's weights for all output channels contiguous.
+    pub weight: &'a [f32],
+    pub bias: Option<&'a [f32]>,
+    pub act: Activation,
+}
+
+/// OIHW weights `[m, c, kh, kw]` into the tap-major `[c][kh][kw][m]` form [`DenseNchwIn`] reads.
+pub fn dense_weights_tap_major(w: &[f32], m: usize, taps: usize) -> Option<Vec<f32>> {
+    if w.len() < m.checked_mul(taps)? {
+        return None;
+    }
+    let mut t = vec![0f32; m * taps];
+    for j in 0..m {
+        for tap in 0..taps {
+            t[tap * m + j] = w[j * taps + tap];
+        }
+    }
+    Some(t)
+}
+
+/// Output rows `rows` of a [`DenseNchwIn`] convolution into `y` (starting at row
+/// `rows.start`); `false` when a slice is too short or a size is zero where it must not be.
+pub fn dense_nchw_in(
+    variant: Variant,
+    p: &DenseNchwIn<'_>,
+    rows: Range<usize>,
+    y: &mut [f32],
+) -> bool {
+    let taps = p.c.checked_mul(p.kh).and_then(|v| v.checked_mul(p.kw));
+    let in_len = p.c.checked_mul(p.h).and_then(|v| v.checked_mul(p.w));
+    let row_len = p.out_w.checked_mul(p.m);
+    let (Some(taps), Some(in_len), Some(row_len)) = (taps, in_len, row_len) else {
+        return false;
+    };
+    if p.stride.contains(&0)
+        || rows.start > rows.end
+        || rows.end > p.out_h
+        || p.x.len() < in_len
+        || y.len() < (rows.end - rows.start) * row_len
+        || taps.checked_mul(p.m).is_none_or(|n| p.weight.len() < n)
+        || p.bias.is_some_and(|b| b.len() < p.m)
+    {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::dense_nchw_in(variant, p, rows.clone(), y) {
+        return true;
+    }
+    let _ = variant;
+    dense_nchw_in_body::<false>(p, rows, y);
+    true
+}
+
+/// Output pixels computed together by [`dense_nchw_in_body`] (a tap's weight vectors are
+/// loaded once for all of them).
+const DENSE_PX: usize = 4;
+
+/// The dense body (sizes checked by the caller): `DENSE_PX` output pixels of a row at a time,
+/// 16 output channels at a time, every input tap broadcast against the tap's weight vector.
+#[inline(always)]
+pub(crate) fn dense_nchw_in_body<const FMA: bool>(
+    p: &DenseNchwIn<'_>,
+    rows: Range<usize>,
+    y: &mut [f32],
+) {
+    let m = p.m;
+    let (lo, hi, other) = match p.act.clamp_bounds() {
+        Some((lo, hi)) => (lo, hi, false),
+        None => (f32::NEG_INFINITY, f32::INFINITY, true),
+    };
+    let plane = p.h * p.w;
+    let r0 = rows.start;
+    // Input value of channel ci at (iy, ix), zero outside the image.
+    let at = |ci: usize, iy: isize, ix: isize| -> f32 {
+        if iy < 0 || ix < 0 || iy >= p.h as isize || ix >= p.w as isize {
+            0.0
+        } else {
+            p.x[ci * plane + iy as usize * p.w + ix as usize]
+        }
+    };
+    for oy in rows {
+        let iy0 = (oy * p.stride[0]) as isize - p.pad[0] as isize;
+        let mut ox = 0;
+        while ox < p.out_w {
+            let n = DENSE_PX.min(p.out_w - ox);
+            let mut j = 0;
+            while j < m {
+                let lanes = L.min(m - j);
+                let mut acc = [[0f32; L]; DENSE_PX];
+                if let Some(b) = p.bias {
+                    for a in acc.iter_mut() {
+                        a[..lanes].copy_from_slice(&b[j..j + lanes]);
+                    }
+                }
+                for ci in 0..p.c {
+                    for ty in 0..p.kh {
+                        let iy = iy0 + ty as isize;
+                        for tx in 0..p.kw {
+                            let wi = ((ci * p.kh + ty) * p.kw + tx) * m + j;
+                            let mut ws = [0f32; L];
+                            ws[..lanes].copy_from_slice(&p.weight[wi..wi + lanes]);
+                            for (q, a) in acc.iter_mut().enumerate().take(n) {
+                                let ix = ((ox + q) * p.stride[1]) as isize - p.pad[1] as isize
+                                    + tx as isize;
+                                let xv = at(ci, iy, ix);
+                                for l in 0..L {
+                                    a[l] = madd::<FMA>(xv, ws[l], a[l]);
+                                }
+                            }
+                        }
+                    }
+                }
+                for (q, a) in acc.iter().enumerate().take(n) {
+                    let o = ((oy - r0) * p.out_w + ox + q) * m + j;
+                    for (d, &v) in y[o..o + lanes].iter_mut().zip(a) {
+                        *d = v.max(lo).min(hi);
+                    }
+                }
+                j += L;
+            }
+            if other {
+                let o = ((oy - r0) * p.out_w + ox) * m;
+                p.act.apply_slice(&mut y[o..o + n * m]);
+            }
+            ox += n;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatch;
+
+    fn rnd(seed: &mut u32, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+                (*seed >> 8) as f32 / (1 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    const ACTS: [Activation; 4] = [
+        Activation::Identity,
+        Activation::Relu,
+        Activation::Clip { lo: -0.05, hi: 0.1 },
+        Activation::HardSwish,
+    ];
+
+    fn close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+        assert_eq!(got.len(), want.len());
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() <= tol, "{what}: element {i}: {g} vs {w}");
+        }
+    }
+
+    /// Every variant against a direct sum: pixel counts that are not multiples of the
+    /// 12-pixel tile, channel counts below, at and past a 32-channel panel, with and without
+    /// bias and residual, every activation kind; nothing past the output is written.
+    #[test]
+    fn pointwise_matches_direct_sum() {
+        let mut s = 7u32;
+        for &(pixels, k, m) in &[
+            (1, 1, 1),
+            (49, 160, 96),
+            (13, 24, 144),
+            (25, 16, 16),
+            (196, 64, 40),
+            (12, 300, 33),
+        ] {
+            let x = rnd(&mut s, pixels * k);
+            let w = rnd(&mut s, m * k);
+            let bias = rnd(&mut s, m);
+            let res = rnd(&mut s, pixels * m);
+            let pw = PackedCols::new(&w, m, k).unwrap();
+            for (ai, &act) in ACTS.iter().enumerate() {
+                let with = ai % 2 == 1;
+                let mut want = vec![0f32; pixels * m];
+                for px in 0..pixels {
+                    for j in 0..m {
+                        let mut a = 0f64;
+                        for kk in 0..k {
+                            a += x[px * k + kk] as f64 * w[j * k + kk] as f64;
+                        }
+                        let mut v = a as f32;
+                        if with {
+                            v += bias[j] + res[px * m + j];
+                        }
+                        want[px * m + j] = act.apply(v);
+                    }
+                }
+                for v in dispatch::detected() {
+                    let p = Pointwise {
+                        x: &x,
+                        pixels,
+                        w: &pw,
+                        bias: with.then_some(&bias[..]),
+                        residual: with.then_some(&res[..]),
+                        act,
+                    };
+                    let mut y = vec![f32::NAN; pixels * m + 5];
+                    assert!(pointwise(v, &p, &mut y));
+                    close(
+                        &y[..pixels * m],
+                        &want,
+                        1e-5 * (k as f32 + 1.0),
+                        &format!("{v:?} {pixels}x{k}x{m} {act:?}"),
+                    );
+                    assert!(y[pixels * m..].iter().all(|v| v.is_nan()), "wrote past y");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pointwise_refuses_short_slices() {
+        let w = [1f32; 6];
+        let pw = PackedCols::new(&w, 3, 2).unwrap();
+        let x = [1f32; 8];
+        let p = Pointwise {
+            x: &x[..7],
+            pixels: 4,
+            w: &pw,
+            bias: None,
+            residual: None,
+            act: Activation::Identity,
+        };
+        let mut y = [0f32; 12];
+        assert!(!pointwise(Variant::Portable, &p, &mut y));
+        let p = Pointwise { x: &x, ..p };
+        assert!(!pointwise(Variant::Portable, &p, &mut y[..11]));
+        assert!(pointwise(Variant::Portable, &p, &mut y));
+        assert_eq!(y, [2f32; 12]);
+        assert!(PackedCols::new(&w[..5], 3, 2).is_none());
+    }
+
+    /// NCHW reference of a depthwise 3x3 on `[c, h, w]`, output `[c, oh, ow]`.
+    #[allow(clippy::too_many_arguments)]
+    fn dw_ref(
+        x: &[f32],
+        c: usize,
+        h: usize,
+        w: usize,
+        s: usize,
+        pt: usize,
+        pl: usize,
+        oh: usize,
+        ow: usize,
+        wt: &[f32],
+    ) -> Vec<f32> {
+        let mut y = vec![0f32; c * oh * ow];
+        for ch in 0..c {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut a = 0f64;
+                    for ty in 0..3 {
+                        for tx in 0..3 {
+                            let iy = (oy * s + ty) as isize - pt as isize;
+                            let ix = (ox * s + tx) as isize - pl as isize;
+                            if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
+                                a += x[(ch * h + iy as usize) * w + ix as usize] as f64
+                                    * wt[ch * 9 + ty * 3 + tx] as f64;
+                            }
+                        }
+                    }
+                    y[(ch * oh + oy) * ow + ox] = a as f32;
+                }
+            }
+        }
+        y
+    }
+
+    fn to_nhwc(x: &[f32], c: usize, hw: usize) -> Vec<f32> {
+        let mut y = vec![0f32; x.len()];
+        for ch in 0..c {
+            for p in 0..hw {
+                y[p * c + ch] = x[ch * hw + p];
+            }
+        }
+        y
+    }
+
+    /// Strides 1 and 2, padded and unpadded edges, channel counts with a scalar remainder,
+    /// bias + residual + each activation, a row range, on every variant.
+    #[test]
+    fn depthwise_nhwc_matches_nchw_reference() {
+        let mut s = 11u32;
+        for &(c, h, w, st, pt, pl, oh, ow) in &[
+            (32, 7, 9, 1, 1, 1, 7, 9),
+            (20, 8, 8, 2, 0, 0, 3, 3),
+            (48, 9, 6, 2, 1, 1, 5, 3),
+            (5, 3, 3, 1, 1, 1, 3, 3),
+            (16, 2, 2, 1, 1, 1, 2, 2),
+        ] {
+            let x = rnd(&mut s, c * h * w);
+            let wt = rnd(&mut s, c * 9);
+            let bias = rnd(&mut s, c);
+            let res = rnd(&mut s, c * oh * ow);
+            let base = dw_ref(&x, c, h, w, st, pt, pl, oh, ow, &wt);
+            let xn = to_nhwc(&x, c, h * w);
+            let tw = dw_weights_tap_major(&wt, c).unwrap();
+            let resn = to_nhwc(&res, c, oh * ow);
+            for (ai, &act) in ACTS.iter().enumerate() {
+                let with = ai % 2 == 0;
+                let mut want = base.clone();
+                for (i, v) in want.iter_mut().enumerate() {
+                    if with {
+                        *v += bias[i / (oh * ow)] + res[i];
+                    }
+                    *v = act.apply(*v);
+                }
+                let want = to_nhwc(&want, c, oh * ow);
+                for v in dispatch::detected() {
+                    let p = DwNhwc {
+                        x: &xn,
+                        h,
+                        w,
+                        c,
+                        stride: st,
+                        pad_top: pt,
+                        pad_left: pl,
+                        out_h: oh,
+                        out_w: ow,
+                        weight: &tw,
+                        bias: with.then_some(&bias[..]),
+                        residual: with.then_some(&resn[..]),
+                        act,
+                    };
+                    let mut y = vec![f32::NAN; c * oh * ow + 3];
+                    assert!(depthwise3x3_nhwc(v, &p, 0..oh, &mut y));
+                    let what = format!("{v:?} c{c} {h}x{w} s{st} {act:?}");
+                    close(&y[..c * oh * ow], &want, 1e-5, &what);
+                    assert!(y[c * oh * ow..].iter().all(|v| v.is_nan()), "wrote past y");
+                    // Rows 1.. only, into a buffer that starts at row 1.
+                    if oh > 1 {
+                        let mut y1 = vec![f32::NAN; (oh - 1) * ow * c];
+                        assert!(depthwise3x3_nhwc(v, &p, 1..oh, &mut y1));
+                        close(&y1, &want[ow * c..], 1e-5, &what);
+                    }
+                }
+            }
+        }
+        let x = [0f32; 8];
+        let p = DwNhwc {
+            x: &x,
+            h: 2,
+            w: 2,
+            c: 2,
+            stride: 3,
+            pad_top: 0,
+            pad_left: 0,
+            out_h: 1,
+            out_w: 1,
+            weight: &[0.0; 18],
+            bias: None,
+            residual: None,
+            act: Activation::Identity,
+        };
+        let mut y = [0f32; 2];
+        assert!(!depthwise3x3_nhwc(Variant::Portable, &p, 0..1, &mut y));
+        let p = DwNhwc { stride: 1, ..p };
+        assert!(!depthwise3x3_nhwc(Variant::Portable, &p, 0..2, &mut y));
+        assert!(depthwise3x3_nhwc(Variant::Portable, &p, 0..1, &mut y));
+    }
+
+    /// A 3x3 stride-2 RGB stem and a 5x3 stride-(1,2) odd one against a direct sum.
+    #[test]
+    fn dense_nchw_in_matches_direct_sum() {
+        let mut s = 5u32;
+        for &(c, h, w, kh, kw, st, pad, m) in &[
+            (3, 11, 13, 3, 3, [2, 2], [1, 1], 32),
+            (2, 7, 6, 5, 3, [1, 2], [2, 0], 19),
+            (1, 4, 4, 1, 1, [1, 1], [0, 0], 3),
+        ] {
+            let oh = (h + 2 * pad[0] - kh) / st[0] + 1;
+            let ow = (w + 2 * pad[1] - kw) / st[1] + 1;
+            let x = rnd(&mut s, c * h * w);
+            let wt = rnd(&mut s, m * c * kh * kw);
+            let bias = rnd(&mut s, m);
+            let tw = dense_weights_tap_major(&wt, m, c * kh * kw).unwrap();
+            for &act in &ACTS {
+                let mut want = vec![0f32; oh * ow * m];
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        for j in 0..m {
+                            let mut a = bias[j] as f64;
+                            for ci in 0..c {
+                                for ty in 0..kh {
+                                    for tx in 0..kw {
+                                        let iy = (oy * st[0] + ty) as isize - pad[0] as isize;
+                                        let ix = (ox * st[1] + tx) as isize - pad[1] as isize;
+                                        if iy >= 0
+                                            && ix >= 0
+                                            && (iy as usize) < h
+                                            && (ix as usize) < w
+                                        {
+                                            a += x[(ci * h + iy as usize) * w + ix as usize] as f64
+                                                * wt[((j * c + ci) * kh + ty) * kw + tx] as f64;
+                                        }
+                                    }
+                                }
+                            }
+                            want[(oy * ow + ox) * m + j] = act.apply(a as f32);
+                        }
+                    }
+                }
+                for v in dispatch::detected() {
+                    let p = DenseNchwIn {
+                        x: &x,
+                        c,
+                        h,
+                        w,
+                        kh,
+                        kw,
+                        stride: st,
+                        pad,
+                        out_h: oh,
+                        out_w: ow,
+                        m,
+                        weight: &tw,
+                        bias: Some(&bias),
+                        act,
+                    };
+                    let mut y = vec![f32::NAN; oh * ow * m + 2];
+                    assert!(dense_nchw_in(v, &p, 0..oh, &mut y));
+                    let what = format!("{v:?} c{c} {kh}x{kw} {act:?}");
+                    close(&y[..oh * ow * m], &want, 1e-5, &what);
+                    assert!(y[oh * ow * m..].iter().all(|v| v.is_nan()), "wrote past y");
+                    let mut y1 = vec![f32::NAN; (oh - 1) * ow * m];
+                    assert!(dense_nchw_in(v, &p, 1..oh, &mut y1));
+                    close(&y1, &want[ow * m..], 1e-5, &what);
+                }
+            }
+        }
+    }
+}
