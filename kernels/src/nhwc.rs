@@ -467,7 +467,7 @@ mod tests {
     }
 
     /// Every variant against a direct sum: pixel counts that are not multiples of the
-    /// 12-pixel tile, channel counts below, at and past a 32-channel panel, with and without
+    /// 12-pixel tile (each smaller last tile), channel counts below, at and past a 32-channel panel, with and without
     /// bias and residual, every activation kind; nothing past the output is written.
     #[test]
     fn pointwise_matches_direct_sum() {
@@ -479,6 +479,10 @@ mod tests {
             (25, 16, 16),
             (196, 64, 40),
             (12, 300, 33),
+            // Last tiles of 8 (clamped from 7), 2 and 8 rows.
+            (7, 33, 40),
+            (14, 20, 64),
+            (20, 8, 32),
         ] {
             let x = rnd(&mut s, pixels * k);
             let w = rnd(&mut s, m * k);

@@ -788,30 +788,45 @@ unsafe fn pointwise_nhwc_avx512(p: &nhwc::Pointwise<'_>, y: &mut [f32]) {
             let mut i = b0;
             while i < b1 {
                 let rows = 12.min(b1 - i);
+                let store = |r: &[[__m512; 2]]| {
+                    for (ri, acc) in r.iter().enumerate().take(rows) {
+                        for v in 0..2 {
+                            if mk[v] == 0 {
+                                continue;
+                            }
+                            let at = (i + ri) * m + j0 + v * 16;
+                            let mut t = acc[v];
+                            // SAFETY: pixel i + ri < pixels and channels j0 + 16 v .. under
+                            // the mask are < m, so the masked accesses stay within y and the
+                            // residual.
+                            unsafe {
+                                if let Some(b) = bias {
+                                    t = _mm512_add_ps(t, b[v]);
+                                }
+                                if let Some(rp) = res {
+                                    let z = _mm512_maskz_loadu_ps(mk[v], rp.add(at));
+                                    t = _mm512_add_ps(t, z);
+                                }
+                                if clamp {
+                                    t = _mm512_min_ps(_mm512_max_ps(t, vlo), vhi);
+                                }
+                                _mm512_mask_storeu_ps(yp.add(at), mk[v], t);
+                            }
+                        }
+                    }
+                };
+                // The last tile of a block takes the smallest register tile that covers its
+                // rows (49 pixels: four tiles of 12 and one of 1, not five of 12).
                 // SAFETY: rows i .. i + rows are within the pixels x holds; the panel holds
                 // k * 32 floats (asserted above).
-                let r = unsafe { pw_product(k, x.add(i * k), rows, wp.as_ptr()) };
-                for (ri, acc) in r.iter().enumerate().take(rows) {
-                    for v in 0..2 {
-                        if mk[v] == 0 {
-                            continue;
-                        }
-                        let at = (i + ri) * m + j0 + v * 16;
-                        let mut t = acc[v];
-                        // SAFETY: pixel i + ri < pixels and channels j0 + 16 v .. under the
-                        // mask are < m, so the masked accesses stay within y and the residual.
-                        unsafe {
-                            if let Some(b) = bias {
-                                t = _mm512_add_ps(t, b[v]);
-                            }
-                            if let Some(rp) = res {
-                                t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(mk[v], rp.add(at)));
-                            }
-                            if clamp {
-                                t = _mm512_min_ps(_mm512_max_ps(t, vlo), vhi);
-                            }
-                            _mm512_mask_storeu_ps(yp.add(at), mk[v], t);
-                        }
+                unsafe {
+                    let (xi, wq) = (x.add(i * k), wp.as_ptr());
+                    match rows {
+                        9.. => store(&pw_product::<12>(k, xi, rows, wq)),
+                        5..=8 => store(&pw_product::<8>(k, xi, rows, wq)),
+                        3..=4 => store(&pw_product::<4>(k, xi, rows, wq)),
+                        2 => store(&pw_product::<2>(k, xi, rows, wq)),
+                        _ => store(&pw_product::<1>(k, xi, rows, wq)),
                     }
                 }
                 i += rows;
@@ -824,7 +839,7 @@ unsafe fn pointwise_nhwc_avx512(p: &nhwc::Pointwise<'_>, y: &mut [f32]) {
     }
 }
 
-/// `r[i][v] = sum_kk x[i * k + kk] * w[kk * 32 + 16 v ..][..16]` for pixel rows `i < 12`
+/// `r[i][v] = sum_kk x[i * k + kk] * w[kk * 32 + 16 v ..][..16]` for pixel rows `i < R`
 /// (rows past `rows` repeat the last one and are not meant to be stored).
 ///
 /// # Safety
@@ -832,9 +847,14 @@ unsafe fn pointwise_nhwc_avx512(p: &nhwc::Pointwise<'_>, y: &mut [f32]) {
 /// `k * 32`.
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn pw_product(k: usize, x: *const f32, rows: usize, w: *const f32) -> [[__m512; 2]; 12] {
-    let mut r = [[_mm512_setzero_ps(); 2]; 12];
-    let mut xr = [x; 12];
+unsafe fn pw_product<const R: usize>(
+    k: usize,
+    x: *const f32,
+    rows: usize,
+    w: *const f32,
+) -> [[__m512; 2]; R] {
+    let mut r = [[_mm512_setzero_ps(); 2]; R];
+    let mut xr = [x; R];
     for (i, p) in xr.iter_mut().enumerate() {
         // SAFETY: row i.min(rows - 1) < rows starts within x.
         *p = unsafe { x.add(i.min(rows - 1) * k) };
