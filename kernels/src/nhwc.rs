@@ -149,7 +149,7 @@ pub struct DwNhwc<'a> {
     pub pad_left: usize,
     pub out_h: usize,
     pub out_w: usize,
-    /// `[9][c]`: tap-major, so a tap's weights for 16 channels are one vector.
+    /// Blocked `[c / 16][9][16]` ([`dw_weights_blocked`]).
     pub weight: &'a [f32],
     pub bias: Option<&'a [f32]>,
     /// Added before the activation, laid out like the output.
@@ -157,15 +157,28 @@ pub struct DwNhwc<'a> {
     pub act: Activation,
 }
 
-/// `[c, 3, 3]` depthwise weights into the tap-major `[9][c]` form [`DwNhwc`] reads.
-pub fn dw_weights_tap_major(w: &[f32], c: usize) -> Option<Vec<f32>> {
+/// Floats of the blocked depthwise weights of `c` channels ([`dw_weights_blocked`]).
+pub fn dw_weights_len(c: usize) -> usize {
+    c.div_ceil(L) * 9 * L
+}
+
+/// Where channel `j`'s tap `t` lies in the blocked depthwise weights.
+#[inline(always)]
+fn dw_at(j: usize, t: usize) -> usize {
+    ((j / L) * 9 + t) * L + j % L
+}
+
+/// `[c, 3, 3]` depthwise weights into the blocked `[c / 16][9][16]` form [`DwNhwc`] reads
+/// (the last block zero-padded): a tap's weights for 16 channels are one vector, and a block's
+/// nine taps are contiguous.
+pub fn dw_weights_blocked(w: &[f32], c: usize) -> Option<Vec<f32>> {
     if w.len() < c.checked_mul(9)? {
         return None;
     }
-    let mut t = vec![0f32; 9 * c];
+    let mut t = vec![0f32; dw_weights_len(c)];
     for ch in 0..c {
         for tap in 0..9 {
-            t[tap * c + ch] = w[ch * 9 + tap];
+            t[dw_at(ch, tap)] = w[ch * 9 + tap];
         }
     }
     Some(t)
@@ -193,7 +206,7 @@ pub fn depthwise3x3_nhwc(
         || rows.end > p.out_h
         || p.x.len() < in_len
         || y.len() < (rows.end - rows.start) * row_len
-        || p.weight.len() < 9 * p.c
+        || p.weight.len() < dw_weights_len(p.c)
         || p.bias.is_some_and(|b| b.len() < p.c)
         || p.residual.is_some_and(|r| r.len() < out_len)
     {
@@ -251,7 +264,7 @@ pub(crate) fn dw_nhwc_body<const FMA: bool>(p: &DwNhwc<'_>, rows: Range<usize>, 
                     for tx in kx.clone() {
                         let ix = (ix0 + tx as isize) as usize;
                         let xi = (iy * p.w + ix) * c + ch;
-                        let wi = (ty * 3 + tx) * c + ch;
+                        let wi = dw_at(ch, ty * 3 + tx);
                         let xs: &[f32; L] = p.x[xi..xi + L].try_into().expect("16 lanes");
                         let ws: &[f32; L] = p.weight[wi..wi + L].try_into().expect("16 lanes");
                         for l in 0..L {
@@ -277,7 +290,7 @@ pub(crate) fn dw_nhwc_body<const FMA: bool>(p: &DwNhwc<'_>, rows: Range<usize>, 
                         let ix = (ix0 + tx as isize) as usize;
                         a = madd::<FMA>(
                             p.x[(iy * p.w + ix) * c + j],
-                            p.weight[(ty * 3 + tx) * c + j],
+                            p.weight[dw_at(j, ty * 3 + tx)],
                             a,
                         );
                     }
@@ -607,6 +620,11 @@ mod tests {
             (48, 9, 6, 2, 1, 1, 5, 3),
             (5, 3, 3, 1, 1, 1, 3, 3),
             (16, 2, 2, 1, 1, 1, 2, 2),
+            // Rows wide enough for strips of 8 pixels (stride 1 and 2, padded or not) with
+            // border pixels and leftovers on both sides.
+            (32, 6, 21, 1, 1, 1, 6, 21),
+            (48, 7, 40, 2, 1, 1, 4, 20),
+            (16, 9, 19, 2, 0, 0, 4, 9),
         ] {
             let x = rnd(&mut s, c * h * w);
             let wt = rnd(&mut s, c * 9);
@@ -614,7 +632,7 @@ mod tests {
             let res = rnd(&mut s, c * oh * ow);
             let base = dw_ref(&x, c, h, w, st, pt, pl, oh, ow, &wt);
             let xn = to_nhwc(&x, c, h * w);
-            let tw = dw_weights_tap_major(&wt, c).unwrap();
+            let tw = dw_weights_blocked(&wt, c).unwrap();
             let resn = to_nhwc(&res, c, oh * ow);
             for (ai, &act) in ACTS.iter().enumerate() {
                 let with = ai % 2 == 0;
@@ -667,7 +685,7 @@ mod tests {
             pad_left: 0,
             out_h: 1,
             out_w: 1,
-            weight: &[0.0; 18],
+            weight: &[0.0; 144],
             bias: None,
             residual: None,
             act: Activation::Identity,

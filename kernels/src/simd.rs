@@ -912,10 +912,12 @@ pub(crate) fn depthwise3x3_nhwc(
 }
 
 /// Depthwise 3x3 on NHWC, 16 channels at a time with the block's nine weight vectors in
-/// registers. Output rows are cut into strips of `DW_STRIP` pixels (the input lines a strip
-/// reads stay in L1 while every channel block passes over them); a strip whose windows are all
-/// inside the image runs its pixels as independent accumulator chains (one chain of nine FMAs
-/// per pixel is latency-bound), border pixels one at a time with the outside taps skipped.
+/// registers. A row's output pixels whose windows are inside the image horizontally run as
+/// strips of `DW_STRIP` pixels (each input vector loaded once for the outputs that share it,
+/// the pixels as independent FMA chains; kernel rows above or below the image read a zero
+/// row); the few pixels at the left and right borders run one at a time with the outside taps
+/// skipped. Segments go outermost, so the input lines a segment reads stay in L1 while every
+/// channel block passes over them.
 ///
 /// # Safety
 /// The CPU must support AVX-512F; sizes as checked by `nhwc::depthwise3x3_nhwc`; `c % 16 == 0`.
@@ -931,19 +933,47 @@ unsafe fn dw_nhwc_avx512(p: &nhwc::DwNhwc<'_>, rows: Range<usize>, y: &mut [f32]
     let x = p.x.as_ptr();
     let yp = y.as_mut_ptr();
     let r0 = rows.start;
+    // A zero input row for kernel rows outside the image.
+    let zeros = vec![0f32; p.w * c];
+    // Output columns whose windows are inside the image horizontally: ox s - pad_left >= 0 and
+    // ox s - pad_left + 3 <= w.
+    let ox_lo = p.pad_left.div_ceil(s).min(p.out_w);
+    let ox_hi = if p.w + p.pad_left >= 3 {
+        ((p.w + p.pad_left - 3) / s + 1).clamp(ox_lo, p.out_w)
+    } else {
+        ox_lo
+    };
+    // Segments of a row: (first pixel, pixels, strip?).
+    let mut segs = Vec::new();
+    if ox_lo > 0 {
+        segs.push((0, ox_lo, false));
+    }
+    let mut ox = ox_lo;
+    while ox + DW_STRIP <= ox_hi {
+        segs.push((ox, DW_STRIP, true));
+        ox += DW_STRIP;
+    }
+    if ox < p.out_w {
+        segs.push((ox, p.out_w - ox, false));
+    }
     for oy in rows {
         let iy0 = (oy * s) as isize - p.pad_top as isize;
-        let row_in = iy0 >= 0 && iy0 + 3 <= h;
-        for strip in (0..p.out_w).step_by(DW_STRIP) {
-            let end = (strip + DW_STRIP).min(p.out_w);
-            let ix_first = (strip * s) as isize - p.pad_left as isize;
-            let ix_last = ((end - 1) * s) as isize - p.pad_left as isize;
-            let inside = row_in && end - strip == DW_STRIP && ix_first >= 0 && ix_last + 3 <= w;
+        let row_ptr = |ty: isize| {
+            let iy = iy0 + ty;
+            if iy < 0 || iy >= h {
+                zeros.as_ptr()
+            } else {
+                // SAFETY: row iy of the image.
+                unsafe { x.add(iy as usize * p.w * c) }
+            }
+        };
+        let in_rows = [row_ptr(0), row_ptr(1), row_ptr(2)];
+        for &(first, len, strip) in &segs {
             for cb in (0..c).step_by(16) {
                 let mut wv = [_mm512_setzero_ps(); 9];
                 for (t, v) in wv.iter_mut().enumerate() {
-                    // SAFETY: the weights hold 9 * c floats and cb + 16 <= c.
-                    *v = unsafe { _mm512_loadu_ps(p.weight.as_ptr().add(t * c + cb)) };
+                    // SAFETY: the blocked weights hold 9 * 16 floats per block and cb + 16 <= c.
+                    *v = unsafe { _mm512_loadu_ps(p.weight.as_ptr().add(cb * 9 + t * 16)) };
                 }
                 let bv = match p.bias {
                     // SAFETY: the bias holds c floats.
@@ -962,44 +992,38 @@ unsafe fn dw_nhwc_avx512(p: &nhwc::DwNhwc<'_>, rows: Range<usize>, y: &mut [f32]
                         _mm512_storeu_ps(yp.add(o - r0 * p.out_w * c), acc);
                     }
                 };
-                if inside {
-                    let mut acc = [bv; DW_STRIP];
-                    let base = ((iy0 * w + ix_first) as usize) * c + cb;
-                    for ty in 0..3 {
-                        for tx in 0..3 {
-                            let row = base + (ty * p.w + tx) * c;
-                            for (q, a) in acc.iter_mut().enumerate() {
-                                // SAFETY: the strip's windows are inside the image (`inside`),
-                                // so pixel (iy0 + ty, ix_first + q s + tx) is, and cb + 16 <= c.
-                                let xv = unsafe { _mm512_loadu_ps(x.add(row + q * s * c)) };
-                                *a = _mm512_fmadd_ps(xv, wv[ty * 3 + tx], *a);
-                            }
+                if strip {
+                    let ix = (first * s - p.pad_left) * c + cb;
+                    // SAFETY: the strip's windows are inside the image horizontally (its pixels
+                    // lie in ox_lo..ox_hi), so columns ix .. ix + (DW_STRIP - 1) s + 3 of each
+                    // row (image or zero row, both w * c long) exist; cb + 16 <= c.
+                    let acc = unsafe {
+                        let r = in_rows.map(|rp| rp.add(ix));
+                        if s == 1 {
+                            dw_strip::<1>(r, c, &wv, bv)
+                        } else {
+                            dw_strip::<2>(r, c, &wv, bv)
                         }
-                    }
+                    };
                     for (q, a) in acc.into_iter().enumerate() {
-                        finish(strip + q, a);
+                        finish(first + q, a);
                     }
                     continue;
                 }
-                for ox in strip..end {
+                for ox in first..first + len {
                     let ix0 = (ox * s) as isize - p.pad_left as isize;
                     // One chain per kernel row, summed at the end.
                     let mut acc = [bv, _mm512_setzero_ps(), _mm512_setzero_ps()];
-                    for ty in 0..3isize {
-                        let iy = iy0 + ty;
-                        if iy < 0 || iy >= h {
-                            continue;
-                        }
+                    for (ty, &rp) in in_rows.iter().enumerate() {
                         for tx in 0..3isize {
                             let ix = ix0 + tx;
                             if ix < 0 || ix >= w {
                                 continue;
                             }
-                            let at = ((iy * w + ix) as usize) * c + cb;
-                            // SAFETY: (iy, ix) is inside the h x w image and cb + 16 <= c.
-                            let xv = unsafe { _mm512_loadu_ps(x.add(at)) };
-                            let a = &mut acc[ty as usize];
-                            *a = _mm512_fmadd_ps(xv, wv[(ty * 3 + tx) as usize], *a);
+                            // SAFETY: column ix < w of a w * c row (image or zeros), cb + 16 <= c.
+                            let xv = unsafe { _mm512_loadu_ps(rp.add(ix as usize * c + cb)) };
+                            let a = &mut acc[ty];
+                            *a = _mm512_fmadd_ps(xv, wv[ty * 3 + tx as usize], *a);
                         }
                     }
                     finish(ox, _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), acc[2]));
@@ -1007,6 +1031,52 @@ unsafe fn dw_nhwc_avx512(p: &nhwc::DwNhwc<'_>, rows: Range<usize>, y: &mut [f32]
             }
         }
     }
+}
+
+/// `DW_STRIP` adjacent output pixels of one 16-channel block at stride `S`: each input vector
+/// of the three kernel rows is loaded once and used by every output whose window covers it
+/// (three at stride 1), so the strip costs `(DW_STRIP - 1) S + 3` loads per kernel row instead
+/// of `3 DW_STRIP`.
+///
+/// # Safety
+/// The CPU must support AVX-512F; `rows[ty]` points at the first input pixel of kernel row
+/// `ty` (channel block included), valid for `(DW_STRIP - 1) S + 3` pixels of `c` floats.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn dw_strip<const S: usize>(
+    rows: [*const f32; 3],
+    c: usize,
+    wv: &[__m512; 9],
+    bv: __m512,
+) -> [__m512; DW_STRIP] {
+    let mut acc = [bv; DW_STRIP];
+    for (ty, &rp) in rows.iter().enumerate() {
+        // SAFETY: column j of the row is within the caller's bound: j <= (DW_STRIP - 1) S + 2.
+        let col = |j: usize| unsafe { _mm512_loadu_ps(rp.add(j * c)) };
+        let mut prev = col(0);
+        let mut mid = col(1);
+        for (q, a) in acc.iter_mut().enumerate() {
+            // Output q reads columns q S, q S + 1, q S + 2.
+            if S == 1 {
+                let next = col(q + 2);
+                *a = _mm512_fmadd_ps(prev, wv[ty * 3], *a);
+                *a = _mm512_fmadd_ps(mid, wv[ty * 3 + 1], *a);
+                *a = _mm512_fmadd_ps(next, wv[ty * 3 + 2], *a);
+                prev = mid;
+                mid = next;
+            } else {
+                let last = col(q * S + 2);
+                *a = _mm512_fmadd_ps(prev, wv[ty * 3], *a);
+                *a = _mm512_fmadd_ps(mid, wv[ty * 3 + 1], *a);
+                *a = _mm512_fmadd_ps(last, wv[ty * 3 + 2], *a);
+                prev = last;
+                if q + 1 < DW_STRIP {
+                    mid = col(q * S + 3);
+                }
+            }
+        }
+    }
+    acc
 }
 
 /// Output pixels per strip of [`dw_nhwc_avx512`].

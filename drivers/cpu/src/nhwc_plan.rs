@@ -94,7 +94,7 @@ pub fn fused_conv_nhwc(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<T
 enum Kind {
     /// 1x1, stride 1, no padding, one group.
     Pointwise(PackedCols),
-    /// Depthwise 3x3 (stride 1 or 2), weights `[9][c]`.
+    /// Depthwise 3x3 (stride 1 or 2), weights blocked `[c / 16][9][16]`.
     Depthwise(Vec<f32>),
     /// One group, NCHW input of at most [`NCHW_IN_MAX_C`] channels, weights `[c][kh][kw][m]`.
     DenseNchwIn(Vec<f32>),
@@ -163,7 +163,7 @@ impl NhwcConvPlan {
             && strides[0] == strides[1]
             && (strides[0] == 1 || strides[0] == 2)
         {
-            Kind::Depthwise(nhwc::dw_weights_tap_major(&wv, m)?)
+            Kind::Depthwise(nhwc::dw_weights_blocked(&wv, m)?)
         } else {
             return None;
         };
