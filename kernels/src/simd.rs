@@ -737,9 +737,15 @@ pub(crate) fn pointwise_nhwc(variant: Variant, p: &nhwc::Pointwise<'_>, y: &mut 
     }
 }
 
-/// Pixels per block of the pointwise kernel: a block's input rows (`k` floats each) stay in
-/// L2 while every weight panel passes over them.
-fn pw_block(k: usize) -> usize {
+/// Pixels per block of the pointwise kernel, which runs every weight panel over a block
+/// before the next. Weights that stay in L2 (`k * m` floats): one 12-pixel tile, so each
+/// output row is written whole at once (with panels outermost, a 112x112x96 output was
+/// fetched into cache once per 32-channel panel). Larger weights: as many pixels as keep
+/// the block's input rows (`k` floats each) in L2 while the panels stream past once.
+fn pw_block(k: usize, m: usize) -> usize {
+    if k.saturating_mul(m) <= 64 * 1024 {
+        return 12;
+    }
     ((192 * 1024) / (k.max(1) * 4)).max(12) / 12 * 12
 }
 
@@ -768,7 +774,7 @@ unsafe fn pointwise_nhwc_avx512(p: &nhwc::Pointwise<'_>, y: &mut [f32]) {
     let x = p.x.as_ptr();
     let yp = y.as_mut_ptr();
     let res = p.residual.map(|r| r.as_ptr());
-    let blk = pw_block(k);
+    let blk = pw_block(k, m);
     let mut b0 = 0;
     while b0 < p.pixels {
         let b1 = (b0 + blk).min(p.pixels);
@@ -803,14 +809,24 @@ unsafe fn pointwise_nhwc_avx512(p: &nhwc::Pointwise<'_>, y: &mut [f32]) {
                                 if let Some(b) = bias {
                                     t = _mm512_add_ps(t, b[v]);
                                 }
+                                let whole = mk[v] == 0xffff;
                                 if let Some(rp) = res {
-                                    let z = _mm512_maskz_loadu_ps(mk[v], rp.add(at));
+                                    let z = if whole {
+                                        _mm512_loadu_ps(rp.add(at))
+                                    } else {
+                                        _mm512_maskz_loadu_ps(mk[v], rp.add(at))
+                                    };
                                     t = _mm512_add_ps(t, z);
                                 }
                                 if clamp {
                                     t = _mm512_min_ps(_mm512_max_ps(t, vlo), vhi);
                                 }
-                                _mm512_mask_storeu_ps(yp.add(at), mk[v], t);
+                                // Whole vectors without a mask: masked stores are slower.
+                                if whole {
+                                    _mm512_storeu_ps(yp.add(at), t);
+                                } else {
+                                    _mm512_mask_storeu_ps(yp.add(at), mk[v], t);
+                                }
                             }
                         }
                     }
