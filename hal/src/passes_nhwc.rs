@@ -8,21 +8,24 @@
 //! across channels. This pass runs after `fuse_convolutions` (bias, activation and residual
 //! already in the nodes) and rewrites, in topological order:
 //! - a float 3x3 one-group convolution over at most `NCHW_IN_MAX_C` input channels (the first
-//!   layer): it reads the NCHW value as it is (`input_nchw`) and writes NHWC;
+//!   layer): it reads the NHWC form of its input when there is one (a TFLite graph's input,
+//!   which the NCHW layout pass transposed), else the NCHW value as it is (`input_nchw`);
 //! - a float 1x1 (stride 1, no padding, one group) or depthwise 3x3 (stride 1 or 2)
-//!   convolution whose input already has an NHWC form: the output of a rewritten node;
+//!   convolution whose input already has an NHWC form: the output of a rewritten node or the
+//!   input of a Transpose to NCHW;
 //!   a residual without one gets a Transpose.
 //!
 //! Every rewritten output also gets a Transpose back to the original NCHW value, which
-//! dead-node removal drops when only rewritten nodes read it; so a chain pays for one layout
-//! change at its end (before the pooling of a classifier head), and a graph without a first
-//! layer of that shape is left as it is.
+//! dead-node removal drops when only rewritten nodes read it. Global average pooling of such a
+//! value (`GlobalAveragePool`, `ReduceMean` over H and W: a classifier head) reads
+//! the NHWC form (`edgehal.GlobalAveragePoolNhwc`, same result shape), so a MobileNet runs
+//! without any layout change; a graph without a first layer of that shape is left as it is.
 
 use std::collections::HashMap;
 
 use edgehal_core::{Attr, DType, Graph, Node, ValueId};
 use edgehal_cpu::conv_plan::{FUSED_CONV, FUSED_DOMAIN};
-use edgehal_cpu::nhwc_plan::{FUSED_CONV_NHWC, INPUT_NCHW, NCHW_IN_MAX_C};
+use edgehal_cpu::nhwc_plan::{FUSED_CONV_NHWC, GAP_NHWC, INPUT_NCHW, NCHW_IN_MAX_C};
 
 use crate::passes::{transpose_node, transposed};
 
@@ -98,8 +101,8 @@ fn kind_of(g: &Graph, node: &Node) -> Option<Kind> {
     None
 }
 
-/// Rewrites float convolution chains to NHWC (see the module docs). Returns the number of
-/// convolutions rewritten; the caller removes the dead nodes left behind.
+/// Rewrites float convolution chains (and their global pooling) to NHWC (see the module docs).
+/// Returns the number of nodes rewritten; the caller removes the dead nodes left behind.
 pub fn float_convs_to_nhwc(g: &mut Graph) -> usize {
     if g.nodes.iter().any(|n| {
         n.attrs
@@ -109,7 +112,17 @@ pub fn float_convs_to_nhwc(g: &mut Graph) -> usize {
         return 0;
     }
     let Ok(order) = g.topo_order() else { return 0 };
+    // Every NCHW value with an NHWC form: to start with, the outputs of Transposes from NHWC
+    // (a TFLite graph's input after the NCHW layout pass).
     let mut nhwc: HashMap<ValueId, ValueId> = HashMap::new();
+    for n in &g.nodes {
+        let onnx = n.domain.is_empty() || n.domain == "ai.onnx";
+        if onnx && n.op == "Transpose" && n.attr_ints("perm") == Some(&[0, 3, 1, 2][..]) {
+            if let (Some(Some(i)), Some(Some(o))) = (n.inputs.first(), n.outputs.first()) {
+                nhwc.insert(*o, *i);
+            }
+        }
+    }
     let mut added: Vec<Node> = Vec::new();
     let mut count = 0;
     for ci in order {
@@ -118,13 +131,13 @@ pub fn float_convs_to_nhwc(g: &mut Graph) -> usize {
         };
         let mut node = g.nodes[ci].clone();
         let Some(x) = node.inputs[0] else { continue };
-        if kind == Kind::FirstLayer {
-            node.attrs.insert(INPUT_NCHW.into(), Attr::Int(1));
-        } else {
-            match nhwc.get(&x) {
-                Some(&xn) => node.inputs[0] = Some(xn),
-                None => continue,
+        match nhwc.get(&x) {
+            Some(&xn) => node.inputs[0] = Some(xn),
+            // The first layer reads NCHW as cheaply.
+            None if kind == Kind::FirstLayer => {
+                node.attrs.insert(INPUT_NCHW.into(), Attr::Int(1));
             }
+            None => continue,
         }
         if let Some(z) = node.inputs.get(3).copied().flatten() {
             let zn = match nhwc.get(&z) {
@@ -147,6 +160,34 @@ pub fn float_convs_to_nhwc(g: &mut Graph) -> usize {
         added.push(transpose_node(yn, y, TO_NCHW));
         nhwc.insert(y, yn);
         count += 1;
+    }
+    // Global average pooling of a value with an NHWC form reads that form: GlobalAveragePool,
+    // or ReduceMean over exactly H and W (the axes attribute; keepdims carried over).
+    for n in g.nodes.iter_mut() {
+        let onnx = n.domain.is_empty() || n.domain == "ai.onnx";
+        let Some(Some(x)) = n.inputs.first().copied() else {
+            continue;
+        };
+        let Some(&xn) = nhwc.get(&x) else { continue };
+        let pool = match n.op.as_str() {
+            "GlobalAveragePool" => n.inputs.len() == 1,
+            "ReduceMean" => {
+                let axes = n.attr_ints("axes").map(|a| {
+                    let mut a: Vec<i64> = a.iter().map(|&v| v.rem_euclid(4)).collect();
+                    a.sort_unstable();
+                    a
+                });
+                n.inputs.len() == 1 && axes.as_deref() == Some(&[2, 3][..])
+            }
+            _ => false,
+        };
+        if onnx && pool {
+            n.op = GAP_NHWC.into();
+            n.domain = FUSED_DOMAIN.into();
+            n.inputs[0] = Some(xn);
+            n.attrs.retain(|k, _| k == "keepdims");
+            count += 1;
+        }
     }
     for n in added {
         g.add_node(n);
@@ -245,13 +286,13 @@ mod tests {
         g.remove_dead_nodes();
         g.validate().unwrap();
         let ops: Vec<String> = g.nodes.iter().map(|n| n.op.clone()).collect();
-        assert_eq!(n, 4, "{ops:?}");
+        assert_eq!(n, 5, "{ops:?}");
         let count = |op: &str| g.nodes.iter().filter(|n| n.op == op).count();
         assert_eq!(count(FUSED_CONV_NHWC), 4, "{ops:?}");
-        // The 1x1 on a graph input stays NCHW; only p (a graph output) and the pooled q are
-        // transposed back.
+        assert_eq!(count(GAP_NHWC), 1, "{ops:?}");
+        // The 1x1 on a graph input stays NCHW; only p (a graph output) is transposed back.
         assert_eq!(count("Conv"), 1, "{ops:?}");
-        assert_eq!(count("Transpose"), 2, "{ops:?}");
+        assert_eq!(count("Transpose"), 1, "{ops:?}");
         let first = g
             .nodes
             .iter()

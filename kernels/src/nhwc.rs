@@ -307,11 +307,12 @@ pub(crate) fn dw_nhwc_body<const FMA: bool>(p: &DwNhwc<'_>, rows: Range<usize>, 
     }
 }
 
-/// A dense KxK convolution (one group) reading an NCHW image with few channels (a network's
-/// RGB input) and writing NHWC: `y[oy][ox][j]` over `[out_h, out_w, m]`.
-pub struct DenseNchwIn<'a> {
-    /// `[c, h, w]`.
+/// A dense KxK convolution (one group) over an image with few channels (a network's RGB
+/// input, NCHW or NHWC) writing NHWC: `y[oy][ox][j]` over `[out_h, out_w, m]`.
+pub struct DenseSmallC<'a> {
+    /// `[c, h, w]`, or `[h, w, c]` with `input_nhwc`.
     pub x: &'a [f32],
+    pub input_nhwc: bool,
     pub c: usize,
     pub h: usize,
     pub w: usize,
@@ -328,7 +329,7 @@ pub struct DenseNchwIn<'a> {
     pub act: Activation,
 }
 
-/// OIHW weights `[m, c, kh, kw]` into the tap-major `[c][kh][kw][m]` form [`DenseNchwIn`] reads.
+/// OIHW weights `[m, c, kh, kw]` into the tap-major `[c][kh][kw][m]` form [`DenseSmallC`] reads.
 pub fn dense_weights_tap_major(w: &[f32], m: usize, taps: usize) -> Option<Vec<f32>> {
     if w.len() < m.checked_mul(taps)? {
         return None;
@@ -342,11 +343,11 @@ pub fn dense_weights_tap_major(w: &[f32], m: usize, taps: usize) -> Option<Vec<f
     Some(t)
 }
 
-/// Output rows `rows` of a [`DenseNchwIn`] convolution into `y` (starting at row
+/// Output rows `rows` of a [`DenseSmallC`] convolution into `y` (starting at row
 /// `rows.start`); `false` when a slice is too short or a size is zero where it must not be.
-pub fn dense_nchw_in(
+pub fn dense_small_c(
     variant: Variant,
-    p: &DenseNchwIn<'_>,
+    p: &DenseSmallC<'_>,
     rows: Range<usize>,
     y: &mut [f32],
 ) -> bool {
@@ -367,23 +368,23 @@ pub fn dense_nchw_in(
         return false;
     }
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::dense_nchw_in(variant, p, rows.clone(), y) {
+    if crate::simd::dense_small_c(variant, p, rows.clone(), y) {
         return true;
     }
     let _ = variant;
-    dense_nchw_in_body::<false>(p, rows, y);
+    dense_small_c_body::<false>(p, rows, y);
     true
 }
 
-/// Output pixels computed together by [`dense_nchw_in_body`] (a tap's weight vectors are
+/// Output pixels computed together by [`dense_small_c_body`] (a tap's weight vectors are
 /// loaded once for all of them).
 const DENSE_PX: usize = 4;
 
 /// The dense body (sizes checked by the caller): `DENSE_PX` output pixels of a row at a time,
 /// 16 output channels at a time, every input tap broadcast against the tap's weight vector.
 #[inline(always)]
-pub(crate) fn dense_nchw_in_body<const FMA: bool>(
-    p: &DenseNchwIn<'_>,
+pub(crate) fn dense_small_c_body<const FMA: bool>(
+    p: &DenseSmallC<'_>,
     rows: Range<usize>,
     y: &mut [f32],
 ) {
@@ -395,11 +396,13 @@ pub(crate) fn dense_nchw_in_body<const FMA: bool>(
     let plane = p.h * p.w;
     let r0 = rows.start;
     // Input value of channel ci at (iy, ix), zero outside the image.
+    // Strides of a channel and of a pixel in x.
+    let (cs, ps) = if p.input_nhwc { (1, p.c) } else { (plane, 1) };
     let at = |ci: usize, iy: isize, ix: isize| -> f32 {
         if iy < 0 || ix < 0 || iy >= p.h as isize || ix >= p.w as isize {
             0.0
         } else {
-            p.x[ci * plane + iy as usize * p.w + ix as usize]
+            p.x[ci * cs + (iy as usize * p.w + ix as usize) * ps]
         }
     };
     for oy in rows {
@@ -697,9 +700,10 @@ mod tests {
         assert!(depthwise3x3_nhwc(Variant::Portable, &p, 0..1, &mut y));
     }
 
-    /// A 3x3 stride-2 RGB stem and a 5x3 stride-(1,2) odd one against a direct sum.
+    /// A 3x3 stride-2 RGB stem and a 5x3 stride-(1,2) odd one against a direct sum, reading
+    /// NCHW and NHWC input.
     #[test]
-    fn dense_nchw_in_matches_direct_sum() {
+    fn dense_small_c_matches_direct_sum() {
         let mut s = 5u32;
         for &(c, h, w, kh, kw, st, pad, m) in &[
             (3, 11, 13, 3, 3, [2, 2], [1, 1], 32),
@@ -738,9 +742,14 @@ mod tests {
                         }
                     }
                 }
-                for v in dispatch::detected() {
-                    let p = DenseNchwIn {
-                        x: &x,
+                let xn = to_nhwc(&x, c, h * w);
+                for (v, nhwc_in) in dispatch::detected()
+                    .into_iter()
+                    .flat_map(|v| [(v, false), (v, true)])
+                {
+                    let p = DenseSmallC {
+                        x: if nhwc_in { &xn } else { &x },
+                        input_nhwc: nhwc_in,
                         c,
                         h,
                         w,
@@ -756,12 +765,12 @@ mod tests {
                         act,
                     };
                     let mut y = vec![f32::NAN; oh * ow * m + 2];
-                    assert!(dense_nchw_in(v, &p, 0..oh, &mut y));
-                    let what = format!("{v:?} c{c} {kh}x{kw} {act:?}");
+                    assert!(dense_small_c(v, &p, 0..oh, &mut y));
+                    let what = format!("{v:?} c{c} {kh}x{kw} {act:?} nhwc {nhwc_in}");
                     close(&y[..oh * ow * m], &want, 1e-5, &what);
                     assert!(y[oh * ow * m..].iter().all(|v| v.is_nan()), "wrote past y");
                     let mut y1 = vec![f32::NAN; (oh - 1) * ow * m];
-                    assert!(dense_nchw_in(v, &p, 1..oh, &mut y1));
+                    assert!(dense_small_c(v, &p, 1..oh, &mut y1));
                     close(&y1, &want[ow * m..], 1e-5, &what);
                 }
             }

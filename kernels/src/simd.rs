@@ -899,11 +899,11 @@ wide!(
 );
 
 wide!(
-    dense_nchw_in_wide,
-    dense_nchw_in_avx512_loops,
-    dense_nchw_in_avx2,
-    (p: &nhwc::DenseNchwIn<'_>, rows: Range<usize>, y: &mut [f32]),
-    nhwc::dense_nchw_in_body::<true>(p, rows, y)
+    dense_small_c_wide,
+    dense_small_c_avx512_loops,
+    dense_small_c_avx2,
+    (p: &nhwc::DenseSmallC<'_>, rows: Range<usize>, y: &mut [f32]),
+    nhwc::dense_small_c_body::<true>(p, rows, y)
 );
 
 /// [`nhwc::depthwise3x3_nhwc`] on x86: the AVX-512 register kernel when the channels come in
@@ -1098,24 +1098,24 @@ unsafe fn dw_strip<const S: usize>(
 /// Output pixels per strip of [`dw_nhwc_avx512`].
 const DW_STRIP: usize = 8;
 
-/// [`nhwc::dense_nchw_in`] on x86: the AVX-512 register kernel for at most 32 output channels
+/// [`nhwc::dense_small_c`] on x86: the AVX-512 register kernel for at most 32 output channels
 /// and a clamp activation, else the vectorized loops. Sizes were checked.
-pub(crate) fn dense_nchw_in(
+pub(crate) fn dense_small_c(
     variant: Variant,
-    p: &nhwc::DenseNchwIn<'_>,
+    p: &nhwc::DenseSmallC<'_>,
     rows: Range<usize>,
     y: &mut [f32],
 ) -> bool {
     if variant == Variant::Avx512 && has_avx512() && p.m <= 32 && p.act.clamp_bounds().is_some() {
-        // SAFETY: AVX-512F was detected just above; `nhwc::dense_nchw_in` checked x, y, the
+        // SAFETY: AVX-512F was detected just above; `nhwc::dense_small_c` checked x, y, the
         // weights and the bias against the geometry and the row range.
-        unsafe { dense_nchw_in_avx512(p, rows, y) };
+        unsafe { dense_small_c_avx512(p, rows, y) };
         return true;
     }
-    dense_nchw_in_wide(variant, p, rows, y)
+    dense_small_c_wide(variant, p, rows, y)
 }
 
-/// Output pixels of a row computed together by [`dense_nchw_in_avx512`].
+/// Output pixels of a row computed together by [`dense_small_c_avx512`].
 const DENSE_PX: usize = 8;
 
 /// The small-channel dense convolution: `DENSE_PX` output pixels x 32 channels in registers,
@@ -1123,9 +1123,9 @@ const DENSE_PX: usize = 8;
 /// image take the same loop one at a time with the taps outside skipped.
 ///
 /// # Safety
-/// The CPU must support AVX-512F; sizes as checked by `nhwc::dense_nchw_in`; `m <= 32`.
+/// The CPU must support AVX-512F; sizes as checked by `nhwc::dense_small_c`; `m <= 32`.
 #[target_feature(enable = "avx512f")]
-unsafe fn dense_nchw_in_avx512(p: &nhwc::DenseNchwIn<'_>, rows: Range<usize>, y: &mut [f32]) {
+unsafe fn dense_small_c_avx512(p: &nhwc::DenseSmallC<'_>, rows: Range<usize>, y: &mut [f32]) {
     let (lo, hi) = p
         .act
         .clamp_bounds()
@@ -1168,7 +1168,7 @@ unsafe fn dense_nchw_in_avx512(p: &nhwc::DenseNchwIn<'_>, rows: Range<usize>, y:
             let o = ((oy - r0) * p.out_w + ox) * m;
             // SAFETY: `full` means the windows of DENSE_PX pixels are inside the image; else
             // one pixel with its taps checked; either way the pixels are within the rows y
-            // holds (sizes checked by `nhwc::dense_nchw_in`).
+            // holds (sizes checked by `nhwc::dense_small_c`).
             unsafe {
                 if full {
                     let acc = dense_pixels::<DENSE_PX, false>(&g, iy0, ix0);
@@ -1187,7 +1187,7 @@ unsafe fn dense_nchw_in_avx512(p: &nhwc::DenseNchwIn<'_>, rows: Range<usize>, y:
 /// What [`dense_pixels`] reads: the convolution, the lane masks of its `m <= 32` channels,
 /// the bias vectors and the image geometry.
 struct DenseGeo<'p, 'a> {
-    p: &'p nhwc::DenseNchwIn<'a>,
+    p: &'p nhwc::DenseSmallC<'a>,
     mk: [__mmask16; 2],
     bv: [__m512; 2],
     h: isize,
@@ -1211,6 +1211,8 @@ unsafe fn dense_pixels<const N: usize, const CHECK: bool>(
 ) -> [[__m512; 2]; N] {
     let p = g.p;
     let plane = p.h * p.w;
+    // Strides of a channel and of a pixel in x.
+    let (cs, ps) = if p.input_nhwc { (1, p.c) } else { (plane, 1) };
     let mut acc = [g.bv; N];
     for ci in 0..p.c {
         for ty in 0..p.kh {
@@ -1229,9 +1231,9 @@ unsafe fn dense_pixels<const N: usize, const CHECK: bool>(
                 unsafe {
                     let w0 = _mm512_maskz_loadu_ps(g.mk[0], p.weight.as_ptr().add(wi));
                     let w1 = _mm512_maskz_loadu_ps(g.mk[1], p.weight.as_ptr().add(wi + 16));
-                    let xr = p.x.as_ptr().add(ci * plane + (iy * g.w + ix) as usize);
+                    let xr = p.x.as_ptr().add(ci * cs + (iy * g.w + ix) as usize * ps);
                     for (q, a) in acc.iter_mut().enumerate() {
-                        let xv = _mm512_set1_ps(*xr.add(q * g.sx as usize));
+                        let xv = _mm512_set1_ps(*xr.add(q * g.sx as usize * ps));
                         a[0] = _mm512_fmadd_ps(xv, w0, a[0]);
                         a[1] = _mm512_fmadd_ps(xv, w1, a[1]);
                     }

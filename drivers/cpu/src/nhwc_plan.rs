@@ -16,7 +16,7 @@
 use edgehal_core::graph::Graph;
 use edgehal_core::{DType, Error, Node, Result, Tensor};
 use edgehal_kernels::dispatch;
-use edgehal_kernels::nhwc::{self, DenseNchwIn, DwNhwc, PackedCols, Pointwise};
+use edgehal_kernels::nhwc::{self, DenseSmallC, DwNhwc, PackedCols, Pointwise};
 use edgehal_kernels::packed::Activation;
 
 use crate::conv_plan::{activation_of, ConvPlan, FUSED_DOMAIN};
@@ -29,7 +29,7 @@ pub use crate::qdq_plan::INPUT_NCHW;
 /// The op type of the NHWC float convolution (domain `edgehal`).
 pub const FUSED_CONV_NHWC: &str = "FusedConvNhwc";
 
-/// Most input channels of the first-layer kernel ([`NhwcConvPlan`]'s NCHW-input path).
+/// Most input channels of the first-layer kernel ([`NhwcConvPlan`]'s small-channel path).
 pub const NCHW_IN_MAX_C: usize = 4;
 
 /// Whether the graph pass may rewrite float convolutions to NHWC: `EDGEHAL_NHWC=0` never,
@@ -45,8 +45,45 @@ pub fn enabled() -> bool {
     })
 }
 
+/// The op type of global average pooling over an NHWC value (domain `edgehal`): the mean of
+/// each channel of `x` (`[n, h, w, c]`), as `[n, c, 1, 1]` (`keepdims`, the default, as
+/// `GlobalAveragePool` or `ReduceMean` over H, W of the NCHW value give) or `[n, c]`.
+pub const GAP_NHWC: &str = "GlobalAveragePoolNhwc";
+
 pub(crate) fn register(r: &mut Registry) {
     r.add_domain(FUSED_DOMAIN, FUSED_CONV_NHWC, fused_conv_nhwc);
+    r.add_domain(FUSED_DOMAIN, GAP_NHWC, global_average_pool_nhwc);
+}
+
+/// [`GAP_NHWC`]: per image, the pixels' channel vectors summed in f64 and divided by h * w.
+pub fn global_average_pool_nhwc(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let x = input(ins, 0)?;
+    let &[n, h, w, c] = x.shape() else {
+        return Err(Error::arg(format!(
+            "{GAP_NHWC}: expected a 4-d input, got shape {:?}",
+            x.shape()
+        )));
+    };
+    let xv = fvec(x, GAP_NHWC)?;
+    let hw = h * w;
+    let mut out = Vec::with_capacity(n * c);
+    let mut acc = vec![0f64; c];
+    for img in xv.chunks_exact((hw * c).max(1)).take(n) {
+        acc.fill(0.0);
+        for px in img.chunks_exact(c.max(1)) {
+            for (a, &v) in acc.iter_mut().zip(px) {
+                *a += f64::from(v);
+            }
+        }
+        out.extend(acc.iter().map(|&a| (a / hw.max(1) as f64) as f32));
+    }
+    out.resize(n * c, 0.0);
+    let shape = if ctx.i("keepdims", 1) != 0 {
+        vec![n, c, 1, 1]
+    } else {
+        vec![n, c]
+    };
+    Ok(vec![ftensor(x.dtype(), shape, out)?])
 }
 
 /// `t` (4-d f32) with its axes permuted NHWC -> NCHW (`to_nchw`) or NCHW -> NHWC.
@@ -96,8 +133,9 @@ enum Kind {
     Pointwise(PackedCols),
     /// Depthwise 3x3 (stride 1 or 2), weights blocked `[c / 16][9][16]`.
     Depthwise(Vec<f32>),
-    /// One group, NCHW input of at most [`NCHW_IN_MAX_C`] channels, weights `[c][kh][kw][m]`.
-    DenseNchwIn(Vec<f32>),
+    /// One group, at most [`NCHW_IN_MAX_C`] input channels (NCHW with [`INPUT_NCHW`], else
+    /// NHWC), weights `[c][kh][kw][m]`.
+    DenseSmallC(Vec<f32>),
 }
 
 /// A [`FUSED_CONV_NHWC`] node with its weights laid out once for its kernel.
@@ -150,11 +188,11 @@ impl NhwcConvPlan {
         }
         let group = node.attr_i("group").unwrap_or(1);
         let nchw_in = node.attr_i(INPUT_NCHW).unwrap_or(0) != 0;
-        let kind = if nchw_in {
+        let kind = if nchw_in || (group == 1 && cg <= NCHW_IN_MAX_C && [kh, kw] != [1, 1]) {
             if group != 1 || cg > NCHW_IN_MAX_C {
                 return None;
             }
-            Kind::DenseNchwIn(nhwc::dense_weights_tap_major(&wv, m, cg * kh * kw)?)
+            Kind::DenseSmallC(nhwc::dense_weights_tap_major(&wv, m, cg * kh * kw)?)
         } else if [kh, kw] == [1, 1] && group == 1 && strides == [1, 1] && pads == [0; 4] {
             Kind::Pointwise(PackedCols::new(&wv, m, cg)?)
         } else if [kh, kw] == [3, 3]
@@ -189,7 +227,7 @@ impl NhwcConvPlan {
         if x.dtype() != DType::F32 {
             return fused_conv_nhwc(ctx, ins);
         }
-        let nchw_in = matches!(self.kind, Kind::DenseNchwIn(_));
+        let nchw_in = matches!(self.kind, Kind::DenseSmallC(_)) && ctx.i(INPUT_NCHW, 0) != 0;
         let &[n, a, b, cc] = x.shape() else {
             return Err(Error::arg(format!(
                 "{FUSED_CONV_NHWC}: X has shape {:?}, expected 4-d",
@@ -277,13 +315,14 @@ impl NhwcConvPlan {
                     })?;
                 }
             }
-            Kind::DenseNchwIn(tw) => {
+            Kind::DenseSmallC(tw) => {
                 if residual.is_some() {
                     return fused_conv_nhwc(ctx, ins);
                 }
                 for bi in 0..n {
-                    let p = DenseNchwIn {
+                    let p = DenseSmallC {
                         x: &xv[bi * img_in..(bi + 1) * img_in],
+                        input_nhwc: !nchw_in,
                         c,
                         h,
                         w,
@@ -300,7 +339,7 @@ impl NhwcConvPlan {
                     };
                     let y = &mut out[bi * img_out..(bi + 1) * img_out];
                     for_parts(threads, oh, ow * m, y, |rows, y| {
-                        nhwc::dense_nchw_in(variant, &p, rows, y)
+                        nhwc::dense_small_c(variant, &p, rows, y)
                             .then_some(())
                             .ok_or_else(bad)
                     })?;
@@ -327,7 +366,15 @@ mod tests {
     }
 
     /// A graph with one [`FUSED_CONV_NHWC`] node over `x` (and the residual `z` when `res`).
-    fn layer(w: &[usize; 4], group: i64, s: i64, pads: [i64; 4], act: &str, res: bool) -> Graph {
+    fn layer(
+        w: &[usize; 4],
+        group: i64,
+        s: i64,
+        pads: [i64; 4],
+        act: &str,
+        res: bool,
+        nchw_in: bool,
+    ) -> Graph {
         let mut seed = 3u32;
         let mut g = Graph::new("nhwc");
         let x = g.value_id("x");
@@ -376,32 +423,50 @@ mod tests {
             a.insert("act_min".into(), Attr::Float(0.0));
             a.insert("act_max".into(), Attr::Float(0.3));
         }
-        if w[1] <= NCHW_IN_MAX_C && group == 1 && w[2] == 3 {
+        if nchw_in {
             a.insert(INPUT_NCHW.into(), Attr::Int(1));
         }
         g.nodes.push(node);
         g
     }
 
-    /// Each kernel the plan picks (1x1, depthwise 3x3 stride 1 and 2, the NCHW-input first
-    /// layer) gives the reference op's values (transposes around `FusedConv`) at 1 and 2
+    /// Each kernel the plan picks (1x1, depthwise 3x3 stride 1 and 2, the first layer on NCHW
+    /// or NHWC input) gives the reference op's values (transposes around `FusedConv`) at 1 and 2
     /// threads, with clamp and non-clamp activations and a residual.
     #[test]
     fn plans_match_the_reference_fused_conv() {
-        // (weight, group, stride, pads, x shape as the node reads it, residual)
-        type Case = ([usize; 4], i64, i64, [i64; 4], [usize; 4], bool);
-        let cases: [Case; 6] = [
-            ([40, 24, 1, 1], 1, 1, [0; 4], [2, 7, 7, 24], true),
-            ([33, 16, 1, 1], 1, 1, [0; 4], [1, 9, 11, 16], false),
-            ([48, 1, 3, 3], 48, 1, [1; 4], [1, 10, 9, 48], true),
-            ([37, 1, 3, 3], 37, 2, [0, 1, 1, 0], [2, 11, 13, 37], false),
-            ([32, 3, 3, 3], 1, 2, [1; 4], [1, 3, 17, 15], false),
-            ([20, 2, 3, 3], 1, 1, [1, 0, 0, 1], [1, 2, 8, 6], false),
+        // (weight, group, stride, pads, x shape as the node reads it, residual, NCHW input)
+        type Case = ([usize; 4], i64, i64, [i64; 4], [usize; 4], bool, bool);
+        let cases: [Case; 8] = [
+            ([40, 24, 1, 1], 1, 1, [0; 4], [2, 7, 7, 24], true, false),
+            ([33, 16, 1, 1], 1, 1, [0; 4], [1, 9, 11, 16], false, false),
+            ([48, 1, 3, 3], 48, 1, [1; 4], [1, 10, 9, 48], true, false),
+            (
+                [37, 1, 3, 3],
+                37,
+                2,
+                [0, 1, 1, 0],
+                [2, 11, 13, 37],
+                false,
+                false,
+            ),
+            ([32, 3, 3, 3], 1, 2, [1; 4], [1, 3, 17, 15], false, true),
+            ([32, 3, 3, 3], 1, 2, [1; 4], [1, 17, 15, 3], false, false),
+            ([20, 2, 3, 3], 1, 1, [1, 0, 0, 1], [1, 2, 8, 6], false, true),
+            (
+                [20, 2, 3, 3],
+                1,
+                1,
+                [1, 0, 0, 1],
+                [2, 8, 6, 2],
+                false,
+                false,
+            ),
         ];
         let mut seed = 9u32;
-        for (w, group, s, pads, xs, res) in cases {
+        for (w, group, s, pads, xs, res, nchw_in) in cases {
             for act in ["", "Clip", "HardSwish"] {
-                let g = layer(&w, group, s, pads, act, res);
+                let g = layer(&w, group, s, pads, act, res, nchw_in);
                 let node = &g.nodes[0];
                 let plan = NhwcConvPlan::prepare(&g, node).expect("a plan");
                 let x = Tensor::from_vec(xs.to_vec(), rnd(&mut seed, xs.iter().product())).unwrap();
@@ -452,7 +517,7 @@ mod tests {
             ([8, 8, 3, 3], 1, 1),
             ([8, 1, 5, 5], 8, 1),
         ] {
-            let g = layer(&w, group, s, [0; 4], "", false);
+            let g = layer(&w, group, s, [0; 4], "", false, false);
             assert!(NhwcConvPlan::prepare(&g, &g.nodes[0]).is_none(), "{w:?}");
         }
     }
