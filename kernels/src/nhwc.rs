@@ -495,7 +495,9 @@ mod tests {
             (25, 16, 16),
             (196, 64, 40),
             (12, 300, 33),
-            // Last tiles of 8 (clamped from 7), 2 and 8 rows.
+            // Last tiles of 8 (clamped from 7), 2 and 8 rows; at most 16 channels with an odd
+            // depth (the one-vector tile's tail step).
+            (30, 9, 7),
             (7, 33, 40),
             (14, 20, 64),
             (20, 8, 32),

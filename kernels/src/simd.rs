@@ -837,6 +837,17 @@ unsafe fn pointwise_nhwc_avx512(p: &nhwc::Pointwise<'_>, y: &mut [f32]) {
                 // k * 32 floats (asserted above).
                 unsafe {
                     let (xi, wq) = (x.add(i * k), wp.as_ptr());
+                    if m <= 16 {
+                        // One vector of channels: 12 rows with even and odd steps in separate
+                        // chains (a 32-wide tile would be half zeros).
+                        match rows {
+                            9.. => store(&pw_product16::<12>(k, xi, rows, wq)),
+                            5..=8 => store(&pw_product16::<8>(k, xi, rows, wq)),
+                            _ => store(&pw_product16::<4>(k, xi, rows, wq)),
+                        }
+                        i += rows;
+                        continue;
+                    }
                     match rows {
                         9.. => store(&pw_product::<12>(k, xi, rows, wq)),
                         5..=8 => store(&pw_product::<8>(k, xi, rows, wq)),
@@ -886,6 +897,55 @@ unsafe fn pw_product<const R: usize>(
                 ri[1] = _mm512_fmadd_ps(a, w1, ri[1]);
             }
         }
+    }
+    r
+}
+
+/// [`pw_product`] for at most 16 output channels: the first vector of each weight row only,
+/// even and odd steps in separate accumulators (`2 R` chains); the second vector is zero.
+///
+/// # Safety
+/// As [`pw_product`].
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn pw_product16<const R: usize>(
+    k: usize,
+    x: *const f32,
+    rows: usize,
+    w: *const f32,
+) -> [[__m512; 2]; R] {
+    let mut e = [_mm512_setzero_ps(); R];
+    let mut o = [_mm512_setzero_ps(); R];
+    let mut xr = [x; R];
+    for (i, p) in xr.iter_mut().enumerate() {
+        // SAFETY: row i.min(rows - 1) < rows starts within x.
+        *p = unsafe { x.add(i.min(rows - 1) * k) };
+    }
+    let mut kk = 0;
+    while kk + 2 <= k {
+        // SAFETY: kk + 1 < k: the weight reads end at k * 32, the row reads at row + k.
+        unsafe {
+            let w0 = _mm512_loadu_ps(w.add(kk * 32));
+            let w1 = _mm512_loadu_ps(w.add(kk * 32 + 32));
+            for ((ei, oi), p) in e.iter_mut().zip(o.iter_mut()).zip(&xr) {
+                *ei = _mm512_fmadd_ps(_mm512_set1_ps(*p.add(kk)), w0, *ei);
+                *oi = _mm512_fmadd_ps(_mm512_set1_ps(*p.add(kk + 1)), w1, *oi);
+            }
+        }
+        kk += 2;
+    }
+    if kk < k {
+        // SAFETY: kk < k (bounds as above).
+        unsafe {
+            let w0 = _mm512_loadu_ps(w.add(kk * 32));
+            for (ei, p) in e.iter_mut().zip(&xr) {
+                *ei = _mm512_fmadd_ps(_mm512_set1_ps(*p.add(kk)), w0, *ei);
+            }
+        }
+    }
+    let mut r = [[_mm512_setzero_ps(); 2]; R];
+    for ((ri, ei), oi) in r.iter_mut().zip(e).zip(o) {
+        ri[0] = _mm512_add_ps(ei, oi);
     }
     r
 }
