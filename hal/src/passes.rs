@@ -229,6 +229,12 @@ fn optimize_with(g: &mut Graph, registry: &Registry, cpu_fusion: bool) -> Result
         nhwc = crate::passes_nhwc::float_convs_to_nhwc(g);
         if nhwc > 0 {
             g.remove_dead_nodes();
+            if edgehal_cpu::nhwc_plan::pw_dw_fusion_enabled() {
+                nhwc += crate::passes_nhwc::fuse_pointwise_depthwise(
+                    g,
+                    crate::passes_nhwc::FUSE_MIN_BYTES,
+                );
+            }
         }
     }
     Ok(format!(

@@ -25,7 +25,9 @@ use std::collections::HashMap;
 
 use edgehal_core::{Attr, DType, Graph, Node, ValueId};
 use edgehal_cpu::conv_plan::{FUSED_CONV, FUSED_DOMAIN};
-use edgehal_cpu::nhwc_plan::{FUSED_CONV_NHWC, GAP_NHWC, INPUT_NCHW, NCHW_IN_MAX_C};
+use edgehal_cpu::nhwc_plan::{
+    FUSED_CONV_NHWC, GAP_NHWC, INPUT_NCHW, NCHW_IN_MAX_C, PW_DW_NHWC, PW_PREFIX,
+};
 
 use crate::passes::{transpose_node, transposed};
 
@@ -195,6 +197,98 @@ pub fn float_convs_to_nhwc(g: &mut Graph) -> usize {
     count
 }
 
+/// The output channels of `n` when it is a [`FUSED_CONV_NHWC`] on NHWC input without a
+/// residual whose weight has `shape` in the positions given (`None`: any) and whose `group`
+/// is `group`.
+fn nhwc_conv_of(g: &Graph, n: &Node, shape: [Option<usize>; 4], group: i64) -> Option<usize> {
+    if n.op != FUSED_CONV_NHWC || n.domain != FUSED_DOMAIN {
+        return None;
+    }
+    if n.inputs.get(3).copied().flatten().is_some() || n.attr_i(INPUT_NCHW).unwrap_or(0) != 0 {
+        return None;
+    }
+    let w = g.initializers.get(&n.inputs.get(1).copied().flatten()?)?;
+    let ws = w.shape();
+    let fits = ws.len() == 4
+        && shape
+            .iter()
+            .zip(ws)
+            .all(|(want, &d)| want.is_none_or(|v| v == d));
+    (fits && n.attr_i("group").unwrap_or(1) == group).then_some(ws[0])
+}
+
+/// Bytes from which a 1x1 output is worth not storing whole (L2 of the machines measured):
+/// the `min_bytes` the optimizer passes to [`fuse_pointwise_depthwise`].
+pub const FUSE_MIN_BYTES: usize = 1 << 20;
+
+/// Fuses each 1x1 [`FUSED_CONV_NHWC`] whose only reader is a depthwise 3x3 one (neither with a
+/// residual, the 1x1 output no graph output, larger than `min_bytes`) into one `edgehal.PointwiseDepthwiseNhwc` node
+/// (`edgehal_cpu::nhwc_plan::PW_DW_NHWC`): the expanded tensor between them is then produced
+/// a few rows at a time and never stored whole. Returns the number of pairs fused; the 1x1
+/// nodes are removed.
+pub fn fuse_pointwise_depthwise(g: &mut Graph, min_bytes: usize) -> usize {
+    let producers = g.producers();
+    let consumers = g.consumers();
+    let mut removed = vec![false; g.nodes.len()];
+    let mut count = 0;
+    for di in 0..g.nodes.len() {
+        let d = &g.nodes[di];
+        let w = d.inputs.get(1).copied().flatten();
+        let Some(&m) = w.and_then(|w| g.initializers.get(&w)?.shape().first()) else {
+            continue;
+        };
+        if nhwc_conv_of(g, d, [Some(m), Some(1), Some(3), Some(3)], m as i64).is_none() {
+            continue;
+        }
+        let Some(e) = d.inputs.first().copied().flatten() else {
+            continue;
+        };
+        // Only where the expanded tensor outgrows L2: smaller ones stay in cache between the
+        // two layers anyway, and row by row the 1x1 layer would stream its weights once per
+        // row (measured slower on MobileNet's 28x28 and smaller maps).
+        let big = g.values[e]
+            .fixed_shape()
+            .is_some_and(|s| s.iter().product::<usize>().saturating_mul(4) > min_bytes);
+        let Some(pi) = producers[e] else { continue };
+        if !big
+            || removed[pi]
+            || consumers[e].len() != 1
+            || g.outputs.contains(&e)
+            || nhwc_conv_of(g, &g.nodes[pi], [Some(m), None, Some(1), Some(1)], 1).is_none()
+        {
+            continue;
+        }
+        let p = &g.nodes[pi];
+        let mut fused = Node {
+            op: PW_DW_NHWC.into(),
+            domain: FUSED_DOMAIN.into(),
+            name: d.name.clone(),
+            inputs: vec![
+                p.inputs.first().copied().flatten(),
+                p.inputs.get(1).copied().flatten(),
+                p.inputs.get(2).copied().flatten(),
+                d.inputs.get(1).copied().flatten(),
+                d.inputs.get(2).copied().flatten(),
+            ],
+            outputs: d.outputs.clone(),
+            attrs: d.attrs.clone(),
+        };
+        for (k, v) in &p.attrs {
+            fused.attrs.insert(format!("{PW_PREFIX}{k}"), v.clone());
+        }
+        g.nodes[di] = fused;
+        removed[pi] = true;
+        count += 1;
+    }
+    let mut k = 0;
+    g.nodes.retain(|_| {
+        let keep = !removed[k];
+        k += 1;
+        keep
+    });
+    count
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,6 +369,78 @@ mod tests {
         g.outputs = vec![g.value_id("y"), g.value_id("p"), g.value_id("v")];
         edgehal_core::infer::infer_shapes(&mut g);
         g
+    }
+
+    /// An expand 1x1 -> depthwise 3x3 (stride 2, asymmetric padding) -> project 1x1 chain:
+    /// the first pair becomes one node that gives the same values at 1 and 2 threads; a
+    /// threshold above the expanded tensor's size leaves it alone.
+    #[test]
+    fn pointwise_depthwise_pairs_fuse() {
+        let mut s = 21u32;
+        let build = |s: &mut u32| {
+            let mut g = Graph::new("pwdw");
+            g.opsets.insert(String::new(), 13);
+            input(&mut g, "x", [1, 3, 12, 10]);
+            init(&mut g, s, "w0", vec![16, 3, 3, 3]);
+            init(&mut g, s, "we", vec![48, 16, 1, 1]);
+            init(&mut g, s, "be", vec![48]);
+            init(&mut g, s, "wd", vec![48, 1, 3, 3]);
+            init(&mut g, s, "bd", vec![48]);
+            init(&mut g, s, "wp", vec![8, 48, 1, 1]);
+            let pads = ("pads", Attr::Ints(vec![1, 1, 1, 1]));
+            node(&mut g, "Conv", &["x", "w0"], "c0", vec![pads]);
+            node(&mut g, "Conv", &["c0", "we", "be"], "e", vec![]);
+            node(&mut g, "Relu", &["e"], "er", vec![]);
+            let dw = vec![
+                ("pads", Attr::Ints(vec![0, 1, 1, 0])),
+                ("strides", Attr::Ints(vec![2, 2])),
+                ("group", Attr::Int(48)),
+            ];
+            node(&mut g, "Conv", &["er", "wd", "bd"], "d", dw);
+            node(&mut g, "Relu", &["d"], "dr", vec![]);
+            node(&mut g, "Conv", &["dr", "wp"], "y", vec![]);
+            g.outputs = vec![g.value_id("y")];
+            edgehal_core::infer::infer_shapes(&mut g);
+            g
+        };
+        let plain = build(&mut s);
+        let rewrite = |min_bytes: usize| {
+            let mut g = plain.clone();
+            crate::passes::fuse_convolutions(&mut g);
+            float_convs_to_nhwc(&mut g);
+            g.remove_dead_nodes();
+            let n = fuse_pointwise_depthwise(&mut g, min_bytes);
+            g.validate().unwrap();
+            (g, n)
+        };
+        let (kept, n) = rewrite(48 * 12 * 10 * 4);
+        assert_eq!(n, 0, "the expanded tensor is not above the threshold");
+        assert!(kept.nodes.iter().all(|n| n.op != PW_DW_NHWC));
+        let (g, n) = rewrite(0);
+        assert_eq!(n, 1);
+        let fused = g.nodes.iter().find(|n| n.op == PW_DW_NHWC).expect("fused");
+        assert_eq!(fused.attr_s("pw_activation").as_deref(), Some("Relu"));
+        assert_eq!(fused.attr_i("group"), Some(48));
+        assert_eq!(
+            g.nodes.len(),
+            4,
+            "first layer, fused pair, project, transpose"
+        );
+        let x = Tensor::from_vec(vec![1, 3, 12, 10], rnd(&mut s, 360)).unwrap();
+        let reg = Registry::new();
+        let want = Executor::new(&plain, &reg)
+            .unwrap()
+            .run(&[(plain.inputs[0], x.clone())])
+            .unwrap();
+        for threads in [1, 2] {
+            let mut ex = Executor::new(&g, &reg).unwrap();
+            ex.set_threads(threads);
+            let got = ex.run(&[(g.inputs[0], x.clone())]).unwrap();
+            assert_eq!(want[0].shape(), got[0].shape());
+            for (a, b) in want[0].to_f64_vec().iter().zip(got[0].to_f64_vec()) {
+                assert!((a - b).abs() <= 1e-5, "{threads} threads: {a} vs {b}");
+            }
+        }
     }
 
     #[test]

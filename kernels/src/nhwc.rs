@@ -221,6 +221,50 @@ pub fn depthwise3x3_nhwc(
     true
 }
 
+/// One output row of a [`DwNhwc`] convolution from its three input rows (`None`: a row
+/// outside the image, read as zeros), for callers that produce the input a few rows at a time
+/// (a fused 1x1 -> depthwise pair). `p.x`, `p.h`, `p.pad_top`, `p.out_h` and `p.residual` are
+/// not read; `y` is the `out_w * c` output row. `false` when a slice is too short or the
+/// stride is not 1 or 2.
+pub fn depthwise3x3_nhwc_row(
+    variant: Variant,
+    p: &DwNhwc<'_>,
+    rows: [Option<&[f32]>; 3],
+    y: &mut [f32],
+) -> bool {
+    let (Some(row_in), Some(row_out)) = (p.w.checked_mul(p.c), p.out_w.checked_mul(p.c)) else {
+        return false;
+    };
+    if !(p.stride == 1 || p.stride == 2)
+        || rows.iter().flatten().any(|r| r.len() < row_in)
+        || y.len() < row_out
+        || p.weight.len() < dw_weights_len(p.c)
+        || p.bias.is_some_and(|b| b.len() < p.c)
+    {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::depthwise3x3_nhwc_row(variant, p, rows, y) {
+        return true;
+    }
+    // The three rows as a small image whose one output row is the wanted one.
+    let mut img = vec![0f32; 3 * row_in];
+    for (dst, r) in img.chunks_exact_mut(row_in.max(1)).zip(rows) {
+        if let Some(r) = r {
+            dst.copy_from_slice(&r[..row_in]);
+        }
+    }
+    let q = DwNhwc {
+        x: &img,
+        h: 3,
+        pad_top: 0,
+        out_h: 1,
+        residual: None,
+        ..*p
+    };
+    depthwise3x3_nhwc(variant, &q, 0..1, y)
+}
+
 #[inline(always)]
 fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA {
@@ -670,6 +714,21 @@ mod tests {
                     let what = format!("{v:?} c{c} {h}x{w} s{st} {act:?}");
                     close(&y[..c * oh * ow], &want, 1e-5, &what);
                     assert!(y[c * oh * ow..].iter().all(|v| v.is_nan()), "wrote past y");
+                    // Row by row from three input rows (no residual in that form).
+                    if !with {
+                        for oy in 0..oh {
+                            let rows = [0, 1, 2].map(|ty| {
+                                let iy = (oy * st + ty) as isize - pt as isize;
+                                (iy >= 0 && (iy as usize) < h).then(|| {
+                                    let iy = iy as usize;
+                                    &xn[iy * w * c..(iy + 1) * w * c]
+                                })
+                            });
+                            let mut yr = vec![f32::NAN; ow * c];
+                            assert!(depthwise3x3_nhwc_row(v, &p, rows, &mut yr));
+                            close(&yr, &want[oy * ow * c..(oy + 1) * ow * c], 1e-5, &what);
+                        }
+                    }
                     // Rows 1.. only, into a buffer that starts at row 1.
                     if oh > 1 {
                         let mut y1 = vec![f32::NAN; (oh - 1) * ow * c];

@@ -987,39 +987,58 @@ pub(crate) fn depthwise3x3_nhwc(
     depthwise3x3_nhwc_wide(variant, p, rows, y)
 }
 
-/// Depthwise 3x3 on NHWC, 16 channels at a time with the block's nine weight vectors in
-/// registers. A row's output pixels whose windows are inside the image horizontally run as
-/// strips of `DW_STRIP` pixels (each input vector loaded once for the outputs that share it,
-/// the pixels as independent FMA chains; kernel rows above or below the image read a zero
-/// row); the few pixels at the left and right borders run one at a time with the outside taps
-/// skipped. Segments go outermost, so the input lines a segment reads stay in L1 while every
-/// channel block passes over them.
+/// Depthwise 3x3 on NHWC, row by row ([`dw_row_avx512`]); kernel rows above or below the
+/// image read a zero row.
 ///
 /// # Safety
 /// The CPU must support AVX-512F; sizes as checked by `nhwc::depthwise3x3_nhwc`; `c % 16 == 0`.
 #[target_feature(enable = "avx512f")]
 unsafe fn dw_nhwc_avx512(p: &nhwc::DwNhwc<'_>, rows: Range<usize>, y: &mut [f32]) {
-    let (lo, hi) = p
-        .act
-        .clamp_bounds()
-        .unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
-    let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
-    let (c, s) = (p.c, p.stride);
-    let (h, w) = (p.h as isize, p.w as isize);
+    let c = p.c;
+    let h = p.h as isize;
     let x = p.x.as_ptr();
     let yp = y.as_mut_ptr();
     let r0 = rows.start;
     // A zero input row for kernel rows outside the image.
     let zeros = vec![0f32; p.w * c];
-    // Output columns whose windows are inside the image horizontally: ox s - pad_left >= 0 and
-    // ox s - pad_left + 3 <= w.
+    let segs = dw_segments(p);
+    for oy in rows {
+        let iy0 = (oy * p.stride) as isize - p.pad_top as isize;
+        let row_ptr = |ty: isize| {
+            let iy = iy0 + ty;
+            if iy < 0 || iy >= h {
+                zeros.as_ptr()
+            } else {
+                // SAFETY: row iy of the image.
+                unsafe { x.add(iy as usize * p.w * c) }
+            }
+        };
+        let row = p.out_w * c;
+        // SAFETY: rows of w * c floats (image or zeros); output row oy - r0 of y and row oy
+        // of the residual exist (sizes checked by `nhwc::depthwise3x3_nhwc`).
+        unsafe {
+            dw_row_avx512(
+                p,
+                &segs,
+                [row_ptr(0), row_ptr(1), row_ptr(2)],
+                yp.add((oy - r0) * row),
+                p.residual.map(|r| r.as_ptr().add(oy * row)),
+            )
+        };
+    }
+}
+
+/// A depthwise output row cut into segments `(first pixel, pixels, strip?)`: border pixels
+/// (one at a time) and strips of `DW_STRIP` over the columns whose windows are inside the
+/// image horizontally (ox s - pad_left >= 0 and ox s - pad_left + 3 <= w).
+fn dw_segments(p: &nhwc::DwNhwc<'_>) -> Vec<(usize, usize, bool)> {
+    let s = p.stride;
     let ox_lo = p.pad_left.div_ceil(s).min(p.out_w);
     let ox_hi = if p.w + p.pad_left >= 3 {
         ((p.w + p.pad_left - 3) / s + 1).clamp(ox_lo, p.out_w)
     } else {
         ox_lo
     };
-    // Segments of a row: (first pixel, pixels, strip?).
     let mut segs = Vec::new();
     if ox_lo > 0 {
         segs.push((0, ox_lo, false));
@@ -1032,78 +1051,115 @@ unsafe fn dw_nhwc_avx512(p: &nhwc::DwNhwc<'_>, rows: Range<usize>, y: &mut [f32]
     if ox < p.out_w {
         segs.push((ox, p.out_w - ox, false));
     }
-    for oy in rows {
-        let iy0 = (oy * s) as isize - p.pad_top as isize;
-        let row_ptr = |ty: isize| {
-            let iy = iy0 + ty;
-            if iy < 0 || iy >= h {
-                zeros.as_ptr()
-            } else {
-                // SAFETY: row iy of the image.
-                unsafe { x.add(iy as usize * p.w * c) }
+    segs
+}
+
+/// [`nhwc::depthwise3x3_nhwc_row`] on x86: the AVX-512 kernel when the channels come in whole
+/// vectors and the activation is a clamp; `false` otherwise. Sizes were checked.
+pub(crate) fn depthwise3x3_nhwc_row(
+    variant: Variant,
+    p: &nhwc::DwNhwc<'_>,
+    rows: [Option<&[f32]>; 3],
+    y: &mut [f32],
+) -> bool {
+    if !(variant == Variant::Avx512
+        && has_avx512()
+        && p.c.is_multiple_of(16)
+        && p.act.clamp_bounds().is_some())
+    {
+        return false;
+    }
+    let zeros = vec![0f32; p.w * p.c];
+    let in_rows = rows.map(|r| r.map_or(zeros.as_ptr(), <[f32]>::as_ptr));
+    // SAFETY: AVX-512F was detected just above; the rows hold w * c floats and y out_w * c
+    // (checked by `nhwc::depthwise3x3_nhwc_row`).
+    unsafe { dw_row_avx512(p, &dw_segments(p), in_rows, y.as_mut_ptr(), None) };
+    true
+}
+
+/// One depthwise output row from its three input rows, 16 channels at a time with the block's
+/// nine weight vectors in registers: the segments' strips as independent FMA chains, each input
+/// vector loaded once for the outputs sharing it; border pixels one at a time with the outside
+/// taps skipped. Segments go outermost, so the input lines a segment reads stay in L1 while
+/// every channel block passes over them.
+///
+/// # Safety
+/// The CPU must support AVX-512F; each of `in_rows` valid for `w * c` reads, `out` for
+/// `out_w * c` writes and `res` (unless `None`) for as many reads; `c % 16 == 0`; the weights
+/// and bias as checked by `nhwc::depthwise3x3_nhwc`.
+#[target_feature(enable = "avx512f")]
+unsafe fn dw_row_avx512(
+    p: &nhwc::DwNhwc<'_>,
+    segs: &[(usize, usize, bool)],
+    in_rows: [*const f32; 3],
+    out: *mut f32,
+    res: Option<*const f32>,
+) {
+    let (lo, hi) = p
+        .act
+        .clamp_bounds()
+        .unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
+    let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+    let (c, s) = (p.c, p.stride);
+    let w = p.w as isize;
+    for &(first, len, strip) in segs {
+        for cb in (0..c).step_by(16) {
+            let mut wv = [_mm512_setzero_ps(); 9];
+            for (t, v) in wv.iter_mut().enumerate() {
+                // SAFETY: the blocked weights hold 9 * 16 floats per block and cb + 16 <= c.
+                *v = unsafe { _mm512_loadu_ps(p.weight.as_ptr().add(cb * 9 + t * 16)) };
             }
-        };
-        let in_rows = [row_ptr(0), row_ptr(1), row_ptr(2)];
-        for &(first, len, strip) in &segs {
-            for cb in (0..c).step_by(16) {
-                let mut wv = [_mm512_setzero_ps(); 9];
-                for (t, v) in wv.iter_mut().enumerate() {
-                    // SAFETY: the blocked weights hold 9 * 16 floats per block and cb + 16 <= c.
-                    *v = unsafe { _mm512_loadu_ps(p.weight.as_ptr().add(cb * 9 + t * 16)) };
+            let bv = match p.bias {
+                // SAFETY: the bias holds c floats.
+                Some(b) => unsafe { _mm512_loadu_ps(b.as_ptr().add(cb)) },
+                None => _mm512_setzero_ps(),
+            };
+            let finish = |ox: usize, mut acc: __m512| {
+                let o = ox * c + cb;
+                // SAFETY: pixel ox < out_w of the output (and residual) row, cb + 16 <= c.
+                unsafe {
+                    if let Some(r) = res {
+                        acc = _mm512_add_ps(acc, _mm512_loadu_ps(r.add(o)));
+                    }
+                    acc = _mm512_min_ps(_mm512_max_ps(acc, vlo), vhi);
+                    _mm512_storeu_ps(out.add(o), acc);
                 }
-                let bv = match p.bias {
-                    // SAFETY: the bias holds c floats.
-                    Some(b) => unsafe { _mm512_loadu_ps(b.as_ptr().add(cb)) },
-                    None => _mm512_setzero_ps(),
-                };
-                let finish = |ox: usize, mut acc: __m512| {
-                    let o = (oy * p.out_w + ox) * c + cb;
-                    // SAFETY: output pixel (oy, ox) is within the residual (out_h x out_w x c)
-                    // and, counted from row r0, within y.
-                    unsafe {
-                        if let Some(r) = p.residual {
-                            acc = _mm512_add_ps(acc, _mm512_loadu_ps(r.as_ptr().add(o)));
-                        }
-                        acc = _mm512_min_ps(_mm512_max_ps(acc, vlo), vhi);
-                        _mm512_storeu_ps(yp.add(o - r0 * p.out_w * c), acc);
+            };
+            if strip {
+                let ix = (first * s - p.pad_left) * c + cb;
+                // SAFETY: the strip's windows are inside the image horizontally (its pixels
+                // lie in ox_lo..ox_hi), so columns ix .. ix + (DW_STRIP - 1) s + 3 of each
+                // row (image or zero row, both w * c long) exist; cb + 16 <= c.
+                let acc = unsafe {
+                    let r = in_rows.map(|rp| rp.add(ix));
+                    if s == 1 {
+                        dw_strip::<1>(r, c, &wv, bv)
+                    } else {
+                        dw_strip::<2>(r, c, &wv, bv)
                     }
                 };
-                if strip {
-                    let ix = (first * s - p.pad_left) * c + cb;
-                    // SAFETY: the strip's windows are inside the image horizontally (its pixels
-                    // lie in ox_lo..ox_hi), so columns ix .. ix + (DW_STRIP - 1) s + 3 of each
-                    // row (image or zero row, both w * c long) exist; cb + 16 <= c.
-                    let acc = unsafe {
-                        let r = in_rows.map(|rp| rp.add(ix));
-                        if s == 1 {
-                            dw_strip::<1>(r, c, &wv, bv)
-                        } else {
-                            dw_strip::<2>(r, c, &wv, bv)
-                        }
-                    };
-                    for (q, a) in acc.into_iter().enumerate() {
-                        finish(first + q, a);
-                    }
-                    continue;
+                for (q, a) in acc.into_iter().enumerate() {
+                    finish(first + q, a);
                 }
-                for ox in first..first + len {
-                    let ix0 = (ox * s) as isize - p.pad_left as isize;
-                    // One chain per kernel row, summed at the end.
-                    let mut acc = [bv, _mm512_setzero_ps(), _mm512_setzero_ps()];
-                    for (ty, &rp) in in_rows.iter().enumerate() {
-                        for tx in 0..3isize {
-                            let ix = ix0 + tx;
-                            if ix < 0 || ix >= w {
-                                continue;
-                            }
-                            // SAFETY: column ix < w of a w * c row (image or zeros), cb + 16 <= c.
-                            let xv = unsafe { _mm512_loadu_ps(rp.add(ix as usize * c + cb)) };
-                            let a = &mut acc[ty];
-                            *a = _mm512_fmadd_ps(xv, wv[ty * 3 + tx as usize], *a);
+                continue;
+            }
+            for ox in first..first + len {
+                let ix0 = (ox * s) as isize - p.pad_left as isize;
+                // One chain per kernel row, summed at the end.
+                let mut acc = [bv, _mm512_setzero_ps(), _mm512_setzero_ps()];
+                for (ty, &rp) in in_rows.iter().enumerate() {
+                    for tx in 0..3isize {
+                        let ix = ix0 + tx;
+                        if ix < 0 || ix >= w {
+                            continue;
                         }
+                        // SAFETY: column ix < w of a w * c row (image or zeros), cb + 16 <= c.
+                        let xv = unsafe { _mm512_loadu_ps(rp.add(ix as usize * c + cb)) };
+                        let a = &mut acc[ty];
+                        *a = _mm512_fmadd_ps(xv, wv[ty * 3 + tx as usize], *a);
                     }
-                    finish(ox, _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), acc[2]));
                 }
+                finish(ox, _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), acc[2]));
             }
         }
     }

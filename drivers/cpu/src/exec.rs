@@ -15,7 +15,7 @@ use edgehal_core::{DType, Error, Result, Tensor};
 
 use crate::arena::{Pool, RunScope};
 use crate::conv_plan::{ConvPlan, FUSED_CONV, FUSED_DOMAIN};
-use crate::nhwc_plan::NhwcConvPlan;
+use crate::nhwc_plan::{NhwcConvPlan, PwDwPlan};
 use crate::ops::nn::GemvPlan;
 use crate::ops::rnn::RnnPlan;
 use crate::ops::{OpCtx, OpFn, OutputDest, Registry};
@@ -338,6 +338,7 @@ impl Executor {
                 Some(Plan::QConv(plan)) => plan.run(&ctx, &ins, self.threads),
                 Some(Plan::QdqConv(plan)) => plan.run(&ctx, &ins, self.threads),
                 Some(Plan::Nhwc(plan)) => plan.run(&ctx, &ins, self.threads),
+                Some(Plan::PwDw(plan)) => plan.run(&ctx, &ins, self.threads),
                 Some(Plan::Rnn(plan)) => plan.run(&ctx, &ins),
                 Some(Plan::Gemv(plan)) => plan
                     .run(&ctx, &ins)
@@ -412,6 +413,8 @@ enum Plan {
     QdqConv(QdqConvPlan),
     /// A float convolution on NHWC activations ([`crate::nhwc_plan`]).
     Nhwc(NhwcConvPlan),
+    /// A 1x1 -> depthwise pair on NHWC activations ([`crate::nhwc_plan::PwDwPlan`]).
+    PwDw(PwDwPlan),
     /// A recurrent layer with constant `R` packed once for `gemv`, and `[W | R]` when `W` is
     /// constant too ([`crate::ops::rnn::RnnPlan`]).
     Rnn(RnnPlan),
@@ -447,6 +450,9 @@ impl Plan {
         }
         if let Some(p) = NhwcConvPlan::prepare(graph, node) {
             return Some(Plan::Nhwc(p));
+        }
+        if let Some(p) = PwDwPlan::prepare(graph, node) {
+            return Some(Plan::PwDw(p));
         }
         if node.op == "Gemm" {
             return Self::gemv(graph, node, shared).map(Plan::Gemv);

@@ -50,9 +50,70 @@ pub fn enabled() -> bool {
 /// `GlobalAveragePool` or `ReduceMean` over H, W of the NCHW value give) or `[n, c]`.
 pub const GAP_NHWC: &str = "GlobalAveragePoolNhwc";
 
+/// The op type of a 1x1 [`FUSED_CONV_NHWC`] feeding a depthwise one (domain `edgehal`): inputs
+/// `x, W_1x1, B_1x1, W_dw, B_dw`; the depthwise node's attributes as they are and the 1x1
+/// node's with the prefix [`PW_PREFIX`]. It computes the two nodes in turn ([`pw_dw_nhwc`]);
+/// its plan ([`PwDwPlan`]) produces the 1x1 output a few rows at a time, just before the
+/// depthwise rows that read them, so the expanded tensor (a MobileNet block's largest) never
+/// leaves the cache.
+pub const PW_DW_NHWC: &str = "PointwiseDepthwiseNhwc";
+
+/// Prefix of the 1x1 node's attributes in a [`PW_DW_NHWC`] node.
+pub const PW_PREFIX: &str = "pw_";
+
+/// Whether the NHWC pass fuses 1x1 -> depthwise pairs into [`PW_DW_NHWC`]
+/// (`EDGEHAL_NHWC_FUSE=0` turns it off, for comparisons).
+pub fn pw_dw_fusion_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("EDGEHAL_NHWC_FUSE").map_or(true, |v| v != "0"))
+}
+
 pub(crate) fn register(r: &mut Registry) {
     r.add_domain(FUSED_DOMAIN, FUSED_CONV_NHWC, fused_conv_nhwc);
     r.add_domain(FUSED_DOMAIN, GAP_NHWC, global_average_pool_nhwc);
+    r.add_domain(FUSED_DOMAIN, PW_DW_NHWC, pw_dw_nhwc);
+}
+
+/// The 1x1 and the depthwise [`FUSED_CONV_NHWC`] nodes a [`PW_DW_NHWC`] node stands for (the
+/// depthwise node's input 0 is left absent: it is the 1x1 node's output).
+fn split_pw_dw(node: &Node) -> (Node, Node) {
+    let part = |inputs: Vec<Option<usize>>| Node {
+        op: FUSED_CONV_NHWC.into(),
+        domain: FUSED_DOMAIN.into(),
+        name: node.name.clone(),
+        inputs,
+        outputs: node.outputs.clone(),
+        ..Default::default()
+    };
+    let at = |k: usize| node.inputs.get(k).copied().flatten();
+    let mut pw = part(vec![at(0), at(1), at(2)]);
+    let mut dw = part(vec![None, at(3), at(4)]);
+    for (k, v) in &node.attrs {
+        match k.strip_prefix(PW_PREFIX) {
+            Some(rest) => pw.attrs.insert(rest.to_string(), v.clone()),
+            None => dw.attrs.insert(k.clone(), v.clone()),
+        };
+    }
+    (pw, dw)
+}
+
+/// The reference semantics of [`PW_DW_NHWC`]: the 1x1 node, then the depthwise node on its
+/// result.
+pub fn pw_dw_nhwc(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+    let (pw, dw) = split_pw_dw(ctx.node);
+    let at = |k: usize| ins.get(k).copied().flatten();
+    let c1 = OpCtx {
+        node: &pw,
+        dest: None,
+        ..*ctx
+    };
+    let e = fused_conv_nhwc(&c1, &[at(0), at(1), at(2)])?;
+    let c2 = OpCtx {
+        node: &dw,
+        dest: None,
+        ..*ctx
+    };
+    fused_conv_nhwc(&c2, &[e.first(), at(3), at(4)])
 }
 
 /// [`GAP_NHWC`]: per image, the pixels' channel vectors summed in f64 and divided by h * w.
@@ -347,6 +408,135 @@ impl NhwcConvPlan {
             }
         }
         Ok(vec![ftensor(DType::F32, shape, out)?])
+    }
+}
+
+/// A [`PW_DW_NHWC`] node with both layers' weights prepared.
+pub struct PwDwPlan {
+    pw: NhwcConvPlan,
+    dw: NhwcConvPlan,
+    dw_node: Node,
+}
+
+impl PwDwPlan {
+    /// The plan of `node` when it is a [`PW_DW_NHWC`] whose halves get a 1x1 and a depthwise
+    /// [`NhwcConvPlan`] of matching channels; `None` otherwise (the op function runs).
+    pub fn prepare(graph: &Graph, node: &Node) -> Option<PwDwPlan> {
+        if node.op != PW_DW_NHWC || node.domain != FUSED_DOMAIN {
+            return None;
+        }
+        let (pw_node, dw_node) = split_pw_dw(node);
+        let pw = NhwcConvPlan::prepare(graph, &pw_node)?;
+        let dw = NhwcConvPlan::prepare(graph, &dw_node)?;
+        let ok = matches!(pw.kind, Kind::Pointwise(_))
+            && matches!(dw.kind, Kind::Depthwise(_))
+            && dw.c == pw.m;
+        ok.then_some(PwDwPlan { pw, dw, dw_node })
+    }
+
+    /// Runs the pair: output rows split across threads; each thread keeps the three 1x1 output
+    /// rows its current depthwise row reads (rows shared by two threads are computed by both).
+    pub fn run(
+        &self,
+        ctx: &OpCtx<'_>,
+        ins: &[Option<&Tensor>],
+        threads: usize,
+    ) -> Result<Vec<Tensor>> {
+        let x = input(ins, 0)?;
+        let (Kind::Pointwise(pw), Kind::Depthwise(tw)) = (&self.pw.kind, &self.dw.kind) else {
+            return pw_dw_nhwc(ctx, ins);
+        };
+        let &[n, h, w, k] = x.shape() else {
+            return Err(Error::arg(format!(
+                "{PW_DW_NHWC}: X has shape {:?}, expected 4-d NHWC",
+                x.shape()
+            )));
+        };
+        if x.dtype() != DType::F32 {
+            return pw_dw_nhwc(ctx, ins);
+        }
+        if k != self.pw.c {
+            return Err(Error::arg(format!(
+                "{PW_DW_NHWC}: X has {k} channels, W expects {}",
+                self.pw.c
+            )));
+        }
+        let m = self.pw.m;
+        let dctx = OpCtx {
+            node: &self.dw_node,
+            dest: None,
+            ..*ctx
+        };
+        let g = geom(&dctx, &[h, w], &[3, 3], false)?;
+        let (oh, ow, s) = (g.out[0], g.out[1], g.s[0]);
+        let xv = fvec(x, "PointwiseDepthwiseNhwc X")?;
+        if xv.len() != n * h * w * k {
+            return Err(Error::arg(format!(
+                "{PW_DW_NHWC}: X has the wrong number of elements"
+            )));
+        }
+        let img_out = oh * ow * m;
+        let mut out = take_f32(n * img_out)?;
+        let variant = dispatch::selected();
+        let bad = || Error::arg("PointwiseDepthwiseNhwc: internal size mismatch");
+        let dw = DwNhwc {
+            x: &[],
+            h: 0,
+            w,
+            c: m,
+            stride: s,
+            pad_top: 0,
+            pad_left: g.pb[1],
+            out_h: 0,
+            out_w: ow,
+            weight: tw,
+            bias: self.dw.bias.as_deref(),
+            residual: None,
+            act: self.dw.act,
+        };
+        let (row_in, row_e) = (w * k, w * m);
+        for (bi, y) in out.chunks_exact_mut(img_out.max(1)).enumerate().take(n) {
+            let ximg = &xv[bi * h * row_in..(bi + 1) * h * row_in];
+            for_parts(threads, oh, ow * m, y, |rows, y| {
+                let mut ring = vec![0f32; 3 * row_e];
+                let mut held = [usize::MAX; 3];
+                for oy in rows.clone() {
+                    let mut need = [None; 3];
+                    for (ty, slot_of) in need.iter_mut().enumerate() {
+                        let iy = (oy * s + ty) as isize - g.pb[0] as isize;
+                        if iy < 0 || iy >= h as isize {
+                            continue;
+                        }
+                        let iy = iy as usize;
+                        let slot = iy % 3;
+                        if held[slot] != iy {
+                            let p = Pointwise {
+                                x: &ximg[iy * row_in..(iy + 1) * row_in],
+                                pixels: w,
+                                w: pw,
+                                bias: self.pw.bias.as_deref(),
+                                residual: None,
+                                act: self.pw.act,
+                            };
+                            let dst = &mut ring[slot * row_e..(slot + 1) * row_e];
+                            if !nhwc::pointwise(variant, &p, dst) {
+                                return Err(bad());
+                            }
+                            held[slot] = iy;
+                        }
+                        *slot_of = Some(slot);
+                    }
+                    let in_rows = need.map(|s| s.map(|s| &ring[s * row_e..(s + 1) * row_e]));
+                    let o = (oy - rows.start) * ow * m;
+                    let yr = &mut y[o..o + ow * m];
+                    if !nhwc::depthwise3x3_nhwc_row(variant, &dw, in_rows, yr) {
+                        return Err(bad());
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        Ok(vec![ftensor(DType::F32, vec![n, oh, ow, m], out)?])
     }
 }
 
