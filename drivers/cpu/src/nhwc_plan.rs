@@ -259,6 +259,7 @@ impl NhwcConvPlan {
         } else if [kh, kw] == [3, 3]
             && cg == 1
             && group == m as i64
+            && strides.len() == 2
             && strides[0] == strides[1]
             && (strides[0] == 1 || strides[0] == 2)
         {
@@ -710,5 +711,11 @@ mod tests {
             let g = layer(&w, group, s, [0; 4], "", false, false);
             assert!(NhwcConvPlan::prepare(&g, &g.nodes[0]).is_none(), "{w:?}");
         }
+        // A depthwise node whose strides attribute has one value is refused, not indexed.
+        let mut g = layer(&[8, 1, 3, 3], 8, 1, [1; 4], "", false, false);
+        g.nodes[0]
+            .attrs
+            .insert("strides".into(), Attr::Ints(vec![1]));
+        assert!(NhwcConvPlan::prepare(&g, &g.nodes[0]).is_none());
     }
 }
