@@ -187,7 +187,7 @@ impl Executor {
         self.threads = crate::par::resolve_threads(threads);
     }
 
-    /// Reuse f32 buffers across runs through a pool (default: `EDGEHAL_POOL=1`).
+    /// Reuse f32 buffers across runs through a pool (default on; `EDGEHAL_POOL=0` turns it off).
     pub fn set_buffer_reuse(&mut self, on: bool) {
         self.pooling = on;
     }
