@@ -1069,7 +1069,13 @@ pub(crate) fn depthwise3x3_nhwc_row(
     {
         return false;
     }
-    let zeros = vec![0f32; p.w * p.c];
+    // A zero row only for rows outside the image (the first and last output rows): this runs
+    // once per output row of a fused pair.
+    let zeros = if rows.iter().any(Option::is_none) {
+        vec![0f32; p.w * p.c]
+    } else {
+        Vec::new()
+    };
     let in_rows = rows.map(|r| r.map_or(zeros.as_ptr(), <[f32]>::as_ptr));
     // SAFETY: AVX-512F was detected just above; the rows hold w * c floats and y out_w * c
     // (checked by `nhwc::depthwise3x3_nhwc_row`).
