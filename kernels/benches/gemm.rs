@@ -68,7 +68,7 @@ fn gemm(c: &mut Criterion) {
 /// Matrix-vector products with a packed matrix: the LSTM recurrent step of lstm_kws (512 x
 /// 128), its input + recurrent product joined (512 x 168), and one too big for L2.
 fn gemv(c: &mut Criterion) {
-    for &(m, k) in &[(512, 128), (512, 168), (1024, 1024)] {
+    for &(m, k) in &[(64, 64), (128, 64), (512, 128), (512, 168), (1024, 1024)] {
         let w = data(m * k, 3);
         let x = data(k, 4);
         let mut y = vec![0f32; m];

@@ -14,6 +14,7 @@
 //! AVX2+FMA (`arch/x86_64.rs`), NEON (`arch/aarch64.rs`), else the portable loop; the packed
 //! layout is the same for all of them, so [`gemv_with`] can run any variant on any packing.
 
+use crate::aligned::AlignedVec;
 use crate::dispatch::{self, Variant};
 use crate::gemm::MatRef;
 
@@ -31,7 +32,7 @@ pub(crate) const GROUP_ROWS: usize = GROUP * PANEL;
 pub struct PackedGemv {
     m: usize,
     k: usize,
-    data: Vec<f32>,
+    data: AlignedVec,
 }
 
 impl PackedGemv {
@@ -62,7 +63,7 @@ impl PackedGemv {
             k = k.checked_add(p.cols)?;
         }
         let np = m.div_ceil(PANEL);
-        let mut data = vec![0f32; np.checked_mul(PANEL)?.checked_mul(k)?];
+        let mut data = AlignedVec::zeroed(np.checked_mul(PANEL)?.checked_mul(k)?);
         let mut k0 = 0;
         for p in parts {
             for i in 0..m {

@@ -10,6 +10,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod aligned;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod arch;
 pub mod conv;

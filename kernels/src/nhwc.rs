@@ -12,6 +12,7 @@
 
 use std::ops::Range;
 
+use crate::aligned::AlignedVec;
 use crate::dispatch::Variant;
 use crate::packed::Activation;
 
@@ -24,7 +25,7 @@ pub const PANEL: usize = 32;
 pub struct PackedCols {
     m: usize,
     k: usize,
-    data: Vec<f32>,
+    data: AlignedVec,
 }
 
 impl PackedCols {
@@ -35,7 +36,7 @@ impl PackedCols {
             return None;
         }
         let panels = m.div_ceil(PANEL);
-        let mut data = vec![0f32; panels.checked_mul(k)?.checked_mul(PANEL)?];
+        let mut data = AlignedVec::zeroed(panels.checked_mul(k)?.checked_mul(PANEL)?);
         for (jp, panel) in data.chunks_exact_mut(k * PANEL.max(1)).enumerate() {
             for (kk, row) in panel.chunks_exact_mut(PANEL).enumerate() {
                 for (j, v) in row.iter_mut().enumerate() {
@@ -171,11 +172,11 @@ fn dw_at(j: usize, t: usize) -> usize {
 /// `[c, 3, 3]` depthwise weights into the blocked `[c / 16][9][16]` form [`DwNhwc`] reads
 /// (the last block zero-padded): a tap's weights for 16 channels are one vector, and a block's
 /// nine taps are contiguous.
-pub fn dw_weights_blocked(w: &[f32], c: usize) -> Option<Vec<f32>> {
+pub fn dw_weights_blocked(w: &[f32], c: usize) -> Option<AlignedVec> {
     if w.len() < c.checked_mul(9)? {
         return None;
     }
-    let mut t = vec![0f32; dw_weights_len(c)];
+    let mut t = AlignedVec::zeroed(dw_weights_len(c));
     for ch in 0..c {
         for tap in 0..9 {
             t[dw_at(ch, tap)] = w[ch * 9 + tap];

@@ -193,7 +193,7 @@ enum Kind {
     /// 1x1, stride 1, no padding, one group.
     Pointwise(PackedCols),
     /// Depthwise 3x3 (stride 1 or 2), weights blocked `[c / 16][9][16]`.
-    Depthwise(Vec<f32>),
+    Depthwise(edgehal_kernels::aligned::AlignedVec),
     /// One group, at most [`NCHW_IN_MAX_C`] input channels (NCHW with [`INPUT_NCHW`], else
     /// NHWC), weights `[c][kh][kw][m]`.
     DenseSmallC(Vec<f32>),
