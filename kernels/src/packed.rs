@@ -7,8 +7,9 @@
 //! an optional residual of C's shape, then an [`Activation`]) runs while a tile's results are
 //! still in L1, so Conv+Add+Relu costs one pass over the output.
 //!
-//! Loop order (BLIS): B is packed KC x NC at a time; for each NR-wide B panel (kept in L1) the
-//! register tile walks every A panel of the KC block (the whole M x KC block stays in L2). Rows
+//! Loop order (BLIS): columns in blocks of NC, depth in blocks of KC; each NR-wide B panel is
+//! packed right before use and, still in L1, meets every A panel of the KC block (the whole
+//! M x KC block stays in L2). Rows
 //! can be split by panel ([`gemm_packed_panels`]) so threads work on disjoint rows of C.
 
 use std::cell::RefCell;
@@ -19,7 +20,7 @@ use crate::gemm::MatRef;
 
 /// Depth of a packed panel: an A panel (MR x KC) and a B panel (KC x NR) share L1.
 const KC: usize = 256;
-/// Columns of B packed at once.
+/// Columns of C per block (the C partial sums a later KC block adds to stay in L2).
 const NC: usize = 1024;
 /// Portable register tile.
 const P_MR: usize = 4;
@@ -330,24 +331,25 @@ pub(crate) fn drive<const MR: usize, const NR: usize, T, F>(
     }
     BBUF.with(|cell| {
         let mut guard = cell.borrow_mut();
-        let nc_max = NC.min(n.div_ceil(NR) * NR);
-        let need = KC.min(k) * nc_max.div_ceil(NR) * NR;
+        let need = KC.min(k) * NR;
         if guard.len() < need {
             guard.resize(need, 0.0);
         }
         let bp = &mut guard[..need];
         let mut acc = [[0f32; NR]; MR];
+        let nc_max = NC.min(n.div_ceil(NR) * NR);
         for jc in (0..n).step_by(nc_max) {
             let nc = nc_max.min(n - jc);
-            let np = nc.div_ceil(NR);
             for pc in (0..k).step_by(KC) {
                 let kcb = KC.min(k - pc);
                 let (first, last) = (pc == 0, pc + kcb == k);
-                for jp in 0..np {
-                    let dst = &mut bp[jp * kcb * NR..(jp + 1) * kcb * NR];
+                for jp in 0..nc.div_ceil(NR) {
+                    // Each B panel is packed right before the row panels use it, so it is still
+                    // in L1 (a whole packed block of columns ahead of time came back from L2/L3).
                     let j0 = jc + jp * NR;
                     let w = NR.min(n - j0);
-                    for (p, d) in dst.chunks_exact_mut(NR).enumerate() {
+                    let bpanel = &mut bp[..kcb * NR];
+                    for (p, d) in bpanel.chunks_exact_mut(NR).enumerate() {
                         if b.cs == 1 {
                             let off = (pc + p) * b.rs + j0;
                             d[..w].copy_from_slice(&b.data[off..off + w]);
@@ -358,11 +360,7 @@ pub(crate) fn drive<const MR: usize, const NR: usize, T, F>(
                         }
                         d[w..].fill(0.0);
                     }
-                }
-                for jp in 0..np {
-                    let j0 = jc + jp * NR;
-                    let w = NR.min(n - j0);
-                    let bpanel = &bp[jp * kcb * NR..(jp + 1) * kcb * NR];
+                    let bpanel = &bp[..kcb * NR];
                     for ip in panels.clone() {
                         let i0 = ip * MR;
                         let h = MR.min(m - i0);

@@ -883,6 +883,71 @@ mod tests {
         }
     }
 
+    /// The 2-D MaxPool fast path (one output) against the general pooling loop (forced by
+    /// asking for the Indices output too) on every small geometry: kernels 1-4, strides 1-3,
+    /// asymmetric pads below the kernel, ceil mode on and off, maps of 1 to 9 columns.
+    #[test]
+    fn max_pool_fast_path_matches_general_loop() {
+        let run = |k: i64, s: i64, pads: [i64; 4], ceil: i64, hw: [usize; 2], indices: bool| {
+            let mut g = Graph::new("pool");
+            let (x, y, i) = (g.value_id("x"), g.value_id("y"), g.value_id("i"));
+            g.inputs = vec![x];
+            g.opsets.insert(String::new(), 17);
+            let mut attrs = std::collections::BTreeMap::new();
+            attrs.insert("pads".to_string(), Attr::Ints(pads.to_vec()));
+            attrs.insert("kernel_shape".to_string(), Attr::Ints(vec![k, k]));
+            attrs.insert("strides".to_string(), Attr::Ints(vec![s, s]));
+            attrs.insert("ceil_mode".to_string(), Attr::Int(ceil));
+            g.nodes.push(Node {
+                op: "MaxPool".into(),
+                inputs: vec![Some(x)],
+                outputs: if indices {
+                    vec![Some(y), Some(i)]
+                } else {
+                    vec![Some(y)]
+                },
+                attrs,
+                ..Default::default()
+            });
+            g.outputs = if indices { vec![y, i] } else { vec![y] };
+            let n = 2 * hw[0] * hw[1];
+            let xv: Vec<f32> = (0..n).map(|v| ((v * 37) % 23) as f32 - 11.0).collect();
+            let ex = Executor::new(&g, &Registry::new()).expect("executor");
+            let input = vec![(x, Tensor::from_vec(vec![1, 2, hw[0], hw[1]], xv).unwrap())];
+            ex.run(&input)
+                .map(|o| (o[0].shape().to_vec(), o[0].to_f32().into_owned()))
+        };
+        let mut cases = 0;
+        for k in 1..=4i64 {
+            for s in 1..=3i64 {
+                for (pl, pr) in [(0, 0), (0, k - 1), (k - 1, 0), (k / 2, k / 2)] {
+                    for ceil in [0, 1] {
+                        for wdt in 1..=9usize {
+                            let hw = [4, wdt];
+                            let pads = [pl, pl, pr, pr];
+                            let fast = run(k, s, pads, ceil, hw, false);
+                            let general = run(k, s, pads, ceil, hw, true);
+                            match (fast, general) {
+                                (Ok(a), Ok(b)) => {
+                                    assert_eq!(
+                                        a, b,
+                                        "k {k} s {s} pads {pads:?} ceil {ceil} {hw:?}"
+                                    );
+                                    cases += 1;
+                                }
+                                (Err(_), Err(_)) => {}
+                                (a, b) => panic!(
+                                    "k {k} s {s} pads {pads:?} ceil {ceil} {hw:?}: {a:?} vs {b:?}"
+                                ),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(cases > 500, "only {cases} geometries ran");
+    }
+
     /// MaxPool 3x3 stride 2 pad 1 on 8 channels of 128x128 (an output large enough to split
     /// across threads): every thread count gives the window maxima.
     #[test]

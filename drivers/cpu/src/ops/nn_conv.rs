@@ -159,6 +159,15 @@ pub(crate) fn im2col<T: Copy + Default>(
     g: &Geom,
     col: &mut [T],
 ) {
+    if in_sp.len() == 2 && g.s[1] == 2 && g.d[1] == 1 {
+        im2col_2d_s2(x, cg, in_sp, g, col);
+    } else {
+        im2col_nd(x, cg, in_sp, g, col);
+    }
+}
+
+/// [`im2col`] for any rank, stride and dilation.
+fn im2col_nd<T: Copy + Default>(x: &[T], cg: usize, in_sp: &[usize], g: &Geom, col: &mut [T]) {
     let zero = T::default();
     let nd = in_sp.len();
     let in_total: usize = in_sp.iter().product();
@@ -214,6 +223,53 @@ pub(crate) fn im2col<T: Copy + Default>(
                     for (dst, v) in seg[lo..hi].iter_mut().zip(src.iter().step_by(sl)) {
                         *dst = *v;
                     }
+                }
+            }
+        }
+    }
+}
+
+/// [`im2col`] for 2-D maps with a horizontal stride of 2 (ResNet's 7x7 stem and its 3x3
+/// stride-2 convolutions): each input row is split once into its even and odd columns, so the
+/// columns one tap reads are a contiguous run of one phase instead of a strided gather.
+fn im2col_2d_s2<T: Copy + Default>(x: &[T], cg: usize, in_sp: &[usize], g: &Geom, col: &mut [T]) {
+    let zero = T::default();
+    let (h, w) = (in_sp[0], in_sp[1]);
+    let (oh, ow) = (g.out[0], g.out[1]);
+    let (kh, kw) = (g.k[0], g.k[1]);
+    let p_total = oh * ow;
+    // Row iy of the channel: even columns at [iy * w ..], odd ones right after them.
+    let half = w.div_ceil(2);
+    let mut phases = vec![zero; h * w];
+    for c in 0..cg {
+        let xc = &x[c * h * w..(c + 1) * h * w];
+        for (src, dst) in xc.chunks_exact(w).zip(phases.chunks_exact_mut(w)) {
+            let (even, odd) = dst.split_at_mut(half);
+            for (d, v) in even.iter_mut().zip(src.iter().step_by(2)) {
+                *d = *v;
+            }
+            for (d, v) in odd.iter_mut().zip(src.iter().skip(1).step_by(2)) {
+                *d = *v;
+            }
+        }
+        for ky in 0..kh {
+            for kx in 0..kw {
+                let row = &mut col[((c * kh + ky) * kw + kx) * p_total..][..p_total];
+                let off = kx as isize - g.pb[1] as isize;
+                let (lo, hi) = valid_range(off, 2, w, ow);
+                // Input column 2 * ox + off is phase (off & 1), index ox + (off >> 1).
+                let phase = if off & 1 == 0 { 0 } else { half };
+                for (oy, seg) in row.chunks_exact_mut(ow.max(1)).enumerate().take(oh) {
+                    let iy = (oy * g.s[0] + ky * g.d[0]) as isize - g.pb[0] as isize;
+                    if iy < 0 || iy as usize >= h || lo >= hi {
+                        seg.fill(zero);
+                        continue;
+                    }
+                    seg[..lo].fill(zero);
+                    seg[hi..].fill(zero);
+                    let start = (lo as isize + (off >> 1)) as usize;
+                    let src = &phases[iy as usize * w + phase..][start..start + (hi - lo)];
+                    seg[lo..hi].copy_from_slice(src);
                 }
             }
         }
@@ -673,12 +729,40 @@ fn max_pool_planes(
                     *m = if v > *m { v } else { *m };
                 }
             }
-            for (ox, o) in yrow.iter_mut().enumerate() {
-                let x0 = (ox * g.s[1]).saturating_sub(g.pb[1]);
-                let x1 = (ox * g.s[1] + kernel[1]).saturating_sub(g.pb[1]).min(w);
-                *o = rowmax[x0..x1.max(x0)]
+            // Windows wholly inside the row (`lo..hi`) read a fixed-size window (3 wide
+            // unrolled); the border ones clip theirs.
+            let (s, k, pb) = (g.s[1], kernel[1], g.pb[1]);
+            let lo = pb.div_ceil(s).min(ow);
+            let hi = if w + pb >= k {
+                ((w + pb - k) / s + 1).clamp(lo, ow)
+            } else {
+                lo
+            };
+            let edge = |ox: usize| {
+                let x0 = (ox * s).saturating_sub(pb);
+                let x1 = (ox * s + k).saturating_sub(pb).min(w);
+                rowmax[x0..x1.max(x0)]
                     .iter()
-                    .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+                    .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+            };
+            for ox in (0..lo).chain(hi..ow) {
+                yrow[ox] = edge(ox);
+            }
+            if hi > lo {
+                let wins = rowmax[lo * s - pb..].windows(k).step_by(s);
+                let inner = &mut yrow[lo..hi];
+                if k == 3 {
+                    for (o, win) in inner.iter_mut().zip(wins) {
+                        let m = if win[1] > win[0] { win[1] } else { win[0] };
+                        *o = if win[2] > m { win[2] } else { m };
+                    }
+                } else {
+                    for (o, win) in inner.iter_mut().zip(wins) {
+                        *o = win
+                            .iter()
+                            .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+                    }
+                }
             }
         }
     }
@@ -748,6 +832,50 @@ fn global_lp_pool(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// The stride-2 im2col (even/odd column phases) equals the general one on every small 2-D
+    /// geometry: kernels 1-7 wide, odd and even widths, pads on either side, vertical stride
+    /// and dilation 1-2.
+    #[test]
+    fn im2col_stride2_phases_match_the_general_walk() {
+        let mut cases = 0;
+        for kw in 1..=7usize {
+            for kh in [1usize, 3] {
+                for w in [1usize, 2, 5, 8, 9] {
+                    for (pl, pr) in [(0usize, 0usize), (kw / 2, kw / 2), (kw - 1, 0), (0, 1)] {
+                        for (sy, dy) in [(1usize, 1usize), (2, 1), (1, 2)] {
+                            let h = 6usize;
+                            if w + pl + pr < kw || h + 2 < (kh - 1) * dy + 1 {
+                                continue;
+                            }
+                            let g = Geom {
+                                k: vec![kh, kw],
+                                s: vec![sy, 2],
+                                d: vec![dy, 1],
+                                pb: vec![1, pl],
+                                pe: vec![1, pr],
+                                out: vec![
+                                    (h + 2 - ((kh - 1) * dy + 1)) / sy + 1,
+                                    (w + pl + pr - kw) / 2 + 1,
+                                ],
+                            };
+                            let cg = 2;
+                            let x: Vec<f32> = (0..cg * h * w).map(|v| v as f32 + 1.0).collect();
+                            let n = cg * kh * kw * g.out[0] * g.out[1];
+                            let (mut a, mut b) = (vec![-1f32; n], vec![-2f32; n]);
+                            im2col(&x, cg, &[h, w], &g, &mut a);
+                            im2col_nd(&x, cg, &[h, w], &g, &mut b);
+                            assert_eq!(a, b, "k {kh}x{kw} w {w} pads {pl},{pr} sy {sy} dy {dy}");
+                            cases += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(cases > 300, "{cases}");
+    }
+
     use super::super::test_util::*;
     use edgehal_core::graph::Attr;
 
