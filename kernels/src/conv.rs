@@ -570,41 +570,45 @@ pub fn wino2_output(p: &WinoOutput<'_>, y: &mut [f32]) -> bool {
     true
 }
 
-/// Lanes of one output block of [`conv3x3s2_body`] and output channels per block.
+/// Lanes of one output block of [`conv_s2_body`] and output channels per block.
 const S2_LANES: usize = 16;
 const S2_OCB: usize = 8;
 
-/// The zero-padded input of a dense 3x3 stride-2 convolution split into its even and odd
-/// columns ([`s2_planes`]): for channel `ci` and padded row `r`, the even columns
-/// `0, 2, 4, ..` then the odd ones, so the three taps of a kernel row for 16 neighbouring
-/// outputs are three contiguous loads.
+/// The zero-padded input of a dense stride-2 convolution with a `kh x kw` kernel split into
+/// its even and odd columns ([`s2_planes`]): for channel `ci` and padded row `r`, the even
+/// columns `0, 2, 4, ..` then the odd ones, so each tap of a kernel row for 16 neighbouring
+/// outputs is one contiguous load (tap `kx` reads phase `kx % 2` from column `kx / 2` on).
 pub struct S2Planes {
     data: Vec<f32>,
     c: usize,
     rows: usize,
     row: usize,
+    kh: usize,
+    kw: usize,
 }
 
-/// [`S2Planes`] of `x` (`[c, h, w]`) for outputs `out_h x out_w` with the given top/left
-/// padding (the bottom/right padding is what the output extent reads past the input).
-/// `None` when `x` is too short.
+/// [`S2Planes`] of `x` (`[c, h, w]`) for a `kernel` (`[kh, kw]`) and outputs `out_h x out_w`
+/// with the given top/left padding (the bottom/right padding is what the output extent reads
+/// past the input). `None` when `x` is too short or the kernel or output is empty.
 #[allow(clippy::too_many_arguments)]
 pub fn s2_planes(
     x: &[f32],
     c: usize,
     h: usize,
     w: usize,
+    kernel: [usize; 2],
     pad_top: usize,
     pad_left: usize,
     out_h: usize,
     out_w: usize,
 ) -> Option<S2Planes> {
-    if x.len() < c.checked_mul(h)?.checked_mul(w)? {
+    let [kh, kw] = kernel;
+    if x.len() < c.checked_mul(h)?.checked_mul(w)? || kh == 0 || kw == 0 || out_h == 0 {
         return None;
     }
-    let rows = 2 * out_h + 1;
-    // Even columns are read up to index out_w (rounded up to whole blocks) + 1.
-    let row = out_w.div_ceil(S2_LANES) * S2_LANES + 1;
+    let rows = 2 * (out_h - 1) + kh;
+    // Columns are read up to index out_w (rounded up to whole blocks) + (kw - 1) / 2.
+    let row = out_w.div_ceil(S2_LANES) * S2_LANES + (kw - 1) / 2;
     let mut data = vec![0f32; c.checked_mul(rows)?.checked_mul(2 * row)?];
     for ci in 0..c {
         for r in pad_top..(pad_top + h).min(rows) {
@@ -619,12 +623,19 @@ pub fn s2_planes(
             }
         }
     }
-    Some(S2Planes { data, c, rows, row })
+    Some(S2Planes {
+        data,
+        c,
+        rows,
+        row,
+        kh,
+        kw,
+    })
 }
 
-/// A dense 3x3 stride-2 convolution read from [`S2Planes`]: output channels
-/// `weight.len() / (9 c)` (the weights `[m, c, 3, 3]`), bias and activation applied.
-pub struct Conv3x3S2<'a> {
+/// A dense stride-2 convolution read from [`S2Planes`] (its kernel size): output channels
+/// `weight.len() / (kh kw c)` (the weights `[m, c, kh, kw]`), bias and activation applied.
+pub struct ConvS2<'a> {
     pub planes: &'a S2Planes,
     pub out_h: usize,
     pub out_w: usize,
@@ -633,13 +644,13 @@ pub struct Conv3x3S2<'a> {
     pub act: Activation,
 }
 
-/// [`Conv3x3S2`] into `y` (`[m, out_h, out_w]`), compiled for `variant`. Returns `false`
+/// [`ConvS2`] into `y` (`[m, out_h, out_w]`), compiled for `variant`. Returns `false`
 /// (touching nothing) when a size disagrees. Meant for layers with few input channels (a
-/// CNN's first layer): the output is computed directly, 8 channels x 16 pixels at a time,
-/// with no im2col matrix and no packing.
-pub fn conv3x3s2_with(variant: Variant, p: &Conv3x3S2<'_>, y: &mut [f32]) -> bool {
+/// CNN's first layer: MobileNet's 3x3, ResNet's 7x7): the output is computed directly, 8
+/// channels x 16 pixels at a time, with no im2col matrix and no packing.
+pub fn conv_s2_with(variant: Variant, p: &ConvS2<'_>, y: &mut [f32]) -> bool {
     let pl = p.planes;
-    let k = 9 * pl.c;
+    let k = pl.kh * pl.kw * pl.c;
     if k == 0 || !p.weight.len().is_multiple_of(k) {
         return false;
     }
@@ -648,24 +659,25 @@ pub fn conv3x3s2_with(variant: Variant, p: &Conv3x3S2<'_>, y: &mut [f32]) -> boo
         return false;
     };
     if y.len() < out_len
-        || pl.rows < 2 * p.out_h + 1
-        || pl.row < p.out_w.div_ceil(S2_LANES) * S2_LANES + 1
+        || p.out_h == 0
+        || pl.rows < 2 * (p.out_h - 1) + pl.kh
+        || pl.row < p.out_w.div_ceil(S2_LANES) * S2_LANES + (pl.kw - 1) / 2
         || p.bias.is_some_and(|b| b.len() < m)
     {
         return false;
     }
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::conv3x3s2(variant, p, y) {
+    if crate::simd::conv_s2(variant, p, y) {
         return true;
     }
     let _ = variant;
-    conv3x3s2_body::<false>(p, y);
+    conv_s2_body::<false>(p, y);
     true
 }
 
-/// [`conv3x3s2_with`] for the selected variant.
-pub fn conv3x3s2(p: &Conv3x3S2<'_>, y: &mut [f32]) -> bool {
-    conv3x3s2_with(dispatch::selected(), p, y)
+/// [`conv_s2_with`] for the selected variant.
+pub fn conv_s2(p: &ConvS2<'_>, y: &mut [f32]) -> bool {
+    conv_s2_with(dispatch::selected(), p, y)
 }
 
 /// `a + w * v` lane by lane, by value (kept in registers).
@@ -681,19 +693,23 @@ fn fma_lanes<const FMA: bool>(a: [f32; S2_LANES], w: f32, v: &[f32; S2_LANES]) -
 }
 
 #[inline(always)]
-pub(crate) fn conv3x3s2_body<const FMA: bool>(p: &Conv3x3S2<'_>, y: &mut [f32]) {
+pub(crate) fn conv_s2_body<const FMA: bool>(p: &ConvS2<'_>, y: &mut [f32]) {
     let pl = p.planes;
-    let (c, rows, row) = (pl.c, pl.rows, pl.row);
-    let m = p.weight.len() / (9 * c);
+    let (c, rows, row, kh, kw) = (pl.c, pl.rows, pl.row, pl.kh, pl.kw);
+    let taps = kh * kw;
+    let m = p.weight.len() / (taps * c);
     let (oh, ow) = (p.out_h, p.out_w);
     let plane = oh * ow;
     let mut o0 = 0;
     while o0 < m {
         let ob = (m - o0).min(S2_OCB);
-        // wb[ci * 9 + tap][k]: the block's weights, zero past its last channel.
-        let mut wb = vec![[0f32; S2_OCB]; 9 * c];
+        // wb[ci * taps + tap][k]: the block's weights, zero past its last channel.
+        let mut wb = vec![[0f32; S2_OCB]; taps * c];
         for (k, oc) in (o0..o0 + ob).enumerate() {
-            for (t, &wv) in wb.iter_mut().zip(&p.weight[oc * 9 * c..(oc + 1) * 9 * c]) {
+            for (t, &wv) in wb
+                .iter_mut()
+                .zip(&p.weight[oc * taps * c..(oc + 1) * taps * c])
+            {
                 t[k] = wv;
             }
         }
@@ -709,19 +725,13 @@ pub(crate) fn conv3x3s2_body<const FMA: bool>(p: &Conv3x3S2<'_>, y: &mut [f32]) 
                     *a = [b; S2_LANES];
                 }
                 for ci in 0..c {
-                    for ky in 0..3 {
+                    for ky in 0..kh {
                         let base = ((ci * rows + 2 * oy + ky) * 2) * row + x0;
-                        let even: &[f32; S2_LANES + 1] = pl.data[base..base + S2_LANES + 1]
-                            .try_into()
-                            .expect("lanes");
-                        let odd: &[f32; S2_LANES] = pl.data[base + row..base + row + S2_LANES]
-                            .try_into()
-                            .expect("lanes");
-                        let left: &[f32; S2_LANES] = even[..S2_LANES].try_into().expect("lanes");
-                        let right: &[f32; S2_LANES] = even[1..].try_into().expect("lanes");
-                        let taps: [&[f32; S2_LANES]; 3] = [left, odd, right];
-                        for (kx, v) in taps.into_iter().enumerate() {
-                            let wv = &wb[ci * 9 + ky * 3 + kx];
+                        let wrow = &wb[(ci * kh + ky) * kw..][..kw];
+                        for (kx, wv) in wrow.iter().enumerate() {
+                            let at = base + (kx & 1) * row + (kx >> 1);
+                            let v: &[f32; S2_LANES] =
+                                pl.data[at..at + S2_LANES].try_into().expect("lanes");
                             for k in 0..S2_OCB {
                                 acc[k] = fma_lanes::<FMA>(acc[k], wv[k], v);
                             }
@@ -818,9 +828,9 @@ mod tests {
             for (i, v) in want.iter_mut().enumerate() {
                 *v = (*v + bias[i / (oh * ow)]).clamp(0.0, 0.6);
             }
-            let planes = s2_planes(&x, c, h, w, pad, pad, oh, ow).unwrap();
+            let planes = s2_planes(&x, c, h, w, [3, 3], pad, pad, oh, ow).unwrap();
             for v in dispatch::detected() {
-                let p = Conv3x3S2 {
+                let p = ConvS2 {
                     planes: &planes,
                     out_h: oh,
                     out_w: ow,
@@ -829,22 +839,88 @@ mod tests {
                     act: Activation::Clip { lo: 0.0, hi: 0.6 },
                 };
                 let mut y = vec![f32::NAN; m * oh * ow];
-                assert!(conv3x3s2_with(v, &p, &mut y));
+                assert!(conv_s2_with(v, &p, &mut y));
                 for (k, (a, b)) in y.iter().zip(&want).enumerate() {
                     assert!(
                         (a - b).abs() < 1e-4,
                         "{v:?} c{c} {h}x{w} m{m} [{k}] {a} vs {b}"
                     );
                 }
-                assert!(!conv3x3s2_with(v, &p, &mut y[1..]), "short output");
-                let bad = Conv3x3S2 {
+                assert!(!conv_s2_with(v, &p, &mut y[1..]), "short output");
+                let bad = ConvS2 {
                     weight: &wt[1..],
                     ..p
                 };
-                assert!(!conv3x3s2_with(v, &bad, &mut y), "ragged weights");
+                assert!(!conv_s2_with(v, &bad, &mut y), "ragged weights");
             }
         }
-        assert!(s2_planes(&[0.0; 5], 1, 2, 3, 0, 0, 1, 1).is_none());
+        assert!(s2_planes(&[0.0; 5], 1, 2, 3, [3, 3], 0, 0, 1, 1).is_none());
+        assert!(s2_planes(&[0.0; 6], 1, 2, 3, [0, 3], 0, 0, 1, 1).is_none());
+    }
+
+    /// Other kernel sizes at stride 2 (ResNet's 7x7 stem with pad 3, 5x5, 1x1, 2x2, 3x5)
+    /// against a direct f64 sum, on every variant.
+    #[test]
+    fn dense_stride_2_any_kernel_matches_naive() {
+        let mut sd = 17u32;
+        // (c, h, w, m, kh, kw, pad_top, pad_left)
+        for &(c, h, w, m, kh, kw, pt, pl) in &[
+            (
+                3usize, 40usize, 38usize, 16usize, 7usize, 7usize, 3usize, 3usize,
+            ),
+            (3, 224, 224, 64, 7, 7, 3, 3),
+            (2, 11, 19, 9, 5, 5, 2, 1),
+            (1, 6, 7, 3, 1, 1, 0, 0),
+            (4, 8, 9, 10, 2, 2, 0, 1),
+            (3, 9, 33, 8, 3, 5, 1, 2),
+        ] {
+            let oh = (h + 2 * pt - kh) / 2 + 1;
+            let ow = (w + 2 * pl - kw) / 2 + 1;
+            let x: Vec<f32> = (0..c * h * w).map(|_| rnd(&mut sd)).collect();
+            let wt: Vec<f32> = (0..m * c * kh * kw).map(|_| rnd(&mut sd)).collect();
+            let bias: Vec<f32> = (0..m).map(|_| rnd(&mut sd)).collect();
+            let mut want = vec![0f32; m * oh * ow];
+            for o in 0..m {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut acc = bias[o] as f64;
+                        for ci in 0..c {
+                            for ky in 0..kh {
+                                for kx in 0..kw {
+                                    let iy = (oy * 2 + ky) as isize - pt as isize;
+                                    let ix = (ox * 2 + kx) as isize - pl as isize;
+                                    if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w
+                                    {
+                                        acc += x[(ci * h + iy as usize) * w + ix as usize] as f64
+                                            * wt[((o * c + ci) * kh + ky) * kw + kx] as f64;
+                                    }
+                                }
+                            }
+                        }
+                        want[(o * oh + oy) * ow + ox] = (acc as f32).max(0.0);
+                    }
+                }
+            }
+            let planes = s2_planes(&x, c, h, w, [kh, kw], pt, pl, oh, ow).unwrap();
+            for v in dispatch::detected() {
+                let p = ConvS2 {
+                    planes: &planes,
+                    out_h: oh,
+                    out_w: ow,
+                    weight: &wt,
+                    bias: Some(&bias),
+                    act: Activation::Relu,
+                };
+                let mut y = vec![f32::NAN; m * oh * ow];
+                assert!(conv_s2_with(v, &p, &mut y));
+                for (k, (a, b)) in y.iter().zip(&want).enumerate() {
+                    assert!(
+                        (a - b).abs() < 1e-4,
+                        "{v:?} c{c} {h}x{w} k{kh}x{kw} m{m} [{k}] {a} vs {b}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

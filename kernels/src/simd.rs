@@ -436,11 +436,11 @@ wide!(
 );
 
 wide!(
-    conv3x3s2,
-    conv3x3s2_avx512,
-    conv3x3s2_avx2,
-    (p: &conv::Conv3x3S2<'_>, y: &mut [f32]),
-    conv::conv3x3s2_body::<true>(p, y)
+    conv_s2,
+    conv_s2_avx512,
+    conv_s2_avx2,
+    (p: &conv::ConvS2<'_>, y: &mut [f32]),
+    conv::conv_s2_body::<true>(p, y)
 );
 
 wide!(

@@ -70,6 +70,8 @@ pub fn activation_of(node: &Node) -> Result<Activation> {
 
 /// Most input channels of [`Path::DenseS2`].
 const DENSE_S2_MAX_C: usize = 4;
+/// Largest kernel side of [`Path::DenseS2`] (ResNet's stem is 7x7).
+const DENSE_S2_MAX_K: usize = 11;
 
 /// The Winograd input transform of `pin` into `v` (`planes` planes of `[c][T]`), its channels
 /// split across `threads` (it was a serial 9-12% of resnet18 at one thread, so most of what
@@ -138,8 +140,9 @@ pub struct ConvPlan {
 
 enum Path {
     Depthwise,
-    /// Dense 3x3 stride 2 over at most [`DENSE_S2_MAX_C`] input channels (a CNN's first layer),
-    /// computed directly: the im2col matrix and its packing cost several times the multiplies.
+    /// Dense stride 2 (kernel sides up to [`DENSE_S2_MAX_K`]) over at most [`DENSE_S2_MAX_C`]
+    /// input channels (a CNN's first layer), computed directly: the im2col matrix and its
+    /// packing cost several times the multiplies.
     DenseS2,
     Winograd,
     Winograd2,
@@ -244,7 +247,16 @@ impl ConvPlan {
         {
             return Path::Depthwise;
         }
-        if two_d_3x3 && self.group == 1 && g.s == [2, 2] && c <= DENSE_S2_MAX_C {
+        if self.kernel.len() == 2
+            && self
+                .kernel
+                .iter()
+                .all(|&k| (1..=DENSE_S2_MAX_K).contains(&k))
+            && g.d.iter().all(|&d| d == 1)
+            && self.group == 1
+            && g.s == [2, 2]
+            && c <= DENSE_S2_MAX_C
+        {
             return Path::DenseS2;
         }
         if two_d_3x3 && self.group == 1 && g.s == [1, 1] && winograd_enabled() {
@@ -388,23 +400,26 @@ impl ConvPlan {
         match path {
             Path::DenseS2 => {
                 let weight = fvec(&self.weight, "Conv W")?;
+                let kernel2 = [self.kernel[0], self.kernel[1]];
+                let taps = kernel2[0] * kernel2[1];
                 let (oh, ow) = (g.out[0], g.out[1]);
                 for b in 0..n {
                     let xb = &xv[b * c * in_total..(b + 1) * c * in_total];
-                    let planes =
-                        kconv::s2_planes(xb, c, in_sp[0], in_sp[1], g.pb[0], g.pb[1], oh, ow)
-                            .ok_or_else(|| Error::arg("Conv: input is too short"))?;
+                    let planes = kconv::s2_planes(
+                        xb, c, in_sp[0], in_sp[1], kernel2, g.pb[0], g.pb[1], oh, ow,
+                    )
+                    .ok_or_else(|| Error::arg("Conv: input is too short"))?;
                     let y = &mut out[b * per_img..(b + 1) * per_img];
                     for_parts(threads, self.m, oh * ow, y, |ocs, y| {
-                        let p = kconv::Conv3x3S2 {
+                        let p = kconv::ConvS2 {
                             planes: &planes,
                             out_h: oh,
                             out_w: ow,
-                            weight: &weight[ocs.start * c * 9..ocs.end * c * 9],
+                            weight: &weight[ocs.start * c * taps..ocs.end * c * taps],
                             bias: self.bias.as_deref().map(|bv| &bv[ocs.clone()]),
                             act: self.act,
                         };
-                        if !kconv::conv3x3s2_with(variant, &p, y) {
+                        if !kconv::conv_s2_with(variant, &p, y) {
                             return Err(Error::arg("Conv: internal size mismatch"));
                         }
                         Ok(())
