@@ -233,6 +233,23 @@ fn bt6(d: [&[f32]; 6], out: &mut [f32], stride: usize, n: usize) {
     let (o2, rest) = rest.split_at_mut(stride);
     let (o3, rest) = rest.split_at_mut(stride);
     let (o4, o5) = rest.split_at_mut(stride);
+    bt6_into(d, [o, o1, o2, o3, o4, o5], n);
+}
+
+/// [`bt6`] into six separate output slices (each at least `n` long, as the inputs).
+#[inline(always)]
+fn bt6_into(d: [&[f32]; 6], o: [&mut [f32]; 6], n: usize) {
+    // Slicing everything to n first lets the loop run without bounds checks, vectorized.
+    let [o0, o1, o2, o3, o4, o5] = o;
+    let (o, o1, o2, o3, o4, o5) = (
+        &mut o0[..n],
+        &mut o1[..n],
+        &mut o2[..n],
+        &mut o3[..n],
+        &mut o4[..n],
+        &mut o5[..n],
+    );
+    let d: [&[f32]; 6] = std::array::from_fn(|i| &d[i][..n]);
     for t in 0..n {
         let (d0, d1, d2, d3, d4, d5) = (d[0][t], d[1][t], d[2][t], d[3][t], d[4][t], d[5][t]);
         o[t] = 4.0 * d0 - 5.0 * d2 + d4;
@@ -247,45 +264,85 @@ fn bt6(d: [&[f32]; 6], out: &mut [f32], stride: usize, n: usize) {
 #[inline(always)]
 pub(crate) fn wino_input_body(p: &WinoInput<'_>, v: &mut [&mut [f32]]) {
     let (h, w) = (p.h, p.w);
-    let t = p.tiles_y * p.tiles_x;
-    // s[r*6 + c][tile]: the 6x6 input patch, lanes = tiles; u: after the row transform.
-    let mut s = vec![0f32; 36 * t];
+    let txn = p.tiles_x;
+    let t = p.tiles_y * txn;
+    // The channel's zero-padded rows split by column mod 4: padded row `py`, phase `q`,
+    // index `k` holds padded column 4k + q at `(py * 4 + q) * pw + k`. Patch column `col` of
+    // tile `tx` is then phase col % 4 at index tx + col / 4: one contiguous run per tile row
+    // instead of a gather with bounds checks per element.
+    let pw = txn + 1;
+    let rows_p = 4 * p.tiles_y + 2;
+    let mut pp = vec![0f32; rows_p * 4 * pw];
+    // u[r*6 + j][tile]: patch row r after the transform along its columns, lanes = tiles.
     let mut u = vec![0f32; 36 * t];
-    let mut tmp = vec![0f32; 6 * t];
     for ch in 0..p.c {
         let xc = &p.x[ch * h * w..(ch + 1) * h * w];
-        for ty in 0..p.tiles_y {
-            for r in 0..6 {
-                let iy = (ty * 4 + r) as isize - p.pad_top as isize;
-                let inside = iy >= 0 && (iy as usize) < h;
-                for tx in 0..p.tiles_x {
-                    let tile = ty * p.tiles_x + tx;
-                    for col in 0..6 {
-                        let ix = (tx * 4 + col) as isize - p.pad_left as isize;
-                        s[(r * 6 + col) * t + tile] = if inside && ix >= 0 && (ix as usize) < w {
-                            xc[iy as usize * w + ix as usize]
-                        } else {
-                            0.0
-                        };
+        pp.fill(0.0);
+        for (iy, xrow) in xc.chunks_exact(w.max(1)).enumerate().take(h) {
+            let py = iy + p.pad_top;
+            if py >= rows_p {
+                break;
+            }
+            let prow = &mut pp[py * 4 * pw..(py + 1) * 4 * pw];
+            let (p0, rest) = prow.split_at_mut(pw);
+            let (p1, rest) = rest.split_at_mut(pw);
+            let (p2, p3) = rest.split_at_mut(pw);
+            // Padded column j = ix + pad_left goes to phase j % 4, index j / 4.
+            let lead = (4 - p.pad_left % 4) % 4;
+            for (ix, &val) in xrow.iter().enumerate().take(lead.min(w)) {
+                let j = ix + p.pad_left;
+                if j < 4 * pw {
+                    [&mut *p0, &mut *p1, &mut *p2, &mut *p3][j % 4][j / 4] = val;
+                }
+            }
+            if lead < w {
+                let k0 = (lead + p.pad_left) / 4;
+                let quads = xrow[lead..].chunks_exact(4);
+                let tail = quads.remainder();
+                let n = (pw - k0.min(pw)).min((w - lead) / 4);
+                for (k, q) in quads.take(n).enumerate() {
+                    p0[k0 + k] = q[0];
+                    p1[k0 + k] = q[1];
+                    p2[k0 + k] = q[2];
+                    p3[k0 + k] = q[3];
+                }
+                let kt = k0 + n;
+                if n == (w - lead) / 4 && kt < pw {
+                    let phases = [&mut *p0, &mut *p1, &mut *p2, &mut *p3];
+                    for (q, &val) in tail.iter().enumerate() {
+                        phases[q][kt] = val;
                     }
                 }
             }
         }
-        // Along columns of each patch row: u[r*6 + j] = (d_r B)_j.
-        for r in 0..6 {
-            let rows: [&[f32]; 6] = std::array::from_fn(|col| &s[(r * 6 + col) * t..][..t]);
-            bt6(rows, &mut tmp, t, t);
-            for j in 0..6 {
-                u[(r * 6 + j) * t..(r * 6 + j + 1) * t].copy_from_slice(&tmp[j * t..(j + 1) * t]);
+        // Along columns of each patch row, straight from the phases: u[r*6 + j] = (d_r B)_j
+        // for one tile row at a time (lanes = its tiles).
+        for ty in 0..p.tiles_y {
+            for r in 0..6 {
+                let prow = &pp[(ty * 4 + r) * 4 * pw..][..4 * pw];
+                let cols: [&[f32]; 6] =
+                    std::array::from_fn(|col| &prow[(col % 4) * pw + col / 4..][..txn]);
+                let at = r * 6 * t + ty * txn;
+                bt6(cols, &mut u[at..at + 5 * t + txn], t, txn);
             }
         }
         // Along rows: V[i*6 + j] = sum_r BT[i][r] u[r*6 + j], written to v[(i*6+j)][ch][..].
         for j in 0..6 {
             let rows: [&[f32]; 6] = std::array::from_fn(|r| &u[(r * 6 + j) * t..][..t]);
-            bt6(rows, &mut tmp, t, t);
-            for i in 0..6 {
-                v[i * 6 + j][ch * t..(ch + 1) * t].copy_from_slice(&tmp[i * t..(i + 1) * t]);
-            }
+            let (a, rest) = v.split_at_mut(6 + j);
+            let (b, rest) = rest.split_at_mut(6);
+            let (c, rest) = rest.split_at_mut(6);
+            let (d, rest) = rest.split_at_mut(6);
+            let (e, f) = rest.split_at_mut(6);
+            let outs = [
+                &mut a[j][ch * t..(ch + 1) * t],
+                &mut b[0][ch * t..(ch + 1) * t],
+                &mut c[0][ch * t..(ch + 1) * t],
+                &mut d[0][ch * t..(ch + 1) * t],
+                &mut e[0][ch * t..(ch + 1) * t],
+                &mut f[0][ch * t..(ch + 1) * t],
+            ];
+            bt6_into(rows, outs, t);
         }
     }
 }
@@ -338,6 +395,9 @@ fn at6(d: [&[f32]; 6], out: &mut [f32], stride: usize, n: usize) {
     let (o, rest) = out.split_at_mut(stride);
     let (o1, rest) = rest.split_at_mut(stride);
     let (o2, o3) = rest.split_at_mut(stride);
+    // Sliced to n first: the loop runs without bounds checks, vectorized.
+    let (o, o1, o2, o3) = (&mut o[..n], &mut o1[..n], &mut o2[..n], &mut o3[..n]);
+    let d: [&[f32]; 6] = std::array::from_fn(|i| &d[i][..n]);
     for t in 0..n {
         let (d0, d1, d2, d3, d4, d5) = (d[0][t], d[1][t], d[2][t], d[3][t], d[4][t], d[5][t]);
         let (a, b) = (d1 + d2, d1 - d2);
@@ -354,7 +414,6 @@ pub(crate) fn wino_output_body(p: &WinoOutput<'_>, y: &mut [f32]) {
     let t = p.tiles_y * p.tiles_x;
     let (oh, ow) = (p.out_h, p.out_w);
     let mut u = vec![0f32; 24 * t];
-    let mut tmp = vec![0f32; 4 * t];
     let mut yt = vec![0f32; 16 * t];
     for o in 0..p.m {
         let oc = p.first + o;
@@ -362,10 +421,8 @@ pub(crate) fn wino_output_body(p: &WinoOutput<'_>, y: &mut [f32]) {
         // Along rows: u[i*6 + c] = sum_r AT[i][r] M[r*6 + c].
         for c in 0..6 {
             let rows: [&[f32]; 6] = std::array::from_fn(|r| at(r * 6 + c));
-            at6(rows, &mut tmp, t, t);
-            for i in 0..4 {
-                u[(i * 6 + c) * t..(i * 6 + c + 1) * t].copy_from_slice(&tmp[i * t..(i + 1) * t]);
-            }
+            // Outputs i land at u[(i*6 + c)]: stride 6 planes from plane c.
+            at6(rows, &mut u[c * t..(c + 18) * t + t], 6 * t, t);
         }
         // Along columns: Y[i*4 + j].
         for i in 0..4 {
@@ -373,14 +430,22 @@ pub(crate) fn wino_output_body(p: &WinoOutput<'_>, y: &mut [f32]) {
             at6(rows, &mut yt[i * 4 * t..(i + 1) * 4 * t], t, t);
         }
         let yo = &mut y[o * oh * ow..(o + 1) * oh * ow];
+        let txn = p.tiles_x;
+        // Tiles wholly inside a row take four values each; the last may be cut by the edge.
+        let full = (ow / 4).min(txn);
         for ty in 0..p.tiles_y {
             for i in 0..4.min(oh - ty * 4) {
                 let row = &mut yo[(ty * 4 + i) * ow..(ty * 4 + i + 1) * ow];
-                for tx in 0..p.tiles_x {
-                    let tile = ty * p.tiles_x + tx;
-                    for j in 0..4.min(ow - tx * 4) {
-                        row[tx * 4 + j] = yt[(i * 4 + j) * t + tile];
-                    }
+                let ph: [&[f32]; 4] =
+                    std::array::from_fn(|j| &yt[(i * 4 + j) * t + ty * txn..][..txn]);
+                for (tx, quad) in row.chunks_exact_mut(4).take(full).enumerate() {
+                    quad[0] = ph[0][tx];
+                    quad[1] = ph[1][tx];
+                    quad[2] = ph[2][tx];
+                    quad[3] = ph[3][tx];
+                }
+                for (j, v) in row[4 * full..].iter_mut().enumerate() {
+                    *v = ph[j][full];
                 }
             }
         }
@@ -1115,6 +1180,9 @@ mod tests {
             (2, 3, 5, 6, 0),
             (16, 16, 14, 14, 1),
             (1, 1, 1, 1, 1),
+            // Pad 2: tiles whose first two patch columns both read padding; width 13 leaves
+            // a last tile reading past the row.
+            (3, 2, 6, 13, 2),
         ] {
             let oh = h + 2 * pad - 2;
             let ow = w + 2 * pad - 2;
