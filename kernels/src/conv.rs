@@ -535,23 +535,30 @@ pub fn wino2_input_planes(p: &WinoInput<'_>, v: &mut [&mut [f32]]) -> bool {
         return false;
     }
     let (h, w) = (p.h, p.w);
+    let (tyn, txn) = (p.tiles_y, p.tiles_x);
+    // One channel zero-padded (rows 2 * tiles_y + 2, columns 2 * tiles_x + 2), so every
+    // tile's 4x4 patch is four in-bounds row slices; its 16 transformed values go to `e16`
+    // ([16][T]) and from there to the planes as 16 contiguous runs.
+    let (ph, pw) = (2 * tyn + 2, 2 * txn + 2);
+    let mut pad = vec![0f32; ph * pw];
+    let mut e16 = vec![0f32; 16 * t];
     for ch in 0..p.c {
         let xc = &p.x[ch * h * w..(ch + 1) * h * w];
-        for ty in 0..p.tiles_y {
-            for tx in 0..p.tiles_x {
-                let mut d = [[0f32; 4]; 4];
-                for (r, dr) in d.iter_mut().enumerate() {
-                    let iy = (ty * 2 + r) as isize - p.pad_top as isize;
-                    if iy < 0 || iy as usize >= h {
-                        continue;
-                    }
-                    for (col, dv) in dr.iter_mut().enumerate() {
-                        let ix = (tx * 2 + col) as isize - p.pad_left as isize;
-                        if ix >= 0 && (ix as usize) < w {
-                            *dv = xc[iy as usize * w + ix as usize];
-                        }
-                    }
-                }
+        pad.fill(0.0);
+        for (iy, xrow) in xc.chunks_exact(w.max(1)).enumerate().take(h) {
+            let py = iy + p.pad_top;
+            if py >= ph || p.pad_left >= pw {
+                continue;
+            }
+            let n = w.min(pw - p.pad_left);
+            pad[py * pw + p.pad_left..][..n].copy_from_slice(&xrow[..n]);
+        }
+        for ty in 0..tyn {
+            for tx in 0..txn {
+                let d: [[f32; 4]; 4] = std::array::from_fn(|r| {
+                    let row = &pad[(2 * ty + r) * pw + 2 * tx..][..4];
+                    [row[0], row[1], row[2], row[3]]
+                });
                 // Rows: e = B^T d (B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]).
                 let mut e = [[0f32; 4]; 4];
                 for col in 0..4 {
@@ -560,14 +567,17 @@ pub fn wino2_input_planes(p: &WinoInput<'_>, v: &mut [&mut [f32]]) -> bool {
                     e[2][col] = d[2][col] - d[1][col];
                     e[3][col] = d[1][col] - d[3][col];
                 }
-                let tile = ty * p.tiles_x + tx;
+                let tile = ty * txn + tx;
                 for (i, er) in e.iter().enumerate() {
                     let out = [er[0] - er[2], er[1] + er[2], er[2] - er[1], er[1] - er[3]];
                     for (j, &val) in out.iter().enumerate() {
-                        v[i * 4 + j][ch * t + tile] = val;
+                        e16[(i * 4 + j) * t + tile] = val;
                     }
                 }
             }
+        }
+        for (k, plane) in v.iter_mut().take(16).enumerate() {
+            plane[ch * t..(ch + 1) * t].copy_from_slice(&e16[k * t..(k + 1) * t]);
         }
     }
     true
@@ -597,32 +607,36 @@ pub fn wino2_output(p: &WinoOutput<'_>, y: &mut [f32]) -> bool {
     {
         return false;
     }
+    let (tyn, txn) = (p.tiles_y, p.tiles_x);
+    // The channel's 2x2 tiles land in a tile-aligned buffer (2 tiles_y x 2 tiles_x), whose
+    // rows are then copied, with the bias, into the (possibly odd-sized) output.
+    let pw = 2 * txn;
+    let mut full = vec![0f32; 2 * tyn * pw];
     for o in 0..p.m {
         let oc = p.first + o;
         let bias = p.bias.map_or(0.0, |b| b[oc]);
         let yo = &mut y[o * oh * ow..(o + 1) * oh * ow];
-        for ty in 0..p.tiles_y {
-            for tx in 0..p.tiles_x {
-                let tile = ty * p.tiles_x + tx;
-                let m = |xi: usize| p.mm[(xi * p.m_total + oc) * t + tile];
+        let ms: [&[f32]; 16] = std::array::from_fn(|k| &p.mm[(k * p.m_total + oc) * t..][..t]);
+        for ty in 0..tyn {
+            let (r0, r1) = full[2 * ty * pw..(2 * ty + 2) * pw].split_at_mut(pw);
+            for tx in 0..txn {
+                let tile = ty * txn + tx;
+                let m: [f32; 16] = std::array::from_fn(|k| ms[k][tile]);
                 // Rows: q = A^T M (2x4), then Y = q A (2x2).
-                let q: [[f32; 4]; 2] = [
-                    std::array::from_fn(|col| m(col) + m(4 + col) + m(8 + col)),
-                    std::array::from_fn(|col| m(4 + col) - m(8 + col) - m(12 + col)),
-                ];
-                for (i, qr) in q.iter().enumerate() {
-                    let oy = ty * 2 + i;
-                    if oy >= oh {
-                        break;
-                    }
-                    let pair = [qr[0] + qr[1] + qr[2], qr[1] - qr[2] - qr[3]];
-                    for (j, &val) in pair.iter().enumerate() {
-                        let ox = tx * 2 + j;
-                        if ox < ow {
-                            yo[oy * ow + ox] = val + bias;
-                        }
-                    }
-                }
+                let q0: [f32; 4] = std::array::from_fn(|col| m[col] + m[4 + col] + m[8 + col]);
+                let q1: [f32; 4] = std::array::from_fn(|col| m[4 + col] - m[8 + col] - m[12 + col]);
+                r0[2 * tx] = q0[0] + q0[1] + q0[2];
+                r0[2 * tx + 1] = q0[1] - q0[2] - q0[3];
+                r1[2 * tx] = q1[0] + q1[1] + q1[2];
+                r1[2 * tx + 1] = q1[1] - q1[2] - q1[3];
+            }
+        }
+        for (yrow, frow) in yo
+            .chunks_exact_mut(ow.max(1))
+            .zip(full.chunks_exact(pw.max(1)))
+        {
+            for (v, &f) in yrow.iter_mut().zip(frow) {
+                *v = f + bias;
             }
         }
         if let Some(r) = p.residual {
