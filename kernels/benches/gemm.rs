@@ -6,7 +6,7 @@
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use edgehal_kernels::dispatch;
 use edgehal_kernels::gemm::{sgemm_with, MatRef};
-use edgehal_kernels::gemv::{gemv_with, GemvAdd, PackedGemv};
+use edgehal_kernels::gemv::{gemv_many_with, gemv_with, GemvAdd, PackedGemv};
 
 fn data(len: usize, seed: u32) -> Vec<f32> {
     let mut s = seed;
@@ -98,11 +98,32 @@ fn gemv(c: &mut Criterion) {
     }
 }
 
+/// The input projection of a whole lstm_kws sequence (49 steps) through [`gemv_many_with`]:
+/// 512 gate rows times 40 (layer 1) or 128 (layer 2) inputs, against 49 single products.
+fn gemv_many(c: &mut Criterion) {
+    let n = 49;
+    for &(m, k) in &[(512, 40), (512, 128)] {
+        let w = data(m * k, 3);
+        let xs = data(n * k, 4);
+        let bias = data(m, 5);
+        let mut ys = vec![0f32; n * m];
+        let pw = PackedGemv::new(MatRef::row_major(&w, m, k)).unwrap();
+        let mut g = c.benchmark_group(format!("gemv_many_{n}x{m}x{k}"));
+        g.throughput(Throughput::Elements((2 * n * m * k) as u64));
+        for v in dispatch::detected().into_iter().filter(|v| !v.is_int8()) {
+            g.bench_function(v.name(), |bch| {
+                bch.iter(|| gemv_many_with(v, &pw, n, black_box(&xs), &mut ys, m, Some(&bias)))
+            });
+        }
+        g.finish();
+    }
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(std::time::Duration::from_secs(1))
         .measurement_time(std::time::Duration::from_secs(3));
-    targets = peak, gemm, gemv
+    targets = peak, gemm, gemv, gemv_many
 }
 criterion_main!(benches);

@@ -120,6 +120,31 @@ pub fn gemv_with(
     y: &mut [f32],
     add: GemvAdd<'_>,
 ) -> bool {
+    gemv_ordered_with(variant, w, x, y, add, false)
+}
+
+/// [`gemv`] reading the 64-row groups last to first when `reverse`: a caller that runs the
+/// same matrix again and again (a recurrent step) alternates the order, so each product
+/// starts on the group the previous one read last, while it is still in L1.
+pub fn gemv_ordered(
+    w: &PackedGemv,
+    x: &[f32],
+    y: &mut [f32],
+    add: GemvAdd<'_>,
+    reverse: bool,
+) -> bool {
+    gemv_ordered_with(dispatch::selected(), w, x, y, add, reverse)
+}
+
+/// [`gemv_ordered`] with a chosen variant; one this CPU lacks runs the portable loop.
+pub fn gemv_ordered_with(
+    variant: Variant,
+    w: &PackedGemv,
+    x: &[f32],
+    y: &mut [f32],
+    add: GemvAdd<'_>,
+    reverse: bool,
+) -> bool {
     if x.len() != w.k || y.len() != w.m || add.bias.is_some_and(|b| b.len() != w.m) {
         return false;
     }
@@ -127,15 +152,79 @@ pub fn gemv_with(
         return true;
     }
     #[cfg(target_arch = "x86_64")]
-    if crate::arch::x86_64::gemv(variant, w, x, y, add) {
+    if crate::arch::x86_64::gemv(variant, w, x, y, add, reverse) {
         return true;
     }
     #[cfg(target_arch = "aarch64")]
-    if crate::arch::aarch64::gemv(variant, w, x, y, add) {
+    if !reverse && crate::arch::aarch64::gemv(variant, w, x, y, add) {
         return true;
     }
     let _ = variant;
-    drive(w, x, y, add, group_portable);
+    drive_ordered(w, x, y, add, reverse, group_portable);
+    true
+}
+
+/// `ys[t * ldy..][..M] = W * xs[t] + bias` for `n` vectors at once (`xs`: `n x K` row-major;
+/// rows of `ys` `ldy >= M` apart, what lies between them untouched): the input projection
+/// of a whole sequence with the packing a step's product uses. The AVX-512 kernel reads each
+/// column of a 64-row group once for up to six vectors (24 accumulators), so `W` streams from
+/// cache once per six vectors instead of once per vector; other variants run one
+/// [`gemv_with`] per vector. Returns `false` (touching nothing) when a size disagrees.
+pub fn gemv_many(
+    w: &PackedGemv,
+    n: usize,
+    xs: &[f32],
+    ys: &mut [f32],
+    ldy: usize,
+    bias: Option<&[f32]>,
+) -> bool {
+    gemv_many_with(dispatch::selected(), w, n, xs, ys, ldy, bias)
+}
+
+/// [`gemv_many`] with a chosen variant; one this CPU lacks runs the portable loop.
+pub fn gemv_many_with(
+    variant: Variant,
+    w: &PackedGemv,
+    n: usize,
+    xs: &[f32],
+    ys: &mut [f32],
+    ldy: usize,
+    bias: Option<&[f32]>,
+) -> bool {
+    let (m, k) = (w.m, w.k);
+    let y_end = match n {
+        0 => Some(0),
+        _ => (n - 1).checked_mul(ldy).and_then(|v| v.checked_add(m)),
+    };
+    if Some(xs.len()) != n.checked_mul(k)
+        || y_end.is_none_or(|e| ys.len() < e)
+        || ldy < m
+        || bias.is_some_and(|b| b.len() != m)
+    {
+        return false;
+    }
+    if m == 0 || n == 0 {
+        return true;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::arch::x86_64::gemv_many(variant, w, n, xs, ys, ldy, bias) {
+        return true;
+    }
+    let add = GemvAdd {
+        bias,
+        accumulate: false,
+    };
+    for t in 0..n {
+        let y = &mut ys[t * ldy..t * ldy + m];
+        if k == 0 {
+            match bias {
+                Some(b) => y.copy_from_slice(b),
+                None => y.fill(0.0),
+            }
+        } else {
+            gemv_with(variant, w, &xs[t * k..(t + 1) * k], y, add);
+        }
+    }
     true
 }
 
@@ -144,16 +233,33 @@ pub fn gemv_with(
 /// (`[k][n][16]`) and writes the `n * PANEL` row sums to `acc`. Sizes were checked by the
 /// caller.
 #[inline(always)]
+#[allow(dead_code)] // the aarch64 kernels' driver; x86 runs `drive_ordered`
 pub(crate) fn drive(
     w: &PackedGemv,
     x: &[f32],
     y: &mut [f32],
     add: GemvAdd<'_>,
+    group: impl FnMut(&[f32], usize, &[f32], &mut [f32; GROUP_ROWS]),
+) {
+    drive_ordered(w, x, y, add, false, group)
+}
+
+/// [`drive`] over the groups last to first when `reverse`.
+#[inline(always)]
+pub(crate) fn drive_ordered(
+    w: &PackedGemv,
+    x: &[f32],
+    y: &mut [f32],
+    add: GemvAdd<'_>,
+    reverse: bool,
     mut group: impl FnMut(&[f32], usize, &[f32], &mut [f32; GROUP_ROWS]),
 ) {
     let (m, k) = (w.m, w.k);
     let mut acc = [0f32; GROUP_ROWS];
-    for (gi, yg) in y.chunks_mut(GROUP_ROWS).enumerate() {
+    let ng = y.len().div_ceil(GROUP_ROWS);
+    for i in 0..ng {
+        let gi = if reverse { ng - 1 - i } else { i };
+        let yg = &mut y[gi * GROUP_ROWS..((gi + 1) * GROUP_ROWS).min(m)];
         let p0 = gi * GROUP;
         let n = (w.panels() - p0).min(GROUP);
         group(
@@ -267,6 +373,10 @@ mod tests {
                     };
                     let mut y = y0.clone();
                     assert!(gemv_with(v, &pw, &x, &mut y, add));
+                    // The reversed group order gives the same bits.
+                    let mut yr = y0.clone();
+                    assert!(gemv_ordered_with(v, &pw, &x, &mut yr, add, true));
+                    assert_eq!(y, yr, "{v:?} {m}x{k} reversed");
                     let want: Vec<f64> = (0..m)
                         .map(|i| {
                             base[i]
@@ -333,6 +443,50 @@ mod tests {
             accumulate: false,
         };
         assert!(!gemv(&pw, &w[..k], &mut y, add));
+    }
+
+    /// `gemv_many` against the f64 products, every variant, for vector counts around the
+    /// six-vector block (tails of 1..5), partial groups, k = 0 and with / without bias.
+    #[test]
+    fn many_vectors_match_naive() {
+        let mut s = 3u32;
+        let mut variants = dispatch::detected();
+        variants.retain(|v| !v.is_int8());
+        for &(m, k) in &[(64, 40), (128, 128), (85, 7), (16, 1), (5, 0), (200, 33)] {
+            let w: Vec<f32> = (0..m * k).map(|_| rnd(&mut s)).collect();
+            let bias: Vec<f32> = (0..m).map(|_| rnd(&mut s)).collect();
+            let pw = PackedGemv::new(MatRef::row_major(&w, m, k)).unwrap();
+            for n in [0usize, 1, 5, 6, 7, 13, 49] {
+                let xs: Vec<f32> = (0..n * k).map(|_| rnd(&mut s)).collect();
+                for &v in &variants {
+                    for use_bias in [false, true] {
+                        let b = use_bias.then_some(&bias[..]);
+                        // Rows 3 floats apart beyond M: the gaps stay untouched.
+                        let ldy = m + 3;
+                        let mut ys = vec![f32::NAN; n * ldy];
+                        assert!(gemv_many_with(v, &pw, n, &xs, &mut ys, ldy, b));
+                        for t in 0..n {
+                            let mut want = naive(&w, m, k, &xs[t * k..(t + 1) * k]);
+                            if use_bias {
+                                want.iter_mut()
+                                    .zip(&bias)
+                                    .for_each(|(a, &b)| *a += b as f64);
+                            }
+                            let what = format!("{v:?} {m}x{k} n {n} t {t} bias {use_bias}");
+                            close(&ys[t * ldy..t * ldy + m], &want, k, &what);
+                            assert!(ys[t * ldy + m..(t + 1) * ldy].iter().all(|v| v.is_nan()));
+                        }
+                    }
+                }
+            }
+            let mut ys = vec![0f32; 2 * m];
+            let x2 = vec![0f32; 2 * k];
+            assert!(!gemv_many(&pw, 2, &vec![0.0; 2 * k + 1], &mut ys, m, None));
+            assert!(!gemv_many(&pw, 2, &x2, &mut ys[1..], m, None));
+            assert!(!gemv_many(&pw, 2, &x2, &mut ys, m + 1, None));
+            assert!(!gemv_many(&pw, 2, &x2, &mut ys, m - 1, None));
+            assert!(!gemv_many(&pw, 2, &x2, &mut ys, m, Some(&bias[1..])));
+        }
     }
 
     /// One-hot vectors read single columns back: a packing that mixed up rows, columns or

@@ -14,7 +14,7 @@ use std::arch::x86_64::*;
 
 use crate::dispatch::Variant;
 use crate::gemm::{axpy_rows, packed_with, Blocking, MatRef, MR as PORTABLE_MR};
-use crate::gemv::{drive as gemv_drive, GemvAdd, PackedGemv, GROUP, GROUP_ROWS, PANEL};
+use crate::gemv::{drive_ordered as gemv_drive, GemvAdd, PackedGemv, GROUP, GROUP_ROWS, PANEL};
 use crate::qconv::RowGeo;
 
 const AVX2_MR: usize = 6;
@@ -870,24 +870,26 @@ unsafe fn qtile_avxvnni(groups: usize, a: *const u8, b: *const u8, acc: *mut i32
     }
 }
 
-/// Runs [`crate::gemv`] with `variant` when it is an x86 SIMD variant this CPU has; returns
-/// `false` (touching nothing) otherwise. Sizes were checked by the caller.
+/// Runs [`crate::gemv`] with `variant` (groups last to first when `reverse`) when it is an
+/// x86 SIMD variant this CPU has; returns `false` (touching nothing) otherwise. Sizes were
+/// checked by the caller.
 pub(crate) fn gemv(
     variant: Variant,
     w: &PackedGemv,
     x: &[f32],
     y: &mut [f32],
     add: GemvAdd<'_>,
+    reverse: bool,
 ) -> bool {
     match variant {
         Variant::Avx512 if is_x86_feature_detected!("avx512f") => {
             // SAFETY: AVX-512F was detected on this CPU just above.
-            unsafe { gemv_avx512(w, x, y, add) };
+            unsafe { gemv_avx512(w, x, y, add, reverse) };
             true
         }
         Variant::Avx2 if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") => {
             // SAFETY: AVX2 and FMA were detected on this CPU just above.
-            unsafe { gemv_avx2(w, x, y, add) };
+            unsafe { gemv_avx2(w, x, y, add, reverse) };
             true
         }
         _ => false,
@@ -897,8 +899,8 @@ pub(crate) fn gemv(
 /// # Safety
 /// The CPU must support AVX-512F.
 #[target_feature(enable = "avx512f")]
-unsafe fn gemv_avx512(w: &PackedGemv, x: &[f32], y: &mut [f32], add: GemvAdd<'_>) {
-    gemv_drive(w, x, y, add, |panels, n, x, acc| {
+unsafe fn gemv_avx512(w: &PackedGemv, x: &[f32], y: &mut [f32], add: GemvAdd<'_>, reverse: bool) {
+    gemv_drive(w, x, y, add, reverse, |panels, n, x, acc| {
         let k = x.len();
         assert!((1..=GROUP).contains(&n) && panels.len() >= n * k * PANEL);
         // SAFETY: compiled for AVX-512F and reached only when the CPU has it; `panels` holds
@@ -991,8 +993,8 @@ unsafe fn gemv_group_avx512(
 /// # Safety
 /// The CPU must support AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn gemv_avx2(w: &PackedGemv, x: &[f32], y: &mut [f32], add: GemvAdd<'_>) {
-    gemv_drive(w, x, y, add, |panels, n, x, acc| {
+unsafe fn gemv_avx2(w: &PackedGemv, x: &[f32], y: &mut [f32], add: GemvAdd<'_>, reverse: bool) {
+    gemv_drive(w, x, y, add, reverse, |panels, n, x, acc| {
         let k = x.len();
         assert!((1..=GROUP).contains(&n) && panels.len() >= n * k * PANEL);
         // SAFETY: compiled for AVX2+FMA and reached only when the CPU has them; `panels`
@@ -1078,6 +1080,141 @@ unsafe fn gemv_group_avx2(
                 acc.as_mut_ptr().add(q * PANEL + 8),
                 _mm256_add_ps(a[0][1], a[1][1]),
             );
+        }
+    }
+}
+
+/// Runs [`crate::gemv::gemv_many`] with `variant` when it is AVX-512F and this CPU has it;
+/// returns `false` (touching nothing) otherwise. Sizes were checked by the caller.
+pub(crate) fn gemv_many(
+    variant: Variant,
+    w: &PackedGemv,
+    n: usize,
+    xs: &[f32],
+    ys: &mut [f32],
+    ldy: usize,
+    bias: Option<&[f32]>,
+) -> bool {
+    match variant {
+        Variant::Avx512 if is_x86_feature_detected!("avx512f") => {
+            // SAFETY: AVX-512F was detected on this CPU just above.
+            unsafe { gemv_many_avx512(w, n, xs, ys, ldy, bias) };
+            true
+        }
+        _ => false,
+    }
+}
+
+/// `ys[t * ldy..][..m] = W xs[t] + bias` group by group: full groups take vectors six, then
+/// two, then one at a time through [`gemv_many_group_avx512`]; a partial last group runs
+/// [`gemv_group_avx512`] per vector.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[target_feature(enable = "avx512f")]
+unsafe fn gemv_many_avx512(
+    w: &PackedGemv,
+    n: usize,
+    xs: &[f32],
+    ys: &mut [f32],
+    ldy: usize,
+    bias: Option<&[f32]>,
+) {
+    let (m, k, np) = (w.rows(), w.cols(), w.panels());
+    assert!(xs.len() >= n * k && ldy >= m && bias.is_none_or(|b| b.len() >= m));
+    let data = w.data();
+    let mut store = |t: usize, r0: usize, acc: &[f32; GROUP_ROWS]| {
+        let rows = (m - r0).min(GROUP_ROWS);
+        let y = &mut ys[t * ldy + r0..t * ldy + r0 + rows];
+        match bias {
+            Some(b) => y
+                .iter_mut()
+                .zip(&acc[..rows])
+                .zip(&b[r0..r0 + rows])
+                .for_each(|((v, &a), &b)| *v = a + b),
+            None => y.copy_from_slice(&acc[..rows]),
+        }
+    };
+    for g in 0..np.div_ceil(GROUP) {
+        let (p0, r0) = (g * GROUP, g * GROUP_ROWS);
+        let npan = (np - p0).min(GROUP);
+        let panels = &data[p0 * k * PANEL..(p0 + npan) * k * PANEL];
+        let mut t = 0;
+        if npan == GROUP {
+            let mut acc6 = [[0f32; GROUP_ROWS]; 6];
+            while t + 6 <= n {
+                // SAFETY: AVX-512F (this function's feature); `panels` holds 4 * k * 16
+                // floats and the six vectors t..t+6 lie within `xs` (n * k floats).
+                unsafe {
+                    gemv_many_group_avx512::<6>(panels.as_ptr(), k, xs[t * k..].as_ptr(), &mut acc6)
+                };
+                for (j, a) in acc6.iter().enumerate() {
+                    store(t + j, r0, a);
+                }
+                t += 6;
+            }
+            let mut acc2 = [[0f32; GROUP_ROWS]; 2];
+            while t + 2 <= n {
+                // SAFETY: as above, for two vectors.
+                unsafe {
+                    gemv_many_group_avx512::<2>(panels.as_ptr(), k, xs[t * k..].as_ptr(), &mut acc2)
+                };
+                for (j, a) in acc2.iter().enumerate() {
+                    store(t + j, r0, a);
+                }
+                t += 2;
+            }
+        }
+        let mut acc = [0f32; GROUP_ROWS];
+        while t < n {
+            // SAFETY: AVX-512F; `panels` holds npan (1..=4) panels of k * 16 floats and
+            // vector t lies within `xs`.
+            unsafe { gemv_group_avx512(panels.as_ptr(), npan, k, xs[t * k..].as_ptr(), &mut acc) };
+            store(t, r0, &acc);
+            t += 1;
+        }
+    }
+}
+
+/// Row sums of one full group (four interleaved panels, `[k][4][16]` floats at `p`) times
+/// `T` vectors (`T x k` floats at `x`, row-major): `4 * T` zmm accumulators, each column of
+/// the group loaded once for all `T` vectors.
+///
+/// # Safety
+/// The CPU must support AVX-512F; `p` must be valid for `4 * k * 16` reads, `x` for `T * k`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn gemv_many_group_avx512<const T: usize>(
+    p: *const f32,
+    k: usize,
+    x: *const f32,
+    out: &mut [[f32; GROUP_ROWS]; T],
+) {
+    let z = _mm512_setzero_ps();
+    let mut a = [[z; GROUP]; T];
+    for c in 0..k {
+        // SAFETY: column c < k of the four panels and element c of each of the T vectors lie
+        // within the caller's bounds.
+        unsafe {
+            let pc = p.add(c * GROUP_ROWS);
+            let wq = [
+                _mm512_loadu_ps(pc),
+                _mm512_loadu_ps(pc.add(PANEL)),
+                _mm512_loadu_ps(pc.add(2 * PANEL)),
+                _mm512_loadu_ps(pc.add(3 * PANEL)),
+            ];
+            for (j, aj) in a.iter_mut().enumerate() {
+                let xv = _mm512_set1_ps(*x.add(j * k + c));
+                for (q, ajq) in aj.iter_mut().enumerate() {
+                    *ajq = _mm512_fmadd_ps(xv, wq[q], *ajq);
+                }
+            }
+        }
+    }
+    for (aj, oj) in a.iter().zip(out.iter_mut()) {
+        for (q, ajq) in aj.iter().enumerate() {
+            // SAFETY: oj holds 4 * 16 floats.
+            unsafe { _mm512_storeu_ps(oj.as_mut_ptr().add(q * PANEL), *ajq) };
         }
     }
 }

@@ -10,7 +10,10 @@
 use edgehal_core::graph::Attr;
 use edgehal_core::{Error, Result, Tensor};
 use edgehal_kernels::gemm::{sgemm, MatRef};
-use edgehal_kernels::gemv::{gemv, GemvAdd, PackedGemv};
+use edgehal_kernels::gemv::{gemv, gemv_many, gemv_ordered, GemvAdd, PackedGemv};
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use super::nn::{ftensor, fvec};
 use super::{input, opt_input, OpCtx, Registry};
@@ -211,25 +214,87 @@ fn expect_shape(t: &Tensor, want: &[usize], what: &str) -> Result<()> {
 /// Weights prepared once per session: `R` per direction packed for [`gemv`], so each step's
 /// `H * R^T` (batch <= 4) is a matrix-vector product per batch entry streaming contiguous
 /// panels instead of an sgemm over a transposed view; for an LSTM whose `W` is constant too,
-/// `[W | R]` per direction, so at batch 1 a step is one product of the joined matrix with
-/// `[x_t; h]` and no input-projection GEMM runs at all.
+/// the batch-1 steps run on [`Chunks`]: the gate rows of each chunk of hidden units packed
+/// on their own, so a step is one product and one fused cell per chunk, chunks shared out to
+/// threads (see [`lstm_batch1`]).
 pub struct RnnPlan {
     kind: Kind,
     /// `R` of the node as the plan saw it, to check the run-time input is the same shape.
     r_shape: Vec<usize>,
     /// `R` per direction.
     r: Vec<PackedGemv>,
-    /// `W`'s shape and `[W | R]` per direction (LSTM with a constant `W`), cut into row
-    /// parts of [`RnnPlan::part_rows`] gates (the last may be shorter) that threads share.
-    wr: Option<(Vec<usize>, Vec<Vec<PackedGemv>>)>,
-    /// Gate rows per part of `wr`.
-    part_rows: usize,
+    /// `W`'s shape and the per-chunk weights (LSTM with a constant `W`).
+    wr: Option<(Vec<usize>, Chunks)>,
+    /// Step work (`gate rows * (input + hidden)`) from which batch-1 steps are shared out to
+    /// threads (a smaller step does not pay for the per-step hand-off).
+    split_min_work: usize,
+}
+
+/// Hidden units per chunk for `hid` units: up to four chunks of at least 64 units (a multiple
+/// of 16, so a chunk is whole 64-row groups of the packed GEMV); `EDGEHAL_RNN_CHUNK` (a
+/// multiple of 16) overrides it. Fewer chunks cost fewer calls per step; threads share the
+/// chunks, so more than one lets two threads split a step.
+fn chunk_units(hid: usize) -> usize {
+    std::env::var("EDGEHAL_RNN_CHUNK")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&v| v > 0 && v % 16 == 0)
+        .unwrap_or_else(|| hid.div_ceil((hid / 64).clamp(1, 4)).next_multiple_of(16))
+}
+
+/// Whether threads alternate the order of their chunks and groups step by step (see
+/// [`lstm_batch1`]); `EDGEHAL_RNN_ALTERNATE=0` turns it off.
+fn alternate_order() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("EDGEHAL_RNN_ALTERNATE").map_or(true, |v| v != "0"))
+}
+
+/// Batch-1 LSTM weights per direction and chunk of hidden units `u0..u1`: the
+/// chunk's rows of the four gates stacked (`i`, `o`, `f`, `c`, `u1 - u0` rows each), so its
+/// product is the pre-activation block [`edgehal_kernels::rnn::lstm_cell`] takes.
+struct Chunks {
+    /// `Hoist`: `W` and `R` rows apart (the input projection of every step runs as one
+    /// [`gemv_many`] before the steps, then a step streams `R` only); `Join`: `[W | R]` rows,
+    /// one product of `[x_t; h]` per step.
+    hoist: bool,
+    /// Hidden units per chunk (the last may have fewer).
+    units: usize,
+    /// `[direction][chunk]`: `R` rows (hoist) or `[W | R]` rows (join).
+    step: Vec<Vec<PackedGemv>>,
+    /// `[direction][chunk]`: `W` rows (hoist only).
+    proj: Vec<Vec<PackedGemv>>,
+}
+
+/// Whether the input projection is hoisted out of the steps for an input of `inp` values
+/// (`EDGEHAL_RNN_HOIST=0|1` forces it): only where [`gemv_many`] has its multi-vector kernel
+/// (AVX-512), where it reads `W` once per six steps instead of once per step.
+fn hoist_projection(inp: usize) -> bool {
+    match std::env::var("EDGEHAL_RNN_HOIST").as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => {
+            edgehal_kernels::dispatch::selected() == edgehal_kernels::dispatch::Variant::Avx512
+                && inp >= 1
+        }
+    }
 }
 
 impl RnnPlan {
     /// A plan for an RNN/GRU/LSTM node whose `R` is a float initializer (`w`: its `W` when
     /// that is an initializer too); `None` otherwise.
     pub fn new(node: &edgehal_core::Node, r: &Tensor, w: Option<&Tensor>) -> Option<RnnPlan> {
+        Self::with_chunk(node, r, w, None, None)
+    }
+
+    /// [`RnnPlan::new`] with `units` hidden units per batch-1 chunk (default: [`chunk_units`])
+    /// and the input projection hoisted or not (default: [`hoist_projection`]).
+    fn with_chunk(
+        node: &edgehal_core::Node,
+        r: &Tensor,
+        w: Option<&Tensor>,
+        units: Option<usize>,
+        hoist: Option<bool>,
+    ) -> Option<RnnPlan> {
         let kind = match node.op.as_str() {
             "RNN" => Kind::Rnn,
             "GRU" => Kind::Gru,
@@ -247,14 +312,11 @@ impl RnnPlan {
             return None;
         }
         let rd = |d: usize| MatRef::row_major(&rv[d * gh * hid..(d + 1) * gh * hid], gh, hid);
-        // Up to four parts of at least 64 gate rows (a multiple of the 16-row panel).
-        let parts = (gh / 64).clamp(1, 4);
-        let part_rows = gh.div_ceil(parts).next_multiple_of(16).max(16);
         let packed = (0..ndir)
             .map(|d| PackedGemv::new(rd(d)))
             .collect::<Option<Vec<_>>>()?;
         let wr = match (kind, w) {
-            (Kind::Lstm, Some(w)) if w.dtype().is_float() && w.rank() == 3 => {
+            (Kind::Lstm, Some(w)) if w.dtype().is_float() && w.rank() == 3 && gh == 4 * hid => {
                 let [wn, wg, inp] = *w.shape() else {
                     return None;
                 };
@@ -262,25 +324,48 @@ impl RnnPlan {
                 if wn != ndir || wg != gh || wv.len() != ndir * gh * inp {
                     None
                 } else {
-                    (0..ndir)
-                        .map(|d| {
-                            let wd = &wv[d * gh * inp..(d + 1) * gh * inp];
-                            let rdv = &rv[d * gh * hid..(d + 1) * gh * hid];
-                            (0..gh)
-                                .step_by(part_rows)
-                                .map(|r0| {
-                                    let r1 = (r0 + part_rows).min(gh);
-                                    let wp = &wd[r0 * inp..r1 * inp];
-                                    let rp = &rdv[r0 * hid..r1 * hid];
-                                    PackedGemv::hcat(&[
-                                        MatRef::row_major(wp, r1 - r0, inp),
-                                        MatRef::row_major(rp, r1 - r0, hid),
-                                    ])
-                                })
-                                .collect::<Option<Vec<_>>>()
-                        })
-                        .collect::<Option<Vec<_>>>()
-                        .map(|v| (w.shape().to_vec(), v))
+                    let hoist = hoist.unwrap_or_else(|| hoist_projection(inp));
+                    let units = units.unwrap_or_else(|| chunk_units(hid)).max(1);
+                    // The chunk's rows of a `[gh][cols]` matrix, gates stacked.
+                    let rows = |m: &[f32], cols: usize, u0: usize, u1: usize| -> Vec<f32> {
+                        (0..4)
+                            .flat_map(|g| &m[(g * hid + u0) * cols..(g * hid + u1) * cols])
+                            .copied()
+                            .collect()
+                    };
+                    let mut step = Vec::with_capacity(ndir);
+                    let mut proj = Vec::with_capacity(ndir);
+                    for d in 0..ndir {
+                        let wd = &wv[d * gh * inp..(d + 1) * gh * inp];
+                        let rdv = &rv[d * gh * hid..(d + 1) * gh * hid];
+                        let (mut sd, mut pd) = (Vec::new(), Vec::new());
+                        for u0 in (0..hid).step_by(units) {
+                            let u1 = (u0 + units).min(hid);
+                            let n = 4 * (u1 - u0);
+                            let (wc, rc) = (rows(wd, inp, u0, u1), rows(rdv, hid, u0, u1));
+                            let (wm, rm) = (
+                                MatRef::row_major(&wc, n, inp),
+                                MatRef::row_major(&rc, n, hid),
+                            );
+                            if hoist {
+                                sd.push(PackedGemv::new(rm)?);
+                                pd.push(PackedGemv::new(wm)?);
+                            } else {
+                                sd.push(PackedGemv::hcat(&[wm, rm])?);
+                            }
+                        }
+                        step.push(sd);
+                        proj.push(pd);
+                    }
+                    Some((
+                        w.shape().to_vec(),
+                        Chunks {
+                            hoist,
+                            units,
+                            step,
+                            proj,
+                        },
+                    ))
                 }
             }
             _ => None,
@@ -290,7 +375,7 @@ impl RnnPlan {
             r_shape: r.shape().to_vec(),
             r: packed,
             wr,
-            part_rows,
+            split_min_work: 1 << 16,
         })
     }
 
@@ -307,6 +392,263 @@ impl RnnPlan {
         }
         run_with(self.kind, ctx, ins, Some(self))
     }
+}
+
+/// One direction of a batch-1 LSTM with default activations for [`lstm_batch1`].
+struct Batch1<'a> {
+    /// Per chunk: `R` rows (`proj` given) or `[W | R]` rows (see [`Chunks`]).
+    step: &'a [PackedGemv],
+    /// Per chunk: `W` rows, when the input projection is hoisted out of the steps.
+    proj: Option<&'a [PackedGemv]>,
+    /// `X` time-major, `inp` values per step.
+    x: &'a [f32],
+    inp: usize,
+    hid: usize,
+    /// Hidden units per chunk.
+    units: usize,
+    /// Steps to run (`sequence_lens`).
+    len: usize,
+    reverse: bool,
+    h0: &'a [f32],
+    c0: &'a [f32],
+    /// `W` and `R` biases summed (`4 * hid`).
+    bias: &'a [f32],
+    /// Peepholes `i`, `o`, `f` (`3 * hid`).
+    peep: &'a [f32],
+    clip: Option<f32>,
+    input_forget: bool,
+}
+
+/// How long the first thread of a run waits for the others to join before it runs every
+/// chunk itself (a pool worker that went to sleep; see [`join_run`]).
+const JOIN_WAIT: Duration = Duration::from_micros(100);
+const FROZEN: usize = 1 << (usize::BITS - 1);
+
+/// Joins a run: the first thread waits (at most [`JOIN_WAIT`]) for `want` threads, then
+/// freezes the count; a thread arriving after that gets `None` and leaves (its chunks are
+/// someone else's). Returns this thread's index and the frozen count.
+fn join_run(reg: &AtomicUsize, want: usize) -> Option<(usize, usize)> {
+    let id = loop {
+        let v = reg.load(Ordering::Acquire);
+        if v & FROZEN != 0 {
+            return None;
+        }
+        if reg
+            .compare_exchange_weak(v, v + 1, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            break v;
+        }
+    };
+    if id == 0 {
+        let start = Instant::now();
+        while reg.load(Ordering::Acquire) < want && start.elapsed() < JOIN_WAIT {
+            std::hint::spin_loop();
+        }
+        return Some((0, reg.fetch_or(FROZEN, Ordering::AcqRel) & !FROZEN));
+    }
+    loop {
+        let v = reg.load(Ordering::Acquire);
+        if v & FROZEN != 0 {
+            return Some((id, v & !FROZEN));
+        }
+        std::hint::spin_loop();
+    }
+}
+
+/// Spins (yielding now and then) until `done` reaches `need`.
+fn wait_for(done: &AtomicUsize, need: usize) {
+    let mut n = 0u32;
+    while done.load(Ordering::Acquire) < need {
+        if n % 64 == 63 {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
+        n = n.wrapping_add(1);
+    }
+}
+
+/// Marks a run failed and releases every waiter unless disarmed (a participant that returns
+/// early or unwinds must not leave the others spinning).
+struct Abort<'a> {
+    failed: &'a AtomicBool,
+    done: &'a AtomicUsize,
+    armed: bool,
+}
+
+impl Drop for Abort<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.failed.store(true, Ordering::Release);
+            self.done.fetch_add(usize::MAX / 4, Ordering::AcqRel);
+        }
+    }
+}
+
+/// A batch-1 LSTM direction with default activations on the chunked weights: with the
+/// projection hoisted, first `X * W^T` (biases folded in) for every step with one
+/// [`gemv_many`] per chunk; then per step and chunk one product of the chunk's `R` rows with
+/// `h` (or of its `[W | R]` rows with `[x_t; h]`), and one fused cell over a thread's chunks
+/// ([`edgehal_kernels::rnn::lstm_cell_blocked`]). Steps depend on the whole previous `h`, chunks of a step do not: with
+/// `threads > 1` the chunks are split into contiguous ranges, one per thread, each thread
+/// keeping its range for every step (so its rows stay in its own core's caches), and a step
+/// starts once every chunk of the previous one is done (a shared counter). Threads that
+/// turn up late leave their chunks to the ones running ([`join_run`]), so a busy pool costs
+/// speed, never a deadlock; every chunk is computed the same way by whichever thread, so
+/// the result does not depend on the thread count. Each thread runs its chunks in
+/// alternating order, forward on even steps and backward on odd ones, so a step starts on
+/// the rows the previous one read last (still in L1). Returns `h` of every step (step
+/// order), the last `h` and `c`; `None` when sizes disagree.
+fn lstm_batch1(a: &Batch1<'_>, threads: usize) -> Option<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let (inp, hid, len, cu) = (a.inp, a.hid, a.len, a.units);
+    let nch = a.step.len();
+    let kx = if a.proj.is_some() { 0 } else { inp };
+    let fits = cu > 0
+        && nch == hid.div_ceil(cu)
+        && a.x.len() >= len * inp
+        && a.h0.len() == hid
+        && a.c0.len() == hid
+        && a.bias.len() == 4 * hid
+        && a.peep.len() == 3 * hid
+        && a.step.iter().enumerate().all(|(j, m)| {
+            let nu = cu.min(hid - j * cu);
+            m.rows() == 4 * nu && m.cols() == kx + hid
+        })
+        && a.proj.is_none_or(|p| {
+            p.len() == nch
+                && p.iter()
+                    .zip(a.step)
+                    .all(|(p, m)| p.rows() == m.rows() && p.cols() == inp)
+        });
+    if !fits {
+        return None;
+    }
+    if len == 0 {
+        return Some((Vec::new(), a.h0.to_vec(), a.c0.to_vec()));
+    }
+    // Row s: h before step s (row 0 is h0); then the final c.
+    let hs: Vec<AtomicU32> =
+        a.h0.iter()
+            .map(|v| AtomicU32::new(v.to_bits()))
+            .chain((0..len * hid).map(|_| AtomicU32::new(0)))
+            .collect();
+    let cs: Vec<AtomicU32> = (0..hid).map(|_| AtomicU32::new(0)).collect();
+    let (done, reg) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    let failed = AtomicBool::new(false);
+    let parts = threads.clamp(1, nch);
+    let want = AtomicUsize::new(parts);
+    let participant = |_: usize| {
+        let Some((me, n)) = join_run(&reg, want.load(Ordering::Relaxed)) else {
+            return;
+        };
+        let mut abort = Abort {
+            failed: &failed,
+            done: &done,
+            armed: true,
+        };
+        // This thread's chunks lo..hi: units u_lo..u_hi, their gates blocked per chunk
+        // (`lstm_cell_blocked` with block `cu`), in buffers of its own.
+        let (lo, hi) = (me * nch / n, (me + 1) * nch / n);
+        let (u_lo, u_hi) = (lo * cu, (hi * cu).min(hid));
+        let rows = 4 * (u_hi - u_lo);
+        let blocked = |v: &[f32], gates: usize| -> Vec<f32> {
+            (lo..hi)
+                .flat_map(|j| {
+                    let (u0, u1) = (j * cu, ((j + 1) * cu).min(hid));
+                    (0..gates).flat_map(move |g| g * hid + u0..g * hid + u1)
+                })
+                .map(|i| v[i])
+                .collect()
+        };
+        let (peep, bias) = (blocked(a.peep, 3), blocked(a.bias, 4));
+        let mut c = a.c0[u_lo..u_hi].to_vec();
+        let mut h = vec![0f32; u_hi - u_lo];
+        let mut gates = vec![0f32; rows];
+        // Chunk j's gate rows within this thread's blocks.
+        let span = |j: usize| 4 * (j * cu - u_lo)..4 * (((j + 1) * cu).min(hid) - u_lo);
+        let mut xw = Vec::new();
+        if let Some(proj) = a.proj {
+            xw = vec![0f32; len * rows];
+            for (j, pw) in proj.iter().enumerate().take(hi).skip(lo) {
+                let r = span(j);
+                let x = &a.x[..len * inp];
+                if !gemv_many(pw, len, x, &mut xw[r.start..], rows, Some(&bias[r])) {
+                    return;
+                }
+            }
+        }
+        let mut xh = vec![0f32; kx + hid];
+        let alt = alternate_order();
+        for s in 0..len {
+            wait_for(&done, s * nch);
+            if failed.load(Ordering::Relaxed) {
+                return;
+            }
+            for (v, h) in xh[kx..].iter_mut().zip(&hs[s * hid..(s + 1) * hid]) {
+                *v = f32::from_bits(h.load(Ordering::Relaxed));
+            }
+            let t = if a.reverse { len - 1 - s } else { s };
+            if kx > 0 {
+                xh[..inp].copy_from_slice(&a.x[t * inp..(t + 1) * inp]);
+            }
+            let back = alt && s % 2 == 1;
+            for i in 0..hi - lo {
+                let j = if back { hi - 1 - i } else { lo + i };
+                if !gemv_ordered(
+                    &a.step[j],
+                    &xh,
+                    &mut gates[span(j)],
+                    GemvAdd::default(),
+                    back,
+                ) {
+                    return;
+                }
+            }
+            let add = if kx == 0 {
+                &xw[t * rows..(t + 1) * rows]
+            } else {
+                &bias[..]
+            };
+            if !edgehal_kernels::rnn::lstm_cell_blocked(
+                &gates,
+                add,
+                &peep,
+                a.clip,
+                a.input_forget,
+                cu,
+                &mut c,
+                &mut h,
+            ) {
+                return;
+            }
+            for (o, v) in hs[(s + 1) * hid + u_lo..].iter().zip(&h) {
+                o.store(v.to_bits(), Ordering::Relaxed);
+            }
+            done.fetch_add(hi - lo, Ordering::Release);
+        }
+        for (o, v) in cs[u_lo..].iter().zip(&c) {
+            o.store(v.to_bits(), Ordering::Relaxed);
+        }
+        abort.armed = false;
+    };
+    if parts == 1 || !edgehal_kernels::pool::run_parts(parts, &participant) {
+        // One thread, or no pool free (nested or concurrent use): this thread runs them all.
+        want.store(1, Ordering::Relaxed);
+        participant(0);
+    }
+    // Every participant has returned (run_parts waits for all parts): plain reads now.
+    if failed.load(Ordering::Acquire) || reg.load(Ordering::Acquire) & !FROZEN == 0 {
+        return None;
+    }
+    let bits = |v: &[AtomicU32]| -> Vec<f32> {
+        v.iter()
+            .map(|v| f32::from_bits(v.load(Ordering::Relaxed)))
+            .collect()
+    };
+    let hs = bits(&hs[hid..]);
+    let h = hs[(len - 1) * hid..].to_vec();
+    Some((hs, h, bits(&cs)))
 }
 
 fn run(kind: Kind, ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
@@ -367,8 +709,6 @@ fn run_with(
     } else {
         swap01(&xv, batch, seq, inp)
     };
-    let wv = fvec(w, &format!("{name} W"))?;
-    let rv = fvec(r, &format!("{name} R"))?;
     let bv: Vec<f32> = match opt_input(ins, 3) {
         Some(b) => {
             expect_shape(b, &[ndir, 2 * gh], &format!("{name} B"))?;
@@ -429,23 +769,26 @@ fn run_with(
     let mut y = vec![0f32; seq * ndir * batch * hid];
     let mut yh = vec![0f32; ndir * batch * hid];
     let mut yc = vec![0f32; ndir * batch * hid];
-    // Batch 1 with `[W | R]` prepared: one joined product per step (see `RnnPlan`).
-    let joined = match plan.and_then(|p| p.wr.as_ref().map(|wr| (wr, p.part_rows))) {
-        Some(((ws, wr), pr)) if lstm_fast && batch == 1 && ws.as_slice() == w.shape() => {
-            Some((wr, pr))
+    // Batch 1 with the chunked weights prepared (see `RnnPlan`, `lstm_batch1`).
+    let chunked = match plan.and_then(|p| p.wr.as_ref().map(|wr| (wr, p.split_min_work))) {
+        Some(((ws, ch), min)) if lstm_fast && batch == 1 && ws.as_slice() == w.shape() => {
+            Some((ch, min))
         }
         _ => None,
     };
-    // Joined steps split their gate rows across threads when a step is big enough to pay
-    // for the hand-off (two 128-unit layers: a 512 x 168 and a 512 x 256 product).
-    let step_threads = if gh * (inp + hid) >= 1 << 16 {
-        crate::arena::threads()
+    // The chunked path reads its prepared weights only: no conversion of W and R per run.
+    let (wv, rv) = if chunked.is_some() {
+        let empty: &[f32] = &[];
+        (Cow::Borrowed(empty), Cow::Borrowed(empty))
     } else {
-        1
+        (
+            fvec(w, &format!("{name} W"))?,
+            fvec(r, &format!("{name} R"))?,
+        )
     };
     let mut xw = vec![
         0f32;
-        if joined.is_some() {
+        if chunked.is_some() {
             0
         } else {
             seq * batch * gh
@@ -454,53 +797,47 @@ fn run_with(
     let mut hr = vec![0f32; batch * gh];
     for d in 0..ndir {
         let reverse = direction == "reverse" || d == 1;
-        let wd = &wv[d * gh * inp..(d + 1) * gh * inp];
-        let rd = &rv[d * gh * hid..(d + 1) * gh * hid];
         let wb = &bv[d * 2 * gh..d * 2 * gh + gh];
         let rb = &bv[d * 2 * gh + gh..(d + 1) * 2 * gh];
         let pd = &pv[d * 3 * hid..(d + 1) * 3 * hid];
         let acts = &acts[d * kind.n_act()..(d + 1) * kind.n_act()];
-        if let Some((wr, pr)) = joined {
+        if let Some((ch, min_work)) = chunked {
+            // Steps big enough to pay for the per-step hand-off are shared out to threads.
+            let threads = if gh * (inp + hid) >= min_work {
+                crate::arena::threads()
+            } else {
+                1
+            };
             let bias: Vec<f32> = wb.iter().zip(rb).map(|(a, b)| a + b).collect();
-            let mut h = h0[d * hid..(d + 1) * hid].to_vec();
-            let mut c = c0[d * hid..(d + 1) * hid].to_vec();
-            let mut xh = vec![0f32; inp + hid];
-            let len = lens[0];
-            for step in 0..len {
-                let t = if reverse { len - 1 - step } else { step };
-                xh[..inp].copy_from_slice(&xv[t * inp..(t + 1) * inp]);
-                xh[inp..].copy_from_slice(&h);
-                let parts = &wr[d];
-                let products =
-                    crate::par::for_parts(step_threads, parts.len(), pr, &mut hr, |r, o| {
-                        for (k, part) in parts[r].iter().enumerate() {
-                            let rows = &mut o[k * pr..][..part.rows()];
-                            if !gemv(part, &xh, rows, GemvAdd::default()) {
-                                return Err(());
-                            }
-                        }
-                        Ok(())
-                    });
-                let ok = products.is_ok()
-                    && edgehal_kernels::rnn::lstm_cell(
-                        &hr,
-                        &bias,
-                        pd,
-                        clip,
-                        input_forget,
-                        &mut c,
-                        &mut h,
-                    );
-                if !ok {
-                    return Err(Error::arg(format!("{name}: W, R and X do not fit")));
-                }
+            let args = Batch1 {
+                step: &ch.step[d],
+                proj: ch.hoist.then(|| &ch.proj[d][..]),
+                units: ch.units,
+                x: &xv,
+                inp,
+                hid,
+                len: lens[0],
+                reverse,
+                h0: &h0[d * hid..(d + 1) * hid],
+                c0: &c0[d * hid..(d + 1) * hid],
+                bias: &bias,
+                peep: pd,
+                clip,
+                input_forget,
+            };
+            let (hs, h, c) = lstm_batch1(&args, threads)
+                .ok_or_else(|| Error::arg(format!("{name}: W, R and X do not fit")))?;
+            for (s, row) in hs.chunks_exact(hid).enumerate() {
+                let t = if reverse { lens[0] - 1 - s } else { s };
                 let yo = (t * ndir + d) * hid;
-                y[yo..yo + hid].copy_from_slice(&h);
+                y[yo..yo + hid].copy_from_slice(row);
             }
             yh[d * hid..(d + 1) * hid].copy_from_slice(&h);
             yc[d * hid..(d + 1) * hid].copy_from_slice(&c);
             continue;
         }
+        let wd = &wv[d * gh * inp..(d + 1) * gh * inp];
+        let rd = &rv[d * gh * hid..(d + 1) * gh * hid];
         if !sgemm(
             1.0,
             MatRef::row_major(&xv, seq * batch, inp),
@@ -793,7 +1130,7 @@ mod tests {
     }
 
     /// A step large enough to split its joined product across threads (128 units, gate rows
-    /// in four parts): 2 and 3 threads give the 1-thread bits, and the op function's values.
+    /// in two chunks): 2 and 3 threads give the 1-thread bits, and the op function's values.
     #[test]
     fn joined_lstm_steps_split_across_threads_exactly() {
         use edgehal_core::Node;
@@ -816,7 +1153,7 @@ mod tests {
             ..Default::default()
         };
         let plan = super::RnnPlan::new(&node, &r, Some(&w)).expect("plan");
-        assert_eq!(plan.wr.as_ref().map(|(_, p)| p[0].len()), Some(4));
+        assert_eq!(plan.wr.as_ref().map(|(_, p)| p.step[0].len()), Some(2));
         let ctx = super::OpCtx {
             node: &node,
             opset: 14,
@@ -832,6 +1169,93 @@ mod tests {
             let got = plan.run(&ctx, &ins).unwrap();
             for (a, b) in one.iter().zip(&got) {
                 assert_eq!(&a.bytes()[..], &b.bytes()[..], "{threads} threads");
+            }
+        }
+    }
+
+    /// The chunked batch-1 path against the op function across its shapes: odd hidden sizes
+    /// (a short last chunk), chunks of 16 and 32 units, the projection hoisted and joined,
+    /// forward / reverse / bidirectional, short and zero `sequence_lens`, clip, peepholes and
+    /// coupled gates; forced to split at any size, 2 and 3 threads give the 1-thread bits.
+    #[test]
+    fn chunked_lstm_matches_the_op_at_every_thread_count() {
+        use edgehal_core::Node;
+        let vals = |n: usize, s: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * s + 3) % 31) as f32 * 0.03 - 0.45)
+                .collect()
+        };
+        let cases = [
+            // (hid, inp, dir, len, clip, input_forget)
+            (37, 9, "forward", None, None, false),
+            (37, 9, "reverse", Some(4i64), Some(0.9f32), false),
+            (50, 3, "bidirectional", None, None, true),
+            (16, 20, "forward", Some(0), None, false),
+            (70, 1, "bidirectional", Some(5), Some(2.0), false),
+        ];
+        for (hid, inp, dir, len, clip, cifg) in cases {
+            let seq = 6;
+            let nd = if dir == "bidirectional" { 2 } else { 1 };
+            let x = t(&[seq, 1, inp], &vals(seq * inp, 3));
+            let w = t(&[nd, 4 * hid, inp], &vals(nd * 4 * hid * inp, 5));
+            let r = t(&[nd, 4 * hid, hid], &vals(nd * 4 * hid * hid, 7));
+            let b = t(&[nd, 8 * hid], &vals(nd * 8 * hid, 11));
+            let h0 = t(&[nd, 1, hid], &vals(nd * hid, 13));
+            let c0 = t(&[nd, 1, hid], &vals(nd * hid, 17));
+            let p = t(&[nd, 3 * hid], &vals(nd * 3 * hid, 19));
+            let mut attrs = vec![
+                ("hidden_size", Attr::Int(hid as i64)),
+                ("direction", Attr::String(dir.as_bytes().to_vec())),
+                ("input_forget", Attr::Int(cifg as i64)),
+            ];
+            if let Some(c) = clip {
+                attrs.push(("clip", Attr::Float(c)));
+            }
+            let lens = len.map(|l| edgehal_core::Tensor::from_vec(vec![1], vec![l]).unwrap());
+            let ins = [
+                Some(&x),
+                Some(&w),
+                Some(&r),
+                Some(&b),
+                lens.as_ref(),
+                Some(&h0),
+                Some(&c0),
+                Some(&p),
+            ];
+            let want = run_op("LSTM", 14, attrs.clone(), &ins, 3).unwrap();
+            let node = Node {
+                op: "LSTM".into(),
+                attrs: attrs.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+                ..Default::default()
+            };
+            let ctx = super::OpCtx {
+                node: &node,
+                opset: 14,
+                subgraph: None,
+                dest: None,
+            };
+            for units in [16, 32] {
+                for hoist in [false, true] {
+                    let what = format!("hid {hid} {dir} len {len:?} units {units} hoist {hoist}");
+                    let mut plan =
+                        super::RnnPlan::with_chunk(&node, &r, Some(&w), Some(units), Some(hoist))
+                            .expect("plan");
+                    plan.split_min_work = 0;
+                    let chunks = plan.wr.as_ref().map(|(_, c)| c.step[0].len());
+                    assert_eq!(chunks, Some(hid.div_ceil(units)), "{what}");
+                    let one = plan.run(&ctx, &ins).unwrap();
+                    for (a, b) in want.iter().zip(&one) {
+                        assert_eq!(a.shape(), b.shape(), "{what}");
+                        close(&b.to_vec::<f32>().unwrap(), &a.to_vec::<f32>().unwrap());
+                    }
+                    for threads in [2, 3] {
+                        let _scope = crate::arena::RunScope::enter(None, threads);
+                        let got = plan.run(&ctx, &ins).unwrap();
+                        for (a, b) in one.iter().zip(&got) {
+                            assert_eq!(&a.bytes()[..], &b.bytes()[..], "{what} {threads} threads");
+                        }
+                    }
+                }
             }
         }
     }
