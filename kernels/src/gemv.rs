@@ -262,12 +262,16 @@ pub(crate) fn drive_ordered(
         let yg = &mut y[gi * GROUP_ROWS..((gi + 1) * GROUP_ROWS).min(m)];
         let p0 = gi * GROUP;
         let n = (w.panels() - p0).min(GROUP);
-        group(
-            &w.data[p0 * k * PANEL..(p0 + n) * k * PANEL],
-            n,
-            x,
-            &mut acc,
-        );
+        let panels = &w.data[p0 * k * PANEL..(p0 + n) * k * PANEL];
+        if add.bias.is_none() && !add.accumulate {
+            // A plain product of a whole group: the kernel stores its sums straight into y
+            // (no round trip through `acc` and a copy call per group).
+            if let Ok(ya) = <&mut [f32; GROUP_ROWS]>::try_from(&mut *yg) {
+                group(panels, n, x, ya);
+                continue;
+            }
+        }
+        group(panels, n, x, &mut acc);
         let r0 = gi * GROUP_ROWS;
         let acc = &acc[..yg.len()];
         match (add.bias, add.accumulate) {

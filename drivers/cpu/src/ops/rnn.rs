@@ -13,6 +13,7 @@ use edgehal_kernels::gemm::{sgemm, MatRef};
 use edgehal_kernels::gemv::{gemv, gemv_many, gemv_ordered, GemvAdd, PackedGemv};
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::nn::{ftensor, fvec};
@@ -263,6 +264,9 @@ struct Chunks {
     step: Vec<Vec<PackedGemv>>,
     /// `[direction][chunk]`: `W` rows (hoist only).
     proj: Vec<Vec<PackedGemv>>,
+    /// Per thread of a run: the buffer of its hoisted projections, kept between runs (no
+    /// allocation, zeroing or page faults per run; a run that finds one busy allocates).
+    scratch: Vec<Mutex<Vec<f32>>>,
 }
 
 /// Whether the input projection is hoisted out of the steps for an input of `inp` values
@@ -362,6 +366,7 @@ impl RnnPlan {
                         Chunks {
                             hoist,
                             units,
+                            scratch: (0..hid.div_ceil(units)).map(|_| Mutex::default()).collect(),
                             step,
                             proj,
                         },
@@ -415,6 +420,8 @@ struct Batch1<'a> {
     bias: &'a [f32],
     /// Peepholes `i`, `o`, `f` (`3 * hid`).
     peep: &'a [f32],
+    /// Per thread: a buffer for the hoisted projections (see [`Chunks::scratch`]).
+    scratch: &'a [Mutex<Vec<f32>>],
     clip: Option<f32>,
     input_forget: bool,
 }
@@ -527,16 +534,19 @@ fn lstm_batch1(a: &Batch1<'_>, threads: usize) -> Option<(Vec<f32>, Vec<f32>, Ve
     if len == 0 {
         return Some((Vec::new(), a.h0.to_vec(), a.c0.to_vec()));
     }
-    // Row s: h before step s (row 0 is h0); then the final c.
-    let hs: Vec<AtomicU32> =
-        a.h0.iter()
-            .map(|v| AtomicU32::new(v.to_bits()))
-            .chain((0..len * hid).map(|_| AtomicU32::new(0)))
-            .collect();
-    let cs: Vec<AtomicU32> = (0..hid).map(|_| AtomicU32::new(0)).collect();
+    let parts = threads.clamp(1, nch);
+    // Shared by several threads: row s of `hs` is h before step s (row 0 is h0); `cs` the
+    // final c. A thread alone keeps them in its own buffers and hands them over in `alone`.
+    let shared = if parts > 1 { hid } else { 0 };
+    let hs: Vec<AtomicU32> = a.h0[..shared]
+        .iter()
+        .map(|v| AtomicU32::new(v.to_bits()))
+        .chain((0..len * shared).map(|_| AtomicU32::new(0)))
+        .collect();
+    let cs: Vec<AtomicU32> = (0..shared).map(|_| AtomicU32::new(0)).collect();
+    let alone_out: Mutex<Option<(Vec<f32>, Vec<f32>)>> = Mutex::new(None);
     let (done, reg) = (AtomicUsize::new(0), AtomicUsize::new(0));
     let failed = AtomicBool::new(false);
-    let parts = threads.clamp(1, nch);
     let want = AtomicUsize::new(parts);
     let participant = |_: usize| {
         let Some((me, n)) = join_run(&reg, want.load(Ordering::Relaxed)) else {
@@ -567,9 +577,12 @@ fn lstm_batch1(a: &Batch1<'_>, threads: usize) -> Option<(Vec<f32>, Vec<f32>, Ve
         let mut gates = vec![0f32; rows];
         // Chunk j's gate rows within this thread's blocks.
         let span = |j: usize| 4 * (j * cu - u_lo)..4 * (((j + 1) * cu).min(hid) - u_lo);
-        let mut xw = Vec::new();
+        let mut fresh = Vec::new();
+        let mut kept = a.scratch.get(me).and_then(|m| m.try_lock().ok());
+        let xw: &mut Vec<f32> = kept.as_deref_mut().unwrap_or(&mut fresh);
         if let Some(proj) = a.proj {
-            xw = vec![0f32; len * rows];
+            // Every row of every step is written below: what the buffer held is overwritten.
+            xw.resize(len * rows, 0.0);
             for (j, pw) in proj.iter().enumerate().take(hi).skip(lo) {
                 let r = span(j);
                 let x = &a.x[..len * inp];
@@ -580,13 +593,22 @@ fn lstm_batch1(a: &Batch1<'_>, threads: usize) -> Option<(Vec<f32>, Vec<f32>, Ve
         }
         let mut xh = vec![0f32; kx + hid];
         let alt = alternate_order();
+        // Alone: h lives in xh (the cell writes it there once the step's products have read
+        // it) and every step's h in ys; no counter, no atomics.
+        let alone = n == 1;
+        let mut ys = vec![0f32; if alone { len * hid } else { 0 }];
+        if alone {
+            xh[kx..].copy_from_slice(a.h0);
+        }
         for s in 0..len {
-            wait_for(&done, s * nch);
-            if failed.load(Ordering::Relaxed) {
-                return;
-            }
-            for (v, h) in xh[kx..].iter_mut().zip(&hs[s * hid..(s + 1) * hid]) {
-                *v = f32::from_bits(h.load(Ordering::Relaxed));
+            if !alone {
+                wait_for(&done, s * nch);
+                if failed.load(Ordering::Relaxed) {
+                    return;
+                }
+                for (v, h) in xh[kx..].iter_mut().zip(&hs[s * hid..(s + 1) * hid]) {
+                    *v = f32::from_bits(h.load(Ordering::Relaxed));
+                }
             }
             let t = if a.reverse { len - 1 - s } else { s };
             if kx > 0 {
@@ -610,6 +632,7 @@ fn lstm_batch1(a: &Batch1<'_>, threads: usize) -> Option<(Vec<f32>, Vec<f32>, Ve
             } else {
                 &bias[..]
             };
+            let out = if alone { &mut xh[kx..] } else { &mut h[..] };
             if !edgehal_kernels::rnn::lstm_cell_blocked(
                 &gates,
                 add,
@@ -618,17 +641,25 @@ fn lstm_batch1(a: &Batch1<'_>, threads: usize) -> Option<(Vec<f32>, Vec<f32>, Ve
                 a.input_forget,
                 cu,
                 &mut c,
-                &mut h,
+                out,
             ) {
                 return;
+            }
+            if alone {
+                ys[s * hid..(s + 1) * hid].copy_from_slice(&xh[kx..]);
+                continue;
             }
             for (o, v) in hs[(s + 1) * hid + u_lo..].iter().zip(&h) {
                 o.store(v.to_bits(), Ordering::Relaxed);
             }
             done.fetch_add(hi - lo, Ordering::Release);
         }
-        for (o, v) in cs[u_lo..].iter().zip(&c) {
-            o.store(v.to_bits(), Ordering::Relaxed);
+        if alone {
+            *alone_out.lock().unwrap_or_else(|p| p.into_inner()) = Some((ys, c));
+        } else {
+            for (o, v) in cs[u_lo..].iter().zip(&c) {
+                o.store(v.to_bits(), Ordering::Relaxed);
+            }
         }
         abort.armed = false;
     };
@@ -646,9 +677,12 @@ fn lstm_batch1(a: &Batch1<'_>, threads: usize) -> Option<(Vec<f32>, Vec<f32>, Ve
             .map(|v| f32::from_bits(v.load(Ordering::Relaxed)))
             .collect()
     };
-    let hs = bits(&hs[hid..]);
+    let (hs, c) = match alone_out.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(v) => v,
+        None => (bits(&hs[hid..]), bits(&cs)),
+    };
     let h = hs[(len - 1) * hid..].to_vec();
-    Some((hs, h, bits(&cs)))
+    Some((hs, h, c))
 }
 
 fn run(kind: Kind, ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
@@ -822,6 +856,7 @@ fn run_with(
                 c0: &c0[d * hid..(d + 1) * hid],
                 bias: &bias,
                 peep: pd,
+                scratch: &ch.scratch,
                 clip,
                 input_forget,
             };
