@@ -956,17 +956,25 @@ impl<'a> Depthwise<'a> {
     /// `None` when the border pixels are under a tenth of the output (the copy would cost
     /// more than they do) or the input is short.
     pub fn bordered(&self) -> Option<(Vec<u8>, usize, usize)> {
-        let (oh, ow, c) = (self.oh, self.ow, self.c);
-        if oh == 0 || ow == 0 || self.x.len() < self.ih * self.iw * c {
+        self.bordered_rows(0..self.oh)
+    }
+
+    /// [`Depthwise::bordered`] for the output rows `rows` only: the padded rows they read,
+    /// from padded row `rows.start * sh` on, so threads each build their own share. Run with
+    /// `x` set to it, `ih`, `iw` to the returned sizes, the top and left padding to 0, `oh`
+    /// to `rows.len()` and output rows `0..rows.len()`. `None` where [`Depthwise::bordered`]
+    /// gives none or `rows` is empty or past `oh`.
+    pub fn bordered_rows(&self, rows: Range<usize>) -> Option<(Vec<u8>, usize, usize)> {
+        if rows.is_empty() || rows.end > self.oh {
             return None;
         }
-        let need_h = (oh - 1) * self.sh + (self.kh - 1) * self.dh + 1;
+        // The full-image decision and width (cheap: no copy when it says no).
+        let (oh, ow, c) = (self.oh, self.ow, self.c);
+        if ow == 0 || self.x.len() < self.ih * self.iw * c {
+            return None;
+        }
         let need_w = (ow - 1) * self.sw + (self.kw - 1) * self.dw + 1;
-        let (ph, pw) = (
-            (self.ih + self.pt).max(need_h),
-            (self.iw + self.pl).max(need_w),
-        );
-        // Output rows / columns whose windows lie inside the unpadded image.
+        let pw = (self.iw + self.pl).max(need_w);
         let inside = |o: usize, s: usize, d: usize, k: usize, p: usize, i: usize| {
             (0..o)
                 .filter(|&v| v * s >= p && v * s - p + (k - 1) * d < i)
@@ -977,10 +985,16 @@ impl<'a> Depthwise<'a> {
         if 10 * rows_in * cols_in >= 9 * oh * ow {
             return None;
         }
+        let first = rows.start * self.sh;
+        let ph = (rows.end - 1 - rows.start) * self.sh + (self.kh - 1) * self.dh + 1;
         let mut buf = vec![self.xz as u8; ph * pw * c];
         let row = self.iw * c;
         for (y, src) in self.x.chunks_exact(row.max(1)).take(self.ih).enumerate() {
-            let d = ((y + self.pt) * pw + self.pl) * c;
+            let py = y + self.pt;
+            if py < first || py >= first + ph {
+                continue;
+            }
+            let d = ((py - first) * pw + self.pl) * c;
             buf[d..d + row].copy_from_slice(src);
         }
         Some((buf, ph, pw))
@@ -2344,6 +2358,34 @@ mod tests {
                     assert!(depthwise_with(dispatch::selected(), &q, 0..oh, &mut out));
                     assert_eq!(out, want, "bordered c={c} s={s} d={d} signed={signed}");
                     bordered_runs += 1;
+                    // Row ranges on their own bordered rows (as threads run them): every
+                    // split point, the same bytes.
+                    for cut in 1..oh {
+                        let mut out = vec![0xAAu8; oh * ow * c];
+                        let (top, bottom) = out.split_at_mut(cut * ow * c);
+                        for (rows, part) in [(0..cut, top), (cut..oh, bottom)] {
+                            let (rx, rh, rw) = p.bordered_rows(rows.clone()).unwrap();
+                            let q = Depthwise {
+                                x: &rx,
+                                ih: rh,
+                                iw: rw,
+                                pt: 0,
+                                pl: 0,
+                                oh: rows.len(),
+                                ..p
+                            };
+                            assert!(depthwise_with(
+                                dispatch::selected(),
+                                &q,
+                                0..rows.len(),
+                                part
+                            ));
+                        }
+                        assert_eq!(out, want, "rows cut at {cut}, c={c} s={s} d={d}");
+                    }
+                    assert!(
+                        p.bordered_rows(0..0).is_none() && p.bordered_rows(0..oh + 1).is_none()
+                    );
                 }
                 packed_runs += usize::from(pack.is_some());
             }
