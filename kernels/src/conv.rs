@@ -693,11 +693,17 @@ pub fn s2_planes(
         for r in pad_top..(pad_top + h).min(rows) {
             let src = &x[(ci * h + r - pad_top) * w..][..w];
             let base = (ci * rows + r) * 2 * row;
-            for (q, &v) in src.iter().enumerate() {
-                let col = q + pad_left;
-                let (phase, j) = (col % 2, col / 2);
-                if j < row {
-                    data[base + phase * row + j] = v;
+            // Padded column q + pad_left: the source columns of each phase are every other
+            // one from the first of that parity, and land contiguously from column / 2.
+            for phase in 0..2 {
+                let q0 = (phase + 2 - pad_left % 2) % 2;
+                let j0 = (q0 + pad_left) / 2;
+                if j0 >= row {
+                    continue;
+                }
+                let dst = &mut data[base + phase * row + j0..base + (phase + 1) * row];
+                for (d, &v) in dst.iter_mut().zip(src.iter().skip(q0).step_by(2)) {
+                    *d = v;
                 }
             }
         }
