@@ -111,9 +111,19 @@ pub fn qdq_add(_: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         hi,
     };
     let mut out = vec![0u8; a.len()];
-    if !qconv::qdq_add(&p, &a.bytes()[..], &b.bytes()[..], &mut out) {
+    let (ab, bb) = (a.bytes(), b.bytes());
+    if ab.len() != out.len() || bb.len() != out.len() {
         return Err(Error::arg(format!("{QDQ_ADD}: operand sizes")));
     }
+    // Large maps (MobileNet's 56x56x24 residual) split across threads.
+    crate::par::for_slices(crate::arena::threads(), &mut out, |off, part| {
+        let n = part.len();
+        if qconv::qdq_add(&p, &ab[off..off + n], &bb[off..off + n], part) {
+            Ok(())
+        } else {
+            Err(Error::arg(format!("{QDQ_ADD}: operand sizes")))
+        }
+    })?;
     Ok(vec![Tensor::from_vec_dtype(dt, a.shape().to_vec(), out)?])
 }
 
