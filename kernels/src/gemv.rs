@@ -156,7 +156,7 @@ pub fn gemv_ordered_with(
         return true;
     }
     #[cfg(target_arch = "aarch64")]
-    if !reverse && crate::arch::aarch64::gemv(variant, w, x, y, add) {
+    if crate::arch::aarch64::gemv(variant, w, x, y, add, reverse) {
         return true;
     }
     let _ = variant;
@@ -228,23 +228,10 @@ pub fn gemv_many_with(
     true
 }
 
-/// Runs `group` over the panels [`GROUP`] at a time and applies the bias / accumulation to
-/// its sums: `group(panels, n, x, acc)` gets one group of `n` (1..=GROUP) interleaved panels
-/// (`[k][n][16]`) and writes the `n * PANEL` row sums to `acc`. Sizes were checked by the
-/// caller.
-#[inline(always)]
-#[allow(dead_code)] // the aarch64 kernels' driver; x86 runs `drive_ordered`
-pub(crate) fn drive(
-    w: &PackedGemv,
-    x: &[f32],
-    y: &mut [f32],
-    add: GemvAdd<'_>,
-    group: impl FnMut(&[f32], usize, &[f32], &mut [f32; GROUP_ROWS]),
-) {
-    drive_ordered(w, x, y, add, false, group)
-}
-
-/// [`drive`] over the groups last to first when `reverse`.
+/// Runs `group` over the panels [`GROUP`] at a time (the groups last to first when `reverse`)
+/// and applies the bias / accumulation to its sums: `group(panels, n, x, acc)` gets one group
+/// of `n` (1..=GROUP) interleaved panels (`[k][n][16]`) and writes the `n * PANEL` row sums to
+/// `acc`. Sizes were checked by the caller.
 #[inline(always)]
 pub(crate) fn drive_ordered(
     w: &PackedGemv,

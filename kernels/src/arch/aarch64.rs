@@ -19,7 +19,7 @@ use std::arch::asm;
 
 use crate::dispatch::Variant;
 use crate::gemm::{axpy_rows, packed_with, Blocking, MatRef, MR as PORTABLE_MR};
-use crate::gemv::{drive as gemv_drive, GemvAdd, PackedGemv, GROUP, GROUP_ROWS, PANEL};
+use crate::gemv::{drive_ordered as gemv_drive, GemvAdd, PackedGemv, GROUP, GROUP_ROWS, PANEL};
 
 const NEON_MR: usize = 8;
 const NEON_NR: usize = 12;
@@ -308,11 +308,12 @@ pub(crate) fn gemv(
     x: &[f32],
     y: &mut [f32],
     add: GemvAdd<'_>,
+    reverse: bool,
 ) -> bool {
     match variant {
         Variant::Neon if std::arch::is_aarch64_feature_detected!("neon") => {
             // SAFETY: NEON was detected on this CPU just above.
-            unsafe { gemv_neon(w, x, y, add) };
+            unsafe { gemv_neon(w, x, y, add, reverse) };
             true
         }
         _ => false,
@@ -322,8 +323,8 @@ pub(crate) fn gemv(
 /// # Safety
 /// The CPU must support NEON.
 #[target_feature(enable = "neon")]
-unsafe fn gemv_neon(w: &PackedGemv, x: &[f32], y: &mut [f32], add: GemvAdd<'_>) {
-    gemv_drive(w, x, y, add, |panels, n, x, acc| {
+unsafe fn gemv_neon(w: &PackedGemv, x: &[f32], y: &mut [f32], add: GemvAdd<'_>, reverse: bool) {
+    gemv_drive(w, x, y, add, reverse, |panels, n, x, acc| {
         let k = x.len();
         assert!((1..=GROUP).contains(&n) && panels.len() >= n * k * PANEL);
         // SAFETY: compiled for NEON and reached only when the CPU has it; `panels` holds n
