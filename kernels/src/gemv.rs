@@ -215,15 +215,13 @@ pub fn gemv_many_with(
         accumulate: false,
     };
     for t in 0..n {
-        let y = &mut ys[t * ldy..t * ldy + m];
-        if k == 0 {
-            match bias {
-                Some(b) => y.copy_from_slice(b),
-                None => y.fill(0.0),
-            }
-        } else {
-            gemv_with(variant, w, &xs[t * k..(t + 1) * k], y, add);
-        }
+        gemv_with(
+            variant,
+            w,
+            &xs[t * k..(t + 1) * k],
+            &mut ys[t * ldy..t * ldy + m],
+            add,
+        );
     }
     true
 }

@@ -1303,6 +1303,37 @@ pub fn lstm(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
 mod tests {
     use super::*;
 
+    /// Two images of `ih x iw x ic` under a `k x k` window, stride `st`, dilation `d`, TFLite
+    /// padding `pad`.
+    fn square_geo(
+        ih: usize,
+        iw: usize,
+        ic: usize,
+        k: usize,
+        st: usize,
+        d: usize,
+        pad: &str,
+    ) -> Geo {
+        let (oh, pt) = out_and_pad(pad, ih, k, st, d).unwrap();
+        let (ow, pl) = out_and_pad(pad, iw, k, st, d).unwrap();
+        Geo {
+            n: 2,
+            ih,
+            iw,
+            ic,
+            oh,
+            ow,
+            kh: k,
+            kw: k,
+            sh: st,
+            sw: st,
+            dh: d,
+            dw: d,
+            pt,
+            pl,
+        }
+    }
+
     /// The 8-bit max pool against the window definition: SAME and VALID, strides 1-2,
     /// 2x2 and 3x3 windows, 1, 8 and 13 channels, a clamp below and above, at 1 and 2
     /// threads (the larger maps split their rows).
@@ -1314,24 +1345,8 @@ mod tests {
             (48, 50, 1, 3, 1, "SAME"),
             (5, 4, 8, 2, 1, "VALID"),
         ] {
-            let (oh, pt) = out_and_pad(pad, ih, k, st, 1).unwrap();
-            let (ow, pl) = out_and_pad(pad, iw, k, st, 1).unwrap();
-            let g = Geo {
-                n: 2,
-                ih,
-                iw,
-                ic,
-                oh,
-                ow,
-                kh: k,
-                kw: k,
-                sh: st,
-                sw: st,
-                dh: 1,
-                dw: 1,
-                pt,
-                pl,
-            };
+            let g = square_geo(ih, iw, ic, k, st, 1, pad);
+            let (oh, ow) = (g.oh, g.ow);
             let x: Vec<i8> = (0..2 * ih * iw * ic)
                 .map(|i| ((i * 7919) % 251) as i32 - 125)
                 .map(|v| v as i8)
@@ -1375,24 +1390,8 @@ mod tests {
             (6, 7, 2, 2, 1, 1, "VALID"),
             (5, 5, 4, 5, 3, 1, "SAME"),
         ] {
-            let (oh, pt) = out_and_pad(pad, ih, k, st, d).unwrap();
-            let (ow, pl) = out_and_pad(pad, iw, k, st, d).unwrap();
-            let g = Geo {
-                n: 2,
-                ih,
-                iw,
-                ic,
-                oh,
-                ow,
-                kh: k,
-                kw: k,
-                sh: st,
-                sw: st,
-                dh: d,
-                dw: d,
-                pt,
-                pl,
-            };
+            let g = square_geo(ih, iw, ic, k, st, d, pad);
+            let (oh, ow) = (g.oh, g.ow);
             let x: Vec<i32> = (0..2 * ih * iw * ic).map(|v| v as i32 + 1).collect();
             for b in 0..2 {
                 let got = g.im2col(&x, b, -7);
