@@ -23,6 +23,11 @@ pub mod types;
 
 use std::ffi::c_char;
 
+/// Large blocks (activations) on a 64-byte line, as in the `edgehal` command: NHWC channel
+/// vectors then never straddle two cache lines (see `edgehal_kernels::alloc`).
+#[global_allocator]
+static ALLOC: edgehal_kernels::alloc::LineAligned = edgehal_kernels::alloc::LineAligned;
+
 use status::*;
 
 /// Major version of the library this header belongs to (matches Cargo.toml).

@@ -5,12 +5,14 @@
 //! - Every kernel has a portable reference; SIMD variants are picked at run time (once per
 //!   process, see [`dispatch`]) and tested against the reference.
 //! - `unsafe` is allowed only in `arch/` and `simd.rs` (intrinsics and `#[target_feature]`
-//!   entry points) and `pool.rs` (the worker pool hands a lifetime-erased job to its threads);
-//!   everything else is safe Rust.
+//!   entry points), `pool.rs` (the worker pool hands a lifetime-erased job to its threads) and
+//!   `alloc.rs` (a global allocator that puts large blocks on a cache line); everything else is
+//!   safe Rust.
 
 #![deny(unsafe_code)]
 
 pub mod aligned;
+pub mod alloc;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod arch;
 pub mod conv;

@@ -10,6 +10,11 @@ mod run;
 
 use clap::{Parser, Subcommand};
 
+/// Large blocks (activations) on a 64-byte line: NHWC channel vectors then never straddle two
+/// cache lines (see `edgehal_kernels::alloc`).
+#[global_allocator]
+static ALLOC: edgehal_kernels::alloc::LineAligned = edgehal_kernels::alloc::LineAligned;
+
 #[derive(Parser)]
 #[command(
     name = "edgehal",
