@@ -1019,6 +1019,7 @@ fn max_pool_8<T: Copy + Ord + Default + Send + Sync>(
     };
     let run = |rows: std::ops::Range<usize>, part: &mut [T]| -> std::result::Result<(), ()> {
         let mut vm = vec![lo; g.iw * c];
+        let mut hm = vec![lo; g.iw * c];
         for (r, orow) in rows.zip(part.chunks_exact_mut(row_len)) {
             let (n, oy) = (r / g.oh, r % g.oh);
             vm.fill(lo);
@@ -1032,7 +1033,26 @@ fn max_pool_8<T: Copy + Ord + Default + Send + Sync>(
                 }
             }
             if any {
+                // Interior columns (every tap inside the row): the window max at every input
+                // column first, over whole shifted rows (vectorized), then one pick per output.
+                let (lo_x, hi_x) = interior_cols(g);
+                if hi_x > lo_x {
+                    let span = (g.iw + 1 - ((g.kw - 1) * g.dw + 1)) * c;
+                    hm[..span].copy_from_slice(&vm[..span]);
+                    for kx in 1..g.kw {
+                        let sh = &vm[kx * g.dw * c..][..span];
+                        hm[..span]
+                            .iter_mut()
+                            .zip(sh)
+                            .for_each(|(a, &b)| *a = (*a).max(b));
+                    }
+                    let first = (lo_x * g.sw - g.pl) * c;
+                    pick_cols(&mut orow[lo_x * c..hi_x * c], &hm[first..span], c, g.sw * c);
+                }
                 for (ox, o) in orow.chunks_exact_mut(c).enumerate() {
+                    if (lo_x..hi_x).contains(&ox) {
+                        continue;
+                    }
                     for kx in 0..g.kw {
                         let Some(ix) = g.ix(ox, kx) else { continue };
                         max_into(o, &vm[ix * c..][..c]);
@@ -1045,6 +1065,41 @@ fn max_pool_8<T: Copy + Ord + Default + Send + Sync>(
     };
     let _ = crate::par::for_parts(threads, g.n * g.oh, row_len, &mut out, run);
     out
+}
+
+/// Output columns `lo..hi` whose windows lie inside the input row (no padding tap).
+fn interior_cols(g: &Geo) -> (usize, usize) {
+    let reach = (g.kw.max(1) - 1) * g.dw + 1;
+    let lo = g.pl.div_ceil(g.sw.max(1)).min(g.ow);
+    if g.iw + g.pl < reach {
+        return (lo, lo);
+    }
+    // ox s - pl + reach <= iw.
+    let hi = ((g.iw + g.pl - reach) / g.sw.max(1) + 1).clamp(lo, g.ow);
+    (lo, hi)
+}
+
+/// `out` pixel `i` (`c` values) = `src[i * step..][..c]` (`max` with what `out` holds is not
+/// needed: the interior window max was computed whole). Fixed-size copies for the usual
+/// channel counts so no pixel goes through a `memcpy` call.
+fn pick_cols<T: Copy>(out: &mut [T], src: &[T], c: usize, step: usize) {
+    fn fixed<T: Copy, const C: usize>(out: &mut [T], src: &[T], step: usize) {
+        for (i, o) in out.chunks_exact_mut(C).enumerate() {
+            let o: &mut [T; C] = o.try_into().expect("C values");
+            *o = src[i * step..i * step + C].try_into().expect("C values");
+        }
+    }
+    match c {
+        4 => fixed::<T, 4>(out, src, step),
+        8 => fixed::<T, 8>(out, src, step),
+        16 => fixed::<T, 16>(out, src, step),
+        32 => fixed::<T, 32>(out, src, step),
+        _ => {
+            for (i, o) in out.chunks_exact_mut(c.max(1)).enumerate() {
+                o.copy_from_slice(&src[i * step..i * step + c]);
+            }
+        }
+    }
 }
 
 /// `d[i] = max(d[i], s[i])`, eight lanes at a time.
@@ -1334,18 +1389,24 @@ mod tests {
         }
     }
 
-    /// The 8-bit max pool against the window definition: SAME and VALID, strides 1-2,
-    /// 2x2 and 3x3 windows, 1, 8 and 13 channels, a clamp below and above, at 1 and 2
-    /// threads (the larger maps split their rows).
+    /// The 8-bit max pool against the window definition: SAME and VALID, strides 1-3,
+    /// 2x2 and 3x3 windows (one dilated), 1, 4, 8, 13, 16 and 32 channels (the fixed-size
+    /// and general interior picks), rows too narrow for any interior column, a clamp below
+    /// and above, at 1 and 2 threads (the larger maps split their rows).
     #[test]
     fn max_pool_8_matches_the_window_max() {
-        for &(ih, iw, ic, k, st, pad) in &[
-            (96usize, 96usize, 8usize, 2usize, 2usize, "VALID"),
-            (7, 9, 13, 3, 2, "SAME"),
-            (48, 50, 1, 3, 1, "SAME"),
-            (5, 4, 8, 2, 1, "VALID"),
+        for &(ih, iw, ic, k, st, d, pad) in &[
+            (96usize, 96usize, 8usize, 2usize, 2usize, 1usize, "VALID"),
+            (7, 9, 13, 3, 2, 1, "SAME"),
+            (48, 50, 1, 3, 1, 1, "SAME"),
+            (5, 4, 8, 2, 1, 1, "VALID"),
+            (9, 11, 16, 3, 2, 1, "SAME"),
+            (6, 7, 32, 2, 2, 1, "VALID"),
+            (8, 10, 4, 3, 3, 1, "SAME"),
+            (9, 12, 8, 3, 1, 2, "SAME"),
+            (3, 2, 4, 3, 1, 1, "SAME"),
         ] {
-            let g = square_geo(ih, iw, ic, k, st, 1, pad);
+            let g = square_geo(ih, iw, ic, k, st, d, pad);
             let (oh, ow) = (g.oh, g.ow);
             let x: Vec<i8> = (0..2 * ih * iw * ic)
                 .map(|i| ((i * 7919) % 251) as i32 - 125)
