@@ -202,7 +202,7 @@ impl QConvPlan {
                 } else {
                     vec![rows, oc]
                 };
-                let mut out = vec![0u8; rows * oc];
+                let mut out = crate::arena::take_bytes(rows * oc);
                 self.gemm(xb, signed, rows, k, packed, &mut out, threads)?;
                 (shape, out)
             }
@@ -219,7 +219,7 @@ impl QConvPlan {
                 }
                 let g = Geo::new(ctx, xd, *kh, *kw)?;
                 let rows = g.oh * g.ow;
-                let mut out = vec![0u8; g.n * rows * oc];
+                let mut out = crate::arena::take_bytes(g.n * rows * oc);
                 let img = g.ih * g.iw * g.ic;
                 for (n, o) in out.chunks_exact_mut((rows * oc).max(1)).enumerate() {
                     if let (Some(pr), 1) = (in_place, g.dw) {
@@ -248,7 +248,7 @@ impl QConvPlan {
                     return (self.fallback)(ctx, ins);
                 }
                 let g = Geo::new(ctx, xd, *kh, *kw)?;
-                let mut out = vec![0u8; g.n * g.oh * g.ow * oc];
+                let mut out = crate::arena::take_bytes(g.n * g.oh * g.ow * oc);
                 let img = g.ih * g.iw * g.ic;
                 for (n, o) in out.chunks_exact_mut((g.oh * g.ow * oc).max(1)).enumerate() {
                     let p = Depthwise {
@@ -278,7 +278,7 @@ impl QConvPlan {
                 (vec![g.n, g.oh, g.ow, oc], out)
             }
         };
-        let mut t = Tensor::from_vec_dtype(self.out_dtype, shape, out)?;
+        let mut t = crate::arena::bytes_tensor(self.out_dtype, shape, out)?;
         t.quant = Some(self.out_quant.clone());
         Ok(vec![t])
     }

@@ -110,7 +110,7 @@ pub fn qdq_add(_: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         lo,
         hi,
     };
-    let mut out = vec![0u8; a.len()];
+    let mut out = crate::arena::take_bytes(a.len());
     let (ab, bb) = (a.bytes(), b.bytes());
     if ab.len() != out.len() || bb.len() != out.len() {
         return Err(Error::arg(format!("{QDQ_ADD}: operand sizes")));
@@ -124,7 +124,11 @@ pub fn qdq_add(_: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
             Err(Error::arg(format!("{QDQ_ADD}: operand sizes")))
         }
     })?;
-    Ok(vec![Tensor::from_vec_dtype(dt, a.shape().to_vec(), out)?])
+    Ok(vec![crate::arena::bytes_tensor(
+        dt,
+        a.shape().to_vec(),
+        out,
+    )?])
 }
 
 /// 8-bit `[a, b, c, d]` bytes permuted by `perm` (a 4-d transpose of one-byte elements).
@@ -425,7 +429,7 @@ impl QdqConvPlan {
         let signed = self.x_dtype == DType::I8;
         let img = ih * iw * c;
         let orow = oh * ow * m;
-        let mut out = vec![0u8; n * orow];
+        let mut out = crate::arena::take_bytes(n * orow);
         for (b, o) in out.chunks_exact_mut(orow.max(1)).enumerate() {
             let xi = &xb[b * img..(b + 1) * img];
             match &self.kind {
@@ -493,7 +497,11 @@ impl QdqConvPlan {
         } else {
             vec![n, oh, ow, m]
         };
-        Ok(vec![Tensor::from_vec_dtype(self.out_dtype, shape, out)?])
+        Ok(vec![crate::arena::bytes_tensor(
+            self.out_dtype,
+            shape,
+            out,
+        )?])
     }
 
     /// Patches (`kh*kw*c` bytes each, `[ky][kx][c]` order, rows `rs` apart) of output pixels
