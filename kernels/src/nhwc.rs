@@ -546,6 +546,10 @@ mod tests {
             (7, 33, 40),
             (14, 20, 64),
             (20, 8, 32),
+            // Weights past the one-tile block size: a 1-pixel tail block merged into the
+            // previous one (49 = 48 + 1), and three blocks of 36 with a merged tail of 42.
+            (49, 960, 72),
+            (150, 1200, 64),
         ] {
             let x = rnd(&mut s, pixels * k);
             let w = rnd(&mut s, m * k);

@@ -777,7 +777,13 @@ unsafe fn pointwise_nhwc_avx512(p: &nhwc::Pointwise<'_>, y: &mut [f32]) {
     let blk = pw_block(k, m);
     let mut b0 = 0;
     while b0 < p.pixels {
-        let b1 = (b0 + blk).min(p.pixels);
+        // A short last block would stream every panel again for a few pixels (49 pixels in
+        // blocks of 48 ran a 1-pixel block over all of a 1.2 MB weight matrix): merge it.
+        let b1 = if p.pixels - b0 < blk + blk / 2 {
+            p.pixels
+        } else {
+            b0 + blk
+        };
         for jp in 0..p.w.panels() {
             let wp = p.w.panel(jp);
             assert!(wp.len() >= k * 32);
@@ -793,7 +799,14 @@ unsafe fn pointwise_nhwc_avx512(p: &nhwc::Pointwise<'_>, y: &mut [f32]) {
             });
             let mut i = b0;
             while i < b1 {
-                let rows = 12.min(b1 - i);
+                // Thirteen rows left run as one tile (26 accumulators still fit): a 7x7 map's
+                // 49 pixels are 12 + 12 + 12 + 13, not four tiles of 12 and a one-row tile,
+                // whose two FMA chains wait on their latency.
+                let rows = if b1 - i == 13 && m > 16 {
+                    13
+                } else {
+                    12.min(b1 - i)
+                };
                 let store = |r: &[[__m512; 2]]| {
                     for (ri, acc) in r.iter().enumerate().take(rows) {
                         for v in 0..2 {
@@ -848,11 +861,22 @@ unsafe fn pointwise_nhwc_avx512(p: &nhwc::Pointwise<'_>, y: &mut [f32]) {
                         i += rows;
                         continue;
                     }
-                    match rows {
-                        9.. => store(&pw_product::<12>(k, xi, rows, wq)),
-                        5..=8 => store(&pw_product::<8>(k, xi, rows, wq)),
-                        3..=4 => store(&pw_product::<4>(k, xi, rows, wq)),
-                        2 => store(&pw_product::<2>(k, xi, rows, wq)),
+                    // The block's first tile of a panel also prefetches the next panel into
+                    // L1, two lines per step (the same 128 bytes per k as this panel), so the
+                    // other tiles and the next panel find their weights near (a large layer's
+                    // weights come from L3 cold on every run).
+                    let next = if i == b0 && jp + 1 < p.w.panels() {
+                        Some(p.w.panel(jp + 1).as_ptr())
+                    } else {
+                        None
+                    };
+                    match (rows, next) {
+                        (13, _) => store(&pw_product::<13>(k, xi, rows, wq)),
+                        (9.., Some(pf)) => store(&pw_product_pf::<12>(k, xi, rows, wq, pf)),
+                        (9.., None) => store(&pw_product::<12>(k, xi, rows, wq)),
+                        (5..=8, _) => store(&pw_product::<8>(k, xi, rows, wq)),
+                        (3..=4, _) => store(&pw_product::<4>(k, xi, rows, wq)),
+                        (2, _) => store(&pw_product::<2>(k, xi, rows, wq)),
                         _ => store(&pw_product::<1>(k, xi, rows, wq)),
                     }
                 }
@@ -889,6 +913,44 @@ unsafe fn pw_product<const R: usize>(
     for kk in 0..k {
         // SAFETY: kk < k, so the weight reads end at k * 32 and the row reads at row + k.
         unsafe {
+            let w0 = _mm512_loadu_ps(w.add(kk * 32));
+            let w1 = _mm512_loadu_ps(w.add(kk * 32 + 16));
+            for (ri, p) in r.iter_mut().zip(&xr) {
+                let a = _mm512_set1_ps(*p.add(kk));
+                ri[0] = _mm512_fmadd_ps(a, w0, ri[0]);
+                ri[1] = _mm512_fmadd_ps(a, w1, ri[1]);
+            }
+        }
+    }
+    r
+}
+
+/// [`pw_product`] that also prefetches `k * 32` floats at `pf` (the next weight panel).
+///
+/// # Safety
+/// As [`pw_product`]; `pf` points into (or one past) an allocation of at least `k * 32`
+/// floats (prefetches do not fault, but the address arithmetic must stay in bounds).
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn pw_product_pf<const R: usize>(
+    k: usize,
+    x: *const f32,
+    rows: usize,
+    w: *const f32,
+    pf: *const f32,
+) -> [[__m512; 2]; R] {
+    let mut r = [[_mm512_setzero_ps(); 2]; R];
+    let mut xr = [x; R];
+    for (i, p) in xr.iter_mut().enumerate() {
+        // SAFETY: row i.min(rows - 1) < rows starts within x.
+        *p = unsafe { x.add(i.min(rows - 1) * k) };
+    }
+    for kk in 0..k {
+        // SAFETY: kk < k, so the weight reads end at k * 32 and the row reads at row + k; the
+        // prefetch addresses lie within the next panel's k * 32 floats.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(pf.add(kk * 32) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(pf.add(kk * 32 + 16) as *const i8);
             let w0 = _mm512_loadu_ps(w.add(kk * 32));
             let w1 = _mm512_loadu_ps(w.add(kk * 32 + 16));
             for (ri, p) in r.iter_mut().zip(&xr) {
