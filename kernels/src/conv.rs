@@ -658,12 +658,12 @@ const S2_OCB: usize = 8;
 /// columns `0, 2, 4, ..` then the odd ones, so each tap of a kernel row for 16 neighbouring
 /// outputs is one contiguous load (tap `kx` reads phase `kx % 2` from column `kx / 2` on).
 pub struct S2Planes {
-    data: Vec<f32>,
-    c: usize,
-    rows: usize,
-    row: usize,
-    kh: usize,
-    kw: usize,
+    pub(crate) data: Vec<f32>,
+    pub(crate) c: usize,
+    pub(crate) rows: usize,
+    pub(crate) row: usize,
+    pub(crate) kh: usize,
+    pub(crate) kw: usize,
 }
 
 /// [`S2Planes`] of `x` (`[c, h, w]`) for a `kernel` (`[kh, kw]`) and outputs `out_h x out_w`
@@ -944,12 +944,16 @@ mod tests {
     }
 
     /// Other kernel sizes at stride 2 (ResNet's 7x7 stem with pad 3, 5x5, 1x1, 2x2, 3x5)
-    /// against a direct f64 sum, on every variant.
+    /// against a direct f64 sum, on every variant; rows of 1 to 3 vectors with partial last
+    /// vectors, Relu and (every other case) HardSwish, which is not a clamp.
     #[test]
     fn dense_stride_2_any_kernel_matches_naive() {
         let mut sd = 17u32;
         // (c, h, w, m, kh, kw, pad_top, pad_left)
-        for &(c, h, w, m, kh, kw, pt, pl) in &[
+        for (case, &(c, h, w, m, kh, kw, pt, pl)) in [
+            (
+                3usize, 12usize, 100usize, 13usize, 3usize, 3usize, 1usize, 1usize,
+            ),
             (
                 3usize, 40usize, 38usize, 16usize, 7usize, 7usize, 3usize, 3usize,
             ),
@@ -958,7 +962,15 @@ mod tests {
             (1, 6, 7, 3, 1, 1, 0, 0),
             (4, 8, 9, 10, 2, 2, 0, 1),
             (3, 9, 33, 8, 3, 5, 1, 2),
-        ] {
+        ]
+        .iter()
+        .enumerate()
+        {
+            let act = if case % 2 == 1 {
+                Activation::HardSwish
+            } else {
+                Activation::Relu
+            };
             let oh = (h + 2 * pt - kh) / 2 + 1;
             let ow = (w + 2 * pl - kw) / 2 + 1;
             let x: Vec<f32> = (0..c * h * w).map(|_| rnd(&mut sd)).collect();
@@ -982,7 +994,7 @@ mod tests {
                                 }
                             }
                         }
-                        want[(o * oh + oy) * ow + ox] = (acc as f32).max(0.0);
+                        want[(o * oh + oy) * ow + ox] = act.apply(acc as f32);
                     }
                 }
             }
@@ -994,14 +1006,14 @@ mod tests {
                     out_w: ow,
                     weight: &wt,
                     bias: Some(&bias),
-                    act: Activation::Relu,
+                    act,
                 };
                 let mut y = vec![f32::NAN; m * oh * ow];
                 assert!(conv_s2_with(v, &p, &mut y));
                 for (k, (a, b)) in y.iter().zip(&want).enumerate() {
                     assert!(
                         (a - b).abs() < 1e-4,
-                        "{v:?} c{c} {h}x{w} k{kh}x{kw} m{m} [{k}] {a} vs {b}"
+                        "{v:?} c{c} {h}x{w} k{kh}x{kw} m{m} {act:?} [{k}] {a} vs {b}"
                     );
                 }
             }
