@@ -1461,7 +1461,7 @@ pub(crate) fn dense_small_c(
 }
 
 /// Output pixels of a row computed together by [`dense_small_c_avx512`].
-const DENSE_PX: usize = 8;
+const DENSE_PX: usize = 12;
 
 /// The small-channel dense convolution: `DENSE_PX` output pixels x 32 channels in registers,
 /// each tap's two weight vectors loaded once for all of them; pixels whose window leaves the
