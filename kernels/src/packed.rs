@@ -269,7 +269,16 @@ pub fn gemm_packed_panels(
     if crate::simd::gemm_packed(pa, panels.clone(), b, c, ldc, epi) {
         return true;
     }
-    drive::<P_MR, P_NR, _, _>(pa, panels, b, c, ldc, epi, tile_portable, |_, _, _| false);
+    drive::<P_MR, P_NR, false, _, _>(
+        pa,
+        panels,
+        b,
+        c,
+        ldc,
+        epi,
+        |a, b, _, acc| tile_portable(a, b, acc),
+        |_, _, _, _| false,
+    );
     true
 }
 
@@ -292,9 +301,14 @@ thread_local! {
     static BBUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// The blocked loops around an MR x NR register tile `tile(a_panel, b_panel, acc)` that sets
-/// `acc[i][j] = sum_p a_panel[p*MR + i] * b_panel[p*NR + j]`. Sizes were checked by
+/// The blocked loops around an MR x NR register tile `tile(a_panel, b_panel, ldb, acc)` that
+/// sets `acc[i][j] = sum_p a_panel[p*MR + i] * b_panel[p*ldb + j]`. Sizes were checked by
 /// [`gemm_packed_panels`]; `MR` must equal `pa.panel_rows()`.
+///
+/// B panels are packed (`ldb = NR`) right before use, except with `DIRECT` where a whole
+/// panel of a row-major B is read in place (`ldb` = B's row stride): the copy was 3% of
+/// ResNet-18 at one thread, and at two threads, with the row panels split between them, each
+/// thread packed every B panel again.
 ///
 /// `full(a_panel, b_panel, tile)` may instead do the tile in registers and store it straight
 /// into C: its `rows x cols` corner (edge tiles), added to C's partial sums for a later KC
@@ -303,7 +317,7 @@ thread_local! {
 /// blocks, so they may alternate.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn drive<const MR: usize, const NR: usize, T, F>(
+pub(crate) fn drive<const MR: usize, const NR: usize, const DIRECT: bool, T, F>(
     pa: &PackedA,
     panels: Range<usize>,
     b: MatRef<'_>,
@@ -313,8 +327,8 @@ pub(crate) fn drive<const MR: usize, const NR: usize, T, F>(
     mut tile: T,
     mut full: F,
 ) where
-    T: FnMut(&[f32], &[f32], &mut [[f32; NR]; MR]),
-    F: FnMut(&[f32], &[f32], FullTile<'_>) -> bool,
+    T: FnMut(&[f32], &[f32], usize, &mut [[f32; NR]; MR]),
+    F: FnMut(&[f32], &[f32], usize, FullTile<'_>) -> bool,
 {
     assert_eq!(MR, pa.mr, "packed for another register tile");
     let (m, k, n) = (pa.m, pa.k, b.cols);
@@ -348,19 +362,27 @@ pub(crate) fn drive<const MR: usize, const NR: usize, T, F>(
                     // in L1 (a whole packed block of columns ahead of time came back from L2/L3).
                     let j0 = jc + jp * NR;
                     let w = NR.min(n - j0);
-                    let bpanel = &mut bp[..kcb * NR];
-                    for (p, d) in bpanel.chunks_exact_mut(NR).enumerate() {
-                        if b.cs == 1 {
-                            let off = (pc + p) * b.rs + j0;
-                            d[..w].copy_from_slice(&b.data[off..off + w]);
-                        } else {
-                            for (j, v) in d[..w].iter_mut().enumerate() {
-                                *v = b.data[(pc + p) * b.rs + (j0 + j) * b.cs];
+                    // Read in place: a whole panel of row-major B whose rows are not a
+                    // multiple of 1 KiB apart (those would share L1 sets).
+                    let direct = DIRECT && b.cs == 1 && w == NR && !b.rs.is_multiple_of(256);
+                    let (bpanel, ldb) = if direct {
+                        let off = pc * b.rs + j0;
+                        (&b.data[off..off + (kcb - 1) * b.rs + NR], b.rs)
+                    } else {
+                        let bpanel = &mut bp[..kcb * NR];
+                        for (p, d) in bpanel.chunks_exact_mut(NR).enumerate() {
+                            if b.cs == 1 {
+                                let off = (pc + p) * b.rs + j0;
+                                d[..w].copy_from_slice(&b.data[off..off + w]);
+                            } else {
+                                for (j, v) in d[..w].iter_mut().enumerate() {
+                                    *v = b.data[(pc + p) * b.rs + (j0 + j) * b.cs];
+                                }
                             }
+                            d[w..].fill(0.0);
                         }
-                        d[w..].fill(0.0);
-                    }
-                    let bpanel = &bp[..kcb * NR];
+                        (&bp[..kcb * NR], NR)
+                    };
                     for ip in panels.clone() {
                         let i0 = ip * MR;
                         let h = MR.min(m - i0);
@@ -376,10 +398,10 @@ pub(crate) fn drive<const MR: usize, const NR: usize, T, F>(
                             residual: epi.residual.map(|r| &r[off..]),
                             act: epi.act,
                         };
-                        if full(pa.panel(pc, kcb, ip), bpanel, ft) {
+                        if full(pa.panel(pc, kcb, ip), bpanel, ldb, ft) {
                             continue;
                         }
-                        tile(pa.panel(pc, kcb, ip), bpanel, &mut acc);
+                        tile(pa.panel(pc, kcb, ip), bpanel, ldb, &mut acc);
                         for (i, arow) in acc.iter().enumerate().take(h) {
                             let off = (i0 + i - r0) * ldc + j0;
                             let dst = &mut c[off..off + w];

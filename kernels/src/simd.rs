@@ -68,28 +68,28 @@ unsafe fn gemm_avx512(
         unsafe { gemm_avx512_nr16(pa, panels, b, c, ldc, epi) };
         return;
     }
-    drive::<12, 32, _, _>(
+    drive::<12, 32, true, _, _>(
         pa,
         panels,
         b,
         c,
         ldc,
         epi,
-        |ap, bp, acc| {
+        |ap, bp, ldb, acc| {
             let kc = ap.len() / 12;
-            assert!(bp.len() >= kc * 32);
+            assert!(kc == 0 || bp.len() >= (kc - 1) * ldb + 32);
             // SAFETY: compiled for AVX-512F and reached only when the CPU has it; the panels
-            // hold kc*12 and kc*32 floats (checked above).
-            let r = unsafe { product_12x32(kc, ap.as_ptr(), bp.as_ptr()) };
+            // hold kc*12 floats and kc rows of 32 floats ldb apart (checked above).
+            let r = unsafe { product_12x32(kc, ap.as_ptr(), bp.as_ptr(), ldb) };
             spill(&r, acc);
         },
-        |ap, bp, mut ft| {
-            let Some((kc, out)) = tile_out(ap, bp, &mut ft, 32) else {
+        |ap, bp, ldb, mut ft| {
+            let Some((kc, out)) = tile_out(ap, bp, ldb, &mut ft, 32) else {
                 return false;
             };
             // SAFETY: compiled for AVX-512F and reached only when the CPU has it; `tile_out`
             // checked the panels, C, the residual and the bias against the tile's extent.
-            unsafe { store_tile(&product_12x32(kc, ap.as_ptr(), bp.as_ptr()), &out) };
+            unsafe { store_tile(&product_12x32(kc, ap.as_ptr(), bp.as_ptr(), ldb), &out) };
             true
         },
     );
@@ -116,28 +116,28 @@ unsafe fn gemm_avx512_nr16(
     ldc: usize,
     epi: &Epilogue,
 ) {
-    drive::<12, 16, _, _>(
+    drive::<12, 16, true, _, _>(
         pa,
         panels,
         b,
         c,
         ldc,
         epi,
-        |ap, bp, acc| {
+        |ap, bp, ldb, acc| {
             let kc = ap.len() / 12;
-            assert!(bp.len() >= kc * 16);
+            assert!(kc == 0 || bp.len() >= (kc - 1) * ldb + 16);
             // SAFETY: compiled for AVX-512F and reached only when the CPU has it; the panels
-            // hold kc*12 and kc*16 floats (checked above).
-            let r = unsafe { product_12x16(kc, ap.as_ptr(), bp.as_ptr()) };
+            // hold kc*12 floats and kc rows of 16 floats ldb apart (checked above).
+            let r = unsafe { product_12x16(kc, ap.as_ptr(), bp.as_ptr(), ldb) };
             spill(&r, acc);
         },
-        |ap, bp, mut ft| {
-            let Some((kc, out)) = tile_out(ap, bp, &mut ft, 16) else {
+        |ap, bp, ldb, mut ft| {
+            let Some((kc, out)) = tile_out(ap, bp, ldb, &mut ft, 16) else {
                 return false;
             };
             // SAFETY: compiled for AVX-512F and reached only when the CPU has it; `tile_out`
             // checked the panels, C, the residual and the bias against the tile's extent.
-            unsafe { store_tile(&product_12x16(kc, ap.as_ptr(), bp.as_ptr()), &out) };
+            unsafe { store_tile(&product_12x16(kc, ap.as_ptr(), bp.as_ptr(), ldb), &out) };
             true
         },
     );
@@ -161,14 +161,20 @@ struct TileOut {
 /// The depth of a 12 x `nr` tile's panels and where it stores, after checking that the panels,
 /// C, the residual and the bias cover the tile's `rows x cols` corner; `None` when the last
 /// block's activation is not a clamp (the generic epilogue runs instead).
-fn tile_out(ap: &[f32], bp: &[f32], ft: &mut FullTile<'_>, nr: usize) -> Option<(usize, TileOut)> {
+fn tile_out(
+    ap: &[f32],
+    bp: &[f32],
+    ldb: usize,
+    ft: &mut FullTile<'_>,
+    nr: usize,
+) -> Option<(usize, TileOut)> {
     let (lo, hi) = if ft.finish {
         ft.act.clamp_bounds()?
     } else {
         (f32::NEG_INFINITY, f32::INFINITY)
     };
     let kc = ap.len() / 12;
-    assert!(bp.len() >= kc * nr);
+    assert!(kc == 0 || bp.len() >= (kc - 1) * ldb + nr);
     assert!((1..=12).contains(&ft.rows) && (1..=nr).contains(&ft.cols));
     let need = (ft.rows - 1) * ft.ldc + ft.cols;
     assert!(ft.c.len() >= need);
@@ -272,22 +278,24 @@ fn spill<const V: usize, const NR: usize>(r: &[[__m512; V]; 12], acc: &mut [[f32
     }
 }
 
-/// `r[i] = sum_p a[p*12 + i] * b[p*16 ..][..16]` over `kc` steps, with even and odd steps in
+/// `r[i] = sum_p a[p*12 + i] * b[p*ldb ..][..16]` over `kc` steps, with even and odd steps in
 /// separate accumulators (24 chains in flight: 12 alone leave the FMA pipes half idle).
 ///
 /// # Safety
-/// The CPU must support AVX-512F; `a` must be valid for `kc * 12` reads, `b` for `kc * 16`.
+/// The CPU must support AVX-512F; `a` must be valid for `kc * 12` reads, `b` for `kc` rows of
+/// 16 floats `ldb` apart.
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn product_12x16(kc: usize, a: *const f32, b: *const f32) -> [[__m512; 1]; 12] {
+unsafe fn product_12x16(kc: usize, a: *const f32, b: *const f32, ldb: usize) -> [[__m512; 1]; 12] {
     let mut e = [_mm512_setzero_ps(); 12];
     let mut o = [_mm512_setzero_ps(); 12];
     let mut p = 0;
     while p + 2 <= kc {
-        // SAFETY: p + 1 < kc, so the reads end before kc*16 and kc*12 (the caller's bounds).
+        // SAFETY: p + 1 < kc, so rows p and p + 1 of b and the reads of a below kc*12 are
+        // within the caller's bounds.
         unsafe {
-            let b0 = _mm512_loadu_ps(b.add(p * 16));
-            let b1 = _mm512_loadu_ps(b.add(p * 16 + 16));
+            let b0 = _mm512_loadu_ps(b.add(p * ldb));
+            let b1 = _mm512_loadu_ps(b.add((p + 1) * ldb));
             let a0 = a.add(p * 12);
             for i in 0..12 {
                 e[i] = _mm512_fmadd_ps(_mm512_set1_ps(*a0.add(i)), b0, e[i]);
@@ -299,7 +307,7 @@ unsafe fn product_12x16(kc: usize, a: *const f32, b: *const f32) -> [[__m512; 1]
     if p < kc {
         // SAFETY: p < kc (the caller's bounds as above).
         unsafe {
-            let b0 = _mm512_loadu_ps(b.add(p * 16));
+            let b0 = _mm512_loadu_ps(b.add(p * ldb));
             let a0 = a.add(p * 12);
             for (i, ei) in e.iter_mut().enumerate() {
                 *ei = _mm512_fmadd_ps(_mm512_set1_ps(*a0.add(i)), b0, *ei);
@@ -313,19 +321,21 @@ unsafe fn product_12x16(kc: usize, a: *const f32, b: *const f32) -> [[__m512; 1]
     r
 }
 
-/// `r[i][v] = sum_p a[p*12 + i] * b[p*32 + 16 v ..][..16]` over `kc` steps.
+/// `r[i][v] = sum_p a[p*12 + i] * b[p*ldb + 16 v ..][..16]` over `kc` steps.
 ///
 /// # Safety
-/// The CPU must support AVX-512F; `a` must be valid for `kc * 12` reads, `b` for `kc * 32`.
+/// The CPU must support AVX-512F; `a` must be valid for `kc * 12` reads, `b` for `kc` rows of
+/// 32 floats `ldb` apart.
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn product_12x32(kc: usize, a: *const f32, b: *const f32) -> [[__m512; 2]; 12] {
+unsafe fn product_12x32(kc: usize, a: *const f32, b: *const f32, ldb: usize) -> [[__m512; 2]; 12] {
     let mut r = [[_mm512_setzero_ps(); 2]; 12];
     for p in 0..kc {
-        // SAFETY: p < kc, so p*32 + 31 < kc*32 and p*12 + 11 < kc*12 (the caller's bounds).
+        // SAFETY: p < kc, so row p of b (32 floats) and p*12 + 11 < kc*12 are within the
+        // caller's bounds.
         unsafe {
-            let b0 = _mm512_loadu_ps(b.add(p * 32));
-            let b1 = _mm512_loadu_ps(b.add(p * 32 + 16));
+            let b0 = _mm512_loadu_ps(b.add(p * ldb));
+            let b1 = _mm512_loadu_ps(b.add(p * ldb + 16));
             let ar = a.add(p * 12);
             for (i, ri) in r.iter_mut().enumerate() {
                 let x = _mm512_set1_ps(*ar.add(i));
@@ -348,21 +358,21 @@ unsafe fn gemm_avx2(
     ldc: usize,
     epi: &Epilogue,
 ) {
-    drive::<6, 16, _, _>(
+    drive::<6, 16, false, _, _>(
         pa,
         panels,
         b,
         c,
         ldc,
         epi,
-        |ap, bp, acc| {
+        |ap, bp, _, acc| {
             let kc = ap.len() / 6;
             assert!(bp.len() >= kc * 16);
             // SAFETY: compiled for AVX2+FMA and reached only when the CPU has them; the
             // panels hold kc*6 and kc*16 floats (checked above).
             unsafe { tile_avx2(kc, ap.as_ptr(), bp.as_ptr(), acc) }
         },
-        |_, _, _| false,
+        |_, _, _, _| false,
     );
 }
 
