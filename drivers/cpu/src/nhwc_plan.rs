@@ -126,25 +126,41 @@ pub fn global_average_pool_nhwc(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Res
         )));
     };
     let xv = fvec(x, GAP_NHWC)?;
-    let hw = h * w;
-    let mut out = Vec::with_capacity(n * c);
-    let mut acc = vec![0f64; c];
-    for img in xv.chunks_exact((hw * c).max(1)).take(n) {
-        acc.fill(0.0);
-        for px in img.chunks_exact(c.max(1)) {
-            for (a, &v) in acc.iter_mut().zip(px) {
-                *a += f64::from(v);
-            }
-        }
-        out.extend(acc.iter().map(|&a| (a / hw.max(1) as f64) as f32));
-    }
-    out.resize(n * c, 0.0);
+    let out = gap_nhwc(&xv, n, h * w, c);
     let shape = if ctx.i("keepdims", 1) != 0 {
         vec![n, c, 1, 1]
     } else {
         vec![n, c]
     };
     Ok(vec![ftensor(x.dtype(), shape, out)?])
+}
+
+/// The per-channel means of `n` NHWC images of `hw` pixels and `c` channels (zeros for images
+/// `xv` is too short for).
+fn gap_nhwc(xv: &[f32], n: usize, hw: usize, c: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n * c);
+    // Runs of 8 pixels summed in f32 (vectorized four or more lanes wide), the runs in f64:
+    // summing every pixel in f64 (two lanes) took 11.6 us on MobileNetV2's 7x7x1280 map; a
+    // run's f32 sum is within 8 roundings of its exact value.
+    let mut acc = vec![0f64; c];
+    let mut run = vec![0f32; c];
+    for img in xv.chunks_exact((hw * c).max(1)).take(n) {
+        acc.fill(0.0);
+        for pxs in img.chunks(8 * c.max(1)) {
+            run.fill(0.0);
+            for px in pxs.chunks_exact(c.max(1)) {
+                for (r, &v) in run.iter_mut().zip(px) {
+                    *r += v;
+                }
+            }
+            for (a, &r) in acc.iter_mut().zip(&run) {
+                *a += f64::from(r);
+            }
+        }
+        out.extend(acc.iter().map(|&a| (a / hw.max(1) as f64) as f32));
+    }
+    out.resize(n * c, 0.0);
+    out
 }
 
 /// `t` (4-d f32) with its axes permuted NHWC -> NCHW (`to_nchw`) or NCHW -> NHWC.
@@ -544,6 +560,34 @@ impl PwDwPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The NHWC global average pool against f64 means: pixel counts below, at and past the
+    /// 8-pixel runs, two images, values of mixed sign and magnitude.
+    #[test]
+    fn gap_nhwc_matches_f64_means() {
+        let mut seed = 5u32;
+        for &(n, hw, c) in &[(1usize, 49usize, 1280usize), (2, 15, 19), (1, 8, 3), (2, 1, 5)] {
+            let x: Vec<f32> = rnd(&mut seed, n * hw * c)
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v * if i % 7 == 0 { 100.0 } else { 1.0 })
+                .collect();
+            let got = gap_nhwc(&x, n, hw, c);
+            for img in 0..n {
+                for ch in 0..c {
+                    let want: f64 = (0..hw)
+                        .map(|p| x[(img * hw + p) * c + ch] as f64)
+                        .sum::<f64>()
+                        / hw as f64;
+                    let g = got[img * c + ch] as f64;
+                    assert!(
+                        (g - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                        "{n}x{hw}x{c} image {img} channel {ch}: {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
     use edgehal_core::graph::ValueInfo;
     use edgehal_core::Attr;
 
