@@ -987,16 +987,23 @@ impl<'a> Depthwise<'a> {
         }
         let first = rows.start * self.sh;
         let ph = (rows.end - 1 - rows.start) * self.sh + (self.kh - 1) * self.dh + 1;
-        let mut buf = vec![self.xz as u8; ph * pw * c];
+        // Row by row: the image rows copied, only the padding filled with the zero point (a
+        // fill of the whole buffer first was 0.7% of a quantized MobileNet).
         let row = self.iw * c;
-        for (y, src) in self.x.chunks_exact(row.max(1)).take(self.ih).enumerate() {
-            let py = y + self.pt;
-            if py < first || py >= first + ph {
-                continue;
+        let z = self.xz as u8;
+        let right = (pw - self.pl - self.iw) * c;
+        let mut buf = Vec::with_capacity(ph * pw * c);
+        for py in first..first + ph {
+            match py.checked_sub(self.pt).filter(|&y| y < self.ih) {
+                Some(y) => {
+                    buf.resize(buf.len() + self.pl * c, z);
+                    buf.extend_from_slice(&self.x[y * row..(y + 1) * row]);
+                    buf.resize(buf.len() + right, z);
+                }
+                None => buf.resize(buf.len() + pw * c, z),
             }
-            let d = ((py - first) * pw + self.pl) * c;
-            buf[d..d + row].copy_from_slice(src);
         }
+        debug_assert_eq!(buf.len(), ph * pw * c);
         Some((buf, ph, pw))
     }
 }

@@ -566,7 +566,12 @@ mod tests {
     #[test]
     fn gap_nhwc_matches_f64_means() {
         let mut seed = 5u32;
-        for &(n, hw, c) in &[(1usize, 49usize, 1280usize), (2, 15, 19), (1, 8, 3), (2, 1, 5)] {
+        for &(n, hw, c) in &[
+            (1usize, 49usize, 1280usize),
+            (2, 15, 19),
+            (1, 8, 3),
+            (2, 1, 5),
+        ] {
             let x: Vec<f32> = rnd(&mut seed, n * hw * c)
                 .iter()
                 .enumerate()
