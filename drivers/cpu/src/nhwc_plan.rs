@@ -435,6 +435,11 @@ pub struct PwDwPlan {
     dw_node: Node,
 }
 
+thread_local! {
+    /// [`PwDwPlan::run`]'s three-row ring of 1x1 outputs, reused across calls on one thread.
+    static RING: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl PwDwPlan {
     /// The plan of `node` when it is a [`PW_DW_NHWC`] whose halves get a 1x1 and a depthwise
     /// [`NhwcConvPlan`] of matching channels; `None` otherwise (the op function runs).
@@ -515,42 +520,50 @@ impl PwDwPlan {
         for (bi, y) in out.chunks_exact_mut(img_out.max(1)).enumerate().take(n) {
             let ximg = &xv[bi * h * row_in..(bi + 1) * h * row_in];
             for_parts(threads, oh, ow * m, y, |rows, y| {
-                let mut ring = vec![0f32; 3 * row_e];
-                let mut held = [usize::MAX; 3];
-                for oy in rows.clone() {
-                    let mut need = [None; 3];
-                    for (ty, slot_of) in need.iter_mut().enumerate() {
-                        let iy = (oy * s + ty) as isize - g.pb[0] as isize;
-                        if iy < 0 || iy >= h as isize {
-                            continue;
-                        }
-                        let iy = iy as usize;
-                        let slot = iy % 3;
-                        if held[slot] != iy {
-                            let p = Pointwise {
-                                x: &ximg[iy * row_in..(iy + 1) * row_in],
-                                pixels: w,
-                                w: pw,
-                                bias: self.pw.bias.as_deref(),
-                                residual: None,
-                                act: self.pw.act,
-                            };
-                            let dst = &mut ring[slot * row_e..(slot + 1) * row_e];
-                            if !nhwc::pointwise(variant, &p, dst) {
-                                return Err(bad());
+                // Each thread's ring is kept between calls (a fresh zeroed 3-row buffer per
+                // call and thread was a memset plus page faults on every layer); a slot is
+                // read only after its row was computed into it (`held`).
+                RING.with(|cell| {
+                    let mut ring = cell.borrow_mut();
+                    if ring.len() < 3 * row_e {
+                        ring.resize(3 * row_e, 0.0);
+                    }
+                    let mut held = [usize::MAX; 3];
+                    for oy in rows.clone() {
+                        let mut need = [None; 3];
+                        for (ty, slot_of) in need.iter_mut().enumerate() {
+                            let iy = (oy * s + ty) as isize - g.pb[0] as isize;
+                            if iy < 0 || iy >= h as isize {
+                                continue;
                             }
-                            held[slot] = iy;
+                            let iy = iy as usize;
+                            let slot = iy % 3;
+                            if held[slot] != iy {
+                                let p = Pointwise {
+                                    x: &ximg[iy * row_in..(iy + 1) * row_in],
+                                    pixels: w,
+                                    w: pw,
+                                    bias: self.pw.bias.as_deref(),
+                                    residual: None,
+                                    act: self.pw.act,
+                                };
+                                let dst = &mut ring[slot * row_e..(slot + 1) * row_e];
+                                if !nhwc::pointwise(variant, &p, dst) {
+                                    return Err(bad());
+                                }
+                                held[slot] = iy;
+                            }
+                            *slot_of = Some(slot);
                         }
-                        *slot_of = Some(slot);
+                        let in_rows = need.map(|s| s.map(|s| &ring[s * row_e..(s + 1) * row_e]));
+                        let o = (oy - rows.start) * ow * m;
+                        let yr = &mut y[o..o + ow * m];
+                        if !nhwc::depthwise3x3_nhwc_row(variant, &dw, in_rows, yr) {
+                            return Err(bad());
+                        }
                     }
-                    let in_rows = need.map(|s| s.map(|s| &ring[s * row_e..(s + 1) * row_e]));
-                    let o = (oy - rows.start) * ow * m;
-                    let yr = &mut y[o..o + ow * m];
-                    if !nhwc::depthwise3x3_nhwc_row(variant, &dw, in_rows, yr) {
-                        return Err(bad());
-                    }
-                }
-                Ok(())
+                    Ok(())
+                })
             })?;
         }
         Ok(vec![ftensor(DType::F32, vec![n, oh, ow, m], out)?])
