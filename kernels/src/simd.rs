@@ -1041,14 +1041,15 @@ unsafe fn pointwise_nhwc_avx512(p: &nhwc::Pointwise<'_>, y: &mut [f32]) {
                     } else {
                         None
                     };
+                    let no = std::ptr::null();
                     match (rows, next) {
-                        (13, _) => store(&pw_product::<13>(k, xi, rows, wq)),
-                        (9.., Some(pf)) => store(&pw_product_pf::<12>(k, xi, rows, wq, pf)),
-                        (9.., None) => store(&pw_product::<12>(k, xi, rows, wq)),
-                        (5..=8, _) => store(&pw_product::<8>(k, xi, rows, wq)),
-                        (3..=4, _) => store(&pw_product::<4>(k, xi, rows, wq)),
-                        (2, _) => store(&pw_product::<2>(k, xi, rows, wq)),
-                        _ => store(&pw_product::<1>(k, xi, rows, wq)),
+                        (13, _) => store(&pw_product::<13, false>(k, xi, rows, wq, no)),
+                        (9.., Some(pf)) => store(&pw_product::<12, true>(k, xi, rows, wq, pf)),
+                        (9.., None) => store(&pw_product::<12, false>(k, xi, rows, wq, no)),
+                        (5..=8, _) => store(&pw_product::<8, false>(k, xi, rows, wq, no)),
+                        (3..=4, _) => store(&pw_product::<4, false>(k, xi, rows, wq, no)),
+                        (2, _) => store(&pw_product::<2, false>(k, xi, rows, wq, no)),
+                        _ => store(&pw_product::<1, false>(k, xi, rows, wq, no)),
                     }
                 }
                 i += rows;
@@ -1062,48 +1063,15 @@ unsafe fn pointwise_nhwc_avx512(p: &nhwc::Pointwise<'_>, y: &mut [f32]) {
 }
 
 /// `r[i][v] = sum_kk x[i * k + kk] * w[kk * 32 + 16 v ..][..16]` for pixel rows `i < R`
-/// (rows past `rows` repeat the last one and are not meant to be stored).
+/// (rows past `rows` repeat the last one and are not meant to be stored). With `PF` each step
+/// also prefetches the same two lines of the panel at `pf` (the next weight panel).
 ///
 /// # Safety
 /// The CPU must support AVX-512F; `x` valid for `rows * k` reads (`rows >= 1`), `w` for
-/// `k * 32`.
+/// `k * 32`. `pf` is only used for prefetch addresses (which do not fault).
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn pw_product<const R: usize>(
-    k: usize,
-    x: *const f32,
-    rows: usize,
-    w: *const f32,
-) -> [[__m512; 2]; R] {
-    let mut r = [[_mm512_setzero_ps(); 2]; R];
-    let mut xr = [x; R];
-    for (i, p) in xr.iter_mut().enumerate() {
-        // SAFETY: row i.min(rows - 1) < rows starts within x.
-        *p = unsafe { x.add(i.min(rows - 1) * k) };
-    }
-    for kk in 0..k {
-        // SAFETY: kk < k, so the weight reads end at k * 32 and the row reads at row + k.
-        unsafe {
-            let w0 = _mm512_loadu_ps(w.add(kk * 32));
-            let w1 = _mm512_loadu_ps(w.add(kk * 32 + 16));
-            for (ri, p) in r.iter_mut().zip(&xr) {
-                let a = _mm512_set1_ps(*p.add(kk));
-                ri[0] = _mm512_fmadd_ps(a, w0, ri[0]);
-                ri[1] = _mm512_fmadd_ps(a, w1, ri[1]);
-            }
-        }
-    }
-    r
-}
-
-/// [`pw_product`] that also prefetches `k * 32` floats at `pf` (the next weight panel).
-///
-/// # Safety
-/// As [`pw_product`]; `pf` points into (or one past) an allocation of at least `k * 32`
-/// floats (prefetches do not fault, but the address arithmetic must stay in bounds).
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn pw_product_pf<const R: usize>(
+unsafe fn pw_product<const R: usize, const PF: bool>(
     k: usize,
     x: *const f32,
     rows: usize,
@@ -1117,11 +1085,13 @@ unsafe fn pw_product_pf<const R: usize>(
         *p = unsafe { x.add(i.min(rows - 1) * k) };
     }
     for kk in 0..k {
-        // SAFETY: kk < k, so the weight reads end at k * 32 and the row reads at row + k; the
-        // prefetch addresses lie within the next panel's k * 32 floats.
+        if PF {
+            // Addresses only (wrapping: no claim that pf points into an allocation).
+            _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(kk * 32) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(kk * 32 + 16) as *const i8);
+        }
+        // SAFETY: kk < k, so the weight reads end at k * 32 and the row reads at row + k.
         unsafe {
-            _mm_prefetch::<_MM_HINT_T0>(pf.add(kk * 32) as *const i8);
-            _mm_prefetch::<_MM_HINT_T0>(pf.add(kk * 32 + 16) as *const i8);
             let w0 = _mm512_loadu_ps(w.add(kk * 32));
             let w1 = _mm512_loadu_ps(w.add(kk * 32 + 16));
             for (ri, p) in r.iter_mut().zip(&xr) {
