@@ -8,7 +8,7 @@
 //! 112x112x32: 72 -> 56 us). [`crate::aligned::AlignedVec`] already aligns the packed weights;
 //! this does the same for every large allocation of a program that installs it:
 //!
-//! ```ignore
+//! ```text
 //! #[global_allocator]
 //! static ALLOC: edgehal_kernels::alloc::LineAligned = edgehal_kernels::alloc::LineAligned;
 //! ```
