@@ -887,6 +887,17 @@ mod tests {
         y
     }
 
+    /// `p` on every detected variant (into a NaN-filled output) against `want`, within 1e-4.
+    fn check_s2(p: &ConvS2<'_>, want: &[f32], what: &str) {
+        for v in dispatch::detected() {
+            let mut y = vec![f32::NAN; want.len()];
+            assert!(conv_s2_with(v, p, &mut y), "{v:?} {what}");
+            for (k, (a, b)) in y.iter().zip(want).enumerate() {
+                assert!((a - b).abs() < 1e-4, "{v:?} {what} [{k}] {a} vs {b}");
+            }
+        }
+    }
+
     #[test]
     fn dense_3x3_stride_2_matches_naive_for_every_variant() {
         let mut sd = 11u32;
@@ -914,23 +925,17 @@ mod tests {
                 *v = (*v + bias[i / (oh * ow)]).clamp(0.0, 0.6);
             }
             let planes = s2_planes(&x, c, h, w, [3, 3], pad, pad, oh, ow).unwrap();
+            let p = ConvS2 {
+                planes: &planes,
+                out_h: oh,
+                out_w: ow,
+                weight: &wt,
+                bias: Some(&bias),
+                act: Activation::Clip { lo: 0.0, hi: 0.6 },
+            };
+            check_s2(&p, &want, &format!("c{c} {h}x{w} m{m}"));
             for v in dispatch::detected() {
-                let p = ConvS2 {
-                    planes: &planes,
-                    out_h: oh,
-                    out_w: ow,
-                    weight: &wt,
-                    bias: Some(&bias),
-                    act: Activation::Clip { lo: 0.0, hi: 0.6 },
-                };
                 let mut y = vec![f32::NAN; m * oh * ow];
-                assert!(conv_s2_with(v, &p, &mut y));
-                for (k, (a, b)) in y.iter().zip(&want).enumerate() {
-                    assert!(
-                        (a - b).abs() < 1e-4,
-                        "{v:?} c{c} {h}x{w} m{m} [{k}] {a} vs {b}"
-                    );
-                }
                 assert!(!conv_s2_with(v, &p, &mut y[1..]), "short output");
                 let bad = ConvS2 {
                     weight: &wt[1..],
@@ -999,24 +1004,15 @@ mod tests {
                 }
             }
             let planes = s2_planes(&x, c, h, w, [kh, kw], pt, pl, oh, ow).unwrap();
-            for v in dispatch::detected() {
-                let p = ConvS2 {
-                    planes: &planes,
-                    out_h: oh,
-                    out_w: ow,
-                    weight: &wt,
-                    bias: Some(&bias),
-                    act,
-                };
-                let mut y = vec![f32::NAN; m * oh * ow];
-                assert!(conv_s2_with(v, &p, &mut y));
-                for (k, (a, b)) in y.iter().zip(&want).enumerate() {
-                    assert!(
-                        (a - b).abs() < 1e-4,
-                        "{v:?} c{c} {h}x{w} k{kh}x{kw} m{m} {act:?} [{k}] {a} vs {b}"
-                    );
-                }
-            }
+            let p = ConvS2 {
+                planes: &planes,
+                out_h: oh,
+                out_w: ow,
+                weight: &wt,
+                bias: Some(&bias),
+                act,
+            };
+            check_s2(&p, &want, &format!("c{c} {h}x{w} k{kh}x{kw} m{m} {act:?}"));
         }
     }
 

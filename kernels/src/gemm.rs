@@ -158,6 +158,23 @@ pub(crate) struct Blocking {
     pub nc: usize,
 }
 
+/// Packs rows `pc..` of `b` (as many as `dst` holds rows of `nr`), columns `j0..j0 + nr`, into
+/// `dst` (`[kc][nr]`), zero past `b`'s last column: one B panel of a blocked GEMM.
+pub(crate) fn pack_b_panel(b: MatRef<'_>, pc: usize, j0: usize, dst: &mut [f32], nr: usize) {
+    let w = nr.min(b.cols - j0);
+    for (p, d) in dst.chunks_exact_mut(nr).enumerate() {
+        if b.cs == 1 {
+            let off = (pc + p) * b.rs + j0;
+            d[..w].copy_from_slice(&b.data[off..off + w]);
+        } else {
+            for (j, v) in d[..w].iter_mut().enumerate() {
+                *v = b.at(pc + p, j0 + j);
+            }
+        }
+        d[w..].fill(0.0);
+    }
+}
+
 /// Packed, cache-blocked GEMM (BLIS loop order: B block KC x NC in L3/L2, A block MC x KC in
 /// L2, B micro-panel KC x NR in L1) around an MR x NR register tile `tile(a_panel, b_panel,
 /// acc)`, which must set `acc[i][j] = sum_p a_panel[p*MR + i] * b_panel[p*NR + j]` for
@@ -193,20 +210,8 @@ pub(crate) fn packed_with<const MR: usize, const NR: usize, T>(
         for pc in (0..k).step_by(kc_max) {
             let kc = kc_max.min(k - pc);
             for jp in 0..npanels {
-                let dst = &mut bp[jp * kc * NR..(jp + 1) * kc * NR];
                 let j0 = jc + jp * NR;
-                let w = NR.min(n - j0);
-                for (p, d) in dst.chunks_exact_mut(NR).enumerate() {
-                    if b.cs == 1 {
-                        let off = (pc + p) * b.rs + j0;
-                        d[..w].copy_from_slice(&b.data[off..off + w]);
-                    } else {
-                        for (j, v) in d[..w].iter_mut().enumerate() {
-                            *v = b.at(pc + p, j0 + j);
-                        }
-                    }
-                    d[w..].fill(0.0);
-                }
+                pack_b_panel(b, pc, j0, &mut bp[jp * kc * NR..(jp + 1) * kc * NR], NR);
             }
             for ic in (0..m).step_by(mc_max) {
                 let mc = mc_max.min(m - ic);
@@ -349,21 +354,8 @@ fn packed(alpha: f32, a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], ldc: usize) {
             let kc = KC.min(k - pc);
             // Pack B[pc..pc+kc, jc..jc+nc] into NR-wide column panels, zero padded.
             for jp in 0..npanels {
-                let dst = &mut bp[jp * kc * NR..(jp + 1) * kc * NR];
                 let j0 = jc + jp * NR;
-                let w = NR.min(n - j0);
-                for p in 0..kc {
-                    let d = &mut dst[p * NR..(p + 1) * NR];
-                    if b.cs == 1 {
-                        let off = (pc + p) * b.rs + j0;
-                        d[..w].copy_from_slice(&b.data[off..off + w]);
-                    } else {
-                        for (j, v) in d[..w].iter_mut().enumerate() {
-                            *v = b.at(pc + p, j0 + j);
-                        }
-                    }
-                    d[w..].fill(0.0);
-                }
+                pack_b_panel(b, pc, j0, &mut bp[jp * kc * NR..(jp + 1) * kc * NR], NR);
             }
             for ic in (0..m).step_by(MC) {
                 let mc = MC.min(m - ic);

@@ -16,7 +16,7 @@ use std::cell::RefCell;
 use std::ops::Range;
 
 use crate::dispatch::{self, Variant};
-use crate::gemm::MatRef;
+use crate::gemm::{pack_b_panel, MatRef};
 
 /// Depth of a packed panel: an A panel (MR x KC) and a B panel (KC x NR) share L1.
 const KC: usize = 256;
@@ -369,18 +369,7 @@ pub(crate) fn drive<const MR: usize, const NR: usize, const DIRECT: bool, T, F>(
                         let off = pc * b.rs + j0;
                         (&b.data[off..off + (kcb - 1) * b.rs + NR], b.rs)
                     } else {
-                        let bpanel = &mut bp[..kcb * NR];
-                        for (p, d) in bpanel.chunks_exact_mut(NR).enumerate() {
-                            if b.cs == 1 {
-                                let off = (pc + p) * b.rs + j0;
-                                d[..w].copy_from_slice(&b.data[off..off + w]);
-                            } else {
-                                for (j, v) in d[..w].iter_mut().enumerate() {
-                                    *v = b.data[(pc + p) * b.rs + (j0 + j) * b.cs];
-                                }
-                            }
-                            d[w..].fill(0.0);
-                        }
+                        pack_b_panel(b, pc, j0, &mut bp[..kcb * NR], NR);
                         (&bp[..kcb * NR], NR)
                     };
                     for ip in panels.clone() {

@@ -1141,28 +1141,12 @@ unsafe fn gemv_many_avx512(
         let panels = &data[p0 * k * PANEL..(p0 + npan) * k * PANEL];
         let mut t = 0;
         if npan == GROUP {
-            let mut acc6 = [[0f32; GROUP_ROWS]; 6];
-            while t + 6 <= n {
-                // SAFETY: AVX-512F (this function's feature); `panels` holds 4 * k * 16
-                // floats and the six vectors t..t+6 lie within `xs` (n * k floats).
-                unsafe {
-                    gemv_many_group_avx512::<6>(panels.as_ptr(), k, xs[t * k..].as_ptr(), &mut acc6)
-                };
-                for (j, a) in acc6.iter().enumerate() {
-                    store(t + j, r0, a);
-                }
-                t += 6;
-            }
-            let mut acc2 = [[0f32; GROUP_ROWS]; 2];
-            while t + 2 <= n {
-                // SAFETY: as above, for two vectors.
-                unsafe {
-                    gemv_many_group_avx512::<2>(panels.as_ptr(), k, xs[t * k..].as_ptr(), &mut acc2)
-                };
-                for (j, a) in acc2.iter().enumerate() {
-                    store(t + j, r0, a);
-                }
-                t += 2;
+            let mut put = |t: usize, acc: &[f32; GROUP_ROWS]| store(t, r0, acc);
+            // SAFETY: AVX-512F (this function's feature); `panels` holds the full group's
+            // 4 * k * 16 floats and `xs` n * k floats (asserted above).
+            unsafe {
+                t = gemv_many_batches::<6>(panels, k, xs, n, t, &mut put);
+                t = gemv_many_batches::<2>(panels, k, xs, n, t, &mut put);
             }
         }
         let mut acc = [0f32; GROUP_ROWS];
@@ -1174,6 +1158,36 @@ unsafe fn gemv_many_avx512(
             t += 1;
         }
     }
+}
+
+/// Vectors `t..` of `xs` against one full group (`panels`, `4 * k * 16` floats) `T` at a time
+/// while `T` are left, each vector's 64 row sums handed to `put`; returns the first vector
+/// not done.
+///
+/// # Safety
+/// The CPU must support AVX-512F; `panels` holds `4 * k * 16` floats, `xs` `n * k`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn gemv_many_batches<const T: usize>(
+    panels: &[f32],
+    k: usize,
+    xs: &[f32],
+    n: usize,
+    mut t: usize,
+    put: &mut impl FnMut(usize, &[f32; GROUP_ROWS]),
+) -> usize {
+    assert!(panels.len() >= GROUP * k * PANEL && xs.len() >= n * k);
+    let mut acc = [[0f32; GROUP_ROWS]; T];
+    while t + T <= n {
+        // SAFETY: AVX-512F (this function's feature); the group's floats and the T vectors
+        // t..t + T lie within the slices (asserted above).
+        unsafe { gemv_many_group_avx512::<T>(panels.as_ptr(), k, xs[t * k..].as_ptr(), &mut acc) };
+        for (j, a) in acc.iter().enumerate() {
+            put(t + j, a);
+        }
+        t += T;
+    }
+    t
 }
 
 /// Row sums of one full group (four interleaved panels, `[k][4][16]` floats at `p`) times

@@ -1055,6 +1055,91 @@ fn lstm(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
 mod tests {
     use super::super::nn::test_util::*;
     use edgehal_core::graph::Attr;
+    use edgehal_core::{Node, Tensor};
+
+    /// Every input of one LSTM node, values from `vals(n, seed)` (one seed per input), the
+    /// node with its attributes, and `sequence_lens` when given.
+    struct LstmCase {
+        x: Tensor,
+        w: Tensor,
+        r: Tensor,
+        b: Tensor,
+        lens: Option<Tensor>,
+        h0: Tensor,
+        c0: Tensor,
+        p: Tensor,
+        attrs: Vec<(&'static str, Attr)>,
+        node: Node,
+    }
+
+    impl LstmCase {
+        #[allow(clippy::too_many_arguments)]
+        fn new(
+            [seq, batch, inp, hid]: [usize; 4],
+            dir: &str,
+            len: Option<i64>,
+            clip: Option<f32>,
+            input_forget: bool,
+            vals: impl Fn(usize, usize) -> Vec<f32>,
+        ) -> LstmCase {
+            let nd = if dir == "bidirectional" { 2 } else { 1 };
+            let mut attrs = vec![
+                ("hidden_size", Attr::Int(hid as i64)),
+                ("direction", Attr::String(dir.as_bytes().to_vec())),
+                ("input_forget", Attr::Int(input_forget as i64)),
+            ];
+            if let Some(c) = clip {
+                attrs.push(("clip", Attr::Float(c)));
+            }
+            let node = Node {
+                op: "LSTM".into(),
+                attrs: attrs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.clone()))
+                    .collect(),
+                ..Default::default()
+            };
+            LstmCase {
+                x: t(&[seq, batch, inp], &vals(seq * batch * inp, 3)),
+                w: t(&[nd, 4 * hid, inp], &vals(nd * 4 * hid * inp, 5)),
+                r: t(&[nd, 4 * hid, hid], &vals(nd * 4 * hid * hid, 7)),
+                b: t(&[nd, 8 * hid], &vals(nd * 8 * hid, 11)),
+                lens: len.map(|l| Tensor::from_vec(vec![1], vec![l]).unwrap()),
+                h0: t(&[nd, batch, hid], &vals(nd * batch * hid, 13)),
+                c0: t(&[nd, batch, hid], &vals(nd * batch * hid, 17)),
+                p: t(&[nd, 3 * hid], &vals(nd * 3 * hid, 19)),
+                attrs,
+                node,
+            }
+        }
+
+        fn ins(&self) -> [Option<&Tensor>; 8] {
+            [
+                Some(&self.x),
+                Some(&self.w),
+                Some(&self.r),
+                Some(&self.b),
+                self.lens.as_ref(),
+                Some(&self.h0),
+                Some(&self.c0),
+                Some(&self.p),
+            ]
+        }
+
+        fn ctx(&self) -> super::OpCtx<'_> {
+            super::OpCtx {
+                node: &self.node,
+                opset: 14,
+                subgraph: None,
+                dest: None,
+            }
+        }
+
+        /// The op function's outputs (the reference).
+        fn want(&self) -> Vec<Tensor> {
+            run_op("LSTM", 14, self.attrs.clone(), &self.ins(), 3).unwrap()
+        }
+    }
 
     #[test]
     fn bidirectional_lstm_matches_hand_computation() {
@@ -1094,7 +1179,6 @@ mod tests {
 
     #[test]
     fn prepared_lstm_equals_the_unprepared_op() {
-        use edgehal_core::Node;
         let vals = |n: usize, s: usize| -> Vec<f32> {
             (0..n)
                 .map(|i| ((i * s + 1) % 23) as f32 * 0.05 - 0.55)
@@ -1112,45 +1196,11 @@ mod tests {
         for (batch, dir, clip, len) in cases {
             let (seq, inp, hid) = (5, 9, 37);
             let nd = if dir == "bidirectional" { 2 } else { 1 };
-            let x = t(&[seq, batch, inp], &vals(seq * batch * inp, 3));
-            let w = t(&[nd, 4 * hid, inp], &vals(nd * 4 * hid * inp, 5));
-            let r = t(&[nd, 4 * hid, hid], &vals(nd * 4 * hid * hid, 7));
-            let b = t(&[nd, 8 * hid], &vals(nd * 8 * hid, 11));
-            let h0 = t(&[nd, batch, hid], &vals(nd * batch * hid, 13));
-            let c0 = t(&[nd, batch, hid], &vals(nd * batch * hid, 17));
-            let p = t(&[nd, 3 * hid], &vals(nd * 3 * hid, 19));
-            let mut attrs = vec![
-                ("hidden_size", Attr::Int(hid as i64)),
-                ("direction", Attr::String(dir.as_bytes().to_vec())),
-            ];
-            if let Some(c) = clip {
-                attrs.push(("clip", Attr::Float(c)));
-            }
-            let lens = len.map(|l| edgehal_core::Tensor::from_vec(vec![1], vec![l]).unwrap());
-            let ins = [
-                Some(&x),
-                Some(&w),
-                Some(&r),
-                Some(&b),
-                lens.as_ref(),
-                Some(&h0),
-                Some(&c0),
-                Some(&p),
-            ];
-            let want = run_op("LSTM", 14, attrs.clone(), &ins, 3).unwrap();
-            let node = Node {
-                op: "LSTM".into(),
-                attrs: attrs.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
-                ..Default::default()
-            };
-            let plan = super::RnnPlan::new(&node, &r, Some(&w)).expect("plan");
+            let case = LstmCase::new([seq, batch, inp, hid], dir, len, clip, false, vals);
+            let (ins, ctx) = (case.ins(), case.ctx());
+            let want = case.want();
+            let plan = super::RnnPlan::new(&case.node, &case.r, Some(&case.w)).expect("plan");
             assert!(plan.wr.is_some());
-            let ctx = super::OpCtx {
-                node: &node,
-                opset: 14,
-                subgraph: None,
-                dest: None,
-            };
             let got = plan.run(&ctx, &ins).unwrap();
             for (a, b) in want.iter().zip(&got) {
                 assert_eq!(a.shape(), b.shape());
@@ -1214,7 +1264,6 @@ mod tests {
     /// coupled gates; forced to split at any size, 2 and 3 threads give the 1-thread bits.
     #[test]
     fn chunked_lstm_matches_the_op_at_every_thread_count() {
-        use edgehal_core::Node;
         let vals = |n: usize, s: usize| -> Vec<f32> {
             (0..n)
                 .map(|i| ((i * s + 3) % 31) as f32 * 0.03 - 0.45)
@@ -1229,51 +1278,15 @@ mod tests {
             (70, 1, "bidirectional", Some(5), Some(2.0), false),
         ];
         for (hid, inp, dir, len, clip, cifg) in cases {
-            let seq = 6;
-            let nd = if dir == "bidirectional" { 2 } else { 1 };
-            let x = t(&[seq, 1, inp], &vals(seq * inp, 3));
-            let w = t(&[nd, 4 * hid, inp], &vals(nd * 4 * hid * inp, 5));
-            let r = t(&[nd, 4 * hid, hid], &vals(nd * 4 * hid * hid, 7));
-            let b = t(&[nd, 8 * hid], &vals(nd * 8 * hid, 11));
-            let h0 = t(&[nd, 1, hid], &vals(nd * hid, 13));
-            let c0 = t(&[nd, 1, hid], &vals(nd * hid, 17));
-            let p = t(&[nd, 3 * hid], &vals(nd * 3 * hid, 19));
-            let mut attrs = vec![
-                ("hidden_size", Attr::Int(hid as i64)),
-                ("direction", Attr::String(dir.as_bytes().to_vec())),
-                ("input_forget", Attr::Int(cifg as i64)),
-            ];
-            if let Some(c) = clip {
-                attrs.push(("clip", Attr::Float(c)));
-            }
-            let lens = len.map(|l| edgehal_core::Tensor::from_vec(vec![1], vec![l]).unwrap());
-            let ins = [
-                Some(&x),
-                Some(&w),
-                Some(&r),
-                Some(&b),
-                lens.as_ref(),
-                Some(&h0),
-                Some(&c0),
-                Some(&p),
-            ];
-            let want = run_op("LSTM", 14, attrs.clone(), &ins, 3).unwrap();
-            let node = Node {
-                op: "LSTM".into(),
-                attrs: attrs.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
-                ..Default::default()
-            };
-            let ctx = super::OpCtx {
-                node: &node,
-                opset: 14,
-                subgraph: None,
-                dest: None,
-            };
+            let case = LstmCase::new([6, 1, inp, hid], dir, len, clip, cifg, vals);
+            let (ins, ctx) = (case.ins(), case.ctx());
+            let (node, r, w) = (&case.node, &case.r, &case.w);
+            let want = case.want();
             for units in [16, 32] {
                 for hoist in [false, true] {
                     let what = format!("hid {hid} {dir} len {len:?} units {units} hoist {hoist}");
                     let mut plan =
-                        super::RnnPlan::with_chunk(&node, &r, Some(&w), Some(units), Some(hoist))
+                        super::RnnPlan::with_chunk(node, r, Some(w), Some(units), Some(hoist))
                             .expect("plan");
                     plan.split_min_work = 0;
                     let chunks = plan.wr.as_ref().map(|(_, c)| c.step[0].len());
