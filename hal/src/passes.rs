@@ -237,11 +237,96 @@ fn optimize_with(g: &mut Graph, registry: &Registry, cpu_fusion: bool) -> Result
             }
         }
     }
+    let pairs = cancel_transpose_pairs(g);
+    if pairs > 0 {
+        g.remove_dead_nodes();
+    }
     Ok(format!(
         "folded {folded} constant nodes, removed {dead} dead nodes, folded {bn} batch norms, \
          fused {fused} convolutions, rewrote {qdq} QDQ convolutions and adds to int8, \
-         {nhwc} float convolutions to NHWC"
+         {nhwc} float convolutions to NHWC, cancelled {pairs} transpose pairs"
     ))
+}
+
+/// Removes Transpose pairs that undo each other (`B(A(x))` with `B`'s perm the inverse of
+/// `A`'s). The layout passes leave one where a value they keep in NCHW or NHWC is read back in
+/// the other layout only to be turned round again: a TFLite graph whose output is a feature map
+/// (NHWC conv -> NCHW -> NHWC output) paid two full transposes for nothing. When `x`'s producer
+/// writes nothing else and `x` and `A`'s output have no other reader, the producer writes `B`'s
+/// output directly; otherwise `B` becomes an `Identity` of `x`. Returns the pairs removed; the
+/// caller drops the dead nodes.
+pub fn cancel_transpose_pairs(g: &mut Graph) -> usize {
+    let perm_of = |n: &Node| -> Option<Vec<usize>> {
+        if !is_onnx(n, "Transpose") || n.inputs.len() != 1 || n.outputs.len() != 1 {
+            return None;
+        }
+        let p: Vec<usize> = n
+            .attr_ints("perm")?
+            .iter()
+            .map(|&v| usize::try_from(v).ok())
+            .collect::<Option<_>>()?;
+        let mut seen = vec![false; p.len()];
+        for &v in &p {
+            if v >= p.len() || std::mem::replace(&mut seen[v], true) {
+                return None;
+            }
+        }
+        Some(p)
+    };
+    let mut count = 0;
+    let (mut producers, mut consumers) = (g.producers(), g.consumers());
+    let mut stale = false;
+    for b in 0..g.nodes.len() {
+        if std::mem::take(&mut stale) {
+            // Rare (a pair or two per graph): recount after a change, not for every node.
+            (producers, consumers) = (g.producers(), g.consumers());
+        }
+        let Some(pb) = perm_of(&g.nodes[b]) else {
+            continue;
+        };
+        let (Some(Some(t)), Some(Some(y))) = (
+            g.nodes[b].inputs.first().copied(),
+            g.nodes[b].outputs.first().copied(),
+        ) else {
+            continue;
+        };
+        let Some(a) = producers[t] else { continue };
+        let Some(pa) = perm_of(&g.nodes[a]) else {
+            continue;
+        };
+        let Some(Some(x)) = g.nodes[a].inputs.first().copied() else {
+            continue;
+        };
+        // out[i] = t[pb[i]] = x[pa[pb[i]]]: the identity when pa[pb[i]] == i for every i.
+        if pa.len() != pb.len() || (0..pb.len()).any(|i| pa[pb[i]] != i) {
+            continue;
+        }
+        let sole = |v: ValueId, reader: NodeId| {
+            consumers[v].as_slice() == [reader] && !g.outputs.contains(&v)
+        };
+        let rename = producers[x].filter(|&p| {
+            sole(x, a) && sole(t, b) && !g.inputs.contains(&x) && g.nodes[p].outputs.len() == 1
+        });
+        match rename {
+            Some(p) => {
+                g.nodes[p].outputs[0] = Some(y);
+                // B and A are now dead (nothing reads x or t); make sure of it even if the
+                // caller looks before removing them.
+                g.nodes[b].outputs[0] = None;
+                g.nodes[b].inputs[0] = None;
+            }
+            None => {
+                let n = &mut g.nodes[b];
+                n.op = "Identity".into();
+                n.domain = String::new();
+                n.attrs.clear();
+                n.inputs[0] = Some(x);
+            }
+        }
+        count += 1;
+        stale = true;
+    }
+    count
 }
 
 fn is_onnx(node: &Node, op: &str) -> bool {
@@ -1489,5 +1574,66 @@ mod tests {
         let (bn, fused) = fuse_convolutions(&mut g);
         assert_eq!((bn, fused), (0, 1));
         assert!(g.nodes.iter().any(|n| n.op == "BatchNormalization"));
+    }
+
+    /// x -> Relu -> T(to NCHW) -> T(back to NHWC) -> y, plus the cases that must not
+    /// rename: a second reader of the middle value (Identity instead), a pair that does not
+    /// undo itself (kept). Every variant computes what the unrewritten graph computes.
+    #[test]
+    fn transpose_pairs_cancel() {
+        let to_nchw = || ("perm", Attr::Ints(vec![0, 3, 1, 2]));
+        let to_nhwc = || ("perm", Attr::Ints(vec![0, 2, 3, 1]));
+        let build = |second_reader: bool, inverse: bool| {
+            let mut g = Graph::new("pairs");
+            g.opsets.insert(String::new(), 13);
+            let x = g.value_id("x");
+            g.values[x].dtype = Some(DType::F32);
+            g.values[x].shape = Some([1, 2, 3, 4].map(Dim::Fixed).to_vec());
+            g.inputs.push(x);
+            node(&mut g, "Relu", &["x"], &["r"], vec![]);
+            node(&mut g, "Transpose", &["r"], &["t"], vec![to_nchw()]);
+            let back = if inverse {
+                to_nhwc()
+            } else {
+                ("perm", Attr::Ints(vec![0, 1, 3, 2]))
+            };
+            node(&mut g, "Transpose", &["t"], &["y"], vec![back]);
+            let y = g.value_id("y");
+            g.outputs.push(y);
+            if second_reader {
+                node(&mut g, "Sigmoid", &["t"], &["z"], vec![]);
+                let z = g.value_id("z");
+                g.outputs.push(z);
+            }
+            g
+        };
+        let run = |g: &Graph| {
+            let ex = Executor::new(g, &Registry::new()).unwrap();
+            let mut s = 5u32;
+            let x = Tensor::from_vec(vec![1, 2, 3, 4], rnd(&mut s, 24)).unwrap();
+            let out = ex.run(&[(g.inputs[0], x)]).unwrap();
+            out.iter()
+                .map(|t| t.to_vec::<f32>().unwrap())
+                .collect::<Vec<_>>()
+        };
+        let ops = |g: &Graph| g.nodes.iter().map(|n| n.op.clone()).collect::<Vec<_>>();
+        for (second, inverse, pairs, want) in [
+            (false, true, 1, vec!["Relu"]),
+            (
+                true,
+                true,
+                1,
+                vec!["Relu", "Transpose", "Identity", "Sigmoid"],
+            ),
+            (false, false, 0, vec!["Relu", "Transpose", "Transpose"]),
+        ] {
+            let g0 = build(second, inverse);
+            let mut g = g0.clone();
+            assert_eq!(cancel_transpose_pairs(&mut g), pairs, "{second} {inverse}");
+            g.remove_dead_nodes();
+            g.validate().unwrap();
+            assert_eq!(ops(&g), want, "{second} {inverse}");
+            assert_eq!(run(&g), run(&g0), "{second} {inverse}");
+        }
     }
 }

@@ -841,6 +841,8 @@ struct Ts {
     q: Option<(Vec<f32>, Vec<i64>, i32)>,
     /// A variable tensor (recurrent state).
     var: bool,
+    /// `shape_signature` (-1 for a dim the converter left dynamic).
+    sig: Option<Vec<i32>>,
 }
 
 fn tf32(shape: &[i32]) -> Ts {
@@ -850,6 +852,7 @@ fn tf32(shape: &[i32]) -> Ts {
         data: None,
         q: None,
         var: false,
+        sig: None,
     }
 }
 fn ti8(shape: &[i32], scale: f32, zp: i64) -> Ts {
@@ -859,6 +862,7 @@ fn ti8(shape: &[i32], scale: f32, zp: i64) -> Ts {
         data: None,
         q: Some((vec![scale], vec![zp], 0)),
         var: false,
+        sig: None,
     }
 }
 fn tu8(shape: &[i32], scale: f32, zp: i64) -> Ts {
@@ -868,6 +872,7 @@ fn tu8(shape: &[i32], scale: f32, zp: i64) -> Ts {
         data: None,
         q: Some((vec![scale], vec![zp], 0)),
         var: false,
+        sig: None,
     }
 }
 fn ci32(shape: &[i32], v: &[i32]) -> Ts {
@@ -877,6 +882,7 @@ fn ci32(shape: &[i32], v: &[i32]) -> Ts {
         data: Some(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
         q: None,
         var: false,
+        sig: None,
     }
 }
 fn cf32(shape: &[i32], v: &[f32]) -> Ts {
@@ -886,6 +892,7 @@ fn cf32(shape: &[i32], v: &[f32]) -> Ts {
         data: Some(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
         q: None,
         var: false,
+        sig: None,
     }
 }
 /// Seeded constant values in [-1, 1).
@@ -960,10 +967,16 @@ fn one_op_model(tensors: &[Ts], op: &OneOp) -> Vec<u8> {
             F::Off,
             if t.q.is_some() { F::Off } else { F::Absent },
             F::I8(i8::from(t.var)),
+            F::Absent,
+            if t.sig.is_some() { F::Off } else { F::Absent },
         ]);
         b.patch(ts[k], tt);
         let sh = b.vec_i32(&t.shape);
         b.patch(tf[0], sh);
+        if let Some(sig) = &t.sig {
+            let sp = b.vec_i32(sig);
+            b.patch(tf[7], sp);
+        }
         b.string_at(tf[3], &format!("t{k}"));
         if let Some((scale, zp, qd)) = &t.q {
             let (qt, qf) = b.table(&[
@@ -1449,6 +1462,7 @@ fn single_ops_match_litert() {
                     ),
                     q: None,
                     var: false,
+                    sig: None,
                 },
                 tf32(&[2, 3]),
             ],
@@ -1538,4 +1552,81 @@ fn int8_add_and_quantize_equal_xnnpack() {
             assert_eq!(e, k, "{name}");
         }
     }
+}
+
+/// A Keras model converted with `from_keras_model` marks its batch dim dynamic
+/// (`shape_signature` -1, `shape` 1). Like the TFLite interpreter, edgehal prepares it at the
+/// stored size: fixed shapes, so the convolution takes the NHWC kernels and its NHWC output
+/// leaves without a Transpose round trip; symbolic, the same model ran 5x slower. The result
+/// equals the same model without a signature.
+#[test]
+fn dynamic_batch_signature_runs_at_the_stored_shape() {
+    use edgehal::{Session, SessionOptions};
+    let w = seeded(8 * 3 * 3 * 3, 11);
+    let b = seeded(8, 12);
+    let model_with = |sig: bool| {
+        let s = |t: Ts, v: &[i32]| Ts {
+            sig: sig.then(|| v.to_vec()),
+            ..t
+        };
+        let tensors = vec![
+            s(tf32(&[1, 10, 10, 3]), &[-1, 10, 10, 3]),
+            cf32(&[8, 3, 3, 3], &w),
+            cf32(&[8], &b),
+            s(tf32(&[1, 5, 5, 8]), &[-1, 5, 5, 8]),
+        ];
+        // Conv2D, SAME, stride 2, Relu6.
+        let o = op(
+            3,
+            1,
+            vec![
+                F::I8(0),
+                F::I32(2),
+                F::I32(2),
+                F::I8(3),
+                F::I32(1),
+                F::I32(1),
+            ],
+            &[0, 1, 2],
+            &[3],
+        );
+        Model::from_bytes(one_op_model(&tensors, &o).into()).expect("import")
+    };
+    let x = Tensor::from_vec(vec![1, 10, 10, 3], seeded(300, 13)).unwrap();
+    let mut outs = Vec::new();
+    for sig in [false, true] {
+        let model = model_with(sig);
+        let g = &model.graph;
+        let dims = g.values[g.inputs[0]].shape.clone().expect("input shape");
+        assert!(
+            dims.iter()
+                .all(|d| matches!(d, edgehal_core::graph::Dim::Fixed(_))),
+            "sig {sig}: input dims {dims:?}"
+        );
+        let s = Session::new(&model, &SessionOptions::default()).expect("session");
+        let ops: Vec<&str> = s.graph().nodes.iter().map(|n| n.op.as_str()).collect();
+        assert!(
+            !ops.contains(&"Transpose") && !ops.contains(&"Conv2D"),
+            "sig {sig}: {ops:?}"
+        );
+        let name = s.inputs().next().unwrap().name.clone();
+        let y = s.run(&[(&name, x.clone())]).expect("run");
+        assert_eq!(y[0].1.shape(), &[1, 5, 5, 8]);
+        outs.push(y[0].1.to_vec::<f32>().unwrap());
+    }
+    assert_eq!(outs[0], outs[1]);
+    // The stored output is the convolution: one element by hand (output pixel (1, 2), channel
+    // 5; SAME with stride 2 on 10 pads 0 before, 1 after).
+    let xv = x.to_vec::<f32>().unwrap();
+    let mut want = b[5];
+    for ky in 0..3 {
+        for kx in 0..3 {
+            for c in 0..3 {
+                let (iy, ix) = (2 + ky, 4 + kx);
+                want += xv[(iy * 10 + ix) * 3 + c] * w[((5 * 3 + ky) * 3 + kx) * 3 + c];
+            }
+        }
+    }
+    let got = outs[1][(5 + 2) * 8 + 5];
+    assert!((got - want.clamp(0.0, 6.0)).abs() < 1e-5, "{got} vs {want}");
 }

@@ -371,8 +371,13 @@ impl<'a> Ctx<'a> {
             let sig = t.i32s(7)?;
             let mut dims = Vec::with_capacity(shape_raw.len());
             for (k, &d) in shape_raw.iter().enumerate() {
+                // A dim the converter marked dynamic (signature -1; Keras' batch dim from
+                // `from_keras_model`) takes the size stored in `shape` in the main graph, as the
+                // TFLite interpreter allocates it before any ResizeInputTensor: symbolic, it
+                // kept every layer off the fixed-shape kernels (a MobileNetV2 ran 3x slower).
+                // Control-flow bodies (index > 0) are resized at run time and stay symbolic.
                 let dynamic = sig.as_ref().and_then(|s| s.get(k)).is_some_and(|&s| s < 0);
-                if d < 0 || dynamic {
+                if d < 0 || (dynamic && (index > 0 || d == 0)) {
                     dims.push(Dim::Sym(String::new()));
                 } else {
                     dims.push(Dim::Fixed(d as usize));
