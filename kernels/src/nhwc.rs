@@ -528,8 +528,9 @@ mod tests {
     }
 
     /// Every variant against a direct sum: pixel counts that are not multiples of the
-    /// 12-pixel tile (each smaller last tile), channel counts below, at and past a 32-channel panel, with and without
-    /// bias and residual, every activation kind; nothing past the output is written.
+    /// 7-pixel tile (each smaller last tile: 1 to 6 rows), channel counts below, at and past a
+    /// 32-channel panel, without bias, with bias, with bias and residual, every activation
+    /// kind; nothing past the output is written.
     #[test]
     fn pointwise_matches_direct_sum() {
         let mut s = 7u32;
@@ -546,8 +547,20 @@ mod tests {
             (7, 33, 40),
             (14, 20, 64),
             (20, 8, 32),
-            // Weights past the one-tile block size: a 1-pixel tail block merged into the
-            // previous one (49 = 48 + 1), and three blocks of 36 with a merged tail of 42.
+            // 7-row tiles with last tiles of 1, 3 and 5 rows, and of 1 to 6 rows at m <= 16.
+            (8, 40, 64),
+            (10, 24, 48),
+            (12, 17, 96),
+            (8, 4, 16),
+            (9, 5, 16),
+            (10, 7, 16),
+            (11, 6, 12),
+            (12, 5, 16),
+            (13, 3, 8),
+            // More pixels than one small-weight block (56): a block and a merged tail.
+            (200, 16, 96),
+            // Weights past the small-weight block: blocks of 7 k-independent multiples
+            // (49: one block of 49; 150 = 35 + 35 + 35 + a merged tail of 45).
             (49, 960, 72),
             (150, 1200, 64),
         ] {
@@ -556,8 +569,11 @@ mod tests {
             let bias = rnd(&mut s, m);
             let res = rnd(&mut s, pixels * m);
             let pw = PackedCols::new(&w, m, k).unwrap();
-            for (ai, &act) in ACTS.iter().enumerate() {
-                let with = ai % 2 == 1;
+            // Bias without a residual: the whole-panel clamp epilogue of the AVX-512 tile.
+            let combos = [(false, false), (true, false), (true, true)];
+            for (&act, &(with_bias, with)) in
+                ACTS.iter().flat_map(|a| combos.iter().map(move |c| (a, c)))
+            {
                 let mut want = vec![0f32; pixels * m];
                 for px in 0..pixels {
                     for j in 0..m {
@@ -566,8 +582,11 @@ mod tests {
                             a += x[px * k + kk] as f64 * w[j * k + kk] as f64;
                         }
                         let mut v = a as f32;
+                        if with_bias {
+                            v += bias[j];
+                        }
                         if with {
-                            v += bias[j] + res[px * m + j];
+                            v += res[px * m + j];
                         }
                         want[px * m + j] = act.apply(v);
                     }
@@ -577,7 +596,7 @@ mod tests {
                         x: &x,
                         pixels,
                         w: &pw,
-                        bias: with.then_some(&bias[..]),
+                        bias: with_bias.then_some(&bias[..]),
                         residual: with.then_some(&res[..]),
                         act,
                     };

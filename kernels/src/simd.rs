@@ -908,16 +908,31 @@ pub(crate) fn pointwise_nhwc(variant: Variant, p: &nhwc::Pointwise<'_>, y: &mut 
     }
 }
 
+/// Pixel rows of the pointwise register tile (x 32 channels: 14 accumulators). Seven, as
+/// XNNPACK's 7x32 AVX-512 tile: with small `k` (an expanding layer, k = 16..32) the tile's
+/// epilogue weighs, and the 24 stores of a 12-row tile stalled where 14 overlap the next
+/// tile's products (a probe at 12096 x 16 x 96: 224 GFLOP/s with 12 rows, 242 with 7; equal
+/// from k = 96). MobileNet maps (7 x 2^i on a side) split into whole 7-row tiles.
+const PW_ROWS: usize = 7;
+
+/// Whether the pointwise weights (`k * m` floats) are too large to stay in L2 next to the
+/// block's rows: they then stream past once per block, and each panel prefetches the next.
+fn pw_streamed(k: usize, m: usize) -> bool {
+    k.saturating_mul(m) > 64 * 1024
+}
+
 /// Pixels per block of the pointwise kernel, which runs every weight panel over a block
-/// before the next. Weights that stay in L2 (`k * m` floats): one 12-pixel tile, so each
-/// output row is written whole at once (with panels outermost, a 112x112x96 output was
-/// fetched into cache once per 32-channel panel). Larger weights: as many pixels as keep
-/// the block's input rows (`k` floats each) in L2 while the panels stream past once.
+/// before the next. Weights that stay in L2: eight 7-row tiles, whose output rows stay in L1
+/// until every panel has written them (with panels outermost over a whole 112x112x96 map, the
+/// output was fetched into cache once per 32-channel panel) and which share one set-up per
+/// panel (one tile per block: 206 GFLOP/s at 12544 x 16 x 96, eight: 228). Streamed weights:
+/// as many pixels as keep the block's input rows (`k` floats each) in L2 while the panels
+/// stream past once.
 fn pw_block(k: usize, m: usize) -> usize {
-    if k.saturating_mul(m) <= 64 * 1024 {
-        return 12;
+    if !pw_streamed(k, m) {
+        return 8 * PW_ROWS;
     }
-    ((192 * 1024) / (k.max(1) * 4)).max(12) / 12 * 12
+    ((192 * 1024) / (k.max(1) * 4)).max(PW_ROWS) / PW_ROWS * PW_ROWS
 }
 
 /// The mask of the first `n` (at most 16) lanes.
@@ -961,73 +976,42 @@ unsafe fn pointwise_nhwc_avx512(p: &nhwc::Pointwise<'_>, y: &mut [f32]) {
             let j0 = jp * 32;
             let cols = 32.min(m - j0);
             let mk = [lanes(cols), lanes(cols.saturating_sub(16))];
-            // SAFETY: the bias has m >= j0 + cols entries; the masks cover only those.
-            let bias = p.bias.map(|b| unsafe {
-                [
-                    _mm512_maskz_loadu_ps(mk[0], b.as_ptr().add(j0)),
-                    _mm512_maskz_loadu_ps(mk[1], b.as_ptr().add(j0 + 16)),
-                ]
-            });
+            // The accumulators start from the bias.
+            let bias = match p.bias {
+                // SAFETY: the bias has m >= j0 + cols entries; the masks cover only those.
+                Some(b) => unsafe {
+                    [
+                        _mm512_maskz_loadu_ps(mk[0], b.as_ptr().add(j0)),
+                        _mm512_maskz_loadu_ps(mk[1], b.as_ptr().add(j0 + 16)),
+                    ]
+                },
+                None => [_mm512_setzero_ps(); 2],
+            };
             let mut i = b0;
             while i < b1 {
-                // Thirteen rows left run as one tile (26 accumulators still fit): a 7x7 map's
-                // 49 pixels are 12 + 12 + 12 + 13, not four tiles of 12 and a one-row tile,
-                // whose two FMA chains wait on their latency.
-                let rows = if b1 - i == 13 && m > 16 {
-                    13
-                } else {
-                    12.min(b1 - i)
+                let rows = PW_ROWS.min(b1 - i);
+                let t = PwTile {
+                    k,
+                    x: x.wrapping_add(i * k),
+                    rows,
+                    w: wp.as_ptr(),
+                    init: bias,
+                    y: yp.wrapping_add(i * m + j0),
+                    res: res.map(|r| r.wrapping_add(i * m + j0)),
+                    m,
+                    mk,
+                    clamp: clamp.then_some((vlo, vhi)),
                 };
-                let store = |r: &[[__m512; 2]]| {
-                    for (ri, acc) in r.iter().enumerate().take(rows) {
-                        for v in 0..2 {
-                            if mk[v] == 0 {
-                                continue;
-                            }
-                            let at = (i + ri) * m + j0 + v * 16;
-                            let mut t = acc[v];
-                            // SAFETY: pixel i + ri < pixels and channels j0 + 16 v .. under
-                            // the mask are < m, so the masked accesses stay within y and the
-                            // residual.
-                            unsafe {
-                                if let Some(b) = bias {
-                                    t = _mm512_add_ps(t, b[v]);
-                                }
-                                let whole = mk[v] == 0xffff;
-                                if let Some(rp) = res {
-                                    let z = if whole {
-                                        _mm512_loadu_ps(rp.add(at))
-                                    } else {
-                                        _mm512_maskz_loadu_ps(mk[v], rp.add(at))
-                                    };
-                                    t = _mm512_add_ps(t, z);
-                                }
-                                if clamp {
-                                    t = _mm512_min_ps(_mm512_max_ps(t, vlo), vhi);
-                                }
-                                // Whole vectors without a mask: masked stores are slower.
-                                if whole {
-                                    _mm512_storeu_ps(yp.add(at), t);
-                                } else {
-                                    _mm512_mask_storeu_ps(yp.add(at), mk[v], t);
-                                }
-                            }
-                        }
-                    }
-                };
-                // The last tile of a block takes the smallest register tile that covers its
-                // rows (49 pixels: four tiles of 12 and one of 1, not five of 12).
-                // SAFETY: rows i .. i + rows are within the pixels x holds; the panel holds
-                // k * 32 floats (asserted above).
+                // SAFETY: rows i .. i + rows are within the pixels x holds (and y and the
+                // residual hold them times m); the panel holds k * 32 floats (asserted above);
+                // channels j0 + 16 v .. under the masks are < m.
                 unsafe {
-                    let (xi, wq) = (x.add(i * k), wp.as_ptr());
                     if m <= 16 {
-                        // One vector of channels: 12 rows with even and odd steps in separate
+                        // One vector of channels: 7 rows with even and odd steps in separate
                         // chains (a 32-wide tile would be half zeros).
                         match rows {
-                            9.. => store(&pw_product16::<12>(k, xi, rows, wq)),
-                            5..=8 => store(&pw_product16::<8>(k, xi, rows, wq)),
-                            _ => store(&pw_product16::<4>(k, xi, rows, wq)),
+                            5.. => t.run16::<7>(),
+                            _ => t.run16::<4>(),
                         }
                         i += rows;
                         continue;
@@ -1036,20 +1020,20 @@ unsafe fn pointwise_nhwc_avx512(p: &nhwc::Pointwise<'_>, y: &mut [f32]) {
                     // L1, two lines per step (the same 128 bytes per k as this panel), so the
                     // other tiles and the next panel find their weights near (a large layer's
                     // weights come from L3 cold on every run).
-                    let next = if i == b0 && jp + 1 < p.w.panels() {
+                    let next = if i == b0 && jp + 1 < p.w.panels() && pw_streamed(k, m) {
                         Some(p.w.panel(jp + 1).as_ptr())
                     } else {
                         None
                     };
-                    let no = std::ptr::null();
+                    // The last tile of a block takes the smallest register tile that covers
+                    // its rows.
                     match (rows, next) {
-                        (13, _) => store(&pw_product::<13, false>(k, xi, rows, wq, no)),
-                        (9.., Some(pf)) => store(&pw_product::<12, true>(k, xi, rows, wq, pf)),
-                        (9.., None) => store(&pw_product::<12, false>(k, xi, rows, wq, no)),
-                        (5..=8, _) => store(&pw_product::<8, false>(k, xi, rows, wq, no)),
-                        (3..=4, _) => store(&pw_product::<4, false>(k, xi, rows, wq, no)),
-                        (2, _) => store(&pw_product::<2, false>(k, xi, rows, wq, no)),
-                        _ => store(&pw_product::<1, false>(k, xi, rows, wq, no)),
+                        (7.., Some(pf)) => t.run::<7, true>(pf),
+                        (7.., None) => t.run::<7, false>(std::ptr::null()),
+                        (5..=6, _) => t.run::<6, false>(std::ptr::null()),
+                        (3..=4, _) => t.run::<4, false>(std::ptr::null()),
+                        (2, _) => t.run::<2, false>(std::ptr::null()),
+                        _ => t.run::<1, false>(std::ptr::null()),
                     }
                 }
                 i += rows;
@@ -1059,6 +1043,113 @@ unsafe fn pointwise_nhwc_avx512(p: &nhwc::Pointwise<'_>, y: &mut [f32]) {
             p.act.apply_slice(&mut y[b0 * m..b1 * m]);
         }
         b0 = b1;
+    }
+}
+
+/// Residual, clamp and stores of the first `rows` rows of `acc`. The common case (a
+/// whole panel, a clamp, no residual: every expanding layer) is its own loop, with no
+/// per-vector tests: with small `k` the epilogue's branches were a third of the kernel.
+/// A macro, not a method: as a function it was not inlined and the accumulators went through
+/// the stack. Expands inside an `unsafe` AVX-512 function with the tile's pointers valid.
+macro_rules! pw_store {
+    ($tile:expr, $acc:expr, $R:expr) => {{
+        let tile: &PwTile = $tile;
+        let acc: [[__m512; 2]; $R] = $acc;
+        let (y, m, mk, rows) = (tile.y, tile.m, tile.mk, tile.rows);
+        // Loops of constant length with the row test inside unroll and keep the accumulators
+        // in registers (a loop that may stop early spilled them to the stack).
+        if let (Some((lo, hi)), None, [0xffff, 0xffff]) = (tile.clamp, tile.res, mk) {
+            for (r, a) in acc.iter().enumerate() {
+                if r < rows {
+                    // SAFETY: row r < rows, both vectors whole.
+                    unsafe {
+                        let at = y.add(r * m);
+                        _mm512_storeu_ps(at, _mm512_min_ps(_mm512_max_ps(a[0], lo), hi));
+                        _mm512_storeu_ps(at.add(16), _mm512_min_ps(_mm512_max_ps(a[1], lo), hi));
+                    }
+                }
+            }
+        } else {
+            for (r, a) in acc.iter().enumerate() {
+                if r >= rows {
+                    continue;
+                }
+                for v in 0..2 {
+                    if mk[v] == 0 {
+                        continue;
+                    }
+                    let off = r * m + v * 16;
+                    let mut t = a[v];
+                    let whole = mk[v] == 0xffff;
+                    // SAFETY: row r < rows and the channels under the mask are < m.
+                    unsafe {
+                        if let Some(rp) = tile.res {
+                            let z = if whole {
+                                _mm512_loadu_ps(rp.add(off))
+                            } else {
+                                _mm512_maskz_loadu_ps(mk[v], rp.add(off))
+                            };
+                            t = _mm512_add_ps(t, z);
+                        }
+                        if let Some((lo, hi)) = tile.clamp {
+                            t = _mm512_min_ps(_mm512_max_ps(t, lo), hi);
+                        }
+                        // Whole vectors without a mask: masked stores are slower.
+                        if whole {
+                            _mm512_storeu_ps(y.add(off), t);
+                        } else {
+                            _mm512_mask_storeu_ps(y.add(off), mk[v], t);
+                        }
+                    }
+                }
+            }
+        }
+    }};
+}
+
+/// One register tile of the pointwise kernel: `rows` pixels x one 32-channel weight panel,
+/// from the product to the stores.
+struct PwTile {
+    k: usize,
+    /// The tile's first input pixel (`k` floats per pixel).
+    x: *const f32,
+    rows: usize,
+    /// The weight panel (`k * 32` floats).
+    w: *const f32,
+    /// The accumulators' start: the bias of the panel's channels (or zero).
+    init: [__m512; 2],
+    /// Output (and residual) of the tile's first pixel and channel; pixels `m` floats apart.
+    y: *mut f32,
+    res: Option<*const f32>,
+    m: usize,
+    /// The panel's channels in each of the two vectors.
+    mk: [__mmask16; 2],
+    clamp: Option<(__m512, __m512)>,
+}
+
+impl PwTile {
+    /// Product of `R >= rows` rows, then the epilogue.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F; the pointers hold what the fields say.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn run<const R: usize, const PF: bool>(&self, pf: *const f32) {
+        // SAFETY: as the caller promised.
+        let acc = unsafe { pw_product::<R, PF>(self.k, self.x, self.rows, self.w, pf, self.init) };
+        pw_store!(self, acc, R);
+    }
+
+    /// [`Self::run`] with one vector of channels (`m <= 16`).
+    ///
+    /// # Safety
+    /// As [`Self::run`].
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn run16<const R: usize>(&self) {
+        // SAFETY: as the caller promised.
+        let acc = unsafe { pw_product16::<R>(self.k, self.x, self.rows, self.w, self.init[0]) };
+        pw_store!(self, acc, R);
     }
 }
 
@@ -1077,8 +1168,9 @@ unsafe fn pw_product<const R: usize, const PF: bool>(
     rows: usize,
     w: *const f32,
     pf: *const f32,
+    init: [__m512; 2],
 ) -> [[__m512; 2]; R] {
-    let mut r = [[_mm512_setzero_ps(); 2]; R];
+    let mut r = [init; R];
     let mut xr = [x; R];
     for (i, p) in xr.iter_mut().enumerate() {
         // SAFETY: row i.min(rows - 1) < rows starts within x.
@@ -1116,8 +1208,9 @@ unsafe fn pw_product16<const R: usize>(
     x: *const f32,
     rows: usize,
     w: *const f32,
+    init: __m512,
 ) -> [[__m512; 2]; R] {
-    let mut e = [_mm512_setzero_ps(); R];
+    let mut e = [init; R];
     let mut o = [_mm512_setzero_ps(); R];
     let mut xr = [x; R];
     for (i, p) in xr.iter_mut().enumerate() {
