@@ -109,6 +109,67 @@ pub fn pointwise(variant: Variant, p: &Pointwise<'_>, y: &mut [f32]) -> bool {
     true
 }
 
+/// One part of a [`Pointwise`] split by output channels ([`pointwise_by_channels`]); `Send`,
+/// so parts run on different threads.
+pub struct PointwisePart<'a> {
+    #[cfg(target_arch = "x86_64")]
+    inner: crate::simd::PwPart<'a>,
+    #[cfg(not(target_arch = "x86_64"))]
+    never: std::convert::Infallible,
+    #[cfg(not(target_arch = "x86_64"))]
+    _out: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+impl PointwisePart<'_> {
+    /// Computes this part's channels of every pixel.
+    pub fn run(self) {
+        #[cfg(target_arch = "x86_64")]
+        self.inner.run();
+        #[cfg(not(target_arch = "x86_64"))]
+        match self.never {}
+    }
+}
+
+/// A [`Pointwise`] as `parts` parts that each compute a contiguous range of the 32-channel
+/// weight panels for every pixel, to run on `parts` threads: for few pixels and large weights
+/// (a 7x7 map, 160 -> 960 channels), a split by pixels has every thread stream all the
+/// weights and end on partial tiles (49 pixels as 24 + 25). `None` (nothing done) when the
+/// sizes do not fit (as [`pointwise`] checks them), there are fewer panels than parts, or
+/// `variant` has no such kernel (the AVX-512 tile with a clamp activation); the caller then
+/// splits by pixels.
+pub fn pointwise_by_channels<'a>(
+    variant: Variant,
+    p: &Pointwise<'a>,
+    y: &'a mut [f32],
+    parts: usize,
+) -> Option<Vec<PointwisePart<'a>>> {
+    let (m, k) = (p.w.m, p.w.k);
+    let out_len = p.pixels.checked_mul(m)?;
+    let in_len = p.pixels.checked_mul(k)?;
+    if p.x.len() < in_len
+        || y.len() < out_len
+        || p.bias.is_some_and(|b| b.len() < m)
+        || p.residual.is_some_and(|r| r.len() < out_len)
+    {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let parts = crate::simd::pointwise_nhwc_split(variant, p, y, parts)?;
+        Some(
+            parts
+                .into_iter()
+                .map(|inner| PointwisePart { inner })
+                .collect(),
+        )
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (variant, parts);
+        None
+    }
+}
+
 /// The reference: one output row (pixel) at a time, panel by panel.
 fn pointwise_portable(p: &Pointwise<'_>, y: &mut [f32]) {
     let (m, k) = (p.w.m, p.w.k);
@@ -611,6 +672,84 @@ mod tests {
                     assert!(y[pixels * m..].iter().all(|v| v.is_nan()), "wrote past y");
                 }
             }
+        }
+    }
+
+    /// The channel split gives what the whole call gives, for 2 to 4 parts over uneven panel
+    /// counts (a partial last panel, a residual, a bias), run on separate threads; it declines
+    /// a non-clamp activation, fewer panels than parts and short slices.
+    #[test]
+    fn pointwise_by_channels_matches_pointwise() {
+        let mut s = 17u32;
+        for &(pixels, k, m, parts) in &[
+            (49, 160, 960, 2),
+            (49, 40, 100, 3),
+            (9, 7, 72, 2),
+            (20, 33, 200, 4),
+        ] {
+            let x = rnd(&mut s, pixels * k);
+            let w = rnd(&mut s, m * k);
+            let bias = rnd(&mut s, m);
+            let res = rnd(&mut s, pixels * m);
+            let pw = PackedCols::new(&w, m, k).unwrap();
+            for act in [
+                Activation::Identity,
+                Activation::Clip { lo: -0.05, hi: 0.1 },
+            ] {
+                for with in [false, true] {
+                    let p = Pointwise {
+                        x: &x,
+                        pixels,
+                        w: &pw,
+                        bias: Some(&bias),
+                        residual: with.then_some(&res[..]),
+                        act,
+                    };
+                    for v in dispatch::detected() {
+                        let mut want = vec![f32::NAN; pixels * m];
+                        assert!(pointwise(v, &p, &mut want));
+                        let mut got = vec![f32::NAN; pixels * m + 3];
+                        let Some(split) = pointwise_by_channels(v, &p, &mut got, parts) else {
+                            continue;
+                        };
+                        assert_eq!(split.len(), parts);
+                        std::thread::scope(|sc| {
+                            for part in split {
+                                sc.spawn(move || part.run());
+                            }
+                        });
+                        assert_eq!(
+                            &got[..pixels * m],
+                            &want[..],
+                            "{v:?} {pixels}x{k}x{m}/{parts}"
+                        );
+                        assert!(got[pixels * m..].iter().all(|v| v.is_nan()), "wrote past y");
+                    }
+                }
+            }
+        }
+        let w = PackedCols::new(&[0.5; 64 * 3], 64, 3).unwrap();
+        let x = [1f32; 6];
+        let p = |act| Pointwise {
+            x: &x,
+            pixels: 2,
+            w: &w,
+            bias: None,
+            residual: None,
+            act,
+        };
+        let mut y = vec![0f32; 128];
+        for v in dispatch::detected() {
+            assert!(pointwise_by_channels(v, &p(Activation::HardSwish), &mut y, 2).is_none());
+            assert!(pointwise_by_channels(v, &p(Activation::Relu), &mut y, 3).is_none());
+            assert!(pointwise_by_channels(v, &p(Activation::Relu), &mut y[..127], 2).is_none());
+        }
+        // The AVX-512 tile splits when the CPU has it.
+        #[cfg(target_arch = "x86_64")]
+        if dispatch::detected().contains(&Variant::Avx512) {
+            assert!(
+                pointwise_by_channels(Variant::Avx512, &p(Activation::Relu), &mut y, 2).is_some()
+            );
         }
     }
 

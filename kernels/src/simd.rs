@@ -900,8 +900,8 @@ pub(crate) fn pointwise_nhwc(variant: Variant, p: &nhwc::Pointwise<'_>, y: &mut 
     match variant {
         Variant::Avx512 if has_avx512() => {
             // SAFETY: AVX-512F was detected just above; `nhwc::pointwise` checked that x holds
-            // pixels * k floats, y and the residual pixels * m, the bias m.
-            unsafe { pointwise_nhwc_avx512(p, y) };
+            // pixels * k floats, y and the residual pixels * m, the bias m; all panels.
+            unsafe { pointwise_nhwc_avx512(p, 0..p.w.panels(), y.as_mut_ptr()) };
             true
         }
         _ => false,
@@ -945,11 +945,69 @@ fn lanes(n: usize) -> __mmask16 {
     }
 }
 
+/// One thread's share of a [`nhwc::Pointwise`] split by output channels: the 32-channel
+/// panels `panels` of every pixel, written through `y` (the whole `[pixels, m]` output, which
+/// the other parts write in other columns). Made only by [`pointwise_nhwc_split`], which
+/// borrows the output mutably for `'a` and hands out disjoint panel ranges.
+pub(crate) struct PwPart<'a> {
+    p: nhwc::Pointwise<'a>,
+    panels: Range<usize>,
+    y: *mut f32,
+    _out: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: a part writes only the columns of its own panels (disjoint from every other part's)
+// and reads shared data; the output borrow outlives the parts.
+unsafe impl Send for PwPart<'_> {}
+
+impl PwPart<'_> {
+    pub(crate) fn run(self) {
+        // SAFETY: `pointwise_nhwc_split` checked AVX-512F and the sizes (as for
+        // `pointwise_nhwc`), and the panel range is within the weights' panels.
+        unsafe { pointwise_nhwc_avx512(&self.p, self.panels, self.y) }
+    }
+}
+
+/// [`nhwc::Pointwise`] as `parts` parts over contiguous panel ranges, when `variant` is
+/// AVX-512, the CPU has it, the activation is a clamp (applied in the tile) and there are at
+/// least `parts` panels; `None` otherwise. Sizes were checked by the caller.
+pub(crate) fn pointwise_nhwc_split<'a>(
+    variant: Variant,
+    p: &nhwc::Pointwise<'a>,
+    y: &'a mut [f32],
+    parts: usize,
+) -> Option<Vec<PwPart<'a>>> {
+    let panels = p.w.panels();
+    if variant != Variant::Avx512
+        || !has_avx512()
+        || p.act.clamp_bounds().is_none()
+        || parts == 0
+        || panels < parts
+    {
+        return None;
+    }
+    let y = y.as_mut_ptr();
+    Some(
+        (0..parts)
+            .map(|i| PwPart {
+                p: nhwc::Pointwise { ..*p },
+                panels: i * panels / parts..(i + 1) * panels / parts,
+                y,
+                _out: std::marker::PhantomData,
+            })
+            .collect(),
+    )
+}
+
+/// The panels `panels` of every pixel.
+///
 /// # Safety
 /// The CPU must support AVX-512F; `p.x` holds `pixels * k` floats, `y` and `p.residual`
-/// `pixels * m`, `p.bias` `m` (checked by `nhwc::pointwise`).
+/// `pixels * m`, `p.bias` `m` (checked by `nhwc::pointwise`); `panels.end <= p.w.panels()`;
+/// no one else accesses the columns of these panels in `y` meanwhile. A non-clamp
+/// activation is applied to whole rows, so it needs every panel.
 #[target_feature(enable = "avx512f")]
-unsafe fn pointwise_nhwc_avx512(p: &nhwc::Pointwise<'_>, y: &mut [f32]) {
+unsafe fn pointwise_nhwc_avx512(p: &nhwc::Pointwise<'_>, panels: Range<usize>, yp: *mut f32) {
     let (m, k) = (p.w.rows(), p.w.depth());
     let ((lo, hi), other) = match p.act.clamp_bounds() {
         Some(b) => (b, false),
@@ -958,7 +1016,6 @@ unsafe fn pointwise_nhwc_avx512(p: &nhwc::Pointwise<'_>, y: &mut [f32]) {
     let clamp = lo != f32::NEG_INFINITY || hi != f32::INFINITY;
     let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
     let x = p.x.as_ptr();
-    let yp = y.as_mut_ptr();
     let res = p.residual.map(|r| r.as_ptr());
     let blk = pw_block(k, m);
     let mut b0 = 0;
@@ -970,7 +1027,7 @@ unsafe fn pointwise_nhwc_avx512(p: &nhwc::Pointwise<'_>, y: &mut [f32]) {
         } else {
             b0 + blk
         };
-        for jp in 0..p.w.panels() {
+        for jp in panels.clone() {
             let wp = p.w.panel(jp);
             assert!(wp.len() >= k * 32);
             let j0 = jp * 32;
@@ -1020,7 +1077,7 @@ unsafe fn pointwise_nhwc_avx512(p: &nhwc::Pointwise<'_>, y: &mut [f32]) {
                     // L1, two lines per step (the same 128 bytes per k as this panel), so the
                     // other tiles and the next panel find their weights near (a large layer's
                     // weights come from L3 cold on every run).
-                    let next = if i == b0 && jp + 1 < p.w.panels() && pw_streamed(k, m) {
+                    let next = if i == b0 && jp + 1 < panels.end && pw_streamed(k, m) {
                         Some(p.w.panel(jp + 1).as_ptr())
                     } else {
                         None
@@ -1040,7 +1097,9 @@ unsafe fn pointwise_nhwc_avx512(p: &nhwc::Pointwise<'_>, y: &mut [f32]) {
             }
         }
         if other {
-            p.act.apply_slice(&mut y[b0 * m..b1 * m]);
+            // SAFETY: rows b0 .. b1 of y, all panels (the caller's promise).
+            let rows = unsafe { std::slice::from_raw_parts_mut(yp.add(b0 * m), (b1 - b0) * m) };
+            p.act.apply_slice(rows);
         }
         b0 = b1;
     }

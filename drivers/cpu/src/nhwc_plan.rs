@@ -23,8 +23,18 @@ use crate::conv_plan::{activation_of, ConvPlan, FUSED_DOMAIN};
 use crate::exec::const_input;
 use crate::ops::nn::{ftensor, fvec, geom, take_f32};
 use crate::ops::{input, opt_input, OpCtx, Registry};
-use crate::par::for_parts;
+use crate::par::{for_items, for_parts};
 pub use crate::qdq_plan::INPUT_NCHW;
+
+/// Whether a 1x1 layer on several threads splits its output channels rather than its pixels:
+/// when its weights (`k * m` floats) outweigh its input (`pixels * k`), i.e. `m > pixels`,
+/// and the 32-channel panels divide evenly enough (a 7x7 map's 160 -> 960 layer: each thread
+/// streams half the weights over whole 7-row tiles instead of all of them over 24 or 25
+/// pixels). Projections to 160 channels (5 panels) stay split by pixels.
+fn by_channels(pixels: usize, m: usize, threads: usize) -> bool {
+    let panels = m.div_ceil(32);
+    m > pixels && (panels.is_multiple_of(threads) || panels >= 4 * threads)
+}
 
 /// The op type of the NHWC float convolution (domain `edgehal`).
 pub const FUSED_CONV_NHWC: &str = "FusedConvNhwc";
@@ -352,19 +362,38 @@ impl NhwcConvPlan {
             Kind::Pointwise(pw) => {
                 let pixels = n * h * w;
                 let res = residual.as_deref();
-                for_parts(threads, pixels, m, &mut out, |px, y| {
-                    let p = Pointwise {
-                        x: &xv[px.start * c..px.end * c],
-                        pixels: px.len(),
-                        w: pw,
-                        bias,
-                        residual: res.map(|r| &r[px.start * m..px.end * m]),
-                        act: self.act,
-                    };
-                    nhwc::pointwise(variant, &p, y)
-                        .then_some(())
-                        .ok_or_else(bad)
-                })?;
+                let whole = Pointwise {
+                    x: &xv,
+                    pixels,
+                    w: pw,
+                    bias,
+                    residual: res,
+                    act: self.act,
+                };
+                let split = threads > 1 && by_channels(pixels, m, threads);
+                let parts = split
+                    .then(|| nhwc::pointwise_by_channels(variant, &whole, &mut out, threads))
+                    .flatten();
+                if let Some(parts) = parts {
+                    for_items(parts, |_, part| {
+                        part.run();
+                        Ok::<(), Error>(())
+                    })?;
+                } else {
+                    for_parts(threads, pixels, m, &mut out, |px, y| {
+                        let p = Pointwise {
+                            x: &xv[px.start * c..px.end * c],
+                            pixels: px.len(),
+                            w: pw,
+                            bias,
+                            residual: res.map(|r| &r[px.start * m..px.end * m]),
+                            act: self.act,
+                        };
+                        nhwc::pointwise(variant, &p, y)
+                            .then_some(())
+                            .ok_or_else(bad)
+                    })?;
+                }
             }
             Kind::Depthwise(tw) => {
                 for bi in 0..n {
