@@ -548,8 +548,8 @@ unsafe fn qgemm_float_avx512vnni(
     let magic = _mm512_set1_ps(MAGIC);
     // rne_small's bias less the zero point: one subtraction gives the rounded value plus zp.
     let unbias = _mm512_set1_epi32((MAGIC.to_bits() as i32).wrapping_sub(ep.zp));
-    let requant = |acc: __m512i, c: __m512i, s: __m512| -> __m128i {
-        let v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc, c)), s);
+    let requant = |acc: __m512i, s: __m512| -> __m128i {
+        let v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), s);
         let v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
         let q = _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(v, magic)), unbias);
         in_register_m128(_mm512_cvtepi32_epi8(q))
@@ -585,7 +585,15 @@ unsafe fn qgemm_float_avx512vnni(
             };
             // SAFETY: panel jp of B is in bounds.
             let bp = unsafe { b.add(jp * groups * 128) };
-            let mut r = [[_mm512_setzero_si512(); 2]; 8];
+            // The accumulators start from the column constants (no add per output vector).
+            // SAFETY: the masked loads read only columns j0..j0 + w, all < n.
+            let (c0, c1) = unsafe {
+                (
+                    _mm512_maskz_loadu_epi32(m0, ep.colc.as_ptr().add(j0)),
+                    _mm512_maskz_loadu_epi32(m1, ep.colc.as_ptr().add(j0 + 16)),
+                )
+            };
+            let mut r = [[c0, c1]; 8];
             // One pass over the groups: `off` walks a segment 4 bytes at a time and jumps to
             // the next segment's start.
             let (mut off, mut seg_start, mut left) = (0usize, 0usize, geo.seg_groups);
@@ -633,10 +641,8 @@ unsafe fn qgemm_float_avx512vnni(
             // Loaded after the sums: 16 accumulators and the tile's operands fill most of the
             // 32 registers, and these would push accumulators to the stack.
             // SAFETY: the masked loads read only columns j0..j0 + w, all < n.
-            let (c0, c1, s0, s1) = unsafe {
+            let (s0, s1) = unsafe {
                 (
-                    _mm512_maskz_loadu_epi32(m0, ep.colc.as_ptr().add(j0)),
-                    _mm512_maskz_loadu_epi32(m1, ep.colc.as_ptr().add(j0 + 16)),
                     _mm512_maskz_loadu_ps(m0, ep.scale.as_ptr().add(j0)),
                     _mm512_maskz_loadu_ps(m1, ep.scale.as_ptr().add(j0 + 16)),
                 )
@@ -647,14 +653,14 @@ unsafe fn qgemm_float_avx512vnni(
                     // by the caller); the masked stores write only those.
                     unsafe {
                         let o = out.add((i0 + i) * ldc + j0);
-                        let q0 = requant(r[i][0], c0, s0);
+                        let q0 = requant(r[i][0], s0);
                         if m0 == 0xffff {
                             _mm_storeu_si128(o as *mut __m128i, q0);
                         } else {
                             _mm_mask_storeu_epi8(o as *mut i8, m0, q0);
                         }
                         if m1 != 0 {
-                            let q1 = requant(r[i][1], c1, s1);
+                            let q1 = requant(r[i][1], s1);
                             if m1 == 0xffff {
                                 _mm_storeu_si128(o.add(16) as *mut __m128i, q1);
                             } else {
