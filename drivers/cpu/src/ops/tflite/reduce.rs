@@ -414,6 +414,16 @@ fn softmax_impl(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>], log: bool) -> Result<V
         let (so, zo) = qparams(ctx, "out0", None)?;
         let dt = out_dtype(ctx, 0, x.dtype());
         let (lo, hi) = type_range(dt);
+        if matches!(dt, DType::I8 | DType::U8) {
+            // The vectorized QUANTIZE (round half away from zero, as below): the scalar loop
+            // called libm's roundf per class.
+            let mut qb = vec![0u8; out.len()];
+            if edgehal_kernels::qconv::quantize_f32(&out, so, zo, lo, hi, &mut qb) {
+                let mut t = Tensor::from_vec_dtype(dt, x.shape().to_vec(), qb)?;
+                t.quant = Some(Quant::per_tensor(so, zo));
+                return Ok(vec![t]);
+            }
+        }
         let qv = out
             .iter()
             .map(|&v| (((v / so).round() as i32).saturating_add(zo)).clamp(lo, hi))
@@ -437,6 +447,65 @@ fn log_softmax(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 8-bit SOFTMAX (int8 and uint8 outputs, rows of 1000 and of 10 classes, ties in the
+    /// input) against the scalar definition: probabilities divided by the output scale,
+    /// rounded half away from zero, plus the zero point, clamped; within one step of an f64
+    /// reference and equal to the scalar rounding of the op's own f32 probabilities.
+    #[test]
+    fn quantized_softmax_matches_the_scalar_definition() {
+        use edgehal_core::{Attr, Node};
+        for (dt, zo) in [(DType::I8, -128i32), (DType::U8, 0)] {
+            for classes in [1000usize, 10] {
+                let mut node = Node {
+                    op: "Softmax".into(),
+                    domain: DOMAIN.into(),
+                    ..Default::default()
+                };
+                node.attrs.insert("beta".into(), Attr::Float(1.0));
+                node.attrs
+                    .insert("out0_scale".into(), Attr::Floats(vec![1.0 / 256.0]));
+                node.attrs
+                    .insert("out0_zp".into(), Attr::Ints(vec![i64::from(zo)]));
+                let ctx = OpCtx {
+                    node: &node,
+                    opset: 1,
+                    subgraph: None,
+                    dest: None,
+                };
+                let (si, zi) = (0.05f32, 3);
+                let n = 3 * classes;
+                let q: Vec<u8> = (0..n).map(|i| ((i * 37 + i / 7) % 200) as u8).collect();
+                let mut x = Tensor::from_vec_dtype(dt, vec![3, classes], q).unwrap();
+                x.quant = Some(Quant::per_tensor(si, zi));
+                let y = softmax(&ctx, &[Some(&x)]).unwrap().remove(0);
+                assert_eq!(y.dtype(), dt);
+                let got = q_to_i32(&y).unwrap();
+                let xv = q_to_i32(&x).unwrap();
+                let (lo, hi) = type_range(dt);
+                for (r, row) in xv.chunks(classes).enumerate() {
+                    let f: Vec<f32> = row.iter().map(|&v| (v - zi) as f32 * si).collect();
+                    let m = f.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let e64: Vec<f64> = f.iter().map(|&v| ((v - m) as f64).exp()).collect();
+                    let s64: f64 = e64.iter().sum();
+                    let mut e: Vec<f32> = f.iter().map(|&v| v - m).collect();
+                    edgehal_kernels::vmath::exp_inplace(&mut e);
+                    let inv = (1.0 / e.iter().map(|&v| v as f64).sum::<f64>()) as f32;
+                    for j in 0..classes {
+                        let g = got[r * classes + j];
+                        let p = (e64[j] / s64) as f32;
+                        let near = (((p * 256.0).round() as i32) + zo).clamp(lo, hi);
+                        assert!((g - near).abs() <= 1, "{dt:?} {r},{j}: {g} vs {near}");
+                        let v = e[j] * inv;
+                        let want = ((v / (1.0 / 256.0)).round() as i32)
+                            .saturating_add(zo)
+                            .clamp(lo, hi);
+                        assert_eq!(g, want, "{dt:?} {classes} classes, row {r}, class {j}");
+                    }
+                }
+            }
+        }
+    }
 
     /// The adjacent-axes fast path sums what the general index map sends to each output.
     #[test]
