@@ -217,6 +217,12 @@ impl PackedB {
         })
     }
 
+    /// Rows of the register tile the packed layout is for: a caller splitting rows across
+    /// threads in multiples of it leaves no partial tile inside a part.
+    pub fn tile_rows(&self) -> usize {
+        tile_of(self.variant()).mr
+    }
+
     /// The variant the panels are laid out for (the one [`qgemm`] runs).
     pub fn variant(&self) -> Variant {
         self.variant

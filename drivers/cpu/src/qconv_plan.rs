@@ -363,7 +363,9 @@ pub(crate) struct QGemmOp<'a> {
 
 impl QGemmOp<'_> {
     /// `out (rows x n) = requant(a (rows x k) * W + bias)`, rows split across threads in
-    /// blocks of 16 (one thread below [`MIN_PARALLEL_MACS`]).
+    /// blocks of the kernel's tile rows (one thread below [`MIN_PARALLEL_MACS`]): blocks of 16
+    /// split a 14x14 layer's 196 rows as 112 + 84 at two threads (14 tiles against 11), blocks
+    /// of 8 as 104 + 92.
     pub(crate) fn run(
         &self,
         a: &[u8],
@@ -373,7 +375,7 @@ impl QGemmOp<'_> {
         out: &mut [u8],
         threads: usize,
     ) -> Result<()> {
-        const BLOCK: usize = 16;
+        let block = self.packed.tile_rows().max(1);
         let n = self.n;
         let t = if rows * k * n >= MIN_PARALLEL_MACS {
             threads
@@ -385,9 +387,9 @@ impl QGemmOp<'_> {
         if t > 1 && rows <= 64 && n >= 64 && self.run_by_columns(a, signed, rows, k, out, t) {
             return Ok(());
         }
-        for_parts(t, rows.div_ceil(BLOCK), BLOCK * n, out, |r, part| {
-            let r0 = r.start * BLOCK;
-            let r1 = (r.end * BLOCK).min(rows);
+        for_parts(t, rows.div_ceil(block), block * n, out, |r, part| {
+            let r0 = r.start * block;
+            let r1 = (r.end * block).min(rows);
             // Bytes past the last row's k, where `a` has them: the x86 VNNI tile reads each
             // row for k rounded up to 4 in place when that much is readable.
             let end = (r1 * k + (k.next_multiple_of(4) - k)).min(a.len());
