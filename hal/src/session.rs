@@ -435,7 +435,19 @@ impl Session {
                         info.describe()
                     ))
                 })?;
-            check_input(info, t)?;
+            check_input(info, t).map_err(|e| match e {
+                Error::InvalidArgument(m) => {
+                    let key = format!("tflite.shape_signature.{}", info.name);
+                    match self.graph().metadata.get(&key) {
+                        Some(sig) => Error::InvalidArgument(format!(
+                            "{m} (the model marks dims dynamic, signature [{sig}]; like the \
+                             TFLite interpreter, edgehal prepares it at the stored shape)"
+                        )),
+                        None => Error::InvalidArgument(m),
+                    }
+                }
+                other => other,
+            })?;
             bound.push((*id, info.name.clone(), t.clone()));
         }
         Ok(bound)

@@ -1613,6 +1613,12 @@ fn dynamic_batch_signature_runs_at_the_stored_shape() {
         let y = s.run(&[(&name, x.clone())]).expect("run");
         assert_eq!(y[0].1.shape(), &[1, 5, 5, 8]);
         outs.push(y[0].1.to_vec::<f32>().unwrap());
+        // Another batch is refused with the shape the session was prepared at, and, for the
+        // dynamic model, the signature it came with.
+        let x2 = Tensor::from_vec(vec![2, 10, 10, 3], seeded(600, 14)).unwrap();
+        let e = s.run(&[(&name, x2)]).unwrap_err().to_string();
+        assert!(e.contains("expected shape"), "{e}");
+        assert_eq!(e.contains("signature [-1,10,10,3]"), sig, "{e}");
     }
     assert_eq!(outs[0], outs[1]);
     // The stored output is the convolution: one element by hand (output pixel (1, 2), channel

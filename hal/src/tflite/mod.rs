@@ -348,6 +348,7 @@ impl<'a> Ctx<'a> {
         let tensors = sg.tables(0)?;
         let mut ids: Vec<ValueId> = Vec::with_capacity(tensors.len());
         let mut quants: Vec<Option<Quant>> = Vec::with_capacity(tensors.len());
+        let mut dynamic_sigs: Vec<(ValueId, Vec<i32>)> = Vec::new();
         for (ti, t) in tensors.iter().enumerate() {
             let tname = t.string(3)?.unwrap_or_default();
             let tname = if tname.is_empty() {
@@ -423,6 +424,10 @@ impl<'a> Ctx<'a> {
                 tensor.quant = quant.clone();
                 g.initializers.insert(id, tensor);
             }
+            if index == 0 && sig.as_ref().is_some_and(|s| s.iter().any(|&d| d < 0)) {
+                // Kept for error messages: a feed of another batch is refused, not resized.
+                dynamic_sigs.push((id, sig.clone().unwrap_or_default()));
+            }
             let vi = &mut g.values[id];
             vi.dtype = Some(dtype);
             vi.shape = Some(dims);
@@ -451,6 +456,13 @@ impl<'a> Ctx<'a> {
         {
             if !g.initializers.contains_key(&ids[i]) {
                 g.inputs.push(ids[i]);
+            }
+        }
+        for (id, sig) in &dynamic_sigs {
+            if g.inputs.contains(id) {
+                let dims: Vec<String> = sig.iter().map(i32::to_string).collect();
+                let key = format!("tflite.shape_signature.{}", g.values[*id].name);
+                g.metadata.insert(key, dims.join(","));
             }
         }
         for i in lookup(sg.i32s(2)?, "subgraph outputs")?
