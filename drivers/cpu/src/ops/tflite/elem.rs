@@ -169,7 +169,9 @@ fn q8_elementwise(
     zp: i32,
     part: impl Fn(usize, &mut [u8]) -> bool + Sync,
 ) -> Result<Tensor> {
-    let mut out = vec![0u8; n];
+    // From the buffer pool, not zeroed: every part writes all of its slice (the zeroed
+    // vector of a 224x224x3 QUANTIZE was a calloc of fresh pages on every run).
+    let mut out = crate::arena::take_bytes(n);
     crate::par::for_slices(crate::arena::threads(), &mut out, |off, o| {
         if part(off, o) {
             Ok(())
@@ -179,7 +181,7 @@ fn q8_elementwise(
             ))
         }
     })?;
-    let mut t = Tensor::from_vec_dtype(dt, shape.to_vec(), out)?;
+    let mut t = crate::arena::bytes_tensor(dt, shape.to_vec(), out)?;
     t.quant = Some(Quant::per_tensor(scale, zp));
     Ok(t)
 }
@@ -503,4 +505,53 @@ fn dequantize(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
 fn cast(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
     let x = input(ins, 0)?;
     Ok(vec![x.cast(out_dtype(ctx, 0, x.dtype()))?])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgehal_core::{Attr, Node};
+
+    /// QUANTIZE into a pooled byte buffer (NaN-patterned in this crate's tests, so a byte the
+    /// kernel leaves unwritten shows): every element equals `quantize1`, int8 and uint8.
+    #[test]
+    fn quantize_writes_every_byte_of_a_pooled_output() {
+        for (dt, zp) in [(DType::I8, -3i32), (DType::U8, 128)] {
+            let mut node = Node {
+                op: "Quantize".into(),
+                domain: DOMAIN.into(),
+                ..Default::default()
+            };
+            node.attrs
+                .insert("out0_scale".into(), Attr::Floats(vec![0.021]));
+            node.attrs
+                .insert("out0_zp".into(), Attr::Ints(vec![i64::from(zp)]));
+            node.attrs.insert(
+                "out0_dtype".into(),
+                Attr::String(dt.name().as_bytes().to_vec()),
+            );
+            let ctx = OpCtx {
+                node: &node,
+                opset: 1,
+                subgraph: None,
+                dest: None,
+            };
+            let n = 3 * 225;
+            let xs: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919) % 1000) as f32 * 0.006 - 3.0)
+                .collect();
+            let x = Tensor::from_vec(vec![3, 225, 1], xs.clone()).unwrap();
+            let y = quantize(&ctx, &[Some(&x)]).unwrap().remove(0);
+            assert_eq!(y.dtype(), dt);
+            let got = q_to_i32(&y).unwrap();
+            let (lo, hi) = type_range(dt);
+            for (i, (&g, &v)) in got.iter().zip(&xs).enumerate() {
+                assert_eq!(
+                    g,
+                    qconv::quantize1(v, 0.021, zp, lo, hi),
+                    "{dt:?} element {i}"
+                );
+            }
+        }
+    }
 }
