@@ -136,7 +136,19 @@ pub fn global_average_pool_nhwc(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Res
         )));
     };
     let xv = fvec(x, GAP_NHWC)?;
-    let out = gap_nhwc(&xv, n, h * w, c);
+    let threads = crate::arena::threads();
+    let out = if n == 1 && threads > 1 && h * w * c >= GAP_PARALLEL_MIN && xv.len() >= h * w * c {
+        // One image on several threads, by channel ranges (what else runs between the last
+        // convolution and the classifier is serial).
+        let mut out = take_f32(c)?;
+        for_parts(threads, c.div_ceil(16), 16, &mut out, |u, o| {
+            gap_channels(&xv, h * w, c, u.start * 16..(u.end * 16).min(c), o);
+            Ok::<(), Error>(())
+        })?;
+        out
+    } else {
+        gap_nhwc(&xv, n, h * w, c)
+    };
     let shape = if ctx.i("keepdims", 1) != 0 {
         vec![n, c, 1, 1]
     } else {
@@ -145,32 +157,45 @@ pub fn global_average_pool_nhwc(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>]) -> Res
     Ok(vec![ftensor(x.dtype(), shape, out)?])
 }
 
+/// Elements of an image below which [`global_average_pool_nhwc`] stays on one thread.
+const GAP_PARALLEL_MIN: usize = 1 << 15;
+
 /// The per-channel means of `n` NHWC images of `hw` pixels and `c` channels (zeros for images
 /// `xv` is too short for).
 fn gap_nhwc(xv: &[f32], n: usize, hw: usize, c: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(n * c);
-    // Runs of 8 pixels summed in f32 (vectorized four or more lanes wide), the runs in f64:
-    // summing every pixel in f64 (two lanes) took 11.6 us on MobileNetV2's 7x7x1280 map; a
-    // run's f32 sum is within 8 roundings of its exact value.
-    let mut acc = vec![0f64; c];
-    let mut run = vec![0f32; c];
-    for img in xv.chunks_exact((hw * c).max(1)).take(n) {
-        acc.fill(0.0);
-        for pxs in img.chunks(8 * c.max(1)) {
-            run.fill(0.0);
-            for px in pxs.chunks_exact(c.max(1)) {
-                for (r, &v) in run.iter_mut().zip(px) {
-                    *r += v;
-                }
-            }
-            for (a, &r) in acc.iter_mut().zip(&run) {
-                *a += f64::from(r);
+    let mut out = vec![0f32; n * c];
+    for (img, o) in xv
+        .chunks_exact((hw * c).max(1))
+        .zip(out.chunks_exact_mut(c.max(1)))
+    {
+        gap_channels(img, hw, c, 0..c, o);
+    }
+    out
+}
+
+/// The means of channels `chs` of one NHWC image into `out` (`chs.len()` values). Runs of 8
+/// pixels summed in f32 (vectorized four or more lanes wide), the runs in f64: summing every
+/// pixel in f64 (two lanes) took 11.6 us on MobileNetV2's 7x7x1280 map; a run's f32 sum is
+/// within 8 roundings of its exact value. Each channel's sum is the same at any split.
+fn gap_channels(img: &[f32], hw: usize, c: usize, chs: std::ops::Range<usize>, out: &mut [f32]) {
+    let w = chs.len();
+    let mut acc = vec![0f64; w];
+    let mut run = vec![0f32; w];
+    for p0 in (0..hw).step_by(8) {
+        run.fill(0.0);
+        for px in p0..(p0 + 8).min(hw) {
+            let row = &img[px * c + chs.start..px * c + chs.end];
+            for (r, &v) in run.iter_mut().zip(row) {
+                *r += v;
             }
         }
-        out.extend(acc.iter().map(|&a| (a / hw.max(1) as f64) as f32));
+        for (a, &r) in acc.iter_mut().zip(&run) {
+            *a += f64::from(r);
+        }
     }
-    out.resize(n * c, 0.0);
-    out
+    for (o, &a) in out.iter_mut().zip(&acc) {
+        *o = (a / hw.max(1) as f64) as f32;
+    }
 }
 
 /// `t` (4-d f32) with its axes permuted NHWC -> NCHW (`to_nchw`) or NCHW -> NHWC.
@@ -620,6 +645,15 @@ mod tests {
                 .map(|(i, v)| v * if i % 7 == 0 { 100.0 } else { 1.0 })
                 .collect();
             let got = gap_nhwc(&x, n, hw, c);
+            // Channel ranges (the parallel split) give the same bits.
+            if n == 1 {
+                let mut split = vec![f32::NAN; c];
+                let cut = (c / 2).next_multiple_of(16).min(c);
+                let (a, b) = split.split_at_mut(cut);
+                gap_channels(&x, hw, c, 0..cut, a);
+                gap_channels(&x, hw, c, cut..c, b);
+                assert_eq!(split, got, "{n}x{hw}x{c} split at {cut}");
+            }
             for img in 0..n {
                 for ch in 0..c {
                     let want: f64 = (0..hw)
