@@ -132,19 +132,39 @@ fn mean_q8_block(ctx: &OpCtx<'_>, x: &Tensor, axes: &Tensor, keep: bool) -> Resu
     let Some((outer, mid, inner)) = block(x.shape(), &red).filter(|b| b.1 > 0 && b.2 > 0) else {
         return Ok(None);
     };
-    let mut acc = match x.dtype() {
-        DType::I8 => sum_block(&x.as_slice::<i8>()?, outer, mid, inner),
-        DType::U8 => sum_block(&x.as_slice::<u8>()?, outer, mid, inner),
-        _ => return Ok(None),
-    };
+    if !matches!(x.dtype(), DType::I8 | DType::U8) {
+        return Ok(None);
+    }
     let (si, zi) = qparams(ctx, "in0", Some(x))?;
     let (so, zo) = qparams(ctx, "out0", None)?;
     let z = zi.wrapping_mul(mid as i32);
-    acc.iter_mut().for_each(|a| *a = a.wrapping_sub(z));
     let dt = out_dtype(ctx, 0, x.dtype());
     let (lo, hi) = type_range(dt);
     let m = super::qmath::Multiplier::new(si as f64 / so as f64);
-    let out = mean_out(acc, m, mid, zo, lo, hi);
+    // The means of columns `cols` of every outer block.
+    let means = |cols: std::ops::Range<usize>| -> Result<Vec<i32>> {
+        let mut acc = match x.dtype() {
+            DType::I8 => sum_block(&x.as_slice::<i8>()?, outer, mid, inner, cols),
+            DType::U8 => sum_block(&x.as_slice::<u8>()?, outer, mid, inner, cols),
+            _ => return Err(Error::arg("8-bit MEAN of another type")),
+        };
+        acc.iter_mut().for_each(|a| *a = a.wrapping_sub(z));
+        Ok(mean_out(acc, m, mid, zo, lo, hi))
+    };
+    let threads = crate::arena::threads();
+    let out = if outer == 1 && threads > 1 && mid * inner >= 1 << 15 {
+        // One image's global pool on the threads by channel ranges (the per-channel rescale
+        // is scalar fixed-point arithmetic; it ran on one thread after the last convolution).
+        let mut out = vec![0i32; inner];
+        crate::par::for_parts(threads, inner.div_ceil(64), 64, &mut out, |u, o| {
+            let part = means(u.start * 64..(u.end * 64).min(inner))?;
+            o.copy_from_slice(&part);
+            Ok::<(), Error>(())
+        })?;
+        out
+    } else {
+        means(0..inner)?
+    };
     Ok(Some(q_from_i32(
         dt,
         out_shape,
@@ -153,21 +173,29 @@ fn mean_q8_block(ctx: &OpCtx<'_>, x: &Tensor, axes: &Tensor, keep: bool) -> Resu
     )?))
 }
 
-/// `acc[o * inner + i] = sum over m of x[(o * mid + m) * inner + i]` (wrapping). Runs of up to
-/// 128 rows are summed in i16 lanes first (|8-bit value| * 128 <= 32640 cannot overflow), which
-/// vectorize twice as wide as i32 and need one widening per run instead of one per element.
-fn sum_block<T: Copy + Into<i16>>(x: &[T], outer: usize, mid: usize, inner: usize) -> Vec<i32> {
+/// `acc[o * w + j] = sum over m of x[(o * mid + m) * inner + cols.start + j]` (wrapping), `w`
+/// the width of `cols`. Runs of up to 128 rows are summed in i16 lanes first (|8-bit value| *
+/// 128 <= 32640 cannot overflow), which vectorize twice as wide as i32 and need one widening
+/// per run instead of one per element.
+fn sum_block<T: Copy + Into<i16>>(
+    x: &[T],
+    outer: usize,
+    mid: usize,
+    inner: usize,
+    cols: std::ops::Range<usize>,
+) -> Vec<i32> {
     const RUN: usize = 128;
-    let mut acc = vec![0i32; outer * inner];
-    if inner == 0 || mid == 0 {
+    let w = cols.len();
+    let mut acc = vec![0i32; outer * w];
+    if inner == 0 || mid == 0 || w == 0 {
         return acc;
     }
-    let mut part = vec![0i16; inner];
-    for (a, xo) in acc.chunks_exact_mut(inner).zip(x.chunks_exact(mid * inner)) {
+    let mut part = vec![0i16; w];
+    for (a, xo) in acc.chunks_exact_mut(w).zip(x.chunks_exact(mid * inner)) {
         for rows in xo.chunks(RUN * inner) {
             part.fill(0);
             for row in rows.chunks_exact(inner) {
-                for (d, &v) in part.iter_mut().zip(row) {
+                for (d, &v) in part.iter_mut().zip(&row[cols.clone()]) {
                     *d += v.into();
                 }
             }
@@ -523,7 +551,7 @@ mod tests {
             let axes_t = Tensor::from_vec(vec![axes.len()], axes.clone()).unwrap();
             let red = reduced(shape.len(), &axes_t).unwrap();
             let (outer, mid, inner) = block(&shape, &red).expect("adjacent axes");
-            let got = sum_block(&x, outer, mid, inner);
+            let got = sum_block(&x, outer, mid, inner, 0..inner);
             let (map, _, count) = plan(&shape, &axes_t, false).unwrap();
             let mut want = vec![0i32; got.len()];
             for (v, &o) in x.iter().zip(&map) {
@@ -531,18 +559,36 @@ mod tests {
             }
             assert_eq!(got, want, "{shape:?} {axes:?}");
             assert_eq!(count, mid, "{shape:?} {axes:?}");
+            // Column ranges (the parallel split of one image) give those columns' sums.
+            if inner > 1 {
+                let cut = inner / 2;
+                let (a, b) = (
+                    sum_block(&x, outer, mid, inner, 0..cut),
+                    sum_block(&x, outer, mid, inner, cut..inner),
+                );
+                for o in 0..outer {
+                    let row = &got[o * inner..(o + 1) * inner];
+                    assert_eq!(
+                        &a[o * cut..(o + 1) * cut],
+                        &row[..cut],
+                        "{shape:?} {axes:?}"
+                    );
+                    let w = inner - cut;
+                    assert_eq!(&b[o * w..(o + 1) * w], &row[cut..], "{shape:?} {axes:?}");
+                }
+            }
         }
         // The i16 runs at the extremes of both 8-bit types, across run boundaries.
         for mid in [1usize, 127, 128, 129, 300] {
             let u = vec![255u8; 2 * mid * 3];
             assert_eq!(
-                sum_block(&u, 2, mid, 3),
+                sum_block(&u, 2, mid, 3, 0..3),
                 vec![255 * mid as i32; 6],
                 "u8 {mid}"
             );
             let i = vec![-128i8; mid * 5];
             assert_eq!(
-                sum_block(&i, 1, mid, 5),
+                sum_block(&i, 1, mid, 5, 0..5),
                 vec![-128 * mid as i32; 5],
                 "i8 {mid}"
             );
