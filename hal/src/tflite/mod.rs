@@ -348,7 +348,13 @@ impl<'a> Ctx<'a> {
         let tensors = sg.tables(0)?;
         let mut ids: Vec<ValueId> = Vec::with_capacity(tensors.len());
         let mut quants: Vec<Option<Quant>> = Vec::with_capacity(tensors.len());
-        let mut dynamic_sigs: Vec<(ValueId, Vec<i32>)> = Vec::new();
+        // The main graph's inputs, whose dynamic signatures are kept for error messages (a
+        // feed of another size is refused, not resized).
+        let main_inputs = if index == 0 {
+            sg.i32s(1)?.unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         for (ti, t) in tensors.iter().enumerate() {
             let tname = t.string(3)?.unwrap_or_default();
             let tname = if tname.is_empty() {
@@ -375,7 +381,7 @@ impl<'a> Ctx<'a> {
                 // A dim the converter marked dynamic (signature -1; Keras' batch dim from
                 // `from_keras_model`) takes the size stored in `shape` in the main graph, as the
                 // TFLite interpreter allocates it before any ResizeInputTensor: symbolic, it
-                // kept every layer off the fixed-shape kernels (a MobileNetV2 ran 3x slower).
+                // kept every layer off the fixed-shape kernels (a MobileNetV2 ran 3.5x slower).
                 // Control-flow bodies (index > 0) are resized at run time and stay symbolic.
                 let dynamic = sig.as_ref().and_then(|s| s.get(k)).is_some_and(|&s| s < 0);
                 if d < 0 || (dynamic && (index > 0 || d == 0)) {
@@ -424,9 +430,12 @@ impl<'a> Ctx<'a> {
                 tensor.quant = quant.clone();
                 g.initializers.insert(id, tensor);
             }
-            if index == 0 && sig.as_ref().is_some_and(|s| s.iter().any(|&d| d < 0)) {
-                // Kept for error messages: a feed of another batch is refused, not resized.
-                dynamic_sigs.push((id, sig.clone().unwrap_or_default()));
+            if let Some(sig) = sig.as_ref().filter(|s| s.iter().any(|&d| d < 0)) {
+                if main_inputs.contains(&(ti as i32)) {
+                    let dims: Vec<String> = sig.iter().map(i32::to_string).collect();
+                    let key = format!("tflite.shape_signature.{}", g.values[id].name);
+                    g.metadata.insert(key, dims.join(","));
+                }
             }
             let vi = &mut g.values[id];
             vi.dtype = Some(dtype);
@@ -456,13 +465,6 @@ impl<'a> Ctx<'a> {
         {
             if !g.initializers.contains_key(&ids[i]) {
                 g.inputs.push(ids[i]);
-            }
-        }
-        for (id, sig) in &dynamic_sigs {
-            if g.inputs.contains(id) {
-                let dims: Vec<String> = sig.iter().map(i32::to_string).collect();
-                let key = format!("tflite.shape_signature.{}", g.values[*id].name);
-                g.metadata.insert(key, dims.join(","));
             }
         }
         for i in lookup(sg.i32s(2)?, "subgraph outputs")?

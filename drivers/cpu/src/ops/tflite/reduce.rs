@@ -445,9 +445,9 @@ fn softmax_impl(ctx: &OpCtx<'_>, ins: &[Option<&Tensor>], log: bool) -> Result<V
         if matches!(dt, DType::I8 | DType::U8) {
             // The vectorized QUANTIZE (round half away from zero, as below): the scalar loop
             // called libm's roundf per class.
-            let mut qb = vec![0u8; out.len()];
+            let mut qb = crate::arena::take_bytes(out.len());
             if edgehal_kernels::qconv::quantize_f32(&out, so, zo, lo, hi, &mut qb) {
-                let mut t = Tensor::from_vec_dtype(dt, x.shape().to_vec(), qb)?;
+                let mut t = crate::arena::bytes_tensor(dt, x.shape().to_vec(), qb)?;
                 t.quant = Some(Quant::per_tensor(so, zo));
                 return Ok(vec![t]);
             }
